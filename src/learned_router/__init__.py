@@ -1,0 +1,10 @@
+"""learned-router: route each LLM request to the cheap model when its answer will pass the bar.
+
+Importing this package (and scoring with it) never imports torch.
+"""
+
+from .errors import DataError, RouterError, RouterFolderError
+from .scorer import Decision, Router
+
+__version__ = "0.1.0"
+__all__ = ["Router", "Decision", "RouterError", "DataError", "RouterFolderError", "__version__"]
