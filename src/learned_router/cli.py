@@ -42,6 +42,146 @@ def user_errors(fn):
 
 # ---- commands (core) --------------------------------------------------------------------------
 
+
+def parse_weights(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise RouterError(f"--weight expects SOURCE=NUMBER, got {item!r}")
+    return out
+
+
+@app.command()
+@user_errors
+def train(
+    data: Annotated[list[Path], typer.Option("--data", help="Labeled data file (parquet/JSONL/CSV); repeat to mix sources.")],
+    out: Annotated[Path, typer.Option(help="Router folder to write (checkpoint + ONNX export).")],
+    strong: Annotated[str, typer.Option(help="The strong (expensive) model's name.")] = "gpt-4-1106-preview",
+    weak: Annotated[str, typer.Option(help="The weak (cheap) model's name.")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    weight: Annotated[list[str], typer.Option("--weight", help="SOURCE=W: loss weight per row of that source (default 1).")] = [],
+    pair_map: Annotated[Optional[Path], typer.Option(help="YAML of per-source stand-in models, on top of the shipped map.")] = None,
+    label_policy: Annotated[str, typer.Option(help="relative: weak >= strong - margin; absolute: weak >= min-score.")] = "relative",
+    margin: Annotated[float, typer.Option(help="Margin of the relative policy.")] = 0.0,
+    min_score: Annotated[float, typer.Option(help="Bar of the absolute policy.")] = 0.5,
+    encoder: Annotated[Optional[Path], typer.Option(help="A sentence-transformers folder (default: all-MiniLM-L6-v2, shipped).")] = None,
+    max_seq_length: Annotated[Optional[int], typer.Option(help="Encoder token limit (default: the encoder's own, 256).")] = None,
+    hidden: int = 256,
+    dropout: float = 0.1,
+    epochs: Annotated[int, typer.Option(help="Most epochs of head training (early stopping on validation AUC).")] = 200,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    patience: int = 15,
+    seed: int = 0,
+    finetune_epochs: Annotated[int, typer.Option(help="Also fine-tune the encoder end to end for N epochs (slow on CPU).")] = 0,
+    finetune_lr: float = 2e-5,
+    val: Annotated[float, typer.Option(help="Share of prompts held out for validation (early stopping, calibration).")] = 0.1,
+    test: Annotated[float, typer.Option(help="Share of prompts held out for the test metrics.")] = 0.1,
+    max_prompts: Annotated[Optional[int], typer.Option(help="Sample at most N prompts per source (quick runs).")] = None,
+    variants: Annotated[str, typer.Option(help="ONNX variants to export: fp32, int8 or both.")] = "fp32,int8",
+    name: Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing router folder.")] = False,
+):
+    """Train a router on labeled data, export it to ONNX and log the run to MLflow."""
+    from .manifest import LabelPolicy
+    from .model import FitConfig, HeadConfig
+    from .train import TrainSpec, train as run_training
+
+    if label_policy not in ("relative", "absolute"):
+        raise RouterError(f"--label-policy must be 'relative' or 'absolute', got {label_policy!r}")
+    try:
+        policy = LabelPolicy(kind=label_policy, margin=margin, min_score=min_score)
+    except ValueError as e:
+        raise RouterError(f"label policy: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+        raise RouterError(f"--val and --test must be in (0, 1) with a sum below 1, got {val} and {test}")
+    spec = TrainSpec(
+        data=[str(d) for d in data], strong=strong, weak=weak, out=out, weights=parse_weights(weight),
+        pair_map=str(pair_map) if pair_map else None, policy=policy, encoder=str(encoder) if encoder else None,
+        max_seq_length=max_seq_length, head=HeadConfig(hidden=hidden, dropout=dropout),
+        fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed),
+        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, val=val, test=test, max_prompts=max_prompts,
+        variants=[v.strip() for v in variants.split(",") if v.strip()], name=name, experiment=experiment, overwrite=overwrite,
+    )
+    manifest, run_id = run_training(spec)
+    m = manifest.metrics
+    typer.echo(f"router written to {out} (MLflow run {run_id})")
+    typer.echo(f"test AUC {m.get('test_auc', float('nan')):.4f}, val AUC {m.get('val_auc', float('nan')):.4f}; parity " +
+               ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items() if not k.startswith("fused")))
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    router: Annotated[Path, typer.Option(help="A router folder written by 'train' (with its checkpoint/).")],
+    out: Annotated[Optional[Path], typer.Option(help="Where to write (default: re-export in place).")] = None,
+    variants: Annotated[str, typer.Option(help="fp32, int8 or both.")] = "fp32,int8",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+):
+    """Export a trained router to ONNX (fused graph, int8), checking parity with the torch model."""
+    from .export import export
+
+    manifest = export(router, out, [v.strip() for v in variants.split(",") if v.strip()], overwrite=overwrite)
+    typer.echo(f"exported to {out or router}: " + ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items()))
+
+
+def read_prompts(prompts: list[str], file: Optional[Path]) -> tuple[list[str], list]:
+    """Prompts and their ids, from arguments, a file (JSONL/parquet/CSV with a 'prompt' column, or text lines) or stdin."""
+    import pandas as pd
+
+    if prompts and file:
+        raise RouterError("give prompts as arguments or --file, not both")
+    if prompts:
+        return prompts, list(range(len(prompts)))
+    if file is None:
+        if sys.stdin.isatty():
+            raise RouterError("no prompts: pass them as arguments, with --file, or on stdin (one per line)")
+        lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        return lines, list(range(len(lines)))
+    if not file.is_file():
+        raise RouterError(f"{file}: no such file")
+    readers = {".jsonl": lambda f: pd.read_json(f, lines=True), ".parquet": pd.read_parquet, ".csv": pd.read_csv}
+    if file.suffix.lower() not in readers:
+        lines = [line for line in file.read_text().splitlines() if line.strip()]
+        return lines, list(range(len(lines)))
+    try:
+        df = readers[file.suffix.lower()](file)
+    except Exception as e:  # pandas raises many parser error types
+        raise RouterError(f"{file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if "prompt" not in df.columns:
+        raise RouterError(f"{file}: no 'prompt' column (columns: {', '.join(map(str, df.columns))})")
+    ids = df["prompt_id"] if "prompt_id" in df.columns else df["id"] if "id" in df.columns else pd.Series(range(len(df)))
+    return df["prompt"].tolist(), ids.tolist()
+
+
+@app.command()
+@user_errors
+def score(
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts to score (or use --file, or stdin).")] = None,
+    router: Annotated[Path, typer.Option(help="Router folder.")] = Path("models/default"),
+    file: Annotated[Optional[Path], typer.Option(help="JSONL/parquet/CSV with a 'prompt' column, or a text file.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Route to weak when p_weak >= threshold (default: the router's).")] = None,
+    variant: Annotated[str, typer.Option(help="int8, fp32 or auto.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+):
+    """Score prompts: one JSON line each with p_weak (P(weak answer passes)) and the routing decision."""
+    import json
+
+    from .scorer import Router, check_threshold
+
+    texts, ids = read_prompts(prompts or [], file)
+    r = Router(router, variant=variant, threads=threads)
+    t = r.default_threshold if threshold is None else check_threshold(threshold)
+    names = {"strong": r.manifest.strong, "weak": r.manifest.weak}
+    for i, d in zip(ids, r.route(texts, t)):
+        typer.echo(json.dumps({"id": i, "p_weak": round(d.p_weak, 6), "route": d.model, "model": names[d.model], "threshold": t}))
+
+
 # ---- commands (evals) -------------------------------------------------------------------------
 
 # ---- commands (service) -----------------------------------------------------------------------

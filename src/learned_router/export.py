@@ -1,0 +1,179 @@
+"""Export a trained router to one ONNX graph (token ids -> P(weak passes)), fused and int8-quantised, with parity checks."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import shutil
+import uuid
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RouterError
+from .manifest import (
+    TOKENIZER, VARIANT_FILES, CalibrationPoint, EncoderInfo, LabelPolicy, Manifest, file_entry,
+)
+
+TRAINING_FILE = "training.json"
+# Probabilities of the exported graph must stay this close to the torch model's, or nothing is written.
+TOLERANCE = {"fp32": 1e-3, "int8": 0.05}
+PROBES = [
+    "What is 2+2?",
+    "hi",
+    "Translate 'good morning' into French.",
+    "Prove that there are infinitely many primes.",
+    "Write a haiku about autumn leaves falling on a quiet pond.",
+    "Explain the difference between a process and a thread in operating systems, with examples.",
+    "A train leaves at 3pm going 60 mph; another leaves at 4pm going 80 mph. When does the second catch up?",
+    "Summarize the causes of the French Revolution in three bullet points.",
+    "Write a Python function that returns the n-th Fibonacci number using memoization, and explain its complexity.",
+    "Which of these is a mammal?\nA. Shark\nB. Dolphin\nC. Trout\nD. Octopus\nAnswer:",
+    "Draft a polite email to my landlord asking to fix the heating, which has been broken for a week. " * 3,
+    "Compare the economic policies of Keynesian and Austrian schools. " * 25,  # longer than the encoder's limit
+]
+
+
+class ExportError(RouterError):
+    """The exported graph disagrees with the torch model, or the export could not be built."""
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool):
+    """Yield a fresh sibling folder; it replaces `out` only if the block succeeds, else it is removed."""
+    out = Path(out)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise RouterError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def versions() -> dict[str, str]:
+    names = ["learned-router", "torch", "transformers", "sentence-transformers", "onnx", "onnxruntime", "tokenizers"]
+    out = {}
+    for n in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[n] = metadata.version(n)
+    return out
+
+
+def encoder_dir(checkpoint: Path, info: dict) -> Path:
+    """The fine-tuned encoder saved in the checkpoint, else the base encoder it was trained on."""
+    from .embed import Encoder, encoder_fingerprint
+
+    if (checkpoint / "encoder").is_dir():
+        return checkpoint / "encoder"
+    path = Encoder(info["encoder"].get("path")).path
+    if encoder_fingerprint(path) != info["encoder"]["fingerprint"]:
+        raise RouterError(f"{path}: this encoder's weights differ from the ones the router was trained on")
+    return path
+
+
+def to_onnx(checkpoint: Path, enc_path: Path, folder: Path, variants: list[str]) -> dict:
+    """Write model.onnx (graph-optimised fp32) and/or model.int8.onnx into `folder`; returns the fused-op counts."""
+    import onnx
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers import optimizer
+    from transformers import AutoModel
+
+    from .model import FusedRouter, Head
+
+    # eager attention: onnxruntime's BERT optimizer fuses its pattern into Attention nodes (SDPA's it does not)
+    transformer = AutoModel.from_pretrained(str(enc_path), attn_implementation="eager", local_files_only=True)
+    fused = FusedRouter(transformer, Head.load(checkpoint)).eval()
+    raw, fp32 = folder / "raw.onnx", folder / VARIANT_FILES["fp32"]
+    ids = torch.ones(2, 16, dtype=torch.long)
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on the root logger
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript tracer warnings about data-dependent branches in transformers
+        torch.onnx.export(
+            fused, (ids, torch.ones_like(ids)), str(raw), input_names=["input_ids", "attention_mask"],
+            output_names=["p_weak"], opset_version=17, dynamo=False,
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "p_weak": {0: "batch"}},
+        )
+    cfg = transformer.config
+    opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
+    stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    opt.save_model_to_file(str(fp32))
+    raw.unlink()
+    if "int8" in variants:
+        quantize_dynamic(str(fp32), str(folder / VARIANT_FILES["int8"]), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    if "fp32" not in variants:
+        fp32.unlink()
+    return stats
+
+
+def calibration(p: np.ndarray) -> list[CalibrationPoint]:
+    """Threshold -> expected share of strong calls (p_weak < threshold) on held-out prompts, on a 0.01 grid."""
+    grid = np.round(np.linspace(0, 1, 101), 2)
+    return [CalibrationPoint(threshold=float(t), strong_fraction=float(np.mean(p < t))) for t in grid]
+
+
+def export_into(folder: Path, checkpoint: Path, variants: list[str], probes: list[str] | None = None) -> Manifest:
+    """Build the ONNX files, tokenizer and manifest in `folder`; refuses (raises) when parity fails."""
+    from .embed import Encoder
+    from .model import Head
+    from .scorer import Router
+
+    if not variants or any(v not in VARIANT_FILES for v in variants):
+        raise RouterError(f"variants must be a non-empty subset of {sorted(VARIANT_FILES)}, got {variants}")
+    info = json.loads((checkpoint / TRAINING_FILE).read_text())
+    enc_path = encoder_dir(checkpoint, info)
+    fused_ops = to_onnx(checkpoint, enc_path, folder, variants)
+    shutil.copyfile(enc_path / TOKENIZER, folder / TOKENIZER)
+
+    enc_info = EncoderInfo(**{k: v for k, v in info["encoder"].items() if k != "path"})
+    files = {v: file_entry(folder, VARIANT_FILES[v]) for v in variants} | {"tokenizer": file_entry(folder, TOKENIZER)}
+    val_p = np.load(checkpoint / "val_p_weak.npy")
+    manifest = Manifest(
+        name=info["name"], strong=info["strong"], weak=info["weak"], label_policy=LabelPolicy(**info["label_policy"]),
+        encoder=enc_info, default_threshold=info["default_threshold"], calibration=calibration(val_p),
+        files=files, data=info["data"], metrics=info["metrics"], versions=versions(),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    manifest.write(folder)
+
+    # parity: the exported graph against the torch path used in training (sentence-transformers + head)
+    probes = list(probes or []) + PROBES
+    reference = Head.load(checkpoint).predict(Encoder(enc_path, enc_info.max_seq_length).embed(probes, progress=False, cache=False))
+    t = manifest.default_threshold
+    for v in variants:
+        p = Router(folder, variant=v).score(probes)
+        drift = float(np.max(np.abs(p - reference)))
+        manifest.parity[f"{v}_max_abs_diff"] = drift
+        manifest.parity[f"{v}_decision_agreement"] = float(np.mean((p >= t) == (reference >= t)))
+        if drift > TOLERANCE[v]:
+            raise ExportError(f"{v} export drifts from the torch model by {drift:.4f} (tolerance {TOLERANCE[v]}); nothing written")
+    manifest.parity["probes"] = len(probes)
+    manifest.parity.update({f"fused_{k}": float(n) for k, n in fused_ops.items()})
+    manifest.write(folder)
+    return manifest
+
+
+def export(router: Path, out: Path | None = None, variants: list[str] = ("fp32", "int8"), overwrite: bool = False) -> Manifest:
+    """Re-export a trained router folder (its checkpoint/) to `out` (default: in place)."""
+    router = Path(router)
+    checkpoint = router / "checkpoint"
+    if not (checkpoint / TRAINING_FILE).is_file():
+        raise RouterError(f"{router}: no checkpoint/{TRAINING_FILE}; export needs a folder written by 'learned-router train'")
+    out = Path(out) if out else router
+    with staged_folder(out, overwrite=overwrite or out.resolve() == router.resolve()) as tmp:
+        shutil.copytree(checkpoint, tmp / "checkpoint")
+        return export_into(tmp, tmp / "checkpoint", list(variants))

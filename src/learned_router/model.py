@@ -1,0 +1,177 @@
+"""The torch side of a router: the head on top of the encoder, its training loop, and the fused encoder+head."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+HEAD_FILE = "head.pt"
+
+
+@dataclass
+class HeadConfig:
+    dim: int = 384
+    hidden: int = 256
+    dropout: float = 0.1
+
+
+class Head(nn.Module):
+    """An MLP from a unit-normalised sentence embedding to the logit of P(weak answer passes)."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.net = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, 1))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.net(emb).squeeze(-1)
+
+    def save(self, folder: Path) -> None:
+        torch.save({"config": asdict(self.cfg), "state": self.state_dict()}, Path(folder) / HEAD_FILE)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Head":
+        blob = torch.load(Path(folder) / HEAD_FILE, map_location="cpu", weights_only=True)
+        head = cls(HeadConfig(**blob["config"]))
+        head.load_state_dict(blob["state"])
+        return head.eval()
+
+    @torch.no_grad()
+    def predict(self, emb: np.ndarray) -> np.ndarray:
+        self.eval()
+        return torch.sigmoid(self(torch.from_numpy(np.asarray(emb, dtype=np.float32)))).numpy()
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    patience: int = 15
+    seed: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def fit_head(
+    head: Head,
+    x_train: np.ndarray, y_train: np.ndarray, w_train: np.ndarray,
+    x_val: np.ndarray, y_val: np.ndarray,
+    cfg: FitConfig,
+    on_epoch: Callable[[int, dict], None] = lambda epoch, m: None,
+) -> dict:
+    """Weighted BCE with AdamW; keeps the epoch with the best validation AUC and stops after `patience` without gain."""
+    seed_everything(cfg.seed)
+    xt, yt = torch.from_numpy(x_train.astype(np.float32)), torch.from_numpy(y_train.astype(np.float32))
+    wt = torch.from_numpy((w_train / w_train.mean()).astype(np.float32))
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best = {"val_auc": -1.0, "epoch": -1}
+    best_state = copy.deepcopy(head.state_dict())
+    bar = tqdm(range(cfg.epochs), desc="training head", unit="epoch")
+    for epoch in bar:
+        head.train()
+        perm, total = torch.randperm(len(xt), generator=gen), 0.0
+        for i in range(0, len(xt), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            loss = (nn.functional.binary_cross_entropy_with_logits(head(xt[idx]), yt[idx], reduction="none") * wt[idx]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        p_val = head.predict(x_val)
+        m = {"train_loss": total / len(xt), "val_auc": auc(y_val, p_val),
+             "val_loss": float(nn.functional.binary_cross_entropy(torch.from_numpy(p_val).clamp(1e-6, 1 - 1e-6),
+                                                                  torch.from_numpy(y_val.astype(np.float32))))}
+        on_epoch(epoch, m)
+        bar.set_postfix(loss=f"{m['train_loss']:.4f}", val_auc=f"{m['val_auc']:.4f}")
+        if m["val_auc"] > best["val_auc"]:
+            best, best_state = {**m, "epoch": epoch}, copy.deepcopy(head.state_dict())
+        elif epoch - best["epoch"] >= cfg.patience:
+            break
+    head.load_state_dict(best_state)
+    head.eval()
+    return {"best_epoch": best["epoch"], "best_val_auc": best["val_auc"], "epochs_run": epoch + 1}
+
+
+class FusedRouter(nn.Module):
+    """Token ids -> P(weak passes): transformer, mean pooling, L2 normalisation and the head in one graph."""
+
+    def __init__(self, transformer: nn.Module, head: Head):
+        super().__init__()
+        self.transformer, self.head = transformer, head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+        ).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.sigmoid(self.head(nn.functional.normalize(emb, dim=-1)))
+
+
+def finetune(
+    st_model, head: Head, train_texts: list[str], y_train: np.ndarray, w_train: np.ndarray,
+    val_texts: list[str], y_val: np.ndarray, epochs: int, lr: float, batch_size: int, seed: int,
+    on_epoch: Callable[[int, dict], None] = lambda epoch, m: None,
+) -> dict:
+    """End-to-end fine-tuning of encoder + head (slow on CPU); keeps the epoch with the best validation AUC."""
+    seed_everything(seed)
+    params = [{"params": st_model.parameters(), "lr": lr}, {"params": head.parameters(), "lr": lr * 50}]
+    opt = torch.optim.AdamW(params, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    y, w = torch.tensor(y_train, dtype=torch.float32), torch.tensor(w_train / w_train.mean(), dtype=torch.float32)
+
+    def embed(texts):
+        feats = st_model.tokenize(texts)
+        return nn.functional.normalize(st_model(feats)["sentence_embedding"], dim=-1)
+
+    @torch.no_grad()
+    def predict(texts):
+        st_model.eval(), head.eval()
+        return np.concatenate([torch.sigmoid(head(embed(texts[i : i + 64]))).numpy() for i in range(0, len(texts), 64)])
+
+    best, best_states = {"val_auc": auc(y_val, predict(val_texts)), "epoch": -1}, None
+    for epoch in range(epochs):
+        st_model.train(), head.train()
+        perm, total = torch.randperm(len(train_texts), generator=gen).tolist(), 0.0
+        for i in tqdm(range(0, len(perm), batch_size), desc=f"fine-tuning epoch {epoch + 1}/{epochs}", unit="batch"):
+            idx = perm[i : i + batch_size]
+            logits = head(embed([train_texts[j] for j in idx]))
+            loss = (nn.functional.binary_cross_entropy_with_logits(logits, y[idx], reduction="none") * w[idx]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        m = {"train_loss": total / len(perm), "val_auc": auc(y_val, predict(val_texts))}
+        on_epoch(epoch, m)
+        if m["val_auc"] > best["val_auc"]:
+            best = {**m, "epoch": epoch}
+            best_states = (copy.deepcopy(st_model.state_dict()), copy.deepcopy(head.state_dict()))
+    if best_states:
+        st_model.load_state_dict(best_states[0])
+        head.load_state_dict(best_states[1])
+    st_model.eval(), head.eval()
+    return {"finetune_best_epoch": best["epoch"], "finetune_best_val_auc": best["val_auc"]}
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
