@@ -1,0 +1,111 @@
+"""Every metric for every scorer on one benchmark, as a JSON-ready dict, and its markdown table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from ..errors import DataError
+from .baselines import oracle_envelope, oracle_scores, random_scores, routellm_random_curve
+from .checks import as_binary, as_pair, as_unit
+from .classifier import classifier_metrics
+from .frontier import Curve, apgr, auc, cost_saving, cpt, cpt_routellm, sweep
+
+CPT_SHARES = (0.2, 0.5, 0.8)
+# Added by `evaluate` from the qualities alone:
+REFERENCES = {
+    "random": "expected random routing (every score ties): the straight line, APGR 0.5",
+    "oracle": "best routing at each exact share of strong calls (largest gain first, losses last)",
+    "optimal": "best quality with at most each share of strong calls (RouteLLM's Optimal line; README oracle APGR)",
+    "random_routellm": "RouteLLM's random router (seed 0, 10 runs, averaged); only with routellm_random=True",
+}
+
+
+def curve_metrics(fine: Curve, routellm: Curve, weak_mean: float, strong_mean: float,
+                  cost_share: float = 0.95) -> dict[str, float]:
+    """apgr/auc/cptNN on the exact curve (ours) and *_routellm on RouteLLM's quantile curve; cost saving when
+    the exact curve has costs."""
+    out = {"apgr": apgr(fine, weak_mean, strong_mean), "apgr_routellm": apgr(routellm, weak_mean, strong_mean),
+           "auc": auc(fine), "auc_routellm": auc(routellm)}
+    for p in CPT_SHARES:
+        key = f"cpt{round(p * 100)}"
+        out[key] = cpt(fine, weak_mean, strong_mean, p)
+        out[f"{key}_routellm"] = cpt_routellm(routellm, weak_mean, strong_mean, p)
+    if fine.cost is not None:
+        out["cost_saving"], out["cost_saving_strong_fraction"] = cost_saving(fine, strong_mean, cost_share)
+    return out
+
+
+def evaluate(strong_score: Mapping[str, object], weak_q, strong_q, cost_per_call: Mapping[str, object] | None = None,
+             labels=None, p_weak: Mapping[str, object] | None = None, quantiles: int = 10, cost_share: float = 0.95,
+             routellm_random: bool = False) -> dict:
+    """Metrics and curves for each named strong score (router and baselines), plus the reference curves
+    `random`, `oracle` and `optimal` (and `random_routellm` on request), on the same prompts.
+
+    weak_q/strong_q: per-prompt quality in [0, 1]. cost_per_call: see `frontier.per_prompt_cost`.
+    labels (1 = weak passes) with p_weak ({name: P(weak passes)}): adds roc_auc, ece and brier to those entries.
+    Returns {"n_prompts", "weak_mean", "strong_mean", "quantiles", "cost_share",
+             "scorers": {name: {"reference": bool, "apgr", "apgr_routellm", "auc", "auc_routellm",
+                                "cpt20", "cpt20_routellm", "cpt50", ..., "cpt80_routellm",
+                                ["cost_saving", "cost_saving_strong_fraction"], ["roc_auc", "ece", "brier"]}},
+             "curves": {name: {"fine": Curve.to_dict(), "routellm": Curve.to_dict()}}}
+    with NaN (a target never reached, an undefined metric) written as None.
+    """
+    weak, strong = as_pair(weak_q, strong_q)
+    taken = set(strong_score) & set(REFERENCES)
+    if taken:
+        raise DataError(f"scorer names {sorted(taken)} are reserved for the reference curves")
+    if not strong_score:
+        raise DataError("evaluate: no scorers given")
+    curves = {}
+    for name, score in strong_score.items():
+        curves[name] = tuple(sweep(score, weak, strong, q, cost_per_call) for q in (None, quantiles))
+    for name, score in (("random", random_scores(weak.size)), ("oracle", oracle_scores(weak, strong))):
+        curves[name] = tuple(sweep(score, weak, strong, q, cost_per_call) for q in (None, quantiles))
+    curves["optimal"] = (oracle_envelope(weak, strong), oracle_envelope(weak, strong, quantiles))
+    if routellm_random:
+        curve = routellm_random_curve(weak, strong, quantiles)
+        curves["random_routellm"] = (curve, curve)
+
+    weak_mean, strong_mean = float(weak.mean()), float(strong.mean())
+    scorers = {name: {"reference": name in REFERENCES, **curve_metrics(fine, rl, weak_mean, strong_mean, cost_share)}
+               for name, (fine, rl) in curves.items()}
+    if p_weak:
+        if labels is None:
+            raise DataError("p_weak given without labels")
+        y = as_binary(labels, "labels", weak.size)
+        unknown = set(p_weak) - set(strong_score)
+        if unknown:
+            raise DataError(f"p_weak names {sorted(unknown)} are not among the scorers")
+        for name, p in p_weak.items():
+            scorers[name].update(classifier_metrics(as_unit(p, f"p_weak['{name}']", y.size), y))
+    return _json_ready({
+        "n_prompts": int(weak.size), "weak_mean": weak_mean, "strong_mean": strong_mean,
+        "quantiles": quantiles, "cost_share": cost_share, "scorers": scorers,
+        "curves": {name: {"fine": fine.to_dict(), "routellm": rl.to_dict()} for name, (fine, rl) in curves.items()},
+    })
+
+
+def _json_ready(obj):
+    if isinstance(obj, dict):
+        return {k: _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def markdown_table(report: dict) -> str:
+    """One row per scorer of an `evaluate` report: APGR (both conventions), CPT50/CPT80 (both), cost saving at the
+    report's quality share, ROC-AUC; "–" where a value is undefined or not computed."""
+    share = round(report["cost_share"] * 100)
+    cols = [("APGR", "apgr", "{:.3f}"), ("APGR (RouteLLM)", "apgr_routellm", "{:.3f}"),
+            ("CPT50", "cpt50", "{:.1%}"), ("CPT50 (RouteLLM)", "cpt50_routellm", "{:.1%}"),
+            ("CPT80", "cpt80", "{:.1%}"), ("CPT80 (RouteLLM)", "cpt80_routellm", "{:.1%}"),
+            (f"cost saving @{share}%", "cost_saving", "{:.1%}"), ("ROC-AUC", "roc_auc", "{:.3f}")]
+    lines = ["| scorer | " + " | ".join(c[0] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    for name, m in report["scorers"].items():
+        cells = [fmt.format(m[key]) if m.get(key) is not None else "–" for _, key, fmt in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
