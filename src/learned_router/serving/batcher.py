@@ -1,0 +1,83 @@
+"""Micro-batching: concurrent requests share one onnxruntime call, run off the event loop.
+
+Scoring runs in one worker thread, one batch at a time. While a batch is being scored, new prompts
+queue up and form the next batch, so an idle service adds no wait and a busy one batches itself.
+`max_wait_s` optionally holds each batch open a little longer to gather more prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ScoreFn = Callable[[Sequence[str]], np.ndarray]
+
+
+class ScoreBatcher:
+    def __init__(self, score: ScoreFn, max_batch: int = 32, max_wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None):
+        self._score = score
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[float]]] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-score")
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name="router-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._queue is not None and not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(RuntimeError("the router is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def score(self, prompt: str) -> float:
+        """P(weak answer passes) for one prompt, scored together with whatever else is waiting."""
+        if self._queue is None or not self.running:
+            raise RuntimeError("the score batcher is not running")
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((prompt, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        assert queue is not None
+        while True:
+            batch = [await queue.get()]
+            if self.max_wait_s > 0 and queue.qsize() < self.max_batch - 1:
+                await asyncio.sleep(self.max_wait_s)
+            while len(batch) < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            batch = [(p, f) for p, f in batch if not f.done()]  # drop requests cancelled while waiting
+            if not batch:
+                continue
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            try:
+                scores = await loop.run_in_executor(self._executor, self._score, [p for p, _ in batch])
+            except BaseException as e:  # every waiting request gets the scorer's error
+                err = RuntimeError("the router is shutting down") if isinstance(e, asyncio.CancelledError) else e
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                if isinstance(e, Exception):
+                    continue
+                raise
+            for (_, fut), s in zip(batch, scores):
+                if not fut.done():
+                    fut.set_result(float(s))

@@ -1,0 +1,164 @@
+"""A fake OpenAI-compatible provider for tests and the offline demo: canned, deterministic answers.
+
+Its behaviour can be switched at run time with `POST /_control` (JSON with any of the `FakeState` knobs
+below) and read with `GET /_stats`, so tests can break and heal a provider mid-run:
+
+  mode: "ok" | "error" (HTTP `error_status`, 503 by default) | "429" (with Retry-After: `retry_after`)
+        | "hang" (never answers) | "stall" (a stream stops after `stall_after_chunks` chunks)
+  latency_ms: delay before answering; chunk_delay_ms: delay between stream chunks
+  fail_rate: share of requests answered with HTTP `error_status` (seeded, so runs repeat)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+ANSWERS = [
+    "Here is a concise answer to your question.",
+    "The short version: it depends on the constraints, but the usual approach works well.",
+    "Start with the simplest solution, measure it, then optimise what the measurements show.",
+    "There are three parts to this: the setup, the core idea, and the edge cases.",
+]
+
+
+@dataclass
+class FakeState:
+    name: str = "fake"
+    model: str = "fake-model"
+    mode: str = "ok"
+    latency_ms: float = 0.0
+    chunk_delay_ms: float = 0.0
+    fail_rate: float = 0.0
+    error_status: int = 503
+    retry_after: float = 1.0
+    stall_after_chunks: int = 2
+    api_key: str | None = field(default=None, repr=False)  # when set, requests must send it as a bearer token
+    seed: int = 0
+
+
+MODES = {"ok", "error", "429", "hang", "stall"}
+
+
+def canned_answer(name: str, prompt: str) -> str:
+    h = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
+    return f"[{name}] {ANSWERS[h % len(ANSWERS)]}"
+
+
+def _error(status: int, message: str, type_: str = "server_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": None}}, status, headers=headers)
+
+
+def create_fake_provider(state: FakeState | None = None) -> FastAPI:
+    state = state or FakeState()
+    rng = random.Random(state.seed)
+    stats = {"requests": 0, "ok": 0, "errors": 0, "streams_started": 0, "streams_completed": 0, "streams_aborted": 0,
+             "last_model": None, "last_authorization_ok": None}
+    app = FastAPI(title=f"fake provider {state.name}")
+    app.state.fake = state
+    app.state.stats = stats
+
+    @app.post("/_control")
+    async def control(request: Request):
+        changes = await request.json()
+        known = {f.name for f in fields(FakeState)}
+        unknown = set(changes) - known - {"reset_stats"}
+        if unknown or changes.get("mode", state.mode) not in MODES:
+            return _error(400, f"unknown settings {sorted(unknown)} or mode; known: {sorted(known)}, modes {sorted(MODES)}",
+                          "invalid_request_error")
+        if changes.pop("reset_stats", False):
+            for k in stats:
+                stats[k] = 0 if isinstance(stats[k], int) and not isinstance(stats[k], bool) else None
+        for k, v in changes.items():
+            setattr(state, k, v)
+        return {k: v for k, v in asdict(state).items() if k != "api_key"}
+
+    @app.get("/_stats")
+    async def get_stats():
+        return stats
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model, "object": "model", "created": 0, "owned_by": state.name}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        stats["requests"] += 1
+        if state.api_key is not None:
+            ok = request.headers.get("authorization") == f"Bearer {state.api_key}"
+            stats["last_authorization_ok"] = ok
+            if not ok:
+                stats["errors"] += 1
+                return _error(401, "invalid provider key", "authentication_error")
+        body = await request.json()
+        stats["last_model"] = body.get("model")
+        if state.latency_ms:
+            await asyncio.sleep(state.latency_ms / 1000)
+        if state.mode == "hang":
+            await asyncio.sleep(3600)
+        if state.mode == "error" or (state.fail_rate and rng.random() < state.fail_rate):
+            stats["errors"] += 1
+            return _error(state.error_status, f"{state.name} is failing (simulated)")
+        if state.mode == "429":
+            stats["errors"] += 1
+            return _error(429, "rate limited (simulated)", "rate_limit_error", {"Retry-After": f"{state.retry_after:g}"})
+        messages = body.get("messages") or []
+        prompt = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "") or ""
+        prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        answer = canned_answer(state.name, prompt)
+        usage = {
+            "prompt_tokens": sum(math.ceil(len(str(m.get("content") or "")) / 4) + 4 for m in messages),
+            "completion_tokens": len(answer.split()),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        model = body.get("model") or state.model
+        cid, created = f"chatcmpl-{state.name}-{stats['requests']}", int(time.time())
+        if not body.get("stream"):
+            stats["ok"] += 1
+            return {
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_stream(state, stats, cid, created, model, answer, usage, include_usage),
+                                 media_type="text/event-stream")
+
+    return app
+
+
+async def _stream(state, stats, cid, created, model, answer, usage, include_usage):
+    stats["streams_started"] += 1
+    done = False
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(c)}\n\n"
+
+    try:
+        words = answer.split(" ")
+        yield chunk({"role": "assistant", "content": ""})
+        for i, w in enumerate(words):
+            if state.mode == "stall" and i >= state.stall_after_chunks:
+                await asyncio.sleep(3600)
+            if state.chunk_delay_ms:
+                await asyncio.sleep(state.chunk_delay_ms / 1000)
+            yield chunk({"content": w if i == 0 else " " + w})
+        yield chunk({}, "stop")
+        if include_usage:
+            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}
+            yield f"data: {json.dumps(c)}\n\n"
+        yield "data: [DONE]\n\n"
+        done = True
+        stats["ok"] += 1
+    finally:
+        stats["streams_completed" if done else "streams_aborted"] += 1

@@ -1,0 +1,37 @@
+"""Prometheus metrics of one service instance (its own registry, so several apps can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("router_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"], registry=r)
+        self.decisions = Counter("router_decisions", "Routing decisions by tier and reason (score or context)", ["tier", "reason"], registry=r)
+        self.served = Counter("router_served", "Requests answered by each provider", ["tier", "provider", "model"], registry=r)
+        self.score = Histogram("router_score", "Router score p_weak = P(weak answer passes)", buckets=SCORE_BUCKETS, registry=r)
+        self.batch_size = Histogram("router_batch_size", "Prompts per onnxruntime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.fallbacks = Counter("router_fallbacks", "Moves to the next provider after one failed or was skipped", ["from_provider", "to_provider"], registry=r)
+        self.upstream_errors = Counter("router_upstream_errors", "Failed upstream attempts by provider and kind", ["provider", "kind"], registry=r)
+        self.circuit_skips = Counter("router_circuit_skips", "Requests that skipped a provider whose circuit was open", ["provider"], registry=r)
+        self.routing_seconds = Histogram("router_routing_seconds", "Time to score and route a request (batch wait included)", buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_seconds = Histogram("router_upstream_seconds", "Upstream time of successful calls (a stream: to its first chunk)", ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_seconds = Histogram("router_request_seconds", "Time in the service per request (a stream: to its first byte)", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("router_tokens", "Tokens billed by providers", ["provider", "model", "kind"], registry=r)
+        self.cost = Counter("router_cost_usd", "Dollars spent, from upstream usage and configured prices", ["provider", "model"], registry=r)
+        self.circuit_state = Gauge("router_circuit_state", "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open", ["provider"], registry=r)
+
+    def watch_circuit(self, provider: str, state) -> None:
+        """Report `state()` ('closed', 'half_open' or 'open') at each scrape."""
+        self.circuit_state.labels(provider).set_function(lambda: CIRCUIT_STATES[state()])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,306 @@
+"""Upstream calls: one shared httpx.AsyncClient, retries with jittered backoff, circuit breakers, fallback chains.
+
+A request goes down its tier's chain, then (if configured) the other tier's. Each provider gets up to
+`retry.attempts` tries: timeouts, connection errors, 429 and 5xx are retried after a full-jitter backoff
+(at least Retry-After, when the provider sends one no longer than `retry.max_retry_after_s`); 401, 403
+and 404 mean the provider is misconfigured and move on at once; any other 4xx is the client's fault and
+goes back to the client as is. Consecutive failed attempts open a provider's circuit: it is skipped for
+`cooldown_s`, then one request probes it (half-open) and closes or re-opens the circuit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+import httpx
+
+from .config import CircuitConfig, ProviderConfig, ReadinessConfig, RetryConfig
+from .metrics import Metrics
+
+Ticket = Literal["closed", "probe"] | None
+
+
+class CircuitBreaker:
+    """closed -> (failures in a row) -> open -> (cooldown) -> half-open: one probe -> closed or open."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._consecutive = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> Literal["closed", "open", "half_open"]:
+        if self._opened_at is None:
+            return "closed"
+        if self._probing or self._clock() - self._opened_at >= self.cooldown_s:
+            return "half_open"
+        return "open"
+
+    def acquire(self) -> Ticket:
+        """Whether a request may try the provider now: 'closed', 'probe' (the one half-open try) or None."""
+        state = self.state
+        if state == "closed":
+            return "closed"
+        if state == "half_open" and not self._probing:
+            self._probing = True
+            return "probe"
+        return None
+
+    def success(self) -> None:
+        self._consecutive, self._opened_at, self._probing = 0, None, False
+
+    def failure(self) -> None:
+        self._consecutive += 1
+        if self._probing or self._consecutive >= self.failures:
+            self._opened_at, self._probing = self._clock(), False
+
+    def release(self, ticket: Ticket) -> None:
+        """A probe ended without a verdict (the client went away): let the next request probe."""
+        if ticket == "probe":
+            self._probing = False
+
+
+@dataclass
+class Provider:
+    config: ProviderConfig
+    tier: Literal["strong", "weak"]
+    api_key: str | None = field(repr=False)
+    breaker: CircuitBreaker
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+class AttemptFailed(Exception):
+    def __init__(self, kind: str, detail: str, retryable: bool = True, retry_after: float | None = None):
+        super().__init__(detail)
+        self.kind, self.detail, self.retryable, self.retry_after = kind, detail, retryable, retry_after
+
+
+class AllProvidersFailed(Exception):
+    """No provider of the chain answered; `outcomes` says what happened to each ('name: what')."""
+
+    def __init__(self, outcomes: list[str], tried: bool):
+        super().__init__("; ".join(outcomes))
+        self.outcomes = outcomes
+        self.tried = tried  # False: every provider was skipped (circuits open, contexts too small)
+
+
+@dataclass
+class Reply:
+    """An upstream answer. A stream holds its open response, the lines read so far and the rest."""
+
+    provider: Provider
+    status: int
+    seconds: float
+    json: object = None  # non-streaming (or an error body passed back to the client)
+    raw: bytes = b""  # the body as the provider sent it
+    response: httpx.Response | None = None
+    head: list[str] = field(default_factory=list)
+    lines: AsyncIterator[str] | None = None
+    fallbacks: int = 0
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _classify(status: int, headers: httpx.Headers) -> AttemptFailed | None:
+    """None: the provider answered (a success, or a client error to pass back); else the failure."""
+    if status == 429:
+        return AttemptFailed("http_429", "HTTP 429 (rate limited)", retry_after=retry_after_seconds(headers.get("retry-after")))
+    if status >= 500 or status == 408:
+        return AttemptFailed(f"http_{status}", f"HTTP {status}")
+    if status in (401, 403, 404):
+        return AttemptFailed(f"http_{status}", f"HTTP {status} (check the provider's base_url, model and key)", retryable=False)
+    return None
+
+
+class Upstream:
+    def __init__(
+        self,
+        chains: dict[str, list[Provider]],
+        retry: RetryConfig,
+        metrics: Metrics,
+        fallback_to_other_tier: bool = True,
+        client: httpx.AsyncClient | None = None,
+    ):
+        self.chains = chains
+        self.retry = retry
+        self.metrics = metrics
+        self.fallback_to_other_tier = fallback_to_other_tier
+        self.client = client
+        self._ready: dict[str, tuple[float, bool]] = {}
+        for p in self.providers():
+            metrics.watch_circuit(p.name, lambda b=p.breaker: b.state)
+
+    @classmethod
+    def build(cls, providers, keys: dict[str, str | None], retry: RetryConfig, circuit: CircuitConfig, metrics: Metrics,
+              fallback_to_other_tier: bool = True) -> "Upstream":
+        chains = {
+            tier: [Provider(c, tier, keys[c.name], CircuitBreaker(circuit.failures, circuit.cooldown_s)) for c in getattr(providers, tier)]
+            for tier in ("strong", "weak")
+        }
+        return cls(chains, retry, metrics, fallback_to_other_tier)
+
+    async def start(self) -> None:
+        # Timeouts are set per provider on each request; the pool is shared by all of them.
+        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128), trust_env=False)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    def providers(self) -> list[Provider]:
+        return self.chains["strong"] + self.chains["weak"]
+
+    def chain(self, tier: str) -> list[Provider]:
+        other = "weak" if tier == "strong" else "strong"
+        return self.chains[tier] + (self.chains[other] if self.fallback_to_other_tier else [])
+
+    def backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.retry.backoff_max_s, self.retry.backoff_base_s * 2**attempt))
+
+    async def complete(self, tier: str, body: dict, stream: bool, need_tokens: int = 0) -> Reply:
+        """The first good answer down the chain; AllProvidersFailed when there is none."""
+        outcomes: list[str] = []
+        tried = False
+        prev: Provider | None = None
+        for provider in self.chain(tier):
+            if provider.config.context_window < need_tokens:
+                outcomes.append(f"{provider.tier}/{provider.name}: context window {provider.config.context_window} < ~{need_tokens} tokens")
+                continue
+            ticket = provider.breaker.acquire()
+            if ticket is None:
+                self.metrics.circuit_skips.labels(provider.name).inc()
+                outcomes.append(f"{provider.tier}/{provider.name}: circuit open")
+                prev = provider
+                continue
+            if prev is not None:
+                self.metrics.fallbacks.labels(prev.name, provider.name).inc()
+            tried = True
+            try:
+                reply = await self._try(provider, body, stream)
+            except AttemptFailed as failed:
+                outcomes.append(f"{provider.tier}/{provider.name}: {failed.detail}")
+                prev = provider
+                continue
+            finally:
+                provider.breaker.release(ticket)  # no-op unless a probe ended with no verdict
+            reply.fallbacks = len(outcomes)
+            return reply
+        raise AllProvidersFailed(outcomes, tried)
+
+    async def _try(self, provider: Provider, body: dict, stream: bool) -> Reply:
+        """Up to `retry.attempts` tries of one provider; raises its last AttemptFailed."""
+        last: AttemptFailed | None = None
+        for attempt in range(self.retry.attempts):
+            if attempt and provider.breaker.state == "open":
+                break
+            try:
+                reply = await self._attempt(provider, body, stream)
+            except AttemptFailed as failed:
+                last = failed
+                provider.breaker.failure()
+                self.metrics.upstream_errors.labels(provider.name, failed.kind).inc()
+                if not failed.retryable or attempt + 1 == self.retry.attempts:
+                    break
+                delay = self.backoff(attempt)
+                if failed.retry_after is not None:
+                    if failed.retry_after > self.retry.max_retry_after_s:
+                        break
+                    delay = max(delay, failed.retry_after)
+                await asyncio.sleep(delay)
+                continue
+            provider.breaker.success()
+            self.metrics.upstream_seconds.labels(provider.name).observe(reply.seconds)
+            return reply
+        assert last is not None
+        raise last
+
+    async def _attempt(self, provider: Provider, body: dict, stream: bool) -> Reply:
+        cfg = provider.config
+        payload = {**body, "model": cfg.model}
+        if stream and cfg.stream_usage:
+            payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        timeout = httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s)
+        request = self.client.build_request(
+            "POST", f"{cfg.base_url}/chat/completions", json=payload, headers=provider.headers(), timeout=timeout
+        )
+        start = time.perf_counter()
+        response: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(cfg.timeout_s):
+                response = await self.client.send(request, stream=True)
+                if response.status_code != 200 or not stream:
+                    await response.aread()
+                    await response.aclose()
+                    if failed := _classify(response.status_code, response.headers):
+                        raise failed
+                    try:
+                        data = response.json()
+                    except ValueError:
+                        raise AttemptFailed("bad_response", f"HTTP {response.status_code} with a body that is not JSON") from None
+                    return Reply(provider, response.status_code, time.perf_counter() - start, json=data, raw=response.content)
+                lines = response.aiter_lines()
+                head = []
+                async for line in lines:  # wait for the first event: until then we can still fall back
+                    head.append(line)
+                    if line.startswith("data:"):
+                        break
+                else:
+                    raise AttemptFailed("bad_response", "the stream ended before its first event")
+                return Reply(provider, 200, time.perf_counter() - start, response=response, head=head, lines=lines)
+        except BaseException as e:  # a returned stream stays open; anything else is closed here
+            if response is not None:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            if isinstance(e, (TimeoutError, httpx.TimeoutException)):
+                raise AttemptFailed("timeout", f"timed out after {cfg.timeout_s:g}s") from None
+            if isinstance(e, httpx.TransportError):
+                kind = "connect" if isinstance(e, httpx.ConnectError) else "connection"
+                raise AttemptFailed(kind, f"{kind} error ({type(e).__name__})") from None
+            raise
+
+    async def ready(self, readiness: ReadinessConfig) -> dict[str, bool]:
+        """Provider name -> reachable (answers GET {base_url}/models, circuit not open); cached `cache_s`."""
+        now = time.monotonic()
+
+        async def probe(p: Provider) -> bool:
+            cached = self._ready.get(p.name)
+            if cached and now - cached[0] < readiness.cache_s:
+                return cached[1] and p.breaker.state != "open"
+            try:
+                r = await self.client.get(f"{p.config.base_url}/models", headers=p.headers(), timeout=readiness.probe_timeout_s)
+                ok = r.status_code < 500 and r.status_code not in (401, 403)
+            except httpx.HTTPError:
+                ok = False
+            self._ready[p.name] = (now, ok)
+            return ok and p.breaker.state != "open"
+
+        providers = self.providers()
+        results = await asyncio.gather(*(probe(p) for p in providers))
+        return {p.name: ok for p, ok in zip(providers, results)}

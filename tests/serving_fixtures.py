@@ -1,0 +1,112 @@
+"""Helpers for the serving tests: real uvicorn servers in threads on free loopback ports, fake providers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from learned_router.serving.app import Service, create_app
+from learned_router.serving.config import hash_key, parse_config
+from learned_router.serving.fake_provider import FakeState, create_fake_provider
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUTER_DIR = Path(os.environ.get("LEARNED_ROUTER_TEST_ROUTER", ROOT / "models" / "default"))
+CLIENT_KEY = "sk-router-test-client-0123456789"
+OTHER_KEY = "sk-router-test-limited-abcdef"
+PROVIDER_KEYS = {"TEST_STRONG_A_KEY": "sk-prov-strong-a-SECRET", "TEST_STRONG_B_KEY": "sk-prov-strong-b-SECRET",
+                 "TEST_WEAK_A_KEY": "sk-prov-weak-a-SECRET", "TEST_WEAK_B_KEY": "sk-prov-weak-b-SECRET"}
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn in a thread, on a free 127.0.0.1 port."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+class FakeProvider(ServerThread):
+    def __init__(self, **state):
+        super().__init__(create_fake_provider(FakeState(**state)))
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def control(self, **changes) -> dict:
+        r = httpx.post(self.url + "/_control", json=changes, timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/_stats", timeout=5).json()
+
+    def heal(self) -> None:
+        self.control(mode="ok", latency_ms=0, chunk_delay_ms=0, fail_rate=0)
+
+
+def provider_entry(name: str, fake: FakeProvider, key_env: str, model: str, prices: tuple[float, float], **extra) -> dict:
+    return {"name": name, "base_url": fake.base_url, "api_key_env": key_env, "model": model,
+            "input_price_per_1m": prices[0], "output_price_per_1m": prices[1], **extra}
+
+
+def service_config(strong: list[dict], weak: list[dict], **sections) -> dict:
+    cfg = {
+        "router": {"path": str(ROUTER_DIR)},
+        "providers": {"strong": strong, "weak": weak},
+        "retry": {"attempts": 2, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "max_retry_after_s": 0.5},
+        "circuit_breaker": {"failures": 3, "cooldown_s": 0.5},
+        "auth": {"keys": [{"name": "test", "sha256": hash_key(CLIENT_KEY)},
+                          {"name": "limited", "sha256": hash_key(OTHER_KEY), "requests_per_minute": 60}]},
+        "rate_limit": {"requests_per_minute": 100000, "burst": 1000},
+        "limits": {"max_body_bytes": 65536},
+        "readiness": {"probe_timeout_s": 1, "cache_s": 0},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return cfg
+
+
+def start_service(cfg: dict, router=None) -> ServerThread:
+    for k, v in PROVIDER_KEYS.items():
+        os.environ.setdefault(k, v)
+    return ServerThread(create_app(Service(parse_config(cfg), router=router)))
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Poll until `predicate()` is truthy (returns its value); AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
