@@ -111,7 +111,7 @@ def train(
     manifest, run_id = run_training(spec)
     m = manifest.metrics
     typer.echo(f"router written to {out} (MLflow run {run_id})")
-    typer.echo(f"test AUC {m.get('test_auc', float('nan')):.4f}, val AUC {m.get('val_auc', float('nan')):.4f}; parity " +
+    typer.echo(f"test AUC {m.get('test_auc', float('nan')):.4f}, validation AUC {m['best_val_auc']:.4f}; parity " +
                ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items() if not k.startswith("fused")))
 
 
@@ -182,6 +182,131 @@ def score(
         typer.echo(json.dumps({"id": i, "p_weak": round(d.p_weak, 6), "route": d.model, "model": names[d.model], "threshold": t}))
 
 
+@app.command()
+@user_errors
+def bench(
+    router: Annotated[Path, typer.Option(help="Router folder (with its checkpoint/ for the torch path).")] = Path("models/default"),
+    threads: Annotated[int, typer.Option(help="Threads for onnxruntime and torch.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed calls per short-prompt measurement.")] = 200,
+    data_dir: Annotated[Path, typer.Option(help="Folder of parquet files with a 'prompt' column, for int8/fp32 agreement.")] = Path("../shared/datasets"),
+):
+    """Benchmark the scorer: p50/p99 latency and throughput, ONNX fp32/int8 vs sentence-transformers + torch."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench import run
+
+    table, facts = run(router, threads=threads, repeats=repeats, data_dir=data_dir)
+    out = Table(title=f"learned-router scorer benchmark ({threads} thread(s))")
+    out.add_column("scorer")
+    for col in table.columns:
+        out.add_column(col, justify="right")
+    for name, row in table.iterrows():
+        out.add_row(name, *[f"{v:.2f}" if "ms" in c else f"{v:.1f}" if "/s" in c else f"{v:.1f}x" for c, v in row.items()])
+    console = Console(width=200)
+    console.print(out)
+    for k, v in facts.items():
+        console.print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
 # ---- commands (evals) -------------------------------------------------------------------------
 
 # ---- commands (service) -----------------------------------------------------------------------
+
+
+def _serve_imports():
+    """Import the serve extra, or fail with the install hint."""
+    try:
+        import fastapi  # noqa: F401
+        import httpx  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as e:
+        fail(f"{e.name} is not installed: the service needs pip install 'learned-router[serve]'")
+    return uvicorn
+
+
+def _log_config(level: str) -> dict:
+    """uvicorn's logging, plus the service's own logger at `level` (it never logs keys or prompt text)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg["loggers"]["learned_router"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return cfg
+
+
+@app.command()
+@user_errors
+def serve(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Service config YAML (see serving/config.example.yaml).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes; each holds its own router, breakers, limits (serving/DEPLOY.md).")] = 1,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    access_log: Annotated[bool, typer.Option(help="Log one line per HTTP request (path and status, never bodies).")] = True,
+):
+    """Run the OpenAI-compatible routing service."""
+    uvicorn = _serve_imports()
+    from .serving.app import CONFIG_ENV, Service, create_app
+    from .serving.config import load_config
+
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        fail(f"--log-level: expected debug, info, warning or error, got {log_level!r}")
+    service = Service(load_config(config))  # fail fast: config, router folder, key variables
+    options = dict(host=host, port=port, log_config=_log_config(log_level), log_level=log_level.lower(), access_log=access_log)
+    if workers == 1:
+        uvicorn.run(create_app(service), **options)
+    else:
+        del service
+        os.environ[CONFIG_ENV] = str(config.resolve())
+        uvicorn.run("learned_router.serving.app:create_app_from_env", factory=True, workers=workers, **options)
+
+
+@app.command("fake-provider")
+@user_errors
+def fake_provider(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 9001,
+    name: Annotated[str, typer.Option(help="Shown in its answers and stats.")] = "fake",
+    model: Annotated[str, typer.Option(help="Model id it reports.")] = "fake-model",
+    latency_ms: Annotated[float, typer.Option(min=0, help="Delay before each answer.")] = 0.0,
+    chunk_delay_ms: Annotated[float, typer.Option(min=0, help="Delay between stream chunks.")] = 0.0,
+    fail_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of requests answered with --error-status.")] = 0.0,
+    error_status: Annotated[int, typer.Option(help="HTTP status of simulated failures.")] = 503,
+    mode: Annotated[str, typer.Option(help="ok, error, 429, hang or stall; switch at run time with POST /_control.")] = "ok",
+    api_key_env: Annotated[Optional[str], typer.Option(help="Require the key in this environment variable as bearer token.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --fail-rate.")] = 0,
+):
+    """Run a fake OpenAI-compatible provider on 127.0.0.1, with deterministic canned answers (tests, demo)."""
+    uvicorn = _serve_imports()
+    from .serving.fake_provider import MODES, FakeState, create_fake_provider
+
+    if mode not in MODES:
+        fail(f"--mode: expected one of {sorted(MODES)}, got {mode!r}")
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if key is None:
+            fail(f"--api-key-env: environment variable {api_key_env} is not set")
+    state = FakeState(name=name, model=model, mode=mode, latency_ms=latency_ms, chunk_delay_ms=chunk_delay_ms,
+                      fail_rate=fail_rate, error_status=error_status, api_key=key, seed=seed)
+    uvicorn.run(create_fake_provider(state), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+@app.command("bench-serve")
+@user_errors
+def bench_serve(
+    router: Annotated[Path, typer.Option(help="Router folder.")] = Path("models/default"),
+    requests: Annotated[int, typer.Option(min=100, max=20000, help="/v1/route requests per concurrency level (a quarter at 1).")] = 2000,
+    chat_requests: Annotated[int, typer.Option(min=50, max=5000, help="Chat requests for the overhead measurement.")] = 500,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Batcher wait for more prompts (router.max_wait_ms).")] = 0.0,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads (router.threads).")] = 1,
+):
+    """Benchmark the service on 127.0.0.1: /v1/route throughput and latency at concurrency 1, 16, 64; routing overhead."""
+    _serve_imports()
+    from .manifest import read_manifest
+    from .serving.bench import run
+
+    read_manifest(router)  # a clear error before anything starts
+    typer.echo(run(str(router), requests, chat_requests, max_wait_ms=max_wait_ms, threads=threads))

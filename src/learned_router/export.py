@@ -113,7 +113,7 @@ def to_onnx(checkpoint: Path, enc_path: Path, folder: Path, variants: list[str])
     opt.save_model_to_file(str(fp32))
     raw.unlink()
     if "int8" in variants:
-        quantize_dynamic(str(fp32), str(folder / VARIANT_FILES["int8"]), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(fp32), str(folder / VARIANT_FILES["int8"]), weight_type=QuantType.QInt8, per_channel=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     if "fp32" not in variants:
         fp32.unlink()

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 HEAD_FILE = "head.pt"
+MIN_GAIN = 1e-4  # a validation AUC gain below this is float noise, not a better epoch
 
 
 @dataclass
@@ -72,14 +73,17 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def fit_head(
-    head: Head,
+    head_cfg: HeadConfig,
     x_train: np.ndarray, y_train: np.ndarray, w_train: np.ndarray,
     x_val: np.ndarray, y_val: np.ndarray,
     cfg: FitConfig,
     on_epoch: Callable[[int, dict], None] = lambda epoch, m: None,
-) -> dict:
-    """Weighted BCE with AdamW; keeps the epoch with the best validation AUC and stops after `patience` without gain."""
+) -> tuple[Head, dict]:
+    """Weighted BCE with AdamW; keeps the epoch with the best validation AUC and stops after `patience` without gain.
+
+    Seeded before the head is built, so the same data and config give the same head."""
     seed_everything(cfg.seed)
+    head = Head(head_cfg)
     xt, yt = torch.from_numpy(x_train.astype(np.float32)), torch.from_numpy(y_train.astype(np.float32))
     wt = torch.from_numpy((w_train / w_train.mean()).astype(np.float32))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -103,13 +107,13 @@ def fit_head(
                                                                   torch.from_numpy(y_val.astype(np.float32))))}
         on_epoch(epoch, m)
         bar.set_postfix(loss=f"{m['train_loss']:.4f}", val_auc=f"{m['val_auc']:.4f}")
-        if m["val_auc"] > best["val_auc"]:
+        if m["val_auc"] > best["val_auc"] + MIN_GAIN:
             best, best_state = {**m, "epoch": epoch}, copy.deepcopy(head.state_dict())
         elif epoch - best["epoch"] >= cfg.patience:
             break
     head.load_state_dict(best_state)
     head.eval()
-    return {"best_epoch": best["epoch"], "best_val_auc": best["val_auc"], "epochs_run": epoch + 1}
+    return head, {"best_epoch": best["epoch"], "best_val_auc": best["val_auc"], "epochs_run": epoch + 1}
 
 
 class FusedRouter(nn.Module):

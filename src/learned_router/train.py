@@ -14,7 +14,7 @@ from .embed import Encoder
 from .errors import DataError
 from .export import TRAINING_FILE, export_into, staged_folder
 from .manifest import LabelPolicy, Manifest
-from .model import FitConfig, Head, HeadConfig, auc, finetune, fit_head, write_json
+from .model import FitConfig, HeadConfig, auc, finetune, fit_head, write_json
 from .tracking import DEFAULT_EXPERIMENT, start_run
 
 
@@ -71,6 +71,30 @@ def per_source_auc(df: pd.DataFrame, p: np.ndarray) -> dict[str, float]:
     return out
 
 
+FRONTIER_PNG = "val_frontier.png"
+DEFAULT_SHARE = 0.8  # the default threshold recovers this share of the weak-to-strong quality gap on validation
+
+
+def validation_frontier(val: pd.DataFrame, p_weak: np.ndarray, spec: TrainSpec, folder: Path) -> tuple[float, dict]:
+    """Plot the validation frontier and pick the default threshold: the cheapest one that reaches 80% of the quality
+    gap (CPT(80%)). Without graded validation prompts (label-only data) the default is 0.5."""
+    from .evals import evaluate, plot_frontier
+
+    graded = val["weak_score"].notna().to_numpy() & val["strong_score"].notna().to_numpy()
+    if graded.sum() < 10:
+        return 0.5, {}
+    p = p_weak[graded]
+    report = evaluate({"router": 1.0 - p}, val["weak_score"].to_numpy()[graded], val["strong_score"].to_numpy()[graded],
+                      labels=val["label"].to_numpy()[graded], p_weak={"router": p})
+    plot_frontier(report, folder / FRONTIER_PNG, benchmark="validation prompts, all sources",
+                  strong_model=spec.strong, weak_model=spec.weak)
+    m = report["scorers"]["router"]
+    cpt = m[f"cpt{int(DEFAULT_SHARE * 100)}"]
+    threshold = float(np.quantile(p, cpt)) if cpt is not None else 0.5
+    keep = ("apgr", "apgr_routellm", "cpt50", "cpt80", "roc_auc", "ece")
+    return round(threshold, 4), {k: m[k] for k in keep if m.get(k) is not None}
+
+
 def train(spec: TrainSpec) -> tuple[Manifest, str]:
     """Train, export and log one router; returns its manifest and the MLflow run id."""
     import mlflow
@@ -94,9 +118,8 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
         x = enc.embed(df["prompt"].tolist())
         parts = {s: df.index[df["split"] == s].to_numpy() for s in ("train", "val", "test")}
         y, w = df["label"].to_numpy(), df["weight"].to_numpy(dtype=np.float64)
-        head = Head(HeadConfig(**{**asdict(spec.head), "dim": x.shape[1]}))
         log_epoch = lambda epoch, m: mlflow.log_metrics(m, step=epoch)  # noqa: E731
-        fit = fit_head(head, x[parts["train"]], y[parts["train"]], w[parts["train"]], x[parts["val"]], y[parts["val"]],
+        head, fit = fit_head(HeadConfig(**{**asdict(spec.head), "dim": x.shape[1]}), x[parts["train"]], y[parts["train"]], w[parts["train"]], x[parts["val"]], y[parts["val"]],
                        spec.fit, on_epoch=log_epoch)
         checkpoint = folder / "checkpoint"
         checkpoint.mkdir()
@@ -110,11 +133,15 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
             x = enc.embed(df["prompt"].tolist(), cache=False)
         p = head.predict(x)
         held = np.concatenate([parts["val"], parts["test"]])
-        metrics = {**fit, "val_auc": auc(y[parts["val"]], p[parts["val"]]), "test_auc": auc(y[parts["test"]], p[parts["test"]]),
+        metrics = {**fit, "test_auc": auc(y[parts["test"]], p[parts["test"]]),
                    **per_source_auc(df.iloc[parts["test"]], p[parts["test"]]),
                    "train_prompts": len(parts["train"]), "val_prompts": len(parts["val"]), "test_prompts": len(parts["test"])}
         metrics = {k: float(v) for k, v in metrics.items() if v == v}  # drop NaN (a source without both labels)
-        default_threshold = 0.5
+        default_threshold, frontier = validation_frontier(df.iloc[parts["val"]], p[parts["val"]], spec, folder)
+        if frontier:
+            metrics |= {f"val_{k}": v for k, v in frontier.items()}
+            mlflow.log_artifact(str(folder / FRONTIER_PNG))
+            (folder / FRONTIER_PNG).unlink()
         head.save(checkpoint)
         np.save(checkpoint / "val_p_weak.npy", p[held].astype(np.float32))
         write_json(checkpoint / TRAINING_FILE, {

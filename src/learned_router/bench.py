@@ -1,0 +1,107 @@
+"""Scorer benchmark: latency and throughput of the ONNX router (fp32, int8) against sentence-transformers + torch.
+
+All figures come from one run on one machine, so the ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .scorer import Router
+
+TEXT = (
+    "The committee reviewed the proposal for the new regional transit line and asked the engineers to compare "
+    "the projected ridership with the cost of tunnelling under the river, noting that earlier estimates had "
+    "ignored maintenance, staffing and the price of electricity over the next thirty years of operation. "
+)
+
+
+def prompt_of(router: Router, n_tokens: int) -> str:
+    """A prompt of about `n_tokens` encoder tokens (special tokens included)."""
+    words = (TEXT * 20).split()
+    lo, hi = 1, len(words)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if router.n_tokens(" ".join(words[:mid])) < n_tokens:
+            lo = mid + 1
+        else:
+            hi = mid
+    return " ".join(words[:lo])
+
+
+def timed(fn, repeats: int, warmup: int = 5) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    out = np.empty(repeats)
+    for i in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out[i] = time.perf_counter() - t
+    return out * 1000
+
+
+def real_prompts(data_dir: Path, n: int) -> list[str]:
+    """Up to n distinct prompts across the shared benchmarks, for the int8/fp32 agreement check."""
+    frames = [pd.read_parquet(p, columns=["prompt"]).drop_duplicates() for p in sorted(Path(data_dir).glob("*.parquet"))]
+    if not frames:
+        return []
+    per = max(1, n // len(frames))
+    return pd.concat([f.sample(n=min(per, len(f)), random_state=0) for f in frames])["prompt"].tolist()
+
+
+def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    import torch
+
+    from .export import export
+    from .embed import Encoder
+    from .model import Head
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    tmp = None
+    if "fp32" not in Router(router_dir).manifest.files:  # the shipped router is int8 only: export fp32 beside it
+        tmp = tempfile.TemporaryDirectory()
+        export(router_dir, Path(tmp.name) / "fp32", variants=["fp32"])
+    fp32_dir = Path(tmp.name) / "fp32" if tmp else router_dir
+    routers = {"onnx int8": Router(router_dir, variant="int8", threads=threads),
+               "onnx fp32": Router(fp32_dir, variant="fp32", threads=threads)}
+    enc, head = Encoder(), Head.load(router_dir / "checkpoint")
+    enc.model.max_seq_length = routers["onnx int8"].manifest.encoder.max_seq_length
+
+    def torch_score(prompts):
+        with torch.inference_mode():
+            return head.predict(enc.model.encode(prompts, normalize_embeddings=True, batch_size=32, convert_to_numpy=True))
+
+    scorers = {**{k: r.score for k, r in routers.items()}, "sentence-transformers + torch": torch_score}
+    short, long_ = prompt_of(routers["onnx int8"], 30), prompt_of(routers["onnx int8"], 250)
+    batch = [f"{i}. {short}" for i in range(256)]
+    rows = []
+    for name, score in scorers.items():
+        s = timed(lambda: score([short]), repeats)
+        lg = timed(lambda: score([long_]), max(20, repeats // 4))
+        tp = timed(lambda: score(batch), 3, warmup=1)
+        rows.append({"scorer": name, "p50 ms (~30 tok)": np.median(s), "p99 ms (~30 tok)": np.percentile(s, 99),
+                     "p50 ms (~250 tok)": np.median(lg), "p99 ms (~250 tok)": np.percentile(lg, 99),
+                     "batch prompts/s (256 x ~30 tok)": len(batch) / (np.median(tp) / 1000)})
+    table = pd.DataFrame(rows).set_index("scorer")
+    base = table.loc["sentence-transformers + torch"]
+    for col in ("p50 ms (~30 tok)", "p50 ms (~250 tok)"):
+        table[f"speed-up vs torch, {col.split('(')[1][:-1]}"] = base[col] / table[col]
+    facts = {"threads": threads, "short prompt tokens": routers["onnx int8"].n_tokens(short),
+             "long prompt tokens": routers["onnx int8"].n_tokens(long_)}
+    prompts = real_prompts(data_dir, 1000) if data_dir and Path(data_dir).is_dir() else []
+    if prompts:
+        t = routers["onnx int8"].default_threshold
+        p8, p32 = routers["onnx int8"].score(prompts), routers["onnx fp32"].score(prompts)
+        facts |= {"agreement prompts": len(prompts), "default threshold": t,
+                  "int8 vs fp32 decision agreement": float(np.mean((p8 >= t) == (p32 >= t))),
+                  "int8 vs fp32 max |dp|": float(np.max(np.abs(p8 - p32)))}
+    if tmp:
+        tmp.cleanup()
+    return table, facts

@@ -1,0 +1,90 @@
+"""Shared fixtures: the real shared datasets, one MLflow server per session, one small router trained on real data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
+STRONG, WEAK = "gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"
+_server: dict = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytest_sessionstart(session):
+    """Boot `mlflow server` now: its sqlite migrations take about a minute, while the fast tests run."""
+    tmp = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
+    port = free_port()
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
+    )
+    _server.update(proc=proc, url=f"http://127.0.0.1:{port}", log=tmp / "server.log", dir=tmp)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _server:
+        _server["proc"].terminate()
+        _server["proc"].wait(timeout=30)
+        shutil.rmtree(_server["dir"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> str:
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if _server["proc"].poll() is not None:
+            pytest.fail(f"mlflow server exited: {_server['log'].read_text()[-2000:]}")
+        try:
+            if httpx.get(_server["url"] + "/health", timeout=2).status_code == 200:
+                return _server["url"]
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"mlflow server did not answer /health in 240 s: {_server['log'].read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    assert DATASETS.is_dir(), f"the shared datasets are expected at {DATASETS}"
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, mlflow_server, datasets_dir):
+    """A small router trained on real slices (GSM8K, arena-bench, AlpacaEval), logged to the real MLflow server."""
+    from learned_router.train import TrainSpec, train
+    from learned_router.model import FitConfig
+
+    out = tmp_path_factory.mktemp("routers") / "small"
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    try:
+        spec = TrainSpec(
+            data=[str(datasets_dir / f) for f in ("routellm_gsm8k.parquet", "arena_bench_v1.parquet", "alpaca_eval.parquet")],
+            strong=STRONG, weak=WEAK, out=out, max_prompts=250, fit=FitConfig(epochs=40, patience=10), experiment="tests",
+        )
+        manifest, run_id = train(spec)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    return {"path": out, "manifest": manifest, "run_id": run_id, "url": mlflow_server, "spec": spec}

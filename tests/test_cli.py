@@ -1,0 +1,71 @@
+"""The command line as a user runs it: real subprocesses, exit codes, one-line errors, no tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import STRONG, WEAK
+
+
+def cli(*args, stdin=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "learned_router", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, cwd=cwd, timeout=300)
+
+
+def lines(out):
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_help_lists_commands():
+    out = cli("--help")
+    assert out.returncode == 0
+    for cmd in ("train", "export", "score"):
+        assert cmd in out.stdout
+    assert "--data" in cli("train", "--help").stdout
+
+
+def test_score_from_arguments_file_and_stdin(trained, tmp_path):
+    r = trained["path"]
+    out = cli("score", "--router", r, "What is 2+2?", "Prove Fermat's last theorem for n=3")
+    assert out.returncode == 0, out.stderr
+    rows = lines(out)
+    assert [x["id"] for x in rows] == [0, 1]
+    for x in rows:
+        assert 0 < x["p_weak"] < 1 and x["threshold"] == trained["manifest"].default_threshold
+        assert x["route"] == ("weak" if x["p_weak"] >= x["threshold"] else "strong")
+        assert x["model"] == {"weak": WEAK, "strong": STRONG}[x["route"]]
+
+    pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["hello", "write a proof"]}).to_parquet(tmp_path / "p.parquet")
+    assert [x["id"] for x in lines(cli("score", "--router", r, "--file", tmp_path / "p.parquet"))] == ["a", "b"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n{"prompt": "bye"}\n')
+    assert len(lines(cli("score", "--router", r, "--file", tmp_path / "p.jsonl"))) == 2
+
+    everything = cli("score", "--router", r, "--threshold", "1.0", stdin="one\ntwo\n\nthree\n")
+    assert [x["route"] for x in lines(everything)] == ["strong"] * 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["score", "--router", "{r}", ""], "prompt 0: empty prompt"),
+    (["score", "--router", "{r}", "--threshold", "1.5", "hi"], "threshold must be a number in [0, 1]"),
+    (["score", "--router", "{tmp}/nope", "hi"], "router folder not found"),
+    (["score", "--router", "{r}", "--file", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
+    (["score", "--router", "{r}", "--file", "{tmp}/noprompt.csv"], "no 'prompt' column"),
+    (["train", "--data", "{tmp}/missing.parquet", "--out", "{tmp}/o"], "missing.parquet: no such file"),
+    (["train", "--data", "{tmp}/noprompt.csv", "--out", "{tmp}/o"], "unrecognised columns"),
+    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--weak", "mixtral", "--out", "{tmp}/o"],
+     "model 'mixtral' is not in source 'routellm_gsm8k'"),
+    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--weight", "oops", "--out", "{tmp}/o"], "--weight expects SOURCE=NUMBER"),
+    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--label-policy", "vibes", "--out", "{tmp}/o"], "--label-policy must be"),
+    (["export", "--router", "{tmp}"], "no checkpoint/training.json"),
+])
+def test_bad_input_gives_one_clear_line(trained, tmp_path, datasets_dir, args, message):
+    (tmp_path / "noprompt.csv").write_text("question,answer\nq,a\n")
+    args = [a.format(r=trained["path"], tmp=tmp_path, data=datasets_dir) for a in args]
+    out = cli(*args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -1,0 +1,25 @@
+"""A training run logged to a real `mlflow server`, read back through MLflow's client."""
+
+from mlflow.tracking import MlflowClient
+
+
+def test_run_is_in_the_tracking_server(trained):
+    client = MlflowClient(tracking_uri=trained["url"])
+    run = client.get_run(trained["run_id"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["strong"] == "gpt-4-1106-preview" and p["label_policy"] == "weak >= strong - 0"
+    assert p["encoder"] == "all-MiniLM-L6-v2" and len(p["data_routellm_gsm8k_sha256"]) == 16
+    m = run.data.metrics
+    assert m["test_auc"] == trained["manifest"].metrics["test_auc"]
+    assert 0 <= m["parity_int8_max_abs_diff"] < 0.05
+    history = client.get_metric_history(run.info.run_id, "val_auc")
+    assert len(history) >= 2 and [h.step for h in history] == sorted(h.step for h in history)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == len(history)
+
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"data_fingerprints.json", "router", "router.json", "split_counts.txt", "val_frontier.png"} <= top
+    router = {a.path for a in client.list_artifacts(run.info.run_id, "router")}
+    assert {"router/model.int8.onnx", "router/model.onnx", "router/router.json", "router/tokenizer.json"} <= router
+    png = client.download_artifacts(run.info.run_id, "val_frontier.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

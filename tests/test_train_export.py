@@ -1,0 +1,121 @@
+"""Training on real slices, the exported router folder, parity with torch, atomic writes, re-export."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import STRONG, WEAK
+from learned_router import Router, RouterError, RouterFolderError
+from learned_router.embed import Encoder
+from learned_router.export import PROBES, export
+from learned_router.model import FitConfig, Head, HeadConfig, fit_head
+from learned_router.train import TrainSpec, train
+
+
+def test_router_folder_and_manifest(trained):
+    folder, m = trained["path"], trained["manifest"]
+    assert {p.name for p in folder.iterdir()} == {"router.json", "tokenizer.json", "model.onnx", "model.int8.onnx", "checkpoint"}
+    assert (m.strong, m.weak) == (STRONG, WEAK)
+    assert m.label_policy.kind == "relative" and m.encoder.max_seq_length == 256 and m.encoder.dim == 384
+    assert {d["name"] for d in m.data} == {"routellm_gsm8k", "arena_bench_v1", "alpaca_eval"}
+    assert all(len(d["sha256"]) == 64 and d["prompts"] > 0 for d in m.data)
+    assert 0.6 < m.metrics["test_auc"] <= 1.0  # GSM8K vs AlpacaEval base rates alone make this learnable
+    # calibration: threshold -> share of strong calls, monotone from 0 to 1
+    fr = [p.strong_fraction for p in m.calibration]
+    assert fr[0] == 0.0 and fr[-1] == 1.0 and all(a <= b for a, b in zip(fr, fr[1:]))
+    assert m.threshold_for(0.3) == pytest.approx(m.threshold_for(0.3))
+    assert abs(m.strong_fraction_at(m.threshold_for(0.3)) - 0.3) < 0.05
+    # export fused the transformer into onnxruntime's Attention kernels (6 layers)
+    assert m.parity["fused_Attention"] == 6.0
+
+
+def test_exported_graph_matches_torch(trained):
+    folder = trained["path"]
+    prompts = PROBES + ["What is the derivative of x^3 sin(x)?", "Tell me a joke about databases."]
+    head = Head.load(folder / "checkpoint")
+    reference = head.predict(Encoder().embed(prompts, progress=False))
+    fp32 = Router(folder, variant="fp32").score(prompts)
+    int8 = Router(folder, variant="int8").score(prompts)
+    assert np.max(np.abs(fp32 - reference)) < 1e-4
+    assert np.max(np.abs(int8 - reference)) < 0.05
+    m = trained["manifest"]
+    assert m.parity["fp32_max_abs_diff"] < 1e-4 and m.parity["int8_max_abs_diff"] < 0.05
+
+
+def test_head_training_is_seeded():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int8)
+    w = np.ones(300)
+
+    def run(seed):
+        head, info = fit_head(HeadConfig(dim=16, hidden=8), x[:200], y[:200], w[:200], x[200:], y[200:],
+                              FitConfig(epochs=30, lr=1e-2, batch_size=32, seed=seed))
+        return head.predict(x[200:]), info
+
+    (a, fa), (b, fb), (c, _) = run(0), run(0), run(1)
+    assert np.array_equal(a, b) and fa == fb
+    assert not np.array_equal(a, c)
+    assert fa["best_val_auc"] > 0.9  # early stopping kept a good epoch
+
+
+def test_export_in_place_and_to_new_folder(trained, tmp_path):
+    src = tmp_path / "r"
+    shutil.copytree(trained["path"], src)
+    m = export(src, tmp_path / "int8only", variants=["int8"])
+    assert {p.name for p in (tmp_path / "int8only").iterdir()} == {"router.json", "tokenizer.json", "model.int8.onnx", "checkpoint"}
+    assert set(m.files) == {"int8", "tokenizer"}
+    with pytest.raises(RouterError, match="already exists"):
+        export(src, tmp_path / "int8only", variants=["int8"])
+    before = json.loads((src / "router.json").read_text())
+    export(src, variants=["fp32"])  # in place
+    assert set(json.loads((src / "router.json").read_text())["files"]) == {"fp32", "tokenizer"}
+    assert before["calibration"] == json.loads((src / "router.json").read_text())["calibration"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_failed_training_leaves_nothing(tmp_path, datasets_dir):
+    out = tmp_path / "never"
+    spec = TrainSpec(data=[str(datasets_dir / "routellm_gsm8k.parquet")], strong=STRONG, weak="no-such-model", out=out)
+    with pytest.raises(RouterError, match="'no-such-model' is not in source"):
+        train(spec)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_and_export_needs_checkpoint(trained, tmp_path):
+    spec = TrainSpec(data=[str(trained["spec"].data[0])], strong=STRONG, weak=WEAK, out=trained["path"])
+    with pytest.raises(RouterError, match="already exists"):
+        train(spec)
+    bare = tmp_path / "bare"
+    shutil.copytree(trained["path"], bare, ignore=shutil.ignore_patterns("checkpoint"))
+    with pytest.raises(RouterError, match="no checkpoint/training.json"):
+        export(bare)
+
+
+def test_broken_router_folders_are_named(trained, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(trained["path"], bad, ignore=shutil.ignore_patterns("checkpoint", "model.onnx"))
+    with pytest.raises(RouterFolderError, match="model.onnx: missing"):
+        Router(bad, variant="fp32")
+    with pytest.raises(RouterFolderError, match="no 'bf16' model"):
+        Router(bad, variant="bf16")
+    with open(bad / "model.int8.onnx", "r+b") as f:
+        f.seek(1000)
+        f.write(b"garbage")
+    with pytest.raises(RouterFolderError, match="model.int8.onnx: corrupted"):
+        Router(bad)
+    shutil.copyfile(trained["path"] / "model.int8.onnx", bad / "model.int8.onnx")
+    (bad / "tokenizer.json").unlink()
+    with pytest.raises(RouterFolderError, match="tokenizer.json: missing"):
+        Router(bad)
+    (bad / "router.json").write_text("{not json")
+    with pytest.raises(RouterFolderError, match="router.json: not valid JSON"):
+        Router(bad)
+    (bad / "router.json").write_text('{"format_version": 1}')
+    with pytest.raises(RouterFolderError, match="router.json: field 'name'"):
+        Router(bad)
+    (bad / "router.json").unlink()
+    with pytest.raises(RouterFolderError, match="router.json: missing"):
+        Router(bad)
