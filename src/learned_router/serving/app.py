@@ -54,7 +54,7 @@ class Service:
             config.routing.fallback_to_other_tier,
         )
         self.batcher = ScoreBatcher(self.router.score, config.router.max_batch, config.router.max_wait_ms / 1000,
-                                    on_batch=self.metrics.batch_size.observe)
+                                    config.router.workers, on_batch=self.metrics.batch_size.observe)
         self.rate_limiter = RateLimiter(config.rate_limit.requests_per_minute, config.rate_limit.burst)
         self.weak_context = max(p.context_window for p in config.providers.weak)
 

@@ -1,8 +1,8 @@
 """Micro-batching: concurrent requests share one onnxruntime call, run off the event loop.
 
-Scoring runs in one worker thread, one batch at a time. While a batch is being scored, new prompts
-queue up and form the next batch, so an idle service adds no wait and a busy one batches itself.
-`max_wait_s` optionally holds each batch open a little longer to gather more prompts.
+Scoring runs in `workers` threads (onnxruntime releases the GIL), one batch per thread at a time.
+While every thread is busy, new prompts queue up and form the next batch, so an idle service adds no
+wait and a busy one batches itself. `max_wait_s` optionally holds a batch open to gather more prompts.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ ScoreFn = Callable[[Sequence[str]], np.ndarray]
 
 
 class ScoreBatcher:
-    def __init__(self, score: ScoreFn, max_batch: int = 32, max_wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, score: ScoreFn, max_batch: int = 32, max_wait_s: float = 0.0, workers: int = 1,
+                 on_batch: Callable[[int], None] | None = None):
         self._score = score
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.workers = workers
         self._on_batch = on_batch
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[float]]] | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-score")
+        self._batches: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="router-score")
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -33,7 +36,9 @@ class ScoreBatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            for t in self._batches:
+                t.cancel()
+            await asyncio.gather(self._task, *self._batches, return_exceptions=True)
             self._task = None
         while self._queue is not None and not self._queue.empty():
             _, fut = self._queue.get_nowait()
@@ -54,30 +59,38 @@ class ScoreBatcher:
         return await fut
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         queue = self._queue
         assert queue is not None
+        free = asyncio.Semaphore(self.workers)
         while True:
             batch = [await queue.get()]
+            await free.acquire()  # while every worker is busy, the queue grows into the next batch
             if self.max_wait_s > 0 and queue.qsize() < self.max_batch - 1:
                 await asyncio.sleep(self.max_wait_s)
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
             batch = [(p, f) for p, f in batch if not f.done()]  # drop requests cancelled while waiting
             if not batch:
+                free.release()
                 continue
             if self._on_batch is not None:
                 self._on_batch(len(batch))
-            try:
-                scores = await loop.run_in_executor(self._executor, self._score, [p for p, _ in batch])
-            except BaseException as e:  # every waiting request gets the scorer's error
-                err = RuntimeError("the router is shutting down") if isinstance(e, asyncio.CancelledError) else e
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
-                if isinstance(e, Exception):
-                    continue
-                raise
-            for (_, fut), s in zip(batch, scores):
+            task = asyncio.create_task(self._score_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(lambda t: (self._batches.discard(t), free.release()))
+
+    async def _score_batch(self, batch: list[tuple[str, asyncio.Future[float]]]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            scores = await loop.run_in_executor(self._executor, self._score, [p for p, _ in batch])
+        except BaseException as e:  # every waiting request gets the scorer's error
+            err = RuntimeError("the router is shutting down") if isinstance(e, asyncio.CancelledError) else e
+            for _, fut in batch:
                 if not fut.done():
-                    fut.set_result(float(s))
+                    fut.set_exception(err)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, fut), s in zip(batch, scores):
+            if not fut.done():
+                fut.set_result(float(s))

@@ -1,0 +1,205 @@
+"""Load benchmark of the service, on 127.0.0.1 only, with bounded request counts.
+
+Starts a fake provider and the service (`learned-router serve`) as subprocesses, then measures
+1. `/v1/route`: requests/s, p50 and p99 latency at each concurrency;
+2. the routing overhead of `/v1/chat/completions`: the same chat requests sent to the fake provider
+   directly and through the service at concurrency 1, and the difference of their p50 and p99.
+Prompts are ~30 tokens, all different. The load comes from one keep-alive HTTP/1.1 connection per
+concurrent client, written directly on asyncio streams: on a small machine the load generator shares
+the cores with the service, and a full HTTP client library would take a good part of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+
+BENCH_KEY = "sk-bench-client-key"
+TOPICS = ["binary search trees", "the French revolution", "photosynthesis", "TCP congestion control", "compound interest",
+          "the Krebs cycle", "Rust lifetimes", "supply and demand", "black holes", "sourdough baking", "SQL joins",
+          "the immune system"]
+TEMPLATES = [
+    "Explain {t} to a new student in three short paragraphs, with one concrete example and a common mistake (case {i}).",
+    "Write a short quiz of four questions about {t} for a high-school class and give the answers at the end (set {i}).",
+    "What are the most important ideas behind {t}, and how would you check that someone has really understood them? #{i}",
+]
+
+
+def prompts(n: int) -> list[str]:
+    return [TEMPLATES[i % len(TEMPLATES)].format(t=TOPICS[(i // 3) % len(TOPICS)], i=i) for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Result:
+    name: str
+    concurrency: int
+    n: int
+    seconds: float
+    latencies: np.ndarray  # seconds
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.n / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q) * 1000)
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client for JSON POSTs answered with a Content-Length body."""
+
+    def __init__(self, url: str, headers: dict[str, str]):
+        u = httpx.URL(url)
+        self.host, self.port, self.path = u.host, u.port, u.raw_path.decode()
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{u.host}:{u.port}", "Content-Type": "application/json", **headers}.items())
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, body: bytes) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {self.path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        fields = dict(line.split(":", 1) for line in head[1:] if ":" in line)
+        length = {k.lower(): v for k, v in fields.items()}.get("content-length")
+        if length is None:
+            raise RuntimeError(f"{self.path}: answer without Content-Length")
+        await self.reader.readexactly(int(length))
+        return int(head[0].split()[1])
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+async def load(url: str, bodies: list[dict], concurrency: int, headers: dict, name: str) -> Result:
+    """Send every body once, `concurrency` at a time; latency of each, wall time of all."""
+    payloads = [json.dumps(b).encode() for b in bodies]
+    latencies = np.zeros(len(payloads))
+    errors = 0
+    it = iter(enumerate(payloads))
+
+    async def worker(conn: Connection):
+        nonlocal errors
+        for i, body in it:
+            t = time.perf_counter()
+            status = await conn.post(body)
+            latencies[i] = time.perf_counter() - t
+            errors += status != 200
+
+    conns = [Connection(url, headers) for _ in range(concurrency)]
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(c) for c in conns))
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+    return Result(name, concurrency, len(payloads), time.perf_counter() - start, latencies, errors)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from learned_router.cli import app; app()", *args]
+
+
+def _wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[3:5]} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up in {timeout}s")
+
+
+async def measure(service: str, fake: str, route_n: int, chat_n: int, levels: tuple[int, ...]) -> list[Result]:
+    auth = {"Authorization": f"Bearer {BENCH_KEY}"}
+    results = []
+    warm = [{"model": "router", "messages": [{"role": "user", "content": p}]} for p in prompts(200)]
+    await load(f"{service}/v1/route", warm, 16, auth, "warmup")
+    for c in levels:
+        n = route_n if c > 1 else max(200, route_n // 4)
+        bodies = [{"model": "router", "messages": [{"role": "user", "content": p}]} for p in prompts(n)]
+        results.append(await load(f"{service}/v1/route", bodies, c, auth, "/v1/route"))
+    chat = [{"model": "router", "max_tokens": 64, "messages": [{"role": "user", "content": p}]} for p in prompts(chat_n)]
+    await load(f"{fake}/v1/chat/completions", chat[:50], 1, {}, "warmup")
+    await load(f"{service}/v1/chat/completions", chat[:50], 1, auth, "warmup")
+    results.append(await load(f"{fake}/v1/chat/completions", chat, 1, {}, "fake provider direct"))
+    results.append(await load(f"{service}/v1/chat/completions", chat, 1, auth, "chat via router"))
+    return results
+
+
+def table(results: list[Result]) -> str:
+    lines = [f"{'endpoint':<24} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"]
+    for r in results:
+        lines.append(f"{r.name:<24} {r.concurrency:>4} {r.n:>8} {r.rps:>8.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>6}")
+    direct = next((r for r in results if r.name == "fake provider direct"), None)
+    routed = next((r for r in results if r.name == "chat via router"), None)
+    if direct and routed:
+        lines.append(f"routing overhead at concurrency 1: p50 +{routed.pct(50) - direct.pct(50):.2f} ms, "
+                     f"p99 +{routed.pct(99) - direct.pct(99):.2f} ms")
+    return "\n".join(lines)
+
+
+def run(router: str = "models/default", route_requests: int = 2000, chat_requests: int = 500,
+        levels: tuple[int, ...] = (1, 16, 64), max_wait_ms: float = 0.0, threads: int = 1) -> str:
+    """Start a fake provider and the service, measure, stop them; returns the table."""
+    with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
+        tmp = Path(tmp)
+        fake_port, service_port = free_port(), free_port()
+        fake_url, service_url = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{service_port}"
+        provider = {"base_url": f"{fake_url}/v1", "context_window": 32768, "timeout_s": 30}
+        config = {
+            "router": {"path": str(router), "threads": threads, "max_wait_ms": max_wait_ms},
+            "providers": {
+                "strong": [{**provider, "name": "strong", "model": "gpt-4-1106-preview", "input_price_per_1m": 10, "output_price_per_1m": 30}],
+                "weak": [{**provider, "name": "weak", "model": "mixtral-8x7b", "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}],
+            },
+            "auth": {"keys_env": "ROUTER_BENCH_KEYS"},
+            "rate_limit": {"requests_per_minute": 0},
+        }
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+        env = {**os.environ, "ROUTER_BENCH_KEYS": BENCH_KEY, "HF_HUB_OFFLINE": "1"}
+        logs = {name: open(tmp / f"{name}.log", "w") for name in ("fake", "service")}
+        procs = [
+            subprocess.Popen(_cli("fake-provider", "--port", str(fake_port), "--name", "bench"), stdout=logs["fake"], stderr=subprocess.STDOUT, env=env),
+            subprocess.Popen(_cli("serve", "--config", str(tmp / "config.yaml"), "--port", str(service_port)),
+                             stdout=logs["service"], stderr=subprocess.STDOUT, env=env),
+        ]
+        try:
+            _wait_up(f"{fake_url}/v1/models", procs[0], tmp / "fake.log")
+            _wait_up(f"{service_url}/healthz", procs[1], tmp / "service.log")
+            results = asyncio.run(measure(service_url, fake_url, route_requests, chat_requests, levels))
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            for f in logs.values():
+                f.close()
+    return table(results)
