@@ -85,7 +85,7 @@ def service_config(strong: list[dict], weak: list[dict], **sections) -> dict:
         "circuit_breaker": {"failures": 3, "cooldown_s": 0.5},
         "auth": {"keys": [{"name": "test", "sha256": hash_key(CLIENT_KEY)},
                           {"name": "limited", "sha256": hash_key(OTHER_KEY), "requests_per_minute": 60}]},
-        "rate_limit": {"requests_per_minute": 100000, "burst": 1000},
+        "rate_limit": {"requests_per_minute": 100000, "burst": 50},
         "limits": {"max_body_bytes": 65536},
         "readiness": {"probe_timeout_s": 1, "cache_s": 0},
     }

@@ -164,7 +164,7 @@ def table(results: list[Result]) -> str:
 
 
 def run(router: str = "models/default", route_requests: int = 2000, chat_requests: int = 500,
-        levels: tuple[int, ...] = (1, 16, 64), max_wait_ms: float = 0.0, threads: int = 1) -> str:
+        levels: tuple[int, ...] = (1, 16, 64), max_wait_ms: float = 0.0, threads: int = 1, workers: int = 1) -> str:
     """Start a fake provider and the service, measure, stop them; returns the table."""
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         tmp = Path(tmp)
@@ -172,7 +172,7 @@ def run(router: str = "models/default", route_requests: int = 2000, chat_request
         fake_url, service_url = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{service_port}"
         provider = {"base_url": f"{fake_url}/v1", "context_window": 32768, "timeout_s": 30}
         config = {
-            "router": {"path": str(router), "threads": threads, "max_wait_ms": max_wait_ms},
+            "router": {"path": str(router), "threads": threads, "workers": workers, "max_wait_ms": max_wait_ms},
             "providers": {
                 "strong": [{**provider, "name": "strong", "model": "gpt-4-1106-preview", "input_price_per_1m": 10, "output_price_per_1m": 30}],
                 "weak": [{**provider, "name": "weak", "model": "mixtral-8x7b", "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}],
