@@ -302,6 +302,7 @@ def bench_serve(
     chat_requests: Annotated[int, typer.Option(min=50, max=5000, help="Chat requests for the overhead measurement.")] = 500,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Batcher wait for more prompts (router.max_wait_ms).")] = 0.0,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads (router.threads).")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Batches scored at once (router.workers).")] = 1,
 ):
     """Benchmark the service on 127.0.0.1: /v1/route throughput and latency at concurrency 1, 16, 64; routing overhead."""
     _serve_imports()
@@ -309,4 +310,4 @@ def bench_serve(
     from .serving.bench import run
 
     read_manifest(router)  # a clear error before anything starts
-    typer.echo(run(str(router), requests, chat_requests, max_wait_ms=max_wait_ms, threads=threads))
+    typer.echo(run(str(router), requests, chat_requests, max_wait_ms=max_wait_ms, threads=threads, workers=workers))
