@@ -102,8 +102,8 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
         stats["last_model"] = body.get("model")
         if state.latency_ms:
             await asyncio.sleep(state.latency_ms / 1000)
-        if state.mode == "hang":
-            await asyncio.sleep(3600)
+        while state.mode == "hang" and not await request.is_disconnected():
+            await asyncio.sleep(0.05)  # answers nothing until the caller hangs up or the mode changes
         if state.mode == "error" or (state.fail_rate and rng.random() < state.fail_rate):
             stats["errors"] += 1
             return _error(state.error_status, f"{state.name} is failing (simulated)")

@@ -1,0 +1,217 @@
+"""Failure handling end to end: providers break and heal mid-run; fallbacks, circuits, timeouts, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import openai
+import pytest
+
+from serving_fixtures import (CLIENT_KEY, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
+                              wait_for)
+
+pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+
+NAMES = ["strong-a", "strong-b", "weak-a", "weak-b"]
+MODELS = {"strong-a": "gpt-4-1106-preview", "strong-b": "gpt-4-backup", "weak-a": "mixtral-8x7b", "weak-b": "mixtral-backup"}
+COOLDOWN = 0.5
+USER = [{"role": "user", "content": "Summarise the causes of the first world war in two sentences."}]
+
+
+@pytest.fixture(scope="module")
+def stack():
+    fakes = {n: FakeProvider(name=n, model=MODELS[n]) for n in NAMES}
+    for f in fakes.values():
+        f.__enter__()
+    try:
+        entries = {n: provider_entry(n, fakes[n], None, MODELS[n], (10, 30) if n.startswith("strong") else (0.6, 0.6),
+                                     timeout_s=0.5, connect_timeout_s=0.5) for n in NAMES}
+        cfg = service_config([entries["strong-a"], entries["strong-b"]], [entries["weak-a"], entries["weak-b"]],
+                             circuit_breaker={"failures": 3, "cooldown_s": COOLDOWN})
+        with start_service(cfg) as service:
+            yield {"url": service.url, "fakes": fakes, "service": service.app.state.service}
+    finally:
+        for f in fakes.values():
+            f.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def healthy(stack):
+    """Every test starts with healthy providers, closed circuits and fresh provider stats."""
+    for f in stack["fakes"].values():
+        f.control(mode="ok", latency_ms=0, chunk_delay_ms=0, fail_rate=0, error_status=503, reset_stats=True)
+    for p in stack["service"].upstream.providers():
+        p.breaker.success()
+    yield
+
+
+@pytest.fixture
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+
+
+def requests_to(stack, name: str) -> int:
+    return stack["fakes"][name].stats()["requests"]
+
+
+def metric(stack, name: str, **labels) -> float:
+    text = httpx.get(stack["url"] + "/metrics").text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$", text, re.M) if labels else re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def weak_call(client):
+    return client.chat.completions.with_raw_response.create(model="router-0", messages=USER)
+
+
+def test_5xx_is_retried_then_the_next_provider_answers(client, stack):
+    stack["fakes"]["weak-a"].control(mode="error", error_status=500)
+    raw = weak_call(client)
+    assert raw.parse().model == MODELS["weak-b"]
+    assert raw.headers["x-router-provider"] == "weak-b" and raw.headers["x-router-fallbacks"] == "1"
+    assert requests_to(stack, "weak-a") == 2  # retry.attempts
+    assert metric(stack, "router_fallbacks_total", from_provider="weak-a", to_provider="weak-b") >= 1
+    assert metric(stack, "router_upstream_errors_total", kind="http_500", provider="weak-a") >= 2
+
+
+def test_circuit_opens_skips_the_provider_then_a_probe_closes_it(client, stack):
+    weak_a = stack["fakes"]["weak-a"]
+    weak_a.control(mode="error")
+    weak_call(client), weak_call(client)  # 2 + 1 failed attempts: the third opens the circuit
+    assert metric(stack, "router_circuit_state", provider="weak-a") == 2
+    seen = requests_to(stack, "weak-a")
+    for _ in range(3):
+        assert weak_call(client).headers["x-router-provider"] == "weak-b"
+    assert requests_to(stack, "weak-a") == seen  # skipped while open
+    assert metric(stack, "router_circuit_skips_total", provider="weak-a") >= 3
+
+    wait_for(lambda: metric(stack, "router_circuit_state", provider="weak-a") == 1)  # cool-down over: half-open
+    assert weak_call(client).headers["x-router-provider"] == "weak-b"  # the probe failed ...
+    assert requests_to(stack, "weak-a") == seen + 1  # ... after one try, no retry
+    assert metric(stack, "router_circuit_state", provider="weak-a") == 2  # ... and re-opened the circuit
+
+    weak_a.control(mode="ok")
+    wait_for(lambda: metric(stack, "router_circuit_state", provider="weak-a") == 1)
+    assert weak_call(client).headers["x-router-provider"] == "weak-a"  # the probe succeeded
+    assert metric(stack, "router_circuit_state", provider="weak-a") == 0
+
+
+def test_a_failed_tier_falls_back_to_the_other_tier(client, stack):
+    for n in ("weak-a", "weak-b"):
+        stack["fakes"][n].control(mode="error")
+    raw = weak_call(client)
+    assert raw.headers["x-router-tier"] == "weak"  # the decision ...
+    assert raw.parse().model == MODELS["strong-a"] and raw.headers["x-router-provider"] == "strong-a"  # ... who answered
+
+
+def test_everything_down_is_502_then_503_naming_each_provider(client, stack):
+    for f in stack["fakes"].values():
+        f.control(mode="error", error_status=503)
+    with pytest.raises(openai.APIStatusError) as e:
+        weak_call(client)
+    assert e.value.status_code == 502
+    body = e.value.response.json()["error"]
+    assert body["code"] == "upstream_failed" and body["type"] == "upstream_error"
+    for n in NAMES:
+        assert f"{n}: HTTP 503" in body["message"]
+    for _ in range(3):  # open every circuit
+        with pytest.raises(openai.APIStatusError):
+            weak_call(client)
+    with pytest.raises(openai.APIStatusError) as e:
+        weak_call(client)
+    assert e.value.status_code == 503 and e.value.response.json()["error"]["code"] == "no_provider_available"
+    assert "circuit open" in e.value.response.json()["error"]["message"]
+    assert httpx.get(stack["url"] + "/readyz").status_code == 503
+
+
+def test_a_hanging_provider_times_out_and_the_next_answers(client, stack):
+    stack["fakes"]["weak-a"].control(mode="hang")
+    raw = weak_call(client)
+    assert raw.headers["x-router-provider"] == "weak-b"
+    assert metric(stack, "router_upstream_errors_total", kind="timeout", provider="weak-a") >= 1
+
+
+def test_connection_refused_falls_back(client, stack):
+    svc = stack["service"]
+    weak_a = svc.upstream.chains["weak"][0]
+    real = weak_a.config
+    weak_a.config = real.model_copy(update={"base_url": "http://127.0.0.1:9/v1"})  # nothing listens on port 9
+    try:
+        assert weak_call(client).headers["x-router-provider"] == "weak-b"
+        assert metric(stack, "router_upstream_errors_total", kind="connect", provider="weak-a") >= 1
+    finally:
+        weak_a.config = real
+
+
+def test_429_honours_a_short_retry_after_and_skips_on_a_long_one(client, stack):
+    weak_a = stack["fakes"]["weak-a"]
+    weak_a.control(mode="429", retry_after=0.2)  # <= retry.max_retry_after_s: wait, retry
+    assert weak_call(client).headers["x-router-provider"] == "weak-b"
+    assert requests_to(stack, "weak-a") == 2
+    stack["service"].upstream.chains["weak"][0].breaker.success()
+    weak_a.control(mode="429", retry_after=30, reset_stats=True)  # longer: move on at once
+    assert weak_call(client).headers["x-router-provider"] == "weak-b"
+    assert requests_to(stack, "weak-a") == 1
+
+
+def test_streams_fall_back_before_their_first_chunk(client, stack):
+    stack["fakes"]["weak-a"].control(mode="error")
+    chunks = list(client.chat.completions.create(model="router-0", messages=USER, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("[weak-b]")
+
+
+def test_a_stream_that_stalls_mid_way_ends_with_an_error_event(client, stack):
+    stack["fakes"]["weak-a"].control(mode="stall", stall_after_chunks=2)
+    stream = client.chat.completions.create(model="router-0", messages=USER, stream=True)
+    got = []
+    with pytest.raises(openai.APIError, match="failed mid-stream"):
+        for chunk in stream:
+            got.append(chunk)
+    assert got and got[0].model == MODELS["weak-a"]
+    assert metric(stack, "router_upstream_errors_total", kind="stream_interrupted", provider="weak-a") >= 1
+    wait_for(lambda: stack["fakes"]["weak-a"].stats()["streams_aborted"] == 1)  # the stalled upstream was closed
+
+
+def test_a_client_disconnect_mid_stream_cancels_the_upstream_request(stack):
+    weak_a = stack["fakes"]["weak-a"]
+    weak_a.control(chunk_delay_ms=300)
+    body = {"model": "router-0", "messages": USER, "stream": True}
+    with httpx.Client(timeout=10) as http:
+        with http.stream("POST", stack["url"] + "/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first event arrived; now hang up
+    wait_for(lambda: weak_a.stats()["streams_aborted"] == 1)
+    assert weak_a.stats()["streams_completed"] == 0
+
+
+def test_no_accepted_request_is_lost_while_providers_break_and_heal(stack):
+    fakes = stack["fakes"]
+
+    async def chaos():
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(fakes["weak-a"].control, mode="error")
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(fakes["weak-b"].control, fail_rate=0.5)
+        await asyncio.to_thread(fakes["strong-a"].control, mode="hang")
+        await asyncio.sleep(0.3)
+        for f in fakes.values():
+            await asyncio.to_thread(f.heal)
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=stack["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30) as c:
+            async def one(i):
+                await asyncio.sleep(i * 0.01)
+                return await c.chat.completions.create(model="router-0" if i % 3 else "router-1",
+                                                       messages=[{"role": "user", "content": f"question {i}"}])
+            results = await asyncio.gather(chaos(), *(one(i) for i in range(60)), return_exceptions=True)
+            return results[1:]
+
+    results = asyncio.run(main())
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures[:3]
+    assert {r.model for r in results} >= {MODELS["weak-b"]}  # some had to fall back
+    assert metric(stack, "router_upstream_errors_total", kind="http_503", provider="weak-a") >= 1
