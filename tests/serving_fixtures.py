@@ -23,6 +23,12 @@ PROVIDER_KEYS = {"TEST_STRONG_A_KEY": "sk-prov-strong-a-SECRET", "TEST_STRONG_B_
                  "TEST_WEAK_A_KEY": "sk-prov-weak-a-SECRET", "TEST_WEAK_B_KEY": "sk-prov-weak-b-SECRET"}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServerThread:
     """An ASGI app served by uvicorn in a thread, on a free 127.0.0.1 port."""
 

@@ -1,0 +1,133 @@
+"""The service commands and config files: one-line errors, the example config, a real `serve` process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from learned_router.cli import app
+from learned_router.serving.app import Service
+from learned_router.serving.config import load_config, parse_config
+from serving_fixtures import ROOT, ROUTER_DIR, FakeProvider, free_port, wait_for
+
+needs_router = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+EXAMPLE = ROOT / "serving" / "config.example.yaml"
+runner = CliRunner()
+
+
+def example(**router) -> dict:
+    cfg = yaml.safe_load(EXAMPLE.read_text())
+    cfg["router"].update(path=str(ROUTER_DIR), **router)
+    return cfg
+
+
+def write(tmp_path, cfg: dict):
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def serve_error(args: list[str], env: dict | None = None) -> str:
+    result = runner.invoke(app, ["serve", *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_the_example_config_is_valid():
+    cfg = load_config(EXAMPLE)
+    assert [p.model for p in cfg.providers.strong] == ["gpt-4-1106-preview"]
+    assert cfg.providers.strong[0].input_price_per_1m == 10 and cfg.providers.weak[0].output_price_per_1m == 0.6
+    assert cfg.providers.strong[0].api_key_env == "STRONG_API_KEY"
+
+
+def test_bad_configs_are_one_line_errors_naming_the_key(tmp_path):
+    assert "config file not found" in serve_error(["--config", str(tmp_path / "none.yaml")])
+    (tmp_path / "broken.yaml").write_text("router: [unclosed\n")
+    assert "not valid YAML" in serve_error(["--config", str(tmp_path / "broken.yaml")])
+    cfg = example()
+    cfg["providers"]["strong"][0]["base_url"] = "localhost:9001"
+    assert "providers.strong[0].base_url: must be an http(s) URL" in serve_error(["--config", str(write(tmp_path, cfg))])
+
+
+def test_missing_key_variable_and_router_folder_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRONG_API_KEY", "x")
+    monkeypatch.setenv("WEAK_API_KEY", "y")
+    cfg = example()
+    cfg["router"]["path"] = str(tmp_path / "no-router")
+    assert "router folder not found" in serve_error(["--config", str(write(tmp_path, cfg))])
+    if not (ROUTER_DIR / "router.json").is_file():
+        return
+    monkeypatch.delenv("WEAK_API_KEY")
+    msg = serve_error(["--config", str(write(tmp_path, example()))])
+    assert "providers.weak[0].api_key_env: environment variable WEAK_API_KEY is not set" in msg
+
+
+@needs_router
+def test_strong_fraction_resolves_through_the_calibration_table(monkeypatch):
+    monkeypatch.setenv("STRONG_API_KEY", "x")
+    monkeypatch.setenv("WEAK_API_KEY", "y")
+    cfg = example()
+    service = Service(parse_config(cfg))
+    assert service.threshold == pytest.approx(service.router.manifest.threshold_for(0.5))
+    cfg["routing"] = {"threshold": 0.123}
+    assert Service(parse_config(cfg), router=service.router).threshold == 0.123
+    cfg["routing"] = {}
+    assert Service(parse_config(cfg), router=service.router).threshold == service.router.default_threshold
+
+
+@needs_router
+def test_serve_command_runs_the_service(tmp_path):
+    """`learned-router serve` as users run it: a subprocess with the example config on free ports."""
+    keys = {"STRONG_API_KEY": "sk-prov-strong-cli-SECRET", "WEAK_API_KEY": "sk-prov-weak-cli-SECRET"}
+    with FakeProvider(name="strong", model="gpt-4-1106-preview", api_key=keys["STRONG_API_KEY"]) as strong, \
+         FakeProvider(name="weak", model="mixtral", api_key=keys["WEAK_API_KEY"]) as weak:
+        cfg = example()
+        cfg["providers"]["strong"][0]["base_url"] = strong.base_url
+        cfg["providers"]["weak"][0]["base_url"] = weak.base_url
+        port = free_port()
+        env = {**os.environ, **keys, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen([sys.executable, "-c", "from learned_router.cli import app; app()", "serve",
+                                 "--config", str(write(tmp_path, cfg)), "--port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+
+            def up():
+                if proc.poll() is not None:
+                    raise AssertionError(proc.stdout.read())
+                try:
+                    return httpx.get(url + "/readyz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(up, timeout=60, interval=0.1)
+            c = openai.OpenAI(base_url=url + "/v1", api_key="sk-router-demo", max_retries=0)
+            r = c.chat.completions.with_raw_response.create(model="router-1", messages=[{"role": "user", "content": "hi"}])
+            assert r.parse().model == "gpt-4-1106-preview" and r.headers["x-router-tier"] == "strong"
+        finally:
+            proc.terminate()
+            out, _ = proc.communicate(timeout=20)
+        assert "chat id=" in out and "POST /v1/chat/completions" in out
+        assert "SECRET" not in out and "sk-router-demo" not in out
+
+
+def test_fake_provider_command_rejects_a_bad_mode():
+    result = runner.invoke(app, ["fake-provider", "--mode", "explode"])
+    assert result.exit_code == 2 and "--mode" in result.output
+
+
+def test_the_service_never_imports_torch():
+    code = ("import sys, learned_router.serving.app, learned_router.serving.bench, learned_router.serving.fake_provider; "
+            "bad = [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
