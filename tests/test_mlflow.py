@@ -12,7 +12,7 @@ def test_run_is_in_the_tracking_server(trained):
     assert p["encoder"] == "all-MiniLM-L6-v2" and len(p["data_routellm_gsm8k_sha256"]) == 16
     m = run.data.metrics
     assert m["test_auc"] == trained["manifest"].metrics["test_auc"]
-    assert 0 <= m["parity_int8_max_abs_diff"] < 0.05
+    assert 0 <= m["parity_int8_max_abs_diff"] < 0.15 and m["parity_int8_decision_agreement"] >= 0.95
     history = client.get_metric_history(run.info.run_id, "val_auc")
     assert len(history) >= 2 and [h.step for h in history] == sorted(h.step for h in history)
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == len(history)

@@ -39,9 +39,10 @@ def test_exported_graph_matches_torch(trained):
     fp32 = Router(folder, variant="fp32").score(prompts)
     int8 = Router(folder, variant="int8").score(prompts)
     assert np.max(np.abs(fp32 - reference)) < 1e-4
-    assert np.max(np.abs(int8 - reference)) < 0.05
+    assert np.max(np.abs(int8 - reference)) < 0.15
     m = trained["manifest"]
-    assert m.parity["fp32_max_abs_diff"] < 1e-4 and m.parity["int8_max_abs_diff"] < 0.05
+    assert m.parity["fp32_max_abs_diff"] < 1e-4 and m.parity["fp32_decision_agreement"] == 1.0
+    assert m.parity["int8_max_abs_diff"] < 0.15 and m.parity["int8_decision_agreement"] >= 0.95
 
 
 def test_head_training_is_seeded():

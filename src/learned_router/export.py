@@ -20,8 +20,11 @@ from .manifest import (
 )
 
 TRAINING_FILE = "training.json"
-# Probabilities of the exported graph must stay this close to the torch model's, or nothing is written.
-TOLERANCE = {"fp32": 1e-3, "int8": 0.05}
+# The exported graph must stay this close to the torch model on the probe prompts, or nothing is written.
+# fp32 must match to float noise. int8's dynamic quantisation moves the sentence embedding by ~0.1 (L2) and a
+# sharp head by up to ~0.1 in probability; what matters there is the routing decision, so int8 is held to
+# decision agreement at the default threshold, with a bound on |dp| that still catches a broken export.
+TOLERANCE = {"fp32": {"max_abs_diff": 1e-3, "decision_agreement": 1.0}, "int8": {"max_abs_diff": 0.15, "decision_agreement": 0.95}}
 PROBES = [
     "What is 2+2?",
     "hi",
@@ -156,11 +159,16 @@ def export_into(folder: Path, checkpoint: Path, variants: list[str], probes: lis
     t = manifest.default_threshold
     for v in variants:
         p = Router(folder, variant=v).score(probes)
-        drift = float(np.max(np.abs(p - reference)))
-        manifest.parity[f"{v}_max_abs_diff"] = drift
-        manifest.parity[f"{v}_decision_agreement"] = float(np.mean((p >= t) == (reference >= t)))
-        if drift > TOLERANCE[v]:
-            raise ExportError(f"{v} export drifts from the torch model by {drift:.4f} (tolerance {TOLERANCE[v]}); nothing written")
+        measured = {"max_abs_diff": float(np.max(np.abs(p - reference))),
+                    "mean_abs_diff": float(np.mean(np.abs(p - reference))),
+                    "decision_agreement": float(np.mean((p >= t) == (reference >= t)))}
+        manifest.parity |= {f"{v}_{k}": x for k, x in measured.items()}
+        tol = TOLERANCE[v]
+        if measured["max_abs_diff"] > tol["max_abs_diff"] or measured["decision_agreement"] < tol["decision_agreement"]:
+            raise ExportError(
+                f"{v} export disagrees with the torch model on {len(probes)} probe prompts: max |dp| "
+                f"{measured['max_abs_diff']:.4f} (tolerance {tol['max_abs_diff']}), decision agreement "
+                f"{measured['decision_agreement']:.4f} (at least {tol['decision_agreement']}); nothing written")
     manifest.parity["probes"] = len(probes)
     manifest.parity.update({f"fused_{k}": float(n) for k, n in fused_ops.items()})
     manifest.write(folder)

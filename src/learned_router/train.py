@@ -150,7 +150,7 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
                         "fingerprint": enc.fingerprint},
             "default_threshold": default_threshold, "data": prints, "metrics": metrics, "spec": asdict(spec),
         })
-        manifest = export_into(folder, checkpoint, spec.variants, probes=df["prompt"].iloc[parts["val"][:64]].tolist())
+        manifest = export_into(folder, checkpoint, spec.variants, probes=df["prompt"].iloc[parts["val"][:256]].tolist())
         mlflow.log_metrics({**metrics, **{f"parity_{k}": v for k, v in manifest.parity.items()}})
         mlflow.log_dict(json.loads(manifest.model_dump_json()), "router.json")
     mlflow.MlflowClient().log_artifacts(run.info.run_id, str(spec.out), artifact_path="router")
