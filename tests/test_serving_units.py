@@ -133,6 +133,18 @@ def test_rate_limiter_bursts_then_refills_per_key():
     assert RateLimiter(0, 1).take("x") is None  # 0: unlimited
 
 
+def test_rate_limiter_forgets_full_buckets_of_many_clients():
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=60, burst=1, clock=clock)
+    rl.max_clients = 100
+    for i in range(101):
+        rl.take(f"addr:{i}")
+    assert rl.take("addr:0") is not None  # still remembered: its bucket is empty
+    clock.t = 5.0  # every bucket has refilled
+    rl.take("new")
+    assert len(rl._buckets) == 1
+
+
 def test_retry_after_accepts_seconds_and_dates():
     assert retry_after_seconds("3") == 3.0
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None

@@ -17,7 +17,12 @@ bearer = HTTPBearer(auto_error=False, description="A client key of this router (
 
 
 class RateLimiter:
-    """A token bucket per client: `burst` requests at once, refilled at requests_per_minute / 60 per second."""
+    """A token bucket per client: `burst` requests at once, refilled at requests_per_minute / 60 per second.
+
+    Full buckets are forgotten when there are more than `max_clients` (clients told apart by address).
+    """
+
+    max_clients = 10_000
 
     def __init__(self, requests_per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic):
         self.requests_per_minute = requests_per_minute
@@ -31,6 +36,8 @@ class RateLimiter:
         if rate <= 0:
             return None
         now = self._clock()
+        if len(self._buckets) > self.max_clients:
+            self._forget_full(now, rate)
         tokens, last = self._buckets.get(client, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * rate)
         if tokens >= 1.0:
@@ -38,6 +45,9 @@ class RateLimiter:
             return None
         self._buckets[client] = (tokens, now)
         return (1.0 - tokens) / rate
+
+    def _forget_full(self, now: float, rate: float) -> None:
+        self._buckets = {c: (t, last) for c, (t, last) in self._buckets.items() if t + (now - last) * rate < self.burst}
 
 
 async def authenticate(
