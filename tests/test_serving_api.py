@@ -25,6 +25,7 @@ def stack():
         cfg = service_config(
             [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30), context_window=128000)],
             [provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6), context_window=2000)],
+            circuit_breaker={"failures": 3, "cooldown_s": 60},
         )
         with start_service(cfg) as service:
             yield {"url": service.url, "strong": strong, "weak": weak, "service": service}
@@ -167,7 +168,7 @@ def test_auth_is_required(stack):
 
 def test_rate_limit_per_key_with_retry_after(stack):
     body = {"model": "router-1", "messages": user()}
-    codes = [httpx.post(stack["url"] + "/v1/route", json=body, headers=auth(OTHER_KEY)) for _ in range(60)]
+    codes = [httpx.post(stack["url"] + "/v1/route", json=body, headers=auth(OTHER_KEY)) for _ in range(70)]
     limited = [r for r in codes if r.status_code == 429]
     assert codes[0].status_code == 200 and len(limited) >= 5, "the limited key (60/min, burst 50) is refused after its burst"
     assert int(limited[0].headers["retry-after"]) >= 1 and limited[0].json()["error"]["type"] == "rate_limit_error"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import httpx
 import openai
@@ -27,7 +28,7 @@ def stack():
         f.__enter__()
     try:
         entries = {n: provider_entry(n, fakes[n], None, MODELS[n], (10, 30) if n.startswith("strong") else (0.6, 0.6),
-                                     timeout_s=0.5, connect_timeout_s=0.5) for n in NAMES}
+                                     timeout_s=1.0, connect_timeout_s=1.0) for n in NAMES}
         cfg = service_config([entries["strong-a"], entries["strong-b"]], [entries["weak-a"], entries["weak-b"]],
                              circuit_breaker={"failures": 3, "cooldown_s": COOLDOWN})
         with start_service(cfg) as service:
@@ -45,6 +46,27 @@ def healthy(stack):
     for p in stack["service"].upstream.providers():
         p.breaker.success()
     yield
+
+
+class ManualClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def frozen(stack):
+    """The service's circuit breakers read this clock: cool-downs pass only when a test moves it."""
+    clock = ManualClock()
+    providers = stack["service"].upstream.providers()
+    for p in providers:
+        p.breaker._clock = clock
+    yield clock
+    for p in providers:
+        p.breaker._clock = time.monotonic
+        p.breaker.success()
 
 
 @pytest.fixture
@@ -77,7 +99,7 @@ def test_5xx_is_retried_then_the_next_provider_answers(client, stack):
     assert metric(stack, "router_upstream_errors_total", kind="http_500", provider="weak-a") >= 2
 
 
-def test_circuit_opens_skips_the_provider_then_a_probe_closes_it(client, stack):
+def test_circuit_opens_skips_the_provider_then_a_probe_closes_it(client, stack, frozen):
     weak_a = stack["fakes"]["weak-a"]
     weak_a.control(mode="error")
     weak_call(client), weak_call(client)  # 2 + 1 failed attempts: the third opens the circuit
@@ -88,13 +110,14 @@ def test_circuit_opens_skips_the_provider_then_a_probe_closes_it(client, stack):
     assert requests_to(stack, "weak-a") == seen  # skipped while open
     assert metric(stack, "router_circuit_skips_total", provider="weak-a") >= 3
 
-    wait_for(lambda: metric(stack, "router_circuit_state", provider="weak-a") == 1)  # cool-down over: half-open
+    frozen.t += COOLDOWN  # cool-down over: half-open
+    assert metric(stack, "router_circuit_state", provider="weak-a") == 1
     assert weak_call(client).headers["x-router-provider"] == "weak-b"  # the probe failed ...
     assert requests_to(stack, "weak-a") == seen + 1  # ... after one try, no retry
     assert metric(stack, "router_circuit_state", provider="weak-a") == 2  # ... and re-opened the circuit
 
     weak_a.control(mode="ok")
-    wait_for(lambda: metric(stack, "router_circuit_state", provider="weak-a") == 1)
+    frozen.t += COOLDOWN
     assert weak_call(client).headers["x-router-provider"] == "weak-a"  # the probe succeeded
     assert metric(stack, "router_circuit_state", provider="weak-a") == 0
 
@@ -107,7 +130,7 @@ def test_a_failed_tier_falls_back_to_the_other_tier(client, stack):
     assert raw.parse().model == MODELS["strong-a"] and raw.headers["x-router-provider"] == "strong-a"  # ... who answered
 
 
-def test_everything_down_is_502_then_503_naming_each_provider(client, stack):
+def test_everything_down_is_502_then_503_naming_each_provider(client, stack, frozen):
     for f in stack["fakes"].values():
         f.control(mode="error", error_status=503)
     with pytest.raises(openai.APIStatusError) as e:

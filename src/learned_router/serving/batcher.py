@@ -91,6 +91,6 @@ class ScoreBatcher:
             if not isinstance(e, Exception):
                 raise
             return
-        for (_, fut), s in zip(batch, scores):
+        for (_, fut), s in zip(batch, scores, strict=True):
             if not fut.done():
                 fut.set_result(float(s))

@@ -60,7 +60,7 @@ class ProviderConfig(Strict):
         return _env_name(v)
 
     @model_validator(mode="after")
-    def _default_name(self) -> "ProviderConfig":
+    def _default_name(self) -> ProviderConfig:
         if not self.name:
             object.__setattr__(self, "name", self.model)
         return self
@@ -95,7 +95,7 @@ class RoutingConfig(Strict):
     fallback_to_other_tier: bool = True  # when a whole tier fails, try the other one
 
     @model_validator(mode="after")
-    def _one_threshold(self) -> "RoutingConfig":
+    def _one_threshold(self) -> RoutingConfig:
         if self.threshold is not None and self.strong_fraction is not None:
             raise ValueError("set threshold or strong_fraction, not both")
         return self
@@ -140,7 +140,7 @@ class AuthConfig(Strict):
         return _env_name(v)
 
     @model_validator(mode="after")
-    def _some_key(self) -> "AuthConfig":
+    def _some_key(self) -> AuthConfig:
         if self.enabled and not self.keys and not self.keys_env:
             raise ValueError("auth is enabled but no client keys are configured: add keys or keys_env, or set enabled: false")
         return self

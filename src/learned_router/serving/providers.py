@@ -159,7 +159,7 @@ class Upstream:
 
     @classmethod
     def build(cls, providers, keys: dict[str, str | None], retry: RetryConfig, circuit: CircuitConfig, metrics: Metrics,
-              fallback_to_other_tier: bool = True) -> "Upstream":
+              fallback_to_other_tier: bool = True) -> Upstream:
         chains = {
             tier: [Provider(c, tier, keys[c.name], CircuitBreaker(circuit.failures, circuit.cooldown_s)) for c in getattr(providers, tier)]
             for tier in ("strong", "weak")
@@ -303,4 +303,4 @@ class Upstream:
 
         providers = self.providers()
         results = await asyncio.gather(*(probe(p) for p in providers))
-        return {p.name: ok for p, ok in zip(providers, results)}
+        return {p.name: ok for p, ok in zip(providers, results, strict=True)}
