@@ -241,3 +241,10 @@ def test_logs_never_hold_keys_or_prompts(client, stack, caplog):
     assert "chat id=" in text  # the service does log each request
     for forbidden in [secret, "zebra", CLIENT_KEY, "sk-wrong-key-in-log", *PROVIDER_KEYS.values()]:
         assert forbidden not in text
+
+
+def test_cutting_a_huge_prompt_leaves_its_score_unchanged(stack):
+    text = "Please review this log and tell me what failed. " + "step ok; " * 5000  # ~45k characters
+    r = httpx.post(stack["url"] + "/v1/route", json={"model": "router", "messages": user(text)}, headers=auth())
+    full = stack["service"].app.state.service.router.score([text])[0]  # the whole text, uncut
+    assert r.json()["score"] == pytest.approx(float(full), abs=1e-6)

@@ -13,7 +13,7 @@ from learned_router.serving.batcher import ScoreBatcher
 from learned_router.serving.config import ConfigError, hash_key, parse_config
 from learned_router.serving.errors import APIError
 from learned_router.serving.providers import CircuitBreaker, retry_after_seconds
-from learned_router.serving.routing import Message, decide, estimate_tokens, parse_request, requested_threshold, scored_text
+from learned_router.serving.routing import MAX_SCORED_CHARS, Message, decide, estimate_tokens, parse_request, requested_threshold, scored_text
 
 
 class Clock:
@@ -41,6 +41,11 @@ def test_scored_turn_is_configurable_and_defaults_to_the_last_user_turn():
     with pytest.raises(APIError) as e:
         scored_text(msgs(("system", "only a system prompt")), "last_user")
     assert e.value.status == 400 and e.value.param == "messages"
+
+
+def test_scored_text_is_cut_where_the_router_stops_reading():
+    long = "word " * 20000
+    assert len(scored_text(msgs(("user", long)), "last_user")) == MAX_SCORED_CHARS
 
 
 def test_token_estimate_counts_every_message():
