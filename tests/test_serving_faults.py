@@ -108,6 +108,9 @@ def test_circuit_opens_skips_the_provider_then_a_probe_closes_it(client, stack, 
     for _ in range(3):
         assert weak_call(client).headers["x-router-provider"] == "weak-b"
     assert requests_to(stack, "weak-a") == seen  # skipped while open
+    route = httpx.post(stack["url"] + "/v1/route", json={"model": "router-0", "messages": USER},
+                       headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+    assert route["provider"] == "weak-b" and route["upstream_model"] == MODELS["weak-b"]
     assert metric(stack, "router_circuit_skips_total", provider="weak-a") >= 3
 
     frozen.t += COOLDOWN  # cool-down over: half-open

@@ -82,9 +82,15 @@ class Service:
         self.metrics.decisions.labels(decision.tier, decision.reason_code).inc()
         return decision
 
+    def expected_provider(self, d: RouteDecision) -> Provider:
+        """The provider of the decided tier that will most likely answer: the first that fits and is not open."""
+        chain = self.upstream.chains[d.tier]
+        need = d.prompt_tokens + (d.output_tokens or 0)
+        return next((p for p in chain if p.config.context_window >= need and p.breaker.state != "open"), chain[0])
+
     def estimated_cost(self, d: RouteDecision) -> float:
         out = d.output_tokens if d.output_tokens is not None else self.config.routing.assumed_output_tokens
-        return self.upstream.chains[d.tier][0].config.cost_usd(d.prompt_tokens, out)
+        return self.expected_provider(d).config.cost_usd(d.prompt_tokens, out)
 
     def account(self, provider: Provider, prompt_tokens: float, completion_tokens: float) -> float:
         cfg = provider.config
@@ -243,7 +249,7 @@ def create_app(service: Service) -> FastAPI:
         """The routing decision alone: the tier, its score and threshold, why, and the estimated cost."""
         req, _ = parse_request(await request.body())
         d = await service.route(req)
-        first = service.upstream.chains[d.tier][0].config
+        first = service.expected_provider(d).config
         return {
             "model": d.tier, "upstream_model": first.model, "provider": first.name,
             "score": d.p_weak, "threshold": d.threshold, "reason": d.reason, "reason_code": d.reason_code,
