@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
 
 import anyio
 import httpx
@@ -25,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..scorer import Router
 from .auth import RateLimiter, rate_limited
 from .batcher import ScoreBatcher
-from .config import ClientKey, ServiceConfig, load_config
+from .config import ServiceConfig, load_config
 from .errors import APIError, ConfigError, error_body
 from .metrics import Metrics
 from .providers import AllProvidersFailed, Provider, Reply, Upstream
@@ -34,7 +33,7 @@ from .routing import ROUTER_MODEL, ChatRequest, RouteDecision, decide, estimate_
 log = logging.getLogger("learned_router.serving")
 CONFIG_ENV = "LEARNED_ROUTER_CONFIG"
 ENDPOINTS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/healthz", "/readyz", "/metrics"}
-Client = Annotated[ClientKey | None, Depends(rate_limited)]
+AUTHORIZED = [Depends(rate_limited)]  # a valid client key within its rate limit
 
 
 class Service:
@@ -45,12 +44,13 @@ class Service:
 
     def __init__(self, config: ServiceConfig, router=None):
         self.config = config
+        self.client_keys = config.client_keys() if config.auth.enabled else {}
+        provider_keys = config.provider_keys()  # before the slow part: a missing key variable fails at once
         self.router = router if router is not None else Router.load(config.router.path, threads=config.router.threads)
         self.threshold = resolve_threshold(config, self.router)
-        self.client_keys = config.client_keys() if config.auth.enabled else {}
         self.metrics = Metrics()
         self.upstream = Upstream.build(
-            config.providers, config.provider_keys(), config.retry, config.circuit_breaker, self.metrics,
+            config.providers, provider_keys, config.retry, config.circuit_breaker, self.metrics,
             config.routing.fallback_to_other_tier,
         )
         self.batcher = ScoreBatcher(self.router.score, config.router.max_batch, config.router.max_wait_ms / 1000,
@@ -244,8 +244,8 @@ def create_app(service: Service) -> FastAPI:
         log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
         return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
-    @app.post("/v1/route")
-    async def route(request: Request, client: Client) -> dict:
+    @app.post("/v1/route", dependencies=AUTHORIZED)
+    async def route(request: Request) -> dict:
         """The routing decision alone: the tier, its score and threshold, why, and the estimated cost."""
         req, _ = parse_request(await request.body())
         d = await service.route(req)
@@ -256,8 +256,8 @@ def create_app(service: Service) -> FastAPI:
             "estimated_prompt_tokens": d.prompt_tokens, "estimated_cost_usd": service.estimated_cost(d),
         }
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, client: Client):
+    @app.post("/v1/chat/completions", dependencies=AUTHORIZED)
+    async def chat_completions(request: Request):
         """Route, then forward to the chosen tier's providers (with fallbacks); streams pass through as SSE."""
         request_id = uuid.uuid4().hex[:16]
         req, body = parse_request(await request.body())
@@ -283,8 +283,8 @@ def create_app(service: Service) -> FastAPI:
         return StreamingResponse(relay(service, reply, d, request_id, wants_usage), media_type="text/event-stream",
                                  headers=headers | {"Cache-Control": "no-cache"})
 
-    @app.get("/v1/models")
-    async def models(client: Client) -> dict:
+    @app.get("/v1/models", dependencies=AUTHORIZED)
+    async def models() -> dict:
         return {"object": "list", "data": [{"id": ROUTER_MODEL, "object": "model", "created": 0, "owned_by": "learned-router"}]}
 
     @app.get("/healthz")
