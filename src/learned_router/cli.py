@@ -211,6 +211,40 @@ def bench(
 
 # ---- commands (evals) -------------------------------------------------------------------------
 
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    data: Annotated[Path, typer.Option(help="A graded benchmark (long format: prompt_id, prompt, model, score).")],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json, frontier.png and table.md.")],
+    router: Annotated[Path, typer.Option(help="Router folder (with its checkpoint/).")] = Path("models/default"),
+    strong: Annotated[str, typer.Option(help="The strong model, as the benchmark (or the pair map) names it.")] = "gpt-4-1106-preview",
+    weak: Annotated[str, typer.Option(help="The weak model.")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    prices: Annotated[Optional[Path], typer.Option(help="YAML of $ per 1M input/output tokens per model (evals/prices.yaml).")] = None,
+    folds: Annotated[int, typer.Option(help="Folds when the benchmark overlaps the router's training data.")] = 5,
+    by: Annotated[str, typer.Option(help="Cross-validation groups: prompt, or category (e.g. MMLU subject: out of domain).")] = "prompt",
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where the router's training files are, if not where it was trained.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Benchmark name in the outputs (default: the file name).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router-evals",
+):
+    """Evaluate a router on a benchmark: the cost-quality frontier, APGR/CPT/cost, baselines; logged to MLflow."""
+    import mlflow
+
+    from .evals.protocol import run_eval
+    from .tracking import start_run
+
+    with start_run(experiment, name or data.stem):
+        result = run_eval(router, data, strong, weak, out, prices=prices, folds=folds, by=by, data_dir=data_dir, name=name)
+        m = result.report["scorers"]
+        mlflow.log_params({"router": str(router), "data": str(data), "strong": strong, "weak": weak, "folds": folds, "by": by,
+                           "prompts": result.n_prompts})
+        mlflow.log_metrics({f"{k}_{name.replace(' ', '_')}": v for name, s in m.items() for k, v in s.items()
+                            if k in ("apgr", "apgr_routellm", "cpt50", "cpt80", "cost_saving", "roc_auc") and v is not None})
+        mlflow.log_artifacts(str(out))
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"written to {out}")
+
+
 # ---- commands (service) -----------------------------------------------------------------------
 
 

@@ -42,6 +42,13 @@ class TrainSpec:
     overwrite: bool = False
 
 
+def spec_from(info: dict) -> TrainSpec:
+    """The TrainSpec recorded in a checkpoint's training.json."""
+    s = dict(info["spec"])
+    return TrainSpec(**{**s, "out": Path(s["out"]), "policy": LabelPolicy(**s["policy"]), "head": HeadConfig(**s["head"]),
+                        "fit": FitConfig(**s["fit"])})
+
+
 def load_data(spec: TrainSpec) -> tuple[pd.DataFrame, list[dict]]:
     sources = []
     for path in spec.data:
@@ -148,7 +155,7 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
             "name": name, "strong": spec.strong, "weak": spec.weak, "label_policy": spec.policy.model_dump(),
             "encoder": {"name": enc.name, "path": spec.encoder, "max_seq_length": enc.max_seq_length, "dim": x.shape[1],
                         "fingerprint": enc.fingerprint},
-            "default_threshold": default_threshold, "data": prints, "metrics": metrics, "spec": asdict(spec),
+            "default_threshold": default_threshold, "data": prints, "metrics": metrics, "spec": {**asdict(spec), "out": str(spec.out), "policy": spec.policy.model_dump()},
         })
         manifest = export_into(folder, checkpoint, spec.variants, probes=df["prompt"].iloc[parts["val"][:256]].tolist())
         mlflow.log_metrics({**metrics, **{f"parity_{k}": v for k, v in manifest.parity.items()}})
