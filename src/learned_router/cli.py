@@ -245,6 +245,18 @@ def eval_cmd(
     typer.echo(f"written to {out}")
 
 
+@app.command()
+@user_errors
+def report(
+    config: Annotated[Path, typer.Option(help="Benchmark suite YAML.")] = Path("evals/benchmarks.yaml"),
+    out: Annotated[Path, typer.Option(help="Folder for RESULTS.md and results/<benchmark>/.")] = Path("evals"),
+):
+    """Run every benchmark of a suite and regenerate RESULTS.md (tables, frontier plots, RouteLLM's numbers)."""
+    from .evals.results import load_suite, write_results
+
+    typer.echo(f"written {write_results(load_suite(config), out)}")
+
+
 # ---- commands (service) -----------------------------------------------------------------------
 
 

@@ -90,7 +90,7 @@ def fit_head(
     gen = torch.Generator().manual_seed(cfg.seed)
     best = {"val_auc": -1.0, "epoch": -1}
     best_state = copy.deepcopy(head.state_dict())
-    bar = tqdm(range(cfg.epochs), desc="training head", unit="epoch")
+    bar = tqdm(range(cfg.epochs), desc="training head", unit="epoch", disable=None)  # no bar when not a terminal
     for epoch in bar:
         head.train()
         perm, total = torch.randperm(len(xt), generator=gen), 0.0

@@ -1,0 +1,82 @@
+"""`learned-router eval` on real benchmark slices: unseen prompts only, baselines on the same prompts, clear errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import STRONG, WEAK
+from learned_router.errors import DataError, RouterError
+from learned_router.evals.protocol import run_eval
+
+
+def slice_of(datasets_dir, name, n, tmp_path, **changes):
+    df = pd.read_parquet(datasets_dir / f"{name}.parquet")
+    ids = df["prompt_id"].drop_duplicates().iloc[:n]
+    out = tmp_path / f"{name}.parquet"
+    df[df["prompt_id"].isin(ids)].assign(**changes).to_parquet(out)
+    return out
+
+
+def test_benchmark_in_training_data_is_cross_validated(trained, datasets_dir, tmp_path):
+    bench = slice_of(datasets_dir, "routellm_gsm8k", 120, tmp_path)
+    res = run_eval(trained["path"], bench, STRONG, WEAK, tmp_path / "out", folds=2)
+    r = res.report
+    assert res.protocol.startswith("2-fold cross-validation by prompt")
+    clean = pd.read_parquet(bench).drop_duplicates("prompt_id")
+    assert res.n_prompts == r["n_prompts"] == int((~clean["contaminated"]).sum()) < 120  # contaminated dropped
+    assert set(r["scorers"]) >= {"router", "prompt length", "kNN", "logistic", "random", "oracle", "optimal"}
+    assert r["scorers"]["random"]["apgr"] == pytest.approx(0.5)
+    assert r["scorers"]["optimal"]["apgr"] > max(r["scorers"][k]["apgr"] for k in ("router", "kNN", "logistic"))
+    assert 0 <= r["scorers"]["router"]["roc_auc"] <= 1
+    assert set(r["not_beaten"]) <= {"prompt length", "kNN", "logistic"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"metrics.json", "frontier.png", "table.md"}
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["benchmark"] == "routellm_gsm8k"
+    assert "| router |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_unseen_benchmark_is_scored_by_the_shipped_router(trained, datasets_dir, tmp_path):
+    bench = slice_of(datasets_dir, "routellm_mmlu", 80, tmp_path)  # the small router never saw MMLU
+    res = run_eval(trained["path"], bench, STRONG, WEAK, tmp_path / "out")
+    assert res.protocol.startswith("the shipped router")
+    assert res.n_prompts == 80
+
+
+def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path, monkeypatch):
+    bench = slice_of(datasets_dir, "routellm_mmlu", 60, tmp_path)
+    env = {"MLFLOW_TRACKING_URI": trained["url"], "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "learned_router", "eval", "--router", str(trained["path"]), "--data", str(bench),
+                          "--out", str(tmp_path / "o"), "--name", "mmlu-slice", "--experiment", "eval-tests"],
+                         capture_output=True, text=True, env={**__import__("os").environ, **env}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    client = MlflowClient(trained["url"])
+    run = client.search_runs([client.get_experiment_by_name("eval-tests").experiment_id])[0]
+    assert run.data.params["prompts"] == "60" and "apgr_router" in run.data.metrics
+    assert {"frontier.png", "metrics.json", "table.md"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_bad_benchmarks(trained, datasets_dir, tmp_path):
+    with pytest.raises(DataError, match="model 'nope' is not in source 'routellm_gsm8k'"):
+        run_eval(trained["path"], slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, "nope", tmp_path / "o")
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"prompt": ["a", "b"], "label": [0, 1]}).to_csv(labels, index=False)
+    with pytest.raises(DataError, match="an evaluation needs graded answers"):
+        run_eval(trained["path"], labels, STRONG, WEAK, tmp_path / "o")
+    dirty = slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path, contaminated=True)
+    with pytest.raises(DataError, match="no prompt left to evaluate"):
+        run_eval(trained["path"], dirty, STRONG, WEAK, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_router_for_another_encoder(trained, datasets_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(trained["path"], other)
+    manifest = json.loads((other / "router.json").read_text())
+    manifest["encoder"]["fingerprint"] = "0" * 64
+    (other / "router.json").write_text(json.dumps(manifest))
+    with pytest.raises(RouterError, match="trained on another encoder"):
+        run_eval(other, slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, WEAK, tmp_path / "o")
