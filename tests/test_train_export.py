@@ -120,3 +120,13 @@ def test_broken_router_folders_are_named(trained, tmp_path):
     (bad / "router.json").unlink()
     with pytest.raises(RouterFolderError, match="router.json: missing"):
         Router(bad)
+
+
+def test_finetuning_saves_the_encoder_and_exports_it(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["url"])
+    spec = TrainSpec(data=trained["spec"].data[:1], strong=STRONG, weak=WEAK, out=tmp_path / "ft", max_prompts=60,
+                     fit=FitConfig(epochs=5), finetune_epochs=1, variants=["fp32"], experiment="tests")
+    m, _ = train(spec)
+    assert (tmp_path / "ft" / "checkpoint" / "encoder" / "model.safetensors").is_file()
+    assert "finetune_best_val_auc" in m.metrics
+    assert m.parity["fp32_max_abs_diff"] < 1e-4  # the graph holds the fine-tuned encoder, not the base one

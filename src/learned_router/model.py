@@ -153,7 +153,8 @@ def finetune(
         st_model.eval(), head.eval()
         return np.concatenate([torch.sigmoid(head(embed(texts[i : i + 64]))).numpy() for i in range(0, len(texts), 64)])
 
-    best, best_states = {"val_auc": auc(y_val, predict(val_texts)), "epoch": -1}, None
+    best = {"val_auc": auc(y_val, predict(val_texts)), "epoch": -1}  # epoch -1: the frozen-encoder head
+    best_states = (copy.deepcopy(st_model.state_dict()), copy.deepcopy(head.state_dict()))
     for epoch in range(epochs):
         st_model.train(), head.train()
         perm, total = torch.randperm(len(train_texts), generator=gen).tolist(), 0.0
@@ -170,9 +171,8 @@ def finetune(
         if m["val_auc"] > best["val_auc"]:
             best = {**m, "epoch": epoch}
             best_states = (copy.deepcopy(st_model.state_dict()), copy.deepcopy(head.state_dict()))
-    if best_states:
-        st_model.load_state_dict(best_states[0])
-        head.load_state_dict(best_states[1])
+    st_model.load_state_dict(best_states[0])
+    head.load_state_dict(best_states[1])
     st_model.eval(), head.eval()
     return {"finetune_best_epoch": best["epoch"], "finetune_best_val_auc": best["val_auc"]}
 

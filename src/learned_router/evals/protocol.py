@@ -138,8 +138,9 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     if not info_path.is_file():
         raise RouterError(f"{router_dir}: no checkpoint/{TRAINING_FILE}; eval needs the router's training record")
     spec = spec_from(json.loads(info_path.read_text()))
-    enc = Encoder(spec.encoder, manifest.encoder.max_seq_length)
-    if enc.fingerprint != manifest.encoder.fingerprint:
+    enc = Encoder(spec.encoder, manifest.encoder.max_seq_length)  # the base encoder: baselines and the recipe use it
+    finetuned = (Path(router_dir) / "checkpoint" / "encoder").is_dir()
+    if not finetuned and enc.fingerprint != manifest.encoder.fingerprint:
         raise RouterError(f"{router_dir} was trained on another encoder (weights sha256 {manifest.encoder.fingerprint[:12]}…) "
                           f"than {enc.path} ({enc.fingerprint[:12]}…)")
     if data_dir:  # the training files, found by name in another folder
@@ -153,6 +154,9 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     train_df, _ = load_data(spec)
     embed = lambda texts: enc.embed(texts, progress=False)  # noqa: E731
     seen = bench["group"].isin(set(train_df["group"]))
+    if seen.any() and finetuned:
+        raise RouterError(f"{router_dir} fine-tuned its encoder on {int(seen.sum())} of this benchmark's prompts, so no "
+                          "fold would be unseen; evaluate it on a benchmark outside its training data")
     if seen.any():
         protocol = (f"{folds}-fold cross-validation by {by} ({int(seen.sum())} of {len(bench)} prompts are in the "
                     f"router's training data): the router's recipe and the baselines are refit per fold without the fold's prompts")
