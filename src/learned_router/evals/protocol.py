@@ -181,11 +181,20 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     return EvalResult(report, protocol, len(bench), not_beaten)
 
 
+def thinned(curve: dict, most: int = 500) -> dict:
+    """At most `most` of the curve's own points (ends kept), values rounded: metrics.json stays small on big benchmarks."""
+    n = len(curve["strong_fraction"])
+    keep = sorted(set(np.linspace(0, n - 1, min(n, most)).round().astype(int)))
+    return {k: None if v is None else [None if v[i] is None else round(v[i], 6) for i in keep] for k, v in curve.items()}
+
+
 def write_outputs(report: dict, out: Path) -> None:
+    """metrics.json (curves thinned), frontier.png (full curves) and table.md."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     plot_frontier(report, out / "frontier.png", benchmark=report["benchmark"], strong_model=report["strong"],
                   weak_model=report["weak"])
+    light = {**report, "curves": {k: {kind: thinned(c) for kind, c in v.items()} for k, v in report["curves"].items()}}
+    (out / "metrics.json").write_text(json.dumps(light, indent=1, allow_nan=False) + "\n")
     verdict = ("The router beats every non-oracle baseline on APGR." if not report["not_beaten"] else
                f"**The router does not beat {', '.join(report['not_beaten'])} on APGR here.**")
     (out / "table.md").write_text(f"### {report['benchmark']}: {report['strong']} vs {report['weak']}\n\n"
