@@ -12,7 +12,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .errors import RouterError, RouterFolderError
-from .manifest import TOKENIZER, Manifest, read_manifest, verify_file
+from .manifest import Manifest, read_manifest, verify_file
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ class Router:
             raise RouterFolderError(f"{self.path}: no '{variant}' model; this folder has {sorted(files)}")
         self.variant = variant
         model_path = verify_file(self.path, files[variant])
-        tok_path = verify_file(self.path, files["tokenizer"]) if "tokenizer" in files else self.path / TOKENIZER
+        if "tokenizer" not in files:
+            raise RouterFolderError(f"{self.path}: router.json lists no tokenizer; re-export the router")
+        tok_path = verify_file(self.path, files["tokenizer"])
         try:
             tok = Tokenizer.from_file(str(tok_path))
         except Exception as e:  # tokenizers raises plain Exception subclasses
@@ -66,8 +68,7 @@ class Router:
         tok.no_padding()
         tok.enable_truncation(max_length=self.manifest.encoder.max_seq_length, direction="right")
         self._tok = tok
-        self._batch_tok = Tokenizer.from_str(tok.to_str())
-        self._batch_tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0, pad_token="[PAD]")
+        self._pad_id = tok.token_to_id("[PAD]") or 0
 
         opts = ort.SessionOptions()
         if threads:
@@ -107,7 +108,10 @@ class Router:
         order = np.argsort([len(e.ids) for e in encs], kind="stable")  # similar lengths share a batch
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = self._batch_tok.encode_batch([prompts[i] for i in idx])
+            longest = max(len(encs[i].ids) for i in idx)
+            batch = [encs[i] for i in idx]
+            for e in batch:
+                e.pad(longest, pad_id=self._pad_id, pad_token="[PAD]")
             ids = np.asarray([e.ids for e in batch], dtype=np.int64)
             mask = np.asarray([e.attention_mask for e in batch], dtype=np.int64)
             out[idx] = self._run(ids, mask)
