@@ -115,6 +115,46 @@ def train(
                ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items() if not k.startswith("fused")))
 
 
+@app.command("train-tiers")
+@user_errors
+def train_tiers(
+    data: Annotated[list[Path], typer.Option("--data", help="Graded answers of many models (long format); repeat for more files.")],
+    out: Annotated[Path, typer.Option(help="Router folder to write (checkpoint + ONNX export).")],
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated models to predict for (default: every model in the data).")] = None,
+    encoder: Annotated[Optional[Path], typer.Option(help="A sentence-transformers folder (default: all-MiniLM-L6-v2, shipped).")] = None,
+    hidden: int = 256,
+    dropout: float = 0.1,
+    epochs: Annotated[int, typer.Option(help="Most epochs (early stopping on validation loss).")] = 200,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    patience: int = 15,
+    seed: int = 0,
+    val: Annotated[float, typer.Option(help="Share of prompts held out for validation (early stopping).")] = 0.1,
+    test: Annotated[float, typer.Option(help="Share of prompts held out for the test metrics.")] = 0.1,
+    variants: Annotated[str, typer.Option(help="ONNX variants to export: fp32, int8 or both.")] = "fp32,int8",
+    name: Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing router folder.")] = False,
+):
+    """Train a multi-tier router: P(each model's answer passes) per prompt, exported to one ONNX graph."""
+    from .tiers import TierSpec, train_tiers as run_training
+
+    if not (0 < val < 1 and 0 <= test < 1 and val + test < 1):
+        raise RouterError(f"--val must be in (0, 1) and --test in [0, 1) with a sum below 1, got {val} and {test}")
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    if names is not None and len(names) < 2:
+        raise RouterError(f"--models needs at least 2 models, got {names}")
+    spec = TierSpec(data=[str(d) for d in data], out=out, models=names, encoder=str(encoder) if encoder else None,
+                    hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+                    val=val, test=test, variants=[v.strip() for v in variants.split(",") if v.strip()], name=name,
+                    experiment=experiment, overwrite=overwrite)
+    manifest, run_id = run_training(spec)
+    m = manifest.metrics
+    typer.echo(f"router for {len(manifest.models)} models written to {out} (MLflow run {run_id})")
+    typer.echo(f"test mean AUC {m.get('test_auc_mean', float('nan')):.4f}, test MAE {m.get('test_mae', float('nan')):.4f}; "
+               "parity " + ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items() if not k.startswith("fused")))
+
+
 @app.command("export")
 @user_errors
 def export_cmd(
@@ -169,7 +209,8 @@ def score(
     variant: Annotated[str, typer.Option(help="int8, fp32 or auto.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
 ):
-    """Score prompts: one JSON line each with p_weak (P(weak answer passes)) and the routing decision."""
+    """Score prompts: one JSON line each with p_weak (P(weak answer passes)) and the routing decision; for a
+    multi-tier router, each model's P(pass) (which tier that picks is the service's config)."""
     import json
 
     from .scorer import Router, check_threshold
@@ -177,6 +218,10 @@ def score(
     texts, ids = read_prompts(prompts or [], file)
     r = Router(router, variant=variant, threads=threads)
     t = r.default_threshold if threshold is None else check_threshold(threshold)
+    if r.manifest.kind == "tiers":
+        for i, p in zip(ids, r.score(texts)):
+            typer.echo(json.dumps({"id": i, "p_pass": {m: round(float(x), 6) for m, x in zip(r.models, p)}}))
+        return
     names = {"strong": r.manifest.strong, "weak": r.manifest.weak}
     for i, d in zip(ids, r.route(texts, t)):
         typer.echo(json.dumps({"id": i, "p_weak": round(d.p_weak, 6), "route": d.model, "model": names[d.model], "threshold": t}))
@@ -240,6 +285,35 @@ def eval_cmd(
                            "prompts": result.n_prompts})
         mlflow.log_metrics({f"{k}_{name.replace(' ', '_')}": v for name, s in m.items() for k, v in s.items()
                             if k in ("apgr", "apgr_routellm", "cpt50", "cpt80", "cost_saving", "roc_auc") and v is not None})
+        mlflow.log_artifacts(str(out))
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"written to {out}")
+
+
+@app.command("eval-tiers")
+@user_errors
+def eval_tiers(
+    data: Annotated[Path, typer.Option(help="Graded answers of many models (long format), e.g. alpaca_eval.parquet.")],
+    tiers: Annotated[str, typer.Option(help="Comma-separated models, cheapest first, as the data names them.")],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json, frontier.png and table.md.")],
+    router: Annotated[Path, typer.Option(help="Multi-tier router folder (with its checkpoint/).")] = Path("models/alpaca-tiers"),
+    prices: Annotated[Path, typer.Option(help="YAML of $ per 1M input/output tokens per model.")] = Path("evals/prices.yaml"),
+    folds: Annotated[int, typer.Option(help="Cross-validation folds (by prompt).")] = 5,
+    name: Annotated[Optional[str], typer.Option(help="Benchmark name in the outputs (default: the file name).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router-evals",
+):
+    """Evaluate multi-tier routing: quality vs dollars against each single model, the two-model router and the oracle."""
+    import mlflow
+
+    from .evals.multitier import run_tier_eval
+    from .tracking import start_run
+
+    names = [t.strip() for t in tiers.split(",") if t.strip()]
+    with start_run(experiment, name or f"{data.stem} tiers"):
+        r = run_tier_eval(router, data, names, prices, out, folds=folds, name=name)
+        mlflow.log_params({"router": str(router), "data": str(data), "tiers": ",".join(names), "folds": folds,
+                           "prompts": r["n_prompts"]})
+        mlflow.log_metrics({f"{k}_{n.split(' ')[0]}": v for n, m in r["scorers"].items() for k, v in m.items() if v is not None})
         mlflow.log_artifacts(str(out))
     typer.echo((out / "table.md").read_text())
     typer.echo(f"written to {out}")

@@ -1,4 +1,5 @@
-"""Export a trained router to one ONNX graph (token ids -> P(weak passes)), fused and int8-quantised, with parity checks."""
+"""Export a trained router to one ONNX graph (token ids -> P(weak passes), or each model's P(pass)), fused and int8-quantised,
+with parity checks."""
 
 from __future__ import annotations
 
@@ -103,12 +104,13 @@ def to_onnx(checkpoint: Path, enc_path: Path, folder: Path, variants: list[str])
     raw, fp32 = folder / "raw.onnx", folder / VARIANT_FILES["fp32"]
     ids = torch.ones(2, 16, dtype=torch.long)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on the root logger
+    output = "p_weak" if fused.head.cfg.outputs == 1 else "p_pass"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript tracer warnings about data-dependent branches in transformers
         torch.onnx.export(
             fused, (ids, torch.ones_like(ids)), str(raw), input_names=["input_ids", "attention_mask"],
-            output_names=["p_weak"], opset_version=17, dynamo=False,
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "p_weak": {0: "batch"}},
+            output_names=[output], opset_version=17, dynamo=False,
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, output: {0: "batch"}},
         )
     cfg = transformer.config
     opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
@@ -144,10 +146,13 @@ def export_into(folder: Path, checkpoint: Path, variants: list[str], probes: lis
 
     enc_info = EncoderInfo(**{k: v for k, v in info["encoder"].items() if k != "path"})
     files = {v: file_entry(folder, VARIANT_FILES[v]) for v in variants} | {"tokenizer": file_entry(folder, TOKENIZER)}
-    val_p = np.load(checkpoint / "val_p_weak.npy")
+    if info.get("kind") == "tiers":
+        outputs = {"kind": "tiers", "models": info["models"], "calibration": []}
+    else:
+        outputs = {"strong": info["strong"], "weak": info["weak"], "label_policy": LabelPolicy(**info["label_policy"]),
+                   "calibration": calibration(np.load(checkpoint / "val_p_weak.npy"))}
     manifest = Manifest(
-        name=info["name"], strong=info["strong"], weak=info["weak"], label_policy=LabelPolicy(**info["label_policy"]),
-        encoder=enc_info, default_threshold=info["default_threshold"], calibration=calibration(val_p),
+        name=info["name"], **outputs, encoder=enc_info, default_threshold=info["default_threshold"],
         files=files, data=info["data"], metrics=info["metrics"], versions=versions(),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -161,7 +166,7 @@ def export_into(folder: Path, checkpoint: Path, variants: list[str], probes: lis
         p = Router(folder, variant=v).score(probes)
         measured = {"max_abs_diff": float(np.max(np.abs(p - reference))),
                     "mean_abs_diff": float(np.mean(np.abs(p - reference))),
-                    "decision_agreement": float(np.mean((p >= t) == (reference >= t)))}
+                    "decision_agreement": float(np.mean((p >= t) == (reference >= t)))}  # tiers: per (prompt, model)
         manifest.parity |= {f"{v}_{k}": x for k, x in measured.items()}
         tol = TOLERANCE[v]
         if measured["max_abs_diff"] > tol["max_abs_diff"] or measured["decision_agreement"] < tol["decision_agreement"]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .errors import RouterFolderError
 
@@ -55,11 +55,16 @@ class FileEntry(BaseModel):
 
 
 class Manifest(BaseModel):
+    """binary: one output, P(weak passes) for the `strong`/`weak` pair. tiers: one output per name in `models`,
+    P(that model's answer passes)."""
+
     format_version: Literal[1] = 1
     name: str
-    strong: str
-    weak: str
-    label_policy: LabelPolicy
+    kind: Literal["binary", "tiers"] = "binary"
+    strong: str = ""
+    weak: str = ""
+    models: list[str] = []
+    label_policy: LabelPolicy | None = None  # binary routers: how the training labels were made
     encoder: EncoderInfo
     default_threshold: float = Field(ge=0.0, le=1.0)
     calibration: list[CalibrationPoint]
@@ -69,6 +74,19 @@ class Manifest(BaseModel):
     parity: dict[str, float] = {}
     versions: dict[str, str] = {}
     created_at: str = ""
+
+    @model_validator(mode="after")
+    def _outputs(self) -> "Manifest":
+        if self.kind == "binary" and not (self.strong and self.weak and self.label_policy):
+            raise ValueError("a binary router names its strong and weak models and its label policy")
+        if self.kind == "tiers" and (not self.models or len(set(self.models)) != len(self.models)):
+            raise ValueError("a tiers router lists its models, each once")
+        return self
+
+    @property
+    def outputs(self) -> list[str]:
+        """The names of the graph's outputs, in column order."""
+        return [self.weak] if self.kind == "binary" else list(self.models)
 
     def strong_fraction_at(self, threshold: float) -> float:
         """Expected share of strong calls at `threshold`, interpolated on the validation table."""

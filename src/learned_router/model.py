@@ -23,18 +23,20 @@ class HeadConfig:
     dim: int = 384
     hidden: int = 256
     dropout: float = 0.1
+    outputs: int = 1  # 1: P(weak passes); K: P(each of K models passes)
 
 
 class Head(nn.Module):
-    """An MLP from a unit-normalised sentence embedding to the logit of P(weak answer passes)."""
+    """An MLP from a unit-normalised sentence embedding to the logit of P(weak answer passes) (or K such logits)."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
         self.cfg = cfg
-        self.net = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, 1))
+        self.net = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.outputs))
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.net(emb).squeeze(-1)
+        out = self.net(emb)
+        return out.squeeze(-1) if self.cfg.outputs == 1 else out
 
     def save(self, folder: Path) -> None:
         torch.save({"config": asdict(self.cfg), "state": self.state_dict()}, Path(folder) / HEAD_FILE)
@@ -72,6 +74,14 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
 
+def masked_bce(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted BCE over the targets that are present (NaN = that model has no grade for that prompt)."""
+    known = ~torch.isnan(y)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none")
+    w = w.unsqueeze(-1) if loss.dim() == 2 else w
+    return (loss * w * known).sum() / known.sum().clamp(min=1)
+
+
 def fit_head(
     head_cfg: HeadConfig,
     x_train: np.ndarray, y_train: np.ndarray, w_train: np.ndarray,
@@ -79,16 +89,19 @@ def fit_head(
     cfg: FitConfig,
     on_epoch: Callable[[int, dict], None] = lambda epoch, m: None,
 ) -> tuple[Head, dict]:
-    """Weighted BCE with AdamW; keeps the epoch with the best validation AUC and stops after `patience` without gain.
+    """Weighted BCE with AdamW; keeps the best validation epoch and stops after `patience` without gain.
 
-    Seeded before the head is built, so the same data and config give the same head."""
+    y is (n,) 0/1 labels, selected on validation AUC (loss if validation has one class), or (n, K) targets in [0, 1] with NaN for missing grades,
+    selected on validation loss. Seeded before the head is built, so the same data and config give the same head."""
     seed_everything(cfg.seed)
     head = Head(head_cfg)
+    multi = y_train.ndim == 2
     xt, yt = torch.from_numpy(x_train.astype(np.float32)), torch.from_numpy(y_train.astype(np.float32))
     wt = torch.from_numpy((w_train / w_train.mean()).astype(np.float32))
+    xv, yv = torch.from_numpy(x_val.astype(np.float32)), torch.from_numpy(y_val.astype(np.float32))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best = {"val_auc": -1.0, "epoch": -1}
+    best = {"select": -np.inf, "epoch": -1}
     best_state = copy.deepcopy(head.state_dict())
     bar = tqdm(range(cfg.epochs), desc="training head", unit="epoch", disable=None)  # no bar when not a terminal
     for epoch in bar:
@@ -96,28 +109,32 @@ def fit_head(
         perm, total = torch.randperm(len(xt), generator=gen), 0.0
         for i in range(0, len(xt), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = (nn.functional.binary_cross_entropy_with_logits(head(xt[idx]), yt[idx], reduction="none") * wt[idx]).mean()
+            loss = masked_bce(head(xt[idx]), yt[idx], wt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
-        p_val = head.predict(x_val)
-        m = {"train_loss": total / len(xt), "val_auc": auc(y_val, p_val),
-             "val_loss": float(nn.functional.binary_cross_entropy(torch.from_numpy(p_val).clamp(1e-6, 1 - 1e-6),
-                                                                  torch.from_numpy(y_val.astype(np.float32))))}
+        head.eval()
+        with torch.no_grad():
+            logits_val = head(xv)
+        m = {"train_loss": total / len(xt), "val_loss": float(masked_bce(logits_val, yv, torch.ones(len(yv))))}
+        if not multi:
+            m["val_auc"] = auc(y_val, torch.sigmoid(logits_val).numpy())
         on_epoch(epoch, m)
-        bar.set_postfix(loss=f"{m['train_loss']:.4f}", val_auc=f"{m['val_auc']:.4f}")
-        if m["val_auc"] > best["val_auc"] + MIN_GAIN:
-            best, best_state = {**m, "epoch": epoch}, copy.deepcopy(head.state_dict())
+        bar.set_postfix(loss=f"{m['train_loss']:.4f}", val=f"{m.get('val_auc', m['val_loss']):.4f}")
+        select = m["val_auc"] if not multi and m["val_auc"] == m["val_auc"] else -m["val_loss"]  # one-class val: loss
+        if select > best["select"] + MIN_GAIN:
+            best, best_state = {**m, "select": select, "epoch": epoch}, copy.deepcopy(head.state_dict())
         elif epoch - best["epoch"] >= cfg.patience:
             break
     head.load_state_dict(best_state)
     head.eval()
-    return head, {"best_epoch": best["epoch"], "best_val_auc": best["val_auc"], "epochs_run": epoch + 1}
+    key = "val_loss" if multi else "val_auc"
+    return head, {"best_epoch": best["epoch"], f"best_{key}": best.get(key, float("nan")), "epochs_run": epoch + 1}
 
 
 class FusedRouter(nn.Module):
-    """Token ids -> P(weak passes): transformer, mean pooling, L2 normalisation and the head in one graph."""
+    """Token ids -> P(weak passes) (or K models' P(pass)): transformer, mean pooling, L2 normalisation and the head."""
 
     def __init__(self, transformer: nn.Module, head: Head):
         super().__init__()
@@ -161,7 +178,7 @@ def finetune(
         for i in tqdm(range(0, len(perm), batch_size), desc=f"fine-tuning epoch {epoch + 1}/{epochs}", unit="batch"):
             idx = perm[i : i + batch_size]
             logits = head(embed([train_texts[j] for j in idx]))
-            loss = (nn.functional.binary_cross_entropy_with_logits(logits, y[idx], reduction="none") * w[idx]).mean()
+            loss = masked_bce(logits, y[idx], w[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

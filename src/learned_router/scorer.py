@@ -42,7 +42,8 @@ def check_threshold(threshold: float) -> float:
 
 
 class Router:
-    """A trained router: `score` gives P(weak answer passes); `route` sends to weak when it clears the threshold.
+    """A trained router. Binary: `score` gives P(weak answer passes), shape (n,); `route` sends to weak when it clears
+    the threshold. Tiers: `score` gives P(answer passes) for each of `models`, shape (n, len(models)).
 
     Prompts longer than the encoder's limit keep their first `max_seq_length` tokens (head truncation),
     as sentence-transformers does when the head is trained.
@@ -85,6 +86,11 @@ class Router:
         return cls(path, **kwargs)
 
     @property
+    def models(self) -> list[str]:
+        """What `score` predicts for, in column order: [the weak model] for a binary router, else each candidate."""
+        return self.manifest.outputs
+
+    @property
     def default_threshold(self) -> float:
         return self.manifest.default_threshold
 
@@ -92,13 +98,13 @@ class Router:
         return self._session.run(None, {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
 
     def score(self, prompts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """P(weak answer passes) for each prompt, in input order.
+        """P(weak answer passes) for each prompt (tiers: each model's P(pass) per prompt), in input order.
 
         int8 runs one prompt per call: its activations are quantised per call, so a padded batch would shift a prompt's
         score by its companions (up to ~0.03 measured). fp32 batches prompts of similar length, exactly as single.
         """
         prompts = check_prompts(prompts)
-        out = np.empty(len(prompts), dtype=np.float32)
+        out = np.empty((len(prompts),) if self.manifest.kind == "binary" else (len(prompts), len(self.models)), dtype=np.float32)
         encs = self._tok.encode_batch(prompts)
         if self.variant == "int8" or len(prompts) == 1:  # single prompts are never padded
             for i, enc in enumerate(encs):
@@ -119,6 +125,8 @@ class Router:
 
     def route(self, prompts: Sequence[str], threshold: float | None = None) -> list[Decision]:
         """Weak when P(weak passes) >= threshold, else strong. A higher threshold buys quality with strong calls."""
+        if self.manifest.kind != "binary":
+            raise RouterError(f"{self.path}: route() is for binary routers; this one scores {len(self.models)} models")
         t = self.default_threshold if threshold is None else check_threshold(threshold)
         return [Decision("weak" if p >= t else "strong", float(p), t) for p in self.score(prompts)]
 
