@@ -85,6 +85,11 @@ def load_source(path: str | Path, weight: float = 1.0) -> Source:
     return Source(path=path, weight=weight, name=name, table=df, fmt=fmt)
 
 
+def plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds, so error messages read 7.0, not np.float64(7.0)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def check_prompts(path: Path, df: pd.DataFrame) -> None:
     bad = df["prompt"].map(lambda p: not isinstance(p, str) or not p.strip())
     if bad.any():
@@ -143,7 +148,7 @@ def label_long(source: Source, strong: str, weak: str, policy: LabelPolicy, pair
     scores = pd.to_numeric(df["score"], errors="coerce")
     if scores.isna().any() or not scores.between(0, 1).all():
         i = int(np.flatnonzero((scores.isna() | ~scores.between(0, 1)).to_numpy())[0])
-        raise DataError(f"{source.path}: row {i}: field 'score' must be a number in [0, 1], got {df['score'].iloc[i]!r}")
+        raise DataError(f"{source.path}: row {i}: field 'score' must be a number in [0, 1], got {plain(df['score'].iloc[i])!r}")
     available = set(df["model"].astype(str))
     s_names, w_names = resolve(source, strong, available, pair_map), resolve(source, weak, available, pair_map)
     df = df.assign(score=scores)
@@ -197,7 +202,7 @@ def label_plain(source: Source) -> pd.DataFrame:
     bad = ~labels.isin([0, 1])
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{source.path}: row {i}: field 'label' must be 0 or 1, got {df['label'].iloc[i]!r}")
+        raise DataError(f"{source.path}: row {i}: field 'label' must be 0 or 1, got {plain(df['label'].iloc[i])!r}")
     return df[["prompt"]].assign(label=labels.astype(np.int8).to_numpy())
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import assign_splits, group_of, load_source
+from .data import assign_splits, group_of, load_source, plain
 from .errors import DataError
 from .tracking import DEFAULT_EXPERIMENT, start_run
 
@@ -53,7 +53,7 @@ def load_grades(paths: list[str], models: list[str] | None = None) -> GradeTable
         bad = scores.isna() | ~scores.between(0, 1)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{path}: row {i}: field 'score' must be a number in [0, 1], got {t['score'].iloc[i]!r}")
+            raise DataError(f"{path}: row {i}: field 'score' must be a number in [0, 1], got {plain(t['score'].iloc[i])!r}")
         for m in t["model"].astype(str).unique():
             if m in owner:
                 raise DataError(f"model '{m}' is graded in both {owner[m]} and {path}: grades from different judges "

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RouterError
+from .multitier import run_tier_eval, tier_table
 from .protocol import run_eval
 from .report import markdown_table
 
@@ -30,11 +31,19 @@ class Benchmark(BaseModel):
     routellm: str | None = None
 
 
+class TierBenchmark(BaseModel):
+    name: str
+    data: Path
+    tiers: list[str]  # cheapest first
+
+
 class Suite(BaseModel):
     router: Path = Path("models/default")
+    tier_router: Path = Path("models/alpaca-tiers")
     prices: Path | None = None
     folds: int = 5
     benchmarks: list[Benchmark]
+    tier_benchmarks: list[TierBenchmark] = []
 
 
 def load_suite(path: Path) -> Suite:
@@ -101,6 +110,30 @@ def write_results(suite: Suite, out: Path) -> Path:
                   f"(all-weak quality {r['weak_mean']:.3f}, all-strong {r['strong_mean']:.3f}). Protocol: {r['protocol']}.",
                   "", verdict, "", f"![{b.name} frontier]({rel}/frontier.png)", "",
                   markdown_table(r), ""]
+    if suite.tier_benchmarks:
+        lines += tier_section(suite, out)
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tier_section(suite: Suite, out: Path) -> list[str]:
+    """Multi-tier routing: the tier policy against each single model, the best two-model router and the oracle."""
+    if suite.prices is None:
+        raise RouterError("the suite's tier_benchmarks need 'prices': the multi-tier frontier is in dollars")
+    lines = ["## Multi-tier routing", "",
+             f"Router `{suite.tier_router}`: one output per model, P(that model's answer passes); policy: the cheapest tier",
+             "whose pass chance clears the threshold, else the tier most likely to pass. The frontier is in dollars",
+             "(prices of `evals/prices.yaml`; each call costs its prompt and its graded answer's own length at chars/4",
+             "tokens). Target: at the best single model's quality, at least 40% lower cost. `two-model` is the binary",
+             "router recipe for the best pair (a cheaper tier / the best single model); `oracle` is the physical limit.", ""]
+    for b in suite.tier_benchmarks:
+        folder = out / "results" / slug(b.name)
+        r = run_tier_eval(suite.tier_router, b.data, b.tiers, suite.prices, folder, folds=suite.folds, name=b.name)
+        saving = r["scorers"]["router"]["saving_at_best_quality"]
+        verdict = ("**Target not met: the router does not reach the best single model's quality.**" if saving is None else
+                   f"Saving at {r['best_single']}'s quality: {saving:.1%} " +
+                   ("(target met)." if saving >= 0.4 else "**(target of 40% not met)**."))
+        lines += [f"### {b.name}", "", f"{r['n_prompts']} prompts; {r['protocol']}.", "", verdict, "",
+                  f"![{b.name} frontier]({folder.relative_to(out)}/frontier.png)", "", tier_table(r), ""]
+    return lines

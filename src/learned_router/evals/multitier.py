@@ -1,0 +1,223 @@
+"""Multi-tier evaluation: quality against dollars for the tier policy, each single model, the two-model router and
+the oracle, on prompts the router never saw.
+
+Protocol: k-fold cross-validation by prompt on the benchmark's own grade table. Per fold, the router's recipe (its
+training.json) is refit on the other folds' prompts with every model of the table as an output, and the held-out
+prompts are routed with the tier policy (`tiers.choose`). A call costs (prompt chars / 4) input tokens and (answer
+chars / 4) output tokens at the tier's prices: the answer lengths are the graded answers' own, where the data has them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, RouterError
+from .protocol import Prices, folds_of
+
+PER = 1000  # costs are reported in dollars per this many requests
+
+
+@dataclass
+class Frontier:
+    cost: np.ndarray  # $ per PER requests, ascending
+    quality: np.ndarray  # mean grade of the routed answers
+
+    @classmethod
+    def of(cls, points: list[tuple[float, float]]) -> "Frontier":
+        pts = np.array(sorted(set(points)))
+        return cls(pts[:, 0], pts[:, 1])
+
+    def envelope(self) -> tuple[np.ndarray, np.ndarray]:
+        """The best quality reachable at each cost or less."""
+        return self.cost, np.maximum.accumulate(self.quality)
+
+    def cost_at(self, quality: float) -> float | None:
+        """The least cost whose quality reaches `quality`, interpolated between envelope points; None: never reached."""
+        c, q = self.envelope()
+        hit = np.flatnonzero(q >= quality - 1e-12)
+        if not len(hit):
+            return None
+        i = hit[0]
+        if i == 0 or q[i] == q[i - 1]:
+            return float(c[i])
+        return float(c[i - 1] + (quality - q[i - 1]) * (c[i] - c[i - 1]) / (q[i] - q[i - 1]))
+
+    def quality_at(self, cost: float) -> float | None:
+        c, q = self.envelope()
+        return float(np.interp(cost, c, q)) if cost >= c[0] else None
+
+
+def route_points(choice_of, thresholds, scores: np.ndarray, costs: np.ndarray) -> list[tuple[float, float]]:
+    rows = np.arange(len(scores))
+    out = []
+    for t in thresholds:
+        ch = choice_of(t)
+        out.append((float(costs[rows, ch].mean() * PER), float(scores[rows, ch].mean())))
+    return out
+
+
+def threshold_grid(p: np.ndarray) -> np.ndarray:
+    return np.unique(np.concatenate([np.linspace(0, 1, 201), np.quantile(p, np.linspace(0, 1, 201)), [1.0 + 1e-6]]))
+
+
+def oracle_points(scores: np.ndarray, costs: np.ndarray) -> list[tuple[float, float]]:
+    """The best any router could do: per prompt, argmax(grade - lambda * cost), swept over lambda (cheapest wins ties)."""
+    rows = np.arange(len(scores))
+    span = scores.max() - scores.min() + 1e-9
+    lams = np.concatenate([[0.0], np.geomspace(1e-6, 1e6, 400) * span / max(costs.mean(), 1e-12)])
+    return [(float(costs[rows, ch].mean() * PER), float(scores[rows, ch].mean()))
+            for ch in ((scores - lam * costs - 1e-12 * costs).argmax(axis=1) for lam in lams)]
+
+
+def cross_validated(table, spec, embed, folds: int, tier_cols: list[int], pairs: list[tuple[int, int]]):
+    """Held-out pass chances of the tiers, and p_weak of a binary head per (weak, strong) pair, from k folds."""
+    from ..model import FitConfig, HeadConfig, fit_head
+    from ..tiers import fit_tiers, splits
+
+    x = embed(table.prompts["prompt"].tolist())
+    fold = folds_of(table.prompts["group"], folds)
+    inner = splits(table, spec)  # early-stopping rows: the router's own validation split, minus the held-out fold
+    p_tiers = np.empty((len(x), len(tier_cols)))
+    p_pairs = {pair: np.empty(len(x)) for pair in pairs}
+    for f in np.unique(fold):
+        held = fold == f
+        fit, val = np.flatnonzero(~held & (inner != "val")), np.flatnonzero(~held & (inner == "val"))
+        head, _ = fit_tiers(spec, x[fit], table.scores[fit], x[val], table.scores[val])
+        p_tiers[held] = head.predict(x[held])[:, tier_cols]
+        for weak, strong in pairs:
+            y = table.scores[:, weak] >= table.scores[:, strong] - 1e-9  # the relative label policy, margin 0
+            known = ~np.isnan(table.scores[:, [weak, strong]]).any(axis=1)
+            fw, vw = fit[known[fit]], val[known[val]]
+            head2, _ = fit_head(HeadConfig(dim=x.shape[1], hidden=spec.hidden, dropout=spec.dropout), x[fw], y[fw].astype(np.float32),
+                                np.ones(len(fw)), x[vw], y[vw].astype(np.float32),
+                                FitConfig(lr=spec.lr, weight_decay=spec.weight_decay, patience=spec.patience, seed=spec.seed,
+                                          epochs=spec.epochs, batch_size=spec.batch_size))
+            p_pairs[(weak, strong)][held] = head2.predict(x[held])
+    return p_tiers, p_pairs
+
+
+def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, out: Path, folds: int = 5,
+                  name: str | None = None) -> dict:
+    """Evaluate the tier policy on a graded table; writes metrics.json, frontier.png and table.md into `out`."""
+    from ..embed import Encoder
+    from ..export import TRAINING_FILE
+    from ..manifest import read_manifest
+    from ..tiers import TierSpec, choose, load_grades
+
+    if len(tiers) < 2 or len(set(tiers)) != len(tiers):
+        raise RouterError(f"--tiers needs at least 2 distinct models, cheapest first; got {tiers}")
+    if folds < 2:
+        raise RouterError(f"--folds must be at least 2, got {folds}")
+    manifest = read_manifest(router_dir)
+    info_path = Path(router_dir) / "checkpoint" / TRAINING_FILE
+    if manifest.kind != "tiers" or not info_path.is_file():
+        raise RouterError(f"{router_dir}: not a multi-tier router with its checkpoint (train one with 'learned-router train-tiers')")
+    spec_raw = json.loads(info_path.read_text())["spec"]
+    spec = TierSpec(**{**spec_raw, "out": Path(spec_raw["out"]), "data": [str(data)], "models": None})
+    enc = Encoder(spec.encoder, manifest.encoder.max_seq_length)
+    if enc.fingerprint != manifest.encoder.fingerprint:
+        raise RouterError(f"{router_dir} was trained on another encoder than {enc.path}")
+    priced = Prices.load(prices)
+    if priced is None:
+        raise RouterError("--prices is required: the multi-tier frontier is in dollars")
+    table = load_grades([str(data)])
+    cols = table.columns(tiers)
+    unpriced = [t for t in tiers if t not in priced.per_model]
+    if unpriced:
+        raise DataError(f"{prices}: no price for tier(s) {', '.join(unpriced)}")
+
+    keep = ~table.prompts["contaminated"].to_numpy() & ~np.isnan(table.scores[:, cols]).any(axis=1)
+    scores = table.scores[:, cols].astype(np.float64)
+    chars_in = table.prompts["prompt"].str.len().to_numpy()[:, None]
+    chars_out = np.where(np.isnan(table.output_chars[:, cols]), priced.output_tokens * 4, table.output_chars[:, cols])
+    p_in = np.array([priced.per_model[t][0] for t in tiers])
+    p_out = np.array([priced.per_model[t][1] for t in tiers])
+    costs = (chars_in / 4 * p_in + chars_out / 4 * p_out) / 1e6
+    mean_cost = costs[keep].mean(axis=0)
+    order = np.argsort(mean_cost, kind="stable")
+    if list(order) != list(range(len(tiers))):
+        raise RouterError("--tiers must be listed cheapest first; by mean cost per request on this data they are: "
+                          + ", ".join(tiers[i] for i in order))
+    mean_q = scores[keep].mean(axis=0)
+    best = int(np.argmax(mean_q))
+    cheaper = [k for k in range(best)]
+    pairs = [(cols[k], cols[best]) for k in cheaper]
+    p_tiers, p_pairs = cross_validated(table, spec, lambda t: enc.embed(t, progress=False), folds, cols, pairs)
+
+    s, c, p = scores[keep], costs[keep], p_tiers[keep]
+    curves = {"router": Frontier.of(route_points(lambda t: choose(p, t), threshold_grid(p), s, c)),
+              "oracle": Frontier.of(oracle_points(s, c))}
+    two = {}
+    for k, pair in zip(cheaper, pairs):
+        pw = p_pairs[pair][keep]
+        two[tiers[k]] = Frontier.of(route_points(lambda t: np.where(pw >= t, k, best), threshold_grid(pw), s, c))
+    best_q, best_c = float(mean_q[best]), float(mean_cost[best] * PER)
+
+    def summary(f: Frontier) -> dict:
+        at = f.cost_at(best_q)
+        return {"cost_at_best_quality": at, "saving_at_best_quality": None if at is None else 1 - at / best_c,
+                "quality_at_best_cost": f.quality_at(best_c), "max_quality": float(f.quality.max())}
+
+    if two:
+        pick = max(two, key=lambda w: (summary(two[w])["saving_at_best_quality"] or -1, summary(two[w])["quality_at_best_cost"] or -1))
+        curves[f"two-model ({pick} / {tiers[best]})"] = two[pick]
+    report = {
+        "benchmark": name or Path(data).stem, "data": str(data), "router": str(router_dir), "tiers": tiers,
+        "n_prompts": int(keep.sum()), "folds": folds, "per_requests": PER,
+        "protocol": f"{folds}-fold cross-validation by prompt: the router's recipe refit per fold on the other folds' "
+                    f"prompts ({len(table.models)} models as outputs)",
+        "single": {t: {"cost": float(mean_cost[k] * PER), "quality": float(mean_q[k])} for k, t in enumerate(tiers)},
+        "best_single": tiers[best],
+        "scorers": {k: summary(f) for k, f in curves.items()},
+        "two_model_all": {w: summary(f) for w, f in two.items()},
+        "curves": {k: {"cost": f.cost.round(6).tolist(), "quality": f.quality.round(6).tolist()} for k, f in curves.items()},
+        "prices": {t: list(priced.per_model[t]) for t in tiers},
+    }
+    write_tier_outputs(report, curves, Path(out))
+    return report
+
+
+def tier_table(report: dict) -> str:
+    per = report["per_requests"]
+    lines = [f"| policy | $ per {per:,} requests at {report['best_single']}'s quality | saving | quality at its cost | best quality |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, m in report["scorers"].items():
+        c, sv = m["cost_at_best_quality"], m["saving_at_best_quality"]
+        q = m["quality_at_best_cost"]
+        lines.append(f"| {name} | {'not reached' if c is None else f'{c:.3f}'} | {'–' if sv is None else f'{sv:.1%}'} | "
+                     f"{'–' if q is None else f'{q:.3f}'} | {m['max_quality']:.3f} |")
+    lines += ["", f"| single model | $ per {per:,} requests | quality |", "| --- | ---: | ---: |"]
+    for t, m in report["single"].items():
+        lines.append(f"| {t}{' (best)' if t == report['best_single'] else ''} | {m['cost']:.3f} | {m['quality']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_tier_outputs(report: dict, curves: dict, out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, f in curves.items():
+        x, y = f.envelope()
+        ax.step(x, y, where="post", label=name, linestyle=":" if name == "oracle" else "-")
+    for t, m in report["single"].items():
+        ax.scatter(m["cost"], m["quality"], marker="o", zorder=3)
+        ax.annotate(t, (m["cost"], m["quality"]), fontsize="x-small", xytext=(4, -8), textcoords="offset points")
+    ax.axhline(report["single"][report["best_single"]]["quality"], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"$ per {report['per_requests']:,} requests (log)")
+    ax.set_ylabel("Routed quality (mean grade)")
+    ax.set_title(f"{report['benchmark']}: {len(report['tiers'])} tiers, {report['n_prompts']} held-out prompts", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(out / "frontier.png", dpi=120)
+    (out / "metrics.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    (out / "table.md").write_text(f"### {report['benchmark']}: tiers {', '.join(report['tiers'])}\n\n"
+                                  f"{report['n_prompts']} prompts; {report['protocol']}.\n\n{tier_table(report)}\n")
