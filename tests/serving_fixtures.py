@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -11,9 +12,10 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from learned_router.serving.app import Service, create_app
+from learned_router.serving.app import create_app
 from learned_router.serving.config import hash_key, parse_config
 from learned_router.serving.fake_provider import FakeState, create_fake_provider
+from learned_router.serving.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTER_DIR = Path(os.environ.get("LEARNED_ROUTER_TEST_ROUTER", ROOT / "models" / "default"))
@@ -83,10 +85,20 @@ def provider_entry(name: str, fake: FakeProvider, key_env: str, model: str, pric
             "input_price_per_1m": prices[0], "output_price_per_1m": prices[1], **extra}
 
 
-def service_config(strong: list[dict], weak: list[dict], **sections) -> dict:
+def router_output() -> str:
+    """The binary test router's one output: the weak model it scores."""
+    return json.loads((ROUTER_DIR / "router.json").read_text())["weak"]
+
+
+def two_tiers(weak: list[dict], strong: list[dict]) -> list[dict]:
+    """The binary router's tiers: weak (scored) and strong (unscored)."""
+    return [{"name": "weak", "score": router_output(), "providers": weak}, {"name": "strong", "providers": strong}]
+
+
+def service_config(tiers: list[dict], **sections) -> dict:
     cfg = {
         "router": {"path": str(ROUTER_DIR)},
-        "providers": {"strong": strong, "weak": weak},
+        "tiers": tiers,
         "retry": {"attempts": 2, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "max_retry_after_s": 0.5},
         "circuit_breaker": {"failures": 3, "cooldown_s": 0.5},
         "auth": {"keys": [{"name": "test", "sha256": hash_key(CLIENT_KEY)},
@@ -100,10 +112,10 @@ def service_config(strong: list[dict], weak: list[dict], **sections) -> dict:
     return cfg
 
 
-def start_service(cfg: dict, router=None) -> ServerThread:
+def start_service(cfg: dict, router=None, **service) -> ServerThread:
     for k, v in PROVIDER_KEYS.items():
         os.environ.setdefault(k, v)
-    return ServerThread(create_app(Service(parse_config(cfg), router=router)))
+    return ServerThread(create_app(Service(parse_config(cfg), router=router, **service)))
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from serving_fixtures import (CLIENT_KEY, OTHER_KEY, PROVIDER_KEYS, ROUTER_DIR, FakeProvider, provider_entry,
-                              service_config, start_service)
+                              service_config, start_service, two_tiers)
 
 pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 
@@ -23,8 +23,8 @@ def stack():
     with FakeProvider(name="strong-a", model=STRONG_MODEL, api_key=PROVIDER_KEYS["TEST_STRONG_A_KEY"]) as strong, \
          FakeProvider(name="weak-a", model=WEAK_MODEL, api_key=PROVIDER_KEYS["TEST_WEAK_A_KEY"]) as weak:
         cfg = service_config(
-            [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30), context_window=128000)],
-            [provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6), context_window=2000)],
+            two_tiers([provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6), context_window=2000)],
+                      [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30), context_window=128000)]),
             circuit_breaker={"failures": 3, "cooldown_s": 60},
         )
         with start_service(cfg) as service:
@@ -52,14 +52,15 @@ def test_forced_thresholds_pick_each_tier_and_headers_tell_the_decision(client, 
     assert s.model == STRONG_MODEL and s.choices[0].message.content.startswith("[strong-a]")
     assert weak.headers["x-router-tier"] == "weak" and weak.headers["x-router-model"] == WEAK_MODEL
     assert strong.headers["x-router-tier"] == "strong" and strong.headers["x-router-threshold"] == "1.0000"
-    assert weak.headers["x-router-score"] == strong.headers["x-router-score"]  # same prompt, same score
+    assert weak.headers["x-router-pass-chances"] == strong.headers["x-router-pass-chances"]  # same prompt, same score
+    assert strong.headers["x-router-pass-chances"].endswith(", strong=1.0000")  # the unscored top tier always passes
     # the cost comes from the provider's usage and the configured prices
     assert float(strong.headers["x-router-cost-usd"]) == pytest.approx(
         (s.usage.prompt_tokens * 10 + s.usage.completion_tokens * 30) / 1e6, abs=1e-8)
     assert float(weak.headers["x-router-cost-usd"]) == pytest.approx(
         (w.usage.prompt_tokens + w.usage.completion_tokens) * 0.6 / 1e6, abs=1e-8)
     # the provider got its own key and its upstream model id, never the client's key
-    assert stack["strong"].stats()["last_model"] == STRONG_MODEL
+    assert stack["strong"].stats()["last_body"]["model"] == STRONG_MODEL
     assert stack["strong"].stats()["last_authorization_ok"] is True
 
 
@@ -67,10 +68,12 @@ def test_default_threshold_routes_by_the_router_score(client, stack):
     r = httpx.post(stack["url"] + "/v1/route", json={"model": "router", "messages": user()}, headers=auth())
     decision = r.json()
     raw = client.chat.completions.with_raw_response.create(model="router", messages=user())
-    assert raw.headers["x-router-tier"] == decision["model"]
-    assert float(raw.headers["x-router-score"]) == pytest.approx(decision["score"], abs=1e-4)
-    expected = "weak" if decision["score"] >= decision["threshold"] else "strong"
-    assert decision["model"] == expected and decision["reason_code"] == "score"
+    assert raw.headers["x-router-tier"] == decision["tier"]
+    p_weak = decision["pass_chances"]["weak"]
+    assert raw.headers["x-router-pass-chances"] == f"weak={p_weak:.4f}, strong=1.0000"
+    expected = "weak" if p_weak >= decision["threshold"] else "strong"
+    assert decision["tier"] == expected and decision["rule"] == "score"
+    assert decision["effective_threshold"] == decision["threshold"] and decision["budget"] is None  # no budget configured
 
 
 def test_route_endpoint_returns_the_decision_alone(stack):
@@ -78,15 +81,17 @@ def test_route_endpoint_returns_the_decision_alone(stack):
     r = httpx.post(stack["url"] + "/v1/route", json={"model": "router-0.0", "messages": user()}, headers=auth())
     assert r.status_code == 200
     d = r.json()
-    assert d["model"] == "weak" and d["upstream_model"] == WEAK_MODEL and d["threshold"] == 0.0
-    assert 0.0 <= d["score"] <= 1.0 and ">=" in d["reason"]
+    assert d["tier"] == "weak" and d["upstream_model"] == WEAK_MODEL and d["threshold"] == 0.0
+    assert 0.0 <= d["pass_chances"]["weak"] <= 1.0 and ">=" in d["reason"] and d["skipped"] == []
+    assert d["fallback_chain"] == ["weak-a", "strong-a"]
     assert d["estimated_cost_usd"] == pytest.approx((d["estimated_prompt_tokens"] + 256) * 0.6 / 1e6)
     assert stack["weak"].stats()["requests"] + stack["strong"].stats()["requests"] == before  # nothing forwarded
 
 
 def test_prompt_longer_than_the_weak_context_goes_strong(client, stack):
     raw = client.chat.completions.with_raw_response.create(model="router-0", messages=user("word " * 2000))
-    assert raw.headers["x-router-tier"] == "strong" and raw.headers["x-router-reason"] == "context"
+    assert raw.headers["x-router-tier"] == "strong" and raw.headers["x-router-rule"] == "context"
+    assert raw.headers["x-router-skipped"] == "weak=context"
     # max_tokens counts too: 40 chars + 1900 output tokens exceed 2000
     raw = client.chat.completions.with_raw_response.create(model="router-0", messages=user("short " * 20), max_tokens=1990)
     assert raw.headers["x-router-tier"] == "strong"
@@ -131,7 +136,7 @@ def test_models_health_ready_metrics(client, stack):
     ready = httpx.get(stack["url"] + "/readyz")
     assert ready.status_code == 200 and ready.json()["tiers"] == {"strong": True, "weak": True}
     metrics = httpx.get(stack["url"] + "/metrics").text
-    for name in ("router_requests_total", "router_decisions_total", "router_score_bucket", "router_routing_seconds_bucket",
+    for name in ("router_requests_total", "router_decisions_total", "router_pass_chance_bucket", "router_routing_seconds_bucket",
                  "router_upstream_seconds_bucket", "router_cost_usd_total", 'router_circuit_state{provider="weak-a"} 0.0'):
         assert name in metrics
 
@@ -142,14 +147,14 @@ def test_readyz_fails_while_a_whole_tier_is_unreachable(stack):
     assert httpx.get(stack["url"] + "/readyz").status_code == 200
     weak.control(mode="ok")
     svc = stack["service"].app.state.service
-    for p in svc.upstream.chains["weak"]:
+    for p in svc.upstream.tiers[0]:
         for _ in range(svc.config.circuit_breaker.failures):
             p.breaker.failure()
     try:
         r = httpx.get(stack["url"] + "/readyz")
         assert r.status_code == 503 and r.json()["tiers"] == {"strong": True, "weak": False}
     finally:
-        for p in svc.upstream.chains["weak"]:
+        for p in svc.upstream.tiers[0]:
             p.breaker.success()
 
 
@@ -247,4 +252,4 @@ def test_cutting_a_huge_prompt_leaves_its_score_unchanged(stack):
     text = "Please review this log and tell me what failed. " + "step ok; " * 5000  # ~45k characters
     r = httpx.post(stack["url"] + "/v1/route", json={"model": "router", "messages": user(text)}, headers=auth())
     full = stack["service"].app.state.service.router.score([text])[0]  # the whole text, uncut
-    assert r.json()["score"] == pytest.approx(float(full), abs=1e-6)
+    assert r.json()["pass_chances"]["weak"] == pytest.approx(float(full), abs=1e-6)

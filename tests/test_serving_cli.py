@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from learned_router.cli import app
-from learned_router.serving.app import Service
+from learned_router.serving.service import Service
 from learned_router.serving.config import load_config, parse_config
 from serving_fixtures import ROOT, ROUTER_DIR, FakeProvider, free_port, wait_for
 
@@ -22,9 +22,11 @@ EXAMPLE = ROOT / "serving" / "config.example.yaml"
 runner = CliRunner()
 
 
-def example(**router) -> dict:
+def example(tmp_path) -> dict:
+    """The example config with the test router and its spend store under tmp_path."""
     cfg = yaml.safe_load(EXAMPLE.read_text())
-    cfg["router"].update(path=str(ROUTER_DIR), **router)
+    cfg["router"]["path"] = str(ROUTER_DIR)
+    cfg["budget"]["store"] = str(tmp_path / "spend.sqlite")
     return cfg
 
 
@@ -45,38 +47,50 @@ def serve_error(args: list[str], env: dict | None = None) -> str:
 
 def test_the_example_config_is_valid():
     cfg = load_config(EXAMPLE)
-    assert [p.model for p in cfg.providers.strong] == ["gpt-4-1106-preview"]
-    assert cfg.providers.strong[0].input_price_per_1m == 10 and cfg.providers.weak[0].output_price_per_1m == 0.6
-    assert cfg.providers.strong[0].api_key_env == "STRONG_API_KEY"
+    weak, strong = cfg.tiers
+    assert (weak.name, strong.name, strong.score) == ("weak", "strong", None)
+    assert weak.score == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    assert [p.model for p in strong.providers] == ["gpt-4-1106-preview"]
+    assert strong.providers[0].input_price_per_1m == 10 and weak.providers[0].output_price_per_1m == 0.6
+    assert strong.providers[0].api_key_env == "STRONG_API_KEY"
+    assert cfg.budget.period == "day" and cfg.data_classes == {"restricted": ["strong-demo"]}
 
 
 def test_bad_configs_are_one_line_errors_naming_the_key(tmp_path):
     assert "config file not found" in serve_error(["--config", str(tmp_path / "none.yaml")])
     (tmp_path / "broken.yaml").write_text("router: [unclosed\n")
     assert "not valid YAML" in serve_error(["--config", str(tmp_path / "broken.yaml")])
-    cfg = example()
-    cfg["providers"]["strong"][0]["base_url"] = "localhost:9001"
-    assert "providers.strong[0].base_url: must be an http(s) URL" in serve_error(["--config", str(write(tmp_path, cfg))])
+    cfg = example(tmp_path)
+    cfg["tiers"][1]["providers"][0]["base_url"] = "localhost:9001"
+    assert "tiers[1].providers[0].base_url: must be an http(s) URL" in serve_error(["--config", str(write(tmp_path, cfg))])
 
 
 def test_missing_key_variable_and_router_folder_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("STRONG_API_KEY", "x")
     monkeypatch.setenv("WEAK_API_KEY", "y")
-    cfg = example()
+    cfg = example(tmp_path)
     cfg["router"]["path"] = str(tmp_path / "no-router")
     assert "router folder not found" in serve_error(["--config", str(write(tmp_path, cfg))])
     if not (ROUTER_DIR / "router.json").is_file():
         return
+    cfg = example(tmp_path)
+    cfg["tiers"][0]["score"] = "gpt-5"
+    msg = serve_error(["--config", str(write(tmp_path, cfg))])
+    assert "tiers[0].score: the router outputs no 'gpt-5'; it outputs: mistralai/Mixtral-8x7B-Instruct-v0.1" in msg
+    cfg = example(tmp_path)
+    cfg["budget"]["store"] = str(tmp_path / "a-file" / "spend.sqlite")
+    (tmp_path / "a-file").write_text("not a folder")
+    assert "budget.store: cannot use" in serve_error(["--config", str(write(tmp_path, cfg))])
     monkeypatch.delenv("WEAK_API_KEY")
-    msg = serve_error(["--config", str(write(tmp_path, example()))])
-    assert "providers.weak[0].api_key_env: environment variable WEAK_API_KEY is not set" in msg
+    msg = serve_error(["--config", str(write(tmp_path, example(tmp_path)))])
+    assert "tiers[0].providers[0].api_key_env: environment variable WEAK_API_KEY is not set" in msg
 
 
 @needs_router
-def test_strong_fraction_resolves_through_the_calibration_table(monkeypatch):
+def test_strong_fraction_resolves_through_the_calibration_table(monkeypatch, tmp_path):
     monkeypatch.setenv("STRONG_API_KEY", "x")
     monkeypatch.setenv("WEAK_API_KEY", "y")
-    cfg = example()
+    cfg = example(tmp_path)
     service = Service(parse_config(cfg))
     assert service.threshold == pytest.approx(service.router.manifest.threshold_for(0.5))
     cfg["routing"] = {"threshold": 0.123}
@@ -91,9 +105,9 @@ def test_serve_command_runs_the_service(tmp_path):
     keys = {"STRONG_API_KEY": "sk-prov-strong-cli-SECRET", "WEAK_API_KEY": "sk-prov-weak-cli-SECRET"}
     with FakeProvider(name="strong", model="gpt-4-1106-preview", api_key=keys["STRONG_API_KEY"]) as strong, \
          FakeProvider(name="weak", model="mixtral", api_key=keys["WEAK_API_KEY"]) as weak:
-        cfg = example()
-        cfg["providers"]["strong"][0]["base_url"] = strong.base_url
-        cfg["providers"]["weak"][0]["base_url"] = weak.base_url
+        cfg = example(tmp_path)
+        cfg["tiers"][1]["providers"][0]["base_url"] = strong.base_url
+        cfg["tiers"][0]["providers"][0]["base_url"] = weak.base_url
         port = free_port()
         env = {**os.environ, **keys, "HF_HUB_OFFLINE": "1"}
         proc = subprocess.Popen([sys.executable, "-c", "from learned_router.cli import app; app()", "serve",

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from serving_fixtures import (CLIENT_KEY, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
-                              wait_for)
+                              two_tiers, wait_for)
 
 pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 
@@ -29,7 +29,7 @@ def stack():
     try:
         entries = {n: provider_entry(n, fakes[n], None, MODELS[n], (10, 30) if n.startswith("strong") else (0.6, 0.6),
                                      timeout_s=1.0, connect_timeout_s=1.0) for n in NAMES}
-        cfg = service_config([entries["strong-a"], entries["strong-b"]], [entries["weak-a"], entries["weak-b"]],
+        cfg = service_config(two_tiers([entries["weak-a"], entries["weak-b"]], [entries["strong-a"], entries["strong-b"]]),
                              circuit_breaker={"failures": 3, "cooldown_s": COOLDOWN})
         with start_service(cfg) as service:
             yield {"url": service.url, "fakes": fakes, "service": service.app.state.service}
@@ -162,7 +162,7 @@ def test_a_hanging_provider_times_out_and_the_next_answers(client, stack):
 
 def test_connection_refused_falls_back(client, stack):
     svc = stack["service"]
-    weak_a = svc.upstream.chains["weak"][0]
+    weak_a = svc.upstream.tiers[0][0]
     real = weak_a.config
     weak_a.config = real.model_copy(update={"base_url": "http://127.0.0.1:9/v1"})  # nothing listens on port 9
     try:
@@ -177,7 +177,7 @@ def test_429_honours_a_short_retry_after_and_skips_on_a_long_one(client, stack):
     weak_a.control(mode="429", retry_after=0.2)  # <= retry.max_retry_after_s: wait, retry
     assert weak_call(client).headers["x-router-provider"] == "weak-b"
     assert requests_to(stack, "weak-a") == 2
-    stack["service"].upstream.chains["weak"][0].breaker.success()
+    stack["service"].upstream.tiers[0][0].breaker.success()
     weak_a.control(mode="429", retry_after=30, reset_stats=True)  # longer: move on at once
     assert weak_call(client).headers["x-router-provider"] == "weak-b"
     assert requests_to(stack, "weak-a") == 1

@@ -13,7 +13,7 @@ from learned_router.serving.batcher import ScoreBatcher
 from learned_router.serving.config import ConfigError, hash_key, parse_config
 from learned_router.serving.errors import APIError
 from learned_router.serving.providers import CircuitBreaker, retry_after_seconds
-from learned_router.serving.routing import MAX_SCORED_CHARS, Message, decide, estimate_tokens, parse_request, requested_threshold, scored_text
+from learned_router.serving.routing import MAX_SCORED_CHARS, Message, estimate_tokens, parse_request, requested_threshold, scored_text
 
 
 class Clock:
@@ -65,13 +65,6 @@ def test_model_names_set_the_threshold():
     with pytest.raises(APIError) as e:
         requested_threshold("gpt-4", 0.5)
     assert e.value.status == 404 and e.value.code == "model_not_found"
-
-
-def test_decide_weak_at_or_above_threshold_and_long_prompts_go_strong():
-    assert decide(0.5, 0.5, 100, None, 8192).tier == "weak"
-    assert decide(0.49, 0.5, 100, None, 8192).tier == "strong"
-    d = decide(0.99, 0.1, 8000, 500, 8192)
-    assert d.tier == "strong" and d.reason_code == "context" and "8500" in d.reason
 
 
 @pytest.mark.parametrize(
@@ -180,7 +173,8 @@ def test_batcher_scores_concurrent_prompts_together_off_the_event_loop():
         return out
 
     out = asyncio.run(main())
-    assert out == pytest.approx([0.01] + [i / 100 for i in range(1, 11)])
+    assert all(o.shape == (1,) for o in out)  # a binary router's (n,) scores: one output per prompt
+    assert [float(o[0]) for o in out] == pytest.approx([0.01] + [i / 100 for i in range(1, 11)])
     assert [len(p) for p, _ in calls] == [1, 8, 2]  # max_batch caps a batch
     assert all(name.startswith("router-score") for _, name in calls)
 
@@ -201,26 +195,38 @@ def test_batcher_gives_the_scorer_error_to_every_waiting_request_and_keeps_servi
 
     failed, ok = asyncio.run(main())
     assert isinstance(failed[0], RuntimeError) and "onnxruntime" in str(failed[0])
-    assert ok == pytest.approx(0.7)
+    assert ok.tolist() == pytest.approx([0.7])
 
 
 # ---- config -------------------------------------------------------------------------------------
 
 def base_config() -> dict:
     p = {"base_url": "http://127.0.0.1:9/v1"}
-    return {"providers": {"strong": [{**p, "model": "s"}], "weak": [{**p, "model": "w"}]},
+    return {"tiers": [{"name": "weak", "score": "w", "providers": [{**p, "model": "w"}]},
+                      {"name": "strong", "providers": [{**p, "model": "s"}]}],
             "auth": {"keys": [{"name": "k", "sha256": hash_key("key")}]}}
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c["providers"]["strong"][0].update(base_url="127.0.0.1:9"), "providers.strong[0].base_url: must be an http(s) URL"),
-        (lambda c: c["providers"]["weak"][0].update(input_price_per_1m=-1), "providers.weak[0].input_price_per_1m:"),
-        (lambda c: c["providers"]["weak"][0].update(api_key_env="MY KEY"), "providers.weak[0].api_key_env:"),
-        (lambda c: c["providers"]["weak"][0].update(model="s"), "providers.weak[0].name: duplicate provider name 's'"),
-        (lambda c: c["providers"].update(weak=[]), "providers.weak:"),
-        (lambda c: c["providers"]["strong"][0].pop("model"), "providers.strong[0].model: required"),
+        (lambda c: c["tiers"][1]["providers"][0].update(base_url="127.0.0.1:9"), "tiers[1].providers[0].base_url: must be an http(s) URL"),
+        (lambda c: c["tiers"][0]["providers"][0].update(input_price_per_1m=-1), "tiers[0].providers[0].input_price_per_1m:"),
+        (lambda c: c["tiers"][0]["providers"][0].update(api_key_env="MY KEY"), "tiers[0].providers[0].api_key_env:"),
+        (lambda c: c["tiers"][1]["providers"][0].update(model="w"), "tiers[1].providers[0].name: duplicate provider name 'w'"),
+        (lambda c: c["tiers"][0].update(providers=[]), "tiers[0].providers:"),
+        (lambda c: c["tiers"][1]["providers"][0].pop("model"), "tiers[1].providers[0].model: required"),
+        (lambda c: c["tiers"][1].update(name="weak"), "tiers[1].name: duplicate tier name 'weak'"),
+        (lambda c: c["tiers"][1].update(name="top tier"), "tiers[1].name: must be letters, digits"),
+        (lambda c: c.update(tiers=c["tiers"][:1]), "tiers: a router needs at least 2 tiers, cheapest first; got 1"),
+        (lambda c: c.update(providers={"strong": [], "weak": []}), "providers: Extra inputs are not permitted"),
+        (lambda c: c.update(data_classes={"restricted": ["w", "nope"]}), "data_classes.restricted[1]: unknown provider 'nope'; providers: s, w"),
+        (lambda c: c.update(data_classes={"restricted": []}), "data_classes.restricted: list the providers"),
+        (lambda c: c.update(budget={"period": "week", "usd": 5}), "budget.period:"),
+        (lambda c: c.update(budget={"period": "day", "usd": 0}), "budget.usd:"),
+        (lambda c: c.update(budget={"period": "day", "usd": 5, "min_threshold": 0.8, "max_threshold": 0.5}),
+         "budget: min_threshold 0.8 is above max_threshold 0.5"),
+        (lambda c: c.update(latency={"min_samples": 0}), "latency.min_samples:"),
         (lambda c: c.update(routing={"threshold": 1.5}), "routing.threshold:"),
         (lambda c: c.update(routing={"threshold": 0.3, "strong_fraction": 0.5}), "routing: set threshold or strong_fraction, not both"),
         (lambda c: c.update(routing={"score_turn": "last"}), "routing.score_turn:"),
@@ -241,11 +247,12 @@ def test_config_errors_name_the_key(change, message):
 
 def test_config_defaults_and_key_variables(monkeypatch):
     cfg = base_config()
-    cfg["providers"]["strong"][0]["api_key_env"] = "UNIT_STRONG_KEY"
+    cfg["tiers"][1]["providers"][0]["api_key_env"] = "UNIT_STRONG_KEY"
     cfg["auth"]["keys_env"] = "UNIT_CLIENT_KEYS"
     c = parse_config(cfg)
-    assert c.router.path == "models/default" and c.routing.score_turn == "last_user"
-    with pytest.raises(ConfigError, match=r"providers.strong\[0\].api_key_env: environment variable UNIT_STRONG_KEY is not set"):
+    assert c.router.path == "models/default" and c.routing.score_turn == "last_user" and c.budget is None
+    assert c.routing.fallback_to_other_tiers and c.data_classes == {}
+    with pytest.raises(ConfigError, match=r"tiers\[1\].providers\[0\].api_key_env: environment variable UNIT_STRONG_KEY is not set"):
         c.provider_keys()
     with pytest.raises(ConfigError, match="auth.keys_env: environment variable UNIT_CLIENT_KEYS is not set"):
         c.client_keys()

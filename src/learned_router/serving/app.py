@@ -1,7 +1,7 @@
-"""The OpenAI-compatible routing service: score each request, pick a tier, forward it, account for it.
+"""The OpenAI-compatible routing service over HTTP: score each request, pick a tier, forward it, account for it.
 
 Clients change only `base_url`. `model="router"` uses the configured threshold; `model="router-0.35"`
-sets it for one request. Every answer carries x-router-* headers with the decision and its cost.
+sets it for one request. Every answer carries x-router-* headers with the decision, why, and its cost.
 """
 
 from __future__ import annotations
@@ -21,98 +21,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..scorer import Router
-from .auth import RateLimiter, rate_limited
-from .batcher import ScoreBatcher
-from .config import ServiceConfig, load_config
+from .auth import rate_limited
+from .config import load_config
 from .errors import APIError, ConfigError, error_body
 from .metrics import Metrics
-from .providers import AllProvidersFailed, Provider, Reply, Upstream
-from .routing import ROUTER_MODEL, ChatRequest, RouteDecision, decide, estimate_tokens, parse_request, requested_threshold, scored_text
+from .providers import Reply
+from .routing import ROUTER_MODEL, parse_request, router_options
+from .service import Decision, Service
 
 log = logging.getLogger("learned_router.serving")
 CONFIG_ENV = "LEARNED_ROUTER_CONFIG"
 ENDPOINTS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/healthz", "/readyz", "/metrics"}
 AUTHORIZED = [Depends(rate_limited)]  # a valid client key within its rate limit
-
-
-class Service:
-    """Everything one service process holds: router, batcher, upstream chains, keys, limits, metrics.
-
-    `router` may be injected: any object with `score(list[str]) -> array`, `manifest` and `default_threshold`.
-    """
-
-    def __init__(self, config: ServiceConfig, router=None):
-        self.config = config
-        self.client_keys = config.client_keys() if config.auth.enabled else {}
-        provider_keys = config.provider_keys()  # before the slow part: a missing key variable fails at once
-        self.router = router if router is not None else Router.load(config.router.path, threads=config.router.threads)
-        self.threshold = resolve_threshold(config, self.router)
-        self.metrics = Metrics()
-        self.upstream = Upstream.build(
-            config.providers, provider_keys, config.retry, config.circuit_breaker, self.metrics,
-            config.routing.fallback_to_other_tier,
-        )
-        self.batcher = ScoreBatcher(self.router.score, config.router.max_batch, config.router.max_wait_ms / 1000,
-                                    config.router.workers, on_batch=self.metrics.batch_size.observe)
-        self.rate_limiter = RateLimiter(config.rate_limit.requests_per_minute, config.rate_limit.burst)
-        self.weak_context = max(p.context_window for p in config.providers.weak)
-
-    async def start(self) -> None:
-        await self.batcher.start()
-        await self.upstream.start()
-
-    async def stop(self) -> None:
-        await self.batcher.stop()
-        await self.upstream.stop()
-
-    async def route(self, req: ChatRequest) -> RouteDecision:
-        start = time.perf_counter()
-        threshold = requested_threshold(req.model, self.threshold)
-        text = scored_text(req.messages, self.config.routing.score_turn)
-        try:
-            p_weak = await self.batcher.score(text)
-        except Exception:
-            log.exception("scoring failed")
-            raise APIError(500, "the router could not score this request", type="server_error", code="router_error") from None
-        tokens = estimate_tokens(req.messages, self.config.routing.chars_per_token)
-        decision = decide(p_weak, threshold, tokens, req.output_tokens(), self.weak_context)
-        self.metrics.routing_seconds.observe(time.perf_counter() - start)
-        self.metrics.score.observe(p_weak)
-        self.metrics.decisions.labels(decision.tier, decision.reason_code).inc()
-        return decision
-
-    def expected_provider(self, d: RouteDecision) -> Provider:
-        """The provider of the decided tier that will most likely answer: the first that fits and is not open."""
-        chain = self.upstream.chains[d.tier]
-        need = d.prompt_tokens + (d.output_tokens or 0)
-        return next((p for p in chain if p.config.context_window >= need and p.breaker.state != "open"), chain[0])
-
-    def estimated_cost(self, d: RouteDecision) -> float:
-        out = d.output_tokens if d.output_tokens is not None else self.config.routing.assumed_output_tokens
-        return self.expected_provider(d).config.cost_usd(d.prompt_tokens, out)
-
-    def account(self, provider: Provider, prompt_tokens: float, completion_tokens: float) -> float:
-        cfg = provider.config
-        cost = cfg.cost_usd(prompt_tokens, completion_tokens)
-        self.metrics.tokens.labels(provider.name, cfg.model, "input").inc(prompt_tokens)
-        self.metrics.tokens.labels(provider.name, cfg.model, "output").inc(completion_tokens)
-        self.metrics.cost.labels(provider.name, cfg.model).inc(cost)
-        self.metrics.served.labels(provider.tier, provider.name, cfg.model).inc()
-        return cost
-
-
-def resolve_threshold(config: ServiceConfig, router) -> float:
-    """routing.threshold as given; routing.strong_fraction through the router's calibration table; else its default."""
-    r = config.routing
-    if r.threshold is not None:
-        return r.threshold
-    if r.strong_fraction is not None:
-        try:
-            return float(router.manifest.threshold_for(r.strong_fraction))
-        except (ValueError, IndexError) as e:
-            raise ConfigError(f"routing.strong_fraction: cannot be resolved with the router's calibration table ({e})") from None
-    return float(router.default_threshold)
 
 
 def usage_tokens(usage: object) -> tuple[float, float] | None:
@@ -123,14 +43,17 @@ def usage_tokens(usage: object) -> tuple[float, float] | None:
     return None
 
 
-def decision_headers(service: Service, d: RouteDecision, reply: Reply | None = None) -> dict[str, str]:
+def decision_headers(d: Decision, reply: Reply | None = None) -> dict[str, str]:
     h = {
         "x-router-tier": d.tier,
-        "x-router-score": f"{d.p_weak:.4f}",
+        "x-router-rule": d.rule,
+        "x-router-pass-chances": ", ".join(f"{t}={p:.4f}" for t, p in d.pass_chances.items()),
         "x-router-threshold": f"{d.threshold:.4f}",
-        "x-router-reason": d.reason_code,
-        "x-router-estimated-cost-usd": f"{service.estimated_cost(d):.8f}",
+        "x-router-effective-threshold": f"{d.effective_threshold:.4f}",
+        "x-router-estimated-cost-usd": f"{d.estimated_cost:.8f}",
     }
+    if d.skipped:
+        h["x-router-skipped"] = ", ".join(f"{s.tier}={s.rule}" for s in d.skipped)
     if reply is not None:
         h["x-router-model"] = reply.provider.config.model
         h["x-router-provider"] = reply.provider.name
@@ -210,16 +133,15 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
-        log.info("router %s ready: threshold %.4f, strong %s, weak %s", getattr(service.router.manifest, "name", "?"),
-                 service.threshold, [p.name for p in service.upstream.chains["strong"]],
-                 [p.name for p in service.upstream.chains["weak"]])
+        log.info("router %s ready: threshold %.4f, tiers %s", getattr(service.router.manifest, "name", "?"), service.threshold,
+                 {t.name: [p.name for p in t.providers] for t in service.config.tiers})
         try:
             yield
         finally:
             await service.stop()
 
     app = FastAPI(title="learned-router", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible LLM router: each request goes to the weak or the strong model.")
+                  description="OpenAI-compatible LLM router: each request goes to the cheapest tier whose answer will pass.")
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=service.config.limits.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
@@ -246,37 +168,40 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/route", dependencies=AUTHORIZED)
     async def route(request: Request) -> dict:
-        """The routing decision alone: the tier, its score and threshold, why, and the estimated cost."""
-        req, _ = parse_request(await request.body())
-        d = await service.route(req)
-        first = service.expected_provider(d).config
+        """The routing decision alone: the tier, the rule that decided and why, pass chances, thresholds, cost, budget."""
+        started = time.monotonic()
+        req, body = parse_request(await request.body())
+        d = await service.route(req, router_options(body, request.headers), started)
         return {
-            "model": d.tier, "upstream_model": first.model, "provider": first.name,
-            "score": d.p_weak, "threshold": d.threshold, "reason": d.reason, "reason_code": d.reason_code,
-            "estimated_prompt_tokens": d.prompt_tokens, "estimated_cost_usd": service.estimated_cost(d),
+            "tier": d.tier, "provider": d.provider.name, "upstream_model": d.provider.config.model,
+            "rule": d.rule, "reason": d.reason, "pass_chances": d.pass_chances,
+            "threshold": d.threshold, "effective_threshold": d.effective_threshold,
+            "skipped": [s.as_dict() for s in d.skipped], "fallback_chain": [p.name for p in d.chain],
+            "estimated_prompt_tokens": d.prompt_tokens, "estimated_cost_usd": d.estimated_cost,
+            "data_class": d.options.data_class, "latency_budget_ms": d.options.latency_budget_ms,
+            "budget": d.budget.as_dict() if d.budget else None,
         }
 
     @app.post("/v1/chat/completions", dependencies=AUTHORIZED)
     async def chat_completions(request: Request):
-        """Route, then forward to the chosen tier's providers (with fallbacks); streams pass through as SSE."""
+        """Route, then forward down the decision's chain of providers; streams pass through as SSE."""
+        started = time.monotonic()
         request_id = uuid.uuid4().hex[:16]
         req, body = parse_request(await request.body())
-        d = await service.route(req)
-        need = d.prompt_tokens + (d.output_tokens or 0)
+        d = await service.route(req, router_options(body, request.headers), started, observe=True)
         try:
-            reply = await service.upstream.complete(d.tier, body, req.stream, need)
-        except AllProvidersFailed as e:
-            status, code = (502, "upstream_failed") if e.tried else (503, "no_provider_available")
-            log.warning("chat id=%s tier=%s status=%d: %s", request_id, d.tier, status, e)
-            raise APIError(status, f"every provider failed: {e}", type="upstream_error", code=code) from None
-        headers = decision_headers(service, d, reply) | {"x-request-id": request_id}
+            reply = await service.complete(d, body, req.stream)
+        except APIError as e:
+            log.warning("chat id=%s tier=%s rule=%s status=%d: %s", request_id, d.tier, d.rule, e.status, e.message)
+            raise
+        headers = decision_headers(d, reply) | {"x-request-id": request_id}
         if reply.response is None:  # a whole answer, or a client error from the provider passed back
             tokens = usage_tokens(reply.json.get("usage") if isinstance(reply.json, dict) else None)
-            cost = service.account(reply.provider, *tokens) if tokens and reply.status == 200 else 0.0
+            cost = service.account(reply.provider, *tokens, d) if tokens and reply.status == 200 else 0.0
             if reply.status == 200:
                 headers["x-router-cost-usd"] = f"{cost:.8f}"
-            log.info("chat id=%s tier=%s provider=%s status=%d score=%.4f threshold=%.4f reason=%s fallbacks=%d cost_usd=%.8f",
-                     request_id, d.tier, reply.provider.name, reply.status, d.p_weak, d.threshold, d.reason_code,
+            log.info("chat id=%s tier=%s provider=%s status=%d rule=%s threshold=%.4f effective=%.4f fallbacks=%d cost_usd=%.8f",
+                     request_id, d.tier, reply.provider.name, reply.status, d.rule, d.threshold, d.effective_threshold,
                      reply.fallbacks, cost)
             return Response(reply.raw, status_code=reply.status, media_type="application/json", headers=headers)
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -295,7 +220,7 @@ def create_app(service: Service) -> FastAPI:
     async def readyz():
         """Ready when the router scores and each tier has a provider that answers and whose circuit is not open."""
         ready = await service.upstream.ready(service.config.readiness)
-        tiers = {t: any(ready[p.name] for p in chain) for t, chain in service.upstream.chains.items()}
+        tiers = {t.name: any(ready[p.name] for p in t.providers) for t in service.config.tiers}
         ok = service.batcher.running and all(tiers.values())
         body = {"status": "ready" if ok else "not ready", "router": service.batcher.running, "tiers": tiers, "providers": ready}
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -307,7 +232,7 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-async def relay(service: Service, reply: Reply, d: RouteDecision, request_id: str, wants_usage: bool) -> AsyncIterator[str]:
+async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wants_usage: bool) -> AsyncIterator[str]:
     """Pass the upstream's SSE lines through; note usage; drop the usage chunk we asked for on the client's behalf.
 
     When the client goes away, Starlette cancels this generator and the upstream response is closed with it.
@@ -351,9 +276,9 @@ async def relay(service: Service, reply: Reply, d: RouteDecision, request_id: st
         with anyio.CancelScope(shield=True):  # close the upstream even when the client's disconnect cancelled us
             await reply.response.aclose()
         tokens = usage_tokens(usage) or (d.prompt_tokens, chars / service.config.routing.chars_per_token)
-        cost = service.account(provider, *tokens)
-        log.info("chat id=%s tier=%s provider=%s stream=%s score=%.4f threshold=%.4f reason=%s fallbacks=%d cost_usd=%.8f",
-                 request_id, d.tier, provider.name, outcome, d.p_weak, d.threshold, d.reason_code, reply.fallbacks, cost)
+        cost = service.account(provider, *tokens, d)
+        log.info("chat id=%s tier=%s provider=%s stream=%s rule=%s threshold=%.4f effective=%.4f fallbacks=%d cost_usd=%.8f",
+                 request_id, d.tier, provider.name, outcome, d.rule, d.threshold, d.effective_threshold, reply.fallbacks, cost)
 
 
 def create_app_from_env() -> FastAPI:

@@ -24,7 +24,7 @@ class ScoreBatcher:
         self.max_wait_s = max_wait_s
         self.workers = workers
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[tuple[str, asyncio.Future[float]]] | None = None
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="router-score")
@@ -50,8 +50,8 @@ class ScoreBatcher:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def score(self, prompt: str) -> float:
-        """P(weak answer passes) for one prompt, scored together with whatever else is waiting."""
+    async def score(self, prompt: str) -> np.ndarray:
+        """The router's outputs for one prompt (a vector, one value per output), scored with whatever else is waiting."""
         if self._queue is None or not self.running:
             raise RuntimeError("the score batcher is not running")
         fut = asyncio.get_running_loop().create_future()
@@ -79,10 +79,11 @@ class ScoreBatcher:
             self._batches.add(task)
             task.add_done_callback(lambda t: (self._batches.discard(t), free.release()))
 
-    async def _score_batch(self, batch: list[tuple[str, asyncio.Future[float]]]) -> None:
+    async def _score_batch(self, batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
         loop = asyncio.get_running_loop()
         try:
             scores = await loop.run_in_executor(self._executor, self._score, [p for p, _ in batch])
+            scores = np.asarray(scores, dtype=np.float64).reshape(len(batch), -1)  # binary routers give shape (n,)
         except BaseException as e:  # every waiting request gets the scorer's error
             err = RuntimeError("the router is shutting down") if isinstance(e, asyncio.CancelledError) else e
             for _, fut in batch:
@@ -93,4 +94,4 @@ class ScoreBatcher:
             return
         for (_, fut), s in zip(batch, scores, strict=True):
             if not fut.done():
-                fut.set_result(float(s))
+                fut.set_result(s)

@@ -26,6 +26,8 @@ import httpx
 import numpy as np
 import yaml
 
+from ..manifest import read_manifest
+
 BENCH_KEY = "sk-bench-client-key"
 TOPICS = ["binary search trees", "the French revolution", "photosynthesis", "TCP congestion control", "compound interest",
           "the Krebs cycle", "Rust lifetimes", "supply and demand", "black holes", "sourdough baking", "SQL joins",
@@ -173,10 +175,12 @@ def run(router: str = "models/default", route_requests: int = 2000, chat_request
         provider = {"base_url": f"{fake_url}/v1", "context_window": 32768, "timeout_s": 30}
         config = {
             "router": {"path": str(router), "threads": threads, "workers": workers, "max_wait_ms": max_wait_ms},
-            "providers": {
-                "strong": [{**provider, "name": "strong", "model": "gpt-4-1106-preview", "input_price_per_1m": 10, "output_price_per_1m": 30}],
-                "weak": [{**provider, "name": "weak", "model": "mixtral-8x7b", "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}],
-            },
+            "tiers": [
+                {"name": "weak", "score": read_manifest(router).outputs[0], "providers": [
+                    {**provider, "name": "weak", "model": "mixtral-8x7b", "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}]},
+                {"name": "strong", "providers": [
+                    {**provider, "name": "strong", "model": "gpt-4-1106-preview", "input_price_per_1m": 10, "output_price_per_1m": 30}]},
+            ],
             "auth": {"keys_env": "ROUTER_BENCH_KEYS"},
             "rate_limit": {"requests_per_minute": 0},
         }

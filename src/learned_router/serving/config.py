@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+TIER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 
@@ -69,11 +70,19 @@ class ProviderConfig(Strict):
         return (input_tokens * self.input_price_per_1m + output_tokens * self.output_price_per_1m) / 1e6
 
 
-class Providers(Strict):
-    """Each tier is an ordered fallback chain: the first provider is tried first."""
+class TierConfig(Strict):
+    """One tier: an ordered fallback chain of providers, and the router output that gives its pass chance."""
 
-    strong: list[ProviderConfig] = Field(min_length=1)
-    weak: list[ProviderConfig] = Field(min_length=1)
+    name: str  # labels headers, metrics and errors
+    score: str | None = None  # a router output name (its model); None: always passes (the trusted top tier)
+    providers: list[ProviderConfig] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not TIER_NAME.match(v):
+            raise ValueError(f"must be letters, digits, '.', '_' or '-' (it goes into headers), got {v!r}")
+        return v
 
 
 class RouterConfig(Strict):
@@ -85,20 +94,47 @@ class RouterConfig(Strict):
 
 
 class RoutingConfig(Strict):
-    """The threshold as a raw value, or as a target fraction of strong calls; neither: the router's default."""
+    """The threshold on pass chances as a raw value, or (binary routers) as a target fraction of strong calls;
+    neither: the router's default."""
 
     threshold: float | None = Field(None, ge=0.0, le=1.0)
     strong_fraction: float | None = Field(None, ge=0.0, le=1.0)
     score_turn: Literal["last_user", "first_user", "all_user"] = "last_user"
     chars_per_token: Positive = 4.0  # token estimate for the context-window rule and cost estimates
     assumed_output_tokens: int = Field(256, ge=0)  # cost estimate when the request sets no max_tokens
-    fallback_to_other_tier: bool = True  # when a whole tier fails, try the other one
+    fallback_to_other_tiers: bool = True  # when the chosen tier's chain fails: the pricier tiers, then the cheaper
 
     @model_validator(mode="after")
     def _one_threshold(self) -> RoutingConfig:
         if self.threshold is not None and self.strong_fraction is not None:
             raise ValueError("set threshold or strong_fraction, not both")
         return self
+
+
+class BudgetConfig(Strict):
+    """Spend per UTC calendar period; the pacer moves the threshold within [min_threshold, max_threshold]."""
+
+    period: Literal["day", "month"]
+    usd: Positive
+    store: str = "router-spend.sqlite"  # sqlite file of the spend; relative to the working directory
+    min_threshold: float = Field(0.0, ge=0.0, le=1.0)
+    max_threshold: float = Field(1.0, ge=0.0, le=1.0)
+    window: int = Field(500, ge=10)  # recent chat requests the pacer predicts costs on
+    warmup_requests: int = Field(20, ge=1)  # requests seen (this process and period) before the pacer moves
+
+    @model_validator(mode="after")
+    def _range(self) -> BudgetConfig:
+        if self.min_threshold > self.max_threshold:
+            raise ValueError(f"min_threshold {self.min_threshold} is above max_threshold {self.max_threshold}")
+        return self
+
+
+class LatencyConfig(Strict):
+    """Each provider's p95 latency over its recent calls (successes and timeouts)."""
+
+    window: int = Field(50, ge=1)  # most recent calls kept per provider
+    max_age_s: Positive = 300.0  # older calls are forgotten
+    min_samples: int = Field(5, ge=1)  # fewer recent calls: p95 unknown, the provider counts as fitting any budget
 
 
 class RetryConfig(Strict):
@@ -163,13 +199,23 @@ class ReadinessConfig(Strict):
 class ServiceConfig(Strict):
     router: RouterConfig = RouterConfig()
     routing: RoutingConfig = RoutingConfig()
-    providers: Providers
+    tiers: list[TierConfig]  # cheapest first
+    budget: BudgetConfig | None = None
+    latency: LatencyConfig = LatencyConfig()
+    data_classes: dict[str, list[str]] = {}  # class -> the providers that may receive it
     retry: RetryConfig = RetryConfig()
     circuit_breaker: CircuitConfig = CircuitConfig()
     auth: AuthConfig
     rate_limit: RateLimitConfig = RateLimitConfig()
     limits: LimitsConfig = LimitsConfig()
     readiness: ReadinessConfig = ReadinessConfig()
+
+    @field_validator("tiers")
+    @classmethod
+    def _two_tiers(cls, v: list[TierConfig]) -> list[TierConfig]:
+        if len(v) < 2:
+            raise ValueError(f"a router needs at least 2 tiers, cheapest first; got {len(v)}")
+        return v
 
     def client_keys(self) -> dict[str, ClientKey]:
         """sha256 hex -> client key, with the keys of `auth.keys_env` read now (they are hashed, then dropped)."""
@@ -187,12 +233,12 @@ class ServiceConfig(Strict):
     def provider_keys(self) -> dict[str, str | None]:
         """Provider name -> API key read from its environment variable; an unset variable is an error."""
         out: dict[str, str | None] = {}
-        for tier in ("strong", "weak"):
-            for i, p in enumerate(getattr(self.providers, tier)):
+        for t, tier in enumerate(self.tiers):
+            for i, p in enumerate(tier.providers):
                 if p.api_key_env is None:
                     out[p.name] = None
                 elif (key := os.environ.get(p.api_key_env)) is None:
-                    raise ConfigError(f"providers.{tier}[{i}].api_key_env: environment variable {p.api_key_env} is not set")
+                    raise ConfigError(f"tiers[{t}].providers[{i}].api_key_env: environment variable {p.api_key_env} is not set")
                 else:
                     out[p.name] = key
         return out
@@ -219,12 +265,22 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
         if err["type"] == "missing":
             msg = "required"
         raise ConfigError(f"{source}: {where + ': ' if where else ''}{msg}") from None
-    seen: set[str] = set()
-    for tier in ("strong", "weak"):
-        for i, p in enumerate(getattr(cfg.providers, tier)):
-            if p.name in seen:
-                raise ConfigError(f"{source}: providers.{tier}[{i}].name: duplicate provider name {p.name!r}; names must be unique")
-            seen.add(p.name)
+    tiers: set[str] = set()
+    providers: set[str] = set()
+    for t, tier in enumerate(cfg.tiers):
+        if tier.name in tiers:
+            raise ConfigError(f"{source}: tiers[{t}].name: duplicate tier name {tier.name!r}; names must be unique")
+        tiers.add(tier.name)
+        for i, p in enumerate(tier.providers):
+            if p.name in providers:
+                raise ConfigError(f"{source}: tiers[{t}].providers[{i}].name: duplicate provider name {p.name!r}; names must be unique")
+            providers.add(p.name)
+    for cls, allowed in cfg.data_classes.items():
+        if not allowed:
+            raise ConfigError(f"{source}: data_classes.{cls}: list the providers that may receive this class")
+        for i, name in enumerate(allowed):
+            if name not in providers:
+                raise ConfigError(f"{source}: data_classes.{cls}[{i}]: unknown provider {name!r}; providers: {', '.join(sorted(providers))}")
     return cfg
 
 
@@ -239,5 +295,5 @@ def load_config(path: str | os.PathLike) -> ServiceConfig:
         where = f"line {mark.line + 1}: " if mark else ""
         raise ConfigError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (router, routing, providers, auth, ...)")
+        raise ConfigError(f"{path}: expected a mapping of sections (router, routing, tiers, auth, ...)")
     return parse_config(data, str(path))

@@ -7,6 +7,11 @@ below) and read with `GET /_stats`, so tests can break and heal a provider mid-r
         | "hang" (never answers) | "stall" (a stream stops after `stall_after_chunks` chunks)
   latency_ms: delay before answering; chunk_delay_ms: delay between stream chunks
   fail_rate: share of requests answered with HTTP `error_status` (seeded, so runs repeat)
+  answer_words: {prompt_key(last user turn): n}: answer that prompt with n words (n completion tokens), e.g. the
+        length of a real model's answer; other prompts get a one-line canned answer
+
+`GET /_stats` also lists the last user turn of each chat request received (`prompts`, the latest 10,000) and the
+last body.
 """
 
 from __future__ import annotations
@@ -43,14 +48,25 @@ class FakeState:
     stall_after_chunks: int = 2
     api_key: str | None = field(default=None, repr=False)  # when set, requests must send it as a bearer token
     seed: int = 0
+    answer_words: dict[str, int] = field(default_factory=dict, repr=False)
 
 
 MODES = {"ok", "error", "429", "hang", "stall"}
+MAX_PROMPTS = 10_000  # prompts kept in the stats
 
 
-def canned_answer(name: str, prompt: str) -> str:
+def prompt_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def canned_answer(name: str, prompt: str, words: int | None = None) -> str:
+    """A deterministic answer; with `words`, exactly that many words (the canned line cut or padded)."""
     h = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
-    return f"[{name}] {ANSWERS[h % len(ANSWERS)]}"
+    text = f"[{name}] {ANSWERS[h % len(ANSWERS)]}"
+    if words is None:
+        return text
+    base = text.split(" ")
+    return " ".join((base + ["more"] * max(0, words - len(base)))[:max(1, words)])
 
 
 def _error(status: int, message: str, type_: str = "server_error", headers: dict | None = None) -> JSONResponse:
@@ -61,7 +77,7 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
     state = state or FakeState()
     rng = random.Random(state.seed)
     stats = {"requests": 0, "ok": 0, "errors": 0, "streams_started": 0, "streams_completed": 0, "streams_aborted": 0,
-             "last_model": None, "last_authorization_ok": None}
+             "last_body": None, "last_authorization_ok": None, "prompts": []}
     app = FastAPI(title=f"fake provider {state.name}")
     app.state.fake = state
     app.state.stats = stats
@@ -75,8 +91,8 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
             return _error(400, f"unknown settings {sorted(unknown)} or mode; known: {sorted(known)}, modes {sorted(MODES)}",
                           "invalid_request_error")
         if changes.pop("reset_stats", False):
-            for k in stats:
-                stats[k] = 0 if isinstance(stats[k], int) and not isinstance(stats[k], bool) else None
+            for k, v in stats.items():
+                stats[k] = [] if isinstance(v, list) else 0 if isinstance(v, int) and not isinstance(v, bool) else None
         for k, v in changes.items():
             setattr(state, k, v)
         return {k: v for k, v in asdict(state).items() if k != "api_key"}
@@ -92,14 +108,19 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         stats["requests"] += 1
+        body = await request.json()
+        messages = body.get("messages") or []
+        prompt = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "") or ""
+        prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        stats["last_body"] = body
+        stats["prompts"].append(prompt)
+        del stats["prompts"][:-MAX_PROMPTS]
         if state.api_key is not None:
             ok = request.headers.get("authorization") == f"Bearer {state.api_key}"
             stats["last_authorization_ok"] = ok
             if not ok:
                 stats["errors"] += 1
                 return _error(401, "invalid provider key", "authentication_error")
-        body = await request.json()
-        stats["last_model"] = body.get("model")
         if state.latency_ms:
             await asyncio.sleep(state.latency_ms / 1000)
         while state.mode == "hang" and not await request.is_disconnected():
@@ -110,10 +131,7 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
         if state.mode == "429":
             stats["errors"] += 1
             return _error(429, "rate limited (simulated)", "rate_limit_error", {"Retry-After": f"{state.retry_after:g}"})
-        messages = body.get("messages") or []
-        prompt = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "") or ""
-        prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
-        answer = canned_answer(state.name, prompt)
+        answer = canned_answer(state.name, prompt, state.answer_words.get(prompt_key(prompt)))
         usage = {
             "prompt_tokens": sum(math.ceil(len(str(m.get("content") or "")) / 4) + 4 for m in messages),
             "completion_tokens": len(answer.split()),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -15,9 +17,9 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("router_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"], registry=r)
-        self.decisions = Counter("router_decisions", "Routing decisions by tier and reason (score or context)", ["tier", "reason"], registry=r)
+        self.decisions = Counter("router_decisions", "Routing decisions by tier and the rule that decided", ["tier", "rule"], registry=r)
         self.served = Counter("router_served", "Requests answered by each provider", ["tier", "provider", "model"], registry=r)
-        self.score = Histogram("router_score", "Router score p_weak = P(weak answer passes)", buckets=SCORE_BUCKETS, registry=r)
+        self.pass_chance = Histogram("router_pass_chance", "Pass chance of each scored tier", ["tier"], buckets=SCORE_BUCKETS, registry=r)
         self.batch_size = Histogram("router_batch_size", "Prompts per onnxruntime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.fallbacks = Counter("router_fallbacks", "Moves to the next provider after one failed or was skipped", ["from_provider", "to_provider"], registry=r)
         self.upstream_errors = Counter("router_upstream_errors", "Failed upstream attempts by provider and kind", ["provider", "kind"], registry=r)
@@ -28,10 +30,23 @@ class Metrics:
         self.tokens = Counter("router_tokens", "Tokens billed by providers", ["provider", "model", "kind"], registry=r)
         self.cost = Counter("router_cost_usd", "Dollars spent, from upstream usage and configured prices", ["provider", "model"], registry=r)
         self.circuit_state = Gauge("router_circuit_state", "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open", ["provider"], registry=r)
+        self.latency_p95 = Gauge("router_provider_latency_p95_seconds", "p95 latency of each provider's recent calls (NaN: too few)", ["provider"], registry=r)
+        self.threshold = Gauge("router_threshold", "The configured threshold", registry=r)
+        self.effective_threshold = Gauge("router_effective_threshold", "The configured threshold after budget pacing", registry=r)
 
-    def watch_circuit(self, provider: str, state) -> None:
-        """Report `state()` ('closed', 'half_open' or 'open') at each scrape."""
+    def watch_provider(self, provider: str, state, p95) -> None:
+        """Report `state()` ('closed', 'half_open' or 'open') and `p95()` (seconds or None) at each scrape."""
         self.circuit_state.labels(provider).set_function(lambda: CIRCUIT_STATES[state()])
+        self.latency_p95.labels(provider).set_function(lambda: math.nan if (v := p95()) is None else v)
+
+    def watch_budget(self, state, effective) -> None:
+        """Report the budget, spend and pace of `state()` (a BudgetState) and the `effective()` threshold at each scrape."""
+        r = self.registry
+        Gauge("router_budget_usd", "Budget of the current period", registry=r).set_function(lambda: state().usd)
+        Gauge("router_budget_spent_usd", "Spend of the current period (every process sharing the store)",
+              registry=r).set_function(lambda: state().spent)
+        Gauge("router_budget_pace", "Spend / (budget x elapsed share of the period); 1 is on track", registry=r).set_function(lambda: state().pace)
+        self.effective_threshold.set_function(effective)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

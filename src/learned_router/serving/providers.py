@@ -1,11 +1,14 @@
 """Upstream calls: one shared httpx.AsyncClient, retries with jittered backoff, circuit breakers, fallback chains.
 
-A request goes down its tier's chain, then (if configured) the other tier's. Each provider gets up to
+A request goes down the chain of providers the routing policy made for it. Each provider gets up to
 `retry.attempts` tries: timeouts, connection errors, 429 and 5xx are retried after a full-jitter backoff
 (at least Retry-After, when the provider sends one no longer than `retry.max_retry_after_s`); 401, 403
 and 404 mean the provider is misconfigured and move on at once; any other 4xx is the client's fault and
 goes back to the client as is. Consecutive failed attempts open a provider's circuit: it is skipped for
 `cooldown_s`, then one request probes it (half-open) and closes or re-opens the circuit.
+
+A request with a latency budget has a deadline: each attempt's timeout is what is left of it (a cut-off is not
+the provider's fault: it opens no circuit), and when it is spent the chain stops.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Literal
 import anyio
 import httpx
 
-from .config import CircuitConfig, ProviderConfig, ReadinessConfig, RetryConfig
+from .config import CircuitConfig, LatencyConfig, ProviderConfig, ReadinessConfig, RetryConfig, TierConfig
+from .latency import LatencyWindow
 from .metrics import Metrics
 
 Ticket = Literal["closed", "probe"] | None
@@ -73,9 +77,10 @@ class CircuitBreaker:
 @dataclass
 class Provider:
     config: ProviderConfig
-    tier: Literal["strong", "weak"]
+    tier: str
     api_key: str | None = field(repr=False)
     breaker: CircuitBreaker
+    latency: LatencyWindow
 
     @property
     def name(self) -> str:
@@ -92,12 +97,13 @@ class AttemptFailed(Exception):
 
 
 class AllProvidersFailed(Exception):
-    """No provider of the chain answered; `outcomes` says what happened to each ('name: what')."""
+    """No provider of the chain answered; `outcomes` says what happened to each ('tier/name: what')."""
 
-    def __init__(self, outcomes: list[str], tried: bool):
+    def __init__(self, outcomes: list[str], tried: bool, deadline_passed: bool = False):
         super().__init__("; ".join(outcomes))
         self.outcomes = outcomes
-        self.tried = tried  # False: every provider was skipped (circuits open, contexts too small)
+        self.tried = tried  # False: every provider was skipped (circuits open)
+        self.deadline_passed = deadline_passed  # the request's latency budget ran out
 
 
 @dataclass
@@ -140,31 +146,21 @@ def _classify(status: int, headers: httpx.Headers) -> AttemptFailed | None:
 
 
 class Upstream:
-    def __init__(
-        self,
-        chains: dict[str, list[Provider]],
-        retry: RetryConfig,
-        metrics: Metrics,
-        fallback_to_other_tier: bool = True,
-        client: httpx.AsyncClient | None = None,
-    ):
-        self.chains = chains
+    def __init__(self, tiers: list[list[Provider]], retry: RetryConfig, metrics: Metrics, client: httpx.AsyncClient | None = None):
+        self.tiers = tiers  # cheapest first, each an ordered chain
         self.retry = retry
         self.metrics = metrics
-        self.fallback_to_other_tier = fallback_to_other_tier
         self.client = client
         self._ready: dict[str, tuple[float, bool]] = {}
         for p in self.providers():
-            metrics.watch_circuit(p.name, lambda b=p.breaker: b.state)
+            metrics.watch_provider(p.name, lambda b=p.breaker: b.state, p.latency.p95)
 
     @classmethod
-    def build(cls, providers, keys: dict[str, str | None], retry: RetryConfig, circuit: CircuitConfig, metrics: Metrics,
-              fallback_to_other_tier: bool = True) -> Upstream:
-        chains = {
-            tier: [Provider(c, tier, keys[c.name], CircuitBreaker(circuit.failures, circuit.cooldown_s)) for c in getattr(providers, tier)]
-            for tier in ("strong", "weak")
-        }
-        return cls(chains, retry, metrics, fallback_to_other_tier)
+    def build(cls, tiers: list[TierConfig], keys: dict[str, str | None], retry: RetryConfig, circuit: CircuitConfig,
+              latency: LatencyConfig, metrics: Metrics) -> Upstream:
+        return cls([[Provider(c, t.name, keys[c.name], CircuitBreaker(circuit.failures, circuit.cooldown_s),
+                              LatencyWindow(latency.window, latency.max_age_s, latency.min_samples)) for c in t.providers]
+                    for t in tiers], retry, metrics)
 
     async def start(self) -> None:
         # Timeouts are set per provider on each request; the pool is shared by all of them.
@@ -175,24 +171,20 @@ class Upstream:
             await self.client.aclose()
 
     def providers(self) -> list[Provider]:
-        return self.chains["strong"] + self.chains["weak"]
-
-    def chain(self, tier: str) -> list[Provider]:
-        other = "weak" if tier == "strong" else "strong"
-        return self.chains[tier] + (self.chains[other] if self.fallback_to_other_tier else [])
+        return [p for chain in self.tiers for p in chain]
 
     def backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.retry.backoff_max_s, self.retry.backoff_base_s * 2**attempt))
 
-    async def complete(self, tier: str, body: dict, stream: bool, need_tokens: int = 0) -> Reply:
-        """The first good answer down the chain; AllProvidersFailed when there is none."""
+    async def complete(self, chain: list[Provider], body: dict, stream: bool, deadline: float | None = None) -> Reply:
+        """The first good answer down `chain`; AllProvidersFailed when there is none. `deadline`: time.monotonic()."""
         outcomes: list[str] = []
         tried = False
         prev: Provider | None = None
-        for provider in self.chain(tier):
-            if provider.config.context_window < need_tokens:
-                outcomes.append(f"{provider.tier}/{provider.name}: context window {provider.config.context_window} < ~{need_tokens} tokens")
-                continue
+        for provider in chain:
+            if deadline is not None and time.monotonic() >= deadline:
+                outcomes.append(f"{provider.tier}/{provider.name}: not tried, the latency budget was spent")
+                raise AllProvidersFailed(outcomes, tried, deadline_passed=True)
             ticket = provider.breaker.acquire()
             if ticket is None:
                 self.metrics.circuit_skips.labels(provider.name).inc()
@@ -203,9 +195,11 @@ class Upstream:
                 self.metrics.fallbacks.labels(prev.name, provider.name).inc()
             tried = True
             try:
-                reply = await self._try(provider, body, stream)
+                reply = await self._try(provider, body, stream, deadline)
             except AttemptFailed as failed:
                 outcomes.append(f"{provider.tier}/{provider.name}: {failed.detail}")
+                if failed.kind == "latency_budget":
+                    raise AllProvidersFailed(outcomes, tried, deadline_passed=True) from None
                 prev = provider
                 continue
             finally:
@@ -214,18 +208,23 @@ class Upstream:
             return reply
         raise AllProvidersFailed(outcomes, tried)
 
-    async def _try(self, provider: Provider, body: dict, stream: bool) -> Reply:
+    async def _try(self, provider: Provider, body: dict, stream: bool, deadline: float | None) -> Reply:
         """Up to `retry.attempts` tries of one provider; raises its last AttemptFailed."""
         last: AttemptFailed | None = None
         for attempt in range(self.retry.attempts):
             if attempt and provider.breaker.state == "open":
                 break
+            start = time.perf_counter()
             try:
-                reply = await self._attempt(provider, body, stream)
+                reply = await self._attempt(provider, body, stream, deadline)
             except AttemptFailed as failed:
                 last = failed
-                provider.breaker.failure()
                 self.metrics.upstream_errors.labels(provider.name, failed.kind).inc()
+                if failed.kind == "latency_budget":
+                    break
+                provider.breaker.failure()
+                if failed.kind == "timeout":  # as slow as this at least
+                    provider.latency.add(time.perf_counter() - start)
                 if not failed.retryable or attempt + 1 == self.retry.attempts:
                     break
                 delay = self.backoff(attempt)
@@ -233,16 +232,25 @@ class Upstream:
                     if failed.retry_after > self.retry.max_retry_after_s:
                         break
                     delay = max(delay, failed.retry_after)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    break  # no time for another try: the next provider gets what is left
                 await asyncio.sleep(delay)
                 continue
             provider.breaker.success()
+            provider.latency.add(reply.seconds)
             self.metrics.upstream_seconds.labels(provider.name).observe(reply.seconds)
             return reply
         assert last is not None
         raise last
 
-    async def _attempt(self, provider: Provider, body: dict, stream: bool) -> Reply:
+    async def _attempt(self, provider: Provider, body: dict, stream: bool, deadline: float | None) -> Reply:
         cfg = provider.config
+        limit = cfg.timeout_s
+        cut = deadline is not None and deadline - time.monotonic() < limit
+        if cut:
+            limit = deadline - time.monotonic()
+            if limit <= 0:
+                raise AttemptFailed("latency_budget", "not tried, the latency budget was spent", retryable=False)
         payload = {**body, "model": cfg.model}
         if stream and cfg.stream_usage:
             payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -253,7 +261,7 @@ class Upstream:
         start = time.perf_counter()
         response: httpx.Response | None = None
         try:
-            async with asyncio.timeout(cfg.timeout_s):
+            async with asyncio.timeout(limit):
                 response = await self.client.send(request, stream=True)
                 if response.status_code != 200 or not stream:
                     await response.aread()
@@ -279,6 +287,9 @@ class Upstream:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
             if isinstance(e, (TimeoutError, httpx.TimeoutException)):
+                if cut and not isinstance(e, httpx.TimeoutException):  # our deadline, not the provider's timeouts
+                    raise AttemptFailed("latency_budget", f"cut off after {limit * 1000:.0f} ms, when the latency budget ran out",
+                                        retryable=False) from None
                 raise AttemptFailed("timeout", f"timed out after {cfg.timeout_s:g}s") from None
             if isinstance(e, httpx.TransportError):
                 kind = "connect" if isinstance(e, httpx.ConnectError) else "connection"

@@ -1,4 +1,4 @@
-"""What the router reads from a chat request, and the rules that turn a score into a tier.
+"""What the router reads from a chat request: its threshold, the text it scores, its size and its routing options.
 
 The router scores one text per request. By default that is the last user turn: it is the request the
 model must answer now (earlier turns are context; a system prompt is the same for every request of an
@@ -8,6 +8,10 @@ conversation, `all_user` all user turns joined.
 Token counts are estimated as ceil(characters / chars_per_token) + 4 per message, over the whole
 conversation (that is what the upstream model reads), plus the requested max_tokens. The router's own
 tokenizer is not used for this: it is not the upstream model's tokenizer and it truncates at 256 tokens.
+
+Routing options come in the `router` object of the body (`{"router": {"latency_budget_ms": 800, "data_class":
+"restricted"}}`, the openai client's `extra_body`), which is never forwarded, or in the headers
+`x-router-latency-budget-ms` and `x-router-data-class`.
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from .errors import APIError
 
-Tier = Literal["strong", "weak"]
+LATENCY_HEADER, DATA_CLASS_HEADER = "x-router-latency-budget-ms", "x-router-data-class"
 # The encoder reads the first 256 tokens; the tokenizer would still walk the whole text first (~0.6 s for 1 MB).
 # 32k characters hold far more than 256 tokens of any real text, so cutting there leaves the score as it is.
 MAX_SCORED_CHARS = 32_768
@@ -59,6 +63,14 @@ class ChatRequest(BaseModel):
 
     def output_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class RouterOptions(BaseModel):
+    """Per-request routing options."""
+
+    model_config = ConfigDict(extra="forbid")
+    latency_budget_ms: StrictInt | StrictFloat | None = Field(None, gt=0, allow_inf_nan=False)
+    data_class: StrictStr | None = None
 
 
 def parse_request(raw: bytes) -> tuple[ChatRequest, dict]:
@@ -131,25 +143,32 @@ def estimate_tokens(messages: list[Message], chars_per_token: float) -> int:
     return sum(math.ceil(len(m.text()) / chars_per_token) + 4 for m in messages)
 
 
-@dataclass(frozen=True)
-class RouteDecision:
-    tier: Tier
-    p_weak: float
-    threshold: float
-    reason_code: Literal["score", "context"]
-    reason: str
-    prompt_tokens: int  # estimated
-    output_tokens: int | None  # requested max_tokens, if any
+def router_options(body: dict, headers: Mapping[str, str]) -> RouterOptions:
+    """The request's routing options, taken out of `body` (so they are not forwarded) and its headers; 400 if bad."""
+    try:
+        raw = body.pop("router", None)
+        opts = RouterOptions() if raw is None else RouterOptions.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in ("router", *err["loc"]))
+        raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+    budget, data_class = headers.get(LATENCY_HEADER), headers.get(DATA_CLASS_HEADER)
+    if budget is not None:
+        try:
+            ms = float(budget)
+        except ValueError:
+            ms = math.nan
+        if not (ms > 0 and math.isfinite(ms)):
+            raise APIError(400, f"header {LATENCY_HEADER}: must be a positive number of milliseconds, got {budget!r}", param=LATENCY_HEADER)
+        opts = _merge(opts, "latency_budget_ms", ms, LATENCY_HEADER)
+    if data_class is not None:
+        opts = _merge(opts, "data_class", data_class, DATA_CLASS_HEADER)
+    return opts
 
 
-def decide(p_weak: float, threshold: float, prompt_tokens: int, output_tokens: int | None, weak_context: int) -> RouteDecision:
-    """Weak when p_weak >= threshold, unless the request cannot fit the weak tier's largest context window."""
-    need = prompt_tokens + (output_tokens or 0)
-    if need > weak_context:
-        reason = f"~{need} tokens (prompt + max_tokens) exceed the weak tier's context window of {weak_context}"
-        return RouteDecision("strong", p_weak, threshold, "context", reason, prompt_tokens, output_tokens)
-    if p_weak >= threshold:
-        tier, reason = "weak", f"p_weak {p_weak:.4f} >= threshold {threshold:.4f}"
-    else:
-        tier, reason = "strong", f"p_weak {p_weak:.4f} < threshold {threshold:.4f}"
-    return RouteDecision(tier, p_weak, threshold, "score", reason, prompt_tokens, output_tokens)
+def _merge(opts: RouterOptions, field: str, value: object, header: str) -> RouterOptions:
+    body = getattr(opts, field)
+    if body is not None and body != value:
+        raise APIError(400, f"router.{field} ({body!r}) and header {header} ({value!r}) disagree: send one of them",
+                       param=f"router.{field}")
+    return opts.model_copy(update={field: value})

@@ -1,0 +1,178 @@
+"""Budget pacing: the spend of each UTC calendar period in sqlite, and the controller that moves the threshold.
+
+Every dollar the service spends (upstream usage x configured prices) is added to a sqlite file, one transaction
+per answer (WAL journal), so the spend survives restarts and is shared by every process that opens the same file.
+
+pace = spend so far / (budget x elapsed share of the period): 1 is on track, above 1 is spending too fast.
+
+The controller is spend-rate targeting. The budget left is spread evenly over the requests still expected this
+period (the period's request rate so far, held for the rest of it):
+
+    target cost per request = (budget - spent) / (requests so far x (1 - elapsed) / elapsed)
+
+It keeps the last `window` chat requests: each one's pass chances, which tiers could take it, and the estimated
+cost on each tier (tokens x prices, scaled per tier by the ratio of billed to estimated cost seen so far). It then
+solves, by bisection, for the largest threshold offset at which those requests, routed again with their own
+threshold + offset, would cost at most the target on average. Running ahead of pace leaves less budget for the
+requests to come, so the target and the threshold fall (more cheap-tier calls); running behind raises them. Each
+request is routed at clip(its threshold + offset, min_threshold, max_threshold). The window smooths the estimate;
+the offset is re-solved every `RESOLVE_EVERY` requests. Until a period has seen `warmup_requests` requests (and
+this process as many), the offset is 0. A tier whose estimated cost exceeds what is left of the budget is not
+used: once the budget is spent, only the cheapest eligible tier is.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .config import BudgetConfig
+from .errors import ConfigError
+
+RESOLVE_EVERY = 10
+CALIBRATION_RATE = 0.05  # weight of each new billed/estimated ratio in its running average
+
+
+def period_bounds(period: str, now: float) -> tuple[str, float, float]:
+    """The UTC calendar period holding `now` (epoch seconds): its key, start and end."""
+    t = datetime.fromtimestamp(now, tz=timezone.utc)
+    if period == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = datetime.fromtimestamp(start.timestamp() + 86400, tz=timezone.utc)
+        return start.strftime("%Y-%m-%d"), start.timestamp(), end.timestamp()
+    start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    return start.strftime("%Y-%m"), start.timestamp(), end.timestamp()
+
+
+class SpendStore:
+    """Dollars and answered requests per period in a sqlite file; safe for threads and processes."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS spend (period TEXT PRIMARY KEY, usd REAL NOT NULL, requests INTEGER NOT NULL)")
+        except (OSError, sqlite3.Error) as e:
+            raise ConfigError(f"budget.store: cannot use {path} as the spend store ({e})") from None
+        self._lock = threading.Lock()
+
+    def add(self, period: str, usd: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO spend VALUES (?, ?, 1) ON CONFLICT(period) DO UPDATE SET usd = usd + excluded.usd, requests = requests + 1",
+                (period, usd),
+            )
+
+    def get(self, period: str) -> tuple[float, int]:
+        """(dollars, requests) of the period."""
+        with self._lock:
+            row = self._db.execute("SELECT usd, requests FROM spend WHERE period = ?", (period,)).fetchone()
+        return (row[0], row[1]) if row else (0.0, 0)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    period: str
+    start: float  # epoch seconds
+    usd: float
+    spent: float
+    requests: int
+    elapsed: float  # share of the period gone, in [0, 1]
+    offset: float  # added to each request's threshold (before clipping)
+
+    @property
+    def remaining(self) -> float:
+        return self.usd - self.spent
+
+    @property
+    def pace(self) -> float:
+        return self.spent / (self.usd * max(self.elapsed, 1e-9))
+
+    def as_dict(self) -> dict:
+        return {"period": self.period, "period_start": datetime.fromtimestamp(self.start, tz=timezone.utc).isoformat(),
+                "usd": self.usd, "spent_usd": self.spent, "remaining_usd": self.remaining, "requests": self.requests,
+                "elapsed_share": self.elapsed, "pace": self.pace, "threshold_offset": self.offset}
+
+
+class Pacer:
+    def __init__(self, config: BudgetConfig, n_tiers: int, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.store = SpendStore(config.store)
+        self._clock = clock
+        self._recent: deque[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=config.window)
+        self._ratio = np.ones(n_tiers)  # billed / estimated cost, per tier
+        self._offset, self._period, self._since_solve = 0.0, "", 0
+
+    def state(self) -> BudgetState:
+        now = self._clock()
+        period, start, end = period_bounds(self.config.period, now)
+        spent, requests = self.store.get(period)
+        elapsed = min(1.0, max(0.0, (now - start) / (end - start)))
+        if period != self._period:
+            self._offset, self._period, self._since_solve = 0.0, period, 0
+        elif self._since_solve >= RESOLVE_EVERY:
+            self._since_solve = 0
+            warm = min(requests, len(self._recent)) >= self.config.warmup_requests
+            self._offset = self._solve(self._target(spent, requests, elapsed)) if warm else 0.0
+        return BudgetState(period, start, self.config.usd, spent, requests, elapsed, self._offset)
+
+    def effective(self, threshold: float, state: BudgetState) -> float:
+        return min(self.config.max_threshold, max(self.config.min_threshold, threshold + state.offset))
+
+    def affordable(self, tier: int, estimated_usd: float, state: BudgetState) -> bool:
+        return estimated_usd * self._ratio[tier] <= state.remaining
+
+    def observe(self, threshold: float, pass_chances: np.ndarray, eligible: np.ndarray, estimated_usd: np.ndarray) -> None:
+        """A chat request routed: what the pacer predicts future costs from."""
+        self._recent.append((threshold, pass_chances, eligible, estimated_usd))
+        self._since_solve += 1
+
+    def record(self, usd: float, tier: int, estimated_usd: float) -> None:
+        """Dollars billed for one answer served by `tier`, whose cost was estimated at `estimated_usd`."""
+        self.store.add(period_bounds(self.config.period, self._clock())[0], usd)
+        if estimated_usd > 0:
+            self._ratio[tier] += CALIBRATION_RATE * (usd / estimated_usd - self._ratio[tier])
+
+    def _target(self, spent: float, requests: int, elapsed: float) -> float:
+        if elapsed >= 1.0:
+            return math.inf
+        expected = requests * (1.0 - elapsed) / max(elapsed, 1e-9)
+        return (self.config.usd - spent) / max(expected, 1.0)
+
+    def _solve(self, target: float) -> float:
+        """The largest offset in [-1, 1] at which the recent requests would cost at most `target` on average."""
+        t, p, e, c = (np.array(x) for x in zip(*self._recent, strict=True))
+        c = c * self._ratio
+        rows = np.arange(len(t))
+        lo_t, hi_t = self.config.min_threshold, self.config.max_threshold
+        best = np.where(e, p, -np.inf).argmax(1)
+
+        def cost(offset: float) -> float:
+            clears = (p >= np.clip(t + offset, lo_t, hi_t)[:, None]) & e
+            return float(c[rows, np.where(clears.any(1), clears.argmax(1), best)].mean())
+
+        lo, hi = -1.0, 1.0
+        if cost(hi) <= target:
+            return hi
+        if cost(lo) > target:
+            return lo
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
+        return lo

@@ -1,0 +1,217 @@
+"""What one service process holds and does: score a request, decide its tier and fallback chain, account for it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..scorer import Router
+from .auth import RateLimiter
+from .batcher import ScoreBatcher
+from .budget import BudgetState, Pacer
+from .config import ServiceConfig
+from .errors import APIError, ConfigError
+from .metrics import Metrics
+from .policy import NoEligibleTier, Skip, TierOption, choose, fallback_order, standing
+from .providers import AllProvidersFailed, Provider, Upstream
+from .routing import ChatRequest, RouterOptions, estimate_tokens, requested_threshold, scored_text
+
+log = logging.getLogger("learned_router.serving")
+
+
+@dataclass(frozen=True)
+class Decision:
+    tier: str
+    rule: str  # score, context, budget, latency, data_class or circuit_open
+    reason: str
+    pass_chances: dict[str, float]  # tier -> pass chance (1.0 for an unscored tier)
+    threshold: float  # the request's threshold
+    effective_threshold: float  # after budget pacing
+    skipped: list[Skip]
+    chain: list[Provider]  # the providers to try, in order: the chosen tier's, then the fallbacks
+    excluded: list[str]  # 'tier/provider: why' for providers this request may reach but that cannot take it
+    provider: Provider  # the provider expected to answer
+    estimated_costs: list[float]  # USD per tier, on its expected provider
+    prompt_tokens: int  # estimated
+    output_tokens: int | None  # requested max_tokens, if any
+    options: RouterOptions
+    deadline: float | None  # time.monotonic() when the latency budget runs out
+    budget: BudgetState | None
+
+    @property
+    def estimated_cost(self) -> float:
+        return self.estimated_costs[list(self.pass_chances).index(self.tier)]
+
+
+class Service:
+    """Router, batcher, upstream chains, keys, limits, metrics and (optionally) the budget pacer.
+
+    `router` may be injected: any object with `score(list[str]) -> array` of shape (n,) or (n, K), `models` (the K
+    output names), `manifest` and `default_threshold`. `clock` (epoch seconds) drives the budget periods.
+    """
+
+    def __init__(self, config: ServiceConfig, router=None, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.client_keys = config.client_keys() if config.auth.enabled else {}
+        provider_keys = config.provider_keys()  # before the slow part: a missing key variable fails at once
+        self.router = router if router is not None else Router.load(config.router.path, threads=config.router.threads)
+        self.columns = score_columns(config, list(self.router.models))
+        self.threshold = resolve_threshold(config, self.router)
+        self.metrics = Metrics()
+        self.upstream = Upstream.build(config.tiers, provider_keys, config.retry, config.circuit_breaker, config.latency, self.metrics)
+        self.tier_index = {t.name: i for i, t in enumerate(config.tiers)}
+        self.data_classes = {k: frozenset(v) for k, v in config.data_classes.items()}
+        self.pacer = Pacer(config.budget, len(config.tiers), clock) if config.budget else None
+        self.metrics.threshold.set(self.threshold)
+        if self.pacer:
+            self.metrics.watch_budget(self.pacer.state, lambda: self.pacer.effective(self.threshold, self.pacer.state()))
+        else:
+            self.metrics.effective_threshold.set(self.threshold)
+        self.batcher = ScoreBatcher(self.router.score, config.router.max_batch, config.router.max_wait_ms / 1000,
+                                    config.router.workers, on_batch=self.metrics.batch_size.observe)
+        self.rate_limiter = RateLimiter(config.rate_limit.requests_per_minute, config.rate_limit.burst)
+
+    async def start(self) -> None:
+        await self.batcher.start()
+        await self.upstream.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        await self.upstream.stop()
+
+    async def route(self, req: ChatRequest, opts: RouterOptions, started: float, observe: bool = False) -> Decision:
+        """Score the request and decide its tier; `started` (time.monotonic()) starts its latency budget.
+
+        `observe`: a chat request, which the budget pacer learns the traffic from.
+        """
+        t0 = time.perf_counter()
+        threshold = requested_threshold(req.model, self.threshold)
+        allowed = self._allowed(opts.data_class)
+        text = scored_text(req.messages, self.config.routing.score_turn)
+        try:
+            scores = await self.batcher.score(text)
+        except Exception:
+            log.exception("scoring failed")
+            raise APIError(500, "the router could not score this request", type="server_error", code="router_error") from None
+        tokens = estimate_tokens(req.messages, self.config.routing.chars_per_token)
+        need = tokens + (req.output_tokens() or 0)
+        budget_s = None if opts.latency_budget_ms is None else opts.latency_budget_ms / 1000
+        remaining = None if budget_s is None else budget_s - (time.monotonic() - started)
+        options = [
+            TierOption(tier.name, 1.0 if col is None else float(scores[col]),
+                       [standing(p, need, allowed, opts.data_class, remaining) for p in chain])
+            for tier, col, chain in zip(self.config.tiers, self.columns, self.upstream.tiers, strict=True)
+        ]
+        out = req.output_tokens() if req.output_tokens() is not None else self.config.routing.assumed_output_tokens
+        expected = [next((s.provider for s in o.standings if s.rule is None), o.standings[0].provider) for o in options]
+        costs = [p.config.cost_usd(tokens, out) for p in expected]
+        state = self.pacer.state() if self.pacer else None
+        effective = self.pacer.effective(threshold, state) if state else threshold
+        affordable = (lambda i: self.pacer.affordable(i, costs[i], state)) if state else None
+        try:
+            choice = choose(options, threshold, effective, affordable)
+        except NoEligibleTier as e:
+            raise no_tier_error(e.options, opts, need) from None
+        order = fallback_order(choice.index, len(options), self.config.routing.fallback_to_other_tiers)
+        chain = [s.provider for i in order if options[i].eligible for s in options[i].standings if s.rule in (None, "circuit_open")]
+        excluded = [f"{o.name}/{s.provider.name}: {s.detail}" for o in options for s in o.standings
+                    if s.rule not in (None, "data_class") and s.provider not in chain]
+        tier = options[choice.index]
+        d = Decision(
+            tier=tier.name, rule=choice.rule, reason=choice.reason, pass_chances={o.name: o.pass_chance for o in options},
+            threshold=threshold, effective_threshold=effective, skipped=choice.skipped, chain=chain, excluded=excluded,
+            provider=expected[choice.index], estimated_costs=costs, prompt_tokens=tokens, output_tokens=req.output_tokens(),
+            options=opts, deadline=None if budget_s is None else started + budget_s, budget=state,
+        )
+        self.metrics.routing_seconds.observe(time.perf_counter() - t0)
+        for o, col in zip(options, self.columns, strict=True):
+            if col is not None:
+                self.metrics.pass_chance.labels(o.name).observe(o.pass_chance)
+        self.metrics.decisions.labels(d.tier, d.rule).inc()
+        if observe and self.pacer:
+            self.pacer.observe(threshold, np.array([o.pass_chance for o in options]), np.array([o.eligible for o in options]),
+                               np.array(costs))
+        return d
+
+    async def complete(self, d: Decision, body: dict, stream: bool):
+        """Send the request down the decision's chain; APIError (502, 503 or 504) naming each provider when none answers."""
+        try:
+            return await self.upstream.complete(d.chain, body, stream, d.deadline)
+        except AllProvidersFailed as e:
+            what = "; ".join(d.excluded + e.outcomes)
+            if e.deadline_passed:
+                raise APIError(504, f"the latency budget of {d.options.latency_budget_ms:g} ms was spent: {what}",
+                               type="upstream_error", code="latency_budget_exceeded") from None
+            if d.options.data_class is not None:
+                raise APIError(503, f"no provider allowed for data class {d.options.data_class!r} answered: {what}",
+                               type="upstream_error", code="data_class_unavailable") from None
+            status, code = (502, "upstream_failed") if e.tried else (503, "no_provider_available")
+            raise APIError(status, f"every provider failed: {what}", type="upstream_error", code=code) from None
+
+    def account(self, provider: Provider, prompt_tokens: float, completion_tokens: float, d: Decision) -> float:
+        cfg = provider.config
+        cost = cfg.cost_usd(prompt_tokens, completion_tokens)
+        self.metrics.tokens.labels(provider.name, cfg.model, "input").inc(prompt_tokens)
+        self.metrics.tokens.labels(provider.name, cfg.model, "output").inc(completion_tokens)
+        self.metrics.cost.labels(provider.name, cfg.model).inc(cost)
+        self.metrics.served.labels(provider.tier, provider.name, cfg.model).inc()
+        if self.pacer:
+            tier = self.tier_index[provider.tier]
+            self.pacer.record(cost, tier, d.estimated_costs[tier])
+        return cost
+
+    def _allowed(self, data_class: str | None) -> frozenset[str] | None:
+        if data_class is None:
+            return None
+        if data_class not in self.data_classes:
+            known = ", ".join(sorted(self.data_classes)) or "none"
+            raise APIError(400, f"unknown data class {data_class!r}; configured classes: {known}", param="router.data_class",
+                           code="unknown_data_class")
+        return self.data_classes[data_class]
+
+
+def no_tier_error(options: list[TierOption], opts: RouterOptions, need: int) -> APIError:
+    """No tier can take the request: 400 when it fits no context window, else 503 naming each provider and why."""
+    standings = [(o, s) for o in options for s in o.standings if s.rule != "data_class"]
+    what = "; ".join(f"{o.name}/{s.provider.name}: {s.detail}" for o, s in standings)
+    rules = {s.rule for _, s in standings}
+    if rules == {"context"}:
+        return APIError(400, f"the request (~{need} tokens with max_tokens) fits no provider's context window: {what}",
+                        param="messages", code="context_length_exceeded")
+    if opts.data_class is not None:
+        return APIError(503, f"no provider allowed for data class {opts.data_class!r} can take this request: {what}",
+                        type="upstream_error", code="data_class_unavailable")
+    if "latency" in rules:
+        return APIError(503, f"no provider fits the latency budget of {opts.latency_budget_ms:g} ms: {what}",
+                        type="upstream_error", code="latency_budget_unmet")
+    return APIError(503, f"no provider can take this request: {what}", type="upstream_error", code="no_provider_available")
+
+
+def score_columns(config: ServiceConfig, outputs: list[str]) -> list[int | None]:
+    """Each tier's column in the router's output (None: unscored); a name the router does not output is an error."""
+    columns = []
+    for t, tier in enumerate(config.tiers):
+        if tier.score is not None and tier.score not in outputs:
+            raise ConfigError(f"tiers[{t}].score: the router outputs no {tier.score!r}; it outputs: {', '.join(outputs)}")
+        columns.append(None if tier.score is None else outputs.index(tier.score))
+    return columns
+
+
+def resolve_threshold(config: ServiceConfig, router) -> float:
+    """routing.threshold as given; routing.strong_fraction through a binary router's calibration table; else its default."""
+    r = config.routing
+    if r.threshold is not None:
+        return r.threshold
+    if r.strong_fraction is not None:
+        if len(router.models) != 1:
+            raise ConfigError(f"routing.strong_fraction: only for a binary router; this one scores {len(router.models)} "
+                              "models: set routing.threshold")
+        try:
+            return float(router.manifest.threshold_for(r.strong_fraction))
+        except (ValueError, IndexError) as e:
+            raise ConfigError(f"routing.strong_fraction: cannot be resolved with the router's calibration table ({e})") from None
+    return float(router.default_threshold)
