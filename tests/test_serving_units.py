@@ -10,9 +10,12 @@ import pytest
 
 from learned_router.serving.auth import RateLimiter
 from learned_router.serving.batcher import ScoreBatcher
-from learned_router.serving.config import ConfigError, hash_key, parse_config
+from learned_router.serving.budget import Pacer, SpendStore, period_bounds
 from learned_router.serving.errors import APIError
-from learned_router.serving.providers import CircuitBreaker, retry_after_seconds
+from learned_router.serving.config import BudgetConfig, ConfigError, ProviderConfig, hash_key, parse_config
+from learned_router.serving.latency import LatencyWindow
+from learned_router.serving.policy import NoEligibleTier, Standing, TierOption, choose, fallback_order, standing
+from learned_router.serving.providers import CircuitBreaker, Provider, retry_after_seconds
 from learned_router.serving.routing import MAX_SCORED_CHARS, Message, estimate_tokens, parse_request, requested_threshold, scored_text
 
 
@@ -261,3 +264,183 @@ def test_config_defaults_and_key_variables(monkeypatch):
     assert c.provider_keys() == {"s": "sk-1", "w": None}
     keys = c.client_keys()
     assert set(keys) == {hash_key("key"), hash_key("alpha"), hash_key("beta")}
+
+
+# ---- tier policy --------------------------------------------------------------------------------
+
+def provider(name: str, tier: str, context_window: int = 8192, clock=None) -> Provider:
+    cfg = ProviderConfig(name=name, base_url="http://127.0.0.1:9/v1", model=name, context_window=context_window)
+    return Provider(cfg, tier, None, CircuitBreaker(1, 60, clock or Clock()), LatencyWindow(10, 60, 2, clock or Clock()))
+
+
+def options(*tiers: tuple[str, float, list]) -> list[TierOption]:
+    """(name, pass chance, [rule or None per provider]) -> tier options."""
+    return [TierOption(name, p, [Standing(provider(f"{name}-{i}", name), rule, f"{rule} detail" if rule else "")
+                                 for i, rule in enumerate(rules)]) for name, p, rules in tiers]
+
+
+def test_two_tiers_reproduce_the_binary_rule():
+    for p_weak in np.linspace(0, 1, 41):
+        for t in np.linspace(0, 1, 41):
+            c = choose(options(("weak", p_weak, [None]), ("strong", 1.0, [None])), t, t)
+            assert c.index == (0 if p_weak >= t else 1) and c.rule == "score", (p_weak, t)
+            assert [s.tier for s in c.skipped] == ([] if p_weak >= t else ["weak"])
+
+
+def test_cheapest_tier_that_clears_else_the_highest_pass_chance():
+    tiers = options(("a", 0.4, [None]), ("b", 0.7, [None]), ("c", 0.9, [None]), ("d", 0.8, [None]))
+    assert choose(tiers, 0.6, 0.6).index == 1
+    c = choose(tiers, 0.85, 0.85)
+    assert c.index == 2 and [s.tier for s in c.skipped] == ["a", "b"]
+    c = choose(tiers, 0.95, 0.95)  # none clears: the highest pass chance, and every other tier was passed over
+    assert c.index == 2 and "no eligible tier clears" in c.reason and [s.tier for s in c.skipped] == ["a", "b", "d"]
+    tie = options(("a", 0.5, [None]), ("b", 0.5, [None]))
+    assert choose(tie, 0.9, 0.9).index == 0  # equal pass chances: the cheaper
+
+
+def test_an_ineligible_tier_is_skipped_with_the_rule_that_excluded_its_last_provider():
+    tiers = options(("weak", 0.9, ["data_class", "circuit_open"]), ("mid", 0.9, ["latency"]), ("strong", 1.0, [None]))
+    assert [t.eligible for t in tiers] == [False, False, True]
+    c = choose(tiers, 0.5, 0.5)
+    assert c.index == 2 and c.rule == "circuit_open"
+    assert [(s.tier, s.rule) for s in c.skipped] == [("weak", "circuit_open"), ("mid", "latency")]
+    assert "weak-0: data_class detail; weak-1: circuit_open detail" in c.reason
+    with pytest.raises(NoEligibleTier):
+        choose(options(("weak", 0.9, ["context"]), ("strong", 1.0, ["data_class"])), 0.5, 0.5)
+
+
+def test_budget_rules_say_budget():
+    tiers = options(("weak", 0.6, [None]), ("strong", 1.0, [None]))
+    c = choose(tiers, 0.8, 0.5)  # pacing lowered the threshold below the weak tier's pass chance
+    assert c.index == 0 and c.rule == "budget" and "from 0.8000 to 0.5000" in c.reason
+    c = choose(tiers, 0.8, 0.8, affordable=lambda i: i == 0)  # strong chosen, but the budget left cannot pay for it
+    assert c.index == 0 and c.rule == "budget" and [(s.tier, s.rule) for s in c.skipped] == [("strong", "budget")]
+    assert choose(tiers, 0.8, 0.8, affordable=lambda i: True).index == 1
+
+
+def test_provider_standing_checks_the_rules_in_order():
+    clock = Clock()
+    p = provider("a", "weak", context_window=1000, clock=clock)
+    assert standing(p, 500, None, None, None).rule is None
+    assert standing(p, 500, frozenset({"b"}), "restricted", None).rule == "data_class"
+    assert standing(p, 2000, frozenset({"a"}), "restricted", None).rule == "context"
+    p.latency.add(0.3), p.latency.add(0.3)
+    s = standing(p, 500, None, None, 0.2)
+    assert s.rule == "latency" and "p95 latency 300 ms > 200 ms" in s.detail
+    assert standing(p, 500, None, None, 0.4).rule is None
+    p.breaker.failure()
+    assert standing(p, 500, None, None, None).rule == "circuit_open"
+
+
+def test_fallback_goes_up_the_pricier_tiers_then_down():
+    assert fallback_order(1, 4, True) == [1, 2, 3, 0]
+    assert fallback_order(0, 3, True) == [0, 1, 2]
+    assert fallback_order(2, 3, False) == [2]
+
+
+def test_latency_window_p95_needs_recent_samples():
+    clock = Clock()
+    w = LatencyWindow(window=20, max_age_s=10, min_samples=3, clock=clock)
+    w.add(0.1), w.add(0.2)
+    assert w.p95() is None  # too few
+    for s in [0.1] * 17 + [0.9]:
+        w.add(s)
+    assert w.p95() == 0.2  # nearest rank of 20: the 19th smallest
+    w.add(1.0)  # the window holds 20: the oldest (0.1) falls out
+    assert w.p95() == 0.9
+    clock.t = 11
+    assert w.p95() is None  # all forgotten: unknown again
+
+
+# ---- budget: periods, spend store, pacer ---------------------------------------------------------
+
+MAY_1 = 1714521600.0  # 2024-05-01T00:00:00Z
+
+
+def test_periods_are_utc_calendar_days_and_months():
+    assert period_bounds("day", MAY_1 + 86399) == ("2024-05-01", MAY_1, MAY_1 + 86400)
+    assert period_bounds("day", MAY_1 + 86400)[0] == "2024-05-02"
+    key, start, end = period_bounds("month", MAY_1 + 20 * 86400)
+    assert (key, start, end) == ("2024-05", MAY_1, MAY_1 + 31 * 86400)
+    dec = period_bounds("month", 1735000000.0)  # 2024-12-24
+    assert dec[0] == "2024-12" and period_bounds("month", dec[2])[0] == "2025-01"
+
+
+def test_spend_store_is_shared_by_connections_and_survives_reopening(tmp_path):
+    path = tmp_path / "spend.sqlite"
+    stores = [SpendStore(path) for _ in range(4)]  # as four processes would: one connection each
+
+    def spend(store):
+        for _ in range(250):
+            store.add("2024-05-01", 0.001)
+
+    threads = [threading.Thread(target=spend, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    usd, requests = stores[0].get("2024-05-01")
+    assert requests == 1000 and usd == pytest.approx(1.0)
+    for s in stores:
+        s.close()
+    again = SpendStore(path)
+    assert again.get("2024-05-01")[1] == 1000 and again.get("2024-05-02") == (0.0, 0)
+
+
+def pacer_with(tmp_path, clock, **budget) -> Pacer:
+    cfg = BudgetConfig(period="day", usd=100.0, store=str(tmp_path / "spend.sqlite"), warmup_requests=10, **budget)
+    return Pacer(cfg, n_tiers=2, clock=clock)
+
+
+def feed(pacer: Pacer, n: int, rng) -> None:
+    """n requests at threshold 0.5 whose weak pass chance is uniform; weak costs $0.01, strong $0.10 (estimates)."""
+    for p in rng.uniform(0, 1, n):
+        pacer.observe(0.5, np.array([p, 1.0]), np.array([True, True]), np.array([0.01, 0.10]))
+
+
+def test_pacer_solves_for_the_threshold_that_spends_the_budget_left_evenly(tmp_path):
+    clock = Clock()
+    clock.t = MAY_1 + 43200  # noon: half the day gone
+    pacer = pacer_with(tmp_path, clock)
+    feed(pacer, 400, np.random.default_rng(0))
+    for _ in range(100):  # 100 requests so far, $30 spent: $70 left for ~100 more, $0.70 each: everything can go strong
+        pacer.record(0.30, 1, 0.30)
+    assert pacer.state().offset == 1.0
+    pacer.store.add("2024-05-01", 66.0)  # $96 spent by 101 requests: $4 left for ~101 more, ~$0.04 each
+    feed(pacer, 10, np.random.default_rng(1))
+    state = pacer.state()
+    assert state.pace == pytest.approx(96 / 50)
+    t = pacer.effective(0.5, state)
+    # at $0.01 weak / $0.10 strong, $0.04 a request buys 1/3 strong calls: weak pass chances below t go strong
+    assert t == pytest.approx(1 / 3, abs=0.06)
+
+
+def test_pacer_waits_for_warmup_and_starts_each_period_afresh(tmp_path):
+    clock = Clock()
+    clock.t = MAY_1 + 43200
+    pacer = pacer_with(tmp_path, clock)
+    feed(pacer, 9, np.random.default_rng(0))
+    for _ in range(9):
+        pacer.record(10.0, 1, 0.10)  # far ahead of pace, but not warm yet
+    assert pacer.state().offset == 0.0
+    feed(pacer, 10, np.random.default_rng(1))  # the offset is re-solved every 10 requests
+    pacer.record(10.0, 1, 0.10)
+    state = pacer.state()
+    assert state.spent == pytest.approx(100.0) and state.offset == -1.0  # all spent: the lowest threshold
+    assert pacer.effective(0.5, state) == 0.0 and not pacer.affordable(0, 0.01, state)
+    clock.t += 86400
+    state = pacer.state()
+    assert (state.period, state.spent, state.requests, state.offset) == ("2024-05-02", 0.0, 0, 0.0)
+
+
+def test_pacer_calibrates_estimates_per_tier_and_clips_to_its_range(tmp_path):
+    clock = Clock()
+    clock.t = MAY_1 + 600
+    pacer = pacer_with(tmp_path, clock, min_threshold=0.3, max_threshold=0.7)
+    state = pacer.state()
+    assert pacer.effective(0.9, state) == 0.7 and pacer.effective(0.1, state) == 0.3
+    assert pacer.affordable(1, 100.0, state) and not pacer.affordable(1, 100.01, state)
+    for _ in range(100):
+        pacer.record(0.3, 1, 0.1)  # billed 3x the estimate
+    state = pacer.state()
+    assert pacer.affordable(1, (100 - 30) / 3.05, state) and not pacer.affordable(1, (100 - 30) / 2.9, state)

@@ -11,19 +11,24 @@ period (the period's request rate so far, held for the rest of it):
     target cost per request = (budget - spent) / (requests so far x (1 - elapsed) / elapsed)
 
 It keeps the last `window` chat requests: each one's pass chances, which tiers could take it, and the estimated
-cost on each tier (tokens x prices, scaled per tier by the ratio of billed to estimated cost seen so far). It then
+cost on each tier (tokens x prices, scaled per tier by the mean ratio of billed to estimated cost of its last
+`window` answers). It then
 solves, by bisection, for the largest threshold offset at which those requests, routed again with their own
 threshold + offset, would cost at most the target on average. Running ahead of pace leaves less budget for the
 requests to come, so the target and the threshold fall (more cheap-tier calls); running behind raises them. Each
 request is routed at clip(its threshold + offset, min_threshold, max_threshold). The window smooths the estimate;
 the offset is re-solved every `RESOLVE_EVERY` requests. Until a period has seen `warmup_requests` requests (and
-this process as many), the offset is 0. A tier whose estimated cost exceeds what is left of the budget is not
-used: once the budget is spent, only the cheapest eligible tier is.
+this process as many), the offset is 0.
+
+The budget keeps a reserve: what the requests still expected would cost on their cheapest eligible tier (the
+window's average). A pricier tier is used only when its estimated cost, scaled by the highest billed/estimated
+ratio of its recent answers (an answer as long as the longest seen lately), fits in what is left above the
+reserve: the last pricey calls of a period neither overrun it nor eat the money its cheap calls need. Once the
+budget is spent, only the cheapest eligible tier is used.
 """
 
 from __future__ import annotations
 
-import math
 import sqlite3
 import threading
 import time
@@ -39,7 +44,6 @@ from .config import BudgetConfig
 from .errors import ConfigError
 
 RESOLVE_EVERY = 10
-CALIBRATION_RATE = 0.05  # weight of each new billed/estimated ratio in its running average
 
 
 def period_bounds(period: str, now: float) -> tuple[str, float, float]:
@@ -95,6 +99,7 @@ class BudgetState:
     requests: int
     elapsed: float  # share of the period gone, in [0, 1]
     offset: float  # added to each request's threshold (before clipping)
+    reserve: float  # USD kept for the requests still expected, at their cheapest eligible tier
 
     @property
     def remaining(self) -> float:
@@ -107,7 +112,7 @@ class BudgetState:
     def as_dict(self) -> dict:
         return {"period": self.period, "period_start": datetime.fromtimestamp(self.start, tz=timezone.utc).isoformat(),
                 "usd": self.usd, "spent_usd": self.spent, "remaining_usd": self.remaining, "requests": self.requests,
-                "elapsed_share": self.elapsed, "pace": self.pace, "threshold_offset": self.offset}
+                "elapsed_share": self.elapsed, "pace": self.pace, "threshold_offset": self.offset, "reserve_usd": self.reserve}
 
 
 class Pacer:
@@ -116,27 +121,32 @@ class Pacer:
         self.store = SpendStore(config.store)
         self._clock = clock
         self._recent: deque[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=config.window)
-        self._ratio = np.ones(n_tiers)  # billed / estimated cost, per tier
-        self._offset, self._period, self._since_solve = 0.0, "", 0
+        self._ratios = [deque(maxlen=config.window) for _ in range(n_tiers)]  # billed / estimated cost, per tier
+        self._offset, self._floor, self._period, self._since_solve = 0.0, 0.0, "", 0
 
     def state(self) -> BudgetState:
         now = self._clock()
         period, start, end = period_bounds(self.config.period, now)
         spent, requests = self.store.get(period)
         elapsed = min(1.0, max(0.0, (now - start) / (end - start)))
-        if period != self._period:
-            self._offset, self._period, self._since_solve = 0.0, period, 0
-        elif self._since_solve >= RESOLVE_EVERY:
+        if period != self._period:  # a new period (or the first look): solve now
+            self._period, self._since_solve = period, RESOLVE_EVERY
+        expected = requests * (1.0 - elapsed) / max(elapsed, 1e-9)  # requests still to come this period
+        if self._since_solve >= RESOLVE_EVERY:
             self._since_solve = 0
-            warm = min(requests, len(self._recent)) >= self.config.warmup_requests
-            self._offset = self._solve(self._target(spent, requests, elapsed)) if warm else 0.0
-        return BudgetState(period, start, self.config.usd, spent, requests, elapsed, self._offset)
+            if min(requests, len(self._recent)) >= self.config.warmup_requests:
+                self._offset, self._floor = self._solve((self.config.usd - spent) / max(expected, 1.0))
+            else:
+                self._offset, self._floor = 0.0, 0.0
+        return BudgetState(period, start, self.config.usd, spent, requests, elapsed, self._offset, expected * self._floor)
 
     def effective(self, threshold: float, state: BudgetState) -> float:
         return min(self.config.max_threshold, max(self.config.min_threshold, threshold + state.offset))
 
     def affordable(self, tier: int, estimated_usd: float, state: BudgetState) -> bool:
-        return estimated_usd * self._ratio[tier] <= state.remaining
+        """Whether a pricier tier's estimate, at its worst recent billed/estimated ratio, fits above the reserve."""
+        worst = max(self._ratios[tier], default=1.0)
+        return estimated_usd * worst <= state.remaining - state.reserve
 
     def observe(self, threshold: float, pass_chances: np.ndarray, eligible: np.ndarray, estimated_usd: np.ndarray) -> None:
         """A chat request routed: what the pacer predicts future costs from."""
@@ -147,18 +157,13 @@ class Pacer:
         """Dollars billed for one answer served by `tier`, whose cost was estimated at `estimated_usd`."""
         self.store.add(period_bounds(self.config.period, self._clock())[0], usd)
         if estimated_usd > 0:
-            self._ratio[tier] += CALIBRATION_RATE * (usd / estimated_usd - self._ratio[tier])
+            self._ratios[tier].append(usd / estimated_usd)
 
-    def _target(self, spent: float, requests: int, elapsed: float) -> float:
-        if elapsed >= 1.0:
-            return math.inf
-        expected = requests * (1.0 - elapsed) / max(elapsed, 1e-9)
-        return (self.config.usd - spent) / max(expected, 1.0)
-
-    def _solve(self, target: float) -> float:
-        """The largest offset in [-1, 1] at which the recent requests would cost at most `target` on average."""
+    def _solve(self, target: float) -> tuple[float, float]:
+        """The largest offset in [-1, 1] at which the recent requests would cost at most `target` on average, and
+        their average cost on their cheapest eligible tier."""
         t, p, e, c = (np.array(x) for x in zip(*self._recent, strict=True))
-        c = c * self._ratio
+        c = c * np.array([np.mean(r) if r else 1.0 for r in self._ratios])
         rows = np.arange(len(t))
         lo_t, hi_t = self.config.min_threshold, self.config.max_threshold
         best = np.where(e, p, -np.inf).argmax(1)
@@ -167,12 +172,13 @@ class Pacer:
             clears = (p >= np.clip(t + offset, lo_t, hi_t)[:, None]) & e
             return float(c[rows, np.where(clears.any(1), clears.argmax(1), best)].mean())
 
+        floor = float(c[rows, e.argmax(1)].mean())
         lo, hi = -1.0, 1.0
         if cost(hi) <= target:
-            return hi
+            return hi, floor
         if cost(lo) > target:
-            return lo
+            return lo, floor
         for _ in range(30):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
-        return lo
+        return lo, floor
