@@ -134,3 +134,23 @@ def test_spend_persists_across_a_restart_and_shows_in_metrics_and_route(tmp_path
             assert metric(second.url, "router_budget_spent_usd") == pytest.approx(spent + costs[0])
             clock.t += 86400  # the next UTC day starts from nothing
             assert metric(second.url, "router_budget_spent_usd") == 0.0
+
+
+def test_once_the_budget_is_spent_only_the_cheapest_tier_answers_and_headers_say_budget(tmp_path):
+    prompt = [{"role": "user", "content": "Prove that the square root of 2 is irrational."}]
+    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
+        cfg = service_config(
+            two_tiers([provider_entry("weak", weak, None, WEAK, PRICES["weak"])], [provider_entry("strong", strong, None, STRONG, PRICES["strong"])]),
+            budget={"period": "month", "usd": 0.0005, "store": str(tmp_path / "spend.sqlite")},
+        )
+        with start_service(cfg, clock=SimClock(MAY_1 + 86400)) as service:
+            client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+            r = client.chat.completions.with_raw_response.create(model="router-1", messages=prompt)
+            # a strong answer would cost ~$0.008 (with the assumed 256 output tokens): more than the $0.0005 left
+            assert (r.headers["x-router-tier"], r.headers["x-router-rule"], r.headers["x-router-skipped"]) == ("weak", "budget", "strong=budget")
+            assert r.parse().model == WEAK and strong.stats()["requests"] == 0
+            d = httpx.post(service.url + "/v1/route", json={"model": "router-1", "messages": prompt},
+                           headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+            assert d["budget"]["period"] == "2024-05" and d["budget"]["elapsed_share"] == pytest.approx(1 / 31)
+            assert "cannot pay for strong" in d["reason"]
+            assert d["skipped"] == [{"tier": "strong", "rule": "budget", "detail": "its estimated cost exceeds what is left of the budget"}]
