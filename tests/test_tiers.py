@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from learned_router.cli import app
 from learned_router.errors import DataError, RouterError
 from learned_router.evals.multitier import Frontier, oracle_points
+from learned_router.model import FitConfig
 from learned_router.scorer import Router
 from learned_router.tiers import TierSpec, choose, load_grades, train_tiers
 
@@ -31,7 +32,7 @@ def tier_router(tmp_path_factory, mlflow_server, datasets_dir):
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     try:
         manifest, run_id = train_tiers(TierSpec(data=[str(datasets_dir / "alpaca_eval.parquet")], out=out,
-                                                models=LADDER + ["gpt4_1106_preview", "claude-2"], epochs=30,
+                                                models=LADDER + ["gpt4_1106_preview", "claude-2"], fit=FitConfig(epochs=30, batch_size=64),
                                                 experiment="tests"))
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]

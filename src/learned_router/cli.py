@@ -137,6 +137,7 @@ def train_tiers(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing router folder.")] = False,
 ):
     """Train a multi-tier router: P(each model's answer passes) per prompt, exported to one ONNX graph."""
+    from .model import FitConfig, HeadConfig
     from .tiers import TierSpec, train_tiers as run_training
 
     if not (0 < val < 1 and 0 <= test < 1 and val + test < 1):
@@ -145,8 +146,8 @@ def train_tiers(
     if names is not None and len(names) < 2:
         raise RouterError(f"--models needs at least 2 models, got {names}")
     spec = TierSpec(data=[str(d) for d in data], out=out, models=names, encoder=str(encoder) if encoder else None,
-                    hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                    val=val, test=test, variants=[v.strip() for v in variants.split(",") if v.strip()], name=name,
+                    head=HeadConfig(hidden=hidden, dropout=dropout),
+                    fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed), val=val, test=test, variants=[v.strip() for v in variants.split(",") if v.strip()], name=name,
                     experiment=experiment, overwrite=overwrite)
     manifest, run_id = run_training(spec)
     m = manifest.metrics

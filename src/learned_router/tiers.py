@@ -18,6 +18,7 @@ import pandas as pd
 
 from .data import assign_splits, group_of, load_source, plain
 from .errors import DataError
+from .model import FitConfig, HeadConfig, fit_head
 from .tracking import DEFAULT_EXPERIMENT, start_run
 
 DEFAULT_THRESHOLD = 0.5  # "more likely than not to pass": which tiers a service offers is its config's choice
@@ -101,14 +102,8 @@ class TierSpec:
     models: list[str] | None = None  # None: every model in the data
     encoder: str | None = None
     max_seq_length: int | None = None
-    hidden: int = 256
-    dropout: float = 0.1
-    epochs: int = 200
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    patience: int = 15
-    seed: int = 0
+    head: HeadConfig = field(default_factory=HeadConfig)  # its dim and outputs are set from the data
+    fit: FitConfig = field(default_factory=lambda: FitConfig(batch_size=64))
     val: float = 0.1
     test: float = 0.1
     variants: list[str] = field(default_factory=lambda: ["fp32", "int8"])
@@ -117,20 +112,22 @@ class TierSpec:
     overwrite: bool = False
 
 
+def tier_spec_from(info: dict, **changes) -> TierSpec:
+    """The TierSpec recorded in a checkpoint's training.json (with `changes` applied)."""
+    s = {**info["spec"], **changes}
+    return TierSpec(**{**s, "out": Path(s["out"]), "head": HeadConfig(**s["head"]), "fit": FitConfig(**s["fit"])})
+
+
 def fit_tiers(spec: TierSpec, x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, on_epoch=None):
     """The multi-output head of `spec` on these rows (early stopping on validation loss)."""
-    from .model import FitConfig, HeadConfig, fit_head
-
     kw = {"on_epoch": on_epoch} if on_epoch else {}
-    return fit_head(HeadConfig(dim=x_fit.shape[1], hidden=spec.hidden, dropout=spec.dropout, outputs=y_fit.shape[1]),
-                    x_fit, y_fit, np.ones(len(x_fit)), x_val, y_val,
-                    FitConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, weight_decay=spec.weight_decay,
-                              patience=spec.patience, seed=spec.seed), **kw)
+    head_cfg = HeadConfig(**{**asdict(spec.head), "dim": x_fit.shape[1], "outputs": y_fit.shape[1]})
+    return fit_head(head_cfg, x_fit, y_fit, np.ones(len(x_fit)), x_val, y_val, spec.fit, **kw)
 
 
 def splits(table: GradeTable, spec: TierSpec) -> np.ndarray:
     """By prompt text; contaminated prompts only ever train."""
-    split = assign_splits(table.prompts["group"], spec.val, spec.test, spec.seed)
+    split = assign_splits(table.prompts["group"], spec.val, spec.test, spec.fit.seed)
     split = np.where(table.prompts["contaminated"].to_numpy() & (split != "train"), "train", split)
     for part in ("train", "val"):
         if not (split == part).any():
@@ -163,8 +160,9 @@ def train_tiers(spec: TierSpec):
     with staged_folder(Path(spec.out), spec.overwrite) as folder, start_run(spec.experiment, name) as run:
         mlflow.log_params({
             "kind": "tiers", "models": len(table.models), "encoder": enc.name, "encoder_fingerprint": enc.fingerprint[:16],
-            **{k: v for k, v in asdict(spec).items() if k in ("hidden", "dropout", "epochs", "batch_size", "lr",
-                                                               "weight_decay", "patience", "seed", "val", "test")},
+            "val": spec.val, "test": spec.test,
+            **{f"head_{k}": v for k, v in asdict(spec.head).items() if k in ("hidden", "dropout")},
+            **{f"fit_{k}": v for k, v in asdict(spec.fit).items()},
             **{f"data_{p['name']}_sha256": p["sha256"][:16] for p in table.sources},
         })
         mlflow.log_dict({"sources": table.sources, "models": table.models}, "data_fingerprints.json")

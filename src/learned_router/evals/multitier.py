@@ -75,7 +75,7 @@ def oracle_points(scores: np.ndarray, costs: np.ndarray) -> list[tuple[float, fl
 
 def cross_validated(table, spec, embed, folds: int, tier_cols: list[int], pairs: list[tuple[int, int]]):
     """Held-out pass chances of the tiers, and p_weak of a binary head per (weak, strong) pair, from k folds."""
-    from ..model import FitConfig, HeadConfig, fit_head
+    from ..model import HeadConfig, fit_head
     from ..tiers import fit_tiers, splits
 
     x = embed(table.prompts["prompt"].tolist())
@@ -92,10 +92,8 @@ def cross_validated(table, spec, embed, folds: int, tier_cols: list[int], pairs:
             y = table.scores[:, weak] >= table.scores[:, strong] - 1e-9  # the relative label policy, margin 0
             known = ~np.isnan(table.scores[:, [weak, strong]]).any(axis=1)
             fw, vw = fit[known[fit]], val[known[val]]
-            head2, _ = fit_head(HeadConfig(dim=x.shape[1], hidden=spec.hidden, dropout=spec.dropout), x[fw], y[fw].astype(np.float32),
-                                np.ones(len(fw)), x[vw], y[vw].astype(np.float32),
-                                FitConfig(lr=spec.lr, weight_decay=spec.weight_decay, patience=spec.patience, seed=spec.seed,
-                                          epochs=spec.epochs, batch_size=spec.batch_size))
+            head2, _ = fit_head(HeadConfig(**{**vars(spec.head), "dim": x.shape[1], "outputs": 1}), x[fw],
+                                y[fw].astype(np.float32), np.ones(len(fw)), x[vw], y[vw].astype(np.float32), spec.fit)
             p_pairs[(weak, strong)][held] = head2.predict(x[held])
     return p_tiers, p_pairs
 
@@ -106,7 +104,7 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     from ..embed import Encoder
     from ..export import TRAINING_FILE
     from ..manifest import read_manifest
-    from ..tiers import TierSpec, choose, load_grades
+    from ..tiers import choose, load_grades, tier_spec_from
 
     if len(tiers) < 2 or len(set(tiers)) != len(tiers):
         raise RouterError(f"--tiers needs at least 2 distinct models, cheapest first; got {tiers}")
@@ -116,8 +114,7 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     info_path = Path(router_dir) / "checkpoint" / TRAINING_FILE
     if manifest.kind != "tiers" or not info_path.is_file():
         raise RouterError(f"{router_dir}: not a multi-tier router with its checkpoint (train one with 'learned-router train-tiers')")
-    spec_raw = json.loads(info_path.read_text())["spec"]
-    spec = TierSpec(**{**spec_raw, "out": Path(spec_raw["out"]), "data": [str(data)], "models": None})
+    spec = tier_spec_from(json.loads(info_path.read_text()), data=[str(data)], models=None)
     enc = Encoder(spec.encoder, manifest.encoder.max_seq_length)
     if enc.fingerprint != manifest.encoder.fingerprint:
         raise RouterError(f"{router_dir} was trained on another encoder than {enc.path}")
