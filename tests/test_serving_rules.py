@@ -9,6 +9,8 @@ import openai
 import pytest
 
 from learned_router import Router
+from learned_router.serving.config import ConfigError, parse_config
+from learned_router.serving.service import Service
 from serving_fixtures import (CLIENT_KEY, ROOT, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
                               two_tiers)
 
@@ -237,3 +239,15 @@ def test_a_multi_tier_router_picks_the_cheapest_tier_that_clears_the_threshold(h
         fakes["weak-b"].control(mode="error")  # the medium tier fails: fall back up to the top tier first
         r = ask(c, prompt, f"router-{(small + medium) / 2:.6f}")
         assert r.headers["x-router-tier"] == "medium" and r.headers["x-router-provider"] == "strong-a"
+
+
+@pytest.mark.skipif(not (TIERS_ROUTER / "router.json").is_file(), reason=f"no multi-tier router at {TIERS_ROUTER}")
+def test_a_multi_tier_router_needs_a_raw_threshold_and_names_its_outputs(fakes):
+    tiers_router = Router(TIERS_ROUTER)
+    entry = provider_entry("weak-a", fakes["weak-a"], None, "m", (0.1, 0.1))
+    tiers = [{"name": "small", "score": "gemma-2b-it", "providers": [entry]}, {"name": "top", "providers": [{**entry, "name": "top"}]}]
+    with pytest.raises(ConfigError, match=r"routing.strong_fraction: only for a binary router; this one scores \d+ models"):
+        Service(parse_config(service_config(tiers, routing={"strong_fraction": 0.3})), router=tiers_router)
+    tiers[0]["score"] = "gpt-5"
+    with pytest.raises(ConfigError, match=r"tiers\[0\].score: the router outputs no 'gpt-5'; it outputs: FuseChat-Gemma-2-9B-Instruct, "):
+        Service(parse_config(service_config(tiers)), router=tiers_router)
