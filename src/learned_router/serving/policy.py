@@ -7,8 +7,8 @@ at least one of its providers can take the request.
 
 Each tier's pass chance is its router output (`score`), or 1.0 for an unscored tier. Walk the eligible tiers
 cheapest first and take the first whose pass chance >= the effective threshold; when none clears it, the eligible
-tier with the highest pass chance (the cheapest among equals). With a budget, a tier whose estimated cost exceeds
-what is left of it is replaced by the cheapest eligible tier.
+tier with the highest pass chance (the cheapest among equals). With a budget, a tier that what is left of it cannot
+pay for (budget.Pacer.affordable) gives way to the cheapest eligible tier.
 
 The rule that decided is the last one that changed the answer: the tier the base threshold would pick among all
 tiers; then the one the effective threshold picks (`budget` when they differ); then, when that tier cannot take
