@@ -239,6 +239,9 @@ def test_a_multi_tier_router_picks_the_cheapest_tier_that_clears_the_threshold(h
         fakes["weak-b"].control(mode="error")  # the medium tier fails: fall back up to the top tier first
         r = ask(c, prompt, f"router-{(small + medium) / 2:.6f}")
         assert r.headers["x-router-tier"] == "medium" and r.headers["x-router-provider"] == "strong-a"
+        fakes["strong-a"].control(mode="error")  # then down to the cheaper tier
+        r = ask(c, prompt, f"router-{(small + medium) / 2:.6f}")
+        assert r.headers["x-router-provider"] == "weak-a" and r.headers["x-router-fallbacks"] == "2"
 
 
 @pytest.mark.skipif(not (TIERS_ROUTER / "router.json").is_file(), reason=f"no multi-tier router at {TIERS_ROUTER}")
