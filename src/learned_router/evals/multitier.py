@@ -169,6 +169,8 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
                     f"prompts ({len(table.models)} models as outputs)",
         "single": {t: {"cost": float(mean_cost[k] * PER), "quality": float(mean_q[k])} for k, t in enumerate(tiers)},
         "best_single": tiers[best],
+        "above_router": [t for k, t in enumerate(tiers)  # single models the router's frontier does not reach at their cost
+                         if (q := curves["router"].quality_at(mean_cost[k] * PER)) is None or q < mean_q[k] - 1e-12],
         "scorers": {k: summary(f) for k, f in curves.items()},
         "two_model_all": {w: summary(f) for w, f in two.items()},
         "curves": {k: {"cost": f.cost.round(6).tolist(), "quality": f.quality.round(6).tolist()} for k, f in curves.items()},
@@ -217,4 +219,6 @@ def write_tier_outputs(report: dict, curves: dict, out: Path) -> None:
     fig.savefig(out / "frontier.png", dpi=120)
     (out / "metrics.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     (out / "table.md").write_text(f"### {report['benchmark']}: tiers {', '.join(report['tiers'])}\n\n"
-                                  f"{report['n_prompts']} prompts; {report['protocol']}.\n\n{tier_table(report)}\n")
+                                  f"{report['n_prompts']} prompts; {report['protocol']}.\n\n{tier_table(report)}\n" +
+                                  (f"\nSingle models above the router's frontier: {', '.join(report['above_router'])}.\n"
+                                   if report["above_router"] else ""))

@@ -134,6 +134,9 @@ def tier_section(suite: Suite, out: Path) -> list[str]:
         verdict = ("**Target not met: the router does not reach the best single model's quality.**" if saving is None else
                    f"Saving at {r['best_single']}'s quality: {saving:.1%} " +
                    ("(target met)." if saving >= 0.4 else "**(target of 40% not met)**."))
+        if r["above_router"]:
+            verdict += (f" **Single models above the router's frontier (better quality at their own cost): "
+                        f"{', '.join(r['above_router'])}.**")
         lines += [f"### {b.name}", "", f"{r['n_prompts']} prompts; {r['protocol']}.", "", verdict, "",
                   f"![{b.name} frontier]({folder.relative_to(out)}/frontier.png)", "", tier_table(r), ""]
     return lines
