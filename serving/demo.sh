@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Offline demo: two fake providers (127.0.0.1:9001 strong, :9002 weak) and the routing service with the shipped
-# router on http://127.0.0.1:8000. Ctrl-C stops all three.
+# Offline demo: fake providers (127.0.0.1:9001 strong, :9002 weak) and the routing service with the shipped
+# router on http://127.0.0.1:8000. `serving/demo.sh tiers`: three tiers with models/alpaca-tiers (a third fake
+# provider on :9003). Ctrl-C stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LR=${VIRTUAL_ENV:-$PWD/.venv}/bin/learned-router
-"$LR" fake-provider --port 9001 --name strong --model gpt-4-1106-preview &
-"$LR" fake-provider --port 9002 --name weak --model mistralai/Mixtral-8x7B-Instruct-v0.1 &
+case "${1:-}" in
+  "") config=serving/config.example.yaml; strong=gpt-4-1106-preview; weak=mistralai/Mixtral-8x7B-Instruct-v0.1 ;;
+  tiers) config=serving/config.tiers.example.yaml; strong=gpt-4-1106-preview; weak=FuseChat-Gemma-2-9B-Instruct
+         "$LR" fake-provider --port 9003 --name small --model FuseChat-Llama-3.2-3B-Instruct & ;;
+  *) echo "usage: serving/demo.sh [tiers]" >&2; exit 2 ;;
+esac
+"$LR" fake-provider --port 9001 --name strong --model "$strong" &
+"$LR" fake-provider --port 9002 --name weak --model "$weak" &
 trap 'kill $(jobs -p) 2>/dev/null' EXIT
-export STRONG_API_KEY=sk-fake-strong WEAK_API_KEY=sk-fake-weak   # the fakes accept any key
-"$LR" serve --config serving/config.example.yaml
+export STRONG_API_KEY=sk-fake-strong WEAK_API_KEY=sk-fake-weak SMALL_API_KEY=sk-fake-small   # the fakes accept any key
+"$LR" serve --config "$config"

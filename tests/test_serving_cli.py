@@ -15,10 +15,12 @@ from typer.testing import CliRunner
 from learned_router.cli import app
 from learned_router.serving.service import Service
 from learned_router.serving.config import load_config, parse_config
-from serving_fixtures import ROOT, ROUTER_DIR, FakeProvider, free_port, wait_for
+from serving_fixtures import ROOT, ROUTER_DIR, FakeProvider, ServerThread, free_port, wait_for
+from learned_router.serving.app import create_app
 
 needs_router = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 EXAMPLE = ROOT / "serving" / "config.example.yaml"
+TIERS_EXAMPLE = ROOT / "serving" / "config.tiers.example.yaml"
 runner = CliRunner()
 
 
@@ -54,6 +56,35 @@ def test_the_example_config_is_valid():
     assert strong.providers[0].input_price_per_1m == 10 and weak.providers[0].output_price_per_1m == 0.6
     assert strong.providers[0].api_key_env == "STRONG_API_KEY"
     assert cfg.budget.period == "day" and cfg.data_classes == {"restricted": ["strong-demo"]}
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "alpaca-tiers" / "router.json").is_file(), reason="no models/alpaca-tiers")
+def test_the_three_tier_example_config_serves_with_the_shipped_multi_tier_router(tmp_path, monkeypatch):
+    cfg = yaml.safe_load(TIERS_EXAMPLE.read_text())
+    cfg["router"]["path"] = str(ROOT / cfg["router"]["path"])
+    cfg["budget"]["store"] = str(tmp_path / "spend.sqlite")
+    for env in ("SMALL_API_KEY", "WEAK_API_KEY", "STRONG_API_KEY"):
+        monkeypatch.setenv(env, "sk-fake")
+    with FakeProvider(name="small") as small, FakeProvider(name="medium") as medium, FakeProvider(name="top") as top:
+        for tier, fake in zip(cfg["tiers"], (small, medium, top)):
+            tier["providers"][0]["base_url"] = fake.base_url
+        with ServerThread(create_app(Service(parse_config(cfg)))) as service:
+            c = openai.OpenAI(base_url=service.url + "/v1", api_key="sk-router-demo", max_retries=0)
+            route = httpx.post(service.url + "/v1/route", headers={"Authorization": "Bearer sk-router-demo"},
+                               json={"model": "router", "messages": [{"role": "user", "content": "Name three primes."}]}).json()
+            assert set(route["pass_chances"]) == {"small", "medium", "top"} and route["threshold"] == 0.5
+            assert route["rule"] == "score" and route["estimated_cost_usd"] > 0
+            for threshold, tier in (("0", "small"), ("1", "top")):
+                r = c.chat.completions.with_raw_response.create(model=f"router-{threshold}",
+                                                                 messages=[{"role": "user", "content": "Name three primes."}])
+                assert r.headers["x-router-tier"] == tier and r.headers["x-router-provider"] == f"{tier}-demo"
+            small.control(mode="error")  # the small tier fails: fallbacks go up, to medium, unless the data class forbids it
+            ask = lambda **kw: c.chat.completions.with_raw_response.create(  # noqa: E731
+                model="router-0", messages=[{"role": "user", "content": "Name three primes."}], **kw)
+            r = ask(extra_body={"router": {"data_class": "restricted"}})
+            assert (r.headers["x-router-tier"], r.headers["x-router-provider"]) == ("small", "top-demo")
+            assert medium.stats()["requests"] == 0  # restricted data never went to a provider outside its list
+            assert ask().headers["x-router-provider"] == "medium-demo"
 
 
 def test_bad_configs_are_one_line_errors_naming_the_key(tmp_path):
