@@ -56,11 +56,31 @@ def parse_weights(items: list[str]) -> dict[str, float]:
     return out
 
 
+def names_of(text: str) -> list[str]:
+    """A comma-separated option as a list, blanks dropped."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def parity_line(parity: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in parity.items() if not k.startswith("fused"))
+
+
+# options shared by the training commands
+OutDir = Annotated[Path, typer.Option(help="Router folder to write (checkpoint + ONNX export).")]
+EncoderDir = Annotated[Optional[Path], typer.Option(help="A sentence-transformers folder (default: all-MiniLM-L6-v2, shipped).")]
+ValShare = Annotated[float, typer.Option(help="Share of prompts held out for validation (early stopping, calibration).")]
+TestShare = Annotated[float, typer.Option(help="Share of prompts held out for the test metrics.")]
+Variants = Annotated[str, typer.Option(help="ONNX variants to export: fp32, int8 or both.")]
+RunName = Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")]
+Experiment = Annotated[str, typer.Option(help="MLflow experiment.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing router folder.")]
+
+
 @app.command()
 @user_errors
 def train(
     data: Annotated[list[Path], typer.Option("--data", help="Labeled data file (parquet/JSONL/CSV); repeat to mix sources.")],
-    out: Annotated[Path, typer.Option(help="Router folder to write (checkpoint + ONNX export).")],
+    out: OutDir,
     strong: Annotated[str, typer.Option(help="The strong (expensive) model's name.")] = "gpt-4-1106-preview",
     weak: Annotated[str, typer.Option(help="The weak (cheap) model's name.")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
     weight: Annotated[list[str], typer.Option("--weight", help="SOURCE=W: loss weight per row of that source (default 1).")] = [],
@@ -68,7 +88,7 @@ def train(
     label_policy: Annotated[str, typer.Option(help="relative: weak >= strong - margin; absolute: weak >= min-score.")] = "relative",
     margin: Annotated[float, typer.Option(help="Margin of the relative policy.")] = 0.0,
     min_score: Annotated[float, typer.Option(help="Bar of the absolute policy.")] = 0.5,
-    encoder: Annotated[Optional[Path], typer.Option(help="A sentence-transformers folder (default: all-MiniLM-L6-v2, shipped).")] = None,
+    encoder: EncoderDir = None,
     max_seq_length: Annotated[Optional[int], typer.Option(help="Encoder token limit (default: the encoder's own, 256).")] = None,
     hidden: int = 256,
     dropout: float = 0.1,
@@ -79,13 +99,13 @@ def train(
     seed: int = 0,
     finetune_epochs: Annotated[int, typer.Option(help="Also fine-tune the encoder end to end for N epochs (slow on CPU).")] = 0,
     finetune_lr: float = 2e-5,
-    val: Annotated[float, typer.Option(help="Share of prompts held out for validation (early stopping, calibration).")] = 0.1,
-    test: Annotated[float, typer.Option(help="Share of prompts held out for the test metrics.")] = 0.1,
+    val: ValShare = 0.1,
+    test: TestShare = 0.1,
     max_prompts: Annotated[Optional[int], typer.Option(help="Sample at most N prompts per source (quick runs).")] = None,
-    variants: Annotated[str, typer.Option(help="ONNX variants to export: fp32, int8 or both.")] = "fp32,int8",
-    name: Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing router folder.")] = False,
+    variants: Variants = "fp32,int8",
+    name: RunName = None,
+    experiment: Experiment = "learned-router",
+    overwrite: Overwrite = False,
 ):
     """Train a router on labeled data, export it to ONNX and log the run to MLflow."""
     from .manifest import LabelPolicy
@@ -106,22 +126,22 @@ def train(
         max_seq_length=max_seq_length, head=HeadConfig(hidden=hidden, dropout=dropout),
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed),
         finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, val=val, test=test, max_prompts=max_prompts,
-        variants=[v.strip() for v in variants.split(",") if v.strip()], name=name, experiment=experiment, overwrite=overwrite,
+        variants=names_of(variants), name=name, experiment=experiment, overwrite=overwrite,
     )
     manifest, run_id = run_training(spec)
     m = manifest.metrics
     typer.echo(f"router written to {out} (MLflow run {run_id})")
-    typer.echo(f"test AUC {m.get('test_auc', float('nan')):.4f}, validation AUC {m['best_val_auc']:.4f}; parity " +
-               ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items() if not k.startswith("fused")))
+    typer.echo(f"test AUC {m.get('test_auc', float('nan')):.4f}, validation AUC {m['best_val_auc']:.4f}; parity "
+               + parity_line(manifest.parity))
 
 
 @app.command("train-tiers")
 @user_errors
 def train_tiers(
     data: Annotated[list[Path], typer.Option("--data", help="Graded answers of many models (long format); repeat for more files.")],
-    out: Annotated[Path, typer.Option(help="Router folder to write (checkpoint + ONNX export).")],
+    out: OutDir,
     models: Annotated[Optional[str], typer.Option(help="Comma-separated models to predict for (default: every model in the data).")] = None,
-    encoder: Annotated[Optional[Path], typer.Option(help="A sentence-transformers folder (default: all-MiniLM-L6-v2, shipped).")] = None,
+    encoder: EncoderDir = None,
     hidden: int = 256,
     dropout: float = 0.1,
     epochs: Annotated[int, typer.Option(help="Most epochs (early stopping on validation loss).")] = 200,
@@ -129,12 +149,12 @@ def train_tiers(
     batch_size: int = 64,
     patience: int = 15,
     seed: int = 0,
-    val: Annotated[float, typer.Option(help="Share of prompts held out for validation (early stopping).")] = 0.1,
-    test: Annotated[float, typer.Option(help="Share of prompts held out for the test metrics.")] = 0.1,
-    variants: Annotated[str, typer.Option(help="ONNX variants to export: fp32, int8 or both.")] = "fp32,int8",
-    name: Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing router folder.")] = False,
+    val: ValShare = 0.1,
+    test: TestShare = 0.1,
+    variants: Variants = "fp32,int8",
+    name: RunName = None,
+    experiment: Experiment = "learned-router",
+    overwrite: Overwrite = False,
 ):
     """Train a multi-tier router: P(each model's answer passes) per prompt, exported to one ONNX graph."""
     from .model import FitConfig, HeadConfig
@@ -142,18 +162,18 @@ def train_tiers(
 
     if not (0 < val < 1 and 0 <= test < 1 and val + test < 1):
         raise RouterError(f"--val must be in (0, 1) and --test in [0, 1) with a sum below 1, got {val} and {test}")
-    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    names = names_of(models) if models else None
     if names is not None and len(names) < 2:
         raise RouterError(f"--models needs at least 2 models, got {names}")
     spec = TierSpec(data=[str(d) for d in data], out=out, models=names, encoder=str(encoder) if encoder else None,
                     head=HeadConfig(hidden=hidden, dropout=dropout),
-                    fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed), val=val, test=test, variants=[v.strip() for v in variants.split(",") if v.strip()], name=name,
-                    experiment=experiment, overwrite=overwrite)
+                    fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed),
+                    val=val, test=test, variants=names_of(variants), name=name, experiment=experiment, overwrite=overwrite)
     manifest, run_id = run_training(spec)
     m = manifest.metrics
     typer.echo(f"router for {len(manifest.models)} models written to {out} (MLflow run {run_id})")
     typer.echo(f"test mean AUC {m.get('test_auc_mean', float('nan')):.4f}, test MAE {m.get('test_mae', float('nan')):.4f}; "
-               "parity " + ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items() if not k.startswith("fused")))
+               "parity " + parity_line(manifest.parity))
 
 
 @app.command("export")
@@ -167,7 +187,7 @@ def export_cmd(
     """Export a trained router to ONNX (fused graph, int8), checking parity with the torch model."""
     from .export import export
 
-    manifest = export(router, out, [v.strip() for v in variants.split(",") if v.strip()], overwrite=overwrite)
+    manifest = export(router, out, names_of(variants), overwrite=overwrite)
     typer.echo(f"exported to {out or router}: " + ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items()))
 
 
@@ -309,7 +329,7 @@ def eval_tiers(
     from .evals.multitier import run_tier_eval
     from .tracking import start_run
 
-    names = [t.strip() for t in tiers.split(",") if t.strip()]
+    names = names_of(tiers)
     with start_run(experiment, name or f"{data.stem} tiers"):
         r = run_tier_eval(router, data, names, prices, out, folds=folds, name=name)
         mlflow.log_params({"router": str(router), "data": str(data), "tiers": ",".join(names), "folds": folds,
