@@ -15,7 +15,8 @@ from learned_router.errors import DataError, RouterError
 from learned_router.evals.multitier import Frontier, oracle_points
 from learned_router.model import FitConfig
 from learned_router.scorer import Router
-from learned_router.tiers import TierSpec, choose, load_grades, train_tiers
+from learned_router.scorer import choose_tier
+from learned_router.tiers import TierSpec, load_grades, train_tiers
 
 LADDER = ["FuseChat-Llama-3.2-1B-Instruct", "FuseChat-Llama-3.2-3B-Instruct", "FuseChat-Qwen-2.5-7B-Instruct",
           "FuseChat-Gemma-2-9B-Instruct"]
@@ -66,9 +67,9 @@ def test_policy_takes_the_cheapest_tier_that_clears_else_the_likeliest():
     p = np.array([[0.9, 0.95, 0.2],   # the cheapest clears
                   [0.1, 0.7, 0.99],   # the middle one is the first to clear
                   [0.1, 0.3, 0.2]])   # none clears: the most likely to pass
-    assert choose(p, 0.6).tolist() == [0, 1, 1]
-    assert choose(p, 0.0).tolist() == [0, 0, 0]
-    assert choose(p, 1.0).tolist() == [1, 2, 1]
+    assert choose_tier(p, 0.6).tolist() == [0, 1, 1]
+    assert choose_tier(p, 0.0).tolist() == [0, 0, 0]
+    assert choose_tier(p, 1.0).tolist() == [1, 2, 1]
 
 
 def test_oracle_frontier_is_the_limit():

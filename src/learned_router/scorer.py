@@ -35,6 +35,14 @@ def check_prompts(prompts: Sequence[object]) -> list[str]:
     return out
 
 
+def choose_tier(pass_chances: np.ndarray, threshold: float) -> np.ndarray:
+    """The tier policy, per row of pass chances (tiers cheapest first): the first tier whose pass chance >= threshold,
+    else the one most likely to pass (the cheapest among equals). The service and `eval-tiers` both route with it."""
+    p = np.asarray(pass_chances)
+    clears = p >= threshold
+    return np.where(clears.any(axis=1), clears.argmax(axis=1), p.argmax(axis=1))
+
+
 def check_threshold(threshold: float) -> float:
     if not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
         raise RouterError(f"threshold must be a number in [0, 1], got {threshold!r}")

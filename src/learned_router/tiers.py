@@ -1,10 +1,9 @@
-"""Multi-tier routers: one output per candidate model, P(that model's answer passes), and the tier policy.
+"""Multi-tier routers: one output per candidate model, P(that model's answer passes).
 
 Trained on long tables where many models answered the same prompts (AlpacaEval: 56 models x 683 prompts). Each
 grade in [0, 1] is the target probability that the answer passes: 0/1 for exact-match grades, the judge's
 preference probability for AlpacaEval. A model with no grade for a prompt leaves that target out of the loss.
-The policy: walk the tiers cheapest first and take the first whose pass chance clears the threshold; when none
-does, the one with the highest pass chance.
+The tier policy that routes with it is `scorer.choose_tier`.
 """
 
 from __future__ import annotations
@@ -86,13 +85,6 @@ def load_grades(paths: list[str], models: list[str] | None = None) -> GradeTable
     i, j = row[per["prompt"]].to_numpy(), per["model"].map(col).to_numpy()
     scores[i, j], chars[i, j] = per["score"].to_numpy(), per["chars"].to_numpy()
     return GradeTable(prompts, names, scores, chars, prints)
-
-
-def choose(pass_chances: np.ndarray, threshold: float) -> np.ndarray:
-    """Per row (tiers cheapest first): the first tier whose pass chance >= threshold, else the most likely to pass."""
-    p = np.asarray(pass_chances)
-    clears = p >= threshold
-    return np.where(clears.any(axis=1), clears.argmax(axis=1), p.argmax(axis=1))
 
 
 @dataclass

@@ -3,7 +3,7 @@ the oracle, on prompts the router never saw.
 
 Protocol: k-fold cross-validation by prompt on the benchmark's own grade table. Per fold, the router's recipe (its
 training.json) is refit on the other folds' prompts with every model of the table as an output, and the held-out
-prompts are routed with the tier policy (`tiers.choose`). A call costs (prompt chars / 4) input tokens and (answer
+prompts are routed with the tier policy (`scorer.choose_tier`). A call costs (prompt chars / 4) input tokens and (answer
 chars / 4) output tokens at the tier's prices: the answer lengths are the graded answers' own, where the data has them.
 """
 
@@ -104,7 +104,8 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     from ..embed import Encoder
     from ..export import TRAINING_FILE
     from ..manifest import read_manifest
-    from ..tiers import choose, load_grades, tier_spec_from
+    from ..scorer import choose_tier
+    from ..tiers import load_grades, tier_spec_from
 
     if len(tiers) < 2 or len(set(tiers)) != len(tiers):
         raise RouterError(f"--tiers needs at least 2 distinct models, cheapest first; got {tiers}")
@@ -146,7 +147,7 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     p_tiers, p_pairs = cross_validated(table, spec, lambda t: enc.embed(t, progress=False), folds, cols, pairs)
 
     s, c, p = scores[keep], costs[keep], p_tiers[keep]
-    curves = {"router": Frontier.of(route_points(lambda t: choose(p, t), threshold_grid(p), s, c)),
+    curves = {"router": Frontier.of(route_points(lambda t: choose_tier(p, t), threshold_grid(p), s, c)),
               "oracle": Frontier.of(oracle_points(s, c))}
     two = {}
     for k, pair in zip(cheaper, pairs):

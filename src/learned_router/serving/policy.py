@@ -20,6 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
+from ..scorer import choose_tier
 from .providers import Provider
 
 EXCLUSIONS = ("data_class", "context", "latency", "circuit_open")  # checked in this order
@@ -95,9 +98,8 @@ def standing(provider: Provider, need_tokens: int, allowed: frozenset[str] | Non
 
 
 def pick(options: list[TierOption], threshold: float, among: list[int]) -> int:
-    """The first of `among` (cheapest first) whose pass chance >= threshold, else the highest pass chance."""
-    return next((i for i in among if options[i].pass_chance >= threshold),
-                max(among, key=lambda i: (options[i].pass_chance, -i)))
+    """The tier policy (scorer.choose_tier) over the tiers `among` (cheapest first)."""
+    return among[int(choose_tier(np.array([[options[i].pass_chance for i in among]]), threshold)[0])]
 
 
 def choose(options: list[TierOption], threshold: float, effective: float,
@@ -106,7 +108,7 @@ def choose(options: list[TierOption], threshold: float, effective: float,
     eligible = [i for i, o in enumerate(options) if o.eligible]
     if not eligible:
         raise NoEligibleTier(options)
-    everything = range(len(options))
+    everything = list(range(len(options)))
     by_base, by_score = pick(options, threshold, everything), pick(options, effective, everything)
     index = pick(options, effective, eligible)
     chosen = options[index]
