@@ -35,9 +35,10 @@ def check_prompts(prompts: Sequence[object]) -> list[str]:
     return out
 
 
-def choose_tier(pass_chances: np.ndarray, threshold: float) -> np.ndarray:
+def choose_tier(pass_chances: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
     """The tier policy, per row of pass chances (tiers cheapest first): the first tier whose pass chance >= threshold,
-    else the one most likely to pass (the cheapest among equals). The service and `eval-tiers` both route with it."""
+    else the one most likely to pass (the cheapest among equals); `threshold` may be a column, one per row. The
+    service, its budget pacer and `eval-tiers` all route with it."""
     p = np.asarray(pass_chances)
     clears = p >= threshold
     return np.where(clears.any(axis=1), clears.argmax(axis=1), p.argmax(axis=1))

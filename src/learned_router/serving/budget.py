@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..scorer import choose_tier
 from .config import BudgetConfig
 from .errors import ConfigError
 
@@ -166,11 +167,10 @@ class Pacer:
         c = c * np.array([np.mean(r) if r else 1.0 for r in self._ratios])
         rows = np.arange(len(t))
         lo_t, hi_t = self.config.min_threshold, self.config.max_threshold
-        best = np.where(e, p, -np.inf).argmax(1)
+        p = np.where(e, p, -np.inf)  # an ineligible tier neither clears a threshold nor is the most likely to pass
 
         def cost(offset: float) -> float:
-            clears = (p >= np.clip(t + offset, lo_t, hi_t)[:, None]) & e
-            return float(c[rows, np.where(clears.any(1), clears.argmax(1), best)].mean())
+            return float(c[rows, choose_tier(p, np.clip(t + offset, lo_t, hi_t)[:, None])].mean())
 
         floor = float(c[rows, e.argmax(1)].mean())
         lo, hi = -1.0, 1.0
