@@ -97,8 +97,8 @@ class Service:
         except Exception:
             log.exception("scoring failed")
             raise APIError(500, "the router could not score this request", type="server_error", code="router_error") from None
-        tokens = estimate_tokens(req.messages, self.config.routing.chars_per_token)
-        need = tokens + (req.output_tokens() or 0)
+        tokens, max_tokens = estimate_tokens(req.messages, self.config.routing.chars_per_token), req.output_tokens()
+        need = tokens + (max_tokens or 0)
         budget_s = None if opts.latency_budget_ms is None else opts.latency_budget_ms / 1000
         remaining = None if budget_s is None else budget_s - (time.monotonic() - started)
         options = [
@@ -106,7 +106,7 @@ class Service:
                        [standing(p, need, allowed, opts.data_class, remaining) for p in chain])
             for tier, col, chain in zip(self.config.tiers, self.columns, self.upstream.tiers, strict=True)
         ]
-        out = req.output_tokens() if req.output_tokens() is not None else self.config.routing.assumed_output_tokens
+        out = max_tokens if max_tokens is not None else self.config.routing.assumed_output_tokens
         expected = [next((s.provider for s in o.standings if s.rule is None), o.standings[0].provider) for o in options]
         costs = [p.config.cost_usd(tokens, out) for p in expected]
         state = self.pacer.state() if self.pacer else None
@@ -124,7 +124,7 @@ class Service:
         d = Decision(
             tier=tier.name, rule=choice.rule, reason=choice.reason, pass_chances={o.name: o.pass_chance for o in options},
             threshold=threshold, effective_threshold=effective, skipped=choice.skipped, chain=chain, excluded=excluded,
-            provider=expected[choice.index], estimated_costs=costs, prompt_tokens=tokens, output_tokens=req.output_tokens(),
+            provider=expected[choice.index], estimated_costs=costs, prompt_tokens=tokens, output_tokens=max_tokens,
             options=opts, deadline=None if budget_s is None else started + budget_s, budget=state,
         )
         self.metrics.routing_seconds.observe(time.perf_counter() - t0)
