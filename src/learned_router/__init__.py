@@ -4,7 +4,7 @@ Importing this package (and scoring with it) never imports torch.
 """
 
 from .errors import DataError, RouterError, RouterFolderError
-from .scorer import Decision, Router
+from .scorer import Decision, Router, choose_tier
 
 __version__ = "0.1.0"
-__all__ = ["Router", "Decision", "RouterError", "DataError", "RouterFolderError", "__version__"]
+__all__ = ["Router", "Decision", "choose_tier", "RouterError", "DataError", "RouterFolderError", "__version__"]
