@@ -140,7 +140,8 @@ def resolve(source: Source, model: str, available: set[str], pair_map: dict) -> 
     return stand_ins
 
 
-def label_long(source: Source, strong: str, weak: str, policy: LabelPolicy, pair_map: dict) -> pd.DataFrame:
+def checked_scores(source: Source) -> pd.Series:
+    """A long table's 'score' column as numbers in [0, 1]; DataError naming the first bad row."""
     df = source.table
     if df["score"].isna().any():
         i = int(np.flatnonzero(df["score"].isna().to_numpy())[0])
@@ -149,6 +150,12 @@ def label_long(source: Source, strong: str, weak: str, policy: LabelPolicy, pair
     if scores.isna().any() or not scores.between(0, 1).all():
         i = int(np.flatnonzero((scores.isna() | ~scores.between(0, 1)).to_numpy())[0])
         raise DataError(f"{source.path}: row {i}: field 'score' must be a number in [0, 1], got {plain(df['score'].iloc[i])!r}")
+    return scores
+
+
+def label_long(source: Source, strong: str, weak: str, policy: LabelPolicy, pair_map: dict) -> pd.DataFrame:
+    df = source.table
+    scores = checked_scores(source)
     available = set(df["model"].astype(str))
     s_names, w_names = resolve(source, strong, available, pair_map), resolve(source, weak, available, pair_map)
     df = df.assign(score=scores)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import assign_splits, group_of, load_source, plain
+from .data import assign_splits, checked_scores, group_of, load_source
 from .errors import DataError
 from .model import FitConfig, HeadConfig, fit_head
 from .tracking import DEFAULT_EXPERIMENT, start_run
@@ -49,11 +49,7 @@ def load_grades(paths: list[str], models: list[str] | None = None) -> GradeTable
             raise DataError(f"{path}: a multi-tier router needs graded answers (columns prompt, model, score); "
                             f"this file has the '{src.fmt}' shape")
         t = src.table
-        scores = pd.to_numeric(t["score"], errors="coerce")
-        bad = scores.isna() | ~scores.between(0, 1)
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{path}: row {i}: field 'score' must be a number in [0, 1], got {plain(t['score'].iloc[i])!r}")
+        scores = checked_scores(src)
         for m in t["model"].astype(str).unique():
             if m in owner:
                 raise DataError(f"model '{m}' is graded in both {owner[m]} and {path}: grades from different judges "
