@@ -245,12 +245,10 @@ class Upstream:
 
     async def _attempt(self, provider: Provider, body: dict, stream: bool, deadline: float | None) -> Reply:
         cfg = provider.config
-        limit = cfg.timeout_s
-        cut = deadline is not None and deadline - time.monotonic() < limit
-        if cut:
-            limit = deadline - time.monotonic()
-            if limit <= 0:
-                raise AttemptFailed("latency_budget", "not tried, the latency budget was spent", retryable=False)
+        limit = cfg.timeout_s if deadline is None else min(cfg.timeout_s, deadline - time.monotonic())
+        cut = limit < cfg.timeout_s  # the latency budget, not the provider's timeout, bounds this attempt
+        if limit <= 0:
+            raise AttemptFailed("latency_budget", "not tried, the latency budget was spent", retryable=False)
         payload = {**body, "model": cfg.model}
         if stream and cfg.stream_usage:
             payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
