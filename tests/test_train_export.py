@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import STRONG, WEAK
 from learned_router import Router, RouterError, RouterFolderError
@@ -75,6 +76,42 @@ def test_export_in_place_and_to_new_folder(trained, tmp_path):
     assert set(json.loads((src / "router.json").read_text())["files"]) == {"fp32", "tokenizer"}
     assert before["calibration"] == json.loads((src / "router.json").read_text())["calibration"]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_export_refuses_a_drifting_graph(trained, tmp_path, monkeypatch):
+    import learned_router.export as ex
+
+    monkeypatch.setitem(ex.TOLERANCE, "int8", {**ex.TOLERANCE["int8"], "max_abs_diff": 1e-9})
+    with pytest.raises(ex.ExportError, match=r"int8 export disagrees .* max \|dp\|.*nothing written"):
+        export(trained["path"], tmp_path / "drift", variants=["int8"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_decision_agreement_counts_clear_probes_only():
+    from learned_router.export import decision_agreement
+
+    reference = np.array([0.10, 0.495, 0.505, 0.90])
+    assert decision_agreement(np.array([0.12, 0.51, 0.49, 0.88]), reference, 0.5, 0.02) == 1.0  # two ties flipped
+    assert decision_agreement(np.array([0.60, 0.51, 0.49, 0.88]), reference, 0.5, 0.02) == 0.5  # a clear one flipped
+    assert decision_agreement(np.array([0.51, 0.49]), np.array([0.499, 0.501]), 0.5, 0.02) == 1.0  # all ties
+
+
+def test_export_of_a_head_that_scores_everything_at_the_threshold(trained, tmp_path):
+    """Probes within int8's noise of the threshold are ties, not disagreements: such a router still exports."""
+    src = tmp_path / "flat"
+    shutil.copytree(trained["path"], src)
+    head = Head.load(src / "checkpoint")
+    t = trained["manifest"].default_threshold
+    emb = torch.from_numpy(Encoder().embed(PROBES, progress=False))
+    with torch.no_grad():  # logits squeezed 1000x and centred on the threshold: int8's noise straddles it
+        last = head.net[-1]
+        last.weight.mul_(1e-3)
+        last.bias.zero_()
+        last.bias.fill_(float(np.log(t / (1 - t)) - head(emb).median()))
+    head.save(src / "checkpoint")
+    m = export(src, variants=["int8"])
+    assert np.all(np.abs(Router(src).score(PROBES) - t) < 0.02)
+    assert m.parity["int8_decision_agreement"] == 1.0
 
 
 def test_failed_training_leaves_nothing(tmp_path, datasets_dir):
