@@ -82,7 +82,7 @@ def trained(tmp_path_factory, mlflow_server, datasets_dir):
     try:
         spec = TrainSpec(
             data=[str(datasets_dir / f) for f in ("routellm_gsm8k.parquet", "arena_bench_v1.parquet", "alpaca_eval.parquet")],
-            strong=STRONG, weak=WEAK, out=out, max_prompts=250, fit=FitConfig(epochs=40, patience=10), experiment="tests",
+            strong=STRONG, weak=WEAK, out=out, max_prompts=250, fit=FitConfig(epochs=40, patience=10, source_offsets=True), experiment="tests",
         )
         manifest, run_id = train(spec)
     finally:

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from conftest import STRONG, WEAK
 from learned_router import Router, RouterError, RouterFolderError
@@ -36,7 +37,8 @@ def test_exported_graph_matches_torch(trained):
     folder = trained["path"]
     prompts = PROBES + ["What is the derivative of x^3 sin(x)?", "Tell me a joke about databases."]
     head = Head.load(folder / "checkpoint")
-    reference = head.predict(Encoder().embed(prompts, progress=False))
+    assert head.cfg.length_input  # the shipped recipe: the graph computes the prompt's length from its token ids
+    reference = head.predict(Encoder().features(prompts, length=True, progress=False))
     fp32 = Router(folder, variant="fp32").score(prompts)
     int8 = Router(folder, variant="int8").score(prompts)
     assert np.max(np.abs(fp32 - reference)) < 1e-4
@@ -61,6 +63,43 @@ def test_head_training_is_seeded():
     assert np.array_equal(a, b) and fa == fb
     assert not np.array_equal(a, c)
     assert fa["best_val_auc"] > 0.9  # early stopping kept a good epoch
+
+
+def test_source_offsets_learn_the_within_source_trend():
+    """Two sources whose pass rates run against a feature's within-source effect: pooled, the head spends the
+    feature on the sources' base rates; with per-source offsets it learns the within-source trend."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    src = rng.integers(0, 2, n)
+    f = rng.normal(size=n) + 2.0 * src  # source 1 has larger f ...
+    logit = 2.0 * (f - 2.0 * src) - 2.0 * src  # ... a higher f passes more within a source, source 1 passes less
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    x = np.c_[f, rng.normal(size=(n, 7))].astype(np.float32)
+    tr, va, te = slice(0, 1200), slice(1200, 1600), slice(1600, n)
+    cfg = HeadConfig(dim=8, hidden=16)
+
+    def within_source_auc(offsets):
+        head, _ = fit_head(cfg, x[tr], y[tr], np.ones(1200), x[va], y[va], FitConfig(epochs=60, lr=1e-2, seed=0, source_offsets=offsets),
+                           sources=(src[tr], src[va]))
+        p, yt, st = head.predict(x[te]), y[te], src[te]
+        return min(roc_auc_score(yt[st == s], p[st == s]) for s in (0, 1)), p
+
+    pooled, _ = within_source_auc(False)
+    offset, p = within_source_auc(True)
+    assert offset > 0.75 and offset > pooled + 0.05
+    assert abs(p.mean() - y.mean()) < 0.15  # the offsets' mean is folded into the bias: still a pass chance
+    with pytest.raises(ValueError, match="needs the rows' sources"):
+        fit_head(cfg, x[tr], y[tr], np.ones(1200), x[va], y[va], FitConfig(epochs=1, source_offsets=True))
+
+
+def test_length_feature_is_the_graphs():
+    """The length column is the characters of the prompt's word pieces, after the encoder's truncation."""
+    enc = Encoder(max_seq_length=16)
+    x = enc.features(["Unbelievable results, 12345!", "word " * 100], length=True, progress=False, cache=False)
+    assert x.shape == (2, 385)
+    assert x[0, -1] == len("Unbelievableresults,12345!")  # uncased pieces, no spaces
+    assert x[1, -1] == 14 * len("word")  # 16 tokens: [CLS], 14 words, [SEP]
+    assert np.array_equal(x[:, :384], enc.embed(["Unbelievable results, 12345!", "word " * 100], progress=False, cache=False))
 
 
 def test_export_in_place_and_to_new_folder(trained, tmp_path):
@@ -102,7 +141,7 @@ def test_export_of_a_head_that_scores_everything_at_the_threshold(trained, tmp_p
     shutil.copytree(trained["path"], src)
     head = Head.load(src / "checkpoint")
     t = trained["manifest"].default_threshold
-    emb = torch.from_numpy(Encoder().embed(PROBES, progress=False))
+    emb = torch.from_numpy(Encoder().features(PROBES, length=True, progress=False))
     with torch.no_grad():  # logits squeezed 1000x and centred on the threshold: int8's noise straddles it
         last = head.net[-1]
         last.weight.mul_(1e-3)

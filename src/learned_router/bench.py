@@ -71,12 +71,12 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
     fp32_dir = Path(tmp.name) / "fp32" if tmp else router_dir
     routers = {"onnx int8": Router(router_dir, variant="int8", threads=threads),
                "onnx fp32": Router(fp32_dir, variant="fp32", threads=threads)}
-    enc, head = Encoder(), Head.load(router_dir / "checkpoint")
-    enc.model.max_seq_length = routers["onnx int8"].manifest.encoder.max_seq_length
+    enc = Encoder(max_seq_length=routers["onnx int8"].manifest.encoder.max_seq_length)
+    head = Head.load(router_dir / "checkpoint")
 
     def torch_score(prompts):
         with torch.inference_mode():
-            return head.predict(enc.model.encode(prompts, normalize_embeddings=True, batch_size=32, convert_to_numpy=True))
+            return head.predict(enc.features(prompts, head.cfg.length_input, batch_size=32, progress=False, cache=False))
 
     scorers = {**{k: r.score for k, r in routers.items()}, "sentence-transformers + torch": torch_score}
     short, long_ = prompt_of(routers["onnx int8"], 30), prompt_of(routers["onnx int8"], 250)

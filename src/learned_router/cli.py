@@ -92,6 +92,9 @@ def train(
     max_seq_length: Annotated[Optional[int], typer.Option(help="Encoder token limit (default: the encoder's own, 256).")] = None,
     hidden: int = 256,
     dropout: float = 0.1,
+    length_input: Annotated[bool, typer.Option(help="Give the head the prompt's length (in characters) beside its embedding.")] = True,
+    source_offsets: Annotated[bool, typer.Option(help="Learn a bias per data source in training, so the head learns "
+                                                 "what ranks prompts within a source rather than the sources' pass rates.")] = True,
     epochs: Annotated[int, typer.Option(help="Most epochs of head training (early stopping on validation AUC).")] = 200,
     lr: float = 1e-3,
     batch_size: int = 256,
@@ -123,8 +126,8 @@ def train(
     spec = TrainSpec(
         data=[str(d) for d in data], strong=strong, weak=weak, out=out, weights=parse_weights(weight),
         pair_map=str(pair_map) if pair_map else None, policy=policy, encoder=str(encoder) if encoder else None,
-        max_seq_length=max_seq_length, head=HeadConfig(hidden=hidden, dropout=dropout),
-        fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed),
+        max_seq_length=max_seq_length, head=HeadConfig(hidden=hidden, dropout=dropout, length_input=length_input),
+        fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, source_offsets=source_offsets),
         finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, val=val, test=test, max_prompts=max_prompts,
         variants=names_of(variants), name=name, experiment=experiment, overwrite=overwrite,
     )

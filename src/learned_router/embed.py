@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,25 @@ def encoder_fingerprint(path: Path) -> str:
     for w in weights:
         h.update(sha256_file(w).encode())
     return h.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def piece_lengths(tokenizer) -> np.ndarray:
+    """Characters per vocabulary id (subword marks '##', '▁', 'Ġ' and special tokens count 0): summed over a prompt's
+    token ids, its length in characters without spaces, which the ONNX graph computes from the ids alone."""
+    vocab = tokenizer.get_vocab()
+    table = np.zeros(max(vocab.values()) + 1, dtype=np.float32)
+    special = set(tokenizer.all_special_tokens)
+    for piece, i in vocab.items():
+        table[i] = 0 if piece in special else len(piece.removeprefix("##").removeprefix("▁").removeprefix("Ġ"))
+    return table
+
+
+def piece_chars(tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    """Each text's length as the router's graph sees it: characters of its word pieces, after truncation."""
+    table = piece_lengths(tokenizer)
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if texts else []
+    return np.array([table[i].sum() for i in ids], dtype=np.float32)
 
 
 class EmbeddingCache:
@@ -117,3 +136,8 @@ class Encoder:
             if store:
                 store.put(new)
         return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
+
+    def features(self, texts: list[str], length: bool, **kwargs) -> np.ndarray:
+        """A head's input: the embeddings, and with `length` the prompts' lengths (`piece_chars`) as a last column."""
+        x = self.embed(texts, **kwargs)
+        return np.c_[x, piece_chars(self.model.tokenizer, texts, self.max_seq_length)] if length else x

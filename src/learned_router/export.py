@@ -97,13 +97,16 @@ def to_onnx(checkpoint: Path, enc_path: Path, folder: Path, variants: list[str])
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers import optimizer
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
 
+    from .embed import piece_lengths
     from .model import FusedRouter, Head
 
     # eager attention: onnxruntime's BERT optimizer fuses its pattern into Attention nodes (SDPA's it does not)
     transformer = AutoModel.from_pretrained(str(enc_path), attn_implementation="eager", local_files_only=True)
-    fused = FusedRouter(transformer, Head.load(checkpoint)).eval()
+    head = Head.load(checkpoint)
+    lengths = piece_lengths(AutoTokenizer.from_pretrained(str(enc_path), local_files_only=True)) if head.cfg.length_input else None
+    fused = FusedRouter(transformer, head, lengths).eval()
     raw, fp32 = folder / "raw.onnx", folder / VARIANT_FILES["fp32"]
     ids = torch.ones(2, 16, dtype=torch.long)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on the root logger
@@ -170,7 +173,8 @@ def export_into(folder: Path, checkpoint: Path, variants: list[str], probes: lis
 
     # parity: the exported graph against the torch path used in training (sentence-transformers + head)
     probes = list(probes or []) + PROBES
-    reference = Head.load(checkpoint).predict(Encoder(enc_path, enc_info.max_seq_length).embed(probes, progress=False, cache=False))
+    head = Head.load(checkpoint)
+    reference = head.predict(Encoder(enc_path, enc_info.max_seq_length).features(probes, head.cfg.length_input, progress=False, cache=False))
     t = manifest.default_threshold
     for v in variants:
         p, tol = Router(folder, variant=v).score(probes), TOLERANCE[v]

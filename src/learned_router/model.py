@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
+
+from .embed import piece_chars
 
 HEAD_FILE = "head.pt"
 MIN_GAIN = 1e-4  # a validation AUC gain below this is float noise, not a better epoch
@@ -24,18 +26,26 @@ class HeadConfig:
     hidden: int = 256
     dropout: float = 0.1
     outputs: int = 1  # 1: P(weak passes); K: P(each of K models passes)
+    length_input: bool = False  # the input's last column is the prompt's length in characters (see Encoder.features)
+    length_mean: float = 0.0  # mean and std of log(length) over the training rows, set by fit_head
+    length_std: float = 1.0
 
 
 class Head(nn.Module):
-    """An MLP from a unit-normalised sentence embedding to the logit of P(weak answer passes) (or K such logits)."""
+    """An MLP from a unit-normalised sentence embedding (and optionally the prompt's length) to the logit of
+    P(weak answer passes) (or K such logits)."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
         self.cfg = cfg
-        self.net = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.outputs))
+        d_in = cfg.dim + cfg.length_input
+        self.net = nn.Sequential(nn.Linear(d_in, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.outputs))
 
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        out = self.net(emb)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.length_input:  # standardised log length in place of the raw character count
+            z = (torch.log(x[:, -1:].clamp(min=1.0)) - self.cfg.length_mean) / self.cfg.length_std
+            x = torch.cat([x[:, :-1], z], dim=-1)
+        out = self.net(x)
         return out.squeeze(-1) if self.cfg.outputs == 1 else out
 
     def save(self, folder: Path) -> None:
@@ -62,6 +72,7 @@ class FitConfig:
     weight_decay: float = 1e-2
     patience: int = 15
     seed: int = 0
+    source_offsets: bool = False  # learn a per-source bias in training (folded into the head's bias afterwards)
 
 
 def seed_everything(seed: int) -> None:
@@ -88,35 +99,51 @@ def fit_head(
     x_val: np.ndarray, y_val: np.ndarray,
     cfg: FitConfig,
     on_epoch: Callable[[int, dict], None] = lambda epoch, m: None,
+    sources: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Head, dict]:
     """Weighted BCE with AdamW; keeps the best validation epoch and stops after `patience` without gain.
 
     y is (n,) 0/1 labels, selected on validation AUC (loss if validation has one class), or (n, K) targets in [0, 1] with NaN for missing grades,
-    selected on validation loss. Seeded before the head is built, so the same data and config give the same head."""
+    selected on validation loss. Seeded before the head is built, so the same data and config give the same head.
+
+    With `cfg.source_offsets`, `sources` gives each train and validation row's source (int ids): a learned bias per
+    source absorbs the sources' different pass rates, so the head learns what ranks prompts within a source (a
+    prompt's length, say, whose pooled trend is confounded by the sources' base rates). After training the biases'
+    weighted mean is folded into the head's output bias; the head then needs no source at inference."""
+    if cfg.source_offsets and sources is None:
+        raise ValueError("fit_head: FitConfig.source_offsets needs the rows' sources")
+    if head_cfg.length_input:
+        log_len = np.log(np.clip(x_train[:, -1], 1.0, None))
+        head_cfg = replace(head_cfg, length_mean=float(log_len.mean()), length_std=float(log_len.std() or 1.0))
     seed_everything(cfg.seed)
     head = Head(head_cfg)
     multi = y_train.ndim == 2
+    n_src = int(max(sources[0].max(), sources[1].max(initial=0))) + 1 if cfg.source_offsets else 1
+    offsets = nn.Parameter(torch.zeros(n_src, head_cfg.outputs) if multi else torch.zeros(n_src))
+    st, sv = (torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in sources) if cfg.source_offsets else (None, None)
     xt, yt = torch.from_numpy(x_train.astype(np.float32)), torch.from_numpy(y_train.astype(np.float32))
     wt = torch.from_numpy((w_train / w_train.mean()).astype(np.float32))
     xv, yv = torch.from_numpy(x_val.astype(np.float32)), torch.from_numpy(y_val.astype(np.float32))
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [*head.parameters(), offsets] if cfg.source_offsets else head.parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    shift = lambda logits, src: logits + offsets[src] if cfg.source_offsets else logits  # noqa: E731
     gen = torch.Generator().manual_seed(cfg.seed)
     best = {"select": -np.inf, "epoch": -1}
-    best_state = copy.deepcopy(head.state_dict())
+    best_state, best_offsets = copy.deepcopy(head.state_dict()), offsets.detach().clone()
     bar = tqdm(range(cfg.epochs), desc="training head", unit="epoch", disable=None)  # no bar when not a terminal
     for epoch in bar:
         head.train()
         perm, total = torch.randperm(len(xt), generator=gen), 0.0
         for i in range(0, len(xt), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = masked_bce(head(xt[idx]), yt[idx], wt[idx])
+            loss = masked_bce(shift(head(xt[idx]), st[idx] if st is not None else None), yt[idx], wt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
         head.eval()
         with torch.no_grad():
-            logits_val = head(xv)
+            logits_val = shift(head(xv), sv)
         m = {"train_loss": total / len(xt), "val_loss": float(masked_bce(logits_val, yv, torch.ones(len(yv))))}
         if not multi:
             m["val_auc"] = auc(y_val, torch.sigmoid(logits_val).numpy())
@@ -125,28 +152,38 @@ def fit_head(
         select = m["val_auc"] if not multi and m["val_auc"] == m["val_auc"] else -m["val_loss"]  # one-class val: loss
         if select > best["select"] + MIN_GAIN:
             best, best_state = {**m, "select": select, "epoch": epoch}, copy.deepcopy(head.state_dict())
+            best_offsets = offsets.detach().clone()
         elif epoch - best["epoch"] >= cfg.patience:
             break
     head.load_state_dict(best_state)
+    if cfg.source_offsets:  # the bias the head keeps: the offsets' mean over the training rows, by weight
+        with torch.no_grad():
+            head.net[-1].bias += (best_offsets[st] * (wt.unsqueeze(-1) if multi else wt)).sum(0) / wt.sum()
     head.eval()
     key = "val_loss" if multi else "val_auc"
     return head, {"best_epoch": best["epoch"], f"best_{key}": best.get(key, float("nan")), "epochs_run": epoch + 1}
 
 
 class FusedRouter(nn.Module):
-    """Token ids -> P(weak passes) (or K models' P(pass)): transformer, mean pooling, L2 normalisation and the head."""
+    """Token ids -> P(weak passes) (or K models' P(pass)): transformer, mean pooling, L2 normalisation and the head;
+    a head with a length input also gets the prompt's length, summed from `piece_lengths` (see embed.piece_chars)."""
 
-    def __init__(self, transformer: nn.Module, head: Head):
+    def __init__(self, transformer: nn.Module, head: Head, piece_lengths: np.ndarray | None = None):
         super().__init__()
         self.transformer, self.head = transformer, head
+        if head.cfg.length_input:
+            self.register_buffer("piece_lengths", torch.from_numpy(np.asarray(piece_lengths, dtype=np.float32)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.transformer(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
         ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.sigmoid(self.head(nn.functional.normalize(emb, dim=-1)))
+        x = nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+        if self.head.cfg.length_input:
+            chars = (self.piece_lengths[input_ids] * attention_mask.to(hidden.dtype)).sum(1, keepdim=True)
+            x = torch.cat([x, chars], dim=-1)
+        return torch.sigmoid(self.head(x))
 
 
 def finetune(
@@ -163,7 +200,11 @@ def finetune(
 
     def embed(texts):
         feats = st_model.tokenize(texts)
-        return nn.functional.normalize(st_model(feats)["sentence_embedding"], dim=-1)
+        x = nn.functional.normalize(st_model(feats)["sentence_embedding"], dim=-1)
+        if head.cfg.length_input:
+            chars = piece_chars(st_model.tokenizer, texts, st_model.max_seq_length)
+            x = torch.cat([x, torch.from_numpy(chars).unsqueeze(-1)], dim=-1)
+        return x
 
     @torch.no_grad()
     def predict(texts):

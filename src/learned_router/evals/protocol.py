@@ -78,15 +78,19 @@ def folds_of(keys: pd.Series, k: int, seed: int = 0) -> np.ndarray:
     return keys.map(lambda g: int(hashlib.sha1(f"fold{seed}:{g}".encode()).hexdigest()[:8], 16) % k).to_numpy()
 
 
-def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, embed, folds: int, by: str) -> dict[str, np.ndarray]:
+def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, enc, folds: int, by: str) -> dict[str, np.ndarray]:
     """p_weak of the router recipe and the learned baselines for every benchmark prompt, each from the fold's models."""
     from ..model import HeadConfig, fit_head
+    from ..train import source_ids
 
     keys = bench["category"].fillna("") if by == "category" else bench["group"]
     fold = folds_of(keys, folds)
     if len(np.unique(fold)) < 2:
         raise DataError(f"cross-validation needs at least 2 non-empty folds; '{by}' gave {len(np.unique(fold))}")
-    x_bench, x_train = embed(bench["prompt"].tolist()), embed(train_df["prompt"].tolist())
+    h_bench = enc.features(bench["prompt"].tolist(), spec.head.length_input, progress=False)
+    h_train = enc.features(train_df["prompt"].tolist(), spec.head.length_input, progress=False)
+    x_bench, x_train = h_bench[:, :enc.dim], h_train[:, :enc.dim]  # the baselines see the embeddings only
+    src = source_ids(train_df)
     out = {name: np.empty(len(bench)) for name in ("router", "kNN", "logistic")}
     for f in np.unique(fold):
         held = np.flatnonzero(fold == f)
@@ -94,18 +98,19 @@ def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, embed, fol
         fit_rows = np.flatnonzero(keep & (train_df["split"] != "val").to_numpy())
         val_rows = np.flatnonzero(keep & (train_df["split"] == "val").to_numpy())
         y, w = train_df["label"].to_numpy(), train_df["weight"].to_numpy(float)
-        head, _ = fit_head(HeadConfig(**{**vars(spec.head), "dim": x_train.shape[1]}), x_train[fit_rows], y[fit_rows],
-                           w[fit_rows], x_train[val_rows], y[val_rows], spec.fit)
-        out["router"][held] = head.predict(x_bench[held])
+        head, _ = fit_head(HeadConfig(**{**vars(spec.head), "dim": enc.dim}), h_train[fit_rows], y[fit_rows],
+                           w[fit_rows], h_train[val_rows], y[val_rows], spec.fit, sources=(src[fit_rows], src[val_rows]))
+        out["router"][held] = head.predict(h_bench[held])
         out["kNN"][held] = 1 - knn_scores(x_train[fit_rows], y[fit_rows], x_bench[held], sample_weight=w[fit_rows])
         out["logistic"][held] = 1 - logistic_scores(x_train[fit_rows], y[fit_rows], x_bench[held], sample_weight=w[fit_rows])
     return out
 
 
-def direct(bench: pd.DataFrame, train_df: pd.DataFrame, router, embed) -> dict[str, np.ndarray]:
+def direct(bench: pd.DataFrame, train_df: pd.DataFrame, router, enc) -> dict[str, np.ndarray]:
     """The shipped router on a benchmark it never saw; baselines fit on the rows its head was fit on."""
     rows = np.flatnonzero((train_df["split"] == "train").to_numpy())
-    x_train, x_bench = embed(train_df["prompt"].iloc[rows].tolist()), embed(bench["prompt"].tolist())
+    x_train = enc.embed(train_df["prompt"].iloc[rows].tolist(), progress=False)
+    x_bench = enc.embed(bench["prompt"].tolist(), progress=False)
     y, w = train_df["label"].to_numpy()[rows], train_df["weight"].to_numpy(float)[rows]
     return {"router": router.score(bench["prompt"].tolist()),
             "kNN": 1 - knn_scores(x_train, y, x_bench, sample_weight=w),
@@ -152,7 +157,6 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     pair_map = load_pair_map(spec.pair_map)
     bench = load_benchmark(data, strong, weak, spec.policy, pair_map)
     train_df, _ = load_data(spec)
-    embed = lambda texts: enc.embed(texts, progress=False)  # noqa: E731
     seen = bench["group"].isin(set(train_df["group"]))
     if seen.any() and finetuned:
         raise RouterError(f"{router_dir} fine-tuned its encoder on {int(seen.sum())} of this benchmark's prompts, so no "
@@ -160,10 +164,10 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     if seen.any():
         protocol = (f"{folds}-fold cross-validation by {by} ({int(seen.sum())} of {len(bench)} prompts are in the "
                     f"router's training data): the router's recipe and the baselines are refit per fold without the fold's prompts")
-        p = cross_validate(bench, train_df, spec, embed, folds, by)
+        p = cross_validate(bench, train_df, spec, enc, folds, by)
     else:
         protocol = "the shipped router on prompts it never saw; baselines fit on its training rows"
-        p = direct(bench, train_df, Router(router_dir), embed)
+        p = direct(bench, train_df, Router(router_dir), enc)
     scores = {"router": 1 - p["router"], "prompt length": prompt_length_scores(bench["prompt"].tolist()),
               "kNN": 1 - p["kNN"], "logistic": 1 - p["logistic"]}
     costs = None
