@@ -109,7 +109,7 @@ def tier_spec_from(info: dict, **changes) -> TierSpec:
 def fit_tiers(spec: TierSpec, x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, on_epoch=None):
     """The multi-output head of `spec` on these rows (early stopping on validation loss)."""
     kw = {"on_epoch": on_epoch} if on_epoch else {}
-    head_cfg = HeadConfig(**{**asdict(spec.head), "dim": x_fit.shape[1], "outputs": y_fit.shape[1]})
+    head_cfg = HeadConfig(**{**asdict(spec.head), "dim": x_fit.shape[1] - spec.head.length_input, "outputs": y_fit.shape[1]})
     return fit_head(head_cfg, x_fit, y_fit, np.ones(len(x_fit)), x_val, y_val, spec.fit, **kw)
 
 
@@ -154,7 +154,7 @@ def train_tiers(spec: TierSpec):
             **{f"data_{p['name']}_sha256": p["sha256"][:16] for p in table.sources},
         })
         mlflow.log_dict({"sources": table.sources, "models": table.models}, "data_fingerprints.json")
-        x = enc.embed(table.prompts["prompt"].tolist())
+        x = enc.features(table.prompts["prompt"].tolist(), spec.head.length_input)
         parts = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
         y = table.scores
         head, fit = fit_tiers(spec, x[parts["train"]], y[parts["train"]], x[parts["val"]], y[parts["val"]],
@@ -168,7 +168,7 @@ def train_tiers(spec: TierSpec):
         head.save(checkpoint)
         write_json(checkpoint / TRAINING_FILE, {
             "name": name, "kind": "tiers", "models": table.models,
-            "encoder": {"name": enc.name, "path": spec.encoder, "max_seq_length": enc.max_seq_length, "dim": x.shape[1],
+            "encoder": {"name": enc.name, "path": spec.encoder, "max_seq_length": enc.max_seq_length, "dim": enc.dim,
                         "fingerprint": enc.fingerprint},
             "default_threshold": DEFAULT_THRESHOLD, "data": table.sources, "metrics": metrics,
             "spec": {**asdict(spec), "out": str(spec.out)},

@@ -73,12 +73,12 @@ def oracle_points(scores: np.ndarray, costs: np.ndarray) -> list[tuple[float, fl
             for ch in ((scores - lam * costs - 1e-12 * costs).argmax(axis=1) for lam in lams)]
 
 
-def cross_validated(table, spec, embed, folds: int, tier_cols: list[int], pairs: list[tuple[int, int]]):
+def cross_validated(table, spec, features, folds: int, tier_cols: list[int], pairs: list[tuple[int, int]]):
     """Held-out pass chances of the tiers, and p_weak of a binary head per (weak, strong) pair, from k folds."""
     from ..model import HeadConfig, fit_head
     from ..tiers import fit_tiers, splits
 
-    x = embed(table.prompts["prompt"].tolist())
+    x = features(table.prompts["prompt"].tolist())
     fold = folds_of(table.prompts["group"], folds)
     inner = splits(table, spec)  # early-stopping rows: the router's own validation split, minus the held-out fold
     p_tiers = np.empty((len(x), len(tier_cols)))
@@ -92,7 +92,7 @@ def cross_validated(table, spec, embed, folds: int, tier_cols: list[int], pairs:
             y = table.scores[:, weak] >= table.scores[:, strong] - 1e-9  # the relative label policy, margin 0
             known = ~np.isnan(table.scores[:, [weak, strong]]).any(axis=1)
             fw, vw = fit[known[fit]], val[known[val]]
-            head2, _ = fit_head(HeadConfig(**{**vars(spec.head), "dim": x.shape[1], "outputs": 1}), x[fw],
+            head2, _ = fit_head(HeadConfig(**{**vars(spec.head), "dim": x.shape[1] - spec.head.length_input, "outputs": 1}), x[fw],
                                 y[fw].astype(np.float32), np.ones(len(fw)), x[vw], y[vw].astype(np.float32), spec.fit)
             p_pairs[(weak, strong)][held] = head2.predict(x[held])
     return p_tiers, p_pairs
@@ -144,7 +144,7 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     best = int(np.argmax(mean_q))
     cheaper = [k for k in range(best)]
     pairs = [(cols[k], cols[best]) for k in cheaper]
-    p_tiers, p_pairs = cross_validated(table, spec, lambda t: enc.embed(t, progress=False), folds, cols, pairs)
+    p_tiers, p_pairs = cross_validated(table, spec, lambda t: enc.features(t, spec.head.length_input, progress=False), folds, cols, pairs)
 
     s, c, p = scores[keep], costs[keep], p_tiers[keep]
     curves = {"router": Frontier.of(route_points(lambda t: choose_tier(p, t), threshold_grid(p), s, c)),
