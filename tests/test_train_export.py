@@ -92,6 +92,22 @@ def test_source_offsets_learn_the_within_source_trend():
         fit_head(cfg, x[tr], y[tr], np.ones(1200), x[va], y[va], FitConfig(epochs=1, source_offsets=True))
 
 
+def test_length_input_is_standardised_and_clipped_to_the_training_range():
+    rng = np.random.default_rng(0)
+    chars = np.exp(rng.uniform(np.log(20), np.log(800), 400))
+    x = np.c_[rng.normal(size=(400, 4)), chars].astype(np.float32)
+    y = (chars > 150).astype(np.int8)  # longer prompts pass
+    head, _ = fit_head(HeadConfig(dim=4, hidden=8, length_input=True), x[:300], y[:300], np.ones(300), x[300:], y[300:],
+                       FitConfig(epochs=40, lr=1e-2, seed=0))
+    lo, hi = head.cfg.length_range
+    assert np.exp(lo) == pytest.approx(chars[:300].min(), rel=1e-5) and np.exp(hi) == pytest.approx(chars[:300].max(), rel=1e-5)
+    probe = np.repeat(x[:1], 4, axis=0)
+    probe[:, -1] = [1.0, np.exp(lo), np.exp(hi), 1e6]
+    p = head.predict(probe)
+    assert p[0] == pytest.approx(p[1]) and p[2] == pytest.approx(p[3])  # no extrapolation past the training lengths
+    assert p[2] > p[1] + 0.5
+
+
 def test_length_feature_is_the_graphs():
     """The length column is the characters of the prompt's word pieces, after the encoder's truncation."""
     enc = Encoder(max_seq_length=16)

@@ -29,6 +29,7 @@ class HeadConfig:
     length_input: bool = False  # the input's last column is the prompt's length in characters (see Encoder.features)
     length_mean: float = 0.0  # mean and std of log(length) over the training rows, set by fit_head
     length_std: float = 1.0
+    length_range: tuple[float, float] = (0.0, 10.0)  # log(length) is clipped to the training rows' range: no extrapolation
 
 
 class Head(nn.Module):
@@ -43,7 +44,8 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.length_input:  # standardised log length in place of the raw character count
-            z = (torch.log(x[:, -1:].clamp(min=1.0)) - self.cfg.length_mean) / self.cfg.length_std
+            lo, hi = self.cfg.length_range
+            z = (torch.log(x[:, -1:].clamp(min=1.0)).clamp(lo, hi) - self.cfg.length_mean) / self.cfg.length_std
             x = torch.cat([x[:, :-1], z], dim=-1)
         out = self.net(x)
         return out.squeeze(-1) if self.cfg.outputs == 1 else out
@@ -114,7 +116,8 @@ def fit_head(
         raise ValueError("fit_head: FitConfig.source_offsets needs the rows' sources")
     if head_cfg.length_input:
         log_len = np.log(np.clip(x_train[:, -1], 1.0, None))
-        head_cfg = replace(head_cfg, length_mean=float(log_len.mean()), length_std=float(log_len.std() or 1.0))
+        head_cfg = replace(head_cfg, length_mean=float(log_len.mean()), length_std=float(log_len.std() or 1.0),
+                           length_range=(float(log_len.min()), float(log_len.max())))
     seed_everything(cfg.seed)
     head = Head(head_cfg)
     multi = y_train.ndim == 2
