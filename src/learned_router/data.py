@@ -223,6 +223,11 @@ def assign_splits(groups: pd.Series, val: float, test: float, seed: int) -> np.n
     return np.where(u < test, "test", np.where(u < test + val, "val", "train"))
 
 
+def source_ids(df: pd.DataFrame) -> np.ndarray:
+    """Each row's source as an int id, by sorted source name (for the head's per-source training offsets)."""
+    return pd.factorize(df["source"], sort=True)[0]
+
+
 def build_dataset(
     sources: list[Source],
     strong: str,

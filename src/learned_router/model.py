@@ -121,15 +121,16 @@ def fit_head(
     seed_everything(cfg.seed)
     head = Head(head_cfg)
     multi = y_train.ndim == 2
-    n_src = int(max(sources[0].max(), sources[1].max(initial=0))) + 1 if cfg.source_offsets else 1
+    if not cfg.source_offsets:  # one source whose offset stays 0
+        sources = (np.zeros(len(x_train)), np.zeros(len(x_val)))
+    n_src = int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
+    st, sv = (torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in sources)
     offsets = nn.Parameter(torch.zeros(n_src, head_cfg.outputs) if multi else torch.zeros(n_src))
-    st, sv = (torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in sources) if cfg.source_offsets else (None, None)
     xt, yt = torch.from_numpy(x_train.astype(np.float32)), torch.from_numpy(y_train.astype(np.float32))
     wt = torch.from_numpy((w_train / w_train.mean()).astype(np.float32))
     xv, yv = torch.from_numpy(x_val.astype(np.float32)), torch.from_numpy(y_val.astype(np.float32))
     params = [*head.parameters(), offsets] if cfg.source_offsets else head.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    shift = lambda logits, src: logits + offsets[src] if cfg.source_offsets else logits  # noqa: E731
     gen = torch.Generator().manual_seed(cfg.seed)
     best = {"select": -np.inf, "epoch": -1}
     best_state, best_offsets = copy.deepcopy(head.state_dict()), offsets.detach().clone()
@@ -139,14 +140,14 @@ def fit_head(
         perm, total = torch.randperm(len(xt), generator=gen), 0.0
         for i in range(0, len(xt), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = masked_bce(shift(head(xt[idx]), st[idx] if st is not None else None), yt[idx], wt[idx])
+            loss = masked_bce(head(xt[idx]) + offsets[st[idx]], yt[idx], wt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
         head.eval()
         with torch.no_grad():
-            logits_val = shift(head(xv), sv)
+            logits_val = head(xv) + offsets[sv]
         m = {"train_loss": total / len(xt), "val_loss": float(masked_bce(logits_val, yv, torch.ones(len(yv))))}
         if not multi:
             m["val_auc"] = auc(y_val, torch.sigmoid(logits_val).numpy())

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import build_dataset, load_pair_map, load_source
+from .data import build_dataset, load_pair_map, load_source, source_ids
 from .embed import Encoder
 from .errors import DataError
 from .export import TRAINING_FILE, export_into, staged_folder
@@ -69,11 +69,6 @@ def load_data(spec: TrainSpec) -> tuple[pd.DataFrame, list[dict]]:
         part = df[df["source"] == s.name]
         prints.append(s.fingerprint() | {"prompts": len(part), "weak_passes": round(float(part["label"].mean()), 4)})
     return df, prints
-
-
-def source_ids(df: pd.DataFrame) -> np.ndarray:
-    """Each row's source as an int id (for the head's per-source training offsets)."""
-    return pd.factorize(df["source"], sort=True)[0]
 
 
 def per_source_auc(df: pd.DataFrame, p: np.ndarray) -> dict[str, float]:

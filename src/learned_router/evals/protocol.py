@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import group_of, label_long, load_pair_map, load_source
+from ..data import group_of, label_long, load_pair_map, load_source, source_ids
 from ..errors import DataError, RouterError
 from .baselines import knn_scores, logistic_scores, prompt_length_scores
 from .plots import plot_frontier
@@ -81,7 +81,6 @@ def folds_of(keys: pd.Series, k: int, seed: int = 0) -> np.ndarray:
 def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, enc, folds: int, by: str) -> dict[str, np.ndarray]:
     """p_weak of the router recipe and the learned baselines for every benchmark prompt, each from the fold's models."""
     from ..model import HeadConfig, fit_head
-    from ..train import source_ids
 
     keys = bench["category"].fillna("") if by == "category" else bench["group"]
     fold = folds_of(keys, folds)
