@@ -45,7 +45,7 @@ def held_out_apgr(df: pd.DataFrame, p: np.ndarray) -> float:
 
 def run(df, x, fit_rows, eval_sets, seed=0):
     tr, va = fit_rows
-    head, _ = fit_head(HeadConfig(dim=x.shape[1]), x[tr], df["label"].to_numpy()[tr], df["weight"].to_numpy(float)[tr], x[va], df["label"].to_numpy()[va],
+    head, _ = fit_head(HeadConfig(), x[tr], df["label"].to_numpy()[tr], df["weight"].to_numpy(float)[tr], x[va], df["label"].to_numpy()[va],
              FitConfig(seed=seed))
     return {name: held_out_apgr(df.iloc[rows], head.predict(x[rows])) for name, rows in eval_sets.items()}
 

@@ -107,6 +107,7 @@ def fit_head(
 
     y is (n,) 0/1 labels, selected on validation AUC (loss if validation has one class), or (n, K) targets in [0, 1] with NaN for missing grades,
     selected on validation loss. Seeded before the head is built, so the same data and config give the same head.
+    The head's input width and output count come from the data (`head_cfg.dim` and `.outputs` are overridden).
 
     With `cfg.source_offsets`, `sources` gives each train and validation row's source (int ids): a learned bias per
     source absorbs the sources' different pass rates, so the head learns what ranks prompts within a source (a
@@ -114,6 +115,7 @@ def fit_head(
     weighted mean is folded into the head's output bias; the head then needs no source at inference."""
     if cfg.source_offsets and sources is None:
         raise ValueError("fit_head: FitConfig.source_offsets needs the rows' sources")
+    head_cfg = replace(head_cfg, dim=x_train.shape[1] - head_cfg.length_input, outputs=y_train.shape[1] if y_train.ndim == 2 else 1)
     if head_cfg.length_input:
         log_len = np.log(np.clip(x_train[:, -1], 1.0, None))
         head_cfg = replace(head_cfg, length_mean=float(log_len.mean()), length_std=float(log_len.std() or 1.0),

@@ -109,8 +109,7 @@ def tier_spec_from(info: dict, **changes) -> TierSpec:
 def fit_tiers(spec: TierSpec, x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, on_epoch=None):
     """The multi-output head of `spec` on these rows (early stopping on validation loss)."""
     kw = {"on_epoch": on_epoch} if on_epoch else {}
-    head_cfg = HeadConfig(**{**asdict(spec.head), "dim": x_fit.shape[1] - spec.head.length_input, "outputs": y_fit.shape[1]})
-    return fit_head(head_cfg, x_fit, y_fit, np.ones(len(x_fit)), x_val, y_val, spec.fit, **kw)
+    return fit_head(spec.head, x_fit, y_fit, np.ones(len(x_fit)), x_val, y_val, spec.fit, **kw)
 
 
 def splits(table: GradeTable, spec: TierSpec) -> np.ndarray:

@@ -126,7 +126,7 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
         parts = {s: df.index[df["split"] == s].to_numpy() for s in ("train", "val", "test")}
         y, w, src = df["label"].to_numpy(), df["weight"].to_numpy(dtype=np.float64), source_ids(df)
         log_epoch = lambda epoch, m: mlflow.log_metrics(m, step=epoch)  # noqa: E731
-        head, fit = fit_head(HeadConfig(**{**asdict(spec.head), "dim": enc.dim}), x[parts["train"]], y[parts["train"]], w[parts["train"]], x[parts["val"]], y[parts["val"]],
+        head, fit = fit_head(spec.head, x[parts["train"]], y[parts["train"]], w[parts["train"]], x[parts["val"]], y[parts["val"]],
                        spec.fit, on_epoch=log_epoch, sources=(src[parts["train"]], src[parts["val"]]))
         checkpoint = folder / "checkpoint"
         checkpoint.mkdir()

@@ -75,7 +75,7 @@ def oracle_points(scores: np.ndarray, costs: np.ndarray) -> list[tuple[float, fl
 
 def cross_validated(table, spec, features, folds: int, tier_cols: list[int], pairs: list[tuple[int, int]]):
     """Held-out pass chances of the tiers, and p_weak of a binary head per (weak, strong) pair, from k folds."""
-    from ..model import HeadConfig, fit_head
+    from ..model import fit_head
     from ..tiers import fit_tiers, splits
 
     x = features(table.prompts["prompt"].tolist())
@@ -92,7 +92,7 @@ def cross_validated(table, spec, features, folds: int, tier_cols: list[int], pai
             y = table.scores[:, weak] >= table.scores[:, strong] - 1e-9  # the relative label policy, margin 0
             known = ~np.isnan(table.scores[:, [weak, strong]]).any(axis=1)
             fw, vw = fit[known[fit]], val[known[val]]
-            head2, _ = fit_head(HeadConfig(**{**vars(spec.head), "dim": x.shape[1] - spec.head.length_input, "outputs": 1}), x[fw],
+            head2, _ = fit_head(spec.head, x[fw],
                                 y[fw].astype(np.float32), np.ones(len(fw)), x[vw], y[vw].astype(np.float32), spec.fit)
             p_pairs[(weak, strong)][held] = head2.predict(x[held])
     return p_tiers, p_pairs

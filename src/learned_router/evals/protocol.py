@@ -80,7 +80,7 @@ def folds_of(keys: pd.Series, k: int, seed: int = 0) -> np.ndarray:
 
 def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, enc, folds: int, by: str) -> dict[str, np.ndarray]:
     """p_weak of the router recipe and the learned baselines for every benchmark prompt, each from the fold's models."""
-    from ..model import HeadConfig, fit_head
+    from ..model import fit_head
 
     keys = bench["category"].fillna("") if by == "category" else bench["group"]
     fold = folds_of(keys, folds)
@@ -97,7 +97,7 @@ def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, enc, folds
         fit_rows = np.flatnonzero(keep & (train_df["split"] != "val").to_numpy())
         val_rows = np.flatnonzero(keep & (train_df["split"] == "val").to_numpy())
         y, w = train_df["label"].to_numpy(), train_df["weight"].to_numpy(float)
-        head, _ = fit_head(HeadConfig(**{**vars(spec.head), "dim": enc.dim}), h_train[fit_rows], y[fit_rows],
+        head, _ = fit_head(spec.head, h_train[fit_rows], y[fit_rows],
                            w[fit_rows], h_train[val_rows], y[val_rows], spec.fit, sources=(src[fit_rows], src[val_rows]))
         out["router"][held] = head.predict(h_bench[held])
         out["kNN"][held] = 1 - knn_scores(x_train[fit_rows], y[fit_rows], x_bench[held], sample_weight=w[fit_rows])
