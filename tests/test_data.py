@@ -27,8 +27,14 @@ def test_label_policies_on_hand_made_scores(tmp_path):
     assert rel["label"].tolist()[:5] == [0, 0, 1, 1, 0]
     rel2 = build_dataset([src], policy=LabelPolicy(kind="relative", margin=0.2), **kw).sort_values("prompt_id")
     assert rel2["label"].tolist()[:5] == [1, 0, 1, 1, 1]
-    ab = build_dataset([src], policy=LabelPolicy(kind="absolute", min_score=0.6), **kw).sort_values("prompt_id")
+    ab = build_dataset([src], policy=LabelPolicy(kind="absolute", min_score=0.6, tie_target=0.5), **kw).sort_values("prompt_id")
     assert ab["label"].tolist()[:5] == [1, 0, 1, 0, 1]
+    assert ab["target"].tolist() == ab["label"].tolist()  # ties mean nothing to an absolute bar
+    # the training target: the label, except a tie (0.0 vs 0.0) trains toward tie_target; the label stays "passes"
+    assert rel["target"].tolist() == rel["label"].tolist()
+    half = build_dataset([src], policy=LabelPolicy(tie_target=0.5), **kw).sort_values("prompt_id")
+    assert half["label"].tolist() == rel["label"].tolist()
+    assert half["target"].tolist()[:5] == [0, 0, 1, 0.5, 0]
 
 
 def test_shared_sources_with_pair_map(datasets_dir):
@@ -75,11 +81,13 @@ def test_battles_and_plain_labels(tmp_path):
     labels = dict(zip(df["prompt"], df["label"]))
     assert len(df) == 30  # claude-vs-llama battles are not about this pair
     assert [labels[f"q{i}"] for i in range(3)] == [0, 1, 1]
+    half = build_dataset([load_source(path)], "gpt-4", "mixtral", LabelPolicy(tie_target=0.5), val=0.3, test=0.3)
+    assert [dict(zip(half["prompt"], half["target"]))[f"q{i}"] for i in range(3)] == [0, 1, 0.5]  # a tie counts half
 
     plain = tmp_path / "labels.csv"
     pd.DataFrame({"prompt": [f"x{i}" for i in range(40)], "label": [0, 1] * 20}).to_csv(plain, index=False)
     df = build_dataset([load_source(plain)], "a", "b", LabelPolicy(), val=0.3, test=0.3)
-    assert df["label"].sum() == 20
+    assert df["label"].sum() == 20 and df["target"].tolist() == df["label"].tolist()
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -8,7 +8,7 @@ def test_run_is_in_the_tracking_server(trained):
     run = client.get_run(trained["run_id"])
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert p["strong"] == "gpt-4-1106-preview" and p["label_policy"] == "weak >= strong - 0"
+    assert p["strong"] == "gpt-4-1106-preview" and p["label_policy"] == "weak >= strong - 0 (ties train as 0.5)"
     assert p["encoder"] == "all-MiniLM-L6-v2" and len(p["data_routellm_gsm8k_sha256"]) == 16
     m = run.data.metrics
     assert m["test_auc"] == trained["manifest"].metrics["test_auc"]

@@ -92,6 +92,29 @@ def test_source_offsets_learn_the_within_source_trend():
         fit_head(cfg, x[tr], y[tr], np.ones(1200), x[va], y[va], FitConfig(epochs=1, source_offsets=True))
 
 
+def test_tie_targets_rank_by_the_quality_gap_and_stay_calibrated_to_the_label():
+    """Exact-match grades: the label lumps "the weak answer wins" with ties. Here u1 raises the strong model's wins
+    and u2 the weak model's: the gap (strong - weak) rises with u1 and falls with u2, the label sees u1 only. Ties
+    trained toward 0.5 rank by the expected gap; Platt scaling on the validation labels keeps p_weak a pass chance."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    u1, u2, r = rng.uniform(size=n), rng.uniform(size=n), rng.random(n)
+    strong_wins, weak_wins = r < 0.2 + 0.3 * u1, r > 1 - 0.4 * u2
+    label = (~strong_wins).astype(np.int8)
+    target = np.where(strong_wins, 0.0, np.where(weak_wins, 1.0, 0.5)).astype(np.float32)
+    x = np.c_[u1, u2, rng.normal(size=(n, 2))].astype(np.float32)
+    tr, va, te = slice(0, 2400), slice(2400, 3200), slice(3200, n)
+    gap = 0.3 * u1[te] - 0.4 * u2[te]  # P(strong wins) - P(weak wins), less a constant
+
+    def fit(y):
+        head, _ = fit_head(HeadConfig(dim=4, hidden=16), x[tr], y[tr], np.ones(2400), x[va], label[va], FitConfig(epochs=60, lr=1e-2, seed=0))
+        return head.predict(x[te])
+
+    p_label, p_tie = fit(label), fit(target)
+    assert np.corrcoef(1 - p_tie, gap)[0, 1] > 0.9 > 0.7 > np.corrcoef(1 - p_label, gap)[0, 1]
+    assert abs(p_tie.mean() - label[te].mean()) < 0.03  # calibrated to the label, not to the 0.5s
+
+
 def test_length_input_is_standardised_and_clipped_to_the_training_range():
     rng = np.random.default_rng(0)
     chars = np.exp(rng.uniform(np.log(20), np.log(800), 400))

@@ -9,5 +9,5 @@ learned-router train \
   --data "$D/routellm_mmlu.parquet" --data "$D/routellm_gsm8k.parquet" \
   --data "$D/arena_bench_v1.parquet" --data "$D/alpaca_eval.parquet" \
   --strong gpt-4-1106-preview --weak mistralai/Mixtral-8x7B-Instruct-v0.1 \
-  --label-policy relative --margin 0 \
+  --label-policy relative --margin 0 --tie-target 0.5 \
   --variants int8 --name default --out models/default "$@"

@@ -88,6 +88,9 @@ def train(
     label_policy: Annotated[str, typer.Option(help="relative: weak >= strong - margin; absolute: weak >= min-score.")] = "relative",
     margin: Annotated[float, typer.Option(help="Margin of the relative policy.")] = 0.0,
     min_score: Annotated[float, typer.Option(help="Bar of the absolute policy.")] = 0.5,
+    tie_target: Annotated[float, typer.Option(help="Relative policy: what the head trains toward where both answers got the "
+                                              "same grade (1: a tie passes, as the label says; 0.5: a tie counts half, "
+                                              "so the head ranks prompts by the expected quality gap).")] = 0.5,
     encoder: EncoderDir = None,
     max_seq_length: Annotated[Optional[int], typer.Option(help="Encoder token limit (default: the encoder's own, 256).")] = None,
     hidden: int = 256,
@@ -118,7 +121,7 @@ def train(
     if label_policy not in ("relative", "absolute"):
         raise RouterError(f"--label-policy must be 'relative' or 'absolute', got {label_policy!r}")
     try:
-        policy = LabelPolicy(kind=label_policy, margin=margin, min_score=min_score)
+        policy = LabelPolicy(kind=label_policy, margin=margin, min_score=min_score, tie_target=tie_target)
     except ValueError as e:
         raise RouterError(f"label policy: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     if not (0 < val < 1 and 0 < test < 1 and val + test < 1):

