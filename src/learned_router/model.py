@@ -167,17 +167,24 @@ def fit_head(
         with torch.no_grad():
             head.net[-1].bias += (best_offsets[st] * (wt.unsqueeze(-1) if multi else wt)).sum(0) / wt.sum()
     head.eval()
-    if not multi and not np.isin(y_train, (0, 1)).all() and len(np.unique(y_val)) == 2:
-        calibrate(head, xv, yv)
+    if not multi and soft(y_train):
+        with torch.no_grad():
+            calibrate(head, head(xv), yv)
     key = "val_loss" if multi else "val_auc"
     return head, {"best_epoch": best["epoch"], f"best_{key}": best.get(key, float("nan")), "epochs_run": epoch + 1}
 
 
+def soft(y: np.ndarray) -> bool:
+    """Soft training targets (a tie's 0.5) move a head's probabilities off the label's: `calibrate` after training."""
+    return not np.isin(y, (0, 1)).all()
+
+
 @torch.no_grad()
-def calibrate(head: Head, x_val: torch.Tensor, y_val: torch.Tensor) -> None:
-    """Platt scaling folded into the head's last layer: soft training targets (a tie's 0.5) move the probabilities
-    off the label's, so fit sigmoid(a * logit + b) to the validation labels, with a > 0 to keep the ranking."""
-    logits = head(x_val)
+def calibrate(head: Head, logits: torch.Tensor, y_val: torch.Tensor) -> None:
+    """Platt scaling folded into the head's last layer: fit sigmoid(a * logit + b) to the validation labels, with
+    a > 0 to keep the ranking. Validation with one class leaves the head as it is."""
+    if len(torch.unique(y_val)) < 2:
+        return
     log_a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_a, b], max_iter=100)
 
@@ -262,6 +269,10 @@ def finetune(
     st_model.load_state_dict(best_states[0])
     head.load_state_dict(best_states[1])
     st_model.eval(), head.eval()
+    if soft(y_train):
+        with torch.no_grad():
+            logits = torch.cat([head(embed(val_texts[i : i + 64])) for i in range(0, len(val_texts), 64)])
+        calibrate(head, logits, torch.tensor(y_val, dtype=torch.float32))
     return {"finetune_best_epoch": best["epoch"], "finetune_best_val_auc": best["val_auc"]}
 
 
