@@ -244,9 +244,12 @@ def finetune(
         return x
 
     @torch.no_grad()
-    def predict(texts):
+    def logits_of(texts):
         st_model.eval(), head.eval()
-        return np.concatenate([torch.sigmoid(head(embed(texts[i : i + 64]))).numpy() for i in range(0, len(texts), 64)])
+        return torch.cat([head(embed(texts[i : i + 64])) for i in range(0, len(texts), 64)])
+
+    def predict(texts):
+        return torch.sigmoid(logits_of(texts)).numpy()
 
     best = {"val_auc": auc(y_val, predict(val_texts)), "epoch": -1}  # epoch -1: the frozen-encoder head
     best_states = (copy.deepcopy(st_model.state_dict()), copy.deepcopy(head.state_dict()))
@@ -270,9 +273,7 @@ def finetune(
     head.load_state_dict(best_states[1])
     st_model.eval(), head.eval()
     if soft(y_train):
-        with torch.no_grad():
-            logits = torch.cat([head(embed(val_texts[i : i + 64])) for i in range(0, len(val_texts), 64)])
-        calibrate(head, logits, torch.tensor(y_val, dtype=torch.float32))
+        calibrate(head, logits_of(val_texts), torch.tensor(y_val, dtype=torch.float32))
     return {"finetune_best_epoch": best["epoch"], "finetune_best_val_auc": best["val_auc"]}
 
 
