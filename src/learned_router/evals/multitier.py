@@ -75,6 +75,8 @@ def oracle_points(scores: np.ndarray, costs: np.ndarray) -> list[tuple[float, fl
 
 def cross_validated(table, spec, features, folds: int, tier_cols: list[int], pairs: list[tuple[int, int]]):
     """Held-out pass chances of the tiers, and p_weak of a binary head per (weak, strong) pair, from k folds."""
+    from ..data import passes
+    from ..manifest import LabelPolicy
     from ..model import fit_head
     from ..tiers import fit_tiers, splits
 
@@ -89,7 +91,7 @@ def cross_validated(table, spec, features, folds: int, tier_cols: list[int], pai
         head, _ = fit_tiers(spec, x[fit], table.scores[fit], x[val], table.scores[val])
         p_tiers[held] = head.predict(x[held])[:, tier_cols]
         for weak, strong in pairs:
-            y = table.scores[:, weak] >= table.scores[:, strong] - 1e-9  # the relative label policy, margin 0
+            y = passes(table.scores[:, weak], table.scores[:, strong], LabelPolicy())  # relative, margin 0
             known = ~np.isnan(table.scores[:, [weak, strong]]).any(axis=1)
             fw, vw = fit[known[fit]], val[known[val]]
             head2, _ = fit_head(spec.head, x[fw],
