@@ -9,7 +9,7 @@ import pytest
 
 from learned_router.errors import DataError
 from learned_router.evals import (
-    Curve, apgr, call_cost, classifier_metrics, cost_saving, cpt, cpt_routellm, evaluate,
+    Curve, apgr, apgr_intervals, call_cost, classifier_metrics, cost_saving, cpt, cpt_routellm, evaluate,
     expected_calibration_error, knn_scores, logistic_scores, markdown_table, oracle_envelope, oracle_scores,
     plot_frontier, prompt_length_scores, random_scores, routellm_random_curve, sweep,
 )
@@ -189,6 +189,33 @@ def test_evaluate_is_json_ready_and_feeds_the_table_and_plot(tmp_path):
     assert table.count("\n") == 6 and "| router |" in table and "APGR (RouteLLM)" in table
     png = plot_frontier(report, tmp_path / "frontier.png", benchmark="toy", strong_model="s", weak_model="w")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_apgr_intervals_cover_the_estimate_shrink_with_more_prompts_and_tell_leads_from_noise():
+    rng = np.random.default_rng(5)
+
+    def table(n):
+        weak, strong = (rng.random(n) < 0.4).astype(float), (rng.random(n) < 0.8).astype(float)
+        good = oracle_scores(weak, strong) + rng.normal(0, 1.5, n)  # a router that ranks well, with noise
+        return weak, strong, {"good": good, "noise": rng.normal(size=n), "noise too": rng.normal(size=n)}
+
+    weak, strong, scores = table(300)
+    cis = apgr_intervals(scores, weak, strong, lead_of="good", resamples=300)
+    for name, s in scores.items():
+        lo, hi = cis[name]["apgr_ci"]
+        assert lo < apgr(sweep(s, weak, strong, None), weak.mean(), strong.mean()) < hi
+    assert "lead_ci" not in cis["good"] and cis["noise"]["lead_ci"][0] > 0  # a real lead: the interval excludes 0
+    lo, hi = apgr_intervals(scores, weak, strong, lead_of="noise", resamples=300)["noise too"]["lead_ci"]
+    assert lo < 0 < hi  # two random scorers: indistinguishable
+    weak4, strong4, scores4 = table(1200)
+    wide = np.diff(cis["good"]["apgr_ci"])[0]
+    narrow = np.diff(apgr_intervals(scores4, weak4, strong4, lead_of="good", resamples=300)["good"]["apgr_ci"])[0]
+    assert narrow < 0.7 * wide  # ~1/sqrt(4) of the width with 4x the prompts
+    assert apgr_intervals(scores, weak, strong, "good", resamples=200, seed=1) == apgr_intervals(scores, weak, strong, "good", resamples=200, seed=1)
+    tied = apgr_intervals({"a": np.arange(4.0), "b": -np.arange(4.0)}, [1, 0, 1, 0], [0, 1, 1, 0], lead_of="a", resamples=50)
+    assert np.isnan(tied["a"]["apgr_ci"]).all()  # equal means: APGR undefined, no interval (and no warning spam)
+    with pytest.raises(DataError, match="'best' is not among the scorers"):
+        apgr_intervals(scores, weak, strong, lead_of="best")
 
 
 @pytest.mark.parametrize("name, oracle_apgr", [("gsm8k", 1.133), ("mmlu", 1.297)])

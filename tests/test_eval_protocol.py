@@ -34,9 +34,15 @@ def test_benchmark_in_training_data_is_cross_validated(trained, datasets_dir, tm
     assert r["scorers"]["optimal"]["apgr"] > max(r["scorers"][k]["apgr"] for k in ("router", "kNN", "logistic"))
     assert 0 <= r["scorers"]["router"]["roc_auc"] <= 1
     assert set(r["not_beaten"]) <= {"prompt length", "kNN", "logistic"}
+    for b in ("prompt length", "kNN", "logistic"):  # bootstrap intervals around the router's APGR and its lead
+        lo, hi = r["scorers"][b]["lead_ci"]
+        assert lo <= r["scorers"]["router"]["apgr"] - r["scorers"][b]["apgr"] <= hi
+    lo, hi = r["scorers"]["router"]["apgr_ci"]
+    assert lo < r["scorers"]["router"]["apgr"] < hi and hi - lo < 1  # 120 GSM8K prompts: a wide interval, defined
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"metrics.json", "frontier.png", "table.md"}
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["benchmark"] == "routellm_gsm8k"
-    assert "| router |" in (tmp_path / "out" / "table.md").read_text()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| router |" in table and "APGR 95% CI" in table and "Beyond resampling noise" in table
 
 
 def test_unseen_benchmark_is_scored_by_the_shipped_router(trained, datasets_dir, tmp_path):

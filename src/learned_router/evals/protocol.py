@@ -21,7 +21,7 @@ from ..data import group_of, label_long, load_pair_map, load_source, source_ids
 from ..errors import DataError, RouterError
 from .baselines import knn_scores, logistic_scores, prompt_length_scores
 from .plots import plot_frontier
-from .report import evaluate, markdown_table
+from .report import LEVEL, RESAMPLES, evaluate, markdown_table
 
 BASELINES = ("prompt length", "kNN", "logistic")
 
@@ -175,7 +175,7 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
         costs = {"strong": priced.cost(strong, bench["prompt"]), "weak": priced.cost(weak, bench["prompt"])}
     report = evaluate(scores, bench["weak_score"].to_numpy(), bench["strong_score"].to_numpy(), cost_per_call=costs,
                       labels=bench["label"].to_numpy(), p_weak={k: p[k] for k in ("router", "kNN", "logistic")},
-                      routellm_random=True)
+                      routellm_random=True, lead_of="router")
     mine = report["scorers"]["router"]["apgr"]
     not_beaten = [b for b in BASELINES if (report["scorers"][b]["apgr"] or 0) >= mine]
     report |= {"benchmark": name or Path(data).stem, "data": str(data), "strong": strong, "weak": weak,
@@ -198,7 +198,19 @@ def write_outputs(report: dict, out: Path) -> None:
                   weak_model=report["weak"])
     light = {**report, "curves": {k: {kind: thinned(c) for kind, c in v.items()} for k, v in report["curves"].items()}}
     (out / "metrics.json").write_text(json.dumps(light, indent=1, allow_nan=False) + "\n")
-    verdict = ("The router beats every non-oracle baseline on APGR." if not report["not_beaten"] else
-               f"**The router does not beat {', '.join(report['not_beaten'])} on APGR here.**")
     (out / "table.md").write_text(f"### {report['benchmark']}: {report['strong']} vs {report['weak']}\n\n"
-                                  f"{report['n_prompts']} prompts; {report['protocol']}.\n\n{markdown_table(report)}\n\n{verdict}\n")
+                                  f"{report['n_prompts']} prompts; {report['protocol']}.\n\n{markdown_table(report)}\n\n{verdict(report)}\n")
+
+
+def verdict(report: dict) -> str:
+    """Whether the router beats each baseline on APGR, and which leads the bootstrap interval of the difference
+    tells apart from resampling noise."""
+    line = ("The router beats every non-oracle baseline on APGR." if not report["not_beaten"] else
+            f"**The router does not beat {', '.join(report['not_beaten'])} on APGR here.**")
+    side = {"ahead of": [], "behind": [], "not distinguishable from": []}
+    for b in BASELINES:
+        lo, hi = report["scorers"][b]["lead_ci"]  # None: undefined on this set
+        side["ahead of" if (lo or 0) > 0 else "behind" if (hi or 0) < 0 else "not distinguishable from"].append(b)
+    parts = [f"{k} {', '.join(v)}" for k, v in side.items() if v]
+    return (f"{line} Beyond resampling noise (the {LEVEL:.0%} bootstrap interval of the APGR difference, paired over "
+            f"{RESAMPLES} resamples of the prompts, excludes 0): {'; '.join(parts)}.")

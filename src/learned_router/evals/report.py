@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import warnings
+
+from scipy.stats import DegenerateDataWarning, bootstrap
+
 from ..errors import DataError
 from .baselines import oracle_envelope, oracle_scores, random_scores, routellm_random_curve
-from .checks import as_binary, as_pair, as_unit
+from .checks import as_array, as_binary, as_pair, as_unit
 from .classifier import classifier_metrics
 from .frontier import Curve, apgr, auc, cost_saving, cpt, cpt_routellm, sweep
 
@@ -19,6 +23,8 @@ REFERENCES = {
     "optimal": "best quality with at most each share of strong calls (RouteLLM's Optimal line; README oracle APGR)",
     "random_routellm": "RouteLLM's random router (seed 0, 10 runs, averaged); only with routellm_random=True",
 }
+RESAMPLES = 1000  # bootstrap resamples of the prompts behind each APGR interval
+LEVEL = 0.95
 
 
 def curve_metrics(fine: Curve, routellm: Curve, weak_mean: float, strong_mean: float,
@@ -36,18 +42,49 @@ def curve_metrics(fine: Curve, routellm: Curve, weak_mean: float, strong_mean: f
     return out
 
 
+def apgr_intervals(strong_score: Mapping[str, object], weak_q, strong_q, lead_of: str,
+                   resamples: int = RESAMPLES, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+    """95% percentile-bootstrap intervals over the prompts (a resample draws prompts with replacement, each with its
+    scores and grades): every scorer's exact APGR ("apgr_ci") and, for the others, `lead_of`'s APGR minus theirs on
+    the same resamples ("lead_ci": above 0 = `lead_of` ahead beyond resampling noise). An interval is [NaN, NaN] when
+    some resample has both models at the same mean quality (APGR undefined there; only on small or near-tied sets)."""
+    weak, strong = as_pair(weak_q, strong_q)
+    scores = {name: as_array(s, f"strong score '{name}'", weak.size) for name, s in strong_score.items()}
+    if lead_of not in scores:
+        raise DataError(f"lead_of: '{lead_of}' is not among the scorers {sorted(scores)}")
+
+    def apgr_of(score, w, s):
+        return apgr(sweep(score, w, s, None), w.mean(), s.mean())
+
+    def interval(statistic, *arrays) -> list[float]:
+        with warnings.catch_warnings():  # a NaN resample gives a NaN interval, documented above
+            warnings.simplefilter("ignore", DegenerateDataWarning)
+            ci = bootstrap((*arrays, weak, strong), statistic, paired=True, vectorized=False, n_resamples=resamples,
+                           confidence_level=LEVEL, method="percentile", rng=seed).confidence_interval
+        return [float(ci.low), float(ci.high)]
+
+    out = {}
+    for name, score in scores.items():
+        out[name] = {"apgr_ci": interval(apgr_of, score)}
+        if name != lead_of:
+            out[name]["lead_ci"] = interval(lambda a, b, w, s: apgr_of(a, w, s) - apgr_of(b, w, s), scores[lead_of], score)
+    return out
+
+
 def evaluate(strong_score: Mapping[str, object], weak_q, strong_q, cost_per_call: Mapping[str, object] | None = None,
              labels=None, p_weak: Mapping[str, object] | None = None, quantiles: int = 10, cost_share: float = 0.95,
-             routellm_random: bool = False) -> dict:
+             routellm_random: bool = False, lead_of: str | None = None) -> dict:
     """Metrics and curves for each named strong score (router and baselines), plus the reference curves
     `random`, `oracle` and `optimal` (and `random_routellm` on request), on the same prompts.
 
     weak_q/strong_q: per-prompt quality in [0, 1]. cost_per_call: see `frontier.per_prompt_cost`.
     labels (1 = weak passes) with p_weak ({name: P(weak passes)}): adds roc_auc, ece and brier to those entries.
-    Returns {"n_prompts", "weak_mean", "strong_mean", "quantiles", "cost_share",
+    lead_of (a scorer's name): adds `apgr_intervals` (apgr_ci to every named scorer, lead_ci to the others).
+    Returns {"n_prompts", "weak_mean", "strong_mean", "quantiles", "cost_share", "lead_of",
              "scorers": {name: {"reference": bool, "apgr", "apgr_routellm", "auc", "auc_routellm",
                                 "cpt20", "cpt20_routellm", "cpt50", ..., "cpt80_routellm",
-                                ["cost_saving", "cost_saving_strong_fraction"], ["roc_auc", "ece", "brier"]}},
+                                ["cost_saving", "cost_saving_strong_fraction"], ["roc_auc", "ece", "brier"],
+                                ["apgr_ci", "lead_ci"]}},
              "curves": {name: {"fine": Curve.to_dict(), "routellm": Curve.to_dict()}}}
     with NaN (a target never reached, an undefined metric) written as None.
     """
@@ -79,9 +116,12 @@ def evaluate(strong_score: Mapping[str, object], weak_q, strong_q, cost_per_call
             raise DataError(f"p_weak names {sorted(unknown)} are not among the scorers")
         for name, p in p_weak.items():
             scorers[name].update(classifier_metrics(as_unit(p, f"p_weak['{name}']", y.size), y))
+    if lead_of is not None:
+        for name, cis in apgr_intervals(strong_score, weak, strong, lead_of).items():
+            scorers[name].update(cis)
     return _json_ready({
         "n_prompts": int(weak.size), "weak_mean": weak_mean, "strong_mean": strong_mean,
-        "quantiles": quantiles, "cost_share": cost_share, "scorers": scorers,
+        "quantiles": quantiles, "cost_share": cost_share, "lead_of": lead_of, "scorers": scorers,
         "curves": {name: {"fine": fine.to_dict(), "routellm": rl.to_dict()} for name, (fine, rl) in curves.items()},
     })
 
@@ -98,14 +138,19 @@ def _json_ready(obj):
 
 def markdown_table(report: dict) -> str:
     """One row per scorer of an `evaluate` report: APGR (both conventions), CPT50/CPT80 (both), cost saving at the
-    report's quality share, ROC-AUC; "–" where a value is undefined or not computed."""
+    report's quality share, ROC-AUC, and the APGR intervals when computed; "–" where a value is undefined or not
+    computed."""
     share = round(report["cost_share"] * 100)
     cols = [("APGR", "apgr", "{:.3f}"), ("APGR (RouteLLM)", "apgr_routellm", "{:.3f}"),
             ("CPT50", "cpt50", "{:.1%}"), ("CPT50 (RouteLLM)", "cpt50_routellm", "{:.1%}"),
             ("CPT80", "cpt80", "{:.1%}"), ("CPT80 (RouteLLM)", "cpt80_routellm", "{:.1%}"),
             (f"cost saving @{share}%", "cost_saving", "{:.1%}"), ("ROC-AUC", "roc_auc", "{:.3f}")]
-    lines = ["| scorer | " + " | ".join(c[0] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    ranges = [("APGR 95% CI", "apgr_ci", "{:.3f} to {:.3f}"),
+              (f"{report.get('lead_of')} − this, 95% CI", "lead_ci", "{:+.3f} to {:+.3f}")] if report.get("lead_of") else []
+    heads = [c[0] for c in cols[:1] + ranges[:1] + cols[1:] + ranges[1:]]
+    lines = ["| scorer | " + " | ".join(heads) + " |", "| --- |" + " ---: |" * len(heads)]
     for name, m in report["scorers"].items():
         cells = [fmt.format(m[key]) if m.get(key) is not None else "–" for _, key, fmt in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        spans = [fmt.format(*m[key]) if m.get(key) and None not in m[key] else "–" for _, key, fmt in ranges]
+        lines.append(f"| {name} | " + " | ".join(cells[:1] + spans[:1] + cells[1:] + spans[1:]) + " |")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import RouterError
 from .multitier import run_tier_eval, tier_table
-from .protocol import run_eval
+from .protocol import run_eval, verdict
 from .report import markdown_table
 
 # RouteLLM v4 (arXiv 2406.18665v4), Tables 2 and 3: best published router per benchmark (evals/routellm_published.md)
@@ -86,35 +86,50 @@ def write_results(suite: Suite, out: Path) -> Path:
         "against all-strong at 95% of the strong model's quality, at the prices of `evals/prices.yaml`. `optimal` is",
         "the physical limit (the oracle).",
         "",
-        "| benchmark | scorer | APGR | APGR (RouteLLM) | CPT50 | CPT80 | cost saving @95% |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| benchmark | scorer | APGR | APGR 95% CI | APGR (RouteLLM) | CPT50 | CPT80 | cost saving @95% |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for b, _, r in reports:
         for name in ROWS:
             m = r["scorers"][name]
-            lines.append(f"| {b.name} | {name} | {fmt(m['apgr'])} | {fmt(m['apgr_routellm'])} | {fmt(m['cpt50'], True)} | "
-                         f"{fmt(m['cpt80'], True)} | {fmt(m.get('cost_saving'), True)} |")
+            ci = f"{m['apgr_ci'][0]:.3f} to {m['apgr_ci'][1]:.3f}" if m.get("apgr_ci") else "–"
+            lines.append(f"| {b.name} | {name} | {fmt(m['apgr'])} | {ci} | {fmt(m['apgr_routellm'])} | "
+                         f"{fmt(m['cpt50'], True)} | {fmt(m['cpt80'], True)} | {fmt(m.get('cost_saving'), True)} |")
         if b.routellm in ROUTELLM_BEST:
             p = ROUTELLM_BEST[b.routellm]
-            lines.append(f"| {b.name} | RouteLLM best published: {p['router']} | – | {p['apgr']:.3f} | {p['cpt50']:.1%} | "
-                         f"{p['cpt80']:.1%} | – |")
+            lines.append(f"| {b.name} | RouteLLM best published: {p['router']} | – | – | {p['apgr']:.3f} | "
+                         f"{p['cpt50']:.1%} | {p['cpt80']:.1%} | – |")
     lines += ["", "Published RouteLLM numbers: arXiv 2406.18665v4, Tables 2 (MMLU) and 3 (GSM8K); all rows and their",
               "sources in [routellm_published.md](routellm_published.md). RouteLLM trained on Chatbot Arena battles plus",
               "~1,500 MMLU validation questions (D_gold) or ~120k GPT-4-judged prompts (D_judge); it evaluates on every",
-              "clean prompt. Ours are cross-validated on the benchmark itself (see each protocol below).", ""]
+              "clean prompt. Ours are cross-validated on the benchmark itself (see each protocol below). \"APGR 95% CI\":",
+              "percentile bootstrap over the benchmark's prompts (1,000 resamples, the scores held fixed: the spread of",
+              "the prompt sample, not of retraining).", ""]
     for b, folder, r in reports:
         rel = folder.relative_to(out)
-        verdict = ("Our router beats every non-oracle baseline on APGR." if not r["not_beaten"] else
-                   f"**Our router does not beat {', '.join(r['not_beaten'])} on APGR here.**")
         lines += [f"## {b.name}", "", f"{r['n_prompts']} prompts, strong `{b.strong}`, weak `{b.weak}` "
                   f"(all-weak quality {r['weak_mean']:.3f}, all-strong {r['strong_mean']:.3f}). Protocol: {r['protocol']}.",
-                  "", verdict, "", f"![{b.name} frontier]({rel}/frontier.png)", "",
-                  markdown_table(r), ""]
+                  "", verdict(r), ""]
+        if b.routellm in ROUTELLM_BEST:
+            lines += [versus_routellm(r, ROUTELLM_BEST[b.routellm]), ""]
+        lines += [f"![{b.name} frontier]({rel}/frontier.png)", "", markdown_table(r), ""]
     if suite.tier_benchmarks:
         lines += tier_section(suite, out)
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def versus_routellm(report: dict, published: dict) -> str:
+    """Where RouteLLM's best published APGR falls against our router's bootstrap interval."""
+    m = report["scorers"]["router"]
+    lo, hi = m["apgr_ci"]
+    head = (f"RouteLLM's best published router ({published['router']}): APGR {published['apgr']:.3f} in its own "
+            f"convention; ours {m['apgr_routellm']:.3f} in that convention, {m['apgr']:.3f} exact")
+    if lo is None:
+        return f"{head} (no bootstrap interval on this set)."
+    where = "above" if published["apgr"] > hi else "below" if published["apgr"] < lo else "inside"
+    return f"{head}, 95% CI {lo:.3f} to {hi:.3f}: the published figure is {where} our interval."
 
 
 def tier_section(suite: Suite, out: Path) -> list[str]:
