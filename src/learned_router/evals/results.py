@@ -124,7 +124,7 @@ def versus_routellm(report: dict, published: dict) -> str:
     """Where RouteLLM's best published APGR falls against our router's bootstrap interval."""
     m = report["scorers"]["router"]
     lo, hi = m["apgr_ci"]
-    head = (f"RouteLLM's best published router ({published['router']}): APGR {published['apgr']:.3f} in its own "
+    head = (f"RouteLLM's best published router, {published['router']}: APGR {published['apgr']:.3f} in its own "
             f"convention; ours {m['apgr_routellm']:.3f} in that convention, {m['apgr']:.3f} exact")
     if lo is None:
         return f"{head} (no bootstrap interval on this set)."
