@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -46,6 +47,9 @@ def test_exported_graph_matches_torch(trained):
     m = trained["manifest"]
     assert m.parity["fp32_max_abs_diff"] < 1e-4 and m.parity["fp32_decision_agreement"] == 1.0
     assert m.parity["int8_max_abs_diff"] < 0.15 and m.parity["int8_decision_agreement"] >= 0.95
+    int8_nodes = onnx.load(str(folder / "model.int8.onnx")).graph.node
+    quantized = [n.name for n in int8_nodes if n.op_type == "MatMulInteger"]
+    assert quantized and not [n for n in quantized if n.startswith("/head/")]  # the encoder int8, the head fp32
 
 
 def test_head_training_is_seeded():
