@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
-import warnings
-
+import numpy as np
 from scipy.stats import DegenerateDataWarning, bootstrap
 
 from ..errors import DataError
@@ -53,22 +53,27 @@ def apgr_intervals(strong_score: Mapping[str, object], weak_q, strong_q, lead_of
     if lead_of not in scores:
         raise DataError(f"lead_of: '{lead_of}' is not among the scorers {sorted(scores)}")
 
-    def apgr_of(score, w, s):
-        return apgr(sweep(score, w, s, None), w.mean(), s.mean())
+    names, rest = list(scores), [n for n in scores if n != lead_of]
 
-    def interval(statistic, *arrays) -> list[float]:
-        with warnings.catch_warnings():  # a NaN resample gives a NaN interval, documented above
-            warnings.simplefilter("ignore", DegenerateDataWarning)
-            ci = bootstrap((*arrays, weak, strong), statistic, paired=True, vectorized=False, n_resamples=resamples,
-                           confidence_level=LEVEL, method="percentile", rng=seed).confidence_interval
-        return [float(ci.low), float(ci.high)]
+    def statistic(*arrays):  # every scorer's APGR, then lead_of's minus each other's, on one resample
+        *resampled, w, s = arrays
+        a = dict(zip(names, (apgr(sweep(x, w, s, None), w.mean(), s.mean()) for x in resampled)))
+        return np.array([a[n] for n in names] + [a[lead_of] - a[n] for n in rest])
 
-    out = {}
-    for name, score in scores.items():
-        out[name] = {"apgr_ci": interval(apgr_of, score)}
-        if name != lead_of:
-            out[name]["lead_ci"] = interval(lambda a, b, w, s: apgr_of(a, w, s) - apgr_of(b, w, s), scores[lead_of], score)
+    with warnings.catch_warnings():  # a NaN resample gives a NaN interval, documented above
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        ci = bootstrap((*scores.values(), weak, strong), statistic, paired=True, vectorized=False,
+                       n_resamples=resamples, confidence_level=LEVEL, method="percentile", rng=seed).confidence_interval
+    lo, hi = np.atleast_1d(ci.low).tolist(), np.atleast_1d(ci.high).tolist()
+    out = {n: {"apgr_ci": [lo[i], hi[i]]} for i, n in enumerate(names)}
+    for i, n in enumerate(rest, start=len(names)):
+        out[n]["lead_ci"] = [lo[i], hi[i]]
     return out
+
+
+def span(v: list | None, fmt: str = "{:.3f} to {:.3f}") -> str:
+    """An interval for a table; "–" when not computed or undefined."""
+    return fmt.format(*v) if v and None not in v and not any(map(math.isnan, v)) else "–"
 
 
 def evaluate(strong_score: Mapping[str, object], weak_q, strong_q, cost_per_call: Mapping[str, object] | None = None,
@@ -145,12 +150,12 @@ def markdown_table(report: dict) -> str:
             ("CPT50", "cpt50", "{:.1%}"), ("CPT50 (RouteLLM)", "cpt50_routellm", "{:.1%}"),
             ("CPT80", "cpt80", "{:.1%}"), ("CPT80 (RouteLLM)", "cpt80_routellm", "{:.1%}"),
             (f"cost saving @{share}%", "cost_saving", "{:.1%}"), ("ROC-AUC", "roc_auc", "{:.3f}")]
-    ranges = [("APGR 95% CI", "apgr_ci", "{:.3f} to {:.3f}"),
-              (f"{report.get('lead_of')} − this, 95% CI", "lead_ci", "{:+.3f} to {:+.3f}")] if report.get("lead_of") else []
+    ranges = [(f"APGR {LEVEL:.0%} CI", "apgr_ci", "{:.3f} to {:.3f}"),
+              (f"{report.get('lead_of')} − this, {LEVEL:.0%} CI", "lead_ci", "{:+.3f} to {:+.3f}")] if report.get("lead_of") else []
     heads = [c[0] for c in cols[:1] + ranges[:1] + cols[1:] + ranges[1:]]
     lines = ["| scorer | " + " | ".join(heads) + " |", "| --- |" + " ---: |" * len(heads)]
     for name, m in report["scorers"].items():
         cells = [fmt.format(m[key]) if m.get(key) is not None else "–" for _, key, fmt in cols]
-        spans = [fmt.format(*m[key]) if m.get(key) and None not in m[key] else "–" for _, key, fmt in ranges]
+        spans = [span(m.get(key), fmt) for _, key, fmt in ranges]
         lines.append(f"| {name} | " + " | ".join(cells[:1] + spans[:1] + cells[1:] + spans[1:]) + " |")
     return "\n".join(lines)

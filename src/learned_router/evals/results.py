@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import RouterError
 from .multitier import run_tier_eval, tier_table
 from .protocol import run_eval, verdict
-from .report import markdown_table
+from .report import LEVEL, RESAMPLES, markdown_table, span
 
 # RouteLLM v4 (arXiv 2406.18665v4), Tables 2 and 3: best published router per benchmark (evals/routellm_published.md)
 ROUTELLM_BEST = {
@@ -86,14 +86,13 @@ def write_results(suite: Suite, out: Path) -> Path:
         "against all-strong at 95% of the strong model's quality, at the prices of `evals/prices.yaml`. `optimal` is",
         "the physical limit (the oracle).",
         "",
-        "| benchmark | scorer | APGR | APGR 95% CI | APGR (RouteLLM) | CPT50 | CPT80 | cost saving @95% |",
+        f"| benchmark | scorer | APGR | APGR {LEVEL:.0%} CI | APGR (RouteLLM) | CPT50 | CPT80 | cost saving @95% |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for b, _, r in reports:
         for name in ROWS:
             m = r["scorers"][name]
-            ci = f"{m['apgr_ci'][0]:.3f} to {m['apgr_ci'][1]:.3f}" if m.get("apgr_ci") else "–"
-            lines.append(f"| {b.name} | {name} | {fmt(m['apgr'])} | {ci} | {fmt(m['apgr_routellm'])} | "
+            lines.append(f"| {b.name} | {name} | {fmt(m['apgr'])} | {span(m.get('apgr_ci'))} | {fmt(m['apgr_routellm'])} | "
                          f"{fmt(m['cpt50'], True)} | {fmt(m['cpt80'], True)} | {fmt(m.get('cost_saving'), True)} |")
         if b.routellm in ROUTELLM_BEST:
             p = ROUTELLM_BEST[b.routellm]
@@ -102,8 +101,8 @@ def write_results(suite: Suite, out: Path) -> Path:
     lines += ["", "Published RouteLLM numbers: arXiv 2406.18665v4, Tables 2 (MMLU) and 3 (GSM8K); all rows and their",
               "sources in [routellm_published.md](routellm_published.md). RouteLLM trained on Chatbot Arena battles plus",
               "~1,500 MMLU validation questions (D_gold) or ~120k GPT-4-judged prompts (D_judge); it evaluates on every",
-              "clean prompt. Ours are cross-validated on the benchmark itself (see each protocol below). \"APGR 95% CI\":",
-              "percentile bootstrap over the benchmark's prompts (1,000 resamples, the scores held fixed: the spread of",
+              f"clean prompt. Ours are cross-validated on the benchmark itself (see each protocol below). \"APGR {LEVEL:.0%} CI\":",
+              f"percentile bootstrap over the benchmark's prompts ({RESAMPLES:,} resamples, the scores held fixed: the spread of",
               "the prompt sample, not of retraining).", ""]
     for b, folder, r in reports:
         rel = folder.relative_to(out)
@@ -126,10 +125,10 @@ def versus_routellm(report: dict, published: dict) -> str:
     lo, hi = m["apgr_ci"]
     head = (f"RouteLLM's best published router, {published['router']}: APGR {published['apgr']:.3f} in its own "
             f"convention; ours {m['apgr_routellm']:.3f} in that convention, {m['apgr']:.3f} exact")
-    if lo is None:
+    if span(m["apgr_ci"]) == "–":
         return f"{head} (no bootstrap interval on this set)."
     where = "above" if published["apgr"] > hi else "below" if published["apgr"] < lo else "inside"
-    return f"{head}, 95% CI {lo:.3f} to {hi:.3f}: the published figure is {where} our interval."
+    return f"{head}, {LEVEL:.0%} CI {span(m['apgr_ci'])}: the published figure is {where} our interval."
 
 
 def tier_section(suite: Suite, out: Path) -> list[str]:
