@@ -53,7 +53,7 @@ def test_unseen_benchmark_is_scored_by_the_shipped_router(trained, datasets_dir,
 
 
 def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path, monkeypatch):
-    bench = slice_of(datasets_dir, "routellm_mmlu", 60, tmp_path)
+    bench = slice_of(datasets_dir, "routellm_mmlu", 300, tmp_path)  # enough prompts for defined intervals
     env = {"MLFLOW_TRACKING_URI": trained["url"], "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "learned_router", "eval", "--router", str(trained["path"]), "--data", str(bench),
                           "--out", str(tmp_path / "o"), "--name", "mmlu-slice", "--experiment", "eval-tests"],
@@ -61,7 +61,14 @@ def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path, monkeypatc
     assert out.returncode == 0, out.stderr
     client = MlflowClient(trained["url"])
     run = client.search_runs([client.get_experiment_by_name("eval-tests").experiment_id])[0]
-    assert run.data.params["prompts"] == "60" and "apgr_router" in run.data.metrics
+    assert run.data.params["prompts"] == "300" and "apgr_router" in run.data.metrics
+    scorers = json.loads((tmp_path / "o" / "metrics.json").read_text())["scorers"]
+    logged = {(name, k): [run.data.metrics.get(f"{k}_{end}_{name.replace(' ', '_')}") for end in ("low", "high")]
+              for name, s in scorers.items() for k in ("apgr_ci", "lead_ci") if k in s}
+    assert ("router", "apgr_ci") in logged and ("kNN", "lead_ci") in logged  # the intervals, where defined
+    assert logged[("router", "apgr_ci")][0] is not None
+    for (name, k), v in logged.items():
+        assert v == (scorers[name][k] if None not in scorers[name][k] else [None, None])
     assert {"frontier.png", "metrics.json", "table.md"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 

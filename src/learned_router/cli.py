@@ -312,6 +312,8 @@ def eval_cmd(
                            "prompts": result.n_prompts})
         mlflow.log_metrics({f"{k}_{name.replace(' ', '_')}": v for name, s in m.items() for k, v in s.items()
                             if k in ("apgr", "apgr_routellm", "cpt50", "cpt80", "cost_saving", "roc_auc") and v is not None})
+        mlflow.log_metrics({f"{k}_{end}_{name.replace(' ', '_')}": v[i] for name, s in m.items() for k, v in s.items()
+                            if k in ("apgr_ci", "lead_ci") and None not in v for i, end in enumerate(("low", "high"))})
         mlflow.log_artifacts(str(out))
     typer.echo((out / "table.md").read_text())
     typer.echo(f"written to {out}")
