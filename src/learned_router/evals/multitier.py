@@ -85,18 +85,18 @@ def cross_validated(table, spec, features, folds: int, tier_cols: list[int], pai
     inner = splits(table, spec)  # early-stopping rows: the router's own validation split, minus the held-out fold
     p_tiers = np.empty((len(x), len(tier_cols)))
     p_pairs = {pair: np.empty(len(x)) for pair in pairs}
+    labels = {(weak, strong): (passes(table.scores[:, weak], table.scores[:, strong], LabelPolicy()).astype(np.float32),
+                               ~np.isnan(table.scores[:, [weak, strong]]).any(axis=1))  # relative, margin 0; graded
+              for weak, strong in pairs}
     for f in np.unique(fold):
         held = fold == f
         fit, val = np.flatnonzero(~held & (inner != "val")), np.flatnonzero(~held & (inner == "val"))
         head, _ = fit_tiers(spec, x[fit], table.scores[fit], x[val], table.scores[val])
         p_tiers[held] = head.predict(x[held])[:, tier_cols]
-        for weak, strong in pairs:
-            y = passes(table.scores[:, weak], table.scores[:, strong], LabelPolicy())  # relative, margin 0
-            known = ~np.isnan(table.scores[:, [weak, strong]]).any(axis=1)
+        for pair, (y, known) in labels.items():
             fw, vw = fit[known[fit]], val[known[val]]
-            head2, _ = fit_head(spec.head, x[fw],
-                                y[fw].astype(np.float32), np.ones(len(fw)), x[vw], y[vw].astype(np.float32), spec.fit)
-            p_pairs[(weak, strong)][held] = head2.predict(x[held])
+            head2, _ = fit_head(spec.head, x[fw], y[fw], np.ones(len(fw)), x[vw], y[vw], spec.fit)
+            p_pairs[pair][held] = head2.predict(x[held])
     return p_tiers, p_pairs
 
 
