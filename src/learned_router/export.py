@@ -125,7 +125,7 @@ def to_onnx(checkpoint: Path, enc_path: Path, folder: Path, variants: list[str])
     raw.unlink()
     if "int8" in variants:  # the encoder's matmuls only: see head_matmuls
         quantize_dynamic(str(fp32), str(folder / VARIANT_FILES["int8"]), weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_exclude=head_matmuls(onnx.load(str(fp32))),
+                         nodes_to_exclude=head_matmuls(opt.model),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     if "fp32" not in variants:
         fp32.unlink()
