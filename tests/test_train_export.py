@@ -39,7 +39,11 @@ def test_exported_graph_matches_torch(trained):
     prompts = PROBES + ["What is the derivative of x^3 sin(x)?", "Tell me a joke about databases."]
     head = Head.load(folder / "checkpoint")
     assert head.cfg.length_input  # the shipped recipe: the graph computes the prompt's length from its token ids
-    reference = head.predict(Encoder().features(prompts, length=True, progress=False))
+    assert head.cfg.sources == 3  # ... and the word-piece bag of its lexical experts, one per training source
+    enc = Encoder()
+    with pytest.raises(ValueError, match="word-piece bags"):
+        head.predict(enc.features(prompts, length=True, progress=False))
+    reference = head.predict(enc.features(prompts, length=True, progress=False), enc.bags(prompts))
     fp32 = Router(folder, variant="fp32").score(prompts)
     int8 = Router(folder, variant="int8").score(prompts)
     assert np.max(np.abs(fp32 - reference)) < 1e-4
@@ -145,6 +149,50 @@ def test_length_feature_is_the_graphs():
     assert np.array_equal(x[:, :384], enc.embed(["Unbelievable results, 12345!", "word " * 100], progress=False, cache=False))
 
 
+def test_word_piece_bags_are_binary_normalised_and_truncated():
+    enc = Encoder(max_seq_length=16)
+    bags = enc.bags(["the cat and the cat", "word " * 100, ""])
+    tok = enc.model.tokenizer
+    assert bags.shape == (3, tok.vocab_size)
+    first = dict(zip(bags[0].indices, bags[0].data))
+    assert set(first) == set(tok.convert_tokens_to_ids(["the", "cat", "and"]))  # distinct pieces, no [CLS]/[SEP]
+    assert np.allclose(list(first.values()), 1 / np.sqrt(3))
+    assert bags[1].nnz == 1 and bags[2].nnz == 0  # truncated to 14 pieces of one word; an empty prompt has none
+
+
+def test_lexical_experts_learn_words_per_source_and_the_gate_picks_the_expert():
+    """Word 0 makes the weak model pass in source 0 and fail in source 1; the embedding says which source a prompt
+    is from. A bag fitted on both sources at once cannot learn word 0; the gated experts can."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(0)
+    n, vocab = 3000, 40
+    src = rng.integers(0, 2, n)
+    has = rng.random(n) < 0.5
+    logit = np.where(has, np.where(src == 0, 2.0, -2.0), 0.0)
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    words = [np.unique(np.r_[[0] * int(h), rng.integers(1, vocab, 6)]) for h in has]
+    bags = sparse.csr_matrix([[1.0 if j in w else 0.0 for j in range(vocab)] for w in words], dtype=np.float32)
+    bags = sparse.csr_matrix(bags.multiply(1 / np.sqrt(bags.sum(1))))
+    x = np.c_[np.where(src == 0, 1.0, -1.0) + rng.normal(scale=0.3, size=n), rng.normal(size=(n, 3))].astype(np.float32)
+    tr, va, te = slice(0, 1800), slice(1800, 2400), slice(2400, n)
+
+    def within_source_auc(c):
+        head, _ = fit_head(HeadConfig(dim=4, hidden=8, lexical_c=c), x[tr], y[tr], np.ones(1800), x[va], y[va],
+                           FitConfig(epochs=30, lr=1e-2, seed=0, source_offsets=True), sources=(src[tr], src[va]),
+                           bags=(bags[tr], bags[va]))
+        p = head.predict(x[te], bags[te])
+        return min(roc_auc_score(y[te][src[te] == s], p[src[te] == s]) for s in (0, 1)), head, p
+
+    plain, _, _ = within_source_auc(0.0)
+    lexical, head, p = within_source_auc(1.0)
+    assert lexical > 0.7 and lexical > plain + 0.1
+    assert head.cfg.sources == 2 and head.lexicon[0, 0] > 0 > head.lexicon[0, 1]
+    assert abs(p.mean() - y[te].mean()) < 0.05  # recalibrated after the experts were added
+    with pytest.raises(ValueError, match="word-piece bags and sources"):
+        fit_head(HeadConfig(dim=4, lexical_c=1.0), x[tr], y[tr], np.ones(1800), x[va], y[va], FitConfig(epochs=1))
+
+
 def test_export_in_place_and_to_new_folder(trained, tmp_path):
     src = tmp_path / "r"
     shutil.copytree(trained["path"], src)
@@ -184,12 +232,14 @@ def test_export_of_a_head_that_scores_everything_at_the_threshold(trained, tmp_p
     shutil.copytree(trained["path"], src)
     head = Head.load(src / "checkpoint")
     t = trained["manifest"].default_threshold
-    emb = torch.from_numpy(Encoder().features(PROBES, length=True, progress=False))
+    enc = Encoder()
+    emb, bags = torch.from_numpy(enc.features(PROBES, length=True, progress=False)), enc.bags(PROBES)
     with torch.no_grad():  # logits squeezed 1000x and centred on the threshold: int8's noise straddles it
         last = head.net[-1]
         last.weight.mul_(1e-3)
+        head.lexicon.mul_(1e-3)
         last.bias.zero_()
-        last.bias.fill_(float(np.log(t / (1 - t)) - head(emb).median()))
+        last.bias.fill_(float(np.log(t / (1 - t)) - head(emb, bags).median()))
     head.save(src / "checkpoint")
     m = export(src, variants=["int8"])
     assert np.all(np.abs(Router(src).score(PROBES) - t) < 0.02)

@@ -76,7 +76,8 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
 
     def torch_score(prompts):
         with torch.inference_mode():
-            return head.predict(enc.features(prompts, head.cfg.length_input, batch_size=32, progress=False, cache=False))
+            return head.predict(enc.features(prompts, head.cfg.length_input, batch_size=32, progress=False, cache=False),
+                                enc.bags(prompts) if head.cfg.sources else None)
 
     scorers = {**{k: r.score for k, r in routers.items()}, "sentence-transformers + torch": torch_score}
     short, long_ = prompt_of(routers["onnx int8"], 30), prompt_of(routers["onnx int8"], 250)

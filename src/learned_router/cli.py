@@ -98,6 +98,9 @@ def train(
     length_input: Annotated[bool, typer.Option(help="Give the head the prompt's length (in characters) beside its embedding.")] = True,
     source_offsets: Annotated[bool, typer.Option(help="Learn a bias per data source in training, so the head learns "
                                                  "what ranks prompts within a source rather than the sources' pass rates.")] = True,
+    lexical_c: Annotated[float, typer.Option(min=0.0, help="Add lexical experts: per source, a logistic regression on the "
+                                             "prompt's word pieces with this inverse L2 strength, mixed by a gate that "
+                                             "tells the source from the embedding (0: none).")] = 1.0,
     epochs: Annotated[int, typer.Option(help="Most epochs of head training (early stopping on validation AUC).")] = 200,
     lr: float = 1e-3,
     batch_size: int = 256,
@@ -129,7 +132,7 @@ def train(
     spec = TrainSpec(
         data=[str(d) for d in data], strong=strong, weak=weak, out=out, weights=parse_weights(weight),
         pair_map=str(pair_map) if pair_map else None, policy=policy, encoder=str(encoder) if encoder else None,
-        max_seq_length=max_seq_length, head=HeadConfig(hidden=hidden, dropout=dropout, length_input=length_input),
+        max_seq_length=max_seq_length, head=HeadConfig(hidden=hidden, dropout=dropout, length_input=length_input, lexical_c=lexical_c),
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, source_offsets=source_offsets),
         finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, val=val, test=test, max_prompts=max_prompts,
         variants=names_of(variants), name=name, experiment=experiment, overwrite=overwrite,

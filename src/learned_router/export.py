@@ -99,14 +99,14 @@ def to_onnx(checkpoint: Path, enc_path: Path, folder: Path, variants: list[str])
     from onnxruntime.transformers import optimizer
     from transformers import AutoModel, AutoTokenizer
 
-    from .embed import piece_lengths
+    from .embed import piece_lengths, piece_mask
     from .model import FusedRouter, Head
 
     # eager attention: onnxruntime's BERT optimizer fuses its pattern into Attention nodes (SDPA's it does not)
     transformer = AutoModel.from_pretrained(str(enc_path), attn_implementation="eager", local_files_only=True)
     head = Head.load(checkpoint)
-    lengths = piece_lengths(AutoTokenizer.from_pretrained(str(enc_path), local_files_only=True)) if head.cfg.length_input else None
-    fused = FusedRouter(transformer, head, lengths).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(enc_path), local_files_only=True)
+    fused = FusedRouter(transformer, head, piece_lengths(tokenizer), piece_mask(tokenizer)).eval()
     raw, fp32 = folder / "raw.onnx", folder / VARIANT_FILES["fp32"]
     ids = torch.ones(2, 16, dtype=torch.long)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on the root logger
@@ -184,7 +184,9 @@ def export_into(folder: Path, checkpoint: Path, variants: list[str], probes: lis
     # parity: the exported graph against the torch path used in training (sentence-transformers + head)
     probes = list(probes or []) + PROBES
     head = Head.load(checkpoint)
-    reference = head.predict(Encoder(enc_path, enc_info.max_seq_length).features(probes, head.cfg.length_input, progress=False, cache=False))
+    enc = Encoder(enc_path, enc_info.max_seq_length)
+    reference = head.predict(enc.features(probes, head.cfg.length_input, progress=False, cache=False),
+                             enc.bags(probes) if head.cfg.sources else None)
     t = manifest.default_threshold
     for v in variants:
         p, tol = Router(folder, variant=v).score(probes), TOLERANCE[v]

