@@ -155,14 +155,15 @@ def fit_head(
     seed_everything(cfg.seed)
     head = Head(head_cfg)
     multi = y_train.ndim == 2
-    if lexical:
+    n_of = lambda src: int(max(np.max(src[0]), np.max(src[1], initial=0))) + 1  # noqa: E731
+    if lexical:  # fitted on the rows' real sources, offsets or not
         from .lexical import fit_lexical
 
-        n = int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
-        attach = fit_lexical(x_train[:, : head_cfg.dim], bags[0], y_train, w_train, np.asarray(sources[0]), n, head_cfg.lexical_c)
+        attach = fit_lexical(x_train[:, : head_cfg.dim], bags[0], y_train, w_train, np.asarray(sources[0]), n_of(sources),
+                             head_cfg.lexical_c)
     if not cfg.source_offsets:  # one source whose offset stays 0
         sources = (np.zeros(len(x_train)), np.zeros(len(x_val)))
-    n_src = int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
+    n_src = n_of(sources)
     st, sv = (torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in sources)
     offsets = nn.Parameter(torch.zeros(n_src, head_cfg.outputs) if multi else torch.zeros(n_src))
     xt, yt = torch.from_numpy(x_train.astype(np.float32)), torch.from_numpy(y_train.astype(np.float32))
