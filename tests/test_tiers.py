@@ -98,8 +98,12 @@ def test_train_export_and_score(tier_router, mlflow_server):
     assert (p[:, gemma] > p[:, claude]).all()  # the judge prefers FuseChat-Gemma's answers (0.70 vs 0.17 on average)
     with pytest.raises(RouterError, match="route\\(\\) is for binary routers"):
         r.route(prompts)
-    run = mlflow.MlflowClient(mlflow_server).get_run(tier_router["run_id"])
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(tier_router["run_id"])
     assert run.data.params["kind"] == "tiers" and "best_val_loss" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "val_loss")  # the MLP's epochs, in order
+    assert len(history) >= 2 and [h.step for h in history] == sorted(h.step for h in history)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == len(history)
 
 
 def test_score_command_prints_each_models_pass_chance(tier_router):

@@ -30,8 +30,8 @@ def test_router_folder_and_manifest(trained):
     assert fr[0] == 0.0 and fr[-1] == 1.0 and all(a <= b for a, b in zip(fr, fr[1:]))
     assert m.threshold_for(0.3) == pytest.approx(m.threshold_for(0.3))
     assert abs(m.strong_fraction_at(m.threshold_for(0.3)) - 0.3) < 0.05
-    # export fused the transformer into onnxruntime's Attention kernels (6 layers)
-    assert m.parity["fused_Attention"] == 6.0
+    # export fused the transformer into onnxruntime's Attention kernels: the 3 of its 6 layers the recipe keeps
+    assert m.encoder.layers == 3 and m.parity["fused_Attention"] == 3.0
 
 
 def test_exported_graph_matches_torch(trained):
@@ -40,7 +40,7 @@ def test_exported_graph_matches_torch(trained):
     head = Head.load(folder / "checkpoint")
     assert head.cfg.length_input  # the shipped recipe: the graph computes the prompt's length from its token ids
     assert head.cfg.sources == 3  # ... and the word-piece bag of its lexical experts, one per training source
-    enc = Encoder()
+    enc = Encoder(layers=trained["manifest"].encoder.layers)
     with pytest.raises(ValueError, match="word-piece bags"):
         head.predict(enc.features(prompts, length=True, progress=False))
     reference = head.predict(enc.features(prompts, length=True, progress=False), enc.bags(prompts))
@@ -149,6 +149,24 @@ def test_length_feature_is_the_graphs():
     assert np.array_equal(x[:, :384], enc.embed(["Unbelievable results, 12345!", "word " * 100], progress=False, cache=False))
 
 
+def test_encoder_layers_embed_the_mean_of_that_layer():
+    """layers=k embeds the mean of the k-th block's token states (unit-normalised); all blocks is the plain encoder."""
+    from transformers import AutoModel
+
+    texts = ["How many apples are left if I eat two of five?", "Name the capital of France."]
+    enc = Encoder(layers=3)
+    model = AutoModel.from_pretrained(str(enc.path), local_files_only=True)
+    batch = enc.model.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states[3]
+    mask = batch["attention_mask"].unsqueeze(-1)
+    expected = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert enc.layers == 3 and np.allclose(enc.embed(texts, progress=False, cache=False), expected, atol=1e-5)
+    assert Encoder(layers=6)._key("x") == Encoder()._key("x") != enc._key("x")  # cached apart, the whole encoder alike
+    with pytest.raises(RouterError, match="1 to its 6 transformer blocks, got 7"):
+        Encoder(layers=7)
+
+
 def test_word_piece_bags_are_binary_normalised_and_truncated():
     enc = Encoder(max_seq_length=16)
     bags = enc.bags(["the cat and the cat", "word " * 100, ""])
@@ -177,8 +195,8 @@ def test_lexical_experts_learn_words_per_source_and_the_gate_picks_the_expert():
     x = np.c_[np.where(src == 0, 1.0, -1.0) + rng.normal(scale=0.3, size=n), rng.normal(size=(n, 3))].astype(np.float32)
     tr, va, te = slice(0, 1800), slice(1800, 2400), slice(2400, n)
 
-    def within_source_auc(c):
-        head, _ = fit_head(HeadConfig(dim=4, hidden=8, lexical_c=c), x[tr], y[tr], np.ones(1800), x[va], y[va],
+    def within_source_auc(c, hidden=8):
+        head, _ = fit_head(HeadConfig(dim=4, hidden=hidden, lexical_c=c), x[tr], y[tr], np.ones(1800), x[va], y[va],
                            FitConfig(epochs=30, lr=1e-2, seed=0, source_offsets=True), sources=(src[tr], src[va]),
                            bags=(bags[tr], bags[va]))
         p = head.predict(x[te], bags[te])
@@ -189,6 +207,10 @@ def test_lexical_experts_learn_words_per_source_and_the_gate_picks_the_expert():
     assert lexical > 0.7 and lexical > plain + 0.1
     assert head.cfg.sources == 2 and head.lexicon[0, 0] > 0 > head.lexicon[0, 1]
     assert abs(p.mean() - y[te].mean()) < 0.05  # recalibrated after the experts were added
+    alone, head, p = within_source_auc(1.0, hidden=0)  # no MLP: the experts' own biases carry the base rates
+    assert alone > 0.7 and not hasattr(head, "net") and abs(p.mean() - y[te].mean()) < 0.05
+    with pytest.raises(ValueError, match="without an MLP"):
+        fit_head(HeadConfig(dim=4, hidden=0), x[tr], y[tr], np.ones(1800), x[va], y[va], FitConfig(epochs=1))
     with pytest.raises(ValueError, match="word-piece bags and sources"):
         fit_head(HeadConfig(dim=4, lexical_c=1.0), x[tr], y[tr], np.ones(1800), x[va], y[va], FitConfig(epochs=1))
 
@@ -232,14 +254,12 @@ def test_export_of_a_head_that_scores_everything_at_the_threshold(trained, tmp_p
     shutil.copytree(trained["path"], src)
     head = Head.load(src / "checkpoint")
     t = trained["manifest"].default_threshold
-    enc = Encoder()
+    enc = Encoder(layers=trained["manifest"].encoder.layers)
     emb, bags = torch.from_numpy(enc.features(PROBES, length=True, progress=False)), enc.bags(PROBES)
     with torch.no_grad():  # logits squeezed 1000x and centred on the threshold: int8's noise straddles it
-        last = head.net[-1]
-        last.weight.mul_(1e-3)
-        head.lexicon.mul_(1e-3)
-        last.bias.zero_()
-        last.bias.fill_(float(np.log(t / (1 - t)) - head(emb, bags).median()))
+        for experts in (head.lexicon, head.expert_weight, head.expert_bias):
+            experts.mul_(1e-3)
+        head.expert_bias.add_(float(np.log(t / (1 - t)) - head(emb, bags).median()))  # the gate's weights sum to 1
     head.save(src / "checkpoint")
     m = export(src, variants=["int8"])
     assert np.all(np.abs(Router(src).score(PROBES) - t) < 0.02)

@@ -71,7 +71,8 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
     fp32_dir = Path(tmp.name) / "fp32" if tmp else router_dir
     routers = {"onnx int8": Router(router_dir, variant="int8", threads=threads),
                "onnx fp32": Router(fp32_dir, variant="fp32", threads=threads)}
-    enc = Encoder(max_seq_length=routers["onnx int8"].manifest.encoder.max_seq_length)
+    info = routers["onnx int8"].manifest.encoder
+    enc = Encoder(max_seq_length=info.max_seq_length, layers=info.layers)
     head = Head.load(router_dir / "checkpoint")
 
     def torch_score(prompts):

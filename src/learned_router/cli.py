@@ -93,15 +93,19 @@ def train(
                                               "so the head ranks prompts by the expected quality gap).")] = 0.5,
     encoder: EncoderDir = None,
     max_seq_length: Annotated[Optional[int], typer.Option(help="Encoder token limit (default: the encoder's own, 256).")] = None,
-    hidden: int = 256,
+    encoder_layers: Annotated[int, typer.Option(min=1, help="Embed with the encoder's first N transformer blocks (mean of "
+                                                "their token states): a middle layer ranks prompts better than the last, "
+                                                "and scores faster.")] = 3,
+    hidden: Annotated[int, typer.Option(min=0, help="Width of an MLP on the embedding and length (0: none; the lexical "
+                                        "experts are the whole head).")] = 0,
     dropout: float = 0.1,
     length_input: Annotated[bool, typer.Option(help="Give the head the prompt's length (in characters) beside its embedding.")] = True,
     source_offsets: Annotated[bool, typer.Option(help="Learn a bias per data source in training, so the head learns "
                                                  "what ranks prompts within a source rather than the sources' pass rates.")] = True,
-    lexical_c: Annotated[float, typer.Option(min=0.0, help="Add lexical experts: per source, a logistic regression on the "
-                                             "prompt's word pieces with this inverse L2 strength, mixed by a gate that "
-                                             "tells the source from the embedding (0: none).")] = 1.0,
-    epochs: Annotated[int, typer.Option(help="Most epochs of head training (early stopping on validation AUC).")] = 200,
+    lexical_c: Annotated[float, typer.Option(min=0.0, help="Lexical experts: per source, a logistic regression on the "
+                                             "prompt's word pieces, embedding and length with this inverse L2 strength, "
+                                             "mixed by a gate that tells the source from the embedding (0: none).")] = 0.3,
+    epochs: Annotated[int, typer.Option(help="Most epochs of MLP training (early stopping on validation AUC).")] = 200,
     lr: float = 1e-3,
     batch_size: int = 256,
     patience: int = 15,
@@ -129,10 +133,12 @@ def train(
         raise RouterError(f"label policy: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
         raise RouterError(f"--val and --test must be in (0, 1) with a sum below 1, got {val} and {test}")
+    if not hidden and not lexical_c:
+        raise RouterError("--hidden 0 (no MLP) needs lexical experts: --lexical-c above 0")
     spec = TrainSpec(
         data=[str(d) for d in data], strong=strong, weak=weak, out=out, weights=parse_weights(weight),
         pair_map=str(pair_map) if pair_map else None, policy=policy, encoder=str(encoder) if encoder else None,
-        max_seq_length=max_seq_length, head=HeadConfig(hidden=hidden, dropout=dropout, length_input=length_input, lexical_c=lexical_c),
+        max_seq_length=max_seq_length, encoder_layers=encoder_layers, head=HeadConfig(hidden=hidden, dropout=dropout, length_input=length_input, lexical_c=lexical_c),
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, source_offsets=source_offsets),
         finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, val=val, test=test, max_prompts=max_prompts,
         variants=names_of(variants), name=name, experiment=experiment, overwrite=overwrite,

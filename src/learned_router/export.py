@@ -91,7 +91,7 @@ def encoder_dir(checkpoint: Path, info: dict) -> Path:
     return path
 
 
-def to_onnx(checkpoint: Path, enc_path: Path, folder: Path, variants: list[str]) -> dict:
+def to_onnx(checkpoint: Path, enc_path: Path, layers: int | None, folder: Path, variants: list[str]) -> dict:
     """Write model.onnx (graph-optimised fp32) and/or model.int8.onnx into `folder`; returns the fused-op counts."""
     import onnx
     import torch
@@ -99,11 +99,13 @@ def to_onnx(checkpoint: Path, enc_path: Path, folder: Path, variants: list[str])
     from onnxruntime.transformers import optimizer
     from transformers import AutoModel, AutoTokenizer
 
-    from .embed import piece_lengths, piece_mask
+    from .embed import keep_layers, piece_lengths, piece_mask
     from .model import FusedRouter, Head
 
     # eager attention: onnxruntime's BERT optimizer fuses its pattern into Attention nodes (SDPA's it does not)
     transformer = AutoModel.from_pretrained(str(enc_path), attn_implementation="eager", local_files_only=True)
+    if layers:
+        keep_layers(transformer, layers)
     head = Head.load(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(str(enc_path), local_files_only=True)
     fused = FusedRouter(transformer, head, piece_lengths(tokenizer), piece_mask(tokenizer)).eval()
@@ -164,10 +166,10 @@ def export_into(folder: Path, checkpoint: Path, variants: list[str], probes: lis
         raise RouterError(f"variants must be a non-empty subset of {sorted(VARIANT_FILES)}, got {variants}")
     info = json.loads((checkpoint / TRAINING_FILE).read_text())
     enc_path = encoder_dir(checkpoint, info)
-    fused_ops = to_onnx(checkpoint, enc_path, folder, variants)
+    enc_info = EncoderInfo(**{k: v for k, v in info["encoder"].items() if k != "path"})
+    fused_ops = to_onnx(checkpoint, enc_path, enc_info.layers, folder, variants)
     shutil.copyfile(enc_path / TOKENIZER, folder / TOKENIZER)
 
-    enc_info = EncoderInfo(**{k: v for k, v in info["encoder"].items() if k != "path"})
     files = {v: file_entry(folder, VARIANT_FILES[v]) for v in variants} | {"tokenizer": file_entry(folder, TOKENIZER)}
     if info.get("kind") == "tiers":
         outputs = {"kind": "tiers", "models": info["models"], "calibration": []}
@@ -184,7 +186,7 @@ def export_into(folder: Path, checkpoint: Path, variants: list[str], probes: lis
     # parity: the exported graph against the torch path used in training (sentence-transformers + head)
     probes = list(probes or []) + PROBES
     head = Head.load(checkpoint)
-    enc = Encoder(enc_path, enc_info.max_seq_length)
+    enc = Encoder(enc_path, enc_info.max_seq_length, enc_info.layers)
     reference = head.predict(enc.features(probes, head.cfg.length_input, progress=False, cache=False),
                              enc.bags(probes) if head.cfg.sources else None)
     t = manifest.default_threshold

@@ -1,7 +1,8 @@
-"""Lexical experts: per training source, a logistic regression on the prompt's word-piece bag (`embed.piece_bags`),
-mixed by a gate that tells the source from the embedding. Their sum is added to a head's logit (`Head.attach_lexical`):
-which words make the weak model fail differs by source (a number in a word problem, a subject's terms in MMLU), and
-one bag fitted on all sources at once learns mostly the largest one."""
+"""Lexical experts: per training source, a logistic regression on the prompt's word-piece bag (`embed.piece_bags`)
+and the head's input (embedding, and the standardised log length if the head takes it), mixed by a gate that tells
+the source from the embedding. Their mix is added to a head's logit, or is the whole head (`HeadConfig.hidden` 0):
+what makes the weak model fail differs by source (a number in a word problem, a subject's terms in MMLU), and one
+model fitted on all sources at once learns mostly the largest one."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from sklearn.linear_model import LogisticRegression
 ABSENT = -30.0  # the gate's bias for a source without training rows: never picked
 
 
-def fit_expert(bags: sparse.csr_matrix, target: np.ndarray, weight: np.ndarray, c: float) -> np.ndarray:
-    """One source's word weights: L2-regularised logistic regression (inverse strength `c`) on soft targets in
-    [0, 1], each row entered once as a pass (weight t) and once as a fail (weight 1 - t). No intercept is kept:
-    the head carries each source's base rate."""
+def fit_expert(feats: sparse.csr_matrix, target: np.ndarray, weight: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    """One source's weights and intercept: L2-regularised logistic regression (inverse strength `c`) on soft targets
+    in [0, 1], each row entered once as a pass (weight t) and once as a fail (weight 1 - t). A constant target gives
+    zero weights and that target's logit."""
+    if np.ptp(target) == 0:
+        t = float(np.clip(target[0], 1e-4, 1 - 1e-4))
+        return np.zeros(feats.shape[1], np.float32), float(np.log(t / (1 - t)))
     y = np.r_[np.ones(len(target)), np.zeros(len(target))]
     w = np.r_[target, 1 - target] * np.r_[weight, weight] / weight.mean()
-    model = LogisticRegression(C=c, max_iter=3000).fit(sparse.vstack([bags, bags]), y, sample_weight=w)
-    return model.coef_[0].astype(np.float32)
+    model = LogisticRegression(C=c, max_iter=5000).fit(sparse.vstack([feats, feats]).tocsr(), y, sample_weight=w)
+    return model.coef_[0].astype(np.float32), float(model.intercept_[0])
 
 
 def fit_gate(emb: np.ndarray, sources: np.ndarray, n_sources: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,12 +42,17 @@ def fit_gate(emb: np.ndarray, sources: np.ndarray, n_sources: int) -> tuple[np.n
     return weight, bias
 
 
-def fit_lexical(emb: np.ndarray, bags: sparse.csr_matrix, target: np.ndarray, weight: np.ndarray, sources: np.ndarray,
-                n_sources: int, c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The lexicon (vocabulary x sources: each expert's word weights) and the gate's weights and biases."""
+def fit_lexical(inputs: np.ndarray, emb_dim: int, bags: sparse.csr_matrix, target: np.ndarray, weight: np.ndarray,
+                sources: np.ndarray, n_sources: int, c: float) -> dict[str, np.ndarray]:
+    """The experts (word weights: vocabulary x sources; input weights: input width x sources; biases) and the gate's
+    weights and biases, as `Head.attach_lexical` takes them. `inputs`: the head's standardised input rows."""
     lexicon = np.zeros((bags.shape[1], n_sources), np.float32)
+    input_weight = np.zeros((inputs.shape[1], n_sources), np.float32)
+    bias = np.zeros(n_sources, np.float32)
+    feats = sparse.hstack([bags, sparse.csr_matrix(inputs)]).tocsr()
     for s in np.unique(sources):
         rows = np.flatnonzero(sources == s)
-        if np.ptp(target[rows]) > 0:  # a constant target says nothing about words
-            lexicon[:, s] = fit_expert(bags[rows], target[rows], weight[rows], c)
-    return (lexicon, *fit_gate(emb, sources, n_sources))
+        coef, bias[s] = fit_expert(feats[rows], target[rows], weight[rows], c)
+        lexicon[:, s], input_weight[:, s] = coef[: bags.shape[1]], coef[bags.shape[1] :]
+    gate_weight, gate_bias = fit_gate(inputs[:, :emb_dim], sources, n_sources)
+    return {"lexicon": lexicon, "input_weight": input_weight, "bias": bias, "gate_weight": gate_weight, "gate_bias": gate_bias}

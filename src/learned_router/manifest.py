@@ -44,6 +44,7 @@ class EncoderInfo(BaseModel):
     pooling: Literal["mean"] = "mean"
     normalize: bool = True
     truncation: Literal["head"] = "head"  # keeps the first max_seq_length tokens
+    layers: int | None = None  # transformer blocks used (None: all of them; routers from before the option)
     fingerprint: str  # sha256 of the encoder weights: a router only fits its own encoder
 
 

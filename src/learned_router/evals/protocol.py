@@ -143,7 +143,7 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     if not info_path.is_file():
         raise RouterError(f"{router_dir}: no checkpoint/{TRAINING_FILE}; eval needs the router's training record")
     spec = spec_from(json.loads(info_path.read_text()))
-    enc = Encoder(spec.encoder, manifest.encoder.max_seq_length)  # the base encoder: baselines and the recipe use it
+    enc = Encoder(spec.encoder, manifest.encoder.max_seq_length, manifest.encoder.layers)  # the base encoder: baselines and the recipe use it
     finetuned = (Path(router_dir) / "checkpoint" / "encoder").is_dir()
     if not finetuned and enc.fingerprint != manifest.encoder.fingerprint:
         raise RouterError(f"{router_dir} was trained on another encoder (weights sha256 {manifest.encoder.fingerprint[:12]}…) "
