@@ -13,7 +13,7 @@ def test_run_is_in_the_tracking_server(trained):
     m = run.data.metrics
     assert m["test_auc"] == trained["manifest"].metrics["test_auc"]
     assert 0 <= m["parity_int8_max_abs_diff"] < 0.15 and m["parity_int8_decision_agreement"] >= 0.95
-    assert (p["encoder_layers"], p["head_hidden"], p["head_lexical_c"]) == ("3", "0", "0.3")  # the recipe: experts alone
+    assert (p["encoder_layers"], p["head_hidden"], p["head_lexical_c"], p["head_neighbours"]) == ("3", "0", "0.3", "30")
     assert 0.5 < m["best_val_auc"] <= 1 and m["epochs_run"] == 0  # fitted in closed form: no epochs to log
 
     top = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -40,6 +40,7 @@ def test_exported_graph_matches_torch(trained):
     head = Head.load(folder / "checkpoint")
     assert head.cfg.length_input  # the shipped recipe: the graph computes the prompt's length from its token ids
     assert head.cfg.sources == 3  # ... and the word-piece bag of its lexical experts, one per training source
+    assert head.cfg.memory == trained["manifest"].metrics["train_prompts"]  # ... and a kNN over its training prompts
     enc = Encoder(layers=trained["manifest"].encoder.layers)
     with pytest.raises(ValueError, match="word-piece bags"):
         head.predict(enc.features(prompts, length=True, progress=False))
@@ -53,7 +54,8 @@ def test_exported_graph_matches_torch(trained):
     assert m.parity["int8_max_abs_diff"] < 0.15 and m.parity["int8_decision_agreement"] >= 0.95
     int8_nodes = onnx.load(str(folder / "model.int8.onnx")).graph.node
     quantized = [n.name for n in int8_nodes if n.op_type == "MatMulInteger"]
-    assert quantized and not [n for n in quantized if n.startswith("/head/")]  # the encoder int8, the head fp32
+    # the encoder and the kNN's similarities int8, the head's layers fp32
+    assert quantized and [n for n in quantized if n.startswith("/head/")] == ["/head/neighbours/MatMul_quant"]
 
 
 def test_head_training_is_seeded():
@@ -257,8 +259,8 @@ def test_export_of_a_head_that_scores_everything_at_the_threshold(trained, tmp_p
     enc = Encoder(layers=trained["manifest"].encoder.layers)
     emb, bags = torch.from_numpy(enc.features(PROBES, length=True, progress=False)), enc.bags(PROBES)
     with torch.no_grad():  # logits squeezed 1000x and centred on the threshold: int8's noise straddles it
-        for experts in (head.lexicon, head.expert_weight, head.expert_bias):
-            experts.mul_(1e-3)
+        for part in (head.lexicon, head.expert_weight, head.expert_bias, head.neighbours.scale):
+            part.mul_(1e-3)
         head.expert_bias.add_(float(np.log(t / (1 - t)) - head(emb, bags).median()))  # the gate's weights sum to 1
     head.save(src / "checkpoint")
     m = export(src, variants=["int8"])
@@ -315,6 +317,10 @@ def test_finetuning_saves_the_encoder_and_exports_it(trained, tmp_path, monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["url"])
     spec = TrainSpec(data=trained["spec"].data[:1], strong=STRONG, weak=WEAK, out=tmp_path / "ft", max_prompts=60,
                      fit=FitConfig(epochs=5), finetune_epochs=1, variants=["fp32"], experiment="tests")
+    with pytest.raises(RouterError, match="kNN remembers: train with --neighbours 0"):
+        train(spec)  # the recipe's kNN holds base-encoder embeddings
+    assert not (tmp_path / "ft").exists()
+    spec.head = HeadConfig(hidden=0, length_input=True, lexical_c=0.3)
     m, _ = train(spec)
     assert (tmp_path / "ft" / "checkpoint" / "encoder" / "model.safetensors").is_file()
     assert "finetune_best_val_auc" in m.metrics

@@ -105,6 +105,9 @@ def train(
     lexical_c: Annotated[float, typer.Option(min=0.0, help="Lexical experts: per source, a logistic regression on the "
                                              "prompt's word pieces, embedding and length with this inverse L2 strength, "
                                              "mixed by a gate that tells the source from the embedding (0: none).")] = 0.3,
+    neighbours: Annotated[int, typer.Option(min=0, help="Add a similarity-weighted kNN over the training prompts' "
+                                            "embeddings with this k, weighed against the rest of the head on validation "
+                                            "(0: none).")] = 30,
     epochs: Annotated[int, typer.Option(help="Most epochs of MLP training (early stopping on validation AUC).")] = 200,
     lr: float = 1e-3,
     batch_size: int = 256,
@@ -138,7 +141,8 @@ def train(
     spec = TrainSpec(
         data=[str(d) for d in data], strong=strong, weak=weak, out=out, weights=parse_weights(weight),
         pair_map=str(pair_map) if pair_map else None, policy=policy, encoder=str(encoder) if encoder else None,
-        max_seq_length=max_seq_length, encoder_layers=encoder_layers, head=HeadConfig(hidden=hidden, dropout=dropout, length_input=length_input, lexical_c=lexical_c),
+        max_seq_length=max_seq_length, encoder_layers=encoder_layers, head=HeadConfig(hidden=hidden, dropout=dropout, length_input=length_input, lexical_c=lexical_c,
+                                                                                          neighbours=neighbours),
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, source_offsets=source_offsets),
         finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, val=val, test=test, max_prompts=max_prompts,
         variants=names_of(variants), name=name, experiment=experiment, overwrite=overwrite,

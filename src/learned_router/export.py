@@ -137,9 +137,11 @@ def to_onnx(checkpoint: Path, enc_path: Path, layers: int | None, folder: Path, 
 def head_matmuls(graph_model) -> list[str]:
     """The head's layers, kept fp32 in the int8 graph (tiny, so no speed lost): their input joins the unit embedding
     (components ~0.05) and the standardised log length (up to ~3), and one dynamic int8 scale for both quantizes the
-    embedding on the length's coarse scale. The quantizer turns a Gemm named X into a MatMul named X_MatMul before it
+    embedding on the length's coarse scale. The kNN's similarities to its remembered embeddings (unit vectors alike)
+    are quantized: a quarter of the bytes. The quantizer turns a Gemm named X into a MatMul named X_MatMul before it
     matches exclusions, so both names are given."""
-    names = [n.name for n in graph_model.graph.node if n.name.startswith("/head/") and n.op_type in ("Gemm", "MatMul")]
+    names = [n.name for n in graph_model.graph.node if n.name.startswith("/head/") and n.op_type in ("Gemm", "MatMul")
+             and not n.name.startswith("/head/neighbours/")]
     return names + [f"{n}_MatMul" for n in names]
 
 

@@ -18,6 +18,7 @@ from .embed import piece_bags, piece_chars
 
 HEAD_FILE = "head.pt"
 MIN_GAIN = 1e-4  # a validation AUC gain below this is float noise, not a better epoch
+KNN_GAMMA = 10.0  # similarity weighting, as the kNN baseline's (evals.baselines.knn_scores)
 
 
 @dataclass
@@ -33,12 +34,34 @@ class HeadConfig:
     lexical_c: float = 0.0  # > 0: add lexical experts (lexical.py) fitted with this inverse L2 strength (one output only)
     sources: int = 0  # the lexical experts' count and the vocabulary they weigh, set when they are attached
     vocab: int = 0
+    neighbours: int = 0  # > 0: add a kNN over the training rows' embeddings with this k (one output only)
+    memory: int = 0  # the kNN's training rows, set when they are attached
+
+
+class Neighbours(nn.Module):
+    """Similarity-weighted kNN over the training rows' embeddings (RouteLLM's SW ranking): the logit of the mean
+    target of the k most cosine-similar rows, weighted by exp(KNN_GAMMA * similarity) and the rows' weights, times
+    `scale` (set by `calibrate`)."""
+
+    def __init__(self, rows: int, dim: int, k: int):
+        super().__init__()
+        self.k = min(k, rows)
+        self.register_buffer("emb", torch.zeros(rows, dim, dtype=torch.float16))  # half the bytes; similarities alike
+        self.register_buffer("target", torch.zeros(rows))
+        self.register_buffer("weight", torch.ones(rows))
+        self.register_buffer("scale", torch.zeros(()))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        sim, idx = (emb @ self.emb.float().T).topk(self.k, dim=-1)  # sorted: the first is the most similar
+        w = torch.exp(KNN_GAMMA * (sim - sim[:, :1])) * self.weight[idx]
+        p = ((w * self.target[idx]).sum(-1) / w.sum(-1)).clamp(1e-4, 1 - 1e-4)
+        return torch.log(p / (1 - p)).unsqueeze(-1)
 
 
 class Head(nn.Module):
     """An MLP from a unit-normalised sentence embedding (and optionally the prompt's length) to the logit of
     P(weak answer passes) (or K such logits); optionally plus, or only (`hidden` 0), lexical experts on the prompt's
-    word-piece bag and the same input (see lexical.py)."""
+    word-piece bag and the same input (see lexical.py); optionally plus a kNN over the training rows (`Neighbours`)."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
@@ -51,6 +74,8 @@ class Head(nn.Module):
             self.register_buffer("lexicon", torch.zeros(cfg.vocab, cfg.sources))
             self.register_buffer("expert_weight", torch.zeros(d_in, cfg.sources))
             self.register_buffer("expert_bias", torch.zeros(cfg.sources))
+        if cfg.memory:
+            self.neighbours = Neighbours(cfg.memory, cfg.dim, cfg.neighbours)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The rows as the layers see them: the standardised log length in place of the raw character count."""
@@ -63,6 +88,13 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, bag=None) -> torch.Tensor:
         """`bag`: the prompts' word-piece bags (`embed.piece_bags`; a dense tensor or scipy CSR rows), needed when the
         head has lexical experts."""
+        out = self.main(x, bag)
+        if self.cfg.memory:
+            out = out + self.neighbours.scale * self.neighbours(x[:, : self.cfg.dim]).squeeze(-1)
+        return out
+
+    def main(self, x: torch.Tensor, bag=None) -> torch.Tensor:
+        """The logit of the MLP and the experts, without the kNN."""
         x = self.inputs(x)
         out = self.net(x) if self.cfg.hidden else 0.0  # no MLP: the experts alone (fit_head attaches them)
         if self.cfg.sources:
@@ -83,6 +115,15 @@ class Head(nn.Module):
         self.gate.bias.copy_(torch.from_numpy(gate_bias))
         for name, value in (("lexicon", lexicon), ("expert_weight", input_weight), ("expert_bias", bias)):
             self.register_buffer(name, torch.from_numpy(np.asarray(value, dtype=np.float32)))
+
+    @torch.no_grad()
+    def attach_neighbours(self, emb: np.ndarray, target: np.ndarray, weight: np.ndarray) -> None:
+        """Add a kNN over these training rows (unit embeddings, targets in [0, 1], row weights); `calibrate` sets its
+        scale in the head's logit."""
+        self.cfg = replace(self.cfg, memory=len(emb))
+        self.neighbours = Neighbours(len(emb), self.cfg.dim, self.cfg.neighbours)
+        for name, value in (("emb", emb), ("target", target), ("weight", weight / weight.mean())):
+            getattr(self.neighbours, name).copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
 
     def save(self, folder: Path) -> None:
         torch.save({"config": asdict(self.cfg), "state": self.state_dict()}, Path(folder) / HEAD_FILE)
@@ -148,15 +189,20 @@ def fit_head(
     `.outputs` are overridden).
 
     With `head_cfg.lexical_c` (one output only), `sources` and `bags` give the train and validation rows' sources (int
-    ids) and word-piece bags: lexical experts per source are fitted and attached to the head (see lexical.py), and the
-    head is then Platt-scaled on validation. For the MLP's training, see `train_mlp`."""
+    ids) and word-piece bags: lexical experts per source are fitted and attached to the head (see lexical.py). With
+    `head_cfg.neighbours` (one output only), the training rows and their targets become a kNN's memory (the kNN
+    baseline of evals.baselines, on targets rather than labels: a tie's 0.5 keeps the kNN's logit moderate, and
+    int8's small shifts of the embedding from swinging it). The head is then Platt-scaled
+    on validation, the kNN's logit getting its own weight. For the MLP's training, see `train_mlp`."""
     lexical = bool(head_cfg.lexical_c) and y_train.ndim == 1
+    if head_cfg.neighbours and y_train.ndim != 1:
+        raise ValueError("fit_head: HeadConfig.neighbours is for one-output heads")
     if lexical and (bags is None or sources is None):
         raise ValueError("fit_head: HeadConfig.lexical_c needs the rows' word-piece bags and sources")
     if not head_cfg.hidden and not lexical:
         raise ValueError("fit_head: a head without an MLP (hidden 0) needs lexical experts (lexical_c > 0, one output)")
     head_cfg = replace(head_cfg, dim=x_train.shape[1] - head_cfg.length_input, outputs=y_train.shape[1] if y_train.ndim == 2 else 1,
-                       sources=0, vocab=0)
+                       sources=0, vocab=0, memory=0)
     if head_cfg.length_input:
         log_len = np.log(np.clip(x_train[:, -1], 1.0, None))
         head_cfg = replace(head_cfg, length_mean=float(log_len.mean()), length_std=float(log_len.std() or 1.0),
@@ -170,16 +216,23 @@ def fit_head(
 
         with torch.no_grad():
             inputs = head.inputs(torch.from_numpy(x_train.astype(np.float32))).numpy()
-        n_sources = int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
         head.attach_lexical(**fit_lexical(inputs, head_cfg.dim, bags[0], y_train, w_train, np.asarray(sources[0]),
-                                          n_sources, head_cfg.lexical_c))
-    if y_train.ndim == 1 and (soft(y_train) or lexical):
+                                          count_sources(sources), head_cfg.lexical_c))
+    if head_cfg.neighbours:
+        head.attach_neighbours(x_train[:, : head_cfg.dim], y_train, w_train)
+    if y_train.ndim == 1 and (soft(y_train) or lexical or head_cfg.neighbours):
+        xv = torch.from_numpy(x_val.astype(np.float32))
         with torch.no_grad():
-            calibrate(head, head(torch.from_numpy(x_val.astype(np.float32)), bags[1] if lexical else None),
-                      torch.from_numpy(y_val.astype(np.float32)))
+            calibrate(head, head.main(xv, bags[1] if lexical else None), torch.from_numpy(y_val.astype(np.float32)),
+                      head.neighbours(xv[:, : head_cfg.dim]).squeeze(-1) if head_cfg.neighbours else None)
     if lexical and not head_cfg.hidden:
         info = {"best_epoch": -1, "best_val_auc": auc(y_val, head.predict(x_val, bags[1])), "epochs_run": 0}
     return head, info
+
+
+def count_sources(sources: tuple[np.ndarray, np.ndarray]) -> int:
+    """Source ids are 0..n-1 over the train and validation rows together."""
+    return int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
 
 
 def train_mlp(head: Head, x_train: np.ndarray, y_train: np.ndarray, w_train: np.ndarray, x_val: np.ndarray,
@@ -197,7 +250,7 @@ def train_mlp(head: Head, x_train: np.ndarray, y_train: np.ndarray, w_train: np.
     multi = y_train.ndim == 2
     if not cfg.source_offsets:  # one source whose offset stays 0
         sources = (np.zeros(len(x_train)), np.zeros(len(x_val)))
-    n_src = int(max(np.max(sources[0]), np.max(sources[1], initial=0))) + 1
+    n_src = count_sources(sources)
     st, sv = (torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in sources)
     offsets = nn.Parameter(torch.zeros(n_src, head.cfg.outputs) if multi else torch.zeros(n_src))
     xt, yt = torch.from_numpy(x_train.astype(np.float32)), torch.from_numpy(y_train.astype(np.float32))
@@ -248,23 +301,28 @@ def soft(y: np.ndarray) -> bool:
 
 
 @torch.no_grad()
-def calibrate(head: Head, logits: torch.Tensor, y_val: torch.Tensor) -> None:
-    """Platt scaling folded into the head's last layers (the MLP's and the experts'): fit sigmoid(a * logit + b) to the validation
-    labels, with a > 0 to keep the ranking. Validation with one class leaves the head as it is."""
+def calibrate(head: Head, logits: torch.Tensor, y_val: torch.Tensor, neighbours: torch.Tensor | None = None) -> None:
+    """Platt scaling folded into the head's last layers (the MLP's and the experts'): fit sigmoid(a * logit + b) to
+    the validation labels, with a > 0 to keep the ranking; with the kNN's logits, sigmoid(a * logit + c * knn + b),
+    c > 0 becoming the kNN's scale. Validation with one class leaves the head as it is."""
     if len(torch.unique(y_val)) < 2:
         return
-    log_a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    parts = logits.unsqueeze(-1) if neighbours is None else torch.stack([logits, neighbours], dim=-1)
+    log_a, b = torch.zeros(parts.shape[1], requires_grad=True), torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_a, b], max_iter=100)
 
     def closure():
         opt.zero_grad()
         with torch.enable_grad():
-            loss = nn.functional.binary_cross_entropy_with_logits(log_a.exp() * logits + b, y_val)
+            loss = nn.functional.binary_cross_entropy_with_logits(parts @ log_a.exp() + b, y_val)
             loss.backward()
         return loss
 
     opt.step(closure)
     a = log_a.exp()
+    if neighbours is not None:
+        head.neighbours.scale.copy_(a[1])
+    a = a[0]
     if head.cfg.hidden:
         head.net[-1].weight *= a
         head.net[-1].bias.copy_(a * head.net[-1].bias + b)

