@@ -209,12 +209,23 @@ def test_lexical_experts_learn_words_per_source_and_the_gate_picks_the_expert():
     assert lexical > 0.7 and lexical > plain + 0.1
     assert head.cfg.sources == 2 and head.lexicon[0, 0] > 0 > head.lexicon[0, 1]
     assert abs(p.mean() - y[te].mean()) < 0.05  # recalibrated after the experts were added
-    alone, head, p = within_source_auc(1.0, hidden=0)  # no MLP: the experts' own biases carry the base rates
+    alone, head, p = within_source_auc(1.0, hidden=0)  # no MLP: the experts alone, with one bias for all
     assert alone > 0.7 and not hasattr(head, "net") and abs(p.mean() - y[te].mean()) < 0.05
+    assert torch.allclose(head.expert_bias, head.expert_bias[0].expand(2))
     with pytest.raises(ValueError, match="without an MLP"):
         fit_head(HeadConfig(dim=4, hidden=0), x[tr], y[tr], np.ones(1800), x[va], y[va], FitConfig(epochs=1))
     with pytest.raises(ValueError, match="word-piece bags and sources"):
         fit_head(HeadConfig(dim=4, lexical_c=1.0), x[tr], y[tr], np.ones(1800), x[va], y[va], FitConfig(epochs=1))
+
+
+def test_source_centred_targets_share_the_pooled_mean_and_keep_their_order():
+    from learned_router.lexical import source_centred
+
+    t, w, src = np.array([0.1, 0.3, 0.7, 0.9, 1.0]), np.array([1.0, 1.0, 1.0, 1.0, 2.0]), np.array([0, 0, 1, 1, 1])
+    c = source_centred(t, w, src)
+    pooled = np.average(t, weights=w)
+    assert c[:2] == pytest.approx([pooled - 0.1, pooled + 0.1])  # source 0's mean 0.2 moved to the pooled mean
+    assert np.all(np.diff(c[2:]) >= 0) and c.max() <= 1.0  # source 1's order kept, clipped to [0, 1]
 
 
 def test_export_in_place_and_to_new_folder(trained, tmp_path):

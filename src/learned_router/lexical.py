@@ -42,6 +42,18 @@ def fit_gate(emb: np.ndarray, sources: np.ndarray, n_sources: int) -> tuple[np.n
     return weight, bias
 
 
+def source_centred(target: np.ndarray, weight: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Targets shifted per source to the pooled mean (clipped to [0, 1]): the sources' pass rates differ by their
+    grading schemes (MMLU's correctness, where ties are most prompts, against AlpacaEval's judge), not by what a prompt
+    of their kind asks of the weak model, so a prompt's source must not set its pass chance."""
+    out = target.astype(float).copy()
+    pooled = np.average(target, weights=weight)
+    for s in np.unique(sources):
+        rows = sources == s
+        out[rows] += pooled - np.average(target[rows], weights=weight[rows])
+    return np.clip(out, 0.0, 1.0)
+
+
 def fit_lexical(inputs: np.ndarray, emb_dim: int, bags: sparse.csr_matrix, target: np.ndarray, weight: np.ndarray,
                 sources: np.ndarray, n_sources: int, c: float) -> dict[str, np.ndarray]:
     """The experts (word weights: vocabulary x sources; input weights: input width x sources; biases) and the gate's
@@ -50,9 +62,12 @@ def fit_lexical(inputs: np.ndarray, emb_dim: int, bags: sparse.csr_matrix, targe
     input_weight = np.zeros((inputs.shape[1], n_sources), np.float32)
     bias = np.zeros(n_sources, np.float32)
     feats = sparse.hstack([bags, sparse.csr_matrix(inputs)]).tocsr()
-    for s in np.unique(sources):
+    present = np.unique(sources)
+    for s in present:
         rows = np.flatnonzero(sources == s)
         coef, bias[s] = fit_expert(feats[rows], target[rows], weight[rows], c)
         lexicon[:, s], input_weight[:, s] = coef[: bags.shape[1]], coef[bags.shape[1] :]
+    # one bias for all: each source's own is mostly its grading scheme's pass rate (see source_centred)
+    bias[:] = np.average(bias[present], weights=[weight[sources == s].sum() for s in present])
     gate_weight, gate_bias = fit_gate(inputs[:, :emb_dim], sources, n_sources)
     return {"lexicon": lexicon, "input_weight": input_weight, "bias": bias, "gate_weight": gate_weight, "gate_bias": gate_bias}

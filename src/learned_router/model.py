@@ -219,7 +219,10 @@ def fit_head(
         head.attach_lexical(**fit_lexical(inputs, head_cfg.dim, bags[0], y_train, w_train, np.asarray(sources[0]),
                                           count_sources(sources), head_cfg.lexical_c))
     if head_cfg.neighbours:
-        head.attach_neighbours(x_train[:, : head_cfg.dim], y_train, w_train)
+        from .lexical import source_centred
+
+        memory = y_train if sources is None else source_centred(y_train, w_train, np.asarray(sources[0]))
+        head.attach_neighbours(x_train[:, : head_cfg.dim], memory, w_train)
     if y_train.ndim == 1 and (soft(y_train) or lexical or head_cfg.neighbours):
         xv = torch.from_numpy(x_val.astype(np.float32))
         with torch.no_grad():
