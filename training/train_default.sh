@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces models/default: the shipped router for gpt-4-1106-preview (strong) vs Mixtral-8x7B (weak).
-# Recipe chosen by training/experiments.py (see training/README.md). About 5 minutes on 2 cores with a cold
-# embedding cache, 30 s with a warm one.
+# Recipe chosen by measurement (training/README.md): `learned-router train`'s defaults. About 25 s on 2 cores with a
+# warm embedding cache; a cold one first embeds the ~16k prompts (minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${DATASETS:-../shared/datasets}
