@@ -46,13 +46,13 @@ class Neighbours(nn.Module):
     def __init__(self, rows: int, dim: int, k: int):
         super().__init__()
         self.k = min(k, rows)
-        self.register_buffer("emb", torch.zeros(rows, dim, dtype=torch.float16))  # half the bytes; similarities alike
+        self.register_buffer("emb", torch.zeros(rows, dim))  # fp16 values (attach_neighbours), saved as fp16
         self.register_buffer("target", torch.zeros(rows))
         self.register_buffer("weight", torch.ones(rows))
         self.register_buffer("scale", torch.zeros(()))
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        sim, idx = (emb @ self.emb.float().T).topk(self.k, dim=-1)  # sorted: the first is the most similar
+        sim, idx = (emb @ self.emb.T).topk(self.k, dim=-1)  # sorted: the first is the most similar
         w = torch.exp(KNN_GAMMA * (sim - sim[:, :1])) * self.weight[idx]
         p = ((w * self.target[idx]).sum(-1) / w.sum(-1)).clamp(1e-4, 1 - 1e-4)
         return torch.log(p / (1 - p)).unsqueeze(-1)
@@ -122,11 +122,15 @@ class Head(nn.Module):
         scale in the head's logit."""
         self.cfg = replace(self.cfg, memory=len(emb))
         self.neighbours = Neighbours(len(emb), self.cfg.dim, self.cfg.neighbours)
+        emb = np.asarray(emb, dtype=np.float16)  # half the bytes in head.pt; the similarities as good
         for name, value in (("emb", emb), ("target", target), ("weight", weight / weight.mean())):
             getattr(self.neighbours, name).copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
 
     def save(self, folder: Path) -> None:
-        torch.save({"config": asdict(self.cfg), "state": self.state_dict()}, Path(folder) / HEAD_FILE)
+        state = self.state_dict()
+        if self.cfg.memory:  # fp16 values already: stored losslessly in half the bytes
+            state["neighbours.emb"] = state["neighbours.emb"].half()
+        torch.save({"config": asdict(self.cfg), "state": state}, Path(folder) / HEAD_FILE)
 
     @classmethod
     def load(cls, folder: Path) -> "Head":
@@ -190,9 +194,9 @@ def fit_head(
 
     With `head_cfg.lexical_c` (one output only), `sources` and `bags` give the train and validation rows' sources (int
     ids) and word-piece bags: lexical experts per source are fitted and attached to the head (see lexical.py). With
-    `head_cfg.neighbours` (one output only), the training rows and their targets become a kNN's memory (the kNN
-    baseline of evals.baselines, on targets rather than labels: a tie's 0.5 keeps the kNN's logit moderate, and
-    int8's small shifts of the embedding from swinging it). The head is then Platt-scaled
+    `head_cfg.neighbours` (one output only), the training rows and their targets, centred per source when `sources`
+    are given (lexical.source_centred), become a kNN's memory (the kNN baseline of evals.baselines, on targets rather
+    than labels: a tie's 0.5 keeps the kNN's logit moderate, and int8's small shifts of the embedding from swinging it). The head is then Platt-scaled
     on validation, the kNN's logit getting its own weight. For the MLP's training, see `train_mlp`."""
     lexical = bool(head_cfg.lexical_c) and y_train.ndim == 1
     if head_cfg.neighbours and y_train.ndim != 1:
