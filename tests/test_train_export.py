@@ -326,13 +326,14 @@ def test_broken_router_folders_are_named(trained, tmp_path):
 
 def test_finetuning_saves_the_encoder_and_exports_it(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["url"])
-    spec = TrainSpec(data=trained["spec"].data[:1], strong=STRONG, weak=WEAK, out=tmp_path / "ft", max_prompts=60,
-                     fit=FitConfig(epochs=5), finetune_epochs=1, variants=["fp32"], experiment="tests")
+    kw = dict(data=trained["spec"].data[:1], strong=STRONG, weak=WEAK, out=tmp_path / "ft", max_prompts=60,
+              fit=FitConfig(epochs=5), variants=["fp32"], experiment="tests")
     with pytest.raises(RouterError, match="kNN remembers: train with --neighbours 0"):
-        train(spec)  # the recipe's kNN holds base-encoder embeddings
+        TrainSpec(**kw, finetune_epochs=1)  # the recipe's kNN would hold base-encoder embeddings
+    with pytest.raises(RouterError, match="needs lexical experts"):
+        TrainSpec(**kw, head=HeadConfig(hidden=0, lexical_c=0.0))
     assert not (tmp_path / "ft").exists()
-    spec.head = HeadConfig(hidden=0, length_input=True, lexical_c=0.3)
-    m, _ = train(spec)
+    m, _ = train(TrainSpec(**kw, finetune_epochs=1, head=HeadConfig(hidden=0, length_input=True, lexical_c=0.3)))
     assert (tmp_path / "ft" / "checkpoint" / "encoder" / "model.safetensors").is_file()
     assert "finetune_best_val_auc" in m.metrics
     assert m.parity["fp32_max_abs_diff"] < 1e-4  # the graph holds the fine-tuned encoder, not the base one

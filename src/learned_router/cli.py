@@ -136,8 +136,6 @@ def train(
         raise RouterError(f"label policy: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
         raise RouterError(f"--val and --test must be in (0, 1) with a sum below 1, got {val} and {test}")
-    if not hidden and not lexical_c:
-        raise RouterError("--hidden 0 (no MLP) needs lexical experts: --lexical-c above 0")
     spec = TrainSpec(
         data=[str(d) for d in data], strong=strong, weak=weak, out=out, weights=parse_weights(weight),
         pair_map=str(pair_map) if pair_map else None, policy=policy, encoder=str(encoder) if encoder else None,

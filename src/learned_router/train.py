@@ -42,6 +42,12 @@ class TrainSpec:
     experiment: str = DEFAULT_EXPERIMENT
     overwrite: bool = False
 
+    def __post_init__(self):
+        if not self.head.hidden and not self.head.lexical_c:
+            raise RouterError("--hidden 0 (no MLP) needs lexical experts: --lexical-c above 0")
+        if self.finetune_epochs and self.head.neighbours:
+            raise RouterError("fine-tuning the encoder moves the embeddings the head's kNN remembers: train with --neighbours 0")
+
 
 def spec_from(info: dict) -> TrainSpec:
     """The TrainSpec recorded in a checkpoint's training.json."""
@@ -107,8 +113,6 @@ def train(spec: TrainSpec) -> tuple[Manifest, str]:
     """Train, export and log one router; returns its manifest and the MLflow run id."""
     import mlflow
 
-    if spec.finetune_epochs and spec.head.neighbours:
-        raise RouterError("fine-tuning the encoder moves the embeddings the head's kNN remembers: train with --neighbours 0")
     df, prints = load_data(spec)
     enc = Encoder(spec.encoder, spec.max_seq_length, spec.encoder_layers)
     name = spec.name or Path(spec.out).name
