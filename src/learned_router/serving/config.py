@@ -20,12 +20,15 @@ from .errors import ConfigError
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 TIER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")  # provider names and models: headers, metric labels
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """No unknown keys, no coercion (a boolean is true or false, never "yes"), no infinite or NaN number."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _env_name(v: str | None) -> str | None:
@@ -59,6 +62,13 @@ class ProviderConfig(Strict):
     @classmethod
     def _key_env(cls, v: str | None) -> str | None:
         return _env_name(v)
+
+    @field_validator("name", "model")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if v and not SAFE_NAME.match(v):
+            raise ValueError(f"must be 1-128 ASCII letters, digits or . _ : / @ + - (it goes into headers and metrics), got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _default_name(self) -> ProviderConfig:
@@ -188,7 +198,8 @@ class RateLimitConfig(Strict):
 
 
 class LimitsConfig(Strict):
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # a client's request
+    max_upstream_body_bytes: int = Field(8 << 20, ge=1024)  # a provider's answer (a stream: all of it)
 
 
 class ReadinessConfig(Strict):
@@ -209,6 +220,7 @@ class ServiceConfig(Strict):
     rate_limit: RateLimitConfig = RateLimitConfig()
     limits: LimitsConfig = LimitsConfig()
     readiness: ReadinessConfig = ReadinessConfig()
+    api_docs: bool = False  # serve /docs, /redoc and /openapi.json (they need no client key)
 
     @field_validator("tiers")
     @classmethod
@@ -284,12 +296,27 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen and key != "<<":
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike) -> ServiceConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
