@@ -25,22 +25,15 @@ from .auth import rate_limited
 from .config import load_config
 from .errors import APIError, ConfigError, error_body
 from .metrics import Metrics
-from .providers import Reply
+from .providers import BadStream, Reply, stream_chunk
 from .routing import ROUTER_MODEL, parse_request, router_options
 from .service import Decision, Service
+from .usage import answer_chars
 
 log = logging.getLogger("learned_router.serving")
 CONFIG_ENV = "LEARNED_ROUTER_CONFIG"
 ENDPOINTS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/healthz", "/readyz", "/metrics"}
 AUTHORIZED = [Depends(rate_limited)]  # a valid client key within its rate limit
-
-
-def usage_tokens(usage: object) -> tuple[float, float] | None:
-    if isinstance(usage, dict):
-        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(p, (int, float)) and isinstance(c, (int, float)):
-            return float(p), float(c)
-    return None
 
 
 def decision_headers(d: Decision, reply: Reply | None = None) -> dict[str, str]:
@@ -103,8 +96,55 @@ class BodyLimit:
         await JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})(scope, receive, send)
 
 
+class ServerErrors:
+    """An unexpected error: a complete OpenAI-format 500 when no response has started, so a keep-alive connection
+    stays usable; when one had started, its connection is closed (the response cannot be completed honestly)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            log.error("internal error on %s: %s", scope["path"], type(e).__name__)
+            log.debug("internal error on %s", scope["path"], exc_info=True)
+            if not started:
+                await JSONResponse(error_body("internal error", "server_error"), status_code=500)(scope, receive, send)
+
+
+class RedactQuery(logging.Filter):
+    """Access-log lines show query strings with their values redacted (a key sent as ?api_key= never reaches a log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            path, _, query = args[2].partition("?")
+            redacted = "&".join(f"{kv.partition('=')[0]}=[redacted]" for kv in query.split("&"))
+            record.args = (*args[:2], f"{path}?{redacted}", *args[3:])
+        return True
+
+
+def redact_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQuery) for f in access.filters):
+        access.addFilter(RedactQuery())
+
+
 class RequestMetrics:
-    """Counts requests by endpoint and status, and times them to the first byte of the response."""
+    """Counts requests by endpoint and status, and times them to the first byte of the response.
+
+    A request whose client went away before any response was sent is counted with status 499.
+    """
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -114,7 +154,7 @@ class RequestMetrics:
             return await self.app(scope, receive, send)
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
         start = time.perf_counter()
-        status = 500
+        status = 499
 
         async def timed_send(message):
             nonlocal status
@@ -125,6 +165,9 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, timed_send)
+        except Exception:
+            status = 500
+            raise
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
@@ -133,6 +176,7 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
+        redact_access_log()
         log.info("router %s ready: threshold %.4f, tiers %s", getattr(service.router.manifest, "name", "?"), service.threshold,
                  {t.name: [p.name for p in t.providers] for t in service.config.tiers})
         try:
@@ -140,9 +184,13 @@ def create_app(service: Service) -> FastAPI:
         finally:
             await service.stop()
 
+    docs = service.config.api_docs  # /docs, /redoc and /openapi.json: off unless the config turns them on
     app = FastAPI(title="learned-router", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible LLM router: each request goes to the cheapest tier whose answer will pass.")
+                  description="OpenAI-compatible LLM router: each request goes to the cheapest tier whose answer will pass.",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.service = service
+    app.add_middleware(ServerErrors)
     app.add_middleware(BodyLimit, max_bytes=service.config.limits.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
 
@@ -160,11 +208,6 @@ def create_app(service: Service) -> FastAPI:
         err = exc.errors()[0]
         param = ".".join(str(x) for x in err["loc"])
         return JSONResponse(error_body(f"{param}: {err['msg']}", "invalid_request_error", param), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
-        return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
     @app.post("/v1/route", dependencies=AUTHORIZED)
     async def route(request: Request) -> dict:
@@ -196,9 +239,9 @@ def create_app(service: Service) -> FastAPI:
             raise
         headers = decision_headers(d, reply) | {"x-request-id": request_id}
         if reply.response is None:  # a whole answer, or a client error from the provider passed back
-            tokens = usage_tokens(reply.json.get("usage") if isinstance(reply.json, dict) else None)
-            cost = service.account(reply.provider, *tokens, d) if tokens and reply.status == 200 else 0.0
-            if reply.status == 200:
+            cost = 0.0
+            if reply.status == 200:  # a 200 body is a JSON object with a choices list (providers.py checked)
+                cost = service.account(reply.provider, reply.json.get("usage"), answer_chars(reply.json), d)
                 headers["x-router-cost-usd"] = f"{cost:.8f}"
             log.info("chat id=%s tier=%s provider=%s status=%d rule=%s threshold=%.4f effective=%.4f fallbacks=%d cost_usd=%.8f",
                      request_id, d.tier, reply.provider.name, reply.status, d.rule, d.threshold, d.effective_threshold,
@@ -235,9 +278,11 @@ def create_app(service: Service) -> FastAPI:
 async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wants_usage: bool) -> AsyncIterator[str]:
     """Pass the upstream's SSE lines through; note usage; drop the usage chunk we asked for on the client's behalf.
 
-    When the client goes away, Starlette cancels this generator and the upstream response is closed with it.
+    A chunk that breaks OpenAI's format, or a stream that ends without `data: [DONE]`, ends the client's stream with an
+    error event (`bad_response` or `stream_interrupted`). When the client goes away, Starlette cancels this generator
+    and the upstream response is closed with it.
     """
-    provider, usage, chars, skip_blank, outcome = reply.provider, None, 0, False, "aborted"
+    provider, usage, chars, skip_blank, outcome, done = reply.provider, None, 0, False, "aborted", False
     strip_usage = provider.config.stream_usage and not wants_usage
 
     async def lines():
@@ -248,35 +293,38 @@ async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wa
 
     try:
         async for line in lines():
-            if line.startswith("data:") and (data := line[5:].strip()) != "[DONE]":
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    chunk = None
-                if isinstance(chunk, dict):
-                    if chunk.get("usage"):
+            if done:
+                continue  # nothing follows [DONE]
+            if line.startswith("data:"):
+                if (data := line[5:].strip()) == "[DONE]":
+                    done = True
+                else:
+                    chunk, text = stream_chunk(data)
+                    chars += text
+                    if chunk.get("usage") is not None:
                         usage = chunk["usage"]
                         if strip_usage and not chunk.get("choices"):
                             skip_blank = True
                             continue
-                    for choice in chunk.get("choices") or []:
-                        chars += len(((choice or {}).get("delta") or {}).get("content") or "")
             elif skip_blank and not line:
                 skip_blank = False
                 continue
             yield line + "\n"
+        if not done:
+            raise BadStream("the stream ended without data: [DONE]", kind="stream_interrupted")
         outcome = "ok"
-    except httpx.HTTPError as e:
-        outcome = "interrupted"
+    except (httpx.HTTPError, BadStream) as e:
+        kind = e.kind if isinstance(e, BadStream) else "stream_interrupted"
+        outcome = "interrupted" if kind == "stream_interrupted" else kind
         provider.breaker.failure()
-        service.metrics.upstream_errors.labels(provider.name, "stream_interrupted").inc()
-        err = error_body(f"upstream {provider.name} failed mid-stream ({type(e).__name__})", "upstream_error", code="stream_interrupted")
+        service.metrics.upstream_errors.labels(provider.name, kind).inc()
+        why = e.detail if isinstance(e, BadStream) else type(e).__name__
+        err = error_body(f"upstream {provider.name} failed mid-stream ({why})", "upstream_error", code=kind)
         yield f"data: {json.dumps(err)}\n\n"
     finally:
         with anyio.CancelScope(shield=True):  # close the upstream even when the client's disconnect cancelled us
             await reply.response.aclose()
-        tokens = usage_tokens(usage) or (d.prompt_tokens, chars / service.config.routing.chars_per_token)
-        cost = service.account(provider, *tokens, d)
+        cost = service.account(provider, usage, chars, d, served=outcome == "ok")
         log.info("chat id=%s tier=%s provider=%s stream=%s rule=%s threshold=%.4f effective=%.4f fallbacks=%d cost_usd=%.8f",
                  request_id, d.tier, provider.name, outcome, d.rule, d.threshold, d.effective_threshold, reply.fallbacks, cost)
 

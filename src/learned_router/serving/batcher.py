@@ -3,6 +3,7 @@
 Scoring runs in `workers` threads (onnxruntime releases the GIL), one batch per thread at a time.
 While every thread is busy, new prompts queue up and form the next batch, so an idle service adds no
 wait and a busy one batches itself. `max_wait_s` optionally holds a batch open to gather more prompts.
+A batch whose call fails is scored again one prompt at a time: only the prompts that fail alone get the error.
 """
 
 from __future__ import annotations
@@ -80,11 +81,26 @@ class ScoreBatcher:
             task.add_done_callback(lambda t: (self._batches.discard(t), free.release()))
 
     async def _score_batch(self, batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
+        """Score the batch in one call; when that call fails, each prompt alone, so a bad prompt fails by itself."""
         loop = asyncio.get_running_loop()
         try:
-            scores = await loop.run_in_executor(self._executor, self._score, [p for p, _ in batch])
-            scores = np.asarray(scores, dtype=np.float64).reshape(len(batch), -1)  # binary routers give shape (n,)
-        except BaseException as e:  # every waiting request gets the scorer's error
+            try:
+                scores = await loop.run_in_executor(self._executor, self._score_all, [p for p, _ in batch])
+            except Exception:
+                if len(batch) == 1:
+                    raise
+                scores = None
+            if scores is None:
+                for prompt, fut in batch:
+                    if fut.done():
+                        continue
+                    try:
+                        fut.set_result((await loop.run_in_executor(self._executor, self._score_all, [prompt]))[0])
+                    except Exception as e:
+                        if not fut.done():
+                            fut.set_exception(e)
+                return
+        except BaseException as e:  # every request still waiting gets the scorer's error
             err = RuntimeError("the router is shutting down") if isinstance(e, asyncio.CancelledError) else e
             for _, fut in batch:
                 if not fut.done():
@@ -95,3 +111,6 @@ class ScoreBatcher:
         for (_, fut), s in zip(batch, scores, strict=True):
             if not fut.done():
                 fut.set_result(s)
+
+    def _score_all(self, prompts: list[str]) -> np.ndarray:
+        return np.asarray(self._score(prompts), dtype=np.float64).reshape(len(prompts), -1)  # binary routers give (n,)

@@ -5,6 +5,10 @@ below) and read with `GET /_stats`, so tests can break and heal a provider mid-r
 
   mode: "ok" | "error" (HTTP `error_status`, 503 by default) | "429" (with Retry-After: `retry_after`)
         | "hang" (never answers) | "stall" (a stream stops after `stall_after_chunks` chunks)
+        | "raw" (a misbehaving upstream: HTTP 200 with the body `raw_body`, or for a stream the SSE events
+        `raw_events`, each sent as `data: <event>` and nothing else, so no [DONE] unless listed)
+        | "huge" (HTTP 200 with a body, or a stream of events, of `huge_bytes` bytes and no end)
+  usage: sent as the answer's `usage` instead of the true counts (any JSON value), when not None
   latency_ms: delay before answering; chunk_delay_ms: delay between stream chunks
   fail_rate: share of requests answered with HTTP `error_status` (seeded, so runs repeat)
   answer_words: {prompt_key(last user turn): n}: answer that prompt with n words (n completion tokens), e.g. the
@@ -25,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 ANSWERS = [
     "Here is a concise answer to your question.",
@@ -49,9 +53,13 @@ class FakeState:
     api_key: str | None = field(default=None, repr=False)  # when set, requests must send it as a bearer token
     seed: int = 0
     answer_words: dict[str, int] = field(default_factory=dict, repr=False)
+    raw_body: str = ""
+    raw_events: list[str] = field(default_factory=list)
+    huge_bytes: int = 50 << 20
+    usage: object = None
 
 
-MODES = {"ok", "error", "429", "hang", "stall"}
+MODES = {"ok", "error", "429", "hang", "stall", "raw", "huge"}
 MAX_PROMPTS = 10_000  # prompts kept in the stats
 
 
@@ -131,12 +139,17 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
         if state.mode == "429":
             stats["errors"] += 1
             return _error(429, "rate limited (simulated)", "rate_limit_error", {"Retry-After": f"{state.retry_after:g}"})
+        if state.mode in ("raw", "huge"):
+            stats["ok"] += 1
+            return _misbehave(state, bool(body.get("stream")))
         answer = canned_answer(state.name, prompt, state.answer_words.get(prompt_key(prompt)))
         usage = {
             "prompt_tokens": sum(math.ceil(len(str(m.get("content") or "")) / 4) + 4 for m in messages),
             "completion_tokens": len(answer.split()),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if state.usage is not None:
+            usage = state.usage
         model = body.get("model") or state.model
         cid, created = f"chatcmpl-{state.name}-{stats['requests']}", int(time.time())
         if not body.get("stream"):
@@ -151,6 +164,26 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
                                  media_type="text/event-stream")
 
     return app
+
+
+def _misbehave(state: FakeState, stream: bool) -> Response:
+    media = "text/event-stream" if stream else "application/json"
+    if state.mode == "raw":
+        if not stream:
+            return Response(state.raw_body, media_type=media)
+
+        async def events():
+            for e in list(state.raw_events):
+                yield f"data: {e}\n\n"
+        return StreamingResponse(events(), media_type=media)
+
+    async def huge():
+        piece = 'data: {"choices":[{"delta":{"content":"' + "x" * 65000 + '"}}]}\n\n' if stream else " " * 65536
+        sent = 0
+        while sent < state.huge_bytes:
+            yield piece
+            sent += len(piece)
+    return StreamingResponse(huge(), media_type=media)
 
 
 async def _stream(state, stats, cid, created, model, answer, usage, include_usage):

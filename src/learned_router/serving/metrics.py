@@ -28,6 +28,9 @@ class Metrics:
         self.upstream_seconds = Histogram("router_upstream_seconds", "Upstream time of successful calls (a stream: to its first chunk)", ["provider"], buckets=LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("router_request_seconds", "Time in the service per request (a stream: to its first byte)", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("router_tokens", "Tokens billed by providers", ["provider", "model", "kind"], registry=r)
+        self.usage_estimated = Counter("router_usage_estimated", "Answers billed by the estimate: usage missing or invalid",
+                                       ["provider", "reason"], registry=r)
+        self.spend_store_errors = Counter("router_spend_store_errors", "Failed writes to the budget's spend store (retried)", registry=r)
         self.cost = Counter("router_cost_usd", "Dollars spent, from upstream usage and configured prices", ["provider", "model"], registry=r)
         self.circuit_state = Gauge("router_circuit_state", "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open", ["provider"], registry=r)
         self.latency_p95 = Gauge("router_provider_latency_p95_seconds", "p95 latency of each provider's recent calls (NaN: too few)", ["provider"], registry=r)

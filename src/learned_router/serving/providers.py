@@ -7,6 +7,9 @@ and 404 mean the provider is misconfigured and move on at once; any other 4xx is
 goes back to the client as is. Consecutive failed attempts open a provider's circuit: it is skipped for
 `cooldown_s`, then one request probes it (half-open) and closes or re-opens the circuit.
 
+Upstream bodies are read up to `limits.max_upstream_body_bytes` (a stream: all its lines together); a larger body,
+a 200 answer that is not a JSON object with a `choices` list, or a stream that breaks its format is a `bad_response`.
+
 A request with a latency budget has a deadline: each attempt's timeout is what is left of it (a cut-off is not
 the provider's fault: it opens no circuit), and when it is spent the chain stops.
 """
@@ -14,7 +17,9 @@ the provider's fault: it opens no circuit), and when it is spent the chain stops
 from __future__ import annotations
 
 import asyncio
+import codecs
 import email.utils
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,12 +32,17 @@ import httpx
 from .config import CircuitConfig, LatencyConfig, ProviderConfig, ReadinessConfig, RetryConfig, TierConfig
 from .latency import LatencyWindow
 from .metrics import Metrics
+from .routing import reject_constant
 
 Ticket = Literal["closed", "probe"] | None
 
 
 class CircuitBreaker:
-    """closed -> (failures in a row) -> open -> (cooldown) -> half-open: one probe -> closed or open."""
+    """closed -> (failures in a row) -> open -> (cooldown) -> half-open: one probe -> closed or open.
+
+    The cool-down runs from the failure that opened the circuit (later failures of calls already in flight do not
+    restart it); a failure that says how long to wait (a 429's Retry-After) sets a shorter cool-down.
+    """
 
     def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
         self.failures = failures
@@ -40,13 +50,14 @@ class CircuitBreaker:
         self._clock = clock
         self._consecutive = 0
         self._opened_at: float | None = None
+        self._cooldown = cooldown_s  # of the current opening
         self._probing = False
 
     @property
     def state(self) -> Literal["closed", "open", "half_open"]:
         if self._opened_at is None:
             return "closed"
-        if self._probing or self._clock() - self._opened_at >= self.cooldown_s:
+        if self._probing or self._clock() - self._opened_at >= self._cooldown:
             return "half_open"
         return "open"
 
@@ -63,10 +74,12 @@ class CircuitBreaker:
     def success(self) -> None:
         self._consecutive, self._opened_at, self._probing = 0, None, False
 
-    def failure(self) -> None:
+    def failure(self, retry_after: float | None = None) -> None:
+        """A failed attempt; `retry_after`: the provider asked for this wait (capped at the circuit's cool-down)."""
         self._consecutive += 1
-        if self._probing or self._consecutive >= self.failures:
+        if self._probing or (self._opened_at is None and self._consecutive >= self.failures):
             self._opened_at, self._probing = self._clock(), False
+            self._cooldown = self.cooldown_s if retry_after is None else min(max(retry_after, 0.0), self.cooldown_s)
 
     def release(self, ticket: Ticket) -> None:
         """A probe ended without a verdict (the client went away): let the next request probe."""
@@ -94,6 +107,69 @@ class AttemptFailed(Exception):
     def __init__(self, kind: str, detail: str, retryable: bool = True, retry_after: float | None = None):
         super().__init__(detail)
         self.kind, self.detail, self.retryable, self.retry_after = kind, detail, retryable, retry_after
+
+
+class BadStream(Exception):
+    """The upstream broke its stream's format or size limit after it started (`kind`: bad_response)."""
+
+    def __init__(self, detail: str, kind: str = "bad_response"):
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
+
+
+def stream_chunk(data: str) -> tuple[dict, int]:
+    """One SSE data payload as a chunk object and the characters of text it adds; BadStream when it is not one."""
+    try:
+        chunk = json.loads(data, parse_constant=reject_constant)
+    except (ValueError, RecursionError):
+        raise BadStream("a stream chunk is not JSON") from None
+    choices = chunk.get("choices", []) if isinstance(chunk, dict) else None
+    if not isinstance(choices, list):
+        raise BadStream("a stream chunk is not an object with a choices list")
+    chars = 0
+    for choice in choices:
+        delta = choice.get("delta", {}) if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            raise BadStream("a stream chunk's choice has no delta object")
+        content = delta.get("content")
+        if content is not None and not isinstance(content, str):
+            raise BadStream("a stream chunk's delta content is not a string")
+        chars += len(content or "")
+    return chunk, chars
+
+
+async def read_body(response: httpx.Response, limit: int) -> bytes:
+    """The whole body, or AttemptFailed(bad_response) once it passes `limit` bytes."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise AttemptFailed("bad_response", f"HTTP {response.status_code} with a body of {declared} bytes, over the {limit} limit")
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise AttemptFailed("bad_response", f"HTTP {response.status_code} with a body over the {limit} bytes limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def bounded_lines(response: httpx.Response, limit: int) -> AsyncIterator[str]:
+    """The lines of a stream (UTF-8, bad bytes replaced); BadStream once it passes `limit` bytes in all."""
+    decoder, size, pending = codecs.getincrementaldecoder("utf-8")("replace"), 0, []
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise BadStream(f"the stream passed the {limit} bytes limit")
+        text = decoder.decode(chunk)
+        if "\n" not in text:
+            pending.append(text)
+            continue
+        first, *rest = text.split("\n")
+        yield ("".join(pending) + first).rstrip("\r")
+        for line in rest[:-1]:
+            yield line.rstrip("\r")
+        pending = [rest[-1]]
+    if tail := "".join(pending) + decoder.decode(b"", final=True):
+        yield tail.rstrip("\r")
 
 
 class AllProvidersFailed(Exception):
@@ -146,9 +222,11 @@ def _classify(status: int, headers: httpx.Headers) -> AttemptFailed | None:
 
 
 class Upstream:
-    def __init__(self, tiers: list[list[Provider]], retry: RetryConfig, metrics: Metrics, client: httpx.AsyncClient | None = None):
+    def __init__(self, tiers: list[list[Provider]], retry: RetryConfig, metrics: Metrics, client: httpx.AsyncClient | None = None,
+                 max_body_bytes: int = 8 << 20):
         self.tiers = tiers  # cheapest first, each an ordered chain
         self.retry = retry
+        self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.client = client
         self._ready: dict[str, tuple[float, bool]] = {}
@@ -157,10 +235,10 @@ class Upstream:
 
     @classmethod
     def build(cls, tiers: list[TierConfig], keys: dict[str, str | None], retry: RetryConfig, circuit: CircuitConfig,
-              latency: LatencyConfig, metrics: Metrics) -> Upstream:
+              latency: LatencyConfig, metrics: Metrics, max_body_bytes: int = 8 << 20) -> Upstream:
         return cls([[Provider(c, t.name, keys[c.name], CircuitBreaker(circuit.failures, circuit.cooldown_s),
                               LatencyWindow(latency.window, latency.max_age_s, latency.min_samples)) for c in t.providers]
-                    for t in tiers], retry, metrics)
+                    for t in tiers], retry, metrics, max_body_bytes=max_body_bytes)
 
     async def start(self) -> None:
         # Timeouts are set per provider on each request; the pool is shared by all of them.
@@ -222,7 +300,7 @@ class Upstream:
                 self.metrics.upstream_errors.labels(provider.name, failed.kind).inc()
                 if failed.kind == "latency_budget":
                     break
-                provider.breaker.failure()
+                provider.breaker.failure(failed.retry_after)
                 if failed.kind == "timeout":  # as slow as this at least
                     provider.latency.add(time.perf_counter() - start)
                 if not failed.retryable or attempt + 1 == self.retry.attempts:
@@ -262,20 +340,25 @@ class Upstream:
             async with asyncio.timeout(limit):
                 response = await self.client.send(request, stream=True)
                 if response.status_code != 200 or not stream:
-                    await response.aread()
+                    failed = _classify(response.status_code, response.headers)
+                    raw = b"" if failed else await read_body(response, self.max_body_bytes)
                     await response.aclose()
-                    if failed := _classify(response.status_code, response.headers):
+                    if failed:
                         raise failed
                     try:
-                        data = response.json()
-                    except ValueError:
+                        data = json.loads(raw, parse_constant=reject_constant)
+                    except (ValueError, RecursionError):
                         raise AttemptFailed("bad_response", f"HTTP {response.status_code} with a body that is not JSON") from None
-                    return Reply(provider, response.status_code, time.perf_counter() - start, json=data, raw=response.content)
-                lines = response.aiter_lines()
+                    if response.status_code == 200 and not (isinstance(data, dict) and isinstance(data.get("choices"), list)):
+                        raise AttemptFailed("bad_response", "HTTP 200 with a body that is not a chat completion (no choices list)")
+                    return Reply(provider, response.status_code, time.perf_counter() - start, json=data, raw=raw)
+                lines = bounded_lines(response, self.max_body_bytes)
                 head = []
                 async for line in lines:  # wait for the first event: until then we can still fall back
                     head.append(line)
                     if line.startswith("data:"):
+                        if (data := line[5:].strip()) != "[DONE]":
+                            stream_chunk(data)
                         break
                 else:
                     raise AttemptFailed("bad_response", "the stream ended before its first event")
@@ -292,6 +375,8 @@ class Upstream:
             if isinstance(e, httpx.TransportError):
                 kind = "connect" if isinstance(e, httpx.ConnectError) else "connection"
                 raise AttemptFailed(kind, f"{kind} error ({type(e).__name__})") from None
+            if isinstance(e, BadStream):
+                raise AttemptFailed(e.kind, e.detail) from None
             raise
 
     async def ready(self, readiness: ReadinessConfig) -> dict[str, bool]:

@@ -31,7 +31,7 @@ LATENCY_HEADER, DATA_CLASS_HEADER = "x-router-latency-budget-ms", "x-router-data
 # 32k characters hold far more than 256 tokens of any real text, so cutting there leaves the score as it is.
 MAX_SCORED_CHARS = 32_768
 ROUTER_MODEL = "router"
-_MODEL_NAME = re.compile(r"^router-(\d+(?:\.\d*)?|\.\d+)$")
+_MODEL_NAME = re.compile(r"router-([0-9]+(?:\.[0-9]*)?|\.[0-9]+)")  # ASCII digits: float() reads others too
 
 
 class ContentPart(BaseModel):
@@ -80,7 +80,7 @@ def parse_request(raw: bytes) -> tuple[ChatRequest, dict]:
     except UnicodeDecodeError as e:
         raise APIError(400, f"request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
+        body = json.loads(text, parse_constant=reject_constant)
     except json.JSONDecodeError as e:
         raise APIError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except ValueError as e:
@@ -89,6 +89,9 @@ def parse_request(raw: bytes) -> tuple[ChatRequest, dict]:
         raise APIError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
+    if (where := invalid_unicode(body)) is not None:
+        raise APIError(400, f"{where or 'request body'}: contains invalid Unicode (a lone UTF-16 surrogate)", param=where or None,
+                       code="invalid_unicode")
     try:
         req = ChatRequest.model_validate(body)
     except ValidationError as e:
@@ -101,7 +104,37 @@ def parse_request(raw: bytes) -> tuple[ChatRequest, dict]:
     return req, body
 
 
-def _reject_constant(name: str) -> None:
+def invalid_unicode(value: object, path: str = "") -> str | None:
+    """The path (`messages.0.content`) of the first string, key or value, that cannot be encoded as UTF-8; else None.
+
+    JSON's \\ud800 escapes decode to lone surrogates, which the tokenizer, httpx and HTTP headers all refuse.
+    """
+    stack = [(path, value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if not _encodable(v):
+                return where
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                key = f"{where}.{k}" if where else str(k)
+                if not _encodable(k):
+                    return where or ""
+                stack.append((key, item))
+        elif isinstance(v, list):
+            stack.extend((f"{where}.{i}", item) for i, item in enumerate(v))
+    return None
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -110,7 +143,7 @@ def requested_threshold(model: str, default: float) -> float:
     if model == ROUTER_MODEL:
         return default
     if model.startswith(ROUTER_MODEL + "-"):
-        m = _MODEL_NAME.match(model)
+        m = _MODEL_NAME.fullmatch(model)
         t = float(m.group(1)) if m else math.nan
         if not 0.0 <= t <= 1.0:
             raise APIError(
@@ -125,10 +158,14 @@ def requested_threshold(model: str, default: float) -> float:
 
 
 def scored_text(messages: list[Message], turn: str) -> str:
-    """The text the router scores: the last, first or all user turns (the ones with text), cut at MAX_SCORED_CHARS."""
+    """The text the router scores: the last, first or all user turns (the ones with text), cut at MAX_SCORED_CHARS.
+
+    Without a user turn with text (a system-only conversation, an image-only question), the last message with text;
+    "" when no message has any: the request is then routed unscored, to the tier that always passes.
+    """
     users = [t for m in messages if m.role == "user" and (t := m.text()).strip()]
     if not users:
-        raise APIError(400, "messages: there is no user turn with text to route", param="messages")
+        return next((t for m in reversed(messages) if (t := m.text()).strip()), "")[:MAX_SCORED_CHARS]
     if turn == "first_user":
         text = users[0]
     elif turn == "all_user":

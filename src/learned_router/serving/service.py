@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,8 @@ from .errors import APIError, ConfigError
 from .metrics import Metrics
 from .policy import NoEligibleTier, Skip, TierOption, choose, fallback_order, standing
 from .providers import AllProvidersFailed, Provider, Upstream
-from .routing import ChatRequest, RouterOptions, estimate_tokens, requested_threshold, scored_text
+from .routing import ROUTER_MODEL, ChatRequest, RouterOptions, estimate_tokens, requested_threshold, scored_text
+from .usage import billed_tokens, sane_cost
 
 log = logging.getLogger("learned_router.serving")
 
@@ -62,12 +64,14 @@ class Service:
         self.columns = score_columns(config, list(self.router.models))
         self.threshold = resolve_threshold(config, self.router)
         self.metrics = Metrics()
-        self.upstream = Upstream.build(config.tiers, provider_keys, config.retry, config.circuit_breaker, config.latency, self.metrics)
+        self.upstream = Upstream.build(config.tiers, provider_keys, config.retry, config.circuit_breaker, config.latency, self.metrics,
+                                       config.limits.max_upstream_body_bytes)
         self.tier_index = {t.name: i for i, t in enumerate(config.tiers)}
         self.data_classes = {k: frozenset(v) for k, v in config.data_classes.items()}
         self.pacer = Pacer(config.budget, len(config.tiers), clock) if config.budget else None
         self.metrics.threshold.set(self.threshold)
         if self.pacer:
+            self.pacer.writer.on_error = self.metrics.spend_store_errors.inc
             self.metrics.watch_budget(self.pacer.state, lambda: self.pacer.effective(self.threshold, self.pacer.state()))
         else:
             self.metrics.effective_threshold.set(self.threshold)
@@ -82,6 +86,8 @@ class Service:
     async def stop(self) -> None:
         await self.batcher.stop()
         await self.upstream.stop()
+        if self.pacer:
+            await asyncio.to_thread(self.pacer.close)
 
     async def route(self, req: ChatRequest, opts: RouterOptions, started: float, observe: bool = False) -> Decision:
         """Score the request and decide its tier; `started` (time.monotonic()) starts its latency budget.
@@ -93,16 +99,16 @@ class Service:
         allowed = self._allowed(opts.data_class)
         text = scored_text(req.messages, self.config.routing.score_turn)
         try:
-            scores = await self.batcher.score(text)
-        except Exception:
-            log.exception("scoring failed")
+            scores = await self.batcher.score(text) if text else None  # no text at all: every scored tier's chance is 0
+        except Exception as e:
+            log.error("scoring failed: %s", type(e).__name__)  # one line; the message could quote the prompt
             raise APIError(500, "the router could not score this request", type="server_error", code="router_error") from None
         tokens, max_tokens = estimate_tokens(req.messages, self.config.routing.chars_per_token), req.output_tokens()
         need = tokens + (max_tokens or 0)
         budget_s = None if opts.latency_budget_ms is None else opts.latency_budget_ms / 1000
         remaining = None if budget_s is None else budget_s - (time.monotonic() - started)
         options = [
-            TierOption(tier.name, 1.0 if col is None else float(scores[col]),
+            TierOption(tier.name, 1.0 if col is None else 0.0 if scores is None else float(scores[col]),
                        [standing(p, need, allowed, opts.data_class, remaining) for p in chain])
             for tier, col, chain in zip(self.config.tiers, self.columns, self.upstream.tiers, strict=True)
         ]
@@ -110,8 +116,9 @@ class Service:
         expected = [next((s.provider for s in o.standings if s.rule is None), o.standings[0].provider) for o in options]
         costs = [p.config.cost_usd(tokens, out) for p in expected]
         state = self.pacer.state() if self.pacer else None
-        effective = self.pacer.effective(threshold, state) if state else threshold
-        affordable = (lambda i: self.pacer.affordable(i, costs[i], state)) if state else None
+        paced = state is not None and req.model == ROUTER_MODEL  # an explicit router-<t> is not paced (budget.py)
+        effective = self.pacer.effective(threshold, state) if paced else threshold
+        affordable = (lambda i: self.pacer.affordable(i, costs[i], state, reserve=paced)) if state else None
         try:
             choice = choose(options, threshold, effective, affordable)
         except NoEligibleTier as e:
@@ -152,13 +159,26 @@ class Service:
             status, code = (502, "upstream_failed") if e.tried else (503, "no_provider_available")
             raise APIError(status, f"every provider failed: {what}", type="upstream_error", code=code) from None
 
-    def account(self, provider: Provider, prompt_tokens: float, completion_tokens: float, d: Decision) -> float:
+    def account(self, provider: Provider, usage: object, chars: int, d: Decision, served: bool = True) -> float:
+        """Bill one answer: the provider's usage when sane (usage.py), else the estimate; the dollars it cost.
+
+        `served`: the client got the whole answer (an interrupted stream is billed, not counted as served).
+        """
         cfg = provider.config
+        prompt_tokens, completion_tokens, estimated = billed_tokens(usage, d.prompt_tokens, chars, self.config.routing.chars_per_token)
+        if estimated:
+            self.metrics.usage_estimated.labels(provider.name, estimated).inc()
+            if estimated == "invalid":
+                log.warning("provider %s sent invalid usage: billed by the estimate", provider.name)
         cost = cfg.cost_usd(prompt_tokens, completion_tokens)
+        if not sane_cost(cost):  # prices and counts are bounded, so this is a bug: never let it reach the budget
+            log.error("provider %s: cost %r is not a finite non-negative amount: billed 0", provider.name, cost)
+            cost = 0.0
         self.metrics.tokens.labels(provider.name, cfg.model, "input").inc(prompt_tokens)
         self.metrics.tokens.labels(provider.name, cfg.model, "output").inc(completion_tokens)
         self.metrics.cost.labels(provider.name, cfg.model).inc(cost)
-        self.metrics.served.labels(provider.tier, provider.name, cfg.model).inc()
+        if served:
+            self.metrics.served.labels(provider.tier, provider.name, cfg.model).inc()
         if self.pacer:
             tier = self.tier_index[provider.tier]
             self.pacer.record(cost, tier, d.estimated_costs[tier])

@@ -1,0 +1,45 @@
+"""What an answer is billed for: the provider's `usage` when it is sane, else an estimate from characters.
+
+Usage counts must be non-negative integers of at most MAX_TOKENS each (no float, bool, string, NaN or 1e308);
+anything else is billed by the estimate (the request's estimated prompt tokens, the answer's characters /
+chars_per_token) and counted in router_usage_estimated_total{reason="missing"|"invalid"}.
+"""
+
+from __future__ import annotations
+
+import math
+
+MAX_TOKENS = 10_000_000  # per count of one answer: far above any context window, far below a corrupting figure
+
+
+def valid_usage(usage: object) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) when both are ints in [0, MAX_TOKENS]; else None."""
+    if not isinstance(usage, dict):
+        return None
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if all(type(x) is int and 0 <= x <= MAX_TOKENS for x in (p, c)):
+        return p, c
+    return None
+
+
+def answer_chars(body: object) -> int:
+    """Characters of the text an answer holds (its choices' message contents)."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        return 0
+    out = 0
+    for choice in body["choices"]:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        out += len(content) if isinstance(content, str) else 0
+    return out
+
+
+def billed_tokens(usage: object, prompt_estimate: float, chars: int, chars_per_token: float) -> tuple[float, float, str | None]:
+    """(prompt, completion, why estimated: None, 'missing' or 'invalid')."""
+    if (tokens := valid_usage(usage)) is not None:
+        return float(tokens[0]), float(tokens[1]), None
+    return float(prompt_estimate), math.ceil(chars / chars_per_token), "missing" if usage is None else "invalid"
+
+
+def sane_cost(usd: float) -> bool:
+    return math.isfinite(usd) and usd >= 0
