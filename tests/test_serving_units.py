@@ -41,9 +41,10 @@ def test_scored_turn_is_configurable_and_defaults_to_the_last_user_turn():
     assert scored_text(CONVO, "last_user") == "second"
     assert scored_text(CONVO, "first_user") == "first question"
     assert scored_text(CONVO, "all_user") == "first question\n\nsecond"
-    with pytest.raises(APIError) as e:
-        scored_text(msgs(("system", "only a system prompt")), "last_user")
-    assert e.value.status == 400 and e.value.param == "messages"
+    assert scored_text(msgs(("system", "only a system prompt")), "last_user") == "only a system prompt"
+    image_only = msgs(("system", "You see images."), ("user", [{"type": "image_url", "image_url": {"url": "x"}}]))
+    assert scored_text(image_only, "last_user") == "You see images."
+    assert scored_text(msgs(("user", [{"type": "image_url", "image_url": {"url": "x"}}])), "last_user") == ""
 
 
 def test_scored_text_is_cut_where_the_router_stops_reading():
@@ -118,6 +119,32 @@ def test_circuit_opens_after_consecutive_failures_then_probes_once_and_recovers(
     assert b.acquire() == "probe"
     b.success()
     assert b.state == "closed" and b.acquire() == "closed"
+
+
+def test_circuit_cool_down_runs_from_the_failure_that_opened_it():
+    clock = Clock()
+    b = CircuitBreaker(failures=2, cooldown_s=30, clock=clock)
+    b.failure(), b.failure()  # opened at t=0
+    for t in (5, 10, 20, 29):  # calls that were in flight time out one after another
+        clock.t = t
+        b.failure()
+    clock.t = 30
+    assert b.state == "half_open" and b.acquire() == "probe"  # 30 s after the first failure, not the last
+
+
+def test_a_retry_after_sets_a_shorter_cool_down_bounded_by_the_circuits():
+    clock = Clock()
+    b = CircuitBreaker(failures=1, cooldown_s=30, clock=clock)
+    b.failure(retry_after=1.0)
+    clock.t = 0.9
+    assert b.state == "open"
+    clock.t = 1.0
+    assert b.state == "half_open"
+    b.acquire(), b.failure(retry_after=3600)  # longer than the circuit's cool-down: capped at it
+    clock.t = 30.9
+    assert b.state == "open"
+    clock.t = 31.0
+    assert b.state == "half_open"
 
 
 def test_rate_limiter_bursts_then_refills_per_key():
@@ -201,6 +228,28 @@ def test_batcher_gives_the_scorer_error_to_every_waiting_request_and_keeps_servi
     assert ok.tolist() == pytest.approx([0.7])
 
 
+def test_a_prompt_that_fails_its_batch_fails_alone():
+    calls = []
+
+    def score(prompts):
+        calls.append(len(prompts))
+        if "\ud800" in prompts:
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return np.full(len(prompts), 0.7, dtype=np.float32)
+
+    async def main():
+        b = ScoreBatcher(score, max_wait_s=0.05)
+        await b.start()
+        out = await asyncio.gather(*(b.score(p) for p in ["a", "b", "\ud800", "c"]), return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert calls[0] == 4  # one batch, then each prompt alone
+    assert isinstance(out[2], UnicodeEncodeError)
+    assert [o.tolist() for i, o in enumerate(out) if i != 2] == [pytest.approx([0.7])] * 3
+
+
 # ---- config -------------------------------------------------------------------------------------
 
 def base_config() -> dict:
@@ -238,6 +287,16 @@ def base_config() -> dict:
         (lambda c: c.update(auth={"keys": [{"name": "k", "sha256": "sk-plaintext"}]}), "auth.keys[0].sha256: must be 64 hex digits"),
         (lambda c: c.pop("auth"), "auth: required"),
         (lambda c: c.update(limits={"max_body_bytes": 10}), "limits.max_body_bytes:"),
+        (lambda c: c["tiers"][0]["providers"][0].update(name="weak-\U0001F600"), "tiers[0].providers[0].name: must be 1-128 ASCII"),
+        (lambda c: c["tiers"][0]["providers"][0].update(name="weak\nx"), "tiers[0].providers[0].name: must be 1-128 ASCII"),
+        (lambda c: c["tiers"][0]["providers"][0].update(model="m\u00e9"), "tiers[0].providers[0].model: must be 1-128 ASCII"),
+        (lambda c: c["tiers"][0]["providers"][0].update(timeout_s=float("inf")), "tiers[0].providers[0].timeout_s: Input should be a finite number"),
+        (lambda c: c["tiers"][0]["providers"][0].update(output_price_per_1m=float("nan")), "tiers[0].providers[0].output_price_per_1m:"),
+        (lambda c: c.update(budget={"period": "day", "usd": float("inf")}), "budget.usd: Input should be a finite number"),
+        (lambda c: c["auth"].update(enabled="yes"), "auth.enabled: Input should be a valid boolean"),
+        (lambda c: c["tiers"][0]["providers"][0].update(stream_usage=1), "tiers[0].providers[0].stream_usage: Input should be a valid boolean"),
+        (lambda c: c.update(api_docs="true"), "api_docs: Input should be a valid boolean"),
+        (lambda c: c["tiers"][0]["providers"][0].update(context_window="8192"), "tiers[0].providers[0].context_window: Input should be a valid integer"),
     ],
 )
 def test_config_errors_name_the_key(change, message):
@@ -246,6 +305,25 @@ def test_config_errors_name_the_key(change, message):
     with pytest.raises(ConfigError) as e:
         parse_config(cfg, "cfg.yaml")
     assert str(e.value).startswith("cfg.yaml: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("auth: {enabled: false}\nauth: {enabled: true}\n", ": duplicate key 'auth'"),
+    ("limits:\n  max_body_bytes: 2048\n  max_body_bytes: 4096\nauth: {enabled: false}\n", ": duplicate key 'max_body_bytes'"),
+    ("retry: {attempts: 2, backoff_max_s: .inf}\n", "retry.backoff_max_s: Input should be a finite number"),
+    ("auth: {enabled: 'yes'}\n", "auth.enabled: Input should be a valid boolean"),
+])
+def test_config_file_refuses_duplicate_keys_infinities_and_quoted_booleans(tmp_path, text, message):
+    from learned_router.serving.config import load_config
+
+    import yaml
+
+    base = {k: v for k, v in base_config().items() if k != "auth"}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(base) + text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_config_defaults_and_key_variables(monkeypatch):

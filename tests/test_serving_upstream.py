@@ -1,0 +1,228 @@
+"""Misbehaving upstreams against the real service: insane usage, malformed or endless streams, huge bodies, a locked
+spend store, 429 cool-downs. The spend store and cost metrics only ever see finite, bounded, non-negative amounts."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from serving_fixtures import (CLIENT_KEY, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
+                              two_tiers, wait_for)
+
+pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+
+STRONG, WEAK = "gpt-4-1106-preview", "mixtral-8x7b"
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+PROMPT = "Name three prime numbers."
+WEAK_FIRST = {"model": "router-0", "messages": [{"role": "user", "content": PROMPT}]}
+ANSWER = {"role": "assistant", "content": "2, 3 and 5."}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    store = tmp_path_factory.mktemp("spend") / "spend.sqlite"
+    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
+        cfg = service_config(two_tiers([provider_entry("weak", weak, None, WEAK, (0.6, 0.6), timeout_s=2)],
+                                       [provider_entry("strong", strong, None, STRONG, (10, 30), timeout_s=2)]),
+                             limits={"max_upstream_body_bytes": 1 << 20},
+                             circuit_breaker={"failures": 100, "cooldown_s": 60},
+                             budget={"period": "month", "usd": 1000.0, "store": str(store)})
+        with start_service(cfg) as service:
+            yield {"url": service.url, "service": service.app.state.service, "weak": weak, "strong": strong, "store": store}
+
+
+@pytest.fixture(autouse=True)
+def healthy(stack):
+    for f in (stack["weak"], stack["strong"]):
+        f.control(mode="ok", usage=None, raw_body="", raw_events=[], reset_stats=True)
+    for p in stack["service"].upstream.providers():
+        p.breaker.success()
+
+
+def metrics(stack) -> str:
+    return httpx.get(stack["url"] + "/metrics").text
+
+
+def metric_sum(stack, name: str, **labels) -> float:
+    total = 0.0
+    for line in metrics(stack).splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def stored_spend(stack) -> float:
+    with sqlite3.connect(stack["store"]) as db:
+        return sum(row[0] for row in db.execute("SELECT usd FROM spend"))
+
+
+def sse(text: str) -> list:
+    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]" for line in text.splitlines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": -5, "completion_tokens": 3}, {"prompt_tokens": 1e308, "completion_tokens": 1e308},
+    {"prompt_tokens": "12", "completion_tokens": "3"}, {"prompt_tokens": 1.5, "completion_tokens": 2},
+    {"prompt_tokens": True, "completion_tokens": 1}, {"prompt_tokens": 10**30, "completion_tokens": 1}, [1, 2], "lots", -1,
+    {"prompt_tokens": 12},
+])
+def test_insane_usage_is_billed_by_the_estimate_and_metered(stack, usage):
+    stack["weak"].control(usage=usage)
+    before = metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid")
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+    assert r.status_code == 200 and r.json()["usage"] == usage  # the client gets the answer as the provider sent it
+    cost = float(r.headers["x-router-cost-usd"])
+    assert 0 < cost < 1e-3 and len(r.headers["x-router-cost-usd"]) < 16
+    assert metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid") == before + 1
+    total = metric_sum(stack, "router_cost_usd_total")
+    assert math.isfinite(total) and 0 <= total < 1
+    wait_for(lambda: math.isfinite(s := stored_spend(stack)) and 0 < s < 1)
+
+
+def test_missing_usage_is_billed_by_the_estimate(stack):
+    stack["weak"].control(mode="raw", raw_body=json.dumps({"choices": [{"index": 0, "message": ANSWER}]}))
+    before = metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="missing")
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+    assert r.status_code == 200 and float(r.headers["x-router-cost-usd"]) > 0
+    assert metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="missing") == before + 1
+
+
+@pytest.mark.parametrize("body", [
+    '{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":NaN,"completion_tokens":1}}',
+    "[1, 2]", '"a string"', '{"id": "no choices"}', '{"choices": "not a list"}', "not json", "",
+])
+def test_an_answer_that_is_not_a_chat_completion_is_a_bad_response_and_fails_over(stack, body):
+    stack["weak"].control(mode="raw", raw_body=body)
+    before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response")
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+    assert r.status_code == 200 and r.json()["model"] == STRONG and r.headers["x-router-fallbacks"] == "1"
+    assert metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response") == before + 2  # retried once
+    assert math.isfinite(metric_sum(stack, "router_cost_usd_total"))
+
+
+def test_a_huge_answer_is_cut_at_the_limit_and_fails_over(stack):
+    stack["weak"].control(mode="huge", huge_bytes=50 << 20)
+    t0 = time.monotonic()
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json()["model"] == STRONG and time.monotonic() - t0 < 10
+
+
+GOOD_CHUNK = json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "2, 3"}}]})
+
+
+@pytest.mark.parametrize("bad", [
+    '{"choices":[{"delta":"str"}]}', '{"choices":[{"delta":{"content":5}}]}', '{"choices":{"0":{}}}', '{"choices":[7]}',
+    "not json", '{"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":NaN}}',
+])
+def test_a_malformed_stream_chunk_ends_the_clients_stream_with_an_error_event(stack, bad):
+    stack["weak"].control(mode="raw", raw_events=[GOOD_CHUNK, bad, GOOD_CHUNK, "[DONE]"])
+    before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response")
+    served = metric_sum(stack, "router_served_total", provider="weak")
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    events = sse(r.text)
+    assert r.status_code == 200 and r.text.endswith("\n\n")  # a complete response, ended by the router
+    assert events[0]["choices"][0]["delta"]["content"] == "2, 3" and len(events) == 2
+    assert events[-1]["error"]["code"] == "bad_response" and "weak" in events[-1]["error"]["message"]
+    assert metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response") == before + 1
+    assert metric_sum(stack, "router_served_total", provider="weak") == served  # not counted as served
+
+
+def test_a_stream_without_done_is_interrupted_not_served(stack):
+    stack["weak"].control(mode="raw", raw_events=[GOOD_CHUNK, GOOD_CHUNK])
+    before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="stream_interrupted")
+    served = metric_sum(stack, "router_served_total", provider="weak")
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    events = sse(r.text)
+    assert len(events) == 3 and events[-1]["error"]["code"] == "stream_interrupted"
+    assert metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="stream_interrupted") == before + 1
+    assert metric_sum(stack, "router_served_total", provider="weak") == served
+    stack["weak"].control(mode="ok")
+    served_before = metric_sum(stack, "router_served_total", provider="weak")
+    ok = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    assert sse(ok.text)[-1] == "[DONE]"
+    wait_for(lambda: metric_sum(stack, "router_served_total", provider="weak") == served_before + 1)
+
+
+def test_a_malformed_first_chunk_fails_over_before_anything_is_sent(stack):
+    stack["weak"].control(mode="raw", raw_events=['{"choices":[{"delta":"str"}]}', "[DONE]"])
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    events = sse(r.text)
+    assert r.headers["x-router-provider"] == "strong" and events[-1] == "[DONE]"
+
+
+def test_an_endless_stream_is_cut_at_the_limit_with_an_error_event(stack):
+    stack["weak"].control(mode="huge", huge_bytes=50 << 20)
+    t0 = time.monotonic()
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH, timeout=30)
+    assert len(r.content) < 2 << 20 and time.monotonic() - t0 < 10
+    error = sse(r.text)[-1]["error"]
+    assert error["code"] == "bad_response" and "limit" in error["message"]
+
+
+def test_insane_stream_usage_is_billed_by_the_estimate(stack):
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": -1e308, "completion_tokens": 5}})
+    stack["weak"].control(mode="raw", raw_events=[GOOD_CHUNK, usage, "[DONE]"])
+    before = metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid")
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    assert sse(r.text)[-1] == "[DONE]"
+    wait_for(lambda: metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid") == before + 1)
+    assert math.isfinite(metric_sum(stack, "router_cost_usd_total"))
+
+
+def budget_spent(stack) -> float:
+    return httpx.post(stack["url"] + "/v1/route", json=WEAK_FIRST, headers=AUTH, timeout=5).json()["budget"]["spent_usd"]
+
+
+def test_a_locked_spend_store_delays_only_the_accounting(stack):
+    """Another process holds the store's write lock for 3 s: answers and /healthz are not held up; the spend lands later."""
+    spent = wait_for(lambda: (s := budget_spent(stack)) == pytest.approx(stored_spend(stack)) and s)  # nothing unwritten
+    errors = metric_sum(stack, "router_spend_store_errors_total")
+    locker = sqlite3.connect(stack["store"], isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH, timeout=30)
+        assert r.status_code == 200 and time.monotonic() - t0 < 1.0
+        assert httpx.get(stack["url"] + "/healthz", timeout=5).status_code == 200 and time.monotonic() - t0 < 1.5
+        cost = float(r.headers["x-router-cost-usd"])
+        assert budget_spent(stack) == pytest.approx(spent + cost)  # the pacer counts it already
+        time.sleep(2.5)
+        assert stored_spend(stack) == pytest.approx(spent)  # not written yet
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    wait_for(lambda: stored_spend(stack) == pytest.approx(spent + cost), timeout=10)
+    assert budget_spent(stack) == pytest.approx(spent + cost)  # counted once
+    assert metric_sum(stack, "router_spend_store_errors_total") > errors
+
+
+def test_a_429s_retry_after_is_that_providers_cool_down(stack):
+    service = stack["service"]
+    weak = next(p for p in service.upstream.providers() if p.name == "weak")
+    weak.breaker.failures = 1
+    try:
+        stack["weak"].control(mode="429", retry_after=1)
+        r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+        assert r.status_code == 200 and r.json()["model"] == STRONG and weak.breaker.state == "open"
+        stack["weak"].control(mode="ok")
+        time.sleep(1.1)  # the Retry-After, not the circuit's 60 s cool-down
+        r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+        assert r.json()["model"] == WEAK and weak.breaker.state == "closed"
+    finally:
+        weak.breaker.failures = 100
+
+
+def test_cost_metrics_and_spend_stay_finite_after_everything(stack):
+    text = metrics(stack)
+    for line in text.splitlines():
+        if line.startswith(("router_cost_usd_total{", "router_tokens_total{")):
+            v = float(line.rsplit(" ", 1)[1])
+            assert math.isfinite(v) and 0 <= v < 1e9, line
+    assert re.search(r"^router_budget_spent_usd (\S+)$", text, re.M)
+    assert math.isfinite(stored_spend(stack))
