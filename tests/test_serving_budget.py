@@ -154,3 +154,24 @@ def test_once_the_budget_is_spent_only_the_cheapest_tier_answers_and_headers_say
             assert d["budget"]["period"] == "2024-05" and d["budget"]["elapsed_share"] == pytest.approx(1 / 31)
             assert "cannot pay for strong" in d["reason"]
             assert d["skipped"] == [{"tier": "strong", "rule": "budget", "detail": "its estimated cost exceeds what is left of the budget"}]
+
+
+def test_an_explicit_threshold_wins_over_pacing_until_the_budget_is_spent(tmp_path):
+    """Far behind pace, pacing raises `router`'s threshold to its maximum; `router-0` still gets the cheapest tier."""
+    prompt = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many in May?"}]
+    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
+        cfg = service_config(
+            two_tiers([provider_entry("weak", weak, None, WEAK, PRICES["weak"])], [provider_entry("strong", strong, None, STRONG, PRICES["strong"])]),
+            budget={"period": "day", "usd": 1000.0, "store": str(tmp_path / "spend.sqlite"), "warmup_requests": 5, "window": 10},
+        )
+        with start_service(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
+            client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+            for _ in range(12):
+                client.chat.completions.create(model="router-0.5", messages=prompt)
+            paced = client.chat.completions.with_raw_response.create(model="router", messages=prompt)
+            assert paced.headers["x-router-effective-threshold"] == "1.0000"  # behind pace: everything may go strong
+            explicit = client.chat.completions.with_raw_response.create(model="router-0", messages=prompt)
+            assert (explicit.headers["x-router-tier"], explicit.headers["x-router-rule"]) == ("weak", "score")
+            assert explicit.headers["x-router-effective-threshold"] == explicit.headers["x-router-threshold"] == "0.0000"
+            forced = client.chat.completions.with_raw_response.create(model="router-1", messages=prompt)
+            assert forced.headers["x-router-tier"] == "strong"  # the budget can pay for it: the instruction holds

@@ -181,7 +181,10 @@ class Service:
             self.metrics.served.labels(provider.tier, provider.name, cfg.model).inc()
         if self.pacer:
             tier = self.tier_index[provider.tier]
-            self.pacer.record(cost, tier, d.estimated_costs[tier])
+            try:  # the answer is delivered whatever happens to its accounting
+                self.pacer.record(cost, tier, d.estimated_costs[tier])
+            except Exception as e:
+                log.error("budget accounting failed for provider %s: %s", provider.name, type(e).__name__)
         return cost
 
     def _allowed(self, data_class: str | None) -> frozenset[str] | None:
