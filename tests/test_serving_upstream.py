@@ -226,3 +226,15 @@ def test_cost_metrics_and_spend_stay_finite_after_everything(stack):
             assert math.isfinite(v) and 0 <= v < 1e9, line
     assert re.search(r"^router_budget_spent_usd (\S+)$", text, re.M)
     assert math.isfinite(stored_spend(stack))
+
+
+def test_the_soak_command_accounts_for_every_request_through_its_fault_phases():
+    from learned_router.serving.soak import PHASES, main, run
+
+    results = run(str(ROUTER_DIR), 16 * len(PHASES), concurrency=4)
+    assert [name for name, _ in results] == [name for name, _ in PHASES]
+    for name, counts in results:
+        assert counts["sent"] == 16 and counts["lost"] == 0 and counts["500"] == 0, (name, counts)
+        assert counts["answered"] + counts["refused"] + counts["stream_error"] + counts["5xx"] == 16
+    with pytest.raises(SystemExit):
+        main(["--requests", "5"])  # bounded: 100 to 50,000
