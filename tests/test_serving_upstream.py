@@ -133,6 +133,14 @@ def test_a_malformed_stream_chunk_ends_the_clients_stream_with_an_error_event(st
     assert metric_sum(stack, "router_served_total", provider="weak") == served  # not counted as served
 
 
+def test_a_stream_of_valid_oddities_is_passed_through(stack):
+    events = [GOOD_CHUNK, '{"choices":[]}', '{"choices":[{"index":0,"delta":null,"finish_reason":"stop"}]}',
+              '{"choices":[{"delta":{"content":null,"tool_calls":[]}}]}', "[DONE]"]
+    stack["weak"].control(mode="raw", raw_events=events)
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    assert r.headers["x-router-provider"] == "weak" and len(sse(r.text)) == 5 and sse(r.text)[-1] == "[DONE]"
+
+
 def test_a_stream_without_done_is_interrupted_not_served(stack):
     stack["weak"].control(mode="raw", raw_events=[GOOD_CHUNK, GOOD_CHUNK])
     before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="stream_interrupted")

@@ -128,7 +128,9 @@ def stream_chunk(data: str) -> tuple[dict, int]:
         raise BadStream("a stream chunk is not an object with a choices list")
     chars = 0
     for choice in choices:
-        delta = choice.get("delta", {}) if isinstance(choice, dict) else None
+        delta = choice.get("delta") if isinstance(choice, dict) else ""
+        if delta is None:  # some providers send "delta": null with the finish reason
+            delta = {}
         if not isinstance(delta, dict):
             raise BadStream("a stream chunk's choice has no delta object")
         content = delta.get("content")
