@@ -34,14 +34,14 @@ def free_port() -> int:
 class ServerThread:
     """An ASGI app served by uvicorn in a thread, on a free 127.0.0.1 port."""
 
-    def __init__(self, app):
+    def __init__(self, app, http: str | type = "auto"):
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=1, http=http)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -112,10 +112,10 @@ def service_config(tiers: list[dict], **sections) -> dict:
     return cfg
 
 
-def start_service(cfg: dict, router=None, **service) -> ServerThread:
+def start_service(cfg: dict, router=None, http: str | type = "auto", **service) -> ServerThread:
     for k, v in PROVIDER_KEYS.items():
         os.environ.setdefault(k, v)
-    return ServerThread(create_app(Service(parse_config(cfg), router=router, **service)))
+    return ServerThread(create_app(Service(parse_config(cfg), router=router, **service)), http=http)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from learned_router.serving.app import RedactQuery
+from learned_router.serving.slowclients import HeaderTimeoutProtocol
 from serving_fixtures import (CLIENT_KEY, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
                               two_tiers, wait_for)
 
@@ -278,3 +279,28 @@ def test_access_log_lines_never_show_a_query_string_value(stack):
     assert RedactQuery().filter(record)
     line = record.getMessage()
     assert "sk-secret" not in line and "/v1/chat/completions?api_key=[redacted]&x=[redacted]" in line
+
+
+class QuickHeaders(HeaderTimeoutProtocol):
+    header_timeout_s = 0.5
+
+
+def test_a_client_that_never_finishes_its_headers_is_disconnected():
+    with FakeProvider(name="weak", model=WEAK) as weak:
+        entry = provider_entry("weak", weak, None, WEAK, (0.6, 0.6))
+        with start_service(service_config(two_tiers([entry], [{**entry, "name": "strong"}])), http=QuickHeaders) as service:
+            port = service.port
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            for _ in range(2):  # honest requests on one keep-alive connection are unaffected
+                conn.request("POST", "/v1/chat/completions", body=json.dumps(GOOD), headers=AUTH)
+                assert conn.getresponse().read() and conn.sock is not None
+                time.sleep(0.7)  # idle between requests: uvicorn's keep-alive timeout (5 s) applies, not this one
+            conn.close()
+            for opening in (b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: "):
+                with socket.create_connection(("127.0.0.1", port)) as s:
+                    s.settimeout(5)
+                    s.sendall(opening)
+                    t0 = time.monotonic()
+                    while s.recv(1024):  # a client trickling its headers: cut off after 0.5 s
+                        pass
+                    assert time.monotonic() - t0 < 2
