@@ -4,6 +4,7 @@ keep-alive connection, unexpected handler errors, clients that hang up mid-body;
 from __future__ import annotations
 
 import asyncio
+import collections
 import http.client
 import json
 import logging
@@ -56,9 +57,9 @@ def stack():
                    "weak": weak, "strong": strong}
 
 
-def statuses(stack) -> dict[str, float]:
+def statuses(stack, endpoint: str = "/v1/chat/completions") -> dict[str, float]:
     text = httpx.get(stack["url"] + "/metrics").text
-    return {m[0]: float(m[1]) for m in re.findall(r'router_requests_total\{endpoint="/v1/chat/completions",status="(\d+)"\} (\S+)', text)}
+    return {m[0]: float(m[1]) for m in re.findall(rf'router_requests_total\{{endpoint="{endpoint}",status="(\d+)"\}} (\S+)', text)}
 
 
 SURROGATE_FIELDS = [
@@ -206,7 +207,9 @@ def hostile_corpus() -> list[tuple[str, dict, bytes]]:
 def test_a_corpus_of_hostile_requests_gets_only_4xx_over_one_keep_alive_connection(stack):
     corpus = hostile_corpus()
     assert len(corpus) >= 100
-    before = statuses(stack)
+    paths = ("/v1/chat/completions", "/v1/route")
+    before = {p: statuses(stack, p) for p in paths}
+    seen = {p: collections.Counter() for p in paths}  # what the clients received
     conn = http.client.HTTPConnection("127.0.0.1", stack["port"], timeout=30)
     failures = []
     for what, headers, body in corpus:
@@ -216,6 +219,7 @@ def test_a_corpus_of_hostile_requests_gets_only_4xx_over_one_keep_alive_connecti
                 r = conn.getresponse()
                 data = r.read()
                 closing = (r.getheader("connection") or "").lower() == "close"
+                seen[path][str(r.status)] += 1
             except (http.client.HTTPException, OSError) as e:
                 failures.append(f"{what} {path}: connection lost ({type(e).__name__})")
                 conn.close()
@@ -230,8 +234,9 @@ def test_a_corpus_of_hostile_requests_gets_only_4xx_over_one_keep_alive_connecti
                 conn = http.client.HTTPConnection("127.0.0.1", stack["port"], timeout=30)
     conn.close()
     assert not failures, "\n".join(failures[:20])
-    after = statuses(stack)
-    assert after.get("500", 0) == before.get("500", 0)
+    for p in paths:  # the metrics count what the clients received, status by status
+        after = statuses(stack, p)
+        assert {k: after[k] - before[p].get(k, 0) for k in after if after[k] != before[p].get(k, 0)} == dict(seen[p])
     assert httpx.post(stack["url"] + "/v1/chat/completions", json=GOOD, headers=AUTH).status_code == 200
 
 
