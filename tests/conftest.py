@@ -71,20 +71,23 @@ def datasets_dir() -> Path:
     return DATASETS
 
 
+TRAIN_SOURCES = ("routellm_gsm8k", "arena_bench_v1", "alpaca_eval", "arena_battles_1k", "arena_hard_v01_battles",
+                 "routerbench_mbpp")
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, mlflow_server, datasets_dir):
-    """A small router trained on real slices (GSM8K, arena-bench, AlpacaEval), logged to the real MLflow server."""
-    from learned_router.train import TrainSpec, train
-    from learned_router.model import FitConfig
+    """A small router trained on real slices of six sources (absolute grades, preferences against a baseline, human
+    votes), logged to the real MLflow server."""
+    from learned_router.recipe import Recipe
+    from learned_router.train import train
 
     out = tmp_path_factory.mktemp("routers") / "small"
+    data = [str(datasets_dir / f"{f}.parquet") for f in TRAIN_SOURCES]
+    recipe = Recipe(max_prompts=80, steps=150)
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     try:
-        spec = TrainSpec(
-            data=[str(datasets_dir / f) for f in ("routellm_gsm8k.parquet", "arena_bench_v1.parquet", "alpaca_eval.parquet")],
-            strong=STRONG, weak=WEAK, out=out, max_prompts=250, fit=FitConfig(epochs=40, patience=10, source_offsets=True), experiment="tests",
-        )
-        manifest, run_id = train(spec)
+        manifest, run_id = train(data, out, recipe, experiment="tests")
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-    return {"path": out, "manifest": manifest, "run_id": run_id, "url": mlflow_server, "spec": spec}
+    return {"path": out, "manifest": manifest, "run_id": run_id, "url": mlflow_server, "data": data, "recipe": recipe}

@@ -34,9 +34,13 @@ def test_score_from_arguments_file_and_stdin(trained, tmp_path):
     rows = lines(out)
     assert [x["id"] for x in rows] == [0, 1]
     for x in rows:
-        assert 0 < x["p_weak"] < 1 and x["threshold"] == trained["manifest"].default_threshold
+        assert 0 < x["p_weak"] <= 1 and x["threshold"] == trained["manifest"].default_threshold
         assert x["route"] == ("weak" if x["p_weak"] >= x["threshold"] else "strong")
-        assert x["model"] == {"weak": WEAK, "strong": STRONG}[x["route"]]
+        assert x["model"] == {"weak": WEAK, "strong": STRONG}[x["route"]] and 0 < x["difficulty"] < 1
+    generic = lines(cli("score", "--router", r, "--weak", "generic", "--strong-fraction", "0.3", "hi"))[0]
+    assert generic["threshold"] == pytest.approx(trained["manifest"].threshold_for(0.3, "generic"), abs=1e-6)
+    assert generic["p_weak"] == pytest.approx(1 - generic["difficulty"], abs=1e-5)
+    assert generic["model"] in ("generic", STRONG)
 
     pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["hello", "write a proof"]}).to_parquet(tmp_path / "p.parquet")
     assert [x["id"] for x in lines(cli("score", "--router", r, "--file", tmp_path / "p.parquet"))] == ["a", "b"]
@@ -55,11 +59,14 @@ def test_score_from_arguments_file_and_stdin(trained, tmp_path):
     (["score", "--router", "{r}", "--file", "{tmp}/noprompt.csv"], "no 'prompt' column"),
     (["train", "--data", "{tmp}/missing.parquet", "--out", "{tmp}/o"], "missing.parquet: no such file"),
     (["train", "--data", "{tmp}/noprompt.csv", "--out", "{tmp}/o"], "unrecognised columns"),
+    (["score", "--router", "{r}", "--weak", "gpt-5", "hi"], "not trained on 'gpt-5'"),
+    (["score", "--router", "{r}", "--threshold", "0.5", "--strong-fraction", "0.3", "hi"], "not both"),
     (["train", "--data", "{data}/routellm_gsm8k.parquet", "--weak", "mixtral", "--out", "{tmp}/o"],
-     "model 'mixtral' is not in source 'routellm_gsm8k'"),
+     "--weak 'mixtral' is graded in none of the --data files"),
     (["train", "--data", "{data}/routellm_gsm8k.parquet", "--weight", "oops", "--out", "{tmp}/o"], "--weight expects SOURCE=NUMBER"),
-    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--label-policy", "vibes", "--out", "{tmp}/o"], "--label-policy must be"),
-    (["export", "--router", "{tmp}"], "no checkpoint/training.json"),
+    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--steps", "0", "--out", "{tmp}/o"], "--steps must be at least 1"),
+    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--variants", "int4", "--out", "{tmp}/o"], "--variants: expected fp32"),
+    (["export", "--router", "{tmp}"], "checkpoint/training.json: missing"),
 ])
 def test_bad_input_gives_one_clear_line(trained, tmp_path, datasets_dir, args, message):
     (tmp_path / "noprompt.csv").write_text("question,answer\nq,a\n")

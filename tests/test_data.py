@@ -1,4 +1,4 @@
-"""Data loading: the three input shapes, label policies, pair maps, splits by prompt, and clear errors."""
+"""Graded answers from every shape and scheme as one table of observations, one name per model, splits, errors."""
 
 import json
 
@@ -7,108 +7,86 @@ import pandas as pd
 import pytest
 
 from conftest import STRONG, WEAK
-from learned_router.data import build_dataset, load_pair_map, load_source
+from learned_router.data import canonical, load_grades, load_source, observations
 from learned_router.errors import DataError
-from learned_router.manifest import LabelPolicy
 
 
-def long_table(path, rows):
-    pd.DataFrame(rows, columns=["prompt_id", "prompt", "model", "score"]).to_parquet(path)
+def long_table(path, rows, **extra):
+    pd.DataFrame(rows, columns=["prompt_id", "prompt", "model", "score"]).assign(**extra).to_parquet(path)
     return path
 
 
-def test_label_policies_on_hand_made_scores(tmp_path):
-    rows = []
-    for i, (w, s) in enumerate([(0.9, 1.0), (0.5, 1.0), (1.0, 0.2), (0.0, 0.0), (0.6, 0.8)] * 4):
-        rows += [(f"p{i:02d}", f"prompt {i}", "big", s), (f"p{i:02d}", f"prompt {i}", "small", w)]
-    src = load_source(long_table(tmp_path / "t.parquet", rows))
-    kw = dict(strong="big", weak="small", val=0.3, test=0.3)
-    rel = build_dataset([src], policy=LabelPolicy(kind="relative", margin=0.0), **kw).sort_values("prompt_id")
-    assert rel["label"].tolist()[:5] == [0, 0, 1, 1, 0]
-    rel2 = build_dataset([src], policy=LabelPolicy(kind="relative", margin=0.2), **kw).sort_values("prompt_id")
-    assert rel2["label"].tolist()[:5] == [1, 0, 1, 1, 1]
-    ab = build_dataset([src], policy=LabelPolicy(kind="absolute", min_score=0.6, tie_target=0.5), **kw).sort_values("prompt_id")
-    assert ab["label"].tolist()[:5] == [1, 0, 1, 0, 1]
-    assert ab["target"].tolist() == ab["label"].tolist()  # ties mean nothing to an absolute bar
-    # the training target: the label, except a tie (0.0 vs 0.0) trains toward tie_target; the label stays "passes"
-    assert rel["target"].tolist() == rel["label"].tolist()
-    half = build_dataset([src], policy=LabelPolicy(tie_target=0.5), **kw).sort_values("prompt_id")
-    assert half["label"].tolist() == rel["label"].tolist()
-    assert half["target"].tolist()[:5] == [0, 0, 1, 0.5, 0]
+def test_each_shared_source_gets_its_grading_scheme(datasets_dir):
+    schemes = {name: load_source(datasets_dir / f"{name}.parquet").scheme for name in (
+        "routellm_mmlu", "arena_bench_v1", "routerbench_mbpp", "vicuna_bench", "routerarena", "mmlu_pro",
+        "alpaca_eval", "alpaca_eval_v1", "arena_battles_1k", "arena_hard_v01_battles")}
+    assert schemes == {"routellm_mmlu": "absolute", "arena_bench_v1": "absolute", "routerbench_mbpp": "absolute",
+                       "vicuna_bench": "absolute", "routerarena": "absolute", "mmlu_pro": "absolute",
+                       "alpaca_eval": "versus", "alpaca_eval_v1": "versus", "arena_battles_1k": "versus",
+                       "arena_hard_v01_battles": "versus"}
 
 
-def test_shared_sources_with_pair_map(datasets_dir):
-    sources = [load_source(datasets_dir / f) for f in ("routellm_gsm8k.parquet", "alpaca_eval.parquet", "arena_bench_v1.parquet")]
-    df = build_dataset(sources, STRONG, WEAK, LabelPolicy(), load_pair_map())
-    by = df.groupby("source")
-    assert by.size().to_dict() == {"alpaca_eval": 683, "arena_bench_v1": 292, "routellm_gsm8k": 1319 - 12 + int(
-        (df[(df.source == "routellm_gsm8k")].contaminated).sum())}
-    # alpaca_eval: the stand-in pair from the shipped map; labels follow "weak >= strong" (0.5 = the baseline)
-    alp = df[df.source == "alpaca_eval"]
-    assert (alp["strong_score"] == 0.5).all()
-    assert np.array_equal(alp["label"], (alp["weak_score"] >= 0.5).astype(int))
-    assert abs(alp["label"].mean() - 0.133) < 0.01  # the README's "weak >= strong" share for this pair
+def test_preferences_are_grades_against_their_baseline(datasets_dir):
+    alp = observations(load_source(datasets_dir / "alpaca_eval.parquet"))
+    assert set(alp["opponent"]) == {STRONG}  # gpt4_1106_preview, the judge's baseline, by its one name
+    assert STRONG not in set(alp["model"])  # the baseline against itself says nothing
+    mixtral = alp[alp["model"] == "Mixtral-8x7B-Instruct-v0.1_concise"]  # a different prompting keeps its own name
+    assert len(mixtral) == 683 and abs((mixtral["grade"] >= 0.5).mean() - 0.133) < 0.01  # the README's figure
+    hard = observations(load_source(datasets_dir / "arena_hard_v01_battles.parquet"))
+    assert set(hard["opponent"]) == {"gpt-4-0314"} and hard["model"].nunique() == 16
+    raw = pd.read_parquet(datasets_dir / "arena_hard_v01_battles.parquet")
+    assert hard["grade"].mean() == pytest.approx(raw["score_model_b"].mean(), abs=1e-6)  # each opponent's graded preference
 
 
-def test_split_is_by_prompt_text_and_drops_contaminated_from_evaluation(datasets_dir):
-    df = build_dataset([load_source(datasets_dir / "routellm_mmlu.parquet")], STRONG, WEAK, LabelPolicy())
-    splits_per_text = df.groupby("group")["split"].nunique()
-    assert splits_per_text.max() == 1
-    dup = df[df.duplicated("prompt", keep=False)]
-    assert len(dup) > 100  # MMLU repeats 105 question texts under different ids; they must share a split
-    assert not df.loc[df["split"] != "train", "contaminated"].any()
-    shares = df["split"].value_counts(normalize=True)
-    assert 0.07 < shares["test"] < 0.13 and 0.07 < shares["val"] < 0.13
-
-
-def test_split_is_deterministic_and_seeded(datasets_dir):
-    src = [load_source(datasets_dir / "routellm_gsm8k.parquet")]
-    a, b = (build_dataset(src, STRONG, WEAK, LabelPolicy(), seed=0) for _ in range(2))
-    c = build_dataset(src, STRONG, WEAK, LabelPolicy(), seed=1)
-    assert a["split"].tolist() == b["split"].tolist()
-    assert a["split"].tolist() != c["split"].tolist()
-
-
-def test_battles_and_plain_labels(tmp_path):
-    battles = [
-        {"prompt": f"q{i}", "model_a": a, "model_b": b, "winner": w}
-        for i, (a, b, w) in enumerate([("gpt-4", "mixtral", "model_a"), ("mixtral", "gpt-4", "model_a"),
-                                       ("gpt-4", "mixtral", "tie"), ("claude", "llama", "model_b")] * 10)
-    ]
+def test_human_votes_are_battles(tmp_path):
+    battles = [{"prompt": f"q{i}", "model_a": a, "model_b": b, "winner": w}
+               for i, (a, b, w) in enumerate([("gpt-4", "mixtral", "model_a"), ("mixtral", "gpt4", "model_a"),
+                                              ("gpt-4", "mixtral", "tie"), ("claude", "llama", "tie (bothbad)")])]
     path = tmp_path / "battles.jsonl"
     path.write_text("\n".join(json.dumps(b) for b in battles))
-    df = build_dataset([load_source(path)], "gpt-4", "mixtral", LabelPolicy(), val=0.3, test=0.3)
-    labels = dict(zip(df["prompt"], df["label"]))
-    assert len(df) == 30  # claude-vs-llama battles are not about this pair
-    assert [labels[f"q{i}"] for i in range(3)] == [0, 1, 1]
-    half = build_dataset([load_source(path)], "gpt-4", "mixtral", LabelPolicy(tie_target=0.5), val=0.3, test=0.3)
-    assert [dict(zip(half["prompt"], half["target"]))[f"q{i}"] for i in range(3)] == [0, 1, 0.5]  # a tie counts half
+    obs = observations(load_source(path)).set_index("prompt")
+    assert obs["grade"].to_dict() == {"q0": 1.0, "q1": 1.0, "q2": 0.5, "q3": 0.5}
+    assert obs.loc["q0", "model"] == obs.loc["q1", "opponent"] == "gpt-4-0314"  # both spellings, one model
+    assert set(obs["scheme"]) == {"versus"}
 
-    plain = tmp_path / "labels.csv"
-    pd.DataFrame({"prompt": [f"x{i}" for i in range(40)], "label": [0, 1] * 20}).to_csv(plain, index=False)
-    df = build_dataset([load_source(plain)], "a", "b", LabelPolicy(), val=0.3, test=0.3)
-    assert df["label"].sum() == 20 and df["target"].tolist() == df["label"].tolist()
+
+def test_one_name_per_model_across_sources(datasets_dir):
+    mbpp = observations(load_source(datasets_dir / "routerbench_mbpp.parquet"))
+    assert {STRONG, WEAK} <= set(mbpp["model"])  # mistralai/mixtral-8x7b-chat there
+    assert canonical("gpt4_1106_preview") == STRONG and canonical("something-new") == "something-new"
+
+
+def test_splits_are_by_prompt_text_seeded_and_contaminated_prompts_only_train(datasets_dir):
+    mmlu = [datasets_dir / "routellm_mmlu.parquet"]
+    g = load_grades(mmlu)
+    assert g.obs.groupby("group")["split"].nunique().max() == 1
+    assert g.obs["prompt"].duplicated().sum() > 100  # two models per prompt, and repeated question texts
+    assert not g.obs.loc[g.obs["split"] != "train", "contaminated"].any()
+    shares = g.prompts["split"].value_counts(normalize=True)
+    assert 0.07 < shares["test"] < 0.13 and 0.07 < shares["val"] < 0.13
+    gsm = [datasets_dir / "routellm_gsm8k.parquet"]
+    a, b, c = load_grades(gsm, seed=0), load_grades(gsm, seed=0), load_grades(gsm, seed=1)
+    assert a.obs["split"].tolist() == b.obs["split"].tolist() != c.obs["split"].tolist()
+
+
+def test_held_out_prompts_leave_every_source(datasets_dir):
+    g = load_grades([datasets_dir / "alpaca_eval.parquet", datasets_dir / "alpaca_eval_v1.parquet"])
+    groups = set(g.obs.loc[g.obs["source"] == "alpaca_eval", "group"])
+    assert g.without(groups).obs.empty  # AlpacaEval 1 and 2 share their instructions
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([("p0", "", "big", 1.0)], "row 0: field 'prompt' is empty"),
-    ([("p0", "q", "big", float("nan"))], "row 0: field 'score' is NaN"),
-    ([("p0", "q", "big", 3.0)], "row 0: field 'score' must be a number in [0, 1]"),
+    ([("p0", "", "big", 1.0)], "row 0: field 'prompt' is empty or not text"),
+    ([("p0", "q", "big", float("nan"))], "row 0: field 'score' must be a number in [0, 1] (got nan)"),
+    ([("p0", "q", "big", 3.0)], "row 0: field 'score' must be a number in [0, 1] (got 3.0)"),
 ])
 def test_bad_rows_are_named(tmp_path, rows, message):
-    with pytest.raises(DataError, match=None) as e:
-        build_dataset([load_source(long_table(tmp_path / "t.parquet", rows))], "big", "small", LabelPolicy())
+    with pytest.raises(DataError) as e:
+        load_grades([long_table(tmp_path / "t.parquet", rows)])
     assert message in str(e.value) and "t.parquet" in str(e.value)
 
 
-def test_unknown_model_lists_the_models_there(datasets_dir):
-    with pytest.raises(DataError) as e:
-        build_dataset([load_source(datasets_dir / "routellm_gsm8k.parquet")], "gpt-5", WEAK, LabelPolicy())
-    assert "'gpt-5' is not in source 'routellm_gsm8k'" in str(e.value)
-    assert "gpt-4-1106-preview, mistralai/Mixtral-8x7B-Instruct-v0.1" in str(e.value)
-
-
-def test_file_errors(tmp_path):
+def test_file_and_field_errors(tmp_path, datasets_dir):
     with pytest.raises(DataError, match="no such file"):
         load_source(tmp_path / "missing.parquet")
     (tmp_path / "x.txt").write_text("hello")
@@ -117,9 +95,21 @@ def test_file_errors(tmp_path):
     pd.DataFrame({"question": ["a"], "answer": ["b"]}).to_csv(tmp_path / "wrong.csv", index=False)
     with pytest.raises(DataError, match="unrecognised columns"):
         load_source(tmp_path / "wrong.csv")
-    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "label": 1}\n{not json')
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "model": "m", "score": 1}\n{not json')
     with pytest.raises(DataError, match="cannot be read"):
         load_source(tmp_path / "broken.jsonl")
-    pd.DataFrame({"prompt": ["a", "b"], "label": [1, 7]}).to_csv(tmp_path / "l.csv", index=False)
-    with pytest.raises(DataError, match="row 1: field 'label' must be 0 or 1"):
-        build_dataset([load_source(tmp_path / "l.csv")], "a", "b", LabelPolicy())
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="empty.csv: cannot be read|empty.csv: no rows"):
+        load_source(tmp_path / "empty.csv")
+    bad_winner = tmp_path / "b.jsonl"
+    bad_winner.write_text(json.dumps({"prompt": "a", "model_a": "x", "model_b": "y", "winner": "x"}))
+    with pytest.raises(DataError, match="row 0: field 'winner' must be one of"):
+        load_grades([bad_winner])
+    half = long_table(tmp_path / "half.parquet", [("p0", "q", "a", 1.0), ("p1", "r", "b", 0.0)], baseline=["a", None])
+    with pytest.raises(DataError, match="needs a 'baseline' column on every row"):
+        load_grades([half])
+    with pytest.raises(DataError, match="--weight names unknown source"):
+        load_grades([datasets_dir / "vicuna_bench.parquet"], weights={"nope": 2})
+    with pytest.raises(DataError, match="source names repeat"):
+        load_grades([datasets_dir / "vicuna_bench.parquet"] * 2)
+    assert np.isfinite(load_grades([datasets_dir / "vicuna_bench.parquet"]).obs["grade"]).all()

@@ -29,11 +29,11 @@ def test_benchmark_in_training_data_is_cross_validated(trained, datasets_dir, tm
     assert res.protocol.startswith("2-fold cross-validation by prompt")
     clean = pd.read_parquet(bench).drop_duplicates("prompt_id")
     assert res.n_prompts == r["n_prompts"] == int((~clean["contaminated"]).sum()) < 120  # contaminated dropped
-    assert set(r["scorers"]) >= {"router", "prompt length", "kNN", "logistic", "random", "oracle", "optimal"}
+    assert set(r["scorers"]) >= {"router", "difficulty", "prompt length", "kNN", "logistic", "random", "oracle", "optimal"}
     assert r["scorers"]["random"]["apgr"] == pytest.approx(0.5)
     assert r["scorers"]["optimal"]["apgr"] > max(r["scorers"][k]["apgr"] for k in ("router", "kNN", "logistic"))
     assert 0 <= r["scorers"]["router"]["roc_auc"] <= 1
-    assert set(r["not_beaten"]) <= {"prompt length", "kNN", "logistic"}
+    assert set(r["not_beaten"]) <= {"difficulty", "prompt length", "kNN", "logistic"}
     for b in ("prompt length", "kNN", "logistic"):  # bootstrap intervals around the router's APGR and its lead
         lo, hi = r["scorers"][b]["lead_ci"]
         assert lo <= r["scorers"]["router"]["apgr"] - r["scorers"][b]["apgr"] <= hi
@@ -50,6 +50,21 @@ def test_unseen_benchmark_is_scored_by_the_shipped_router(trained, datasets_dir,
     res = run_eval(trained["path"], bench, STRONG, WEAK, tmp_path / "out")
     assert res.protocol.startswith("the shipped router")
     assert res.n_prompts == 80
+
+
+def test_leave_one_source_out_refits_without_the_source_or_its_prompts(trained, datasets_dir, tmp_path):
+    res = run_eval(trained["path"], datasets_dir / "arena_bench_v1.parquet", STRONG, WEAK, tmp_path / "out", by="source")
+    assert res.protocol.startswith("leave one source out")
+    assert res.n_prompts == 292  # every prompt with both models' grades
+    r = res.report["scorers"]
+    assert r["optimal"]["apgr"] == pytest.approx(0.875, abs=0.002)  # the datasets README's oracle for this pair
+    assert {"router", "difficulty", "kNN", "logistic"} <= set(r)
+
+
+def test_battles_against_whichever_opponent(trained, datasets_dir, tmp_path):
+    res = run_eval(trained["path"], datasets_dir / "arena_battles_1k.parquet", "gpt-4", "*", tmp_path / "out", by="source")
+    assert res.report["strong"] == "gpt-4-0314" and res.report["pairs"] > 5  # gpt-4 met many opponents
+    assert 100 < res.n_prompts < 200
 
 
 def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path, monkeypatch):
@@ -73,23 +88,29 @@ def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path, monkeypatc
 
 
 def test_bad_benchmarks(trained, datasets_dir, tmp_path):
-    with pytest.raises(DataError, match="model 'nope' is not in source 'routellm_gsm8k'"):
+    with pytest.raises(DataError, match=r"model\(s\) nope not graded there; models: gpt-4-1106-preview"):
         run_eval(trained["path"], slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, "nope", tmp_path / "o")
+    with pytest.raises(DataError, match="no battle between 'gpt-4-1106-preview' and 'nope'"):
+        run_eval(trained["path"], datasets_dir / "arena_battles_1k.parquet", STRONG, "nope", tmp_path / "o")
+    with pytest.raises(DataError, match="is for battles between varying models"):
+        run_eval(trained["path"], slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, "*", tmp_path / "o")
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"prompt": ["a", "b"], "label": [0, 1]}).to_csv(labels, index=False)
-    with pytest.raises(DataError, match="an evaluation needs graded answers"):
+    with pytest.raises(DataError, match="unrecognised columns"):
         run_eval(trained["path"], labels, STRONG, WEAK, tmp_path / "o")
     dirty = slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path, contaminated=True)
-    with pytest.raises(DataError, match="no prompt left to evaluate"):
+    with pytest.raises(DataError, match="no prompt graded for both"):
         run_eval(trained["path"], dirty, STRONG, WEAK, tmp_path / "o")
+    with pytest.raises(RouterError, match="--by must be"):
+        run_eval(trained["path"], dirty, STRONG, WEAK, tmp_path / "o", by="vibes")
     assert not (tmp_path / "o").exists()
 
 
 def test_router_for_another_encoder(trained, datasets_dir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(trained["path"], other)
-    manifest = json.loads((other / "router.json").read_text())
-    manifest["encoder"]["fingerprint"] = "0" * 64
-    (other / "router.json").write_text(json.dumps(manifest))
+    record = json.loads((other / "checkpoint" / "training.json").read_text())
+    record["encoder"]["fingerprint"] = "0" * 64
+    (other / "checkpoint" / "training.json").write_text(json.dumps(record))
     with pytest.raises(RouterError, match="trained on another encoder"):
         run_eval(other, slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, WEAK, tmp_path / "o")

@@ -1,4 +1,4 @@
-"""The torch-free scorer: batch and single prompts, truncation, thresholds, and that torch is never imported."""
+"""The torch-free scorer: batch and single prompts, truncation, pass chances, thresholds, and never torch."""
 
 import json
 import subprocess
@@ -23,8 +23,8 @@ def test_a_prompt_scores_the_same_alone_or_in_a_batch(trained, variant):
     r = Router(trained["path"], variant=variant)
     batch = r.score(PROMPTS)
     single = np.array([r.score([p])[0] for p in PROMPTS])
-    assert batch.shape == (4,) and batch.dtype == np.float32
-    assert ((batch > 0) & (batch < 1)).all()
+    assert batch.shape == (4, len(r.models)) and batch.dtype == np.float32 and r.models[-1] == "generic"
+    assert ((batch >= 0) & (batch <= 1)).all()
     # int8 is exact (one prompt per run); fp32 batches with padding, which the attention mask cancels
     assert np.allclose(batch, single, atol=0 if variant == "int8" else 1e-5)
 
@@ -37,8 +37,27 @@ def test_long_prompts_keep_their_head(router):
     assert router.score([long])[0] == pytest.approx(router.score([long + " And also cook me a pie."])[0], abs=1e-6)
 
 
+def test_pass_chances_are_views_of_the_predicted_quality(router):
+    m = router.manifest
+    quality, difficulty = router.predict(PROMPTS)
+    s, w = m.models.index(m.strong), m.models.index(m.weak)
+    scores = router.score(PROMPTS)
+    assert np.allclose(scores[:, s], 1.0)  # the strong model passes against itself
+    assert np.allclose(scores[:, w], 1 - np.clip(quality[:, s] - quality[:, w], 0, 1), atol=1e-6)
+    assert np.allclose(scores[:, -1], 1 - difficulty, atol=1e-6)
+    assert np.allclose(router.pass_chance(PROMPTS), scores[:, w], atol=1e-6)
+    assert np.allclose(router.pass_chance(PROMPTS, weak="generic"), 1 - difficulty, atol=1e-6)
+    other = router.pass_chance(PROMPTS, weak="vicuna-13b", strong="gpt-4-0314")
+    v, g = m.models.index("vicuna-13b"), m.models.index("gpt-4-0314")
+    assert np.allclose(other, 1 - np.clip(quality[:, g] - quality[:, v], 0, 1), atol=1e-6)
+    with pytest.raises(RouterError, match="not trained on 'gpt-5'.*use 'generic'"):
+        router.pass_chance(PROMPTS, weak="gpt-5")
+    with pytest.raises(RouterError, match="weak side only"):
+        router.pass_chance(PROMPTS, strong="generic")
+
+
 def test_route_threshold(router):
-    p = router.score(["Prove the Riemann hypothesis."])[0]
+    p = router.pass_chance(["Prove the Riemann hypothesis."])[0]
     assert router.route(["Prove the Riemann hypothesis."], threshold=0.0)[0].model == "weak"
     assert router.route(["Prove the Riemann hypothesis."], threshold=1.0)[0].model == "strong"
     d = router.route(["Prove the Riemann hypothesis."], threshold=float(p))[0]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reas
 
 NAMES = ["weak-a", "weak-b", "strong-a", "strong-c"]
 DATA_CLASSES = {"restricted": ["weak-a", "strong-c"], "internal": ["strong-a"]}
-TIERS_ROUTER = ROOT / "models" / "alpaca-tiers"
+TIERS_ROUTER = ROOT / "models" / "default"
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,6 @@ def test_headers_and_route_explain_score_context_and_circuit_decisions(client, s
 
 # ---- a multi-tier router ---------------------------------------------------------------------------
 
-@pytest.mark.skipif(not (TIERS_ROUTER / "router.json").is_file(), reason=f"no multi-tier router at {TIERS_ROUTER}")
 def test_a_multi_tier_router_picks_the_cheapest_tier_that_clears_the_threshold(healthy):
     fakes = healthy
     tiers_router = Router(TIERS_ROUTER)
@@ -244,13 +243,15 @@ def test_a_multi_tier_router_picks_the_cheapest_tier_that_clears_the_threshold(h
         assert r.headers["x-router-provider"] == "weak-a" and r.headers["x-router-fallbacks"] == "2"
 
 
-@pytest.mark.skipif(not (TIERS_ROUTER / "router.json").is_file(), reason=f"no multi-tier router at {TIERS_ROUTER}")
-def test_a_multi_tier_router_needs_a_raw_threshold_and_names_its_outputs(fakes):
+def test_a_share_of_strong_calls_needs_one_scored_tier_and_tiers_name_router_outputs(fakes):
     tiers_router = Router(TIERS_ROUTER)
     entry = provider_entry("weak-a", fakes["weak-a"], None, "m", (0.1, 0.1))
     tiers = [{"name": "small", "score": "gemma-2b-it", "providers": [entry]}, {"name": "top", "providers": [{**entry, "name": "top"}]}]
-    with pytest.raises(ConfigError, match=r"routing.strong_fraction: only for a binary router; this one scores \d+ models"):
-        Service(parse_config(service_config(tiers, routing={"strong_fraction": 0.3})), router=tiers_router)
+    one = Service(parse_config(service_config(tiers, routing={"strong_fraction": 0.3})), router=tiers_router)
+    assert one.threshold == pytest.approx(tiers_router.manifest.threshold_for(0.3, "gemma-2b-it"))
+    two = [{**tiers[0], "name": "tiny", "score": "generic"}, *tiers]
+    with pytest.raises(ConfigError, match=r"routing.strong_fraction: needs exactly one scored tier, this config scores 2"):
+        Service(parse_config(service_config(two, routing={"strong_fraction": 0.3})), router=tiers_router)
     tiers[0]["score"] = "gpt-5"
-    with pytest.raises(ConfigError, match=r"tiers\[0\].score: the router outputs no 'gpt-5'; it outputs: FuseChat-Gemma-2-9B-Instruct, "):
+    with pytest.raises(ConfigError, match=r"tiers\[0\].score: the router outputs no 'gpt-5' \(\d+ outputs; closest: .*'generic' scores any"):
         Service(parse_config(service_config(tiers)), router=tiers_router)

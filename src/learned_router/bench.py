@@ -60,7 +60,7 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
 
     from .export import export
     from .embed import Encoder
-    from .model import Head
+    from .model import QualityHead
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
@@ -73,14 +73,13 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
                "onnx fp32": Router(fp32_dir, variant="fp32", threads=threads)}
     info = routers["onnx int8"].manifest.encoder
     enc = Encoder(max_seq_length=info.max_seq_length, layers=info.layers)
-    head = Head.load(router_dir / "checkpoint")
+    head = QualityHead.load(Path(router_dir) / "checkpoint")
 
     def torch_score(prompts):
         with torch.inference_mode():
-            return head.predict(enc.features(prompts, head.cfg.length_input, batch_size=32, progress=False, cache=False),
-                                enc.bags(prompts) if head.cfg.sources else None)
+            return head.predict(enc.features(prompts, head.cfg.length_input, batch_size=32, progress=False, cache=False))
 
-    scorers = {**{k: r.score for k, r in routers.items()}, "sentence-transformers + torch": torch_score}
+    scorers = {**{k: r.predict for k, r in routers.items()}, "sentence-transformers + torch": torch_score}
     short, long_ = prompt_of(routers["onnx int8"], 30), prompt_of(routers["onnx int8"], 250)
     batch = [f"{i}. {short}" for i in range(256)]
     rows = []
@@ -100,7 +99,7 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
     prompts = real_prompts(data_dir, 1000) if data_dir and Path(data_dir).is_dir() else []
     if prompts:
         t = routers["onnx int8"].default_threshold
-        p8, p32 = routers["onnx int8"].score(prompts), routers["onnx fp32"].score(prompts)
+        p8, p32 = routers["onnx int8"].pass_chance(prompts), routers["onnx fp32"].pass_chance(prompts)
         facts |= {"agreement prompts": len(prompts), "default threshold": t,
                   "int8 vs fp32 decision agreement": float(np.mean((p8 >= t) == (p32 >= t))),
                   "int8 vs fp32 max |dp|": float(np.max(np.abs(p8 - p32)))}

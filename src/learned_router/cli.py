@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from .errors import RouterError
+from .recipe import Recipe
 
 app = typer.Typer(
     help="A learned LLM router: train it, export it to ONNX, score prompts, evaluate and serve it.",
@@ -65,132 +69,62 @@ def parity_line(parity: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in parity.items() if not k.startswith("fused"))
 
 
-# options shared by the training commands
-OutDir = Annotated[Path, typer.Option(help="Router folder to write (checkpoint + ONNX export).")]
-EncoderDir = Annotated[Optional[Path], typer.Option(help="A sentence-transformers folder (default: all-MiniLM-L6-v2, shipped).")]
-ValShare = Annotated[float, typer.Option(help="Share of prompts held out for validation (early stopping, calibration).")]
-TestShare = Annotated[float, typer.Option(help="Share of prompts held out for the test metrics.")]
+def recipe_options(fn):
+    """Give a command one option per `Recipe` field (its default and help from the dataclass; lists as
+    comma-separated text) and call it with the `recipe` they make."""
+    hints = typing.get_type_hints(Recipe)
+    extra = []
+    for f in dataclasses.fields(Recipe):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hints[f.name]
+        if typing.get_origin(kind) is list:
+            kind, default = str, ",".join(default)
+        elif type(None) in typing.get_args(kind):
+            kind = Optional[next(a for a in typing.get_args(kind) if a is not type(None))]
+        extra.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                       annotation=Annotated[kind, typer.Option(help=f.metadata["help"])]))
+    lists = {f.name for f in dataclasses.fields(Recipe) if typing.get_origin(hints[f.name]) is list}
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        values = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(Recipe)}
+        values |= {k: names_of(values[k]) for k in lists}
+        return fn(recipe=Recipe(**values), **kwargs)
+
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "recipe"]
+    wrapper.__signature__ = inspect.Signature(own + extra)
+    wrapper.__annotations__ = {}  # the signature holds them all
+    return wrapper
+
+
 Variants = Annotated[str, typer.Option(help="ONNX variants to export: fp32, int8 or both.")]
-RunName = Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")]
-Experiment = Annotated[str, typer.Option(help="MLflow experiment.")]
-Overwrite = Annotated[bool, typer.Option(help="Replace an existing router folder.")]
 
 
 @app.command()
 @user_errors
+@recipe_options
 def train(
-    data: Annotated[list[Path], typer.Option("--data", help="Labeled data file (parquet/JSONL/CSV); repeat to mix sources.")],
-    out: OutDir,
-    strong: Annotated[str, typer.Option(help="The strong (expensive) model's name.")] = "gpt-4-1106-preview",
-    weak: Annotated[str, typer.Option(help="The weak (cheap) model's name.")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
-    weight: Annotated[list[str], typer.Option("--weight", help="SOURCE=W: loss weight per row of that source (default 1).")] = [],
-    pair_map: Annotated[Optional[Path], typer.Option(help="YAML of per-source stand-in models, on top of the shipped map.")] = None,
-    label_policy: Annotated[str, typer.Option(help="relative: weak >= strong - margin; absolute: weak >= min-score.")] = "relative",
-    margin: Annotated[float, typer.Option(help="Margin of the relative policy.")] = 0.0,
-    min_score: Annotated[float, typer.Option(help="Bar of the absolute policy.")] = 0.5,
-    tie_target: Annotated[float, typer.Option(help="Relative policy: what the head trains toward where both answers got the "
-                                              "same grade (1: a tie passes, as the label says; 0.5: a tie counts half, "
-                                              "so the head ranks prompts by the expected quality gap).")] = 0.5,
-    encoder: EncoderDir = None,
-    max_seq_length: Annotated[Optional[int], typer.Option(help="Encoder token limit (default: the encoder's own, 256).")] = None,
-    encoder_layers: Annotated[int, typer.Option(min=1, help="Embed with the encoder's first N transformer blocks (mean of "
-                                                "their token states): a middle layer ranks prompts better than the last, "
-                                                "and scores faster.")] = 3,
-    hidden: Annotated[int, typer.Option(min=0, help="Width of an MLP on the embedding and length (0: none; the lexical "
-                                        "experts are the whole head).")] = 0,
-    dropout: float = 0.1,
-    length_input: Annotated[bool, typer.Option(help="Give the head the prompt's length (in characters) beside its embedding.")] = True,
-    source_offsets: Annotated[bool, typer.Option(help="Learn a bias per data source in training, so the head learns "
-                                                 "what ranks prompts within a source rather than the sources' pass rates.")] = True,
-    lexical_c: Annotated[float, typer.Option(min=0.0, help="Lexical experts: per source, a logistic regression on the "
-                                             "prompt's word pieces, embedding and length with this inverse L2 strength, "
-                                             "mixed by a gate that tells the source from the embedding (0: none).")] = 0.3,
-    neighbours: Annotated[int, typer.Option(min=0, help="Add a similarity-weighted kNN over the training prompts' "
-                                            "embeddings with this k, weighed against the rest of the head on validation "
-                                            "(0: none).")] = 30,
-    epochs: Annotated[int, typer.Option(help="Most epochs of MLP training (early stopping on validation AUC).")] = 200,
-    lr: float = 1e-3,
-    batch_size: int = 256,
-    patience: int = 15,
-    seed: int = 0,
-    finetune_epochs: Annotated[int, typer.Option(help="Also fine-tune the encoder end to end for N epochs (slow on CPU).")] = 0,
-    finetune_lr: float = 2e-5,
-    val: ValShare = 0.1,
-    test: TestShare = 0.1,
-    max_prompts: Annotated[Optional[int], typer.Option(help="Sample at most N prompts per source (quick runs).")] = None,
+    data: Annotated[list[Path], typer.Option("--data", help="Graded answers (parquet/JSONL/CSV, long or battles); repeat to mix sources.")],
+    out: Annotated[Path, typer.Option(help="Router folder to write (checkpoint + ONNX export).")],
+    recipe: Recipe,
+    weight: Annotated[list[str], typer.Option("--weight", help="SOURCE=W: multiply that source's weight in the fit (default 1).")] = [],
     variants: Variants = "fp32,int8",
-    name: RunName = None,
-    experiment: Experiment = "learned-router",
-    overwrite: Overwrite = False,
+    name: Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing router folder.")] = False,
 ):
-    """Train a router on labeled data, export it to ONNX and log the run to MLflow."""
-    from .manifest import LabelPolicy
-    from .model import FitConfig, HeadConfig
-    from .train import TrainSpec, train as run_training
+    """Train a router on graded answers of many models, export it to ONNX and log the run to MLflow."""
+    from .train import train as run_training
 
-    if label_policy not in ("relative", "absolute"):
-        raise RouterError(f"--label-policy must be 'relative' or 'absolute', got {label_policy!r}")
-    try:
-        policy = LabelPolicy(kind=label_policy, margin=margin, min_score=min_score, tie_target=tie_target)
-    except ValueError as e:
-        raise RouterError(f"label policy: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
-    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
-        raise RouterError(f"--val and --test must be in (0, 1) with a sum below 1, got {val} and {test}")
-    spec = TrainSpec(
-        data=[str(d) for d in data], strong=strong, weak=weak, out=out, weights=parse_weights(weight),
-        pair_map=str(pair_map) if pair_map else None, policy=policy, encoder=str(encoder) if encoder else None,
-        max_seq_length=max_seq_length, encoder_layers=encoder_layers, head=HeadConfig(hidden=hidden, dropout=dropout, length_input=length_input, lexical_c=lexical_c,
-                                                                                          neighbours=neighbours),
-        fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, source_offsets=source_offsets),
-        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, val=val, test=test, max_prompts=max_prompts,
-        variants=names_of(variants), name=name, experiment=experiment, overwrite=overwrite,
-    )
-    manifest, run_id = run_training(spec)
-    m = manifest.metrics
-    typer.echo(f"router written to {out} (MLflow run {run_id})")
-    typer.echo(f"test AUC {m.get('test_auc', float('nan')):.4f}, validation AUC {m['best_val_auc']:.4f}; parity "
-               + parity_line(manifest.parity))
-
-
-@app.command("train-tiers")
-@user_errors
-def train_tiers(
-    data: Annotated[list[Path], typer.Option("--data", help="Graded answers of many models (long format); repeat for more files.")],
-    out: OutDir,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated models to predict for (default: every model in the data).")] = None,
-    encoder: EncoderDir = None,
-    hidden: int = 256,
-    dropout: float = 0.1,
-    epochs: Annotated[int, typer.Option(help="Most epochs (early stopping on validation loss).")] = 200,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    patience: int = 15,
-    seed: int = 0,
-    val: ValShare = 0.1,
-    test: TestShare = 0.1,
-    variants: Variants = "fp32,int8",
-    name: RunName = None,
-    experiment: Experiment = "learned-router",
-    overwrite: Overwrite = False,
-):
-    """Train a multi-tier router: P(each model's answer passes) per prompt, exported to one ONNX graph."""
-    from .model import FitConfig, HeadConfig
-    from .tiers import TierSpec, train_tiers as run_training
-
-    if not (0 < val < 1 and 0 <= test < 1 and val + test < 1):
-        raise RouterError(f"--val must be in (0, 1) and --test in [0, 1) with a sum below 1, got {val} and {test}")
-    names = names_of(models) if models else None
-    if names is not None and len(names) < 2:
-        raise RouterError(f"--models needs at least 2 models, got {names}")
-    spec = TierSpec(data=[str(d) for d in data], out=out, models=names, encoder=str(encoder) if encoder else None,
-                    head=HeadConfig(hidden=hidden, dropout=dropout),
-                    fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed),
-                    val=val, test=test, variants=names_of(variants), name=name, experiment=experiment, overwrite=overwrite)
-    manifest, run_id = run_training(spec)
-    m = manifest.metrics
+    chosen = names_of(variants)
+    bad = [v for v in chosen if v not in ("fp32", "int8")]
+    if bad or not chosen:
+        raise RouterError(f"--variants: expected fp32, int8 or both, got {variants!r}")
+    manifest, run_id = run_training([str(d) for d in data], out, recipe, weights=parse_weights(weight), variants=chosen,
+                                    name=name, experiment=experiment, overwrite=overwrite)
     typer.echo(f"router for {len(manifest.models)} models written to {out} (MLflow run {run_id})")
-    typer.echo(f"test mean AUC {m.get('test_auc_mean', float('nan')):.4f}, test MAE {m.get('test_mae', float('nan')):.4f}; "
-               "parity " + parity_line(manifest.parity))
+    typer.echo(f"default threshold {manifest.default_threshold} ({manifest.weak} vs {manifest.strong}); parity "
+               + parity_line(manifest.parity))
 
 
 @app.command("export")
@@ -243,26 +177,42 @@ def score(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts to score (or use --file, or stdin).")] = None,
     router: Annotated[Path, typer.Option(help="Router folder.")] = Path("models/default"),
     file: Annotated[Optional[Path], typer.Option(help="JSONL/parquet/CSV with a 'prompt' column, or a text file.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Route to weak when p_weak >= threshold (default: the router's).")] = None,
+    weak: Annotated[Optional[str], typer.Option(help="The weak model, as the router names it, or 'generic' for one it "
+                                                "was not trained on (default: the router's).")] = None,
+    strong: Annotated[Optional[str], typer.Option(help="The strong model (default: the router's).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Route to weak when its pass chance >= threshold.")] = None,
+    strong_fraction: Annotated[Optional[float], typer.Option(help="Instead of --threshold: the share of strong calls "
+                                                             "wanted (the router's calibration table).")] = None,
     variant: Annotated[str, typer.Option(help="int8, fp32 or auto.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
 ):
-    """Score prompts: one JSON line each with p_weak (P(weak answer passes)) and the routing decision; for a
-    multi-tier router, each model's P(pass) (which tier that picks is the service's config)."""
+    """Score prompts: one JSON line each with the weak model's pass chance against the strong one, the decision and
+    the prompt's difficulty."""
     import json
 
     from .scorer import Router, check_threshold
 
+    if threshold is not None and strong_fraction is not None:
+        raise RouterError("give --threshold or --strong-fraction, not both")
     texts, ids = read_prompts(prompts or [], file)
     r = Router(router, variant=variant, threads=threads)
-    t = r.default_threshold if threshold is None else check_threshold(threshold)
-    if r.manifest.kind == "tiers":
-        for i, p in zip(ids, r.score(texts)):
-            typer.echo(json.dumps({"id": i, "p_pass": {m: round(float(x), 6) for m, x in zip(r.models, p)}}))
-        return
-    names = {"strong": r.manifest.strong, "weak": r.manifest.weak}
-    for i, d in zip(ids, r.route(texts, t)):
-        typer.echo(json.dumps({"id": i, "p_weak": round(d.p_weak, 6), "route": d.model, "model": names[d.model], "threshold": t}))
+    weak, strong = weak or r.manifest.weak, strong or r.manifest.strong
+    r.column(weak), r.column(strong)
+    if strong_fraction is not None:
+        if not 0 <= strong_fraction <= 1:
+            raise RouterError(f"--strong-fraction must be in [0, 1], got {strong_fraction}")
+        t = r.manifest.threshold_for(strong_fraction, weak)
+    elif threshold is not None:
+        t = check_threshold(threshold)
+    elif (weak, strong) == (r.manifest.weak, r.manifest.strong):
+        t = r.default_threshold
+    else:
+        t = r.manifest.threshold_for(1 - r.manifest.strong_fraction_at(r.default_threshold), weak)
+    quality, difficulty = r.predict(texts)
+    for i, d, diff in zip(ids, r.route(texts, t, weak, strong), difficulty):
+        typer.echo(json.dumps({"id": i, "p_weak": round(d.p_weak, 6), "route": d.model,
+                               "model": weak if d.model == "weak" else strong, "threshold": round(t, 6),
+                               "difficulty": round(float(diff), 6)}))
 
 
 @app.command()
@@ -298,14 +248,15 @@ def bench(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    data: Annotated[Path, typer.Option(help="A graded benchmark (long format: prompt_id, prompt, model, score).")],
+    data: Annotated[Path, typer.Option(help="A graded benchmark (long or battles).")],
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, frontier.png and table.md.")],
     router: Annotated[Path, typer.Option(help="Router folder (with its checkpoint/).")] = Path("models/default"),
-    strong: Annotated[str, typer.Option(help="The strong model, as the benchmark (or the pair map) names it.")] = "gpt-4-1106-preview",
-    weak: Annotated[str, typer.Option(help="The weak model.")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
-    prices: Annotated[Optional[Path], typer.Option(help="YAML of $ per 1M input/output tokens per model (evals/prices.yaml).")] = None,
+    strong: Annotated[str, typer.Option(help="The strong model, as the benchmark names it.")] = "gpt-4-1106-preview",
+    weak: Annotated[str, typer.Option(help="The weak model ('*' on battles: whichever model the strong one met).")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    prices: Annotated[Optional[Path], typer.Option(help="YAML of $ per 1M input/output tokens per model.")] = Path("evals/prices.yaml"),
     folds: Annotated[int, typer.Option(help="Folds when the benchmark overlaps the router's training data.")] = 5,
-    by: Annotated[str, typer.Option(help="Cross-validation groups: prompt, or category (e.g. MMLU subject: out of domain).")] = "prompt",
+    by: Annotated[str, typer.Option(help="source: leave the benchmark's source out of training; prompt or category: "
+                                    "k-fold cross-validation by that (MMLU subject: out of domain).")] = "prompt",
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the router's training files are, if not where it was trained.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Benchmark name in the outputs (default: the file name).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router-evals",
@@ -317,43 +268,17 @@ def eval_cmd(
     from .tracking import start_run
 
     with start_run(experiment, name or data.stem):
+        typer.echo(f"evaluating {router} on {data} (by {by}): the recipe is refit per fold when the prompts overlap "
+                   "its training data", err=True)
         result = run_eval(router, data, strong, weak, out, prices=prices, folds=folds, by=by, data_dir=data_dir, name=name)
         m = result.report["scorers"]
         mlflow.log_params({"router": str(router), "data": str(data), "strong": strong, "weak": weak, "folds": folds, "by": by,
                            "prompts": result.n_prompts})
-        mlflow.log_metrics({f"{k}_{name.replace(' ', '_')}": v for name, s in m.items() for k, v in s.items()
+        key = lambda n: n.replace(" ", "_")  # noqa: E731
+        mlflow.log_metrics({f"{k}_{key(n)}": v for n, s in m.items() for k, v in s.items()
                             if k in ("apgr", "apgr_routellm", "cpt50", "cpt80", "cost_saving", "roc_auc") and v is not None})
-        mlflow.log_metrics({f"{k}_{end}_{name.replace(' ', '_')}": v[i] for name, s in m.items() for k, v in s.items()
+        mlflow.log_metrics({f"{k}_{end}_{key(n)}": v[i] for n, s in m.items() for k, v in s.items()
                             if k in ("apgr_ci", "lead_ci") and None not in v for i, end in enumerate(("low", "high"))})
-        mlflow.log_artifacts(str(out))
-    typer.echo((out / "table.md").read_text())
-    typer.echo(f"written to {out}")
-
-
-@app.command("eval-tiers")
-@user_errors
-def eval_tiers(
-    data: Annotated[Path, typer.Option(help="Graded answers of many models (long format), e.g. alpaca_eval.parquet.")],
-    tiers: Annotated[str, typer.Option(help="Comma-separated models, cheapest first, as the data names them.")],
-    out: Annotated[Path, typer.Option(help="Folder for metrics.json, frontier.png and table.md.")],
-    router: Annotated[Path, typer.Option(help="Multi-tier router folder (with its checkpoint/).")] = Path("models/alpaca-tiers"),
-    prices: Annotated[Path, typer.Option(help="YAML of $ per 1M input/output tokens per model.")] = Path("evals/prices.yaml"),
-    folds: Annotated[int, typer.Option(help="Cross-validation folds (by prompt).")] = 5,
-    name: Annotated[Optional[str], typer.Option(help="Benchmark name in the outputs (default: the file name).")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router-evals",
-):
-    """Evaluate multi-tier routing: quality vs dollars against each single model, the two-model router and the oracle."""
-    import mlflow
-
-    from .evals.multitier import run_tier_eval
-    from .tracking import start_run
-
-    names = names_of(tiers)
-    with start_run(experiment, name or f"{data.stem} tiers"):
-        r = run_tier_eval(router, data, names, prices, out, folds=folds, name=name)
-        mlflow.log_params({"router": str(router), "data": str(data), "tiers": ",".join(names), "folds": folds,
-                           "prompts": r["n_prompts"]})
-        mlflow.log_metrics({f"{k}_{n.split(' ')[0]}": v for n, m in r["scorers"].items() for k, v in m.items() if v is not None})
         mlflow.log_artifacts(str(out))
     typer.echo((out / "table.md").read_text())
     typer.echo(f"written to {out}")
@@ -365,10 +290,11 @@ def report(
     config: Annotated[Path, typer.Option(help="Benchmark suite YAML.")] = Path("evals/benchmarks.yaml"),
     out: Annotated[Path, typer.Option(help="Folder for RESULTS.md and results/<benchmark>/.")] = Path("evals"),
 ):
-    """Run every benchmark of a suite and regenerate RESULTS.md (tables, frontier plots, RouteLLM's numbers)."""
+    """Run every benchmark of a suite and regenerate RESULTS.md (leave-one-source-out and in-domain tables, frontier
+    plots, RouteLLM's numbers)."""
     from .evals.results import load_suite, write_results
 
-    typer.echo(f"written {write_results(load_suite(config), out)}")
+    typer.echo(f"written {write_results(load_suite(config), out, progress=lambda line: typer.echo(line, err=True))}")
 
 
 # ---- commands (service) -----------------------------------------------------------------------

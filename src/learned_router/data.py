@@ -1,11 +1,19 @@
-"""Labeled routing data: read sources, map model names, apply the label policy, split by prompt.
+"""Graded answers from every source as one table of observations, each under its source's grading scheme.
 
-Three input shapes, told apart by their columns:
-- long (the shared datasets): prompt_id, prompt, model, score in [0, 1] (+ source, contaminated, turns, category)
+Two input shapes, told apart by their columns:
+- long (the shared datasets): prompt, model, score in [0, 1] (+ prompt_id, source, baseline, contaminated, category)
 - battles (Chatbot Arena style): prompt, model_a, model_b, winner in {model_a, model_b, tie, tie (bothbad)}
-- labels: prompt, label in {0, 1} (1 = the weak model's answer passes)
+  (+ score_model_b: model_b's graded preference over model_a, used instead of the winner where present: model_b is
+  then the observation's model, against model_a)
 
-The output is one row per (source, prompt): prompt, label, weight, source, group, split, weak/strong scores.
+Two grading schemes (`SCHEMES`), the link the quality model fits per source:
+- absolute: the grade says how good one answer is (pass/fail, 1-10 against a reference);
+- versus: the grade says whether one answer beat another (a judge's preference against a fixed baseline, a human
+  vote between two answers). Only the two models' difference shows in it, never the prompt's difficulty.
+A long table with a `baseline` column is versus that baseline, unless `SOURCES` (sources.yaml) says otherwise.
+
+The output is one row per (source, prompt, model, opponent): prompt, group, source, scheme, model, opponent (None
+for absolute), grade, split.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,30 +29,43 @@ import pandas as pd
 import yaml
 
 from .errors import DataError
-from .manifest import LabelPolicy, sha256_file
+from .manifest import sha256_file
 
 FORMATS = {
     "long": ("prompt", "model", "score"),
     "battles": ("prompt", "model_a", "model_b", "winner"),
-    "labels": ("prompt", "label"),
 }
-WINNERS = {"model_a", "model_b", "tie", "tie (bothbad)"}
+SCHEMES = ("absolute", "versus")
+WINNERS = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}  # model_a's grade
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+SOURCES_FILE = Path(__file__).with_name("sources.yaml")
+
+
+@lru_cache(maxsize=1)
+def known_sources() -> dict:
+    """sources.yaml: model aliases (one name per model across sources) and per-source scheme overrides."""
+    return yaml.safe_load(SOURCES_FILE.read_text())
+
+
+def canonical(model: str) -> str:
+    """The name a model goes by across sources (sources.yaml `aliases`), else its own."""
+    return known_sources()["aliases"].get(model, model)
 
 
 @dataclass
 class Source:
-    """One input file and how much each of its rows counts in the loss."""
+    """One input file: its rows, its shape and its grading scheme."""
 
     path: Path
-    weight: float = 1.0
     name: str = ""
     table: pd.DataFrame = field(default=None, repr=False)
     fmt: str = ""
+    scheme: str = ""
+    weight: float = 1.0
 
     def fingerprint(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "sha256": sha256_file(self.path),
-                "format": self.fmt, "rows": len(self.table), "weight": self.weight}
+        return {"name": self.name, "path": str(self.path), "sha256": sha256_file(self.path), "format": self.fmt,
+                "scheme": self.scheme, "rows": len(self.table), "weight": self.weight}
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -60,7 +82,8 @@ def read_table(path: Path) -> pd.DataFrame:
     try:
         ds = load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps parser errors in several exception types
-        raise DataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {first})") from None
     return ds.to_pandas()
 
 
@@ -70,6 +93,15 @@ def detect_format(path: Path, df: pd.DataFrame) -> str:
             return fmt
     shapes = "; ".join(f"{k}: {', '.join(v)}" for k, v in FORMATS.items())
     raise DataError(f"{path}: unrecognised columns {sorted(df.columns)}; expected one of ({shapes})")
+
+
+def scheme_of(name: str, fmt: str, df: pd.DataFrame) -> str:
+    override = known_sources()["schemes"].get(name)
+    if override:
+        return override
+    if fmt == "battles":
+        return "versus"
+    return "versus" if "baseline" in df.columns and df["baseline"].notna().any() else "absolute"
 
 
 def load_source(path: str | Path, weight: float = 1.0) -> Source:
@@ -82,7 +114,7 @@ def load_source(path: str | Path, weight: float = 1.0) -> Source:
     check_prompts(path, df)
     if not (weight > 0 and math.isfinite(weight)):
         raise DataError(f"{path}: weight must be a positive number, got {weight}")
-    return Source(path=path, weight=weight, name=name, table=df, fmt=fmt)
+    return Source(path=path, name=name, table=df, fmt=fmt, scheme=scheme_of(name, fmt, df), weight=weight)
 
 
 def plain(value: object) -> object:
@@ -90,137 +122,55 @@ def plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def first_bad(path: Path, bad: pd.Series, message: str, values: pd.Series) -> None:
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{path}: row {i}: {message} (got {plain(values.iloc[i])!r})")
+
+
 def check_prompts(path: Path, df: pd.DataFrame) -> None:
-    bad = df["prompt"].map(lambda p: not isinstance(p, str) or not p.strip())
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{path}: row {i}: field 'prompt' is empty or not text ({df['prompt'].iloc[i]!r})")
+    first_bad(path, df["prompt"].map(lambda p: not isinstance(p, str) or not p.strip()),
+              "field 'prompt' is empty or not text", df["prompt"])
 
 
-DEFAULT_PAIR_MAP = Path(__file__).with_name("pair_map.yaml")
+def unit_grades(path: Path, values: pd.Series, column: str) -> pd.Series:
+    """A grade column as numbers in [0, 1]; DataError naming the first bad row."""
+    grades = pd.to_numeric(values, errors="coerce")
+    first_bad(path, grades.isna() | ~grades.between(0, 1), f"field '{column}' must be a number in [0, 1]", values)
+    return grades.astype(float)
 
 
-def read_pair_map(path: Path) -> dict[str, dict[str, list[str]]]:
-    """YAML: {source: {requested model name: source model name or list of names}}."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
-        raise DataError(f"{path}: expected a mapping of source -> {{model: stand-in model(s)}}")
-    return {s: {k: [v] if isinstance(v, str) else list(v) for k, v in m.items()} for s, m in raw.items()}
+def names(values: pd.Series) -> pd.Series:
+    return values.astype(str).map(canonical)
 
 
-def load_pair_map(path: str | Path | None = None) -> dict[str, dict[str, list[str]]]:
-    """The shipped stand-ins, with the user's file (if any) overriding them per source and model."""
-    merged = read_pair_map(DEFAULT_PAIR_MAP)
-    for source, names in (read_pair_map(Path(path)) if path else {}).items():
-        merged.setdefault(source, {}).update(names)
-    return merged
-
-
-def resolve(source: Source, model: str, available: set[str], pair_map: dict) -> list[str]:
-    """The source's name(s) for `model`: itself if present, else the pair map's stand-ins."""
-    if model in available:
-        return [model]
-    stand_ins = pair_map.get(source.name, {}).get(model)
-    if isinstance(stand_ins, str):
-        stand_ins = [stand_ins]
-    if stand_ins is None:
-        raise DataError(
-            f"{source.path}: model '{model}' is not in source '{source.name}' and the pair map names no stand-in; "
-            f"models there: {', '.join(sorted(available))}"
-        )
-    missing = [m for m in stand_ins if m not in available]
-    if missing:
-        raise DataError(f"pair map for '{source.name}': {', '.join(missing)} not in {source.path}; "
-                        f"models there: {', '.join(sorted(available))}")
-    return stand_ins
-
-
-def checked_scores(source: Source) -> pd.Series:
-    """A long table's 'score' column as numbers in [0, 1]; DataError naming the first bad row."""
-    df = source.table
-    if df["score"].isna().any():
-        i = int(np.flatnonzero(df["score"].isna().to_numpy())[0])
-        raise DataError(f"{source.path}: row {i}: field 'score' is NaN (model {df['model'].iloc[i]!r})")
-    scores = pd.to_numeric(df["score"], errors="coerce")
-    if scores.isna().any() or not scores.between(0, 1).all():
-        i = int(np.flatnonzero((scores.isna() | ~scores.between(0, 1)).to_numpy())[0])
-        raise DataError(f"{source.path}: row {i}: field 'score' must be a number in [0, 1], got {plain(df['score'].iloc[i])!r}")
-    return scores
-
-
-def label_long(source: Source, strong: str, weak: str, policy: LabelPolicy, pair_map: dict) -> pd.DataFrame:
-    df = source.table
-    scores = checked_scores(source)
-    available = set(df["model"].astype(str))
-    s_names, w_names = resolve(source, strong, available, pair_map), resolve(source, weak, available, pair_map)
-    df = df.assign(score=scores)
-    if "prompt_id" not in df.columns:
-        df = df.assign(prompt_id=df["prompt"])
-    meta = df.drop_duplicates("prompt_id").set_index("prompt_id")
-
-    def mean_score(names):
-        return df[df["model"].isin(names)].groupby("prompt_id")["score"].mean()
-
-    both = pd.concat({"strong_score": mean_score(s_names), "weak_score": mean_score(w_names)}, axis=1).dropna()
-    if both.empty:
-        raise DataError(f"{source.path}: no prompt has scores for both '{strong}' and '{weak}'")
-    out = both.join(meta[[c for c in ("prompt", "contaminated", "category") if c in meta.columns]])
-    weak, strong = out["weak_score"].to_numpy(), out["strong_score"].to_numpy()
-    out["label"] = passes(weak, strong, policy)
-    out["target"] = training_target(out["label"].to_numpy(), np.abs(weak - strong) < 1e-9, policy)
-    return out.reset_index()
-
-
-def passes(weak: np.ndarray, strong: np.ndarray, policy: LabelPolicy) -> np.ndarray:
-    """The label policy: does the weak answer pass the bar? (1e-9 absorbs float noise in normalised grades)"""
-    if policy.kind == "relative":
-        return (weak >= strong - policy.margin - 1e-9).astype(np.int8)
-    return (weak >= policy.min_score - 1e-9).astype(np.int8)
-
-
-def training_target(label: np.ndarray, tie: np.ndarray, policy: LabelPolicy) -> np.ndarray:
-    """What the head trains toward: the label, or under a relative policy `policy.tie_target` where the grades tie."""
-    tied = tie if policy.kind == "relative" else np.zeros(len(label), dtype=bool)
-    return np.where(tied, policy.tie_target, label).astype(np.float32)
-
-
-def label_battles(source: Source, strong: str, weak: str, policy: LabelPolicy, pair_map: dict) -> pd.DataFrame:
-    """A battle between a strong-side and a weak-side model: the weak answer passes unless the strong side won."""
-    df = source.table
-    bad = ~df["winner"].isin(WINNERS)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{source.path}: row {i}: field 'winner' is {df['winner'].iloc[i]!r}; expected one of {sorted(WINNERS)}")
-    available = set(df["model_a"].astype(str)) | set(df["model_b"].astype(str))
-    s_names, w_names = set(resolve(source, strong, available, pair_map)), set(resolve(source, weak, available, pair_map))
-    a_strong = df["model_a"].isin(s_names) & df["model_b"].isin(w_names)
-    b_strong = df["model_b"].isin(s_names) & df["model_a"].isin(w_names)
-    df = df[a_strong | b_strong]
-    if df.empty:
-        raise DataError(f"{source.path}: no battle between '{strong}' and '{weak}'")
-    strong_won = np.where(a_strong[df.index], df["winner"] == "model_a", df["winner"] == "model_b")
-    label = (~strong_won).astype(np.int8)
-    out = df[["prompt"]].assign(label=label, target=training_target(label, df["winner"].str.startswith("tie").to_numpy(), policy))
-    # several battles on one prompt: the weak side passes if it passed in most of them; the target is their mean
-    out = out.groupby("prompt", as_index=False)[["label", "target"]].mean()
-    out["label"] = (out["label"] >= 0.5).astype(np.int8)
-    return out
-
-
-def label_plain(source: Source) -> pd.DataFrame:
-    df = source.table
-    labels = pd.to_numeric(df["label"], errors="coerce")
-    bad = ~labels.isin([0, 1])
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{source.path}: row {i}: field 'label' must be 0 or 1, got {plain(df['label'].iloc[i])!r}")
-    labels = labels.astype(np.int8).to_numpy()
-    return df[["prompt"]].assign(label=labels, target=labels.astype(np.float32))
+def observations(source: Source) -> pd.DataFrame:
+    """The source's grades as rows of (prompt, model, opponent, grade): a versus grade is `model`'s against `opponent`."""
+    df, path = source.table, source.path
+    if source.fmt == "battles" and "score_model_b" in df.columns and df["score_model_b"].notna().all():
+        out = pd.DataFrame({"prompt": df["prompt"], "model": names(df["model_b"]), "opponent": names(df["model_a"]),
+                            "grade": unit_grades(path, df["score_model_b"], "score_model_b")})
+    elif source.fmt == "battles":
+        first_bad(path, ~df["winner"].isin(list(WINNERS)), f"field 'winner' must be one of {sorted(WINNERS)}", df["winner"])
+        out = pd.DataFrame({"prompt": df["prompt"], "model": names(df["model_a"]), "opponent": names(df["model_b"]),
+                            "grade": df["winner"].map(WINNERS).astype(float)})
+    else:
+        grade = unit_grades(path, df["score"], "score")
+        versus = source.scheme == "versus"
+        if versus and ("baseline" not in df.columns or df["baseline"].isna().any()):
+            raise DataError(f"{path}: a versus source in the long shape needs a 'baseline' column on every row")
+        out = pd.DataFrame({"prompt": df["prompt"], "model": names(df["model"]),
+                            "opponent": names(df["baseline"]) if versus else None, "grade": grade})
+        if versus:
+            out = out[out["model"] != out["opponent"]]  # the baseline against itself says nothing
+    if "contaminated" in df.columns:
+        out["contaminated"] = df["contaminated"].fillna(False).astype(bool).to_numpy()[out.index]
+    else:
+        out["contaminated"] = False
+    keys = ["prompt", "model", "opponent"]
+    out = (out.assign(opponent=out["opponent"].fillna(""))  # one grade per key: repeated rows count as their mean
+           .groupby(keys, as_index=False, sort=False).agg(grade=("grade", "mean"), contaminated=("contaminated", "any")))
+    return out.assign(opponent=out["opponent"].replace("", None), source=source.name, scheme=source.scheme)
 
 
 def group_of(prompt: str) -> str:
@@ -233,44 +183,58 @@ def assign_splits(groups: pd.Series, val: float, test: float, seed: int) -> np.n
     return np.where(u < test, "test", np.where(u < test + val, "val", "train"))
 
 
-def source_ids(df: pd.DataFrame) -> np.ndarray:
-    """Each row's source as an int id, by sorted source name (for the head's per-source training offsets)."""
-    return pd.factorize(df["source"], sort=True)[0]
+@dataclass
+class Grades:
+    """Every source's observations, split by prompt text; `prompts` lists each distinct prompt once."""
+
+    obs: pd.DataFrame
+    sources: list[Source]
+
+    @property
+    def prompts(self) -> pd.DataFrame:
+        return self.obs.drop_duplicates("prompt")[["prompt", "group", "split"]].reset_index(drop=True)
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(set(self.obs["model"]) | set(self.obs["opponent"].dropna()))
+
+    def without(self, groups: set[str]) -> "Grades":
+        """These prompt texts dropped (a held-out benchmark's), whichever source they come from."""
+        return Grades(self.obs[~self.obs["group"].isin(groups)].reset_index(drop=True), self.sources)
+
+    def only(self, split: str) -> pd.DataFrame:
+        return self.obs[self.obs["split"] == split]
 
 
-def build_dataset(
-    sources: list[Source],
-    strong: str,
-    weak: str,
-    policy: LabelPolicy,
-    pair_map: dict | None = None,
-    val: float = 0.1,
-    test: float = 0.1,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """All sources as one labeled table with a by-prompt split; contaminated prompts never enter val or test."""
-    if not sources:
+def load_grades(paths: list[str | Path], weights: dict[str, float] | None = None, val: float = 0.1, test: float = 0.1,
+                seed: int = 0, max_prompts: int | None = None) -> Grades:
+    """All sources as one table of observations; contaminated prompts only ever train. `max_prompts` samples that
+    many prompts per source (quick runs)."""
+    if not paths:
         raise DataError("no data: pass at least one --data file")
-    pair_map = pair_map or {}
+    weights = weights or {}
+    sources = [load_source(p) for p in paths]
+    taken = [s.name for s in sources]
+    if len(set(taken)) != len(taken):
+        raise DataError(f"source names repeat across the --data files: {sorted(taken)}")
+    unknown = set(weights) - set(taken) - {Path(p).stem for p in paths}
+    if unknown:
+        raise DataError(f"--weight names unknown source(s) {sorted(unknown)}; sources: {sorted(taken)}")
     frames = []
     for s in sources:
-        if s.fmt == "long":
-            t = label_long(s, strong, weak, policy, pair_map)
-        elif s.fmt == "battles":
-            t = label_battles(s, strong, weak, policy, pair_map)
-        else:
-            t = label_plain(s)
-        for col, default in (("weak_score", np.nan), ("strong_score", np.nan), ("contaminated", False), ("category", None)):
-            if col not in t.columns:
-                t[col] = default
-        frames.append(t.assign(source=s.name, weight=s.weight))
-    df = pd.concat(frames, ignore_index=True)
-    df["contaminated"] = df["contaminated"].fillna(False).astype(bool)
-    df["group"] = df["prompt"].map(group_of)
-    df["split"] = assign_splits(df["group"], val, test, seed)
-    df = df[~(df["contaminated"] & (df["split"] != "train"))].reset_index(drop=True)
-    for part in ("train", "val"):
-        if (df["split"] == part).sum() == 0 or df.loc[df["split"] == part, "label"].nunique() < 2:
-            raise DataError(f"the {part} split needs both labels; got {df.loc[df['split'] == part, 'label'].value_counts().to_dict()} "
-                            f"from {len(df)} rows: add data or change the label policy")
-    return df
+        s.weight = weights.get(s.name, weights.get(s.path.stem, 1.0))
+        if not (s.weight > 0 and math.isfinite(s.weight)):
+            raise DataError(f"--weight {s.name}: must be a positive number, got {s.weight}")
+        obs = observations(s)
+        if max_prompts:
+            keep = pd.Series(obs["prompt"].unique()).sample(frac=1.0, random_state=seed)[:max_prompts]
+            obs = obs[obs["prompt"].isin(set(keep))]
+        frames.append(obs)
+    obs = pd.concat(frames, ignore_index=True)
+    obs["group"] = obs["prompt"].map(group_of)
+    obs["split"] = assign_splits(obs["group"], val, test, seed)
+    held = obs["contaminated"] & (obs["split"] != "train")
+    obs.loc[held, "split"] = "train"
+    if not (obs["split"] == "train").any():
+        raise DataError(f"the train split is empty ({len(obs)} observations): add data or lower --val/--test")
+    return Grades(obs.reset_index(drop=True), sources)

@@ -10,8 +10,6 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
-from scipy import sparse
-from sklearn.preprocessing import normalize
 
 from .errors import RouterError
 from .manifest import sha256_file
@@ -58,28 +56,6 @@ def piece_chars(tokenizer, texts: list[str], max_length: int) -> np.ndarray:
     table = piece_lengths(tokenizer)
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if texts else []
     return np.array([table[i].sum() for i in ids], dtype=np.float32)
-
-
-@lru_cache(maxsize=4)
-def piece_mask(tokenizer) -> np.ndarray:
-    """1 per vocabulary id, 0 for special tokens: the pieces a word-piece bag counts."""
-    mask = np.ones(len(piece_lengths(tokenizer)), dtype=np.float32)
-    mask[tokenizer.all_special_ids] = 0
-    return mask
-
-
-def piece_bags(tokenizer, texts: list[str], max_length: int) -> sparse.csr_matrix:
-    """Each text's distinct word pieces after truncation (special tokens left out), one binary row per text,
-    L2-normalised: the lexical experts' input, which the ONNX graph builds from the token ids alone."""
-    mask = piece_mask(tokenizer)
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if texts else []
-    rows = np.repeat(np.arange(len(ids)), [len(i) for i in ids])
-    cols = np.fromiter((t for i in ids for t in i), dtype=np.int64, count=len(rows))
-    bag = sparse.csr_matrix((mask[cols], (rows, cols)), shape=(len(ids), len(mask)), dtype=np.float32)
-    bag.sum_duplicates()
-    bag.data = np.minimum(bag.data, 1.0)
-    bag.eliminate_zeros()
-    return normalize(bag)
 
 
 def keep_layers(transformer, layers: int) -> None:
@@ -187,7 +163,3 @@ class Encoder:
         """A head's input: the embeddings, and with `length` the prompts' lengths (`piece_chars`) as a last column."""
         x = self.embed(texts, **kwargs)
         return np.c_[x, piece_chars(self.model.tokenizer, texts, self.max_seq_length)] if length else x
-
-    def bags(self, texts: list[str]) -> sparse.csr_matrix:
-        """The texts' word-piece bags (`piece_bags`), a head's second input when it has lexical experts."""
-        return piece_bags(self.model.tokenizer, texts, self.max_seq_length)

@@ -1,11 +1,10 @@
-"""Export a trained router to one ONNX graph (token ids -> P(weak passes), or each model's P(pass)), fused and int8-quantised,
-with parity checks."""
+"""Export a trained router to one ONNX graph (token ids -> each model's quality and the prompt's difficulty), fused and
+int8-quantised, with parity checks."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import shutil
 import uuid
@@ -16,11 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RouterError
-from .manifest import (
-    TOKENIZER, VARIANT_FILES, CalibrationPoint, EncoderInfo, LabelPolicy, Manifest, file_entry,
-)
+from .manifest import VARIANT_FILES, Manifest, RouterFolder, TrainingRecord
 
-TRAINING_FILE = "training.json"
 # The exported graph must stay this close to the torch model on the probe prompts, or nothing is written.
 # fp32 must match to float noise. int8's dynamic quantisation moves the sentence embedding by ~0.1 (L2) and a
 # sharp head by up to ~0.1 in probability; what matters there is the routing decision, so int8 is held to
@@ -79,19 +75,17 @@ def versions() -> dict[str, str]:
     return out
 
 
-def encoder_dir(checkpoint: Path, info: dict) -> Path:
-    """The fine-tuned encoder saved in the checkpoint, else the base encoder it was trained on."""
+def encoder_dir(folder: RouterFolder, record: TrainingRecord) -> Path:
+    """The encoder the router was trained on, checked by its weights' fingerprint."""
     from .embed import Encoder, encoder_fingerprint
 
-    if (checkpoint / "encoder").is_dir():
-        return checkpoint / "encoder"
-    path = Encoder(info["encoder"].get("path")).path
-    if encoder_fingerprint(path) != info["encoder"]["fingerprint"]:
-        raise RouterError(f"{path}: this encoder's weights differ from the ones the router was trained on")
+    path = Encoder(record.encoder_path).path
+    if encoder_fingerprint(path) != record.encoder.fingerprint:
+        raise RouterError(f"{path}: this encoder's weights differ from the ones the router in {folder.path} was trained on")
     return path
 
 
-def to_onnx(checkpoint: Path, enc_path: Path, layers: int | None, folder: Path, variants: list[str]) -> dict:
+def to_onnx(checkpoint: Path, enc_path: Path, layers: int, folder: Path, variants: list[str]) -> dict:
     """Write model.onnx (graph-optimised fp32) and/or model.int8.onnx into `folder`; returns the fused-op counts."""
     import onnx
     import torch
@@ -99,26 +93,24 @@ def to_onnx(checkpoint: Path, enc_path: Path, layers: int | None, folder: Path, 
     from onnxruntime.transformers import optimizer
     from transformers import AutoModel, AutoTokenizer
 
-    from .embed import keep_layers, piece_lengths, piece_mask
-    from .model import FusedRouter, Head
+    from .embed import keep_layers, piece_lengths
+    from .model import FusedRouter, QualityHead
 
     # eager attention: onnxruntime's BERT optimizer fuses its pattern into Attention nodes (SDPA's it does not)
     transformer = AutoModel.from_pretrained(str(enc_path), attn_implementation="eager", local_files_only=True)
-    if layers:
-        keep_layers(transformer, layers)
-    head = Head.load(checkpoint)
+    keep_layers(transformer, layers)
     tokenizer = AutoTokenizer.from_pretrained(str(enc_path), local_files_only=True)
-    fused = FusedRouter(transformer, head, piece_lengths(tokenizer), piece_mask(tokenizer)).eval()
+    fused = FusedRouter(transformer, QualityHead.load(checkpoint), piece_lengths(tokenizer)).eval()
     raw, fp32 = folder / "raw.onnx", folder / VARIANT_FILES["fp32"]
     ids = torch.ones(2, 16, dtype=torch.long)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on the root logger
-    output = "p_weak" if fused.head.cfg.outputs == 1 else "p_pass"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript tracer warnings about data-dependent branches in transformers
         torch.onnx.export(
             fused, (ids, torch.ones_like(ids)), str(raw), input_names=["input_ids", "attention_mask"],
-            output_names=[output], opset_version=17, dynamo=False,
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, output: {0: "batch"}},
+            output_names=["quality", "difficulty"], opset_version=17, dynamo=False,
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                          "quality": {0: "batch"}, "difficulty": {0: "batch"}},
         )
     cfg = transformer.config
     opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
@@ -136,87 +128,73 @@ def to_onnx(checkpoint: Path, enc_path: Path, layers: int | None, folder: Path, 
 
 def head_matmuls(graph_model) -> list[str]:
     """The head's layers, kept fp32 in the int8 graph (tiny, so no speed lost): their input joins the unit embedding
-    (components ~0.05) and the standardised log length (up to ~3), and one dynamic int8 scale for both quantizes the
-    embedding on the length's coarse scale. The kNN's similarities to its remembered embeddings (unit vectors alike)
-    are quantized: a quarter of the bytes. The quantizer turns a Gemm named X into a MatMul named X_MatMul before it
-    matches exclusions, so both names are given."""
-    names = [n.name for n in graph_model.graph.node if n.name.startswith("/head/") and n.op_type in ("Gemm", "MatMul")
-             and not n.name.startswith("/head/neighbours/")]
+    (components ~0.05) and the standardised log length (up to ~3), and one dynamic int8 scale for both would quantize
+    the embedding on the length's coarse scale. The quantizer turns a Gemm named X into a MatMul named X_MatMul
+    before it matches exclusions, so both names are given."""
+    names = [n.name for n in graph_model.graph.node if n.name.startswith("/head/") and n.op_type in ("Gemm", "MatMul")]
     return names + [f"{n}_MatMul" for n in names]
 
 
-def calibration(p: np.ndarray) -> list[CalibrationPoint]:
-    """Threshold -> expected share of strong calls (p_weak < threshold) on held-out prompts, on a 0.01 grid."""
-    grid = np.round(np.linspace(0, 1, 101), 2)
-    return [CalibrationPoint(threshold=float(t), strong_fraction=float(np.mean(p < t))) for t in grid]
-
-
 def decision_agreement(p: np.ndarray, reference: np.ndarray, threshold: float, tie_band: float) -> float:
-    """Share of probes (per prompt and model, for tiers) routed alike, among those whose reference probability lies
-    farther than `tie_band` from the threshold; 1.0 when none does."""
+    """Share of probes routed alike, among those whose reference pass chance lies farther than `tie_band` from the
+    threshold; 1.0 when none does."""
     clear = np.abs(reference - threshold) > tie_band
     return float(np.mean((p >= threshold)[clear] == (reference >= threshold)[clear])) if clear.any() else 1.0
 
 
-def export_into(folder: Path, checkpoint: Path, variants: list[str], probes: list[str] | None = None) -> Manifest:
-    """Build the ONNX files, tokenizer and manifest in `folder`; refuses (raises) when parity fails."""
+def export_into(folder: RouterFolder, variants: list[str], probes: list[str] | None = None) -> Manifest:
+    """Build the ONNX files, tokenizer and manifest in `folder` from its checkpoint; refuses (raises) when parity
+    fails."""
     from .embed import Encoder
-    from .model import Head
-    from .scorer import Router
+    from .model import QualityHead
+    from .scorer import Router, pass_chances
 
     if not variants or any(v not in VARIANT_FILES for v in variants):
         raise RouterError(f"variants must be a non-empty subset of {sorted(VARIANT_FILES)}, got {variants}")
-    info = json.loads((checkpoint / TRAINING_FILE).read_text())
-    enc_path = encoder_dir(checkpoint, info)
-    enc_info = EncoderInfo(**{k: v for k, v in info["encoder"].items() if k != "path"})
-    fused_ops = to_onnx(checkpoint, enc_path, enc_info.layers, folder, variants)
-    shutil.copyfile(enc_path / TOKENIZER, folder / TOKENIZER)
-
-    files = {v: file_entry(folder, VARIANT_FILES[v]) for v in variants} | {"tokenizer": file_entry(folder, TOKENIZER)}
-    if info.get("kind") == "tiers":
-        outputs = {"kind": "tiers", "models": info["models"], "calibration": []}
-    else:
-        outputs = {"strong": info["strong"], "weak": info["weak"], "label_policy": LabelPolicy(**info["label_policy"]),
-                   "calibration": calibration(np.load(checkpoint / "val_p_weak.npy"))}
+    record = folder.record()
+    head = QualityHead.load(folder.checkpoint)  # before the slow part: a broken head.pt fails at once
+    enc_path = encoder_dir(folder, record)
+    fused_ops = to_onnx(folder.checkpoint, enc_path, record.encoder.layers, folder.path, variants)
+    shutil.copyfile(enc_path / RouterFolder.TOKENIZER, folder.tokenizer_path)
+    files = {v: folder.entry(VARIANT_FILES[v]) for v in variants} | {"tokenizer": folder.entry(RouterFolder.TOKENIZER)}
     manifest = Manifest(
-        name=info["name"], **outputs, encoder=enc_info, default_threshold=info["default_threshold"],
-        files=files, data=info["data"], metrics=info["metrics"], versions=versions(),
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        name=record.name, models=head.cfg.models, strong=record.strong, weak=record.weak, encoder=record.encoder,
+        default_threshold=record.default_threshold, calibration=record.calibration, files=files, data=record.data,
+        metrics=record.metrics, versions=versions(), created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    manifest.write(folder)
+    folder.write_manifest(manifest)
 
     # parity: the exported graph against the torch path used in training (sentence-transformers + head)
     probes = list(probes or []) + PROBES
-    head = Head.load(checkpoint)
-    enc = Encoder(enc_path, enc_info.max_seq_length, enc_info.layers)
-    reference = head.predict(enc.features(probes, head.cfg.length_input, progress=False, cache=False),
-                             enc.bags(probes) if head.cfg.sources else None)
+    enc = Encoder(enc_path, record.encoder.max_seq_length, record.encoder.layers)
+    q_ref, d_ref = head.predict(enc.features(probes, head.cfg.length_input, progress=False, cache=False))
+    w, s = head.cfg.models.index(record.weak), head.cfg.models.index(record.strong)
     t = manifest.default_threshold
     for v in variants:
-        p, tol = Router(folder, variant=v).score(probes), TOLERANCE[v]
-        measured = {"max_abs_diff": float(np.max(np.abs(p - reference))),
-                    "mean_abs_diff": float(np.mean(np.abs(p - reference))),
-                    "decision_agreement": decision_agreement(p, reference, t, tol["tie_band"])}
+        q, d = Router(folder.path, variant=v).predict(probes)
+        tol = TOLERANCE[v]
+        measured = {"max_abs_diff": float(max(np.max(np.abs(q - q_ref)), np.max(np.abs(d - d_ref)))),
+                    "mean_abs_diff": float(np.mean(np.abs(q - q_ref))),
+                    "decision_agreement": decision_agreement(pass_chances(q[:, w], q[:, s]), pass_chances(q_ref[:, w], q_ref[:, s]),
+                                                             t, tol["tie_band"])}
         manifest.parity |= {f"{v}_{k}": x for k, x in measured.items()}
         if measured["max_abs_diff"] > tol["max_abs_diff"] or measured["decision_agreement"] < tol["decision_agreement"]:
             raise ExportError(
-                f"{v} export disagrees with the torch model on {len(probes)} probe prompts: max |dp| "
+                f"{v} export disagrees with the torch model on {len(probes)} probe prompts: max |dq| "
                 f"{measured['max_abs_diff']:.4f} (tolerance {tol['max_abs_diff']}), decision agreement "
                 f"{measured['decision_agreement']:.4f} among probes farther than {tol['tie_band']} from the "
                 f"threshold {t} (at least {tol['decision_agreement']}); nothing written")
     manifest.parity["probes"] = len(probes)
     manifest.parity.update({f"fused_{k}": float(n) for k, n in fused_ops.items()})
-    manifest.write(folder)
+    folder.write_manifest(manifest)
     return manifest
 
 
 def export(router: Path, out: Path | None = None, variants: list[str] = ("fp32", "int8"), overwrite: bool = False) -> Manifest:
     """Re-export a trained router folder (its checkpoint/) to `out` (default: in place)."""
-    router = Path(router)
-    checkpoint = router / "checkpoint"
-    if not (checkpoint / TRAINING_FILE).is_file():
-        raise RouterError(f"{router}: no checkpoint/{TRAINING_FILE}; export needs a folder written by 'learned-router train'")
-    out = Path(out) if out else router
-    with staged_folder(out, overwrite=overwrite or out.resolve() == router.resolve()) as tmp:
-        shutil.copytree(checkpoint, tmp / "checkpoint")
-        return export_into(tmp, tmp / "checkpoint", list(variants))
+    source = RouterFolder(router)
+    source.record()  # a clear error for a folder without a readable training record
+    out = Path(out) if out else source.path
+    with staged_folder(out, overwrite=overwrite or out.resolve() == source.path.resolve()) as tmp:
+        shutil.copytree(source.checkpoint, tmp / RouterFolder.CHECKPOINT)
+        return export_into(RouterFolder(tmp), list(variants))

@@ -1,4 +1,5 @@
-"""`router.json`: what a router folder holds and how it was made. Torch-free."""
+"""A router folder's layout and records: `router.json` (what it serves) and `checkpoint/training.json` (how it was
+made). Torch-free."""
 
 from __future__ import annotations
 
@@ -7,34 +8,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .errors import RouterFolderError
 
-MANIFEST = "router.json"
-TOKENIZER = "tokenizer.json"
+GENERIC = "generic"  # the model-agnostic output: 1 - the prompt's difficulty
 VARIANT_FILES = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
-
-
-class LabelPolicy(BaseModel):
-    """Turns a (weak score, strong score) pair into "the weak answer passes".
-
-    relative: weak >= strong - margin (the weak answer is about as good as the strong one's).
-    absolute: weak >= min_score (the weak answer clears a fixed quality bar).
-    tie_target (relative only): what the head trains toward where both answers got the same grade. The label says
-    "passes" (1); 0.5 counts a tie half, so the head ranks prompts by the expected quality gap, as APGR scores them.
-    """
-
-    kind: Literal["relative", "absolute"] = "relative"
-    margin: float = Field(0.0, ge=0.0, le=1.0)
-    min_score: float = Field(0.5, ge=0.0, le=1.0)
-    tie_target: float = Field(1.0, ge=0.0, le=1.0)
-
-    def describe(self) -> str:
-        if self.kind == "relative":
-            ties = f" (ties train as {self.tie_target:g})" if self.tie_target != 1.0 else ""
-            return f"weak >= strong - {self.margin:g}{ties}"
-        return f"weak >= {self.min_score:g}"
+CALIBRATION_SHARES = [round(i / 20, 2) for i in range(21)]  # strong-call shares of the calibration table
 
 
 class EncoderInfo(BaseModel):
@@ -44,13 +25,8 @@ class EncoderInfo(BaseModel):
     pooling: Literal["mean"] = "mean"
     normalize: bool = True
     truncation: Literal["head"] = "head"  # keeps the first max_seq_length tokens
-    layers: int | None = None  # transformer blocks used (None: all of them; routers from before the option)
+    layers: int  # transformer blocks used
     fingerprint: str  # sha256 of the encoder weights: a router only fits its own encoder
-
-
-class CalibrationPoint(BaseModel):
-    threshold: float
-    strong_fraction: float
 
 
 class FileEntry(BaseModel):
@@ -59,20 +35,39 @@ class FileEntry(BaseModel):
     bytes: int
 
 
-class Manifest(BaseModel):
-    """binary: one output, P(weak passes) for the `strong`/`weak` pair. tiers: one output per name in `models`,
-    P(that model's answer passes)."""
+class Calibration(BaseModel):
+    """Per output, the pass chances at each share of strong calls (`CALIBRATION_SHARES`) on the calibration mix: the
+    threshold below which that share of its prompts falls."""
 
-    format_version: Literal[1] = 1
+    mix: str  # which prompts, e.g. "held-out prompts of the chat sources"
+    prompts: int
+    thresholds: dict[str, list[float]]
+
+    def threshold_for(self, output: str, strong_fraction: float) -> float:
+        if not 0.0 <= strong_fraction <= 1.0:
+            raise ValueError(f"strong_fraction must be in [0, 1], got {strong_fraction}")
+        if output not in self.thresholds:
+            raise ValueError(f"no calibration for output {output!r}")
+        return float(np.interp(strong_fraction, CALIBRATION_SHARES, self.thresholds[output]))
+
+    def strong_fraction_at(self, output: str, threshold: float) -> float:
+        t = np.maximum.accumulate(np.asarray(self.thresholds[output]))
+        return float(np.interp(threshold, t, CALIBRATION_SHARES))
+
+
+class Manifest(BaseModel):
+    """What a router serves. Its graph outputs `quality` (prompts x `models`, each model's predicted answer quality
+    in [0, 1]) and `difficulty` (per prompt, in [0, 1]); `scorer.Router` turns them into pass chances: a model's
+    against the `strong` model, and `generic` (1 - difficulty) for models it was not trained on."""
+
+    format_version: Literal[2] = 2
     name: str
-    kind: Literal["binary", "tiers"] = "binary"
-    strong: str = ""
-    weak: str = ""
-    models: list[str] = []
-    label_policy: LabelPolicy | None = None  # binary routers: how the training labels were made
+    models: list[str] = Field(min_length=1)
+    strong: str  # the reference strong model: pass chances are against it
+    weak: str  # the default weak model of `route`
     encoder: EncoderInfo
-    default_threshold: float = Field(ge=0.0, le=1.0)
-    calibration: list[CalibrationPoint]
+    default_threshold: float = Field(ge=0.0, le=1.0)  # for the (strong, weak) pair
+    calibration: Calibration
     files: dict[str, FileEntry]
     data: list[dict] = []
     metrics: dict[str, float] = {}
@@ -81,36 +76,109 @@ class Manifest(BaseModel):
     created_at: str = ""
 
     @model_validator(mode="after")
-    def _outputs(self) -> "Manifest":
-        if self.kind == "binary" and not (self.strong and self.weak and self.label_policy):
-            raise ValueError("a binary router names its strong and weak models and its label policy")
-        if self.kind == "tiers" and (not self.models or len(set(self.models)) != len(self.models)):
-            raise ValueError("a tiers router lists its models, each once")
+    def _models(self) -> "Manifest":
+        if len(set(self.models)) != len(self.models) or GENERIC in self.models:
+            raise ValueError(f"models must be distinct names other than {GENERIC!r}")
+        for role in ("strong", "weak"):
+            if getattr(self, role) not in self.models:
+                raise ValueError(f"the {role} model {getattr(self, role)!r} is not among the router's models")
         return self
 
     @property
     def outputs(self) -> list[str]:
-        """The names of the graph's outputs, in column order."""
-        return [self.weak] if self.kind == "binary" else list(self.models)
+        """The pass-chance columns of `Router.score`, in order."""
+        return [*self.models, GENERIC]
 
-    def strong_fraction_at(self, threshold: float) -> float:
-        """Expected share of strong calls at `threshold`, interpolated on the validation table."""
-        import numpy as np
+    def threshold_for(self, strong_fraction: float, output: str | None = None) -> float:
+        """The threshold on `output`'s pass chance (default: the weak model's) that sends about `strong_fraction` of
+        the calibration mix to the stronger side."""
+        return self.calibration.threshold_for(output or self.weak, strong_fraction)
 
-        pts = sorted(self.calibration, key=lambda p: p.threshold)
-        return float(np.interp(threshold, [p.threshold for p in pts], [p.strong_fraction for p in pts]))
+    def strong_fraction_at(self, threshold: float, output: str | None = None) -> float:
+        return self.calibration.strong_fraction_at(output or self.weak, threshold)
 
-    def threshold_for(self, strong_fraction: float) -> float:
-        """The threshold whose expected share of strong calls is `strong_fraction` (0..1)."""
-        import numpy as np
 
-        if not 0.0 <= strong_fraction <= 1.0:
-            raise ValueError(f"strong_fraction must be in [0, 1], got {strong_fraction}")
-        pts = sorted(self.calibration, key=lambda p: p.strong_fraction)
-        return float(np.interp(strong_fraction, [p.strong_fraction for p in pts], [p.threshold for p in pts]))
+class TrainingRecord(BaseModel):
+    """checkpoint/training.json: the recipe, the data and what training measured; export and eval read it."""
 
-    def write(self, folder: Path) -> None:
-        (Path(folder) / MANIFEST).write_text(self.model_dump_json(indent=2) + "\n")
+    name: str
+    recipe: dict
+    data: list[dict]
+    encoder_path: str | None  # None: the packaged all-MiniLM-L6-v2
+    encoder: EncoderInfo
+    strong: str
+    weak: str
+    default_threshold: float
+    calibration: Calibration
+    metrics: dict[str, float]
+
+
+class RouterFolder:
+    """The files of a router folder, by role."""
+
+    MANIFEST, TOKENIZER, CHECKPOINT, RECORD = "router.json", "tokenizer.json", "checkpoint", "training.json"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / self.MANIFEST
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.TOKENIZER
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def record_path(self) -> Path:
+        return self.checkpoint / self.RECORD
+
+    def model_path(self, variant: str) -> Path:
+        return self.path / VARIANT_FILES[variant]
+
+    def manifest(self) -> Manifest:
+        if not self.path.is_dir():
+            raise RouterFolderError(f"router folder not found: {self.path}")
+        return read_model(self.manifest_path, Manifest, f"a router folder needs {self.MANIFEST}, {self.TOKENIZER} and an ONNX model")
+
+    def record(self) -> TrainingRecord:
+        return read_model(self.record_path, TrainingRecord, "it is written by 'learned-router train'")
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        self.manifest_path.write_text(manifest.model_dump_json(indent=2) + "\n")
+
+    def write_record(self, record: TrainingRecord) -> None:
+        self.record_path.write_text(record.model_dump_json(indent=2) + "\n")
+
+    def entry(self, name: str) -> FileEntry:
+        p = self.path / name
+        return FileEntry(path=name, sha256=sha256_file(p), bytes=p.stat().st_size)
+
+    def verify(self, entry: FileEntry) -> Path:
+        p = self.path / entry.path
+        if not p.is_file():
+            raise RouterFolderError(f"{p}: missing (listed in {self.MANIFEST})")
+        if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
+            raise RouterFolderError(f"{p}: corrupted (size or sha256 differs from {self.MANIFEST}); re-export the router")
+        return p
+
+
+def read_model(path: Path, model: type[BaseModel], hint: str):
+    """A pydantic record from a JSON file, or one RouterFolderError line naming the file and field."""
+    if path.is_dir() or not path.is_file():
+        raise RouterFolderError(f"{path}: missing; {hint}")
+    try:
+        return model.model_validate(json.loads(path.read_bytes()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RouterFolderError(f"{path}: not valid JSON ({e})") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise RouterFolderError(f"{path}: field '{loc}': {first['msg']}") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -121,32 +189,5 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_entry(folder: Path, name: str) -> FileEntry:
-    p = Path(folder) / name
-    return FileEntry(path=name, sha256=sha256_file(p), bytes=p.stat().st_size)
-
-
 def read_manifest(folder: Path) -> Manifest:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise RouterFolderError(f"router folder not found: {folder}")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise RouterFolderError(f"{path}: missing; a router folder needs {MANIFEST}, {TOKENIZER} and an ONNX model")
-    try:
-        return Manifest.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise RouterFolderError(f"{path}: not valid JSON ({e})") from None
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise RouterFolderError(f"{path}: field '{loc}': {first['msg']}") from None
-
-
-def verify_file(folder: Path, entry: FileEntry) -> Path:
-    p = Path(folder) / entry.path
-    if not p.is_file():
-        raise RouterFolderError(f"{p}: missing (listed in {MANIFEST})")
-    if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
-        raise RouterFolderError(f"{p}: corrupted (size or sha256 differs from {MANIFEST}); re-export the router")
-    return p
+    return RouterFolder(folder).manifest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,13 +13,13 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .errors import RouterError, RouterFolderError
-from .manifest import Manifest, read_manifest, verify_file
+from .manifest import GENERIC, Manifest, RouterFolder
 
 
 @dataclass(frozen=True)
 class Decision:
     model: str  # "strong" or "weak"
-    p_weak: float  # probability that the weak model's answer passes the bar
+    p_weak: float  # the weak model's pass chance against the strong one (`pass_chances`)
     threshold: float
 
 
@@ -38,7 +39,7 @@ def check_prompts(prompts: Sequence[object]) -> list[str]:
 def choose_tier(pass_chances: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
     """The tier policy, per row of pass chances (tiers cheapest first): the first tier whose pass chance >= threshold,
     else the one most likely to pass (the cheapest among equals); `threshold` may be a column, one per row. The
-    service, its budget pacer and `eval-tiers` all route with it."""
+    service and its budget pacer route with it."""
     p = np.asarray(pass_chances)
     clears = p >= threshold
     return np.where(clears.any(axis=1), clears.argmax(axis=1), p.argmax(axis=1))
@@ -50,27 +51,37 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-class Router:
-    """A trained router. Binary: `score` gives P(weak answer passes), shape (n,); `route` sends to weak when it clears
-    the threshold. Tiers: `score` gives P(answer passes) for each of `models`, shape (n, len(models)).
+def pass_chances(quality: np.ndarray, against: np.ndarray) -> np.ndarray:
+    """A model's pass chance against a stronger one: 1 - max(0, their predicted quality gap). Quality is each model's
+    predicted answer quality in [0, 1] (the router's `quality` output), so this is 1 when the model is predicted to
+    answer as well, and falls by the quality the stronger model would add."""
+    return 1.0 - np.clip(np.asarray(against) - np.asarray(quality), 0.0, 1.0)
 
-    Prompts longer than the encoder's limit keep their first `max_seq_length` tokens (head truncation),
-    as sentence-transformers does when the head is trained.
+
+class Router:
+    """A trained router (onnxruntime + tokenizers only).
+
+    `quality(prompts)`: each trained model's predicted answer quality, (n, len(models)); `difficulty(prompts)`: the
+    prompt's difficulty in [0, 1]. `score(prompts)`: the pass chances of `outputs` (each model against the router's
+    strong model, and `generic` = 1 - difficulty), (n, len(outputs)). `route` picks weak or strong for one pair.
+
+    Prompts longer than the encoder's limit keep their first `max_seq_length` tokens (head truncation), as in training.
     """
 
     def __init__(self, path: str | os.PathLike, variant: str = "auto", threads: int | None = None):
-        self.path = Path(path)
-        self.manifest: Manifest = read_manifest(self.path)
+        self.folder = RouterFolder(path)
+        self.path = self.folder.path
+        self.manifest: Manifest = self.folder.manifest()
         files = self.manifest.files
         if variant == "auto":
             variant = "int8" if "int8" in files else "fp32"
         if variant not in files:
-            raise RouterFolderError(f"{self.path}: no '{variant}' model; this folder has {sorted(files)}")
+            raise RouterFolderError(f"{self.path}: no '{variant}' model; this folder has {sorted(set(files) - {'tokenizer'})}")
         self.variant = variant
-        model_path = verify_file(self.path, files[variant])
+        model_path = self.folder.verify(files[variant])
         if "tokenizer" not in files:
             raise RouterFolderError(f"{self.path}: router.json lists no tokenizer; re-export the router")
-        tok_path = verify_file(self.path, files["tokenizer"])
+        tok_path = self.folder.verify(files["tokenizer"])
         try:
             tok = Tokenizer.from_file(str(tok_path))
         except Exception as e:  # tokenizers raises plain Exception subclasses
@@ -79,6 +90,7 @@ class Router:
         tok.enable_truncation(max_length=self.manifest.encoder.max_seq_length, direction="right")
         self._tok = tok
         self._pad_id = tok.token_to_id("[PAD]") or 0
+        self._column = {m: i for i, m in enumerate(self.manifest.models)}
 
         opts = ort.SessionOptions()
         if threads:
@@ -96,48 +108,85 @@ class Router:
 
     @property
     def models(self) -> list[str]:
-        """What `score` predicts for, in column order: [the weak model] for a binary router, else each candidate."""
+        """The columns of `score`: each trained model's pass chance, then `generic`."""
         return self.manifest.outputs
 
     @property
     def default_threshold(self) -> float:
         return self.manifest.default_threshold
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        quality, difficulty = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
+        return quality.astype(np.float32), difficulty.astype(np.float32)
 
-    def score(self, prompts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """P(weak answer passes) for each prompt (tiers: each model's P(pass) per prompt), in input order.
+    def predict(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """(quality (n, models), difficulty (n,)), in input order.
 
         int8 runs one prompt per call: its activations are quantised per call, so a padded batch would shift a prompt's
-        score by its companions (up to ~0.03 measured). fp32 batches prompts of similar length, exactly as single.
+        scores by its companions. fp32 batches prompts of similar length, exactly as single.
         """
         prompts = check_prompts(prompts)
-        out = np.empty((len(prompts),) if self.manifest.kind == "binary" else (len(prompts), len(self.models)), dtype=np.float32)
+        quality = np.empty((len(prompts), len(self.manifest.models)), dtype=np.float32)
+        difficulty = np.empty(len(prompts), dtype=np.float32)
         encs = self._tok.encode_batch(prompts)
         if self.variant == "int8" or len(prompts) == 1:  # single prompts are never padded
             for i, enc in enumerate(encs):
                 ids = np.asarray([enc.ids], dtype=np.int64)
-                out[i] = self._run(ids, np.ones_like(ids))[0]
-            return out
+                q, d = self._run(ids, np.ones_like(ids))
+                quality[i], difficulty[i] = q[0], d[0]
+            return quality, difficulty
         order = np.argsort([len(e.ids) for e in encs], kind="stable")  # similar lengths share a batch
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            longest = max(len(encs[i].ids) for i in idx)
             batch = [encs[i] for i in idx]
+            longest = max(len(e.ids) for e in batch)
             for e in batch:
                 e.pad(longest, pad_id=self._pad_id, pad_token="[PAD]")
             ids = np.asarray([e.ids for e in batch], dtype=np.int64)
             mask = np.asarray([e.attention_mask for e in batch], dtype=np.int64)
-            out[idx] = self._run(ids, mask)
-        return out
+            quality[idx], difficulty[idx] = self._run(ids, mask)
+        return quality, difficulty
 
-    def route(self, prompts: Sequence[str], threshold: float | None = None) -> list[Decision]:
-        """Weak when P(weak passes) >= threshold, else strong. A higher threshold buys quality with strong calls."""
-        if self.manifest.kind != "binary":
-            raise RouterError(f"{self.path}: route() is for binary routers; this one scores {len(self.models)} models")
+    def quality(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.predict(prompts)[0]
+
+    def difficulty(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.predict(prompts)[1]
+
+    def score(self, prompts: Sequence[str]) -> np.ndarray:
+        """Pass chances, (n, len(outputs)): each model's against the strong model, then `generic`."""
+        quality, difficulty = self.predict(prompts)
+        strong = quality[:, self._column[self.manifest.strong]]
+        return np.c_[pass_chances(quality, strong[:, None]), 1.0 - difficulty].astype(np.float32)
+
+    def column(self, name: str) -> int:
+        """The column of `score` for a model name (or `generic`); RouterError listing the outputs if unknown."""
+        outputs = self.models
+        if name not in outputs:
+            near = difflib.get_close_matches(name, outputs, n=3, cutoff=0.5)
+            hint = f"closest: {', '.join(near)}; " if near else ""
+            raise RouterError(f"{self.path}: the router was not trained on {name!r} ({hint}{len(outputs) - 1} models in "
+                              f"router.json 'models'); use '{GENERIC}' for a model it does not know")
+        return outputs.index(name)
+
+    def pass_chance(self, prompts: Sequence[str], weak: str | None = None, strong: str | None = None) -> np.ndarray:
+        """The weak model's pass chance against the strong one (default: the router's pair); `generic` as the weak
+        model gives 1 - difficulty, whatever the strong model."""
+        weak, strong = weak or self.manifest.weak, strong or self.manifest.strong
+        quality, difficulty = self.predict(prompts)
+        if weak == GENERIC:
+            return 1.0 - difficulty
+        w, s = self.column(weak), self.column(strong)
+        if s == len(self.manifest.models):
+            raise RouterError(f"'{GENERIC}' stands for the weak side only; name a strong model the router knows")
+        return pass_chances(quality[:, w], quality[:, s])
+
+    def route(self, prompts: Sequence[str], threshold: float | None = None, weak: str | None = None,
+              strong: str | None = None) -> list[Decision]:
+        """Weak when its pass chance >= threshold, else strong. A higher threshold buys quality with strong calls.
+        The default threshold is the router's for its own pair; for another pair, pass one (or `threshold_for`)."""
         t = self.default_threshold if threshold is None else check_threshold(threshold)
-        return [Decision("weak" if p >= t else "strong", float(p), t) for p in self.score(prompts)]
+        return [Decision("weak" if p >= t else "strong", float(p), t) for p in self.pass_chance(prompts, weak, strong)]
 
     def n_tokens(self, prompt: str) -> int:
         """Encoder tokens the router reads from `prompt` (after truncation)."""

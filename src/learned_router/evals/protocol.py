@@ -1,10 +1,12 @@
 """The evaluation protocol: a graded benchmark, the router and baselines on the same unseen prompts, and the outputs.
 
-Evaluations never score a prompt the router was trained on. When the benchmark's prompts (by text) are in the
-router's training data, the router's recipe is retrained per fold of a k-fold cross-validation split by prompt
-(or by category, e.g. MMLU subject) and every fold is scored by the head that never saw it; otherwise the shipped
-ONNX router scores the benchmark directly. kNN and logistic regression are fit on exactly the rows the router's
-head was fit on, over the same embeddings.
+Evaluations never score a prompt the router was trained on. `by`:
+- "source": leave the benchmark's source out: the router's recipe is refit on every other source, without any
+  prompt whose text is in the benchmark (AlpacaEval 1 and 2 share prompts, so leaving one out leaves both out);
+- "prompt" or "category": k-fold cross-validation, each fold scored by a model refit without the fold's prompts;
+- and a benchmark sharing no prompt with the router's training data is scored by the shipped ONNX router.
+The kNN and logistic baselines learn the pair's own labels ("the weak answer is as good") from the same training
+prompts, on the same embeddings: the pair-only recipe.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import group_of, label_long, load_pair_map, load_source, source_ids
+from ..data import Grades, canonical, group_of, load_grades, load_source, observations
 from ..errors import DataError, RouterError
 from .baselines import knn_scores, logistic_scores, prompt_length_scores
 from .plots import plot_frontier
 from .report import LEVEL, RESAMPLES, evaluate, markdown_table
 
 BASELINES = ("prompt length", "kNN", "logistic")
+ANY = "*"  # as the weak model of a battles benchmark: whichever model the strong one met
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Prices:
         per_model = {}
         for name, p in models.items():
             try:
-                per_model[name] = (float(p["input_per_1m"]), float(p["output_per_1m"]))
+                per_model[canonical(name)] = (float(p["input_per_1m"]), float(p["output_per_1m"]))
             except (TypeError, KeyError, ValueError):
                 raise DataError(f"{path}: models.{name}: needs numbers input_per_1m and output_per_1m") from None
         return cls(per_model, int(raw.get("output_tokens", 256)))
@@ -60,61 +63,120 @@ class Prices:
         return (prompts.str.len().to_numpy() / 4 * p_in + self.output_tokens * p_out) / 1e6
 
 
-def load_benchmark(path: Path, strong: str, weak: str, policy, pair_map: dict, keep_contaminated: bool = False) -> pd.DataFrame:
-    """One row per prompt: the first turn (what the router sees), and the pair's scores, each the mean of its turns."""
+def load_benchmark(path: Path, strong: str, weak: str) -> pd.DataFrame:
+    """One row per prompt: prompt, group, category, source, the pair (weak may differ per prompt with `ANY`), and
+    each side's quality: its grade (absolute), its grade against the source's baseline (the baseline itself 0.5), or
+    a battle's outcome (1 won, 0.5 tie, 0 lost). Contaminated prompts are dropped."""
     src = load_source(path)
-    if src.fmt != "long":
-        raise DataError(f"{path}: an evaluation needs graded answers (columns prompt_id, prompt, model, score); "
-                        f"this file has the '{src.fmt}' shape")
-    df = label_long(src, strong, weak, policy, pair_map)
-    if "contaminated" in df.columns and not keep_contaminated:
-        df = df[~df["contaminated"].fillna(False).astype(bool)]
-    if df.empty:
-        raise DataError(f"{path}: no prompt left to evaluate after dropping contaminated prompts")
-    return df.assign(group=df["prompt"].map(group_of), source=src.name).reset_index(drop=True)
+    strong, weak = canonical(strong), weak if weak == ANY else canonical(weak)
+    obs = observations(src)
+    obs = obs[~obs["contaminated"]]
+    category = (src.table.drop_duplicates("prompt").set_index("prompt")["category"]
+                if "category" in src.table.columns else pd.Series(dtype=object))
+    fixed = obs["opponent"].nunique() == 1 and src.scheme == "versus"  # every grade is against one baseline
+    if src.scheme == "absolute" or fixed:
+        graded = obs.groupby(["prompt", "model"])["grade"].mean().unstack()
+        if fixed:
+            graded[obs["opponent"].iloc[0]] = 0.5
+        if weak == ANY:
+            raise DataError(f"{path}: --weak '{ANY}' is for battles between varying models; name the weak model")
+        missing = [m for m in (strong, weak) if m not in graded.columns]
+        if missing:
+            raise DataError(f"{path}: model(s) {', '.join(missing)} not graded there; models: {', '.join(sorted(graded.columns))}")
+        both = graded[[strong, weak]].dropna()
+        table = pd.DataFrame({"prompt": both.index, "strong_model": strong, "weak_model": weak,
+                              "strong_q": both[strong].to_numpy(), "weak_q": both[weak].to_numpy()})
+    else:  # battles between varying models: the ones between the pair (or the strong model and anyone)
+        a_strong = (obs["model"] == strong) & ((obs["opponent"] == weak) | (weak == ANY))
+        b_strong = (obs["opponent"] == strong) & ((obs["model"] == weak) | (weak == ANY))
+        rows = obs[a_strong | b_strong]
+        if rows.empty:
+            raise DataError(f"{path}: no battle between '{strong}' and '{weak}'")
+        q = np.where(a_strong[rows.index], rows["grade"], 1 - rows["grade"])
+        table = (pd.DataFrame({"prompt": rows["prompt"].to_numpy(), "strong_model": strong,
+                               "weak_model": np.where(a_strong[rows.index], rows["opponent"], rows["model"]),
+                               "strong_q": q, "weak_q": 1 - q})
+                 .groupby("prompt", as_index=False, sort=True)
+                 .agg(strong_model=("strong_model", "first"), weak_model=("weak_model", "first"),
+                      strong_q=("strong_q", "mean"), weak_q=("weak_q", "mean")))
+    if table.empty:
+        raise DataError(f"{path}: no prompt graded for both '{strong}' and '{weak}'")
+    table["category"] = table["prompt"].map(category) if len(category) else None
+    table["label"] = (table["weak_q"] >= table["strong_q"] - 1e-9).astype(np.int8)
+    return table.assign(group=table["prompt"].map(group_of), source=src.name).reset_index(drop=True)
 
 
 def folds_of(keys: pd.Series, k: int, seed: int = 0) -> np.ndarray:
     return keys.map(lambda g: int(hashlib.sha1(f"fold{seed}:{g}".encode()).hexdigest()[:8], 16) % k).to_numpy()
 
 
-def cross_validate(bench: pd.DataFrame, train_df: pd.DataFrame, spec, enc, folds: int, by: str) -> dict[str, np.ndarray]:
-    """p_weak of the router recipe and the learned baselines for every benchmark prompt, each from the fold's models."""
-    from ..model import fit_head
+def pair_labels(grades: Grades, strong: str, weak: str) -> pd.DataFrame:
+    """The training prompts on which both models were graded alike (absolute grades, or both against one baseline):
+    prompt, label (1: the weak answer is at least as good), target (a tie 0.5)."""
+    obs = grades.only("train")
+    rows = []
+    for (_, opponent), part in obs.fillna({"opponent": ""}).groupby(["source", "opponent"]):
+        g = part.groupby(["prompt", "model"])["grade"].mean().unstack()
+        if opponent and opponent in (strong, weak):
+            g[opponent] = 0.5
+        if strong in g.columns and weak in g.columns:
+            both = g[[strong, weak]].dropna()
+            rows.append(pd.DataFrame({"prompt": both.index, "weak_q": both[weak].to_numpy(), "strong_q": both[strong].to_numpy()}))
+    if not rows:
+        return pd.DataFrame(columns=["prompt", "label", "target"])
+    t = pd.concat(rows).groupby("prompt", as_index=False).mean()
+    t["label"] = (t["weak_q"] >= t["strong_q"] - 1e-9).astype(np.int8)
+    t["target"] = np.where(np.abs(t["weak_q"] - t["strong_q"]) < 1e-9, 0.5, t["label"])
+    return t
 
-    keys = bench["category"].fillna("") if by == "category" else bench["group"]
-    fold = folds_of(keys, folds)
-    if len(np.unique(fold)) < 2:
-        raise DataError(f"cross-validation needs at least 2 non-empty folds; '{by}' gave {len(np.unique(fold))}")
-    h_bench = enc.features(bench["prompt"].tolist(), spec.head.length_input, progress=False)
-    h_train = enc.features(train_df["prompt"].tolist(), spec.head.length_input, progress=False)
-    x_bench, x_train = h_bench[:, :enc.dim], h_train[:, :enc.dim]  # the baselines see the embeddings only
-    b_bench, b_train = enc.bags(bench["prompt"].tolist()), enc.bags(train_df["prompt"].tolist())
-    src = source_ids(train_df)
-    y, t, w = train_df["label"].to_numpy(), train_df["target"].to_numpy(), train_df["weight"].to_numpy(float)
-    out = {name: np.empty(len(bench)) for name in ("router", "kNN", "logistic")}
-    for f in np.unique(fold):
-        held = np.flatnonzero(fold == f)
-        keep = ~train_df["group"].isin(set(bench["group"].iloc[held])).to_numpy()
-        fit_rows = np.flatnonzero(keep & (train_df["split"] != "val").to_numpy())
-        val_rows = np.flatnonzero(keep & (train_df["split"] == "val").to_numpy())
-        head, _ = fit_head(spec.head, h_train[fit_rows], t[fit_rows], w[fit_rows], h_train[val_rows], y[val_rows], spec.fit,
-                           sources=(src[fit_rows], src[val_rows]), bags=(b_train[fit_rows], b_train[val_rows]))
-        out["router"][held] = head.predict(h_bench[held], b_bench[held])
-        out["kNN"][held] = 1 - knn_scores(x_train[fit_rows], y[fit_rows], x_bench[held], sample_weight=w[fit_rows])
-        out["logistic"][held] = 1 - logistic_scores(x_train[fit_rows], y[fit_rows], x_bench[held], sample_weight=w[fit_rows])
+
+def router_pass_chance(bench: pd.DataFrame, quality: np.ndarray, difficulty: np.ndarray,
+                       models: list[str]) -> np.ndarray:
+    """Each benchmark prompt's weak pass chance for its own pair; a pair the router does not know gets `generic`."""
+    from ..scorer import pass_chances
+
+    col = {m: i for i, m in enumerate(models)}
+    out = 1.0 - difficulty.astype(float)
+    rows = np.arange(len(bench))
+    known = bench["weak_model"].isin(col).to_numpy() & bench["strong_model"].isin(col).to_numpy()
+    if known.any():
+        w = bench["weak_model"][known].map(col).to_numpy()
+        s = bench["strong_model"][known].map(col).to_numpy()
+        out[known] = pass_chances(quality[rows[known], w], quality[rows[known], s])
     return out
 
 
-def direct(bench: pd.DataFrame, train_df: pd.DataFrame, router, enc) -> dict[str, np.ndarray]:
-    """The shipped router on a benchmark it never saw; baselines fit on the rows its head was fit on."""
-    rows = np.flatnonzero((train_df["split"] == "train").to_numpy())
-    x_train = enc.embed(train_df["prompt"].iloc[rows].tolist(), progress=False)
+def baseline_scores(train: Grades, bench: pd.DataFrame, enc, strong: str, weak: str, fallback: tuple[str, str]) -> dict:
+    """kNN and logistic regression on the pair's own labels in the training prompts (the recipe's default pair where
+    the benchmark's pair is graded on fewer than 20 of them), as p_weak."""
+    labels = pair_labels(train, strong, weak)
+    if len(labels) < 20 or labels["label"].nunique() < 2:
+        labels = pair_labels(train, *fallback)
+    if len(labels) < 20 or labels["label"].nunique() < 2:
+        return {}
+    x_train = enc.embed(labels["prompt"].tolist(), progress=False)
     x_bench = enc.embed(bench["prompt"].tolist(), progress=False)
-    y, w = train_df["label"].to_numpy()[rows], train_df["weight"].to_numpy(float)[rows]
-    return {"router": router.score(bench["prompt"].tolist()),
-            "kNN": 1 - knn_scores(x_train, y, x_bench, sample_weight=w),
-            "logistic": 1 - logistic_scores(x_train, y, x_bench, sample_weight=w)}
+    y = labels["label"].to_numpy()
+    return {"kNN": 1 - knn_scores(x_train, y, x_bench), "logistic": 1 - logistic_scores(x_train, y, x_bench)}
+
+
+def refit_scores(bench: pd.DataFrame, grades: Grades, enc, recipe, folds: np.ndarray) -> dict[str, np.ndarray]:
+    """p_weak of the recipe (its pair's pass chance, and 1 - difficulty) and the baselines for every benchmark prompt,
+    each fold from models fit without its prompts."""
+    from ..train import fit
+
+    strong, weak = bench["strong_model"].iloc[0], bench["weak_model"].iloc[0]
+    out = {name: np.full(len(bench), np.nan) for name in ("router", "difficulty", "kNN", "logistic")}
+    for f in np.unique(folds):
+        held = np.flatnonzero(folds == f)
+        train = grades.without(set(bench["group"].iloc[held]))
+        head = fit(train, enc, recipe)
+        quality, difficulty = head.predict(enc.features(bench["prompt"].iloc[held].tolist(), recipe.length_input, progress=False))
+        out["router"][held] = router_pass_chance(bench.iloc[held], quality, difficulty, head.cfg.models)
+        out["difficulty"][held] = 1.0 - difficulty
+        for name, p in baseline_scores(train, bench.iloc[held], enc, strong, weak, (recipe.strong, recipe.weak)).items():
+            out[name][held] = p
+    return {k: v for k, v in out.items() if not np.isnan(v).any()}
 
 
 @dataclass
@@ -126,61 +188,75 @@ class EvalResult:
 
 
 def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, prices: Path | None = None,
-             folds: int = 5, by: str = "prompt", data_dir: Path | None = None, name: str | None = None) -> EvalResult:
-    """Evaluate a router folder on a graded benchmark; writes metrics.json, frontier.png and table.md into `out`."""
+             folds: int = 5, by: str = "prompt", data_dir: Path | None = None, name: str | None = None,
+             extra: dict[str, np.ndarray] | None = None) -> EvalResult:
+    """Evaluate a router folder on a graded benchmark; writes metrics.json, frontier.png and table.md into `out`.
+    `extra`: more scorers (p_weak per benchmark prompt, in `load_benchmark`'s order)."""
     from ..embed import Encoder
-    from ..export import TRAINING_FILE
-    from ..manifest import read_manifest
+    from ..manifest import RouterFolder
+    from ..recipe import Recipe
     from ..scorer import Router
-    from ..train import load_data, spec_from
 
-    if by not in ("prompt", "category"):
-        raise RouterError(f"--by must be 'prompt' or 'category', got {by!r}")
+    if by not in ("prompt", "category", "source"):
+        raise RouterError(f"--by must be 'prompt', 'category' or 'source', got {by!r}")
     if folds < 2:
         raise RouterError(f"--folds must be at least 2, got {folds}")
-    manifest = read_manifest(router_dir)
-    info_path = Path(router_dir) / "checkpoint" / TRAINING_FILE
-    if not info_path.is_file():
-        raise RouterError(f"{router_dir}: no checkpoint/{TRAINING_FILE}; eval needs the router's training record")
-    spec = spec_from(json.loads(info_path.read_text()))
-    enc = Encoder(spec.encoder, manifest.encoder.max_seq_length, manifest.encoder.layers)  # the base encoder: baselines and the recipe use it
-    finetuned = (Path(router_dir) / "checkpoint" / "encoder").is_dir()
-    if not finetuned and enc.fingerprint != manifest.encoder.fingerprint:
-        raise RouterError(f"{router_dir} was trained on another encoder (weights sha256 {manifest.encoder.fingerprint[:12]}…) "
+    folder = RouterFolder(router_dir)
+    manifest, record = folder.manifest(), folder.record()
+    recipe = Recipe.from_dict(record.recipe)
+    enc = Encoder(record.encoder_path, record.encoder.max_seq_length, record.encoder.layers)
+    if enc.fingerprint != record.encoder.fingerprint:
+        raise RouterError(f"{router_dir} was trained on another encoder (weights sha256 {record.encoder.fingerprint[:12]}…) "
                           f"than {enc.path} ({enc.fingerprint[:12]}…)")
+    paths = [Path(d["path"]) for d in record.data]
     if data_dir:  # the training files, found by name in another folder
-        spec.data = [str(Path(data_dir) / Path(p).name) for p in spec.data]
-    missing = [p for p in spec.data if not Path(p).is_file()]
+        paths = [Path(data_dir) / p.name for p in paths]
+    missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise RouterError(f"the router's training data is needed to keep evaluation prompts unseen and to fit the "
                           f"baselines, but {', '.join(missing)} is missing; pass --data-dir with those files")
-    pair_map = load_pair_map(spec.pair_map)
-    bench = load_benchmark(data, strong, weak, spec.policy, pair_map)
-    train_df, _ = load_data(spec)
-    seen = bench["group"].isin(set(train_df["group"]))
-    if seen.any() and finetuned:
-        raise RouterError(f"{router_dir} fine-tuned its encoder on {int(seen.sum())} of this benchmark's prompts, so no "
-                          "fold would be unseen; evaluate it on a benchmark outside its training data")
-    if seen.any():
+    bench = load_benchmark(data, strong, weak)
+    grades = load_grades(paths, {d["name"]: d["weight"] for d in record.data}, recipe.val, recipe.test, recipe.seed,
+                         recipe.max_prompts)
+    seen = bench["group"].isin(set(grades.obs["group"]))
+    if by == "source":
+        protocol = (f"leave one source out: the router's recipe and the baselines are refit on every other source, "
+                    f"without the {int(seen.sum())} of these {len(bench)} prompts that any training source shares")
+        grades = Grades(grades.obs[grades.obs["source"] != bench["source"].iloc[0]], grades.sources)
+        p = refit_scores(bench, grades, enc, recipe, np.zeros(len(bench), dtype=int))
+    elif seen.any():
+        keys = bench["category"].fillna("") if by == "category" else bench["group"]
+        fold = folds_of(keys, folds)
+        if len(np.unique(fold)) < 2:
+            raise DataError(f"cross-validation needs at least 2 non-empty folds; '{by}' gave {len(np.unique(fold))}")
         protocol = (f"{folds}-fold cross-validation by {by} ({int(seen.sum())} of {len(bench)} prompts are in the "
                     f"router's training data): the router's recipe and the baselines are refit per fold without the fold's prompts")
-        p = cross_validate(bench, train_df, spec, enc, folds, by)
+        p = refit_scores(bench, grades, enc, recipe, fold)
     else:
-        protocol = "the shipped router on prompts it never saw; baselines fit on its training rows"
-        p = direct(bench, train_df, Router(router_dir), enc)
+        protocol = "the shipped router on prompts it never saw; baselines fit on its training prompts"
+        r = Router(router_dir)
+        quality, difficulty = r.predict(bench["prompt"].tolist())
+        p = {"router": router_pass_chance(bench, quality, difficulty, manifest.models), "difficulty": 1.0 - difficulty,
+             **baseline_scores(grades, bench, enc, bench["strong_model"].iloc[0], bench["weak_model"].iloc[0],
+                               (manifest.strong, manifest.weak))}
+    p |= extra or {}
     scores = {"router": 1 - p["router"], "prompt length": prompt_length_scores(bench["prompt"].tolist()),
-              "kNN": 1 - p["kNN"], "logistic": 1 - p["logistic"]}
+              **{k: 1 - v for k, v in p.items() if k != "router"}}
     costs = None
     priced = Prices.load(prices)
-    if priced:
-        costs = {"strong": priced.cost(strong, bench["prompt"]), "weak": priced.cost(weak, bench["prompt"])}
-    report = evaluate(scores, bench["weak_score"].to_numpy(), bench["strong_score"].to_numpy(), cost_per_call=costs,
-                      labels=bench["label"].to_numpy(), p_weak={k: p[k] for k in ("router", "kNN", "logistic")},
-                      routellm_random=True, lead_of="router")
+    pair = (canonical(strong), weak if weak == ANY else canonical(weak))
+    if priced and all(m in priced.per_model for m in pair):  # unpriced pairs get no cost columns
+        costs = {"strong": priced.cost(pair[0], bench["prompt"]), "weak": priced.cost(pair[1], bench["prompt"])}
+    report = evaluate(scores, bench["weak_q"].to_numpy(), bench["strong_q"].to_numpy(), cost_per_call=costs,
+                      labels=bench["label"].to_numpy(), p_weak=p, routellm_random=True, lead_of="router")
     mine = report["scorers"]["router"]["apgr"]
-    not_beaten = [b for b in BASELINES if (report["scorers"][b]["apgr"] or 0) >= mine]
-    report |= {"benchmark": name or Path(data).stem, "data": str(data), "strong": strong, "weak": weak,
-               "router": str(router_dir), "protocol": protocol, "not_beaten": not_beaten}
+    not_beaten = [b for b in scores if b != "router" and (report["scorers"][b]["apgr"] or 0) >= (mine or 0)]
+    pairs = bench.groupby(["strong_model", "weak_model"]).size()
+    report |= {"benchmark": name or Path(data).stem, "data": str(data), "strong": pair[0], "weak": pair[1],
+               "router": str(router_dir), "protocol": protocol,
+               "not_beaten": not_beaten, "by": by,
+               "generic_share": float(1 - bench["weak_model"].isin(manifest.models).mean()) if by != "source" else None,
+               "pairs": int(len(pairs))}
     write_outputs(report, Path(out))
     return EvalResult(report, protocol, len(bench), not_beaten)
 
@@ -209,9 +285,12 @@ def verdict(report: dict) -> str:
     line = ("The router beats every non-oracle baseline on APGR." if not report["not_beaten"] else
             f"**The router does not beat {', '.join(report['not_beaten'])} on APGR here.**")
     side = {"ahead of": [], "behind": [], "not distinguishable from": []}
-    for b in BASELINES:
-        lo, hi = report["scorers"][b]["lead_ci"]  # None: undefined on this set
+    for b, m in report["scorers"].items():
+        if m["reference"] or b == "router":
+            continue
+        lo, hi = m.get("lead_ci") or (None, None)
         side["ahead of" if (lo or 0) > 0 else "behind" if (hi or 0) < 0 else "not distinguishable from"].append(b)
     parts = [f"{k} {', '.join(v)}" for k, v in side.items() if v]
     return (f"{line} Beyond resampling noise (the {LEVEL:.0%} bootstrap interval of the APGR difference, paired over "
             f"{RESAMPLES} resamples of the prompts, excludes 0): {'; '.join(parts)}.")
+

@@ -176,7 +176,7 @@ def run(router: str = "models/default", route_requests: int = 2000, chat_request
         config = {
             "router": {"path": str(router), "threads": threads, "workers": workers, "max_wait_ms": max_wait_ms},
             "tiers": [
-                {"name": "weak", "score": read_manifest(router).outputs[0], "providers": [
+                {"name": "weak", "score": read_manifest(router).weak, "providers": [
                     {**provider, "name": "weak", "model": "mixtral-8x7b", "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}]},
                 {"name": "strong", "providers": [
                     {**provider, "name": "strong", "model": "gpt-4-1106-preview", "input_price_per_1m": 10, "output_price_per_1m": 30}]},

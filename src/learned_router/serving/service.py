@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import time
 from collections.abc import Callable
@@ -219,22 +220,30 @@ def score_columns(config: ServiceConfig, outputs: list[str]) -> list[int | None]
     columns = []
     for t, tier in enumerate(config.tiers):
         if tier.score is not None and tier.score not in outputs:
-            raise ConfigError(f"tiers[{t}].score: the router outputs no {tier.score!r}; it outputs: {', '.join(outputs)}")
+            near = difflib.get_close_matches(tier.score, outputs, n=3, cutoff=0.5)
+            raise ConfigError(f"tiers[{t}].score: the router outputs no {tier.score!r} ({len(outputs)} outputs"
+                              + (f"; closest: {', '.join(near)}" if near else "") + "; 'generic' scores any model)")
         columns.append(None if tier.score is None else outputs.index(tier.score))
     return columns
 
 
 def resolve_threshold(config: ServiceConfig, router) -> float:
-    """routing.threshold as given; routing.strong_fraction through a binary router's calibration table; else its default."""
+    """routing.threshold as given; routing.strong_fraction through the router's calibration table for the one scored
+    tier's output; else the router's default for its own pair, or the default's share of strong calls for another
+    output."""
     r = config.routing
     if r.threshold is not None:
         return r.threshold
-    if r.strong_fraction is not None:
-        if len(router.models) != 1:
-            raise ConfigError(f"routing.strong_fraction: only for a binary router; this one scores {len(router.models)} "
-                              "models: set routing.threshold")
-        try:
-            return float(router.manifest.threshold_for(r.strong_fraction))
-        except (ValueError, IndexError) as e:
-            raise ConfigError(f"routing.strong_fraction: cannot be resolved with the router's calibration table ({e})") from None
-    return float(router.default_threshold)
+    scored = [t.score for t in config.tiers if t.score is not None]
+    if r.strong_fraction is None and scored in ([], [router.manifest.weak]):
+        return float(router.default_threshold)
+    if len(scored) != 1:
+        raise ConfigError(f"routing.strong_fraction: needs exactly one scored tier, this config scores {len(scored)} "
+                          "(a multi-tier config sets routing.threshold)")
+    fraction = r.strong_fraction
+    if fraction is None:
+        fraction = router.manifest.strong_fraction_at(router.default_threshold)
+    try:
+        return float(router.manifest.threshold_for(fraction, scored[0]))
+    except (ValueError, IndexError) as e:
+        raise ConfigError(f"routing.strong_fraction: cannot be resolved with the router's calibration table ({e})") from None
