@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # Offline demo: fake providers (127.0.0.1:9001 strong, :9002 weak) and the routing service with the shipped
-# router on http://127.0.0.1:8000. `serving/demo.sh tiers`: three tiers with models/alpaca-tiers (a third fake
-# provider on :9003). Ctrl-C stops them all.
+# router on http://127.0.0.1:8000. `serving/demo.sh tiers`: three tiers (a third fake provider on :9003). Ctrl-C stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LR=${VIRTUAL_ENV:-$PWD/.venv}/bin/learned-router
 case "${1:-}" in
   "") config=serving/config.example.yaml; strong=gpt-4-1106-preview; weak=mistralai/Mixtral-8x7B-Instruct-v0.1 ;;
-  tiers) config=serving/config.tiers.example.yaml; strong=gpt-4-1106-preview; weak=FuseChat-Gemma-2-9B-Instruct
-         "$LR" fake-provider --port 9003 --name small --model FuseChat-Llama-3.2-3B-Instruct & ;;
+  tiers) config=serving/config.tiers.example.yaml; strong=gpt-4-1106-preview; weak=mistralai/Mixtral-8x7B-Instruct-v0.1
+         "$LR" fake-provider --port 9003 --name small --model llama-2-7b-chat & ;;
   *) echo "usage: serving/demo.sh [tiers]" >&2; exit 2 ;;
 esac
 "$LR" fake-provider --port 9001 --name strong --model "$strong" &

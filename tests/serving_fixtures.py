@@ -86,12 +86,12 @@ def provider_entry(name: str, fake: FakeProvider, key_env: str, model: str, pric
 
 
 def router_output() -> str:
-    """The binary test router's one output: the weak model it scores."""
+    """The test router's weak model: the output the weak tier scores with."""
     return json.loads((ROUTER_DIR / "router.json").read_text())["weak"]
 
 
 def two_tiers(weak: list[dict], strong: list[dict]) -> list[dict]:
-    """The binary router's tiers: weak (scored) and strong (unscored)."""
+    """Two tiers: weak (scored) and strong (unscored)."""
     return [{"name": "weak", "score": router_output(), "providers": weak}, {"name": "strong", "providers": strong}]
 
 

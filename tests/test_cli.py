@@ -51,12 +51,26 @@ def test_score_from_arguments_file_and_stdin(trained, tmp_path):
     assert [x["route"] for x in lines(everything)] == ["strong"] * 3
 
 
+@pytest.mark.parametrize("stdin, message", [
+    (b"fine\n\xff\xfe broken\n", "stdin: line 2: not UTF-8 text (byte 0xff)"),
+    (b"", "stdin: no prompts"),
+    (b"\n  \n", "stdin: no prompts"),
+])
+def test_bad_stdin_is_one_line(trained, stdin, message):
+    out = subprocess.run([sys.executable, "-m", "learned_router", "score", "--router", str(trained["path"])],
+                         capture_output=True, input=stdin, timeout=120)
+    assert out.returncode == 2 and message in out.stderr.decode() and b"Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["score", "--router", "{r}", ""], "prompt 0: empty prompt"),
     (["score", "--router", "{r}", "--threshold", "1.5", "hi"], "threshold must be a number in [0, 1]"),
     (["score", "--router", "{tmp}/nope", "hi"], "router folder not found"),
     (["score", "--router", "{r}", "--file", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
     (["score", "--router", "{r}", "--file", "{tmp}/noprompt.csv"], "no 'prompt' column"),
+    (["score", "--router", "{r}", "--file", "{tmp}/latin1.txt"], "latin1.txt: line 1: not UTF-8 text"),
+    (["score", "--router", "{r}/router.json", "hi"], "a file, not a router folder"),
+    (["train", "--data", "{tmp}/empty.jsonl", "--out", "{tmp}/o"], "empty.jsonl"),
     (["train", "--data", "{tmp}/missing.parquet", "--out", "{tmp}/o"], "missing.parquet: no such file"),
     (["train", "--data", "{tmp}/noprompt.csv", "--out", "{tmp}/o"], "unrecognised columns"),
     (["score", "--router", "{r}", "--weak", "gpt-5", "hi"], "not trained on 'gpt-5'"),
@@ -70,6 +84,8 @@ def test_score_from_arguments_file_and_stdin(trained, tmp_path):
 ])
 def test_bad_input_gives_one_clear_line(trained, tmp_path, datasets_dir, args, message):
     (tmp_path / "noprompt.csv").write_text("question,answer\nq,a\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (tmp_path / "empty.jsonl").write_text("")
     args = [a.format(r=trained["path"], tmp=tmp_path, data=datasets_dir) for a in args]
     out = cli(*args)
     assert out.returncode == 2, out.stdout + out.stderr

@@ -99,7 +99,7 @@ def test_bad_benchmarks(trained, datasets_dir, tmp_path):
     with pytest.raises(DataError, match="unrecognised columns"):
         run_eval(trained["path"], labels, STRONG, WEAK, tmp_path / "o")
     dirty = slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path, contaminated=True)
-    with pytest.raises(DataError, match="no prompt graded for both"):
+    with pytest.raises(DataError, match="no prompt left to evaluate"):
         run_eval(trained["path"], dirty, STRONG, WEAK, tmp_path / "o")
     with pytest.raises(RouterError, match="--by must be"):
         run_eval(trained["path"], dirty, STRONG, WEAK, tmp_path / "o", by="vibes")

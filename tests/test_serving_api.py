@@ -250,5 +250,6 @@ def test_logs_never_hold_keys_or_prompts(client, stack, caplog):
 def test_cutting_a_huge_prompt_leaves_its_score_unchanged(stack):
     text = "Please review this log and tell me what failed. " + "step ok; " * 5000  # ~45k characters
     r = httpx.post(stack["url"] + "/v1/route", json={"model": "router", "messages": user(text)}, headers=auth())
-    full = stack["service"].app.state.service.router.score([text])[0]  # the whole text, uncut
+    router = stack["service"].app.state.service.router
+    full = router.pass_chance([text])[0]  # the whole text, uncut
     assert r.json()["pass_chances"]["weak"] == pytest.approx(float(full), abs=1e-6)

@@ -106,7 +106,7 @@ def test_missing_key_variable_and_router_folder_are_one_line_errors(tmp_path, mo
     cfg = example(tmp_path)
     cfg["tiers"][0]["score"] = "gpt-5"
     msg = serve_error(["--config", str(write(tmp_path, cfg))])
-    assert "tiers[0].score: the router outputs no 'gpt-5'; it outputs: mistralai/Mixtral-8x7B-Instruct-v0.1" in msg
+    assert "tiers[0].score: the router outputs no 'gpt-5' (" in msg and "closest: gpt-" in msg and "'generic' scores any" in msg
     cfg = example(tmp_path)
     cfg["budget"]["store"] = str(tmp_path / "a-file" / "spend.sqlite")
     (tmp_path / "a-file").write_text("not a folder")

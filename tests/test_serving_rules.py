@@ -215,7 +215,7 @@ def test_headers_and_route_explain_score_context_and_circuit_decisions(client, s
 def test_a_multi_tier_router_picks_the_cheapest_tier_that_clears_the_threshold(healthy):
     fakes = healthy
     tiers_router = Router(TIERS_ROUTER)
-    scored = {"small": "FuseChat-Llama-3.2-1B-Instruct", "medium": "FuseChat-Gemma-2-9B-Instruct"}
+    scored = {"small": "gemma-2b-it", "medium": "gemma-7b-it"}
     entry = {n: provider_entry(n, fakes[n], None, f"{n}-model", price) for n, price in
              (("weak-a", (0.1, 0.1)), ("weak-b", (0.6, 0.6)), ("strong-a", (10, 30)))}
     tiers = [{"name": "small", "score": scored["small"], "providers": [entry["weak-a"]]},
@@ -249,7 +249,7 @@ def test_a_share_of_strong_calls_needs_one_scored_tier_and_tiers_name_router_out
     tiers = [{"name": "small", "score": "gemma-2b-it", "providers": [entry]}, {"name": "top", "providers": [{**entry, "name": "top"}]}]
     one = Service(parse_config(service_config(tiers, routing={"strong_fraction": 0.3})), router=tiers_router)
     assert one.threshold == pytest.approx(tiers_router.manifest.threshold_for(0.3, "gemma-2b-it"))
-    two = [{**tiers[0], "name": "tiny", "score": "generic"}, *tiers]
+    two = [{"name": "tiny", "score": "generic", "providers": [{**entry, "name": "tiny"}]}, *tiers]
     with pytest.raises(ConfigError, match=r"routing.strong_fraction: needs exactly one scored tier, this config scores 2"):
         Service(parse_config(service_config(two, routing={"strong_fraction": 0.3})), router=tiers_router)
     tiers[0]["score"] = "gpt-5"

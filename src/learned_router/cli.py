@@ -143,7 +143,8 @@ def export_cmd(
 
 
 def read_prompts(prompts: list[str], file: Optional[Path]) -> tuple[list[str], list]:
-    """Prompts and their ids, from arguments, a file (JSONL/parquet/CSV with a 'prompt' column, or text lines) or stdin."""
+    """Prompts and their ids, from arguments, a file (JSONL/parquet/CSV with a 'prompt' column, or text lines) or stdin;
+    RouterError for text that is not UTF-8 and for no prompts at all."""
     import pandas as pd
 
     if prompts and file:
@@ -153,22 +154,39 @@ def read_prompts(prompts: list[str], file: Optional[Path]) -> tuple[list[str], l
     if file is None:
         if sys.stdin.isatty():
             raise RouterError("no prompts: pass them as arguments, with --file, or on stdin (one per line)")
-        lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        lines = text_lines(sys.stdin.buffer.read(), "stdin")
+        if not lines:
+            raise RouterError("stdin: no prompts (one per line)")
         return lines, list(range(len(lines)))
     if not file.is_file():
         raise RouterError(f"{file}: no such file")
     readers = {".jsonl": lambda f: pd.read_json(f, lines=True), ".parquet": pd.read_parquet, ".csv": pd.read_csv}
     if file.suffix.lower() not in readers:
-        lines = [line for line in file.read_text().splitlines() if line.strip()]
+        lines = text_lines(file.read_bytes(), str(file))
+        if not lines:
+            raise RouterError(f"{file}: no prompts (one per line)")
         return lines, list(range(len(lines)))
     try:
         df = readers[file.suffix.lower()](file)
     except Exception as e:  # pandas raises many parser error types
-        raise RouterError(f"{file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise RouterError(f"{file}: cannot be read ({type(e).__name__}: {first})") from None
     if "prompt" not in df.columns:
         raise RouterError(f"{file}: no 'prompt' column (columns: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise RouterError(f"{file}: no prompts")
     ids = df["prompt_id"] if "prompt_id" in df.columns else df["id"] if "id" in df.columns else pd.Series(range(len(df)))
     return df["prompt"].tolist(), ids.tolist()
+
+
+def text_lines(raw: bytes, where: str) -> list[str]:
+    """Non-blank lines of UTF-8 text; RouterError naming the line of the first byte that is not UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RouterError(f"{where}: line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 @app.command()
@@ -207,7 +225,7 @@ def score(
     elif (weak, strong) == (r.manifest.weak, r.manifest.strong):
         t = r.default_threshold
     else:
-        t = r.manifest.threshold_for(1 - r.manifest.strong_fraction_at(r.default_threshold), weak)
+        t = r.manifest.threshold_for(r.manifest.strong_fraction_at(r.default_threshold), weak)  # the default share
     quality, difficulty = r.predict(texts)
     for i, d, diff in zip(ids, r.route(texts, t, weak, strong), difficulty):
         typer.echo(json.dumps({"id": i, "p_weak": round(d.p_weak, 6), "route": d.model,
@@ -340,8 +358,11 @@ def serve(
 
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         fail(f"--log-level: expected debug, info, warning or error, got {log_level!r}")
+    from .serving.slowclients import HeaderTimeoutProtocol
+
     service = Service(load_config(config))  # fail fast: config, router folder, key variables
-    options = dict(host=host, port=port, log_config=_log_config(log_level), log_level=log_level.lower(), access_log=access_log)
+    options = dict(host=host, port=port, log_config=_log_config(log_level), log_level=log_level.lower(), access_log=access_log,
+                   http=HeaderTimeoutProtocol)  # a client that never finishes its headers is cut off (DEPLOY.md)
     if workers == 1:
         uvicorn.run(create_app(service), **options)
     else:
@@ -360,7 +381,8 @@ def fake_provider(
     chunk_delay_ms: Annotated[float, typer.Option(min=0, help="Delay between stream chunks.")] = 0.0,
     fail_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of requests answered with --error-status.")] = 0.0,
     error_status: Annotated[int, typer.Option(help="HTTP status of simulated failures.")] = 503,
-    mode: Annotated[str, typer.Option(help="ok, error, 429, hang or stall; switch at run time with POST /_control.")] = "ok",
+    mode: Annotated[str, typer.Option(help="ok, error, 429, hang, stall, raw (200 with a body set by POST /_control) or huge (a body with no end); "
+                                      "switch at run time with POST /_control.")] = "ok",
     api_key_env: Annotated[Optional[str], typer.Option(help="Require the key in this environment variable as bearer token.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --fail-rate.")] = 0,
 ):
@@ -378,6 +400,31 @@ def fake_provider(
     state = FakeState(name=name, model=model, mode=mode, latency_ms=latency_ms, chunk_delay_ms=chunk_delay_ms,
                       fail_rate=fail_rate, error_status=error_status, api_key=key, seed=seed)
     uvicorn.run(create_fake_provider(state), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+@user_errors
+def soak(
+    router: Annotated[Path, typer.Option(help="Router folder.")] = Path("models/default"),
+    requests: Annotated[int, typer.Option(min=100, max=50000, help="Requests in all, split evenly over the fault phases.")] = 3000,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent clients.")] = 16,
+):
+    """A bounded soak on 127.0.0.1: the service, fake providers broken phase by phase, hostile clients; per phase
+    sent / answered / refused / stream errors / 5xx / 500 / lost. Exit code 1 unless 0 lost and 0 500s."""
+    import logging
+    from collections import Counter
+
+    _serve_imports()
+    from .manifest import read_manifest
+    from .serving.soak import COLUMNS, PHASES, run
+
+    read_manifest(router)  # a clear error before anything starts
+    logging.getLogger("learned_router").setLevel(logging.ERROR)  # the faults are deliberate: keep their warnings out
+    results = run(str(router), requests, concurrency)
+    total = sum((c for _, c in results), Counter())
+    typer.echo(f"{'total':30s} " + "  ".join(f"{k} {round(total[k], 1)}" for k in COLUMNS))
+    if total["lost"] or total["500"] or total["sent"] != len(PHASES) * (requests // len(PHASES)):
+        raise typer.Exit(1)
 
 
 @app.command("bench-serve")

@@ -141,6 +141,8 @@ class RouterFolder:
         return self.path / VARIANT_FILES[variant]
 
     def manifest(self) -> Manifest:
+        if self.path.exists() and not self.path.is_dir():
+            raise RouterFolderError(f"{self.path}: a file, not a router folder (a folder with {self.MANIFEST})")
         if not self.path.is_dir():
             raise RouterFolderError(f"router folder not found: {self.path}")
         return read_model(self.manifest_path, Manifest, f"a router folder needs {self.MANIFEST}, {self.TOKENIZER} and an ONNX model")

@@ -114,10 +114,19 @@ class QualityHead(nn.Module):
 
     @classmethod
     def load(cls, folder: Path) -> "QualityHead":
-        blob = torch.load(Path(folder) / HEAD_FILE, map_location="cpu", weights_only=True)
-        cfg = blob["config"]
-        head = cls(HeadConfig(**{**cfg, "length_range": tuple(cfg["length_range"])}))
-        head.load_state_dict(blob["state"])
+        """The saved head; RouterFolderError naming the file when it is missing, truncated or not a head."""
+        from .errors import RouterFolderError
+
+        path = Path(folder) / HEAD_FILE
+        if not path.is_file():
+            raise RouterFolderError(f"{path}: missing; the router's checkpoint needs it (re-train the router)")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            cfg = blob["config"]
+            head = cls(HeadConfig(**{**cfg, "length_range": tuple(cfg["length_range"])}))
+            head.load_state_dict(blob["state"])
+        except Exception as e:  # torch raises many types for a damaged file
+            raise RouterFolderError(f"{path}: not a readable head ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         return head.eval()
 
     @torch.no_grad()
@@ -161,9 +170,11 @@ def fit_head(x: np.ndarray, obs: dict[str, np.ndarray], models: list[str], sourc
         head_cfg.length_range = (float(log_len.min()), float(log_len.max()))
     seed_everything(cfg.seed)
     head = QualityHead(head_cfg)
+    nn.init.zeros_(head.difficulty.weight)  # only absolute grades move it: a versus-only fit keeps every prompt alike
+    nn.init.zeros_(head.difficulty.bias)
     nn.init.normal_(head.traits.weight, std=0.01)
     nn.init.normal_(head.loading, std=0.01)
-    head.graded[np.asarray(obs["source"]), np.asarray(obs["model"])] = 1.0
+    head.graded[torch.as_tensor(np.array(obs["source"])), torch.as_tensor(np.array(obs["model"]))] = 1.0
     xt = torch.from_numpy(x.astype(np.float32))
     idx = {k: torch.from_numpy(np.array(obs[k], dtype=np.int64)) for k in ("prompt", "model", "opponent", "source")}
     y = torch.from_numpy(np.array(obs["grade"], dtype=np.float32))

@@ -9,7 +9,7 @@ from .errors import RouterError
 
 # The sources of ordinary chat traffic (real users' prompts, open-ended tasks, code), as opposed to exam benchmarks:
 # the calibration mix and the leave-one-source-out protocol use them.
-CHAT_SOURCES = ("arena_bench_v1", "arena_battles_1k", "arena_hard_v01_battles", "vicuna_bench", "alpaca_eval",
+CHAT_SOURCES = ("arena_bench_v1", "arena_battles_1k", "arena_hard_v01", "vicuna_bench", "alpaca_eval",
                 "routerbench_mbpp", "routerarena")
 
 

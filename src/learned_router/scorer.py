@@ -33,6 +33,10 @@ def check_prompts(prompts: Sequence[object]) -> list[str]:
             raise RouterError(f"prompt {i}: expected text, got {type(p).__name__}")
         if not p.strip():
             raise RouterError(f"prompt {i}: empty prompt")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RouterError(f"prompt {i}: not valid Unicode (character {e.start}: {e.reason})") from None
     return out
 
 

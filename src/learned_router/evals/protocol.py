@@ -71,6 +71,8 @@ def load_benchmark(path: Path, strong: str, weak: str) -> pd.DataFrame:
     strong, weak = canonical(strong), weak if weak == ANY else canonical(weak)
     obs = observations(src)
     obs = obs[~obs["contaminated"]]
+    if obs.empty:
+        raise DataError(f"{path}: no prompt left to evaluate after dropping contaminated prompts")
     category = (src.table.drop_duplicates("prompt").set_index("prompt")["category"]
                 if "category" in src.table.columns else pd.Series(dtype=object))
     fixed = obs["opponent"].nunique() == 1 and src.scheme == "versus"  # every grade is against one baseline
@@ -218,13 +220,13 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     bench = load_benchmark(data, strong, weak)
     grades = load_grades(paths, {d["name"]: d["weight"] for d in record.data}, recipe.val, recipe.test, recipe.seed,
                          recipe.max_prompts)
-    seen = bench["group"].isin(set(grades.obs["group"]))
     if by == "source":
-        protocol = (f"leave one source out: the router's recipe and the baselines are refit on every other source, "
-                    f"without the {int(seen.sum())} of these {len(bench)} prompts that any training source shares")
         grades = Grades(grades.obs[grades.obs["source"] != bench["source"].iloc[0]], grades.sources)
+        shared = int(bench["group"].isin(set(grades.obs["group"])).sum())
+        protocol = (f"leave one source out: the router's recipe and the baselines are refit on every other source, "
+                    f"without the {shared} of these {len(bench)} prompts that another training source shares")
         p = refit_scores(bench, grades, enc, recipe, np.zeros(len(bench), dtype=int))
-    elif seen.any():
+    elif (seen := bench["group"].isin(set(grades.obs["group"]))).any():
         keys = bench["category"].fillna("") if by == "category" else bench["group"]
         fold = folds_of(keys, folds)
         if len(np.unique(fold)) < 2:

@@ -1,6 +1,6 @@
 """A bounded soak of the service on 127.0.0.1: thousands of requests through fault phases, every one accounted for.
 
-    python -m learned_router.serving.soak --router models/default --requests 3000
+    learned-router soak --router models/default --requests 3000
 
 One process runs the service (the real router), a weak and a strong fake provider and the load (16 concurrent
 clients on keep-alive connections, a third of the requests streamed). The phases break the weak provider one way
@@ -12,13 +12,11 @@ requests), stream errors (a stream ended by the router's error event), 5xx other
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import os
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -146,7 +144,7 @@ def run(router: str, requests: int, concurrency: int = 16) -> list[tuple[str, Co
         provider = {"api_key_env": None, "timeout_s": 1.0, "connect_timeout_s": 1.0}
         cfg = parse_config({
             "router": {"path": router},
-            "tiers": [{"name": "weak", "score": list(loaded.models)[0], "providers": [
+            "tiers": [{"name": "weak", "score": loaded.manifest.weak, "providers": [
                           {**provider, "name": "weak", "base_url": weak.url + "/v1", "model": "mixtral-8x7b",
                            "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}]},
                       {"name": "strong", "providers": [
@@ -172,22 +170,3 @@ def run(router: str, requests: int, concurrency: int = 16) -> list[tuple[str, Co
 
 
 COLUMNS = ["sent", "answered", "refused", "stream_error", "5xx", "500", "lost", "seconds"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--router", default="models/default")
-    parser.add_argument("--requests", type=int, default=3000, help="requests in all, split evenly over the phases (max 50000)")
-    parser.add_argument("--concurrency", type=int, default=16)
-    args = parser.parse_args(argv)
-    if not 100 <= args.requests <= 50_000 or not 1 <= args.concurrency <= 256:
-        parser.error("--requests must be in [100, 50000] and --concurrency in [1, 256]")
-    logging.getLogger("learned_router").setLevel(logging.ERROR)  # the faults are deliberate: keep their warnings out
-    results = run(args.router, args.requests, args.concurrency)
-    total = sum((c for _, c in results), Counter())
-    print(f"{'total':30s} " + "  ".join(f"{k} {round(total[k], 1)}" for k in COLUMNS))
-    return 0 if total["lost"] == 0 and total["500"] == 0 and total["sent"] == len(PHASES) * (args.requests // len(PHASES)) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
