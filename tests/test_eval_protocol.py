@@ -114,3 +114,25 @@ def test_router_for_another_encoder(trained, datasets_dir, tmp_path):
     (other / "checkpoint" / "training.json").write_text(json.dumps(record))
     with pytest.raises(RouterError, match="trained on another encoder"):
         run_eval(other, slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, WEAK, tmp_path / "o")
+
+
+def test_tier_policy_in_dollars(trained, datasets_dir, tmp_path):
+    from learned_router.evals.tiers import run_tier_eval
+
+    bench = slice_of(datasets_dir, "alpaca_eval", 60, tmp_path)
+    tiers = ["gemma-2b-it", "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt4_1106_preview"]  # the baseline, by its one name
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("models:\n  gemma-2b-it: {input_per_1m: 0.1, output_per_1m: 0.1}\n"
+                      "  Mixtral-8x7B-Instruct-v0.1_concise: {input_per_1m: 0.6, output_per_1m: 0.6}\n"
+                      "  mistralai/Mixtral-8x7B-Instruct-v0.1: {input_per_1m: 0.6, output_per_1m: 0.6}\n"
+                      "  gpt-4-1106-preview: {input_per_1m: 10, output_per_1m: 30}\n")
+    with pytest.raises(DataError, match="tier model\\(s\\) mistralai/Mixtral-8x7B-Instruct-v0.1 not graded there"):
+        run_tier_eval(trained["path"], bench, tiers, prices, tmp_path / "o", folds=2)
+    tiers[1] = "Mixtral-8x7B-Instruct-v0.1_concise"
+    r = run_tier_eval(trained["path"], bench, tiers, prices, tmp_path / "o", folds=2)
+    assert r["n_prompts"] == 60 and r["best_single"] == "gpt-4-1106-preview" and r["single"]["gpt-4-1106-preview"]["quality"] == 0.5
+    oracle, router = r["scorers"]["oracle"], r["scorers"]["router"]
+    assert oracle["max_quality"] >= router["max_quality"] and oracle["cost_at_best_quality"] <= r["single"]["gpt-4-1106-preview"]["cost"]
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"metrics.json", "frontier.png", "table.md"}
+    with pytest.raises(RouterError, match="cheapest first"):
+        run_tier_eval(trained["path"], bench, tiers[::-1], prices, tmp_path / "o2", folds=2)

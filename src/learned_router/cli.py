@@ -276,6 +276,9 @@ def eval_cmd(
     by: Annotated[str, typer.Option(help="source: leave the benchmark's source out of training; prompt or category: "
                                     "k-fold cross-validation by that (MMLU subject: out of domain).")] = "prompt",
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the router's training files are, if not where it was trained.")] = None,
+    tiers: Annotated[Optional[str], typer.Option(help="Comma-separated models, cheapest first: evaluate the tier policy "
+                                                 "in dollars (each single model, the best two-model router, the oracle) "
+                                                 "instead of a pair.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Benchmark name in the outputs (default: the file name).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router-evals",
 ):
@@ -285,6 +288,19 @@ def eval_cmd(
     from .evals.protocol import run_eval
     from .tracking import start_run
 
+    if tiers is not None:
+        from .evals.tiers import run_tier_eval
+
+        names = names_of(tiers)
+        with start_run(experiment, name or f"{data.stem} tiers"):
+            r = run_tier_eval(router, data, names, prices, out, folds=folds, name=name)
+            mlflow.log_params({"router": str(router), "data": str(data), "tiers": ",".join(names), "folds": folds,
+                               "prompts": r["n_prompts"]})
+            mlflow.log_metrics({f"{k}_{n.split(' ')[0]}": v for n, m in r["scorers"].items() for k, v in m.items() if v is not None})
+            mlflow.log_artifacts(str(out))
+        typer.echo((out / "table.md").read_text())
+        typer.echo(f"written to {out}")
+        return
     with start_run(experiment, name or data.stem):
         typer.echo(f"evaluating {router} on {data} (by {by}): the recipe is refit per fold when the prompts overlap "
                    "its training data", err=True)

@@ -19,7 +19,6 @@ over the training prompts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,7 +218,3 @@ class FusedRouter(nn.Module):
             chars = (self.piece_lengths[input_ids] * attention_mask.to(hidden.dtype)).sum(1, keepdim=True)
             x = torch.cat([x, chars], dim=-1)
         return self.head(x)
-
-
-def write_json(path: Path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")

@@ -71,6 +71,3 @@ class Recipe:
     def from_dict(cls, d: dict) -> "Recipe":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-    def replace(self, **changes) -> "Recipe":
-        return Recipe(**{**asdict(self), **changes})

@@ -20,7 +20,7 @@ ROUTELLM_BEST = {
     "MMLU": {"router": "SW ranking, D_arena + D_gold (Table 2)", "apgr": 0.603, "cpt50": 0.3540, "cpt80": 0.7155},
     "GSM8K": {"router": "causal LLM, D_arena + D_judge (Table 3)", "apgr": 0.622, "cpt50": 0.3364, "cpt80": 0.6326},
 }
-ROWS = ("router", "difficulty", "prompt length", "kNN", "logistic", "random", "optimal")
+ROWS = ("router", "difficulty", "prompt length", "kNN", "logistic", "random", "optimal")  # + the previous router's row
 HIGH_ORACLE, FLOOR, MEAN_FLOOR, NOISE_MIN = 0.85, 0.60, 0.65, 300  # the leave-one-source-out targets
 
 
@@ -33,11 +33,64 @@ class Benchmark(BaseModel):
     routellm: str | None = None
 
 
+class TierBenchmark(BaseModel):
+    name: str
+    data: Path
+    tiers: list[str]  # cheapest first
+
+
+class Previous(BaseModel):
+    """A router shipped at an earlier commit, scored as it was shipped (its ONNX graph's one output, p_weak)."""
+
+    commit: str
+    path: str = "models/default"
+    name: str = "previous router"
+
+
 class Suite(BaseModel):
     router: Path = Path("models/default")
     prices: Path | None = None
     folds: int = 5
+    previous: Previous | None = None
     benchmarks: list[Benchmark]
+    tier_benchmarks: list[TierBenchmark] = []
+
+
+def previous_scorer(previous: Previous, repo: Path):
+    """p_weak of the previous router for a list of prompts, and the sources it was trained on. Its files come out of
+    git history (`git show`) into the embedding cache folder; it is scored with onnxruntime and its tokenizer alone."""
+    import json
+    import subprocess
+
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from ..embed import cache_dir
+
+    folder = cache_dir() / f"previous-{previous.commit}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("router.json", "tokenizer.json", "model.int8.onnx"):
+        if not (folder / name).is_file():
+            try:
+                blob = subprocess.run(["git", "-C", str(repo), "show", f"{previous.commit}:{previous.path}/{name}"],
+                                      capture_output=True, check=True).stdout
+            except (OSError, subprocess.CalledProcessError) as e:
+                raise RouterError(f"previous router: cannot read {previous.path}/{name} at {previous.commit} from git ({e})") from None
+            (folder / name).write_bytes(blob)
+    manifest = json.loads((folder / "router.json").read_text())
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length=manifest["encoder"]["max_seq_length"])
+    session = ort.InferenceSession(str(folder / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+
+    def score(prompts: list[str]) -> np.ndarray:
+        out = np.empty(len(prompts))
+        for i, enc in enumerate(tok.encode_batch(prompts)):  # one prompt per call, as it was served
+            ids = np.asarray([enc.ids], dtype=np.int64)
+            out[i] = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+        return out
+
+    return score, {d["name"] for d in manifest["data"]}
 
 
 def load_suite(path: Path) -> Suite:
@@ -77,7 +130,8 @@ def ahead(m: dict) -> bool:
 def loso_lines(reports: list) -> list[str]:
     """The leave-one-source-out table: router, its difficulty output and the baselines, with each target's verdict."""
     lines = [f"| left-out source | pair | prompts | oracle | target | router | {LEVEL:.0%} CI | difficulty | random | "
-             "prompt length | kNN | logistic | verdict |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "prompt length | kNN | logistic | previous router | verdict |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     high = []
     for b, _, r in reports:
         s = r["scorers"]
@@ -91,6 +145,8 @@ def loso_lines(reports: list) -> list[str]:
         if oracle is not None and oracle >= HIGH_ORACLE:
             high.append(mine or 0)
         cells = [fmt(s.get(k, {}).get("apgr")) for k in ("difficulty", "random", "prompt length", "kNN", "logistic")]
+        prev = next((k for k in s if k.startswith("previous router")), None)
+        cells.append("–" if prev is None else fmt(s[prev]["apgr"]) + (" (trained on it)" if "trained on it" in prev else ""))
         lines.append(f"| {b.name} | {r['strong']} vs {r['weak']} | {r['n_prompts']} | {fmt(oracle)} | {fmt(goal)} | "
                      f"**{fmt(mine)}** | {span(s['router'].get('apgr_ci'))} | " + " | ".join(cells) +
                      f" | {'met' if not misses else '**missed: ' + '; '.join(misses) + '**'} |")
@@ -105,7 +161,7 @@ def summary_lines(reports: list) -> list[str]:
     lines = [f"| benchmark | scorer | APGR | APGR {LEVEL:.0%} CI | APGR (RouteLLM) | CPT50 | CPT80 | cost saving @95% |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for b, _, r in reports:
-        for name in ROWS:
+        for name in (*ROWS, *(k for k in r["scorers"] if k.startswith("previous router"))):
             m = r["scorers"].get(name)
             if m is None:
                 continue
@@ -120,12 +176,20 @@ def summary_lines(reports: list) -> list[str]:
 
 def write_results(suite: Suite, out: Path, progress=print) -> Path:
     """Run every benchmark into out/results/<name>/ and write out/RESULTS.md."""
+    from .protocol import load_benchmark
+
+    previous = previous_scorer(suite.previous, Path(__file__).resolve().parents[3]) if suite.previous else None
     reports = []
     for i, b in enumerate(suite.benchmarks, 1):
         progress(f"[{i}/{len(suite.benchmarks)}] {b.name} (by {b.by})")
         folder = out / "results" / slug(b.name)
+        extra = {}
+        if previous:
+            bench = load_benchmark(b.data, b.strong, b.weak)
+            seen = " (trained on it)" if bench["source"].iloc[0] in previous[1] else ""
+            extra = {f"{suite.previous.name}{seen}": previous[0](bench["prompt"].tolist())}
         reports.append((b, folder, run_eval(suite.router, b.data, b.strong, b.weak, folder, prices=suite.prices,
-                                            folds=suite.folds, by=b.by, name=b.name).report))
+                                            folds=suite.folds, by=b.by, name=b.name, extra=extra).report))
     loso = [x for x in reports if x[0].by == "source"]
     domain = [x for x in reports if x[0].by != "source"]
     lines = [
@@ -139,7 +203,9 @@ def write_results(suite: Suite, out: Path, progress=print) -> Path:
         "## Leave one source out: chat traffic the router never saw", "",
         "Each row retrains the router's recipe on every other source (any prompt whose text the left-out source shares",
         "dropped too) and evaluates the left-out source for a GPT-4-class model against a weaker one. The kNN and",
-        "logistic baselines learn the pair's own labels from the same training prompts (the pair-only recipe). Targets:",
+        "logistic baselines learn the pair's own labels from the same training prompts (the pair-only recipe); the",
+        "previous router is the one shipped before this recipe, scored as shipped (it trained on arena-bench-v1 and",
+        "AlpacaEval 2, so on those rows it is not left out). Targets:",
         f"APGR >= {FLOOR} where the oracle reaches {HIGH_ORACLE} (their mean >= {MEAN_FLOOR}), else half the way from",
         f"random to the oracle; ahead of prompt length and kNN beyond noise where a source has >= {NOISE_MIN} prompts.", "",
         *loso_lines(loso), "",
@@ -160,9 +226,39 @@ def write_results(suite: Suite, out: Path, progress=print) -> Path:
         if b.routellm in ROUTELLM_BEST:
             lines += [versus_routellm(r, ROUTELLM_BEST[b.routellm]), ""]
         lines += [f"![{b.name} frontier]({rel}/frontier.png)", "", markdown_table(r), ""]
+    if suite.tier_benchmarks:
+        lines += tier_section(suite, out, progress)
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tier_section(suite: Suite, out: Path, progress) -> list[str]:
+    """Multi-tier routing: the tier policy against each single model, the best two-model router and the oracle."""
+    from .tiers import run_tier_eval, tier_table
+
+    if suite.prices is None:
+        raise RouterError("the suite's tier_benchmarks need 'prices': the multi-tier frontier is in dollars")
+    lines = ["## Multi-tier routing", "",
+             f"Router `{suite.router}`: each tier's pass chance against the top tier; policy: the cheapest tier whose pass",
+             "chance clears the threshold, else the tier most likely to pass. The frontier is in dollars (prices of",
+             "`evals/prices.yaml`; each call costs its prompt and its graded answer's own length at chars/4 tokens).",
+             "Target: at the best single model's quality, at least 40% lower cost. `two-model` routes one cheaper tier",
+             "against the best single model on the same pass chances; `oracle` is the physical limit.", ""]
+    for b in suite.tier_benchmarks:
+        progress(f"[tiers] {b.name}")
+        folder = out / "results" / slug(b.name)
+        r = run_tier_eval(suite.router, b.data, b.tiers, suite.prices, folder, folds=suite.folds, name=b.name)
+        saving = r["scorers"]["router"]["saving_at_best_quality"]
+        verdict = ("**Target not met: the router does not reach the best single model's quality.**" if saving is None else
+                   f"Saving at {r['best_single']}'s quality: {saving:.1%} " +
+                   ("(target met)." if saving >= 0.4 else "**(target of 40% not met)**."))
+        if r["above_router"]:
+            verdict += (f" **Single models above the router's frontier (better quality at their own cost): "
+                        f"{', '.join(r['above_router'])}.**")
+        lines += [f"### {b.name}", "", f"{r['n_prompts']} prompts; {r['protocol']}.", "", verdict, "",
+                  f"![{b.name} frontier]({folder.relative_to(out)}/frontier.png)", "", tier_table(r), ""]
+    return lines
 
 
 def versus_routellm(report: dict, published: dict) -> str:
