@@ -208,14 +208,19 @@ def score(
     the prompt's difficulty."""
     import json
 
-    from .scorer import Router, check_threshold
+    from .manifest import GENERIC
+    from .scorer import Router, check_threshold, decide
 
     if threshold is not None and strong_fraction is not None:
         raise RouterError("give --threshold or --strong-fraction, not both")
     texts, ids = read_prompts(prompts or [], file)
     r = Router(router, variant=variant, threads=threads)
-    weak, strong = weak or r.manifest.weak, strong or r.manifest.strong
-    r.column(weak), r.column(strong)
+    weak = weak or r.manifest.weak
+    r.column(weak)
+    if strong is not None:
+        r.column(strong)
+    named = strong or ("strong" if weak == GENERIC else r.manifest.strong)  # generic: your own strong model
+    strong = strong or r.manifest.strong
     if strong_fraction is not None:
         if not 0 <= strong_fraction <= 1:
             raise RouterError(f"--strong-fraction must be in [0, 1], got {strong_fraction}")
@@ -227,9 +232,9 @@ def score(
     else:
         t = r.manifest.threshold_for(r.manifest.strong_fraction_at(r.default_threshold), weak)  # the default share
     quality, difficulty = r.predict(texts)
-    for i, d, diff in zip(ids, r.route(texts, t, weak, strong), difficulty):
+    for i, d, diff in zip(ids, decide(r.pair_chance(quality, difficulty, weak, strong), t), difficulty):
         typer.echo(json.dumps({"id": i, "p_weak": round(d.p_weak, 6), "route": d.model,
-                               "model": weak if d.model == "weak" else strong, "threshold": round(t, 6),
+                               "model": weak if d.model == "weak" else named, "threshold": round(t, 6),
                                "difficulty": round(float(diff), 6)}))
 
 

@@ -48,6 +48,10 @@ def choose_tier(pass_chances: np.ndarray, threshold: float | np.ndarray) -> np.n
     return np.where(clears.any(axis=1), clears.argmax(axis=1), p.argmax(axis=1))
 
 
+def decide(p_weak: np.ndarray, threshold: float) -> list[Decision]:
+    return [Decision("weak" if p >= threshold else "strong", float(p), threshold) for p in p_weak]
+
+
 def check_threshold(threshold: float) -> float:
     if not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
         raise RouterError(f"threshold must be a number in [0, 1], got {threshold!r}")
@@ -175,8 +179,12 @@ class Router:
     def pass_chance(self, prompts: Sequence[str], weak: str | None = None, strong: str | None = None) -> np.ndarray:
         """The weak model's pass chance against the strong one (default: the router's pair); `generic` as the weak
         model gives 1 - difficulty, whatever the strong model."""
+        return self.pair_chance(*self.predict(prompts), weak, strong)
+
+    def pair_chance(self, quality: np.ndarray, difficulty: np.ndarray, weak: str | None = None,
+                    strong: str | None = None) -> np.ndarray:
+        """`pass_chance` from outputs already predicted."""
         weak, strong = weak or self.manifest.weak, strong or self.manifest.strong
-        quality, difficulty = self.predict(prompts)
         if weak == GENERIC:
             return 1.0 - difficulty
         w, s = self.column(weak), self.column(strong)
@@ -189,7 +197,7 @@ class Router:
         """Weak when its pass chance >= threshold, else strong. A higher threshold buys quality with strong calls.
         The default threshold is the router's for its own pair; for another pair, pass one (or `threshold_for`)."""
         t = self.default_threshold if threshold is None else check_threshold(threshold)
-        return [Decision("weak" if p >= t else "strong", float(p), t) for p in self.pass_chance(prompts, weak, strong)]
+        return decide(self.pass_chance(prompts, weak, strong), t)
 
     def n_tokens(self, prompt: str) -> int:
         """Encoder tokens the router reads from `prompt` (after truncation)."""
