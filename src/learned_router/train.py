@@ -22,27 +22,32 @@ def encoder_for(recipe: Recipe) -> Encoder:
     return Encoder(recipe.encoder, recipe.max_seq_length, recipe.encoder_layers)
 
 
+def indexed(obs: pd.DataFrame, models: list[str], sources: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The observations' distinct prompts, and their int arrays prompt (a row of those), model, opponent (0 for
+    absolute rows), source, and float grade: what `QualityHead.grade_logits` and `fit_head` take."""
+    prompts = pd.unique(obs["prompt"])
+    row = pd.Series(np.arange(len(prompts)), index=prompts)
+    col = {m: i for i, m in enumerate(models)}
+    return list(prompts), {
+        "prompt": row[obs["prompt"]].to_numpy(), "model": obs["model"].map(col).to_numpy(),
+        "opponent": obs["opponent"].map(lambda m: col.get(m, 0)).to_numpy(),
+        "source": obs["source"].map({s: i for i, s in enumerate(sources)}).to_numpy(), "grade": obs["grade"].to_numpy(float),
+    }
+
+
 def fit(grades: Grades, enc: Encoder, recipe: Recipe, on_step=lambda step, loss: None) -> QualityHead:
     """The recipe's quality model on the observations of `grades`' train split."""
     obs = grades.only("train")
     if obs.empty:
         raise DataError("no training observations left")
-    prompts = pd.unique(obs["prompt"])
-    row = pd.Series(np.arange(len(prompts)), index=prompts)
     models = sorted(set(obs["model"]) | set(obs["opponent"].dropna()))
-    col = {m: i for i, m in enumerate(models)}
     sources = sorted(obs["source"].unique())
     schemes = [obs.loc[obs["source"] == s, "scheme"].iloc[0] for s in sources]
     weight_of = {s.name: s.weight for s in grades.sources}
-    source = obs["source"].map({s: i for i, s in enumerate(sources)}).to_numpy()
-    arrays = {
-        "prompt": row[obs["prompt"]].to_numpy(), "model": obs["model"].map(col).to_numpy(),
-        "opponent": obs["opponent"].map(lambda m: col.get(m, 0)).to_numpy(), "source": source,
-        "grade": obs["grade"].to_numpy(float),
-    }
-    arrays["weight"] = observation_weights(source, arrays["prompt"], obs["source"].map(weight_of).to_numpy(float),
-                                           recipe.source_balance)
-    x = enc.features(list(prompts), recipe.length_input)
+    prompts, arrays = indexed(obs, models, sources)
+    arrays["weight"] = observation_weights(arrays["source"], arrays["prompt"],
+                                           obs["source"].map(weight_of).to_numpy(float), recipe.source_balance)
+    x = enc.features(prompts, recipe.length_input)
     return fit_head(x, arrays, models, sources, schemes, recipe, on_step)
 
 
@@ -56,15 +61,11 @@ def test_metrics(head: QualityHead, grades: Grades, enc: Encoder, recipe: Recipe
               & (obs["opponent"].isna() | obs["opponent"].isin(head.cfg.models))]
     if obs.empty:
         return {}
-    prompts = pd.unique(obs["prompt"])
-    row = pd.Series(np.arange(len(prompts)), index=prompts)
-    col = {m: i for i, m in enumerate(head.cfg.models)}
-    x = torch.from_numpy(enc.features(list(prompts), recipe.length_input, progress=False).astype(np.float32))
-    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))  # noqa: E731
+    prompts, arrays = indexed(obs, head.cfg.models, head.cfg.sources)
+    x = torch.from_numpy(enc.features(prompts, recipe.length_input, progress=False).astype(np.float32))
+    t = {k: torch.from_numpy(np.asarray(arrays[k], dtype=np.int64)) for k in ("prompt", "model", "opponent", "source")}
     with torch.no_grad():
-        logits = head.grade_logits(x, t(row[obs["prompt"]].to_numpy()), t(obs["model"].map(col).to_numpy()),
-                                   t(obs["opponent"].map(lambda m: col.get(m, 0)).to_numpy()),
-                                   t(obs["source"].map(head.cfg.sources.index).to_numpy())).numpy()
+        logits = head.grade_logits(x, t["prompt"], t["model"], t["opponent"], t["source"]).numpy()
     out = {}
     for name, idx in obs.groupby("source").indices.items():
         g = obs["grade"].to_numpy()[idx]
