@@ -68,8 +68,8 @@ def pass_chances(quality: np.ndarray, against: np.ndarray) -> np.ndarray:
 class Router:
     """A trained router (onnxruntime + tokenizers only).
 
-    `quality(prompts)`: each trained model's predicted answer quality, (n, len(models)); `difficulty(prompts)`: the
-    prompt's difficulty in [0, 1]. `score(prompts)`: the pass chances of `outputs` (each model against the router's
+    `predict(prompts)`: each trained model's predicted answer quality, (n, len(models)), and the prompt's
+    difficulty in [0, 1], (n,). `score(prompts)`: the pass chances of `outputs` (each model against the router's
     strong model, and `generic` = 1 - difficulty), (n, len(outputs)). `route` picks weak or strong for one pair.
 
     Prompts longer than the encoder's limit keep their first `max_seq_length` tokens (head truncation), as in training.
@@ -153,12 +153,6 @@ class Router:
             mask = np.asarray([e.attention_mask for e in batch], dtype=np.int64)
             quality[idx], difficulty[idx] = self._run(ids, mask)
         return quality, difficulty
-
-    def quality(self, prompts: Sequence[str]) -> np.ndarray:
-        return self.predict(prompts)[0]
-
-    def difficulty(self, prompts: Sequence[str]) -> np.ndarray:
-        return self.predict(prompts)[1]
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         """Pass chances, (n, len(outputs)): each model's against the strong model, then `generic`."""
