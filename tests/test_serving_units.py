@@ -484,7 +484,7 @@ def test_pacer_solves_for_the_threshold_that_spends_the_budget_left_evenly(tmp_p
     for _ in range(100):  # 100 requests so far, $30 spent: $70 left for ~100 more, $0.70 each: everything can go strong
         pacer.record(0.30, 1, 0.30)
     assert pacer.state().offset == 1.0
-    pacer.store.add("2024-05-01", 66.0)  # $96 spent by 101 requests: $4 left for ~101 more, ~$0.04 each
+    pacer.ledger.store.add("2024-05-01", 66.0)  # $96 spent by 101 requests: $4 left for ~101 more, ~$0.04 each
     feed(pacer, 10, np.random.default_rng(1))
     state = pacer.state()
     assert state.pace == pytest.approx(96 / 50)

@@ -265,7 +265,8 @@ def create_app(service: Service) -> FastAPI:
         ready = await service.upstream.ready(service.config.readiness)
         tiers = {t.name: any(ready[p.name] for p in t.providers) for t in service.config.tiers}
         ok = service.batcher.running and all(tiers.values())
-        body = {"status": "ready" if ok else "not ready", "router": service.batcher.running, "tiers": tiers, "providers": ready}
+        body = {"status": "ready" if ok else "not ready", "router": service.batcher.running, "tiers": tiers, "providers": ready,
+                "state": "shared" if service.state.shared and service.state.up else "per-process"}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -316,7 +317,7 @@ async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wa
     except (httpx.HTTPError, BadStream) as e:
         kind = e.kind if isinstance(e, BadStream) else "stream_interrupted"
         outcome = "interrupted" if kind == "stream_interrupted" else kind
-        provider.breaker.failure()
+        await service.state.failure(provider)
         service.metrics.upstream_errors.labels(provider.name, kind).inc()
         why = e.detail if isinstance(e, BadStream) else type(e).__name__
         err = error_body(f"upstream {provider.name} failed mid-stream ({why})", "upstream_error", code=kind)

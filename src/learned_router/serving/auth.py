@@ -71,7 +71,7 @@ async def rate_limited(request: Request, client: Annotated[ClientKey | None, Dep
     """429 with Retry-After when the client's bucket is empty. Without auth, clients are told apart by address."""
     service = request.app.state.service
     who = client.name if client else f"addr:{request.client.host if request.client else '?'}"
-    wait = service.rate_limiter.take(who, client.requests_per_minute if client else None)
+    wait = await service.state.take(who, client.requests_per_minute if client else None)
     if wait is not None:
         raise APIError(429, f"rate limit exceeded for this key; retry in {wait:.1f}s", type="rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})

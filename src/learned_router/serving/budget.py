@@ -35,6 +35,7 @@ of the budget (no reserve kept) cannot pay for it, i.e. once the budget is spent
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -171,6 +172,38 @@ class SpendWriter:
         self._pending[period] = (usd0 - usd, n0 - 1)
 
 
+class SqliteLedger:
+    """The spend ledger in a sqlite file: writes off the event loop (SpendWriter), reads of the shared file."""
+
+    def __init__(self, path: str | Path, on_error: Callable[[], None] | None = None):
+        self.store = SpendStore(path, timeout_s=0.2)  # reads: WAL readers do not wait for writers
+        self.writer = SpendWriter(path, on_error=on_error)
+        self._last_read: tuple[str, float, int] = ("", 0.0, 0)
+
+    def add(self, period: str, usd: float) -> None:
+        self.writer.add(period, usd)
+
+    def spend(self, period: str) -> tuple[float, int]:
+        """Dollars and answers of the period: the store's (every process') plus this process' not yet written."""
+        with self.writer.lock:  # a write commits and leaves the pending figures together (SpendStore.add)
+            unwritten, answers = self.writer.pending(period)
+            try:
+                spent, requests = self.store.get(period)
+                self._last_read = (period, spent, requests)
+            except sqlite3.Error as e:
+                log.warning("spend store read failed (%s): using the last figures", e)
+                spent, requests = self._last_read[1:] if self._last_read[0] == period else (0.0, 0)
+        return spent + unwritten, requests + answers
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Write what is left (blocks) and close the store."""
+        self.writer.close()
+        self.store.close()
+
+
 @dataclass(frozen=True)
 class BudgetState:
     period: str
@@ -197,12 +230,12 @@ class BudgetState:
 
 
 class Pacer:
-    def __init__(self, config: BudgetConfig, n_tiers: int, clock: Callable[[], float] = time.time):
+    """`ledger`: where the spend lives (`add`, `spend`, `aclose`); default: the sqlite file of `config.store`."""
+
+    def __init__(self, config: BudgetConfig, n_tiers: int, clock: Callable[[], float] = time.time, ledger=None):
         self.config = config
-        self.store = SpendStore(config.store, timeout_s=0.2)  # reads: WAL readers do not wait for writers
-        self.writer = SpendWriter(config.store)
+        self.ledger = ledger if ledger is not None else SqliteLedger(config.store)
         self._clock = clock
-        self._last_read: tuple[str, float, int] = ("", 0.0, 0)
         self._recent: deque[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=config.window)
         self._ratios = [deque(maxlen=config.window) for _ in range(n_tiers)]  # billed / estimated cost, per tier
         self._offset, self._floor, self._period, self._since_solve = 0.0, 0.0, "", 0
@@ -210,7 +243,7 @@ class Pacer:
     def state(self) -> BudgetState:
         now = self._clock()
         period, start, end = period_bounds(self.config.period, now)
-        spent, requests = self._spend(period)
+        spent, requests = self.ledger.spend(period)
         elapsed = min(1.0, max(0.0, (now - start) / (end - start)))
         if period != self._period:  # a new period (or the first look): solve now
             self._period, self._since_solve = period, RESOLVE_EVERY
@@ -222,18 +255,6 @@ class Pacer:
             else:
                 self._offset, self._floor = 0.0, 0.0
         return BudgetState(period, start, self.config.usd, spent, requests, elapsed, self._offset, expected * self._floor)
-
-    def _spend(self, period: str) -> tuple[float, int]:
-        """Dollars and answers of the period: the store's (every process') plus this process' not yet written."""
-        with self.writer.lock:  # a write commits and leaves the pending figures together (SpendStore.add)
-            unwritten, answers = self.writer.pending(period)
-            try:
-                spent, requests = self.store.get(period)
-                self._last_read = (period, spent, requests)
-            except sqlite3.Error as e:
-                log.warning("spend store read failed (%s): using the last figures", e)
-                spent, requests = self._last_read[1:] if self._last_read[0] == period else (0.0, 0)
-        return spent + unwritten, requests + answers
 
     def effective(self, threshold: float, state: BudgetState) -> float:
         return min(self.config.max_threshold, max(self.config.min_threshold, threshold + state.offset))
@@ -255,14 +276,13 @@ class Pacer:
         if not (math.isfinite(usd) and 0 <= usd <= MAX_ANSWER_USD):
             log.error("spend of %r USD refused: not a finite amount in [0, %g]", usd, MAX_ANSWER_USD)
             return
-        self.writer.add(period_bounds(self.config.period, self._clock())[0], usd)
+        self.ledger.add(period_bounds(self.config.period, self._clock())[0], usd)
         if estimated_usd > 0:
             self._ratios[tier].append(usd / estimated_usd)
 
-    def close(self) -> None:
-        """Write what is left (blocks: call it off the event loop) and close the store."""
-        self.writer.close()
-        self.store.close()
+    async def aclose(self) -> None:
+        """Write what is left and close the ledger."""
+        await self.ledger.aclose()
 
     def _solve(self, target: float) -> tuple[float, float]:
         """The largest offset in [-1, 1] at which the recent requests would cost at most `target` on average, and

@@ -207,6 +207,45 @@ class ReadinessConfig(Strict):
     cache_s: NonNegative = 5.0
 
 
+class StateConfig(Strict):
+    """Where breakers, rate limits and budget spend live: per process (sqlite for the spend) or in one Redis."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    url: str | None = None  # redis://host:port/db or rediss://host:port/db (TLS); never a password
+    password_env: str | None = None  # environment variable holding the Redis password
+    prefix: str = Field("learned-router:", min_length=1, max_length=64)  # of every key this service writes
+    timeout_s: Positive = 0.25  # a Redis call slower than this counts as Redis being down
+    retry_s: Positive = 1.0  # while Redis is down: how often it is tried again
+    unavailable_at_start: Literal["exit", "local"] = "exit"  # Redis down at start-up: exit 2, or start on per-process state
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^rediss?://[^/\s@]+(/[0-9]{1,2})?/?$", v):
+            raise ValueError(f"must be redis://host:port/db or rediss://host:port/db (the password goes in password_env), got {v!r}")
+        return v
+
+    @field_validator("password_env")
+    @classmethod
+    def _password_env(cls, v: str | None) -> str | None:
+        return _env_name(v)
+
+    @model_validator(mode="after")
+    def _backend(self) -> StateConfig:
+        if self.backend == "redis" and self.url is None:
+            raise ValueError("backend redis needs url: redis://host:port/db")
+        if self.backend == "sqlite" and (self.url is not None or self.password_env is not None):
+            raise ValueError("url and password_env are for backend: redis")
+        return self
+
+    def password(self) -> str | None:
+        if self.password_env is None:
+            return None
+        if (value := os.environ.get(self.password_env)) is None:
+            raise ConfigError(f"state.password_env: environment variable {self.password_env} is not set")
+        return value
+
+
 class ServiceConfig(Strict):
     router: RouterConfig = RouterConfig()
     routing: RoutingConfig = RoutingConfig()
@@ -221,6 +260,7 @@ class ServiceConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     readiness: ReadinessConfig = ReadinessConfig()
     api_docs: bool = False  # serve /docs, /redoc and /openapi.json (they need no client key)
+    state: StateConfig = StateConfig()
 
     @field_validator("tiers")
     @classmethod

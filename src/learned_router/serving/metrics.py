@@ -31,6 +31,9 @@ class Metrics:
         self.usage_estimated = Counter("router_usage_estimated", "Answers billed by the estimate: usage missing or invalid",
                                        ["provider", "reason"], registry=r)
         self.spend_store_errors = Counter("router_spend_store_errors", "Failed writes to the budget's spend store (retried)", registry=r)
+        self.state_shared = Gauge("router_state_shared", "1: breakers, rate limits and spend shared in Redis; 0: per process",
+                                  registry=r)
+        self.state_errors = Counter("router_state_errors", "Redis calls that failed (the request used per-process state)", registry=r)
         self.cost = Counter("router_cost_usd", "Dollars spent, from upstream usage and configured prices", ["provider", "model"], registry=r)
         self.circuit_state = Gauge("router_circuit_state", "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open", ["provider"], registry=r)
         self.latency_p95 = Gauge("router_provider_latency_p95_seconds", "p95 latency of each provider's recent calls (NaN: too few)", ["provider"], registry=r)

@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import httpx
@@ -33,6 +33,9 @@ from .config import CircuitConfig, LatencyConfig, ProviderConfig, ReadinessConfi
 from .latency import LatencyWindow
 from .metrics import Metrics
 from .routing import reject_constant
+
+if TYPE_CHECKING:
+    from .state import LocalState
 
 Ticket = Literal["closed", "probe"] | None
 
@@ -85,6 +88,12 @@ class CircuitBreaker:
         """A probe ended without a verdict (the client went away): let the next request probe."""
         if ticket == "probe":
             self._probing = False
+
+    def mirror(self, consecutive: int, opened_ago: float | None, cooldown: float, probing: bool) -> None:
+        """Take the state every replica shares (state.py); `opened_ago`: seconds since the circuit opened, None: closed."""
+        self._consecutive, self._probing = consecutive, probing
+        self._opened_at = None if opened_ago is None else self._clock() - opened_ago
+        self._cooldown = self.cooldown_s if opened_ago is None else cooldown
 
 
 @dataclass
@@ -224,23 +233,27 @@ def _classify(status: int, headers: httpx.Headers) -> AttemptFailed | None:
 
 
 class Upstream:
-    def __init__(self, tiers: list[list[Provider]], retry: RetryConfig, metrics: Metrics, client: httpx.AsyncClient | None = None,
-                 max_body_bytes: int = 8 << 20):
+    """`state` keeps the breakers (state.py: each provider's own, or one per provider for every replica in Redis)."""
+
+    def __init__(self, tiers: list[list[Provider]], retry: RetryConfig, metrics: Metrics, state: LocalState,
+                 client: httpx.AsyncClient | None = None, max_body_bytes: int = 8 << 20):
         self.tiers = tiers  # cheapest first, each an ordered chain
         self.retry = retry
+        self.state = state
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.client = client
         self._ready: dict[str, tuple[float, bool]] = {}
         for p in self.providers():
             metrics.watch_provider(p.name, lambda b=p.breaker: b.state, p.latency.p95)
+        state.bind(self.providers(), retry)
 
     @classmethod
     def build(cls, tiers: list[TierConfig], keys: dict[str, str | None], retry: RetryConfig, circuit: CircuitConfig,
-              latency: LatencyConfig, metrics: Metrics, max_body_bytes: int = 8 << 20) -> Upstream:
+              latency: LatencyConfig, metrics: Metrics, state: LocalState, max_body_bytes: int = 8 << 20) -> Upstream:
         return cls([[Provider(c, t.name, keys[c.name], CircuitBreaker(circuit.failures, circuit.cooldown_s),
                               LatencyWindow(latency.window, latency.max_age_s, latency.min_samples)) for c in t.providers]
-                    for t in tiers], retry, metrics, max_body_bytes=max_body_bytes)
+                    for t in tiers], retry, metrics, state, max_body_bytes=max_body_bytes)
 
     async def start(self) -> None:
         # Timeouts are set per provider on each request; the pool is shared by all of them.
@@ -265,7 +278,7 @@ class Upstream:
             if deadline is not None and time.monotonic() >= deadline:
                 outcomes.append(f"{provider.tier}/{provider.name}: not tried, the latency budget was spent")
                 raise AllProvidersFailed(outcomes, tried, deadline_passed=True)
-            ticket = provider.breaker.acquire()
+            ticket = await self.state.acquire(provider)
             if ticket is None:
                 self.metrics.circuit_skips.labels(provider.name).inc()
                 outcomes.append(f"{provider.tier}/{provider.name}: circuit open")
@@ -283,7 +296,7 @@ class Upstream:
                 prev = provider
                 continue
             finally:
-                provider.breaker.release(ticket)  # no-op unless a probe ended with no verdict
+                await self.state.release(provider, ticket)  # no-op unless a probe ended with no verdict
             reply.fallbacks = len(outcomes)
             return reply
         raise AllProvidersFailed(outcomes, tried)
@@ -302,7 +315,7 @@ class Upstream:
                 self.metrics.upstream_errors.labels(provider.name, failed.kind).inc()
                 if failed.kind == "latency_budget":
                     break
-                provider.breaker.failure(failed.retry_after)
+                await self.state.failure(provider, failed.retry_after)
                 if failed.kind == "timeout":  # as slow as this at least
                     provider.latency.add(time.perf_counter() - start)
                 if not failed.retryable or attempt + 1 == self.retry.attempts:
@@ -316,7 +329,7 @@ class Upstream:
                     break  # no time for another try: the next provider gets what is left
                 await asyncio.sleep(delay)
                 continue
-            provider.breaker.success()
+            await self.state.success(provider)
             provider.latency.add(reply.seconds)
             self.metrics.upstream_seconds.labels(provider.name).observe(reply.seconds)
             return reply

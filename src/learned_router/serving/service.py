@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import logging
 import time
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..scorer import Router
-from .auth import RateLimiter
 from .batcher import ScoreBatcher
 from .budget import BudgetState, Pacer
 from .config import ServiceConfig
@@ -21,6 +19,7 @@ from .metrics import Metrics
 from .policy import NoEligibleTier, Skip, TierOption, choose, fallback_order, standing
 from .providers import AllProvidersFailed, Provider, Upstream
 from .routing import ROUTER_MODEL, ChatRequest, RouterOptions, estimate_tokens, requested_threshold, scored_text
+from .state import open_state
 from .usage import billed_tokens, sane_cost
 
 log = logging.getLogger("learned_router.serving")
@@ -65,30 +64,31 @@ class Service:
         self.columns = score_columns(config, list(self.router.models))
         self.threshold = resolve_threshold(config, self.router)
         self.metrics = Metrics()
+        self.state = open_state(config.state, config.rate_limit, config.circuit_breaker, self.metrics)
         self.upstream = Upstream.build(config.tiers, provider_keys, config.retry, config.circuit_breaker, config.latency, self.metrics,
-                                       config.limits.max_upstream_body_bytes)
+                                       self.state, config.limits.max_upstream_body_bytes)
         self.tier_index = {t.name: i for i, t in enumerate(config.tiers)}
         self.data_classes = {k: frozenset(v) for k, v in config.data_classes.items()}
-        self.pacer = Pacer(config.budget, len(config.tiers), clock) if config.budget else None
+        self.pacer = Pacer(config.budget, len(config.tiers), clock, self.state.ledger(config.budget)) if config.budget else None
         self.metrics.threshold.set(self.threshold)
         if self.pacer:
-            self.pacer.writer.on_error = self.metrics.spend_store_errors.inc
             self.metrics.watch_budget(self.pacer.state, lambda: self.pacer.effective(self.threshold, self.pacer.state()))
         else:
             self.metrics.effective_threshold.set(self.threshold)
         self.batcher = ScoreBatcher(self.router.score, config.router.max_batch, config.router.max_wait_ms / 1000,
                                     config.router.workers, on_batch=self.metrics.batch_size.observe)
-        self.rate_limiter = RateLimiter(config.rate_limit.requests_per_minute, config.rate_limit.burst)
 
     async def start(self) -> None:
         await self.batcher.start()
         await self.upstream.start()
+        await self.state.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
         await self.upstream.stop()
         if self.pacer:
-            await asyncio.to_thread(self.pacer.close)
+            await self.pacer.aclose()
+        await self.state.stop()
 
     async def route(self, req: ChatRequest, opts: RouterOptions, started: float, observe: bool = False) -> Decision:
         """Score the request and decide its tier; `started` (time.monotonic()) starts its latency budget.
