@@ -60,11 +60,11 @@ class Service:
         self.config = config
         self.client_keys = config.client_keys() if config.auth.enabled else {}
         provider_keys = config.provider_keys()  # before the slow part: a missing key variable fails at once
+        self.metrics = Metrics()
+        self.state = open_state(config.state, config.rate_limit, config.circuit_breaker, self.metrics)  # Redis answers?
         self.router = router if router is not None else Router.load(config.router.path, threads=config.router.threads)
         self.columns = score_columns(config, list(self.router.models))
         self.threshold = resolve_threshold(config, self.router)
-        self.metrics = Metrics()
-        self.state = open_state(config.state, config.rate_limit, config.circuit_breaker, self.metrics)
         self.upstream = Upstream.build(config.tiers, provider_keys, config.retry, config.circuit_breaker, config.latency, self.metrics,
                                        self.state, config.limits.max_upstream_body_bytes)
         self.tier_index = {t.name: i for i, t in enumerate(config.tiers)}

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
 from redis.backoff import NoBackoff
 
 from .auth import RateLimiter
@@ -172,7 +174,7 @@ class RedisState(LocalState):
         super().__init__(rate_limit, metrics)
         self.config, self.circuit = config, circuit
         self._options = dict(password=config.password(), socket_timeout=config.timeout_s,
-                             socket_connect_timeout=config.timeout_s, retry=redis.Retry(NoBackoff(), 0))
+                             socket_connect_timeout=config.timeout_s)  # and no retry: a failed call falls back at once
         self.up = self._reachable()
         self.client: redis.asyncio.Redis | None = None
         self._providers: list[Provider] = []
@@ -180,12 +182,13 @@ class RedisState(LocalState):
         self._ledgers: list[RedisLedger] = []
         self._task: asyncio.Task | None = None
         self._lost = asyncio.Event()
+        self._closing = False  # the watch ends (redis-py can swallow a task's cancellation, so none is cancelled)
         metrics.state_shared.set(int(self.up))
 
     def _reachable(self) -> bool:
         """Ping Redis once at start-up; ConfigError when it does not answer, unless starting on local state is allowed."""
         try:
-            with redis.Redis.from_url(self.config.url, **self._options) as r:
+            with redis.Redis.from_url(self.config.url, retry=redis.retry.Retry(NoBackoff(), 0), **self._options) as r:
                 r.ping()
             return True
         except redis.RedisError as e:
@@ -208,7 +211,7 @@ class RedisState(LocalState):
         return ledger
 
     async def start(self) -> None:
-        self.client = redis.asyncio.Redis.from_url(self.config.url, **self._options)
+        self.client = redis.asyncio.Redis.from_url(self.config.url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **self._options)
         self._scripts = {name: self.client.register_script(lua) for name, lua in
                          (("take", TAKE), ("acquire", ACQUIRE), ("failure", FAILURE), ("success", SUCCESS),
                           ("release", RELEASE), ("read", READ), ("spend", SPEND))}
@@ -219,7 +222,9 @@ class RedisState(LocalState):
     async def stop(self) -> None:
         """Stop the watch and close the client (after the ledgers' aclose: they flush through it)."""
         if self.client is not None:
-            await stop_task(self._task)
+            self._closing = True
+            self._lost.set()
+            await self._task
             await self.client.aclose()
 
     async def call(self, script: str, keys: list[str], args: list) -> list | int | None:
@@ -228,7 +233,7 @@ class RedisState(LocalState):
             return None
         try:
             return await self._scripts[script](keys=keys, args=args)
-        except (redis.RedisError, OSError) as e:
+        except Exception as e:  # whatever Redis or its client does, the request goes on with per-process state
             self.metrics.state_errors.inc()
             if self.up:
                 self.up = False
@@ -244,6 +249,8 @@ class RedisState(LocalState):
                 await asyncio.wait_for(self._lost.wait(), self.config.retry_s)
             except TimeoutError:
                 pass
+            if self._closing:
+                return
             if self._lost.is_set():
                 self._lost.clear()
                 await self.client.connection_pool.disconnect()  # after a restart, no stale connection fails a request
@@ -321,6 +328,7 @@ class RedisLedger:
         self._wake = asyncio.Event()
         self._held = False  # a batch failed to land: log when it does
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     def add(self, period: str, usd: float) -> None:
         usd0, n0 = self._pending.get(period, (0.0, 0))
@@ -348,6 +356,8 @@ class RedisLedger:
                 await asyncio.wait_for(self._wake.wait(), self.state.config.retry_s)
             except TimeoutError:
                 pass
+            if self._closing:
+                return
             self._wake.clear()
             await self.sync()
 
@@ -382,7 +392,10 @@ class RedisLedger:
 
     async def aclose(self) -> None:
         """Stop the writer, then write what is left, trying for up to FLUSH_S; log what could not be written."""
-        await stop_task(self._task)
+        if self._task is not None:
+            self._closing = True
+            self._wake.set()
+            await self._task
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FLUSH_S
         while (self._pending or self._batch) and loop.time() < deadline:
@@ -390,12 +403,6 @@ class RedisLedger:
                 await asyncio.sleep(0.2)
         for period, (usd, n) in [*self._pending.items(), *(self._batch[1].items() if self._batch else [])]:
             log.error("state: %.8f USD of %d answers of period %s not written to Redis at shutdown", usd, n, period)
-
-
-async def stop_task(task: asyncio.Task | None) -> None:
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def open_state(config: StateConfig, rate_limit: RateLimitConfig, circuit: CircuitConfig, metrics: Metrics) -> LocalState:
