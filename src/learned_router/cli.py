@@ -457,11 +457,24 @@ def bench_serve(
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Batcher wait for more prompts (router.max_wait_ms).")] = 0.0,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads (router.threads).")] = 1,
     workers: Annotated[int, typer.Option(min=1, help="Batches scored at once (router.workers).")] = 1,
+    replicas: Annotated[int, typer.Option(min=1, max=8, help="Service processes the load is spread over (with --state).")] = 1,
+    state: Annotated[Optional[list[str]], typer.Option(help="sqlite or redis (repeat it to compare): measure each state backend "
+                                                       "in turn, with a rate limit and a budget; redis starts a redis-server.")] = None,
 ):
     """Benchmark the service on 127.0.0.1: /v1/route throughput and latency at concurrency 1, 16, 64; routing overhead."""
+    import shutil
+
     _serve_imports()
     from .manifest import read_manifest
     from .serving.bench import run
 
     read_manifest(router)  # a clear error before anything starts
-    typer.echo(run(str(router), requests, chat_requests, max_wait_ms=max_wait_ms, threads=threads, workers=workers))
+    for s in state or []:
+        if s not in ("sqlite", "redis"):
+            fail(f"--state: expected sqlite or redis, got {s!r}")
+        if s == "redis" and shutil.which("redis-server") is None:
+            fail("--state redis: redis-server is not on PATH (apt-get install redis-server)")
+    if replicas > 1 and not state:
+        fail("--replicas: needs --state (replicas without shared state are measured as one service each)")
+    typer.echo(run(str(router), requests, chat_requests, max_wait_ms=max_wait_ms, threads=threads, workers=workers,
+                   replicas=replicas, states=tuple(state or ())))

@@ -4,6 +4,9 @@ Starts a fake provider and the service (`learned-router serve`) as subprocesses,
 1. `/v1/route`: requests/s, p50 and p99 latency at each concurrency;
 2. the routing overhead of `/v1/chat/completions`: the same chat requests sent to the fake provider
    directly and through the service at concurrency 1, and the difference of their p50 and p99.
+With `states` (sqlite, redis), each is measured in turn on `replicas` service processes (the concurrent
+connections spread over them), with a rate limit (never reached) and a budget, so every request takes its rate-limit
+token and every answer is added to the spend: with redis, all of it through one redis-server.
 Prompts are ~30 tokens, all different. The load comes from one keep-alive HTTP/1.1 connection per
 concurrent client, written directly on asyncio streams: on a small machine the load generator shares
 the cores with the service, and a full HTTP client library would take a good part of them.
@@ -94,8 +97,9 @@ class Connection:
             await self.writer.wait_closed()
 
 
-async def load(url: str, bodies: list[dict], concurrency: int, headers: dict, name: str) -> Result:
-    """Send every body once, `concurrency` at a time; latency of each, wall time of all."""
+async def load(urls: str | list[str], bodies: list[dict], concurrency: int, headers: dict, name: str) -> Result:
+    """Send every body once, `concurrency` at a time (connection i to urls[i % len(urls)]); latency of each, wall time of all."""
+    urls = [urls] if isinstance(urls, str) else urls
     payloads = [json.dumps(b).encode() for b in bodies]
     latencies = np.zeros(len(payloads))
     errors = 0
@@ -109,7 +113,7 @@ async def load(url: str, bodies: list[dict], concurrency: int, headers: dict, na
             latencies[i] = time.perf_counter() - t
             errors += status != 200
 
-    conns = [Connection(url, headers) for _ in range(concurrency)]
+    conns = [Connection(urls[i % len(urls)], headers) for i in range(concurrency)]
     start = time.perf_counter()
     try:
         await asyncio.gather(*(worker(c) for c in conns))
@@ -181,42 +185,46 @@ def _wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) 
     raise RuntimeError(f"{url} did not come up in {timeout}s")
 
 
-async def measure(service: str, fake: str, route_n: int, chat_n: int, levels: tuple[int, ...]) -> list[Result]:
+async def measure(services: list[str], fake: str, route_n: int, chat_n: int, levels: tuple[int, ...], label: str = "") -> list[Result]:
     auth = {"Authorization": f"Bearer {BENCH_KEY}"}
     results = []
+    route, chat_url = [f"{s}/v1/route" for s in services], [f"{s}/v1/chat/completions" for s in services]
     warm = [{"model": "router", "messages": [{"role": "user", "content": p}]} for p in prompts(200)]
-    await load(f"{service}/v1/route", warm, 16, auth, "warmup")
+    await load(route, warm, 16, auth, "warmup")
     for c in levels:
         n = route_n if c > 1 else max(200, route_n // 4)
         bodies = [{"model": "router", "messages": [{"role": "user", "content": p}]} for p in prompts(n)]
-        results.append(await load(f"{service}/v1/route", bodies, c, auth, "/v1/route"))
+        results.append(await load(route, bodies, c, auth, f"{label}/v1/route"))
     chat = [{"model": "router", "max_tokens": 64, "messages": [{"role": "user", "content": p}]} for p in prompts(chat_n)]
     await load(f"{fake}/v1/chat/completions", chat[:50], 1, {}, "warmup")
-    await load(f"{service}/v1/chat/completions", chat[:50], 1, auth, "warmup")
+    await load(chat_url, chat[:50], len(services), auth, "warmup")
     results.append(await load(f"{fake}/v1/chat/completions", chat, 1, {}, "fake provider direct"))
-    results.append(await load(f"{service}/v1/chat/completions", chat, 1, auth, "chat via router"))
+    results.append(await load(chat_url, chat, 1, auth, f"{label}chat via router"))
+    if len(services) > 1 or label:
+        results.append(await load(chat_url, chat, 16, auth, f"{label}chat via router"))
     return results
 
 
 def table(results: list[Result]) -> str:
-    lines = [f"{'endpoint':<24} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"]
+    lines = [f"{'endpoint':<28} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"]
     for r in results:
-        lines.append(f"{r.name:<24} {r.concurrency:>4} {r.n:>8} {r.rps:>8.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>6}")
-    direct = next((r for r in results if r.name == "fake provider direct"), None)
-    routed = next((r for r in results if r.name == "chat via router"), None)
-    if direct and routed:
-        lines.append(f"routing overhead at concurrency 1: p50 +{routed.pct(50) - direct.pct(50):.2f} ms, "
-                     f"p99 +{routed.pct(99) - direct.pct(99):.2f} ms")
+        lines.append(f"{r.name:<28} {r.concurrency:>4} {r.n:>8} {r.rps:>8.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>6}")
+    for direct, routed in zip(results, results[1:]):
+        if direct.name == "fake provider direct" and routed.name.endswith("chat via router"):
+            label = routed.name.removesuffix("chat via router")
+            lines.append(f"{label}routing overhead at concurrency 1: p50 +{routed.pct(50) - direct.pct(50):.2f} ms, "
+                         f"p99 +{routed.pct(99) - direct.pct(99):.2f} ms")
     return "\n".join(lines)
 
 
 def run(router: str = "models/default", route_requests: int = 2000, chat_requests: int = 500,
-        levels: tuple[int, ...] = (1, 16, 64), max_wait_ms: float = 0.0, threads: int = 1, workers: int = 1) -> str:
+        levels: tuple[int, ...] = (1, 16, 64), max_wait_ms: float = 0.0, threads: int = 1, workers: int = 1,
+        replicas: int = 1, states: tuple[str, ...] = ()) -> str:
     """Start a fake provider and the service, measure, stop them; returns the table."""
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         tmp = Path(tmp)
-        fake_port, service_port = free_port(), free_port()
-        fake_url, service_url = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{service_port}"
+        fake_port = free_port()
+        fake_url = f"http://127.0.0.1:{fake_port}"
         provider = {"base_url": f"{fake_url}/v1", "context_window": 32768, "timeout_s": 30}
         config = {
             "router": {"path": str(router), "threads": threads, "workers": workers, "max_wait_ms": max_wait_ms},
@@ -229,26 +237,57 @@ def run(router: str = "models/default", route_requests: int = 2000, chat_request
             "auth": {"keys_env": "ROUTER_BENCH_KEYS"},
             "rate_limit": {"requests_per_minute": 0},
         }
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
         env = {**os.environ, "ROUTER_BENCH_KEYS": BENCH_KEY, "HF_HUB_OFFLINE": "1"}
-        logs = {name: open(tmp / f"{name}.log", "w") for name in ("fake", "service")}
-        procs = [
-            subprocess.Popen(_cli("fake-provider", "--port", str(fake_port), "--name", "bench"), stdout=logs["fake"], stderr=subprocess.STDOUT, env=env),
-            subprocess.Popen(_cli("serve", "--config", str(tmp / "config.yaml"), "--port", str(service_port)),
-                             stdout=logs["service"], stderr=subprocess.STDOUT, env=env),
-        ]
+        fake_log = open(tmp / "fake.log", "w")
+        fake = subprocess.Popen(_cli("fake-provider", "--port", str(fake_port), "--name", "bench"), stdout=fake_log,
+                                stderr=subprocess.STDOUT, env=env)
+        results = []
         try:
-            _wait_up(f"{fake_url}/v1/models", procs[0], tmp / "fake.log")
-            _wait_up(f"{service_url}/healthz", procs[1], tmp / "service.log")
-            results = asyncio.run(measure(service_url, fake_url, route_requests, chat_requests, levels))
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
+            _wait_up(f"{fake_url}/v1/models", fake, tmp / "fake.log")
+            for state in states or ("",):
+                cfg = config
+                if state:
+                    cfg = {**config, "rate_limit": {"requests_per_minute": 1e9, "burst": 10_000},
+                           "budget": {"period": "day", "usd": 1e6, "store": str(tmp / "spend.sqlite")}, "state": {"backend": "sqlite"}}
+                if state == "redis":
+                    redis_server = RedisServer(tmp / "redis-data").start()
+                    cfg["state"] = {"backend": "redis", "url": redis_server.url, "prefix": "bench:"}
                 try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            for f in logs.values():
-                f.close()
+                    results += _measure_services(cfg, replicas, tmp / (state or "service"), env, fake_url, route_requests,
+                                                 chat_requests, levels, f"{state} x{replicas} " if state else "")
+                finally:
+                    if state == "redis":
+                        redis_server.stop()
+        finally:
+            _stop([fake])
+            fake_log.close()
     return table(results)
+
+
+def _measure_services(config: dict, replicas: int, folder: Path, env: dict, fake_url: str, route_n: int, chat_n: int,
+                      levels: tuple[int, ...], label: str) -> list[Result]:
+    """Start `replicas` service processes on `config`, measure them together, stop them."""
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    ports = [free_port() for _ in range(replicas)]
+    logs = [open(folder / f"service{i}.log", "w") for i in range(replicas)]
+    procs = [subprocess.Popen(_cli("serve", "--config", str(folder / "config.yaml"), "--port", str(port)),
+                              stdout=log, stderr=subprocess.STDOUT, env=env) for port, log in zip(ports, logs, strict=True)]
+    try:
+        for i, (port, proc) in enumerate(zip(ports, procs, strict=True)):
+            _wait_up(f"http://127.0.0.1:{port}/healthz", proc, folder / f"service{i}.log")
+        return asyncio.run(measure([f"http://127.0.0.1:{p}" for p in ports], fake_url, route_n, chat_n, levels, label))
+    finally:
+        _stop(procs)
+        for log in logs:
+            log.close()
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
