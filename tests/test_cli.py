@@ -1,6 +1,7 @@
 """The command line as a user runs it: real subprocesses, exit codes, one-line errors, no tracebacks."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,9 +11,9 @@ import pytest
 from conftest import STRONG, WEAK
 
 
-def cli(*args, stdin=None, cwd=None):
+def cli(*args, stdin=None, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "learned_router", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, cwd=cwd, timeout=300)
+                          input=stdin, cwd=cwd, timeout=300, env={**os.environ, **(env or {})})
 
 
 def lines(out):
@@ -25,6 +26,28 @@ def test_help_lists_commands():
     for cmd in ("train", "export", "score"):
         assert cmd in out.stdout
     assert "--data" in cli("train", "--help").stdout
+
+
+def test_every_option_has_help_and_flags_take_no_value_label():
+    import typer
+
+    from learned_router import __version__
+    from learned_router.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for param in command.params:
+            assert param.help, f"{name} {param.opts[0]} has no help text"
+    out = cli("train", "--help", env={"COLUMNS": "200"})
+    assert "--overwrite" in out.stdout and "--quiet" in out.stdout and "<bool>" not in out.stdout
+    assert "<int>" in out.stdout  # options that take a value keep their type
+    assert cli("--version").stdout == f"learned-router {__version__}\n"
+
+
+def test_bad_options_are_refused_before_any_data_is_read_or_run_started(tmp_path):
+    out = cli("train", "--data", tmp_path / "missing.parquet", "--variants", "int4", "--out", tmp_path / "o", cwd=tmp_path)
+    assert out.returncode == 2 and "--variants: expected fp32, int8 or both" in out.stderr  # not the missing file
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no run, no folder
 
 
 def test_score_from_arguments_file_and_stdin(trained, tmp_path):

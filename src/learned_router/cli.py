@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperOption
 
+from . import __version__
 from .errors import RouterError
+from .progress import quiet as quieted
+from .progress import step
 from .recipe import Recipe
 
 app = typer.Typer(
@@ -22,6 +26,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+# typer's help labels every flag (--overwrite, --help) `<bool>` although a flag takes no value: no label for flags
+_type_label = TyperOption.display_type_rich
+TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _type_label(self, ctx)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"learned-router {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=show_version,
+                                               help="Print the version and exit.")] = False):
+    pass
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress (there is none in CI either; plain lines when "
+                                     "stderr is not a terminal).")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -112,19 +136,25 @@ def train(
     name: Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing router folder.")] = False,
+    quiet: Quiet = False,
 ):
     """Train a router on graded answers of many models, export it to ONNX and log the run to MLflow."""
+    import mlflow
+
+    from .tracking import run_link
     from .train import train as run_training
 
     chosen = names_of(variants)
     bad = [v for v in chosen if v not in ("fp32", "int8")]
     if bad or not chosen:
         raise RouterError(f"--variants: expected fp32, int8 or both, got {variants!r}")
-    manifest, run_id = run_training([str(d) for d in data], out, recipe, weights=parse_weights(weight), variants=chosen,
-                                    name=name, experiment=experiment, overwrite=overwrite)
-    typer.echo(f"router for {len(manifest.models)} models written to {out} (MLflow run {run_id})")
+    with quieted(quiet):
+        manifest, run_id = run_training([str(d) for d in data], out, recipe, weights=parse_weights(weight),
+                                        variants=chosen, name=name, experiment=experiment, overwrite=overwrite)
+    typer.echo(f"router for {len(manifest.models)} models written to {out}")
     typer.echo(f"default threshold {manifest.default_threshold} ({manifest.weak} vs {manifest.strong}); parity "
                + parity_line(manifest.parity))
+    typer.echo(f"MLflow run {run_id}, its loss curve and test AUCs: {run_link(mlflow.get_run(run_id))}")
 
 
 @app.command("export")
@@ -134,11 +164,13 @@ def export_cmd(
     out: Annotated[Optional[Path], typer.Option(help="Where to write (default: re-export in place).")] = None,
     variants: Annotated[str, typer.Option(help="fp32, int8 or both.")] = "fp32,int8",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    quiet: Quiet = False,
 ):
     """Export a trained router to ONNX (fused graph, int8), checking parity with the torch model."""
     from .export import export
 
-    manifest = export(router, out, names_of(variants), overwrite=overwrite)
+    with quieted(quiet), step(f"exporting {router} to ONNX ({variants}) and checking parity"):
+        manifest = export(router, out, names_of(variants), overwrite=overwrite)
     typer.echo(f"exported to {out or router}: " + ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items()))
 
 
@@ -286,30 +318,33 @@ def eval_cmd(
                                                  "instead of a pair.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Benchmark name in the outputs (default: the file name).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router-evals",
+    quiet: Quiet = False,
 ):
     """Evaluate a router on a benchmark: the cost-quality frontier, APGR/CPT/cost, baselines; logged to MLflow."""
     import mlflow
 
     from .evals.protocol import run_eval
-    from .tracking import start_run
+    from .tracking import run_link, start_run
 
     if tiers is not None:
         from .evals.tiers import run_tier_eval
 
         names = names_of(tiers)
-        with start_run(experiment, name or f"{data.stem} tiers"):
+        with start_run(experiment, name or f"{data.stem} tiers") as run, quieted(quiet), \
+                step(f"evaluating {router} on {data.name} as {len(names)} tiers ({folds}-fold refits)"):
             r = run_tier_eval(router, data, names, prices, out, folds=folds, name=name)
             mlflow.log_params({"router": str(router), "data": str(data), "tiers": ",".join(names), "folds": folds,
                                "prompts": r["n_prompts"]})
             mlflow.log_metrics({f"{k}_{n.split(' ')[0]}": v for n, m in r["scorers"].items() for k, v in m.items() if v is not None})
             mlflow.log_artifacts(str(out))
         typer.echo((out / "table.md").read_text())
-        typer.echo(f"written to {out}")
+        typer.echo(f"written to {out}; MLflow: {run_link(run)}")
         return
-    with start_run(experiment, name or data.stem):
-        typer.echo(f"evaluating {router} on {data} (by {by}): the recipe is refit per fold when the prompts overlap "
-                   "its training data", err=True)
-        result = run_eval(router, data, strong, weak, out, prices=prices, folds=folds, by=by, data_dir=data_dir, name=name)
+    with start_run(experiment, name or data.stem) as run:
+        with quieted(quiet), step(f"evaluating {router} on {data.name} (by {by}; the recipe is refit per fold where "
+                                  "the prompts overlap its training data)"):
+            result = run_eval(router, data, strong, weak, out, prices=prices, folds=folds, by=by, data_dir=data_dir,
+                              name=name)
         m = result.report["scorers"]
         mlflow.log_params({"router": str(router), "data": str(data), "strong": strong, "weak": weak, "folds": folds, "by": by,
                            "prompts": result.n_prompts})
@@ -320,7 +355,7 @@ def eval_cmd(
                             if k in ("apgr_ci", "lead_ci") and None not in v for i, end in enumerate(("low", "high"))})
         mlflow.log_artifacts(str(out))
     typer.echo((out / "table.md").read_text())
-    typer.echo(f"written to {out}")
+    typer.echo(f"written to {out}; MLflow: {run_link(run)}")
 
 
 @app.command()
@@ -328,12 +363,16 @@ def eval_cmd(
 def report(
     config: Annotated[Path, typer.Option(help="Benchmark suite YAML.")] = Path("evals/benchmarks.yaml"),
     out: Annotated[Path, typer.Option(help="Folder for RESULTS.md and results/<benchmark>/.")] = Path("evals"),
+    quiet: Quiet = False,
 ):
     """Run every benchmark of a suite and regenerate RESULTS.md (leave-one-source-out and in-domain tables, frontier
     plots, RouteLLM's numbers)."""
     from .evals.results import load_suite, write_results
 
-    typer.echo(f"written {write_results(load_suite(config), out, progress=lambda line: typer.echo(line, err=True))}")
+    suite = load_suite(config)
+    with quieted(quiet), step(f"report: {len(suite.benchmarks)} benchmarks") as bar:
+        path = write_results(suite, out, progress=bar.describe)
+    typer.echo(f"written {path}")
 
 
 # ---- commands (service) -----------------------------------------------------------------------
@@ -456,7 +495,8 @@ def bench_serve(
     chat_requests: Annotated[int, typer.Option(min=50, max=5000, help="Chat requests for the overhead measurement.")] = 500,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Batcher wait for more prompts (router.max_wait_ms).")] = 0.0,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads (router.threads).")] = 1,
-    workers: Annotated[int, typer.Option(min=1, help="Batches scored at once (router.workers).")] = 1,
+    router_workers: Annotated[int, typer.Option(min=1, help="Threads scoring batches at once (router.workers), in one "
+                                                "process; serve's --workers are processes.")] = 1,
     replicas: Annotated[int, typer.Option(min=1, max=8, help="Service processes the load is spread over (with --state).")] = 1,
     state: Annotated[Optional[list[str]], typer.Option(help="sqlite or redis (repeat it to compare): measure each state backend "
                                                        "in turn, with a rate limit and a budget; redis starts a redis-server.")] = None,
@@ -476,5 +516,5 @@ def bench_serve(
             fail("--state redis: redis-server is not on PATH (apt-get install redis-server)")
     if replicas > 1 and not state:
         fail("--replicas: needs --state (replicas without shared state are measured as one service each)")
-    typer.echo(run(str(router), requests, chat_requests, max_wait_ms=max_wait_ms, threads=threads, workers=workers,
+    typer.echo(run(str(router), requests, chat_requests, max_wait_ms=max_wait_ms, threads=threads, workers=router_workers,
                    replicas=replicas, states=tuple(state or ())))

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sqlite3
+from contextlib import nullcontext
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from .errors import RouterError
 from .manifest import sha256_file
+from .progress import step
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
@@ -139,24 +141,23 @@ class Encoder:
         return hashlib.sha1(f"{self.fingerprint}|{self.max_seq_length}|{truncated}{text}".encode()).hexdigest()
 
     def embed(self, texts: list[str], batch_size: int = 64, progress: bool = True, cache: bool = True) -> np.ndarray:
-        """Unit-normalised embeddings, one row per text; cached texts are not embedded again."""
+        """Unit-normalised embeddings, one row per text; cached texts are not embedded again. `progress`: a named bar
+        (`learned_router.progress`) while new texts are embedded."""
         keys = [self._key(t) for t in texts]
         store = EmbeddingCache(cache_dir() / "embeddings.sqlite") if cache else None
         found = store.get(sorted(set(keys))) if store else {}
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in found}.items())
-        for i in range(0, len(todo), 2048):  # persist in chunks: an interrupted run keeps its work
-            chunk = todo[i : i + 2048]
-            vecs = self.model.encode(
-                [t for _, t in chunk],
-                batch_size=batch_size,
-                normalize_embeddings=True,
-                show_progress_bar=progress,
-                convert_to_numpy=True,
-            ).astype(np.float32)
-            new = {k: v for (k, _), v in zip(chunk, vecs)}
-            found.update(new)
-            if store:
-                store.put(new)
+        with step(f"embedding {len(todo):,} prompts", total=len(todo)) if progress and todo else nullcontext() as bar:
+            for i in range(0, len(todo), 4 * batch_size):  # persist in chunks: an interrupted run keeps its work
+                chunk = todo[i : i + 4 * batch_size]
+                vecs = self.model.encode([t for _, t in chunk], batch_size=batch_size, normalize_embeddings=True,
+                                         show_progress_bar=False, convert_to_numpy=True).astype(np.float32)
+                new = {k: v for (k, _), v in zip(chunk, vecs)}
+                found.update(new)
+                if store:
+                    store.put(new)
+                if bar:
+                    bar.advance(len(chunk))
         return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
 
     def features(self, texts: list[str], length: bool, **kwargs) -> np.ndarray:

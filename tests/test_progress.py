@@ -1,0 +1,50 @@
+"""Named progress: a live display on a terminal, one line per step in a log, nothing in CI or under --quiet."""
+
+import io
+
+import pytest
+
+from learned_router import progress
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def use_stderr(monkeypatch, out):
+    """Write stderr to `out` (in the test's body: pytest's capture resets sys.stderr after fixtures)."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr("sys.stderr", out)
+    return out
+
+
+def test_a_terminal_sees_each_named_step_with_its_count_nested_steps_included(monkeypatch):
+    stderr = use_stderr(monkeypatch, Terminal())
+    with progress.step("fitting the quality model", total=4) as fit:
+        with progress.step("embedding 1,024 prompts", total=1024) as embed:
+            embed.advance(1024)
+        for _ in range(4):
+            fit.advance()
+    text = stderr.getvalue()
+    assert "fitting the quality model" in text and "4/4" in text
+    assert "embedding 1,024 prompts" in text and "1,024/1,024" in text and "✓" in text
+
+
+def test_a_log_gets_one_plain_line_per_step_and_label(monkeypatch):
+    out = use_stderr(monkeypatch, io.StringIO())  # not a terminal
+    with progress.step("report: 2 benchmarks") as bar:
+        bar.advance()
+        bar.describe("[1/2] gsm8k (by prompt)")
+    assert out.getvalue() == "report: 2 benchmarks\n[1/2] gsm8k (by prompt)\n"
+
+
+@pytest.mark.parametrize("ci, quiet", [("true", False), ("1", False), ("", True)])
+def test_ci_and_quiet_show_nothing(monkeypatch, ci, quiet):
+    stderr = use_stderr(monkeypatch, Terminal())
+    monkeypatch.setenv("CI", ci)
+    with progress.quiet(quiet), progress.step("embedding 3 prompts", total=3) as bar:
+        bar.advance(3)
+        bar.describe("elsewhere")
+    assert stderr.getvalue() == ""
+    assert progress.mode() == (None if ci else "live")  # quiet() ends with its block
