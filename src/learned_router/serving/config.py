@@ -44,11 +44,11 @@ class ProviderConfig(Strict):
     base_url: str  # e.g. https://api.openai.com/v1 ; requests go to {base_url}/chat/completions
     api_key_env: str | None = None  # environment variable holding the key; None: send no Authorization
     model: str  # the upstream model id sent to the provider
-    input_price_per_1m: NonNegative = 0.0
-    output_price_per_1m: NonNegative = 0.0
+    input_price_per_1m: NonNegative = 0.0  # USD per 1M prompt tokens
+    output_price_per_1m: NonNegative = 0.0  # USD per 1M completion tokens
     context_window: int = Field(8192, gt=0)  # tokens: prompt + completion must fit
     timeout_s: Positive = 60.0  # a non-streaming call as a whole; for a stream, the wait for each chunk
-    connect_timeout_s: Positive = 5.0
+    connect_timeout_s: Positive = 5.0  # to open a connection to the provider
     stream_usage: bool = True  # ask for the final usage chunk of a stream (stream_options.include_usage)
 
     @field_validator("base_url")
@@ -96,6 +96,8 @@ class TierConfig(Strict):
 
 
 class RouterConfig(Strict):
+    """The router folder and how it scores: onnxruntime threads, micro-batches."""
+
     path: str = "models/default"  # a router folder; relative paths are relative to the working directory
     threads: int | None = Field(1, ge=1)  # onnxruntime intra-op threads; None: onnxruntime's default
     workers: int = Field(1, ge=1)  # threads scoring batches at the same time
@@ -107,9 +109,9 @@ class RoutingConfig(Strict):
     """The threshold on pass chances as a raw value, or (binary routers) as a target fraction of strong calls;
     neither: the router's default."""
 
-    threshold: float | None = Field(None, ge=0.0, le=1.0)
-    strong_fraction: float | None = Field(None, ge=0.0, le=1.0)
-    score_turn: Literal["last_user", "first_user", "all_user"] = "last_user"
+    threshold: float | None = Field(None, ge=0.0, le=1.0)  # the cheapest tier whose pass chance >= this
+    strong_fraction: float | None = Field(None, ge=0.0, le=1.0)  # instead: the share of strong calls (one scored tier)
+    score_turn: Literal["last_user", "first_user", "all_user"] = "last_user"  # the turn(s) the router scores
     chars_per_token: Positive = 4.0  # token estimate for the context-window rule and cost estimates
     assumed_output_tokens: int = Field(256, ge=0)  # cost estimate when the request sets no max_tokens
     fallback_to_other_tiers: bool = True  # when the chosen tier's chain fails: the pricier tiers, then the cheaper
@@ -124,11 +126,11 @@ class RoutingConfig(Strict):
 class BudgetConfig(Strict):
     """Spend per UTC calendar period; the pacer moves the threshold within [min_threshold, max_threshold]."""
 
-    period: Literal["day", "month"]
-    usd: Positive
+    period: Literal["day", "month"]  # the UTC calendar period the budget covers
+    usd: Positive  # the budget per period
     store: str = "router-spend.sqlite"  # sqlite file of the spend; relative to the working directory
-    min_threshold: float = Field(0.0, ge=0.0, le=1.0)
-    max_threshold: float = Field(1.0, ge=0.0, le=1.0)
+    min_threshold: float = Field(0.0, ge=0.0, le=1.0)  # the lowest threshold pacing may set
+    max_threshold: float = Field(1.0, ge=0.0, le=1.0)  # the highest threshold pacing may set
     window: int = Field(500, ge=10)  # recent chat requests the pacer predicts costs on
     warmup_requests: int = Field(20, ge=1)  # requests seen (this process and period) before the pacer moves
 
@@ -150,19 +152,23 @@ class LatencyConfig(Strict):
 class RetryConfig(Strict):
     """Per provider: timeouts, connection errors, 429 and 5xx are retried with full-jitter backoff."""
 
-    attempts: int = Field(2, ge=1)
-    backoff_base_s: NonNegative = 0.2
-    backoff_max_s: NonNegative = 2.0
+    attempts: int = Field(2, ge=1)  # calls per provider before the next one, the first included
+    backoff_base_s: NonNegative = 0.2  # the first retry waits up to this, doubling each time
+    backoff_max_s: NonNegative = 2.0  # the longest wait between two attempts
     max_retry_after_s: NonNegative = 10.0  # a longer Retry-After moves on to the next provider at once
 
 
 class CircuitConfig(Strict):
+    """A provider that keeps failing is skipped for a cool-down, then probed."""
+
     failures: int = Field(5, ge=1)  # consecutive failed attempts that open a provider's circuit
     cooldown_s: Positive = 30.0  # then one probe request is let through (half-open)
 
 
 class ClientKey(Strict):
-    name: str
+    """One client's bearer key, as its hash."""
+
+    name: str  # the client, in logs and metrics
     sha256: str  # hex sha256 of the bearer token: printf %s "$KEY" | sha256sum
     requests_per_minute: float | None = Field(None, gt=0)  # overrides rate_limit.requests_per_minute
 
@@ -176,8 +182,10 @@ class ClientKey(Strict):
 
 
 class AuthConfig(Strict):
-    enabled: bool = True
-    keys: list[ClientKey] = []
+    """Client bearer keys: a request without a listed key gets 401."""
+
+    enabled: bool = True  # false: no client key asked (a trusted network only)
+    keys: list[ClientKey] = []  # clients and the hashes of their keys
     keys_env: str | None = None  # environment variable with comma-separated client keys in plain text
 
     @field_validator("keys_env")
@@ -193,24 +201,30 @@ class AuthConfig(Strict):
 
 
 class RateLimitConfig(Strict):
+    """A token bucket per client key; beyond it, 429 with Retry-After."""
+
     requests_per_minute: NonNegative = 600.0  # per client key; 0: unlimited
-    burst: int = Field(60, ge=1)
+    burst: int = Field(60, ge=1)  # requests a key may send at once before the rate applies
 
 
 class LimitsConfig(Strict):
+    """Body size limits (413 for a client, a failed call for a provider)."""
+
     max_body_bytes: int = Field(1 << 20, ge=1024)  # a client's request
     max_upstream_body_bytes: int = Field(8 << 20, ge=1024)  # a provider's answer (a stream: all of it)
 
 
 class ReadinessConfig(Strict):
-    probe_timeout_s: Positive = 2.0
-    cache_s: NonNegative = 5.0
+    """/readyz: each provider answers GET {base_url}/models and its circuit is not open."""
+
+    probe_timeout_s: Positive = 2.0  # the wait for each provider's answer
+    cache_s: NonNegative = 5.0  # a provider's result is reused this long
 
 
 class StateConfig(Strict):
     """Where breakers, rate limits and budget spend live: per process (sqlite for the spend) or in one Redis."""
 
-    backend: Literal["sqlite", "redis"] = "sqlite"
+    backend: Literal["sqlite", "redis"] = "sqlite"  # sqlite: per process (spend per host); redis: shared by replicas
     url: str | None = None  # redis://host:port/db or rediss://host:port/db (TLS); never a password
     password_env: str | None = None  # environment variable holding the Redis password
     prefix: str = Field("learned-router:", min_length=1, max_length=64)  # of every key this service writes
@@ -247,6 +261,8 @@ class StateConfig(Strict):
 
 
 class ServiceConfig(Strict):
+    """The whole file: sections, of which `tiers` and `auth` are required."""
+
     router: RouterConfig = RouterConfig()
     routing: RoutingConfig = RoutingConfig()
     tiers: list[TierConfig]  # cheapest first
