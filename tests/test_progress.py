@@ -48,3 +48,14 @@ def test_ci_and_quiet_show_nothing(monkeypatch, ci, quiet):
         bar.describe("elsewhere")
     assert stderr.getvalue() == ""
     assert progress.mode() == (None if ci else "live")  # quiet() ends with its block
+
+
+def test_library_bars_are_off_inside_and_as_they_were_after():
+    from transformers.utils import logging as hf_logging
+
+    for before in (True, False):
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+        with progress.no_library_bars():
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled() is before
+    hf_logging.enable_progress_bar()

@@ -1,6 +1,7 @@
 """Training on real slices, the quality model, the exported router folder, parity with torch, atomic writes."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -112,10 +113,12 @@ def test_decision_agreement_counts_clear_probes_only():
     assert decision_agreement(np.array([0.51, 0.49]), np.array([0.499, 0.501]), 0.5, 0.02) == 1.0  # all ties
 
 
-def test_export_in_place_and_to_new_folder(trained, tmp_path):
+def test_export_in_place_and_to_new_folder(trained, tmp_path, caplog):
     src = tmp_path / "r"
     shutil.copytree(trained["path"], src)
+    caplog.set_level(logging.INFO)  # restored after the test
     m = export(src, tmp_path / "int8only", variants=["int8"])
+    assert logging.getLogger().level == logging.INFO  # the quantizer's quiet root logger is put back
     assert {p.name for p in (tmp_path / "int8only").iterdir()} == {"router.json", "tokenizer.json", "model.int8.onnx", "checkpoint"}
     assert set(m.files) == {"int8", "tokenizer"}
     with pytest.raises(RouterError, match="already exists"):

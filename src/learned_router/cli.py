@@ -17,7 +17,7 @@ from typer.core import TyperOption
 from . import __version__
 from .errors import RouterError
 from .progress import quiet as quieted
-from .progress import step
+from .progress import no_library_bars, step
 from .recipe import Recipe
 
 app = typer.Typer(
@@ -169,7 +169,7 @@ def export_cmd(
     """Export a trained router to ONNX (fused graph, int8), checking parity with the torch model."""
     from .export import export
 
-    with quieted(quiet), step(f"exporting {router} to ONNX ({variants}) and checking parity"):
+    with quieted(quiet), step(f"exporting {router} to ONNX ({variants}) and checking parity"), no_library_bars():
         manifest = export(router, out, names_of(variants), overwrite=overwrite)
     typer.echo(f"exported to {out or router}: " + ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items()))
 

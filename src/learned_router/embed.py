@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import RouterError
 from .manifest import sha256_file
-from .progress import step
+from .progress import no_library_bars, step
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
@@ -112,7 +112,8 @@ class Encoder:
     def model(self):
         from sentence_transformers import SentenceTransformer
 
-        m = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+        with no_library_bars():
+            m = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
         if self._max_len:
             m.max_seq_length = self._max_len
         if self._layers is not None:

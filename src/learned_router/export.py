@@ -85,6 +85,19 @@ def encoder_dir(folder: RouterFolder, record: TrainingRecord) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def root_logger_at(level: int):
+    """The root logger at `level` inside the block (or decorated call), its own level restored after."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
+@root_logger_at(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on the root logger
 def to_onnx(checkpoint: Path, enc_path: Path, layers: int, folder: Path, variants: list[str]) -> dict:
     """Write model.onnx (graph-optimised fp32) and/or model.int8.onnx into `folder`; returns the fused-op counts."""
     import onnx
@@ -103,7 +116,6 @@ def to_onnx(checkpoint: Path, enc_path: Path, layers: int, folder: Path, variant
     fused = FusedRouter(transformer, QualityHead.load(checkpoint), piece_lengths(tokenizer)).eval()
     raw, fp32 = folder / "raw.onnx", folder / VARIANT_FILES["fp32"]
     ids = torch.ones(2, 16, dtype=torch.long)
-    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on the root logger
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript tracer warnings about data-dependent branches in transformers
         torch.onnx.export(

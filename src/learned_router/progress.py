@@ -37,6 +37,21 @@ def quiet(on: bool = True) -> Iterator[None]:
         _quiet.reset(token)
 
 
+@contextmanager
+def no_library_bars() -> Iterator[None]:
+    """transformers' own bars ("Loading weights: 103/103") off inside the block, as they were after: the step names
+    the work."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 class _Count(ProgressColumn):
     """done/total for a step that has a total; nothing for one that has not."""
 

@@ -14,7 +14,7 @@ from .errors import DataError
 from .export import export_into, staged_folder
 from .manifest import CALIBRATION_SHARES, Calibration, EncoderInfo, Manifest, RouterFolder, TrainingRecord
 from .model import QualityHead, auc, fit_head, observation_weights
-from .progress import step
+from .progress import no_library_bars, step
 from .recipe import Recipe
 from .tracking import DEFAULT_EXPERIMENT, start_run
 
@@ -145,7 +145,7 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
             strong=recipe.strong, weak=recipe.weak, default_threshold=default, calibration=calibration, metrics=metrics)
         folder.write_record(record)
         probes = grades.obs.loc[grades.obs["split"] == "val", "prompt"].drop_duplicates().head(256).tolist()
-        with step(f"exporting to ONNX ({', '.join(variants)}) and checking parity"):
+        with step(f"exporting to ONNX ({', '.join(variants)}) and checking parity"), no_library_bars():
             manifest = export_into(folder, list(variants), probes=probes)
         # metrics: the test AUCs (beside the loss curve), what runs are compared by; params: counts and the export's
         # parity, a gate it passed (the UI charts every metric, and a count charted as a bar says nothing)
