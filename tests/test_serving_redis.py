@@ -22,6 +22,7 @@ from learned_router.serving.bench import RedisServer
 from learned_router.serving.budget import period_bounds
 from learned_router.serving.config import parse_config
 from learned_router.serving.errors import ConfigError
+from learned_router.serving.state import SPEND
 from serving_fixtures import (CLIENT_KEY, OTHER_KEY, ROUTER_DIR, FakeProvider, free_port, provider_entry, service_config,
                               start_service, two_tiers, wait_for)
 
@@ -149,7 +150,8 @@ def test_a_provider_broken_for_one_replica_is_skipped_by_all_then_probed_once(st
     assert weak.stats()["requests"] == 1 and sorted(r.headers["x-router-provider"] for r in answers) == ["strong"] * 5 + ["weak"]
     weak.control(latency_ms=0)
     r = chat(replicas[2].url, model="router-0.0")  # the probe closed the circuit for every replica
-    assert r.headers["x-router-provider"] == "weak" and db.exists(key) == 0
+    assert r.headers["x-router-provider"] == "weak"
+    wait_for(lambda: db.exists(key) == 0)
 
 
 def answer_all(urls: list[str], n: int, prefix: str, workers: int = 6) -> list[httpx.Response]:
@@ -174,6 +176,15 @@ def test_concurrent_answers_across_replicas_add_up_in_the_shared_spend(stack):
     assert math.isclose(usd - usd0, billed(urls) - billed0, rel_tol=1e-9)
     for r in replicas:  # the pacer of each replica reads the ledger of all
         wait_for(lambda r=r: math.isclose(metric(r.url, "router_budget_spent_usd"), usd, rel_tol=1e-9))
+
+
+def test_a_spend_batch_resent_after_a_lost_reply_counts_once(stack):
+    db = stack["db"]
+    keys = [f"{PREFIX}writer:test", f"{PREFIX}spend:2000-01-01", f"{PREFIX}spend:2000-01-02"]
+    batch = [1, "0.25", 2, "0.5", 3, 60]  # batch 1: $0.25 of 2 answers on Jan 1, $0.5 of 3 on Jan 2
+    assert db.eval(SPEND, 3, *keys, *batch) == ["0.25", "2", "0.5", "3"]
+    assert db.eval(SPEND, 3, *keys, *batch) == ["0.25", "2", "0.5", "3"]  # the same batch again: already applied
+    assert db.eval(SPEND, 3, *keys, 2, "0.25", 1, "0", 0, 60) == ["0.5", "3", "0.5", "3"]
 
 
 def test_redis_killed_and_restarted_mid_traffic_loses_no_request_and_no_spend(stack):

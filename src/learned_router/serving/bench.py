@@ -15,6 +15,7 @@ the cores with the service, and a full HTTP client library would take a good par
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -123,8 +124,9 @@ async def load(urls: str | list[str], bodies: list[dict], concurrency: int, head
 
 
 class RedisServer:
-    """A redis-server on 127.0.0.1 (Debian's `redis-server` on PATH) in `folder`, its append-only file synced at each
-    write, so that a kill loses nothing acknowledged; `kill` and `start` again keep its port and data."""
+    """A redis-server on 127.0.0.1 (Debian's `redis-server` on PATH) in `folder`, with an append-only file: a write is in
+    the file before its reply, so killing the process loses nothing acknowledged (the file is synced to disk every
+    second). `kill` and `start` again keep its port and data."""
 
     def __init__(self, folder: Path, port: int | None = None):
         self.folder, self.port = Path(folder), port or free_port()
@@ -134,7 +136,7 @@ class RedisServer:
     def start(self, timeout: float = 20.0) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                                      "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+                                      "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
@@ -185,23 +187,38 @@ def _wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) 
     raise RuntimeError(f"{url} did not come up in {timeout}s")
 
 
-async def measure(services: list[str], fake: str, route_n: int, chat_n: int, levels: tuple[int, ...], label: str = "") -> list[Result]:
+async def compare(stacks: dict[str, list[str]], path: str, bodies: list[dict], concurrency: int, headers: dict, name: str,
+                  rounds: int) -> list[Result]:
+    """Send `bodies` to each stack (label -> its replicas' base URLs) in `rounds` interleaved slices, in alternating
+    order, so that the load of the rest of the machine falls on every stack alike; one Result per stack."""
+    parts: dict[str, list[Result]] = {label: [] for label in stacks}
+    for i in range(rounds):
+        for label in list(stacks)[:: 1 if i % 2 == 0 else -1]:
+            urls = [u + path for u in stacks[label]]
+            parts[label].append(await load(urls, bodies[i::rounds], concurrency, headers, f"{label}{name}"))
+    return [Result(r[0].name, concurrency, sum(x.n for x in r), sum(x.seconds for x in r),
+                   np.concatenate([x.latencies for x in r]), sum(x.errors for x in r)) for r in parts.values()]
+
+
+async def measure(stacks: dict[str, list[str]], fake: str, route_n: int, chat_n: int, levels: tuple[int, ...]) -> list[Result]:
+    """Each stack's /v1/route at each concurrency, the fake provider direct, each stack's chat at concurrency 1 (and 16
+    when stacks are compared or replicated)."""
     auth = {"Authorization": f"Bearer {BENCH_KEY}"}
+    rounds = 1 if len(stacks) == 1 else 10
     results = []
-    route, chat_url = [f"{s}/v1/route" for s in services], [f"{s}/v1/chat/completions" for s in services]
     warm = [{"model": "router", "messages": [{"role": "user", "content": p}]} for p in prompts(200)]
-    await load(route, warm, 16, auth, "warmup")
+    await compare(stacks, "/v1/route", warm, 16, auth, "warmup", 1)
     for c in levels:
         n = route_n if c > 1 else max(200, route_n // 4)
         bodies = [{"model": "router", "messages": [{"role": "user", "content": p}]} for p in prompts(n)]
-        results.append(await load(route, bodies, c, auth, f"{label}/v1/route"))
+        results += await compare(stacks, "/v1/route", bodies, c, auth, "/v1/route", rounds)
     chat = [{"model": "router", "max_tokens": 64, "messages": [{"role": "user", "content": p}]} for p in prompts(chat_n)]
     await load(f"{fake}/v1/chat/completions", chat[:50], 1, {}, "warmup")
-    await load(chat_url, chat[:50], len(services), auth, "warmup")
+    await compare(stacks, "/v1/chat/completions", chat[:50], 1, auth, "warmup", 1)
     results.append(await load(f"{fake}/v1/chat/completions", chat, 1, {}, "fake provider direct"))
-    results.append(await load(chat_url, chat, 1, auth, f"{label}chat via router"))
-    if len(services) > 1 or label:
-        results.append(await load(chat_url, chat, 16, auth, f"{label}chat via router"))
+    results += await compare(stacks, "/v1/chat/completions", chat, 1, auth, "chat via router", rounds)
+    if len(stacks) > 1 or any(len(urls) > 1 for urls in stacks.values()):
+        results += await compare(stacks, "/v1/chat/completions", chat, 16, auth, "chat via router", rounds)
     return results
 
 
@@ -209,8 +226,9 @@ def table(results: list[Result]) -> str:
     lines = [f"{'endpoint':<28} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"]
     for r in results:
         lines.append(f"{r.name:<28} {r.concurrency:>4} {r.n:>8} {r.rps:>8.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>6}")
-    for direct, routed in zip(results, results[1:]):
-        if direct.name == "fake provider direct" and routed.name.endswith("chat via router"):
+    direct = next((r for r in results if r.name == "fake provider direct"), None)
+    for routed in results:
+        if direct and routed.name.endswith("chat via router") and routed.concurrency == 1:
             label = routed.name.removesuffix("chat via router")
             lines.append(f"{label}routing overhead at concurrency 1: p50 +{routed.pct(50) - direct.pct(50):.2f} ms, "
                          f"p99 +{routed.pct(99) - direct.pct(99):.2f} ms")
@@ -220,8 +238,9 @@ def table(results: list[Result]) -> str:
 def run(router: str = "models/default", route_requests: int = 2000, chat_requests: int = 500,
         levels: tuple[int, ...] = (1, 16, 64), max_wait_ms: float = 0.0, threads: int = 1, workers: int = 1,
         replicas: int = 1, states: tuple[str, ...] = ()) -> str:
-    """Start a fake provider and the service, measure, stop them; returns the table."""
-    with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
+    """Start a fake provider and the service (with `states`: `replicas` processes per state backend, all at once),
+    measure, stop them; returns the table."""
+    with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp, contextlib.ExitStack() as running:
         tmp = Path(tmp)
         fake_port = free_port()
         fake_url = f"http://127.0.0.1:{fake_port}"
@@ -238,56 +257,44 @@ def run(router: str = "models/default", route_requests: int = 2000, chat_request
             "rate_limit": {"requests_per_minute": 0},
         }
         env = {**os.environ, "ROUTER_BENCH_KEYS": BENCH_KEY, "HF_HUB_OFFLINE": "1"}
-        fake_log = open(tmp / "fake.log", "w")
-        fake = subprocess.Popen(_cli("fake-provider", "--port", str(fake_port), "--name", "bench"), stdout=fake_log,
-                                stderr=subprocess.STDOUT, env=env)
-        results = []
-        try:
-            _wait_up(f"{fake_url}/v1/models", fake, tmp / "fake.log")
-            for state in states or ("",):
-                cfg = config
-                if state:
-                    cfg = {**config, "rate_limit": {"requests_per_minute": 1e9, "burst": 10_000},
-                           "budget": {"period": "day", "usd": 1e6, "store": str(tmp / "spend.sqlite")}, "state": {"backend": "sqlite"}}
-                if state == "redis":
-                    redis_server = RedisServer(tmp / "redis-data").start()
-                    cfg["state"] = {"backend": "redis", "url": redis_server.url, "prefix": "bench:"}
-                try:
-                    results += _measure_services(cfg, replicas, tmp / (state or "service"), env, fake_url, route_requests,
-                                                 chat_requests, levels, f"{state} x{replicas} " if state else "")
-                finally:
-                    if state == "redis":
-                        redis_server.stop()
-        finally:
-            _stop([fake])
-            fake_log.close()
-    return table(results)
+        running.enter_context(_processes([_cli("fake-provider", "--port", str(fake_port), "--name", "bench")], [f"{fake_url}/v1/models"],
+                                         tmp / "fake", env))
+        stacks = {}
+        for state in states or ("",):
+            cfg = config
+            if state:
+                cfg = {**config, "rate_limit": {"requests_per_minute": 1e9, "burst": 10_000},
+                       "budget": {"period": "day", "usd": 1e6, "store": str(tmp / "spend.sqlite")}, "state": {"backend": "sqlite"}}
+            if state == "redis":
+                server = running.enter_context(RedisServer(tmp / "redis-data"))
+                cfg["state"] = {"backend": "redis", "url": server.url, "prefix": "bench:"}
+            folder = tmp / (state or "service")
+            folder.mkdir()
+            (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+            ports = [free_port() for _ in range(replicas)]
+            urls = [f"http://127.0.0.1:{p}" for p in ports]
+            running.enter_context(_processes([_cli("serve", "--config", str(folder / "config.yaml"), "--port", str(p)) for p in ports],
+                                             [f"{u}/healthz" for u in urls], folder / "service", env))
+            stacks[f"{state} x{replicas} " if state else ""] = urls
+        return table(asyncio.run(measure(stacks, fake_url, route_requests, chat_requests, levels)))
 
 
-def _measure_services(config: dict, replicas: int, folder: Path, env: dict, fake_url: str, route_n: int, chat_n: int,
-                      levels: tuple[int, ...], label: str) -> list[Result]:
-    """Start `replicas` service processes on `config`, measure them together, stop them."""
-    folder.mkdir()
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    ports = [free_port() for _ in range(replicas)]
-    logs = [open(folder / f"service{i}.log", "w") for i in range(replicas)]
-    procs = [subprocess.Popen(_cli("serve", "--config", str(folder / "config.yaml"), "--port", str(port)),
-                              stdout=log, stderr=subprocess.STDOUT, env=env) for port, log in zip(ports, logs, strict=True)]
+@contextlib.contextmanager
+def _processes(commands: list[list[str]], health: list[str], log_prefix: Path, env: dict):
+    """Start each command (its output in `log_prefix`N.log), wait until its health URL answers; stop them all at the end."""
+    logs = [open(f"{log_prefix}{i}.log", "w") for i in range(len(commands))]
+    procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env) for cmd, log in zip(commands, logs, strict=True)]
     try:
-        for i, (port, proc) in enumerate(zip(ports, procs, strict=True)):
-            _wait_up(f"http://127.0.0.1:{port}/healthz", proc, folder / f"service{i}.log")
-        return asyncio.run(measure([f"http://127.0.0.1:{p}" for p in ports], fake_url, route_n, chat_n, levels, label))
+        for i, (url, proc) in enumerate(zip(health, procs, strict=True)):
+            _wait_up(url, proc, Path(f"{log_prefix}{i}.log"))
+        yield procs
     finally:
-        _stop(procs)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
         for log in logs:
             log.close()
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()

@@ -1,9 +1,10 @@
-"""Budget pacing: the spend of each UTC calendar period in sqlite, and the controller that moves the threshold.
+"""Budget pacing: the spend of each UTC calendar period in a ledger, and the controller that moves the threshold.
 
-Every dollar the service spends (upstream usage x configured prices) is added to a sqlite file, one transaction
-per answer (WAL journal), so the spend survives restarts and is shared by every process that opens the same file.
-The writes run in one thread off the event loop (SpendWriter): a store locked by another process delays only the
-accounting, which is retried until it lands; until then the pacer counts the unwritten dollars itself.
+Every dollar the service spends (upstream usage x configured prices) is added to the ledger: by default a sqlite
+file (SqliteLedger), one transaction per answer (WAL journal), so the spend survives restarts and is shared by every
+process that opens the same file; with `state.backend: redis`, one Redis for every replica (state.RedisLedger).
+The sqlite writes run in one thread off the event loop (SpendWriter): a store locked by another process delays only
+the accounting, which is retried until it lands; until then the pacer counts the unwritten dollars itself.
 
 pace = spend so far / (budget x elapsed share of the period): 1 is on track, above 1 is spending too fast.
 

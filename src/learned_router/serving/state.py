@@ -181,6 +181,7 @@ class RedisState(LocalState):
         self._leases: dict[str, int] = {}
         self._ledgers: list[RedisLedger] = []
         self._task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()  # breaker successes on their way to Redis
         self._lost = asyncio.Event()
         self._closing = False  # the watch ends (redis-py can swallow a task's cancellation, so none is cancelled)
         metrics.state_shared.set(int(self.up))
@@ -224,7 +225,7 @@ class RedisState(LocalState):
         if self.client is not None:
             self._closing = True
             self._lost.set()
-            await self._task
+            await asyncio.gather(self._task, *self._background)
             await self.client.aclose()
 
     async def call(self, script: str, keys: list[str], args: list) -> list | int | None:
@@ -251,18 +252,21 @@ class RedisState(LocalState):
                 pass
             if self._closing:
                 return
-            if self._lost.is_set():
-                self._lost.clear()
-                await self.client.connection_pool.disconnect()  # after a restart, no stale connection fails a request
-            if self.up or await self.retry():
-                for p in self._providers:
-                    await self._breaker("read", p)
+            try:
+                if self._lost.is_set():
+                    self._lost.clear()
+                    await self.client.connection_pool.disconnect()  # after a restart, no stale connection fails a request
+                if self.up or await self.retry():
+                    for p in self._providers:
+                        await self._breaker("read", p)
+            except Exception as e:  # the watch outlives any one failure
+                log.warning("state: Redis watch: %s: %s", type(e).__name__, e)
 
     async def retry(self) -> bool:
         """Try Redis again; when it answers, the shared state is used from now on."""
         try:
             await self.client.ping()
-        except (redis.RedisError, OSError):
+        except Exception:  # down, refused, timed out: still per-process state
             return False
         if not self.up:
             self.up = True
@@ -297,8 +301,12 @@ class RedisState(LocalState):
         return None if verdict == "none" else verdict
 
     async def success(self, p: Provider) -> None:
-        if not await self._breaker("success", p):
-            p.breaker.success()
+        """Close the circuit here at once and in Redis from a task of its own: the answer does not wait for it."""
+        p.breaker.success()
+        if self.up:
+            task = asyncio.create_task(self._breaker("success", p))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def failure(self, p: Provider, retry_after: float | None = None) -> None:
         wait = -1 if retry_after is None else int(max(retry_after, 0.0) * 1000)
