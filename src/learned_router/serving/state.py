@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("learned_router.serving")
 WRITER_TTL_S = 7 * 86400  # how long Redis remembers a writer's last applied batch
 FLUSH_S = 5.0  # at shutdown: the longest wait for the last spend to land
+BATCH_S = 0.05  # the spend's writer sends at most one batch per BATCH_S
 
 _NOW = """
 local function now_ms()
@@ -368,6 +369,7 @@ class RedisLedger:
                 return
             self._wake.clear()
             await self.sync()
+            await asyncio.sleep(BATCH_S)  # the answers of the next BATCH_S go in one batch
 
     async def sync(self) -> bool:
         """Send what is pending, batch by batch (else read the watched period); False when Redis did not answer."""
