@@ -350,6 +350,8 @@ class RedisLedger:
     def spend(self, period: str) -> tuple[float, int]:
         """Dollars and answers of the period: the shared figures as last seen, plus this process' not yet in them."""
         self._watched = period
+        if period not in self._shared:  # not read yet (a start, a new period): read it now
+            self._wake.set()
         usd, n = self._shared.get(period, (0.0, 0))
         for part in (self._pending, self._batch[1] if self._batch else {}):
             u, k = part.get(period, (0.0, 0))
