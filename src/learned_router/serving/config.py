@@ -229,7 +229,7 @@ class StateConfig(Strict):
     password_env: str | None = None  # environment variable holding the Redis password
     prefix: str = Field("learned-router:", min_length=1, max_length=64)  # of every key this service writes
     timeout_s: Positive = 0.25  # a Redis call slower than this counts as Redis being down
-    retry_s: Positive = 1.0  # while Redis is down: how often it is tried again
+    retry_s: Positive = 1.0  # how often a lost Redis is tried again, and the shared breakers and spend re-read
     unavailable_at_start: Literal["exit", "local"] = "exit"  # Redis down at start-up: exit 2, or start on per-process state
 
     @field_validator("url")
