@@ -66,7 +66,8 @@ class Prices:
 def load_benchmark(path: Path, strong: str, weak: str) -> pd.DataFrame:
     """One row per prompt: prompt, group, category, source, the pair (weak may differ per prompt with `ANY`), and
     each side's quality: its grade (absolute), its grade against the source's baseline (the baseline itself 0.5), or
-    a battle's outcome (1 won, 0.5 tie, 0 lost). Contaminated prompts are dropped."""
+    a battle's outcome (1 won, 0.5 tie, 0 lost), and `others_q`: the mean grade of the source's other models on the
+    prompt (NaN for battles between varying models). Contaminated prompts are dropped."""
     src = load_source(path)
     strong, weak = canonical(strong), weak if weak == ANY else canonical(weak)
     obs = observations(src)
@@ -86,8 +87,11 @@ def load_benchmark(path: Path, strong: str, weak: str) -> pd.DataFrame:
         if missing:
             raise DataError(f"{path}: model(s) {', '.join(missing)} not graded there; models: {', '.join(sorted(graded.columns))}")
         both = graded[[strong, weak]].dropna()
+        rest = graded.loc[both.index].drop(columns=[strong, weak, *([obs["opponent"].iloc[0]] if fixed else [])],
+                                           errors="ignore")
         table = pd.DataFrame({"prompt": both.index, "strong_model": strong, "weak_model": weak,
-                              "strong_q": both[strong].to_numpy(), "weak_q": both[weak].to_numpy()})
+                              "strong_q": both[strong].to_numpy(), "weak_q": both[weak].to_numpy(),
+                              "others_q": rest.mean(axis=1).to_numpy() if rest.shape[1] >= 2 else np.nan})
     else:  # battles between varying models: the ones between the pair (or the strong model and anyone)
         a_strong = (obs["model"] == strong) & ((obs["opponent"] == weak) | (weak == ANY))
         b_strong = (obs["opponent"] == strong) & ((obs["model"] == weak) | (weak == ANY))
@@ -100,7 +104,8 @@ def load_benchmark(path: Path, strong: str, weak: str) -> pd.DataFrame:
                                "strong_q": q, "weak_q": 1 - q})
                  .groupby("prompt", as_index=False, sort=True)
                  .agg(strong_model=("strong_model", "first"), weak_model=("weak_model", "first"),
-                      strong_q=("strong_q", "mean"), weak_q=("weak_q", "mean")))
+                      strong_q=("strong_q", "mean"), weak_q=("weak_q", "mean"))
+                 .assign(others_q=np.nan))
     if table.empty:
         raise DataError(f"{path}: no prompt graded for both '{strong}' and '{weak}'")
     table["category"] = table["prompt"].map(category) if len(category) else None
@@ -181,6 +186,19 @@ def refit_scores(bench: pd.DataFrame, grades: Grades, enc, recipe, folds: np.nda
     return {k: v for k, v in out.items() if not np.isnan(v).any()}
 
 
+def difficulty_ceiling(bench: pd.DataFrame) -> float | None:
+    """APGR of routing by how the source's other models did on each prompt (`others_q`, the lowest first to the
+    strong model): what a model-agnostic difficulty output would reach if it were exact. A prompt no other model
+    answered counts as average; None where the source has no other models (battles)."""
+    from .frontier import apgr, sweep
+
+    others = bench["others_q"]
+    if others.isna().all():
+        return None
+    weak, strong = bench["weak_q"].to_numpy(), bench["strong_q"].to_numpy()
+    return apgr(sweep(-others.fillna(others.mean()).to_numpy(), weak, strong, None), weak.mean(), strong.mean())
+
+
 @dataclass
 class EvalResult:
     report: dict
@@ -251,6 +269,7 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
         costs = {"strong": priced.cost(pair[0], bench["prompt"]), "weak": priced.cost(pair[1], bench["prompt"])}
     report = evaluate(scores, bench["weak_q"].to_numpy(), bench["strong_q"].to_numpy(), cost_per_call=costs,
                       labels=bench["label"].to_numpy(), p_weak=p, routellm_random=True, lead_of="router")
+    report["difficulty_ceiling"] = difficulty_ceiling(bench)
     mine = report["scorers"]["router"]["apgr"]
     not_beaten = [b for b in scores if b != "router" and (report["scorers"][b]["apgr"] or 0) >= (mine or 0)]
     pairs = bench.groupby(["strong_model", "weak_model"]).size()

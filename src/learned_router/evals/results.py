@@ -129,9 +129,9 @@ def ahead(m: dict) -> bool:
 
 def loso_lines(reports: list) -> list[str]:
     """The leave-one-source-out table: router, its difficulty output and the baselines, with each target's verdict."""
-    lines = [f"| left-out source | pair | prompts | oracle | target | router | {LEVEL:.0%} CI | difficulty | random | "
-             "prompt length | kNN | logistic | previous router | verdict |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [f"| left-out source | pair | prompts | oracle | difficulty ceiling | target | router | {LEVEL:.0%} CI | "
+             "difficulty | random | prompt length | kNN | logistic | previous router | verdict |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     high = []
     for b, _, r in reports:
         s = r["scorers"]
@@ -147,7 +147,8 @@ def loso_lines(reports: list) -> list[str]:
         cells = [fmt(s.get(k, {}).get("apgr")) for k in ("difficulty", "random", "prompt length", "kNN", "logistic")]
         prev = next((k for k in s if k.startswith("previous router")), None)
         cells.append("–" if prev is None else fmt(s[prev]["apgr"]) + (" (trained on it)" if "trained on it" in prev else ""))
-        lines.append(f"| {b.name} | {r['strong']} vs {r['weak']} | {r['n_prompts']} | {fmt(oracle)} | {fmt(goal)} | "
+        lines.append(f"| {b.name} | {r['strong']} vs {r['weak']} | {r['n_prompts']} | {fmt(oracle)} | {fmt(r.get('difficulty_ceiling'))} | "
+                     f"{fmt(goal)} | "
                      f"**{fmt(mine)}** | {span(s['router'].get('apgr_ci'))} | " + " | ".join(cells) +
                      f" | {'met' if not misses else '**missed: ' + '; '.join(misses) + '**'} |")
     if high:
@@ -207,7 +208,9 @@ def write_results(suite: Suite, out: Path, progress=print) -> Path:
         "previous router is the one shipped before this recipe, scored as shipped (it trained on arena-bench-v1 and",
         "AlpacaEval 2, so on those rows it is not left out). Targets:",
         f"APGR >= {FLOOR} where the oracle reaches {HIGH_ORACLE} (their mean >= {MEAN_FLOOR}), else half the way from",
-        f"random to the oracle; ahead of prompt length and kNN beyond noise where a source has >= {NOISE_MIN} prompts.", "",
+        f"random to the oracle; ahead of prompt length and kNN beyond noise where a source has >= {NOISE_MIN} prompts.",
+        "`difficulty ceiling` routes by how the source's other graded models did on each prompt (it reads their",
+        "answers): what a model-agnostic difficulty would reach if it were exact.", "",
         *loso_lines(loso), "",
         "## In domain: cross-validation on the exam benchmarks", "",
         *summary_lines(domain), "",
