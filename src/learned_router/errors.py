@@ -11,3 +11,10 @@ class DataError(RouterError):
 
 class RouterFolderError(RouterError):
     """A router folder is missing a file, or a file does not match its manifest."""
+
+
+def first_error(e) -> tuple[tuple, str]:
+    """A pydantic ValidationError as one line's parts: its first error's location and message ("required" for a
+    missing key, without pydantic's "Value error, " prefix). Each caller spells the location its own way."""
+    err = e.errors()[0]
+    return err["loc"], "required" if err["type"] == "missing" else err["msg"].removeprefix("Value error, ")

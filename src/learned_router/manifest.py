@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .errors import RouterFolderError
+from .errors import RouterFolderError, first_error
 
 GENERIC = "generic"  # the model-agnostic output: 1 - the prompt's difficulty
 VARIANT_FILES = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
@@ -178,9 +178,8 @@ def read_model(path: Path, model: type[BaseModel], hint: str):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RouterFolderError(f"{path}: not valid JSON ({e})") from None
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
-        raise RouterFolderError(f"{path}: field '{loc}': {first['msg']}") from None
+        loc, msg = first_error(e)
+        raise RouterFolderError(f"{path}: field '{'.'.join(map(str, loc)) or '(top level)'}': {msg}") from None
 
 
 def sha256_file(path: Path) -> str:

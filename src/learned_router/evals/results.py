@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import RouterError
+from ..errors import RouterError, first_error
 from .protocol import run_eval, verdict
 from .report import LEVEL, RESAMPLES, markdown_table, span
 
@@ -103,8 +103,8 @@ def load_suite(path: Path) -> Suite:
 
 
 def _first(e: ValidationError) -> str:
-    err = e.errors()[0]
-    return f"field '{'.'.join(map(str, err['loc']))}': {err['msg']}"
+    loc, msg = first_error(e)
+    return f"field '{'.'.join(map(str, loc))}': {msg}"
 
 
 def slug(name: str) -> str:

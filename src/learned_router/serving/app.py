@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import rate_limited
 from .config import load_config
+from ..errors import first_error
 from .errors import APIError, ConfigError, error_body
 from .metrics import Metrics
 from .providers import BadStream, Reply, stream_chunk
@@ -205,9 +206,9 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        err = exc.errors()[0]
-        param = ".".join(str(x) for x in err["loc"])
-        return JSONResponse(error_body(f"{param}: {err['msg']}", "invalid_request_error", param), status_code=400)
+        loc, msg = first_error(exc)
+        param = ".".join(map(str, loc))
+        return JSONResponse(error_body(f"{param}: {msg}", "invalid_request_error", param), status_code=400)
 
     @app.post("/v1/route", dependencies=AUTHORIZED)
     async def route(request: Request) -> dict:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..errors import first_error
 from .errors import ConfigError
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -327,11 +328,8 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
     try:
         cfg = ServiceConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = _loc(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "required"
+        loc, msg = first_error(e)
+        where = _loc(loc)
         raise ConfigError(f"{source}: {where + ': ' if where else ''}{msg}") from None
     tiers: set[str] = set()
     providers: set[str] = set()

@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from ..errors import first_error
 from .errors import APIError
 
 LATENCY_HEADER, DATA_CLASS_HEADER = "x-router-latency-budget-ms", "x-router-data-class"
@@ -95,11 +96,10 @@ def parse_request(raw: bytes) -> tuple[ChatRequest, dict]:
     try:
         req = ChatRequest.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"])
-        msg = "required" if err["type"] == "missing" else err["msg"]
-        if param.startswith("messages.") and err["loc"][-1] == "role":
-            msg = f"unknown role {err.get('input')!r}; expected system, developer, user, assistant, tool or function"
+        loc, msg = first_error(e)
+        param = ".".join(map(str, loc))
+        if param.startswith("messages.") and loc[-1] == "role":
+            msg = f"unknown role {e.errors()[0].get('input')!r}; expected system, developer, user, assistant, tool or function"
         raise APIError(400, f"{param}: {msg}", param=param) from None
     return req, body
 
@@ -186,9 +186,9 @@ def router_options(body: dict, headers: Mapping[str, str]) -> RouterOptions:
         raw = body.pop("router", None)
         opts = RouterOptions() if raw is None else RouterOptions.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in ("router", *err["loc"]))
-        raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        loc, msg = first_error(e)
+        param = ".".join(map(str, ("router", *loc)))
+        raise APIError(400, f"{param}: {msg}", param=param) from None
     budget, data_class = headers.get(LATENCY_HEADER), headers.get(DATA_CLASS_HEADER)
     if budget is not None:
         try:
