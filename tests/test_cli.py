@@ -115,3 +115,12 @@ def test_bad_input_gives_one_clear_line(trained, tmp_path, datasets_dir, args, m
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_missing_module_is_named_with_the_extra_that_installs_it():
+    from learned_router.cli import missing_module
+
+    assert missing_module("torch").startswith("torch is not installed: this command needs pip install 'learned-router[train]'")
+    assert missing_module("sklearn.metrics").endswith("'learned-router[train]' (torch==2.13.0 first: an unpinned torch pulls CUDA)")
+    assert missing_module("uvicorn") == "uvicorn is not installed: this command needs pip install 'learned-router[serve]'"
+    assert missing_module("not_a_dependency") == "not_a_dependency is not installed"  # not "install the train extra"

@@ -6,8 +6,10 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import sys
 import typing
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -63,9 +65,21 @@ def user_errors(fn):
         except RouterError as e:
             fail(str(e))
         except ModuleNotFoundError as e:
-            fail(f"{e.name} is not installed: this command needs pip install 'learned-router[train]' (torch==2.13.0 first)")
+            fail(missing_module(e.name))
 
     return wrapper
+
+
+def missing_module(name: str | None) -> str:
+    """One line for a module that is not installed, with the extra of this package that installs it, if one does."""
+    name = name or "a module"
+    top = name.partition(".")[0]
+    for req in metadata.requires("learned-router") or []:
+        dist, extra = re.match(r"[A-Za-z0-9._-]+", req)[0], re.search(r"extra == .(\w+)", req)
+        if extra and dist.lower().replace("-", "_") == {"sklearn": "scikit_learn"}.get(top, top):
+            first = " (torch==2.13.0 first: an unpinned torch pulls CUDA)" if extra[1] == "train" else ""
+            return f"{name} is not installed: this command needs pip install 'learned-router[{extra[1]}]'{first}"
+    return f"{name} is not installed"
 
 
 # ---- commands (core) --------------------------------------------------------------------------
@@ -386,7 +400,7 @@ def _serve_imports():
         import prometheus_client  # noqa: F401
         import uvicorn
     except ModuleNotFoundError as e:
-        fail(f"{e.name} is not installed: the service needs pip install 'learned-router[serve]'")
+        fail(missing_module(e.name))
     return uvicorn
 
 
