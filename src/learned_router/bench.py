@@ -5,7 +5,6 @@ All figures come from one run on one machine, so the ratios are comparable.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -62,8 +61,7 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
     from .embed import Encoder
     from .model import QualityHead
 
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # onnxruntime's threads are each Router's; no environment variable is touched
     tmp = None
     if "fp32" not in Router(router_dir).manifest.files:  # the shipped router is int8 only: export fp32 beside it
         tmp = tempfile.TemporaryDirectory()
