@@ -21,9 +21,11 @@ def test_the_config_reference_is_generated_and_current():
     assert "| `threads` | int or null (>= 1) | `1` |" in text  # type, bounds and default from the model
 
 
-def test_the_readme_links_resolve_and_names_the_command_ci_runs():
+def test_the_readmes_links_resolve_and_the_readme_names_the_command_ci_runs():
+    for doc in (ROOT / "README.md", ROOT / "serving" / "README.md"):
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to a missing {target}"
     readme = (ROOT / "README.md").read_text()
-    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme):
-        assert (ROOT / target).exists(), f"README links to a missing {target}"
+    assert (ROOT / "examples" / "prompts.jsonl").is_file() and "--file examples/prompts.jsonl" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest -q" in ci and ".venv/bin/python -m pytest -q" in readme
