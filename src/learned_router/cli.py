@@ -398,6 +398,7 @@ def _serve_imports():
         import fastapi  # noqa: F401
         import httpx  # noqa: F401
         import prometheus_client  # noqa: F401
+        import redis  # noqa: F401  (state.backend: redis)
         import uvicorn
     except ModuleNotFoundError as e:
         fail(missing_module(e.name))
