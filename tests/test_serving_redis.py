@@ -227,24 +227,30 @@ def test_redis_killed_and_restarted_mid_traffic_loses_no_request_and_no_spend(st
 
 
 def test_redis_down_at_start_up_is_one_line_and_exit_2_unless_local_state_is_allowed(tmp_path):
+    server = RedisServer(tmp_path / "redis")
     with FakeProvider(name="strong", model=STRONG) as strong:
-        port = free_port()
-        cfg = replica_config(strong.base_url, strong, f"redis://127.0.0.1:{port}/0")
+        cfg = replica_config(strong.base_url, strong, server.url)
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
         run = subprocess.run([sys.executable, "-c", "from learned_router.cli import app; app()", "serve", "--config",
                               str(tmp_path / "config.yaml")], capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and "Traceback" not in run.stderr
         assert "state.url: Redis at redis://127.0.0.1:" in run.stderr and "unavailable_at_start: local" in run.stderr
 
-        cfg["state"]["unavailable_at_start"] = "local"
-        with start_service(cfg) as svc:
-            ready = httpx.get(svc.url + "/readyz", timeout=5).json()
-            assert ready["state"] == "per-process" and chat(svc.url).status_code == 200
-            with RedisServer(tmp_path / "redis", port=port) as server:
+        try:
+            with start_service({**cfg, "state": {**cfg["state"], "unavailable_at_start": "local"}}) as svc:
+                ready = httpx.get(svc.url + "/readyz", timeout=5).json()
+                assert ready["state"] == "per-process" and chat(svc.url).status_code == 200
+                server.start()
                 wait_for(lambda: metric(svc.url, "router_state_shared") == 1)
                 assert chat(svc.url).status_code == 200
                 db = redis.Redis(port=server.port, decode_responses=True)
                 wait_for(lambda: shared_spend(db)[1] == 2)  # the answer served before Redis came up is in the ledger
+            with start_service(cfg) as again:  # a restarted replica reads the spend of the period from Redis
+                budget = httpx.post(again.url + "/v1/route", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10,
+                                    json={"model": "router", "messages": [{"role": "user", "content": "hi"}]}).json()["budget"]
+                assert (budget["spent_usd"], budget["requests"]) == shared_spend(db)
+        finally:
+            server.stop()
 
 
 @pytest.mark.parametrize("state, error", [

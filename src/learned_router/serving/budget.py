@@ -196,6 +196,9 @@ class SqliteLedger:
                 spent, requests = self._last_read[1:] if self._last_read[0] == period else (0.0, 0)
         return spent + unwritten, requests + answers
 
+    async def read(self, period: str) -> None:
+        """Nothing to fetch ahead: `spend` reads the file."""
+
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
 
@@ -231,7 +234,7 @@ class BudgetState:
 
 
 class Pacer:
-    """`ledger`: where the spend lives (`add`, `spend`, `aclose`); default: the sqlite file of `config.store`."""
+    """`ledger`: where the spend lives (`add`, `spend`, `read`, `aclose`); default: the sqlite file of `config.store`."""
 
     def __init__(self, config: BudgetConfig, n_tiers: int, clock: Callable[[], float] = time.time, ledger=None):
         self.config = config
@@ -280,6 +283,10 @@ class Pacer:
         self.ledger.add(period_bounds(self.config.period, self._clock())[0], usd)
         if estimated_usd > 0:
             self._ratios[tier].append(usd / estimated_usd)
+
+    async def start(self) -> None:
+        """Fetch the spend of the current period before the first request is paced."""
+        await self.ledger.read(period_bounds(self.config.period, self._clock())[0])
 
     async def aclose(self) -> None:
         """Write what is left and close the ledger."""

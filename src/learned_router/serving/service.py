@@ -82,6 +82,8 @@ class Service:
         await self.batcher.start()
         await self.upstream.start()
         await self.state.start()
+        if self.pacer:
+            await self.pacer.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()

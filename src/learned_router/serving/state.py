@@ -338,6 +338,7 @@ class RedisLedger:
         self._held = False  # a batch failed to land: log when it does
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._syncing = asyncio.Lock()
 
     def add(self, period: str, usd: float) -> None:
         usd0, n0 = self._pending.get(period, (0.0, 0))
@@ -361,6 +362,11 @@ class RedisLedger:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="router-ledger")
 
+    async def read(self, period: str) -> None:
+        """Fetch the period's shared figures now (at start-up: before the first request is paced)."""
+        self._watched = period
+        await self.sync()
+
     async def _run(self) -> None:
         while True:
             try:
@@ -375,6 +381,10 @@ class RedisLedger:
 
     async def sync(self) -> bool:
         """Send what is pending, batch by batch (else read the watched period); False when Redis did not answer."""
+        async with self._syncing:  # one at a time: the writer task, a start-up read, the last flush
+            return await self._sync()
+
+    async def _sync(self) -> bool:
         if self._batch is None and not self._pending:
             return not self._watched or await self._send([self._watched], [0, "0", 0, 1])
         while self._batch is not None or self._pending:
