@@ -64,7 +64,7 @@ def test_metrics(head: QualityHead, grades: Grades, enc: Encoder, recipe: Recipe
         return {}
     prompts, arrays = indexed(obs, head.cfg.models, head.cfg.sources)
     x = torch.from_numpy(enc.features(prompts, recipe.length_input, progress=False).astype(np.float32))
-    t = {k: torch.from_numpy(np.asarray(arrays[k], dtype=np.int64)) for k in ("prompt", "model", "opponent", "source")}
+    t = {k: torch.tensor(arrays[k], dtype=torch.int64) for k in ("prompt", "model", "opponent", "source")}
     with torch.no_grad():
         logits = head.grade_logits(x, t["prompt"], t["model"], t["opponent"], t["source"]).numpy()
     out = {}
