@@ -234,7 +234,7 @@ def test_redis_down_at_start_up_is_one_line_and_exit_2_unless_local_state_is_all
         run = subprocess.run([sys.executable, "-c", "from learned_router.cli import app; app()", "serve", "--config",
                               str(tmp_path / "config.yaml")], capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and "Traceback" not in run.stderr
-        assert "state.url: Redis at redis://127.0.0.1:" in run.stderr and "unavailable_at_start: local" in run.stderr
+        assert "state.url: cannot use Redis at redis://127.0.0.1:" in run.stderr and "unavailable_at_start: local" in run.stderr
 
         try:
             with start_service({**cfg, "state": {**cfg["state"], "unavailable_at_start": "local"}}) as svc:

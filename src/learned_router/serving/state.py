@@ -195,9 +195,9 @@ class RedisState(LocalState):
             return True
         except redis.RedisError as e:
             if self.config.unavailable_at_start == "exit":
-                raise ConfigError(f"state.url: Redis at {self.config.url} does not answer ({e}); start it, or set "
+                raise ConfigError(f"state.url: cannot use Redis at {self.config.url} ({e}); check it runs and its password, or set "
                                   "state.unavailable_at_start: local to start on per-process state") from None
-            log.warning("state: Redis at %s does not answer (%s): starting on per-process state", self.config.url, e)
+            log.warning("state: cannot use Redis at %s (%s): starting on per-process state", self.config.url, e)
             return False
 
     def key(self, *parts: str) -> str:
