@@ -3,6 +3,7 @@ circuit per provider (one probe after the cool-down), one budget ledger; Redis k
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import shutil
@@ -20,9 +21,10 @@ import yaml
 
 from learned_router.serving.bench import RedisServer
 from learned_router.serving.budget import period_bounds
-from learned_router.serving.config import parse_config
+from learned_router.serving.config import CircuitConfig, RateLimitConfig, StateConfig, parse_config
 from learned_router.serving.errors import ConfigError
-from learned_router.serving.state import SPEND
+from learned_router.serving.metrics import Metrics
+from learned_router.serving.state import SPEND, RedisState
 from serving_fixtures import (CLIENT_KEY, OTHER_KEY, ROUTER_DIR, FakeProvider, free_port, provider_entry, service_config,
                               start_service, two_tiers, wait_for)
 
@@ -265,6 +267,26 @@ def test_bad_state_config_is_one_line_naming_the_key(state, error):
                                    [{"name": "s", "base_url": "http://x/v1", "model": "s"}]), state=state)
     with pytest.raises(ConfigError, match=re.escape(error)):
         parse_config(cfg)
+
+
+def test_the_password_comes_from_its_variable_and_a_wrong_one_stops_the_start(tmp_path, monkeypatch):
+    with RedisServer(tmp_path / "redis", password="s3cret-pw") as server:
+        config = StateConfig(backend="redis", url=server.url, password_env="ROUTER_TEST_REDIS_PASSWORD")
+        monkeypatch.setenv("ROUTER_TEST_REDIS_PASSWORD", "wrong")
+        with pytest.raises(ConfigError, match="state.url: cannot use Redis at .*invalid username-password pair"):
+            RedisState(config, RateLimitConfig(requests_per_minute=60, burst=1), CircuitConfig(), Metrics())
+        monkeypatch.setenv("ROUTER_TEST_REDIS_PASSWORD", "s3cret-pw")
+        state = RedisState(config, RateLimitConfig(requests_per_minute=60, burst=1), CircuitConfig(), Metrics())
+
+        async def two_requests():
+            await state.start()
+            try:
+                return await state.take("client"), await state.take("client")
+            finally:
+                await state.stop()
+
+        first, second = asyncio.run(two_requests())
+        assert first is None and 0 < second <= 1.0 and state.up  # the bucket lives in Redis: one token, then a wait
 
 
 def test_an_unset_password_variable_stops_the_start(monkeypatch):

@@ -126,24 +126,25 @@ async def load(urls: str | list[str], bodies: list[dict], concurrency: int, head
 class RedisServer:
     """A redis-server on 127.0.0.1 (Debian's `redis-server` on PATH) in `folder`, with an append-only file: a write is in
     the file before its reply, so killing the process loses nothing acknowledged (the file is synced to disk every
-    second). `kill` and `start` again keep its port and data."""
+    second). `kill` and `start` again keep its port and data. `password`: clients must send it."""
 
-    def __init__(self, folder: Path, port: int | None = None):
-        self.folder, self.port = Path(folder), port or free_port()
+    def __init__(self, folder: Path, port: int | None = None, password: str | None = None):
+        self.folder, self.port, self.password = Path(folder), port or free_port(), password
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                                      "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
+                                      "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                                      *(["--requirepass", self.password] if self.password else [])],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return self
             except OSError:
                 pass
