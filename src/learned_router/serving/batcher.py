@@ -1,4 +1,5 @@
-"""Micro-batching: concurrent requests share one onnxruntime call, run off the event loop.
+"""Micro-batching: concurrent requests share one hand-off to a scoring thread, off the event loop (the int8 router
+then scores them one onnxruntime call per prompt, so a score never depends on its batch; fp32 scores them together).
 
 Scoring runs in `workers` threads (onnxruntime releases the GIL), one batch per thread at a time.
 While every thread is busy, new prompts queue up and form the next batch, so an idle service adds no

@@ -102,7 +102,7 @@ class RouterConfig(Strict):
     path: str = "models/default"  # a router folder; relative paths are relative to the working directory
     threads: int | None = Field(1, ge=1)  # onnxruntime intra-op threads; None: onnxruntime's default
     workers: int = Field(1, ge=1)  # threads scoring batches at the same time
-    max_batch: int = Field(32, ge=1)  # most prompts scored in one onnxruntime call
+    max_batch: int = Field(32, ge=1)  # most prompts handed to the scorer at once (int8: one onnxruntime call each)
     max_wait_ms: NonNegative = 0.0  # extra wait for more prompts before scoring a batch
 
 
