@@ -141,7 +141,7 @@ def test_a_provider_broken_for_one_replica_is_skipped_by_all_then_probed_once(st
         wait_for(lambda r=r: metric(r.url, "router_circuit_state", '{provider="weak"}') == 2)
 
     # The cool-down passes (moved back in Redis): six concurrent requests on two replicas, one probe reaches it.
-    weak.control(latency_ms=1500)
+    weak.control(latency_ms=3000)  # the probe is in flight while the other five arrive
     key = f"{PREFIX}circuit:weak"
     db.hset(key, "opened", int(db.hget(key, "opened")) - 600_000)
     for r in replicas[1:]:
