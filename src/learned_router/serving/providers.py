@@ -89,6 +89,11 @@ class CircuitBreaker:
         if ticket == "probe":
             self._probing = False
 
+    @property
+    def clean(self) -> bool:
+        """No failure counted and not open: a success would change nothing."""
+        return self._consecutive == 0 and self._opened_at is None and not self._probing
+
     def mirror(self, consecutive: int, opened_ago: float | None, cooldown: float, probing: bool) -> None:
         """Take the state every replica shares (state.py); `opened_ago`: seconds since the circuit opened, None: closed."""
         self._consecutive, self._probing = consecutive, probing

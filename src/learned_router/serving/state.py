@@ -7,7 +7,8 @@ LocalState keeps it in the process: breakers and token buckets in memory, the sp
 - circuit breakers: one failure count and open / half-open state per provider; after the cool-down one replica
   gets the probe (a lease, so a replica that dies probing frees it after `timeout_s x retry.attempts + 1` s).
   Each process mirrors the shared state into its own breaker (`CircuitBreaker.mirror`), which routing, metrics and
-  readiness read, refreshed by every call and every `retry_s`;
+  readiness read, refreshed by every call and every `retry_s`. A success is sent (off the answer's path) only when
+  the mirror was not clean: in a healthy service a chat request waits for two Redis calls, its token and its ticket;
 - budget spend: one ledger per period (RedisLedger), written in batches off the request path. A batch carries the
   writer's sequence number and Redis applies each number once, so a batch resent after a lost reply is not counted
   twice. The pacer reads the shared figures as last seen (at most `retry_s` old) plus this process' unwritten spend.
@@ -302,9 +303,11 @@ class RedisState(LocalState):
         return None if verdict == "none" else verdict
 
     async def success(self, p: Provider) -> None:
-        """Close the circuit here at once and in Redis from a task of its own: the answer does not wait for it."""
+        """Close the circuit here at once and, unless it was clean when last seen, in Redis from a task of its own (the
+        answer does not wait for it)."""
+        clean = p.breaker.clean
         p.breaker.success()
-        if self.up:
+        if self.up and not clean:
             task = asyncio.create_task(self._breaker("success", p))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
