@@ -1,5 +1,5 @@
-"""Export a trained router to one ONNX graph (token ids -> each model's quality and the prompt's difficulty), fused and
-int8-quantised, with parity checks."""
+"""Export a trained router to one ONNX graph (token ids -> each model's quality, the prompt's difficulty and its sentence
+embedding), fused and int8-quantised, with parity checks."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import RouterError
 from .manifest import VARIANT_FILES, Manifest, RouterFolder, TrainingRecord
+from .tasktypes import FILE as TYPES_FILE
 
 # The exported graph must stay this close to the torch model on the probe prompts, or nothing is written.
 # fp32 must match to float noise. int8's dynamic quantisation moves the sentence embedding by ~0.1 (L2) and a
@@ -120,9 +121,9 @@ def to_onnx(checkpoint: Path, enc_path: Path, layers: int, folder: Path, variant
         warnings.simplefilter("ignore")  # TorchScript tracer warnings about data-dependent branches in transformers
         torch.onnx.export(
             fused, (ids, torch.ones_like(ids)), str(raw), input_names=["input_ids", "attention_mask"],
-            output_names=["quality", "difficulty"], opset_version=17, dynamo=False,
+            output_names=["quality", "difficulty", "embedding"], opset_version=17, dynamo=False,
             dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                          "quality": {0: "batch"}, "difficulty": {0: "batch"}},
+                          "quality": {0: "batch"}, "difficulty": {0: "batch"}, "embedding": {0: "batch"}},
         )
     cfg = transformer.config
     opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
@@ -209,4 +210,6 @@ def export(router: Path, out: Path | None = None, variants: list[str] = ("fp32",
     out = Path(out) if out else source.path
     with staged_folder(out, overwrite=overwrite or out.resolve() == source.path.resolve()) as tmp:
         shutil.copytree(source.checkpoint, tmp / RouterFolder.CHECKPOINT)
+        if (types := source.path / TYPES_FILE).is_file():  # the folder's own task types stay with it
+            shutil.copyfile(types, tmp / TYPES_FILE)
         return export_into(RouterFolder(tmp), list(variants))

@@ -57,8 +57,9 @@ class Calibration(BaseModel):
 
 class Manifest(BaseModel):
     """What a router serves. Its graph outputs `quality` (prompts x `models`, each model's predicted answer quality
-    in [0, 1]) and `difficulty` (per prompt, in [0, 1]); `scorer.Router` turns them into pass chances: a model's
-    against the `strong` model, and `generic` (1 - difficulty) for models it was not trained on."""
+    in [0, 1]), `difficulty` (per prompt, in [0, 1]) and, since task types, `embedding` (the prompt's unit sentence
+    embedding); `scorer.Router` turns the first two into pass chances: a model's against the `strong` model, and
+    `generic` (1 - difficulty) for models it was not trained on."""
 
     format_version: Literal[2] = 2
     name: str

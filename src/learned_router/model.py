@@ -200,8 +200,9 @@ def fit_head(x: np.ndarray, obs: dict[str, np.ndarray], models: list[str], sourc
 
 
 class FusedRouter(nn.Module):
-    """Token ids -> (quality (n, models), difficulty (n,)): transformer, mean pooling, L2 normalisation, the prompt's
-    length (summed from `piece_lengths`, see embed.piece_chars) and the head."""
+    """Token ids -> (quality (n, models), difficulty (n,), embedding (n, dim)): transformer, mean pooling, L2
+    normalisation (the sentence embedding, also returned), the prompt's length (summed from `piece_lengths`, see
+    embed.piece_chars) and the head."""
 
     def __init__(self, transformer: nn.Module, head: QualityHead, piece_lengths: np.ndarray):
         super().__init__()
@@ -213,8 +214,9 @@ class FusedRouter(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
         ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        x = nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+        embedding = nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+        x = embedding
         if self.head.cfg.length_input:
             chars = (self.piece_lengths[input_ids] * attention_mask.to(hidden.dtype)).sum(1, keepdim=True)
             x = torch.cat([x, chars], dim=-1)
-        return self.head(x)
+        return (*self.head(x), embedding)

@@ -108,6 +108,9 @@ class Router:
             self._session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise RouterFolderError(f"{model_path}: onnxruntime cannot load it ({e})") from None
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        self._outputs = ["quality", "difficulty"] + (["embedding"] if "embedding" in outputs else [])
+        self._dim = int(outputs["embedding"].shape[-1]) if "embedding" in outputs else None
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "Router":
@@ -122,9 +125,13 @@ class Router:
     def default_threshold(self) -> float:
         return self.manifest.default_threshold
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        quality, difficulty = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
-        return quality.astype(np.float32), difficulty.astype(np.float32)
+    @property
+    def has_embedding(self) -> bool:
+        """Whether the graph also outputs the prompt's sentence embedding (routers exported since it does)."""
+        return self._dim is not None
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(x.astype(np.float32) for x in self._session.run(self._outputs, {"input_ids": ids, "attention_mask": mask}))
 
     def predict(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """(quality (n, models), difficulty (n,)), in input order.
@@ -132,16 +139,35 @@ class Router:
         int8 runs one prompt per call: its activations are quantised per call, so a padded batch would shift a prompt's
         scores by its companions. fp32 batches prompts of similar length, exactly as single.
         """
+        return self.infer(prompts, batch_size)[:2]
+
+    def embed(self, prompts: Sequence[str]) -> np.ndarray:
+        """The prompts' unit sentence embeddings (n, dim), from the same onnxruntime call that scores them."""
+        return self.score_and_embed(prompts)[1]
+
+    def score_and_embed(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`score` and the unit sentence embeddings (n, dim), from one onnxruntime call per prompt."""
+        if not self.has_embedding:
+            raise RouterError(f"{self.path}: this router's graph has no embedding output; re-export it "
+                              "(learned-router export --router PATH) to infer task types")
+        quality, difficulty, embedding = self.infer(prompts)
+        return self.pass_chances_of(quality, difficulty), embedding
+
+    def infer(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(quality, difficulty, embedding or None when the graph has no embedding output), in input order."""
         prompts = check_prompts(prompts)
         quality = np.empty((len(prompts), len(self.manifest.models)), dtype=np.float32)
         difficulty = np.empty(len(prompts), dtype=np.float32)
+        embedding = np.empty((len(prompts), self._dim), dtype=np.float32) if self._dim else None
         encs = self._tok.encode_batch(prompts)
         if self.variant == "int8" or len(prompts) == 1:  # single prompts are never padded
             for i, enc in enumerate(encs):
                 ids = np.asarray([enc.ids], dtype=np.int64)
-                q, d = self._run(ids, np.ones_like(ids))
-                quality[i], difficulty[i] = q[0], d[0]
-            return quality, difficulty
+                out = self._run(ids, np.ones_like(ids))
+                quality[i], difficulty[i] = out[0][0], out[1][0]
+                if embedding is not None:
+                    embedding[i] = out[2][0]
+            return quality, difficulty, embedding
         order = np.argsort([len(e.ids) for e in encs], kind="stable")  # similar lengths share a batch
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -151,12 +177,18 @@ class Router:
                 e.pad(longest, pad_id=self._pad_id, pad_token="[PAD]")
             ids = np.asarray([e.ids for e in batch], dtype=np.int64)
             mask = np.asarray([e.attention_mask for e in batch], dtype=np.int64)
-            quality[idx], difficulty[idx] = self._run(ids, mask)
-        return quality, difficulty
+            out = self._run(ids, mask)
+            quality[idx], difficulty[idx] = out[0], out[1]
+            if embedding is not None:
+                embedding[idx] = out[2]
+        return quality, difficulty, embedding
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         """Pass chances, (n, len(outputs)): each model's against the strong model, then `generic`."""
-        quality, difficulty = self.predict(prompts)
+        return self.pass_chances_of(*self.predict(prompts))
+
+    def pass_chances_of(self, quality: np.ndarray, difficulty: np.ndarray) -> np.ndarray:
+        """`score` from outputs already predicted."""
         strong = quality[:, self._column[self.manifest.strong]]
         return np.c_[pass_chances(quality, strong[:, None]), 1.0 - difficulty].astype(np.float32)
 
