@@ -311,6 +311,47 @@ def bench(
         console.print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
+@app.command("task-types")
+@user_errors
+def task_types(
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts to type (one JSON line each).")] = None,
+    router: Annotated[Path, typer.Option(help="Router folder (exported with its embedding output).")] = Path("models/default"),
+    types: Annotated[Optional[Path], typer.Option(help="A task types YAML file (default: the router folder's "
+                                                  "task_types.yaml, else the package's).")] = None,
+    table: Annotated[Optional[Path], typer.Option(help="A labelled CSV (columns type, prompt): print each type's "
+                                                  "precision and recall.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+):
+    """Task types: list them, type prompts, or evaluate the inferred types on a labelled table."""
+    import json
+
+    from .scorer import Router
+    from .tasktypes import TaskClassifier, check_labels, evaluate, load_types, read_table, types_path
+
+    if prompts and table:
+        raise RouterError("give prompts or --table, not both")
+    path = types_path(router, types)
+    defined = load_types(path)
+    if not prompts and table is None:
+        for name, t in defined.items():
+            typer.echo(f"{name:16s} {len(t.examples):3d} examples  {t.description}")
+        typer.echo(f"({path})")
+        return
+    r = Router(router, threads=threads)
+    clf = TaskClassifier.build(defined, r.embed)
+    if prompts:
+        for p, name in zip(prompts, clf.types_of(r.embed(prompts))):
+            typer.echo(json.dumps({"prompt": p[:80], "task_type": name}))
+        return
+    texts, labels = read_table(table)
+    check_labels(labels, clf.names, table)
+    result = evaluate(clf.types_of(r.embed(texts)), labels, clf.names)
+    typer.echo(f"{'type':16s} {'precision':>9s} {'recall':>7s} {'prompts':>7s}")
+    for name, m in result.items():
+        typer.echo(f"{name:16s} {m['precision']:9.3f} {m['recall']:7.3f} {int(m['support']):7d}")
+    typer.echo(f"({len(texts)} prompts of {table}; types from {path})")
+
+
 # ---- commands (evals) -------------------------------------------------------------------------
 
 
