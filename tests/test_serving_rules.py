@@ -74,9 +74,11 @@ def refused(client, text: str, model: str = "router-0", **kw) -> tuple[int, dict
 
 
 def metric(url: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$", httpx.get(url + "/metrics").text, re.M)
-    return float(m.group(1)) if m else float("nan")
+    """The sum of `name`'s series that carry `labels` (others, such as task_type, may differ); NaN when none does."""
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    values = [float(m.group(2)) for m in re.finditer(rf"^{name}{{(.*)}} (\S+)$", httpx.get(url + "/metrics").text, re.M)
+              if want <= set(m.group(1).split(","))]
+    return sum(values) if values else float("nan")
 
 
 RESTRICTED = {"extra_body": {"router": {"data_class": "restricted"}}}

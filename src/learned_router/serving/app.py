@@ -33,7 +33,8 @@ from .usage import answer_chars
 
 log = logging.getLogger("learned_router.serving")
 CONFIG_ENV = "LEARNED_ROUTER_CONFIG"
-ENDPOINTS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/healthz", "/readyz", "/metrics"}
+ENDPOINTS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/v1/drift", "/v1/drift/reference", "/healthz", "/readyz",
+             "/metrics"}
 AUTHORIZED = [Depends(rate_limited)]  # a valid client key within its rate limit
 
 
@@ -41,6 +42,7 @@ def decision_headers(d: Decision, reply: Reply | None = None) -> dict[str, str]:
     h = {
         "x-router-tier": d.tier,
         "x-router-rule": d.rule,
+        "x-router-task-type": d.task_type,
         "x-router-pass-chances": ", ".join(f"{t}={p:.4f}" for t, p in d.pass_chances.items()),
         "x-router-threshold": f"{d.threshold:.4f}",
         "x-router-effective-threshold": f"{d.effective_threshold:.4f}",
@@ -222,6 +224,7 @@ def create_app(service: Service) -> FastAPI:
             "threshold": d.threshold, "effective_threshold": d.effective_threshold,
             "skipped": [s.as_dict() for s in d.skipped], "fallback_chain": [p.name for p in d.chain],
             "estimated_prompt_tokens": d.prompt_tokens, "estimated_cost_usd": d.estimated_cost,
+            "task_type": d.task_type, "task_type_source": d.task_type_source,
             "data_class": d.options.data_class, "latency_budget_ms": d.options.latency_budget_ms,
             "budget": d.budget.as_dict() if d.budget else None,
         }
@@ -236,7 +239,8 @@ def create_app(service: Service) -> FastAPI:
         try:
             reply = await service.complete(d, body, req.stream)
         except APIError as e:
-            log.warning("chat id=%s tier=%s rule=%s status=%d: %s", request_id, d.tier, d.rule, e.status, e.message)
+            log.warning("chat id=%s tier=%s rule=%s task_type=%s status=%d: %s", request_id, d.tier, d.rule, d.task_type, e.status,
+                        e.message)
             raise
         headers = decision_headers(d, reply) | {"x-request-id": request_id}
         if reply.response is None:  # a whole answer, or a client error from the provider passed back
@@ -244,9 +248,9 @@ def create_app(service: Service) -> FastAPI:
             if reply.status == 200:  # a 200 body is a JSON object with a choices list (providers.py checked)
                 cost = service.account(reply.provider, reply.json.get("usage"), answer_chars(reply.json), d)
                 headers["x-router-cost-usd"] = f"{cost:.8f}"
-            log.info("chat id=%s tier=%s provider=%s status=%d rule=%s threshold=%.4f effective=%.4f fallbacks=%d cost_usd=%.8f",
-                     request_id, d.tier, reply.provider.name, reply.status, d.rule, d.threshold, d.effective_threshold,
-                     reply.fallbacks, cost)
+            log.info("chat id=%s tier=%s provider=%s status=%d rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
+                     "cost_usd=%.8f", request_id, d.tier, reply.provider.name, reply.status, d.rule, d.task_type, d.threshold,
+                     d.effective_threshold, reply.fallbacks, cost)
             return Response(reply.raw, status_code=reply.status, media_type="application/json", headers=headers)
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(relay(service, reply, d, request_id, wants_usage), media_type="text/event-stream",
@@ -255,6 +259,21 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/v1/models", dependencies=AUTHORIZED)
     async def models() -> dict:
         return {"object": "list", "data": [{"id": ROUTER_MODEL, "object": "model", "created": 0, "owned_by": "learned-router"}]}
+
+    @app.get("/v1/drift", dependencies=AUTHORIZED)
+    async def drift() -> dict:
+        """Each signal's PSI against the drift reference, the window's and the reference's distributions."""
+        return drift_monitor().state()
+
+    @app.post("/v1/drift/reference", dependencies=AUTHORIZED)
+    async def drift_reference() -> dict:
+        """Make the current window the drift reference (written to drift.reference when set)."""
+        return drift_monitor().snapshot()
+
+    def drift_monitor():
+        if service.drift is None:
+            raise APIError(404, "drift is off in this service (drift.enabled)", code="drift_off")
+        return service.drift
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -327,8 +346,9 @@ async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wa
         with anyio.CancelScope(shield=True):  # close the upstream even when the client's disconnect cancelled us
             await reply.response.aclose()
         cost = service.account(provider, usage, chars, d, served=outcome == "ok")
-        log.info("chat id=%s tier=%s provider=%s stream=%s rule=%s threshold=%.4f effective=%.4f fallbacks=%d cost_usd=%.8f",
-                 request_id, d.tier, provider.name, outcome, d.rule, d.threshold, d.effective_threshold, reply.fallbacks, cost)
+        log.info("chat id=%s tier=%s provider=%s stream=%s rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
+                 "cost_usd=%.8f", request_id, d.tier, provider.name, outcome, d.rule, d.task_type, d.threshold,
+                 d.effective_threshold, reply.fallbacks, cost)
 
 
 def create_app_from_env() -> FastAPI:

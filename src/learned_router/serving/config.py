@@ -261,6 +261,32 @@ class StateConfig(Strict):
         return value
 
 
+class TaskTypesConfig(Strict):
+    """Task types (code, math, writing, ...): inferred from the router's prompt embedding, or named by the request."""
+
+    enabled: bool = True  # type each request (inference needs a router exported with its embedding output)
+    file: str | None = None  # a task types YAML; null: the router folder's task_types.yaml, else the package's
+    threshold_offsets: dict[str, Annotated[float, Field(ge=-1, le=1)]] = {}  # type -> added to its threshold (clipped to [0, 1])
+    min_tier: dict[str, str] = {}  # type -> the cheapest tier its requests may go to (e.g. code: strong)
+
+
+class DriftConfig(Strict):
+    """Drift: the last `window` routed requests' pass chances, task types and tiers against a reference, as a
+    population-stability index (PSI) per signal."""
+
+    enabled: bool = True  # keep the window and report router_drift_psi
+    window: int = Field(1000, ge=20)  # most recent routed requests compared with the reference
+    min_requests: int = Field(200, ge=10)  # fewer in the window: no PSI (NaN)
+    threshold: Positive = 0.25  # a PSI above this is drift: logged, and alerted on by serving/alerts.yaml
+    reference: str | None = None  # JSON file: read at start when it exists; POST /v1/drift/reference writes it
+
+    @model_validator(mode="after")
+    def _min(self) -> DriftConfig:
+        if self.min_requests > self.window:
+            raise ValueError(f"min_requests {self.min_requests} is above window {self.window}")
+        return self
+
+
 class ServiceConfig(Strict):
     """The whole file: sections, of which `tiers` and `auth` are required."""
 
@@ -278,6 +304,8 @@ class ServiceConfig(Strict):
     readiness: ReadinessConfig = ReadinessConfig()
     api_docs: bool = False  # serve /docs, /redoc and /openapi.json (they need no client key)
     state: StateConfig = StateConfig()
+    task_types: TaskTypesConfig = TaskTypesConfig()
+    drift: DriftConfig = DriftConfig()
 
     @field_validator("tiers")
     @classmethod
@@ -341,6 +369,9 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
             if p.name in providers:
                 raise ConfigError(f"{source}: tiers[{t}].providers[{i}].name: duplicate provider name {p.name!r}; names must be unique")
             providers.add(p.name)
+    for task, tier in cfg.task_types.min_tier.items():
+        if tier not in tiers:
+            raise ConfigError(f"{source}: task_types.min_tier.{task}: unknown tier {tier!r}; tiers: {', '.join(t.name for t in cfg.tiers)}")
     for cls, allowed in cfg.data_classes.items():
         if not allowed:
             raise ConfigError(f"{source}: data_classes.{cls}: list the providers that may receive this class")

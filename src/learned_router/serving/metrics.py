@@ -17,7 +17,8 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("router_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"], registry=r)
-        self.decisions = Counter("router_decisions", "Routing decisions by tier and the rule that decided", ["tier", "rule"], registry=r)
+        self.decisions = Counter("router_decisions", "Routing decisions by tier, the rule that decided and the task type",
+                                 ["tier", "rule", "task_type"], registry=r)
         self.served = Counter("router_served", "Requests answered by each provider", ["tier", "provider", "model"], registry=r)
         self.pass_chance = Histogram("router_pass_chance", "Pass chance of each scored tier", ["tier"], buckets=SCORE_BUCKETS, registry=r)
         self.batch_size = Histogram("router_batch_size", "Prompts per onnxruntime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
@@ -34,7 +35,8 @@ class Metrics:
         self.state_shared = Gauge("router_state_shared", "1: breakers, rate limits and spend shared in Redis; 0: per process",
                                   registry=r)
         self.state_errors = Counter("router_state_errors", "Redis calls that failed (the request used per-process state)", registry=r)
-        self.cost = Counter("router_cost_usd", "Dollars spent, from upstream usage and configured prices", ["provider", "model"], registry=r)
+        self.cost = Counter("router_cost_usd", "Dollars spent, from upstream usage and configured prices", ["provider", "model", "task_type"],
+                            registry=r)
         self.circuit_state = Gauge("router_circuit_state", "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open", ["provider"], registry=r)
         self.latency_p95 = Gauge("router_provider_latency_p95_seconds", "p95 latency of each provider's recent calls (NaN: too few)", ["provider"], registry=r)
         self.threshold = Gauge("router_threshold", "The configured threshold", registry=r)
@@ -53,6 +55,15 @@ class Metrics:
               registry=r).set_function(lambda: state().spent)
         Gauge("router_budget_pace", "Spend / (budget x elapsed share of the period); 1 is on track", registry=r).set_function(lambda: state().pace)
         self.effective_threshold.set_function(effective)
+
+    def watch_drift(self, monitor) -> None:
+        """Report each signal's PSI against the drift reference (NaN: too few requests or no reference yet)."""
+        psi = Gauge("router_drift_psi", "Population-stability index of the recent requests against the drift reference, "
+                    "per signal (pass_chance, task_type, tier)", ["signal"], registry=self.registry)
+        for signal in monitor.psi():
+            psi.labels(signal).set_function(lambda s=signal: monitor.psi()[s])
+        Gauge("router_drift_threshold", "The PSI above which a signal counts as drifted (drift.threshold)",
+              registry=self.registry).set(monitor.cfg.threshold)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

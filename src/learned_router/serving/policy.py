@@ -1,6 +1,7 @@
 """The routing policy over tiers (cheapest first): which tiers can take a request, which one it goes to, and why.
 
-A provider can take a request unless, checked in this order: the request's data class does not allow it
+A provider can take a request unless, checked in this order: its tier is below the one the request's task type is
+pinned to (`task_type`, config task_types.min_tier), the request's data class does not allow it
 (`data_class`), the request does not fit its context window (`context`), its recent p95 latency exceeds what is
 left of the request's latency budget (`latency`), or its circuit is open (`circuit_open`). A tier is eligible when
 at least one of its providers can take the request.
@@ -25,7 +26,7 @@ import numpy as np
 from ..scorer import choose_tier
 from .providers import Provider
 
-EXCLUSIONS = ("data_class", "context", "latency", "circuit_open")  # checked in this order
+EXCLUSIONS = ("task_type", "data_class", "context", "latency", "circuit_open")  # checked in this order
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ conversation (that is what the upstream model reads), plus the requested max_tok
 tokenizer is not used for this: it is not the upstream model's tokenizer and it truncates at 256 tokens.
 
 Routing options come in the `router` object of the body (`{"router": {"latency_budget_ms": 800, "data_class":
-"restricted"}}`, the openai client's `extra_body`), which is never forwarded, or in the headers
-`x-router-latency-budget-ms` and `x-router-data-class`.
+"restricted", "task_type": "code"}}`, the openai client's `extra_body`), which is never forwarded, or in the headers
+`x-router-latency-budget-ms`, `x-router-data-class` and `x-router-task-type`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from ..errors import first_error
 from .errors import APIError
 
-LATENCY_HEADER, DATA_CLASS_HEADER = "x-router-latency-budget-ms", "x-router-data-class"
+LATENCY_HEADER, DATA_CLASS_HEADER, TASK_TYPE_HEADER = "x-router-latency-budget-ms", "x-router-data-class", "x-router-task-type"
 # The encoder reads the first 256 tokens; the tokenizer would still walk the whole text first (~0.6 s for 1 MB).
 # 32k characters hold far more than 256 tokens of any real text, so cutting there leaves the score as it is.
 MAX_SCORED_CHARS = 32_768
@@ -72,6 +72,7 @@ class RouterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     latency_budget_ms: StrictInt | StrictFloat | None = Field(None, gt=0, allow_inf_nan=False)
     data_class: StrictStr | None = None
+    task_type: StrictStr | None = None  # one of the configured task types, instead of the inferred one
 
 
 def parse_request(raw: bytes) -> tuple[ChatRequest, dict]:
@@ -200,6 +201,8 @@ def router_options(body: dict, headers: Mapping[str, str]) -> RouterOptions:
         opts = _merge(opts, "latency_budget_ms", ms, LATENCY_HEADER)
     if data_class is not None:
         opts = _merge(opts, "data_class", data_class, DATA_CLASS_HEADER)
+    if (task_type := headers.get(TASK_TYPE_HEADER)) is not None:
+        opts = _merge(opts, "task_type", task_type, TASK_TYPE_HEADER)
     return opts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import time
@@ -11,15 +12,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..scorer import Router
+from ..tasktypes import UNKNOWN
 from .batcher import ScoreBatcher
 from .budget import BudgetState, Pacer
 from .config import ServiceConfig
+from .drift import DriftMonitor, calibration_reference
 from .errors import APIError, ConfigError
 from .metrics import Metrics
-from .policy import NoEligibleTier, Skip, TierOption, choose, fallback_order, standing
+from .policy import NoEligibleTier, Skip, Standing, TierOption, choose, fallback_order, pick, standing
 from .providers import AllProvidersFailed, Provider, Upstream
 from .routing import ROUTER_MODEL, ChatRequest, RouterOptions, estimate_tokens, requested_threshold, scored_text
 from .state import open_state
+from .tasks import TaskTyping
 from .usage import billed_tokens, sane_cost
 
 log = logging.getLogger("learned_router.serving")
@@ -28,7 +32,7 @@ log = logging.getLogger("learned_router.serving")
 @dataclass(frozen=True)
 class Decision:
     tier: str
-    rule: str  # score, context, budget, latency, data_class or circuit_open
+    rule: str  # score, task_type, context, budget, latency, data_class or circuit_open
     reason: str
     pass_chances: dict[str, float]  # tier -> pass chance (1.0 for an unscored tier)
     threshold: float  # the request's threshold
@@ -41,6 +45,8 @@ class Decision:
     prompt_tokens: int  # estimated
     output_tokens: int | None  # requested max_tokens, if any
     options: RouterOptions
+    task_type: str  # a configured type, or unknown
+    task_type_source: str  # request (named by it), inferred, or none
     deadline: float | None  # time.monotonic() when the latency budget runs out
     budget: BudgetState | None
 
@@ -65,6 +71,13 @@ class Service:
         self.router = router if router is not None else Router.load(config.router.path, threads=config.router.threads)
         self.columns = score_columns(config, list(self.router.models))
         self.threshold = resolve_threshold(config, self.router)
+        self.tasks = TaskTyping(config, self.router) if config.task_types.enabled else None
+        self.drift = None
+        if config.drift.enabled:
+            scored = next((c for c in self.columns if c is not None), None)
+            calibration = None if scored is None else calibration_reference(self.router.manifest, list(self.router.models)[scored])
+            self.drift = DriftMonitor(config.drift, calibration)
+            self.metrics.watch_drift(self.drift)
         self.upstream = Upstream.build(config.tiers, provider_keys, config.retry, config.circuit_breaker, config.latency, self.metrics,
                                        self.state, config.limits.max_upstream_body_bytes)
         self.tier_index = {t.name: i for i, t in enumerate(config.tiers)}
@@ -75,7 +88,7 @@ class Service:
             self.metrics.watch_budget(self.pacer.state, lambda: self.pacer.effective(self.threshold, self.pacer.state()))
         else:
             self.metrics.effective_threshold.set(self.threshold)
-        self.batcher = ScoreBatcher(self.router.score, config.router.max_batch, config.router.max_wait_ms / 1000,
+        self.batcher = ScoreBatcher(self.tasks.score if self.tasks else self.router.score, config.router.max_batch, config.router.max_wait_ms / 1000,
                                     config.router.workers, on_batch=self.metrics.batch_size.observe)
 
     async def start(self) -> None:
@@ -98,7 +111,8 @@ class Service:
         `observe`: a chat request, which the budget pacer learns the traffic from.
         """
         t0 = time.perf_counter()
-        threshold = requested_threshold(req.model, self.threshold)
+        requested = requested_threshold(req.model, self.threshold)
+        named = self._named_task_type(opts.task_type)
         allowed = self._allowed(opts.data_class)
         text = scored_text(req.messages, self.config.routing.score_turn)
         try:
@@ -106,14 +120,22 @@ class Service:
         except Exception as e:
             log.error("scoring failed: %s", type(e).__name__)  # one line; the message could quote the prompt
             raise APIError(500, "the router could not score this request", type="server_error", code="router_error") from None
+        scores, inferred = self.tasks.split(scores) if self.tasks else (scores, UNKNOWN)
+        task_type = named or inferred
+        source = "request" if named else "inferred" if inferred != UNKNOWN else "none"
+        offset = self.tasks.offsets.get(task_type, 0.0) if self.tasks else 0.0
+        threshold = min(max(requested + offset, 0.0), 1.0)
+        pin = self.tasks.min_tier.get(task_type, 0) if self.tasks else 0
+        pinned = f"task type {task_type!r} goes to tier {self.config.tiers[pin].name} or above"
         tokens, max_tokens = estimate_tokens(req.messages, self.config.routing.chars_per_token), req.output_tokens()
         need = tokens + (max_tokens or 0)
         budget_s = None if opts.latency_budget_ms is None else opts.latency_budget_ms / 1000
         remaining = None if budget_s is None else budget_s - (time.monotonic() - started)
         options = [
             TierOption(tier.name, 1.0 if col is None else 0.0 if scores is None else float(scores[col]),
-                       [standing(p, need, allowed, opts.data_class, remaining) for p in chain])
-            for tier, col, chain in zip(self.config.tiers, self.columns, self.upstream.tiers, strict=True)
+                       [Standing(p, "task_type", pinned) if i < pin else standing(p, need, allowed, opts.data_class, remaining)
+                        for p in chain])
+            for i, (tier, col, chain) in enumerate(zip(self.config.tiers, self.columns, self.upstream.tiers, strict=True))
         ]
         out = max_tokens if max_tokens is not None else self.config.routing.assumed_output_tokens
         expected = [next((s.provider for s in o.standings if s.rule is None), o.standings[0].provider) for o in options]
@@ -126,22 +148,29 @@ class Service:
             choice = choose(options, threshold, effective, affordable)
         except NoEligibleTier as e:
             raise no_tier_error(e.options, opts, need) from None
+        everything = list(range(len(options)))
+        if choice.rule == "score" and pick(options, threshold, everything) != pick(options, requested, everything):
+            choice = dataclasses.replace(choice, rule="task_type", reason=f"task type {task_type!r} moves the threshold from "
+                                         f"{requested:.4f} to {threshold:.4f}; {choice.reason}")
         order = fallback_order(choice.index, len(options), self.config.routing.fallback_to_other_tiers)
         chain = [s.provider for i in order if options[i].eligible for s in options[i].standings if s.rule in (None, "circuit_open")]
         excluded = [f"{o.name}/{s.provider.name}: {s.detail}" for o in options for s in o.standings
-                    if s.rule not in (None, "data_class") and s.provider not in chain]
+                    if s.rule not in (None, "data_class", "task_type") and s.provider not in chain]
         tier = options[choice.index]
         d = Decision(
             tier=tier.name, rule=choice.rule, reason=choice.reason, pass_chances={o.name: o.pass_chance for o in options},
             threshold=threshold, effective_threshold=effective, skipped=choice.skipped, chain=chain, excluded=excluded,
             provider=expected[choice.index], estimated_costs=costs, prompt_tokens=tokens, output_tokens=max_tokens,
-            options=opts, deadline=None if budget_s is None else started + budget_s, budget=state,
+            options=opts, task_type=task_type, task_type_source=source, deadline=None if budget_s is None else started + budget_s, budget=state,
         )
         self.metrics.routing_seconds.observe(time.perf_counter() - t0)
         for o, col in zip(options, self.columns, strict=True):
             if col is not None:
                 self.metrics.pass_chance.labels(o.name).observe(o.pass_chance)
-        self.metrics.decisions.labels(d.tier, d.rule).inc()
+        self.metrics.decisions.labels(d.tier, d.rule, d.task_type).inc()
+        if self.drift:
+            first_scored = next((o.pass_chance for o, col in zip(options, self.columns) if col is not None), None)
+            self.drift.observe(None if scores is None else first_scored, task_type, d.tier)
         if observe and self.pacer:
             self.pacer.observe(threshold, np.array([o.pass_chance for o in options]), np.array([o.eligible for o in options]),
                                np.array(costs))
@@ -179,7 +208,7 @@ class Service:
             cost = 0.0
         self.metrics.tokens.labels(provider.name, cfg.model, "input").inc(prompt_tokens)
         self.metrics.tokens.labels(provider.name, cfg.model, "output").inc(completion_tokens)
-        self.metrics.cost.labels(provider.name, cfg.model).inc(cost)
+        self.metrics.cost.labels(provider.name, cfg.model, d.task_type).inc(cost)
         if served:
             self.metrics.served.labels(provider.tier, provider.name, cfg.model).inc()
         if self.pacer:
@@ -189,6 +218,14 @@ class Service:
             except Exception as e:
                 log.error("budget accounting failed for provider %s: %s", provider.name, type(e).__name__)
         return cost
+
+    def _named_task_type(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        if self.tasks is None:
+            raise APIError(400, f"task type {name!r}: task types are off in this service (task_types.enabled)",
+                           param="router.task_type", code="unknown_task_type")
+        return self.tasks.check(name)
 
     def _allowed(self, data_class: str | None) -> frozenset[str] | None:
         if data_class is None:
@@ -202,7 +239,7 @@ class Service:
 
 def no_tier_error(options: list[TierOption], opts: RouterOptions, need: int) -> APIError:
     """No tier can take the request: 400 when it fits no context window, else 503 naming each provider and why."""
-    standings = [(o, s) for o in options for s in o.standings if s.rule != "data_class"]
+    standings = [(o, s) for o in options for s in o.standings if s.rule not in ("data_class", "task_type")]
     what = "; ".join(f"{o.name}/{s.provider.name}: {s.detail}" for o, s in standings)
     rules = {s.rule for _, s in standings}
     if rules == {"context"}:
