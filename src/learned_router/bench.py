@@ -1,4 +1,5 @@
-"""Scorer benchmark: latency and throughput of the ONNX router (fp32, int8) against sentence-transformers + torch.
+"""Scorer benchmark: latency and throughput of the ONNX router (fp32, int8; int8 with the prompt's task type when the
+graph outputs its embedding) against sentence-transformers + torch.
 
 All figures come from one run on one machine, so the ratios are comparable.
 """
@@ -78,6 +79,12 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
             return head.predict(enc.features(prompts, head.cfg.length_input, batch_size=32, progress=False, cache=False))
 
     scorers = {**{k: r.predict for k, r in routers.items()}, "sentence-transformers + torch": torch_score}
+    r8 = routers["onnx int8"]
+    if r8.has_embedding:  # the same onnxruntime call also yields the embedding: the type costs a (types x dim) product
+        from .tasktypes import TaskClassifier, load_types, types_path
+
+        classifier = TaskClassifier.build(load_types(types_path(router_dir)), r8.embed)
+        scorers = {"onnx int8": r8.predict, "onnx int8 + task type": lambda p: classifier.classify(r8.infer(p)[2]), **scorers}
     short, long_ = prompt_of(routers["onnx int8"], 30), prompt_of(routers["onnx int8"], 250)
     batch = [f"{i}. {short}" for i in range(256)]
     rows = []
