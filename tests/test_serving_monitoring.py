@@ -18,7 +18,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from learned_router.serving.config import ConfigError, DriftConfig
-from learned_router.serving.drift import DriftMonitor, psi, read_reference
+from learned_router.manifest import RouterFolder
+from learned_router.serving.drift import DriftMonitor, calibration_reference, psi, read_reference
 from learned_router.serving.errors import APIError
 from serving_fixtures import CLIENT_KEY, ROOT, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service, two_tiers
 
@@ -87,7 +88,7 @@ def test_code_only_traffic_after_a_mixed_reference_moves_the_drift_gauge_and_a_s
 
         send(url, traffic["code"])
         shifted = gauges(url)
-    assert shifted["task_type"] > 0.25, shifted
+    assert shifted["task_type"] > 0.25 and shifted["pass_chance"] > 0.25, shifted  # coding prompts score apart too
     assert any(m.startswith("drift: task_type PSI") and "> 0.25" in m for m in caplog.messages)
     state = httpx.get(url + "/v1/drift", headers=AUTH).json()
     assert state["psi"]["task_type"] == pytest.approx(shifted["task_type"]) and state["window"]["task_type"]["code"] > 0.8
@@ -145,6 +146,15 @@ def test_psi_and_the_window():
     for _ in range(20):
         m.observe(0.9, "code", "weak")
     assert len(m.window) == 20 and m.psi()["tier"] > 1 and m.drifted["tier"]
+
+
+@pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+def test_the_calibration_mix_gives_a_pass_chance_reference_in_deciles():
+    manifest = RouterFolder(ROUTER_DIR).manifest()
+    ref = calibration_reference(manifest, manifest.weak)
+    assert ref["edges"] == sorted(ref["edges"]) and len(ref["edges"]) == 9
+    assert sum(ref["shares"].values()) == pytest.approx(1.0) and max(ref["shares"].values()) == pytest.approx(0.1, abs=0.01)
+    assert calibration_reference(manifest, "no-such-output") is None
 
 
 def test_a_reference_file_that_is_not_one_is_a_config_error(tmp_path):
