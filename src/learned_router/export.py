@@ -19,13 +19,14 @@ from .manifest import VARIANT_FILES, Manifest, RouterFolder, TrainingRecord
 from .tasktypes import FILE as TYPES_FILE
 
 # The exported graph must stay this close to the torch model on the probe prompts, or nothing is written.
-# fp32 must match to float noise. int8's dynamic quantisation moves the sentence embedding by ~0.1 (L2) and a
-# sharp head by up to ~0.1 in probability; what matters there is the routing decision, so int8 is held to
-# decision agreement at the default threshold, with a bound on |dp| that still catches a broken export. A probe whose
+# fp32 must match to float noise. int8's dynamic quantisation moves the sentence embedding by ~0.1 (L2), and a
+# sharp head (one trained on a few hundred prompts) by up to ~0.2 in probability; what matters there is the routing
+# decision, so int8 is held to decision agreement at the default threshold, with a bound on |dp| that still catches
+# a broken export (a wrong graph moves outputs by ~0.5). A probe whose
 # torch probability lies within `tie_band` of the threshold is a tie at that precision and does not count towards
 # agreement (a head trained on little data can put every probe there).
 TOLERANCE = {"fp32": {"max_abs_diff": 1e-3, "decision_agreement": 1.0, "tie_band": 1e-3},
-             "int8": {"max_abs_diff": 0.15, "decision_agreement": 0.95, "tie_band": 0.02}}
+             "int8": {"max_abs_diff": 0.25, "decision_agreement": 0.95, "tie_band": 0.02}}
 PROBES = [
     "What is 2+2?",
     "hi",

@@ -135,12 +135,6 @@ class QualityHead(nn.Module):
         return q.numpy(), d.numpy()
 
 
-def seed_everything(seed: int) -> None:
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
@@ -159,7 +153,8 @@ def fit_head(x: np.ndarray, obs: dict[str, np.ndarray], models: list[str], sourc
              cfg: Recipe, on_step=lambda step, loss: None) -> QualityHead:
     """Fit the quality model on the prompts' features `x` (one row per prompt) and the observations `obs`: int
     arrays prompt, model, opponent (any index for absolute rows), source; float arrays grade in [0, 1] and weight.
-    Full-batch Adam for `cfg.steps`; seeded, so the same data and recipe give the same head."""
+    Full-batch Adam for `cfg.steps`, its learning rate on a cosine down to 0; seeded, so the same data and recipe
+    give the same head."""
     head_cfg = HeadConfig(dim=x.shape[1] - cfg.length_input, models=list(models), sources=list(sources),
                           schemes=list(schemes), factors=cfg.factors, length_input=cfg.length_input,
                           reference=list(cfg.reference))
@@ -167,18 +162,19 @@ def fit_head(x: np.ndarray, obs: dict[str, np.ndarray], models: list[str], sourc
         log_len = np.log(np.clip(x[:, -1], 1.0, None))
         head_cfg.length_mean, head_cfg.length_std = float(log_len.mean()), float(log_len.std() or 1.0)
         head_cfg.length_range = (float(log_len.min()), float(log_len.max()))
-    seed_everything(cfg.seed)
+    rng = torch.Generator().manual_seed(cfg.seed)  # the fit's own: no process-wide seed is touched
     head = QualityHead(head_cfg)
     nn.init.zeros_(head.difficulty.weight)  # only absolute grades move it: a versus-only fit keeps every prompt alike
     nn.init.zeros_(head.difficulty.bias)
-    nn.init.normal_(head.traits.weight, std=0.01)
-    nn.init.normal_(head.loading, std=0.01)
+    nn.init.normal_(head.traits.weight, std=0.01, generator=rng)
+    nn.init.normal_(head.loading, std=0.01, generator=rng)
     head.graded[torch.as_tensor(np.array(obs["source"])), torch.as_tensor(np.array(obs["model"]))] = 1.0
     xt = torch.from_numpy(x.astype(np.float32))
     idx = {k: torch.from_numpy(np.array(obs[k], dtype=np.int64)) for k in ("prompt", "model", "opponent", "source")}
     y = torch.from_numpy(np.array(obs["grade"], dtype=np.float32))
     w = torch.from_numpy(np.array(obs["weight"], dtype=np.float32))
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)  # ends at rest, not mid-oscillation
     for step in range(cfg.steps):
         logits = head.grade_logits(xt, idx["prompt"], idx["model"], idx["opponent"], idx["source"])
         loss = (nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).mean()
@@ -187,6 +183,7 @@ def fit_head(x: np.ndarray, obs: dict[str, np.ndarray], models: list[str], sourc
         opt.zero_grad()
         (loss + reg).backward()
         opt.step()
+        schedule.step()
         on_step(step, float(loss.detach()))
     with torch.no_grad():
         refs = [sources.index(s) for s in cfg.reference if s in sources and schemes[sources.index(s)] == "absolute"]
