@@ -30,6 +30,7 @@ log = logging.getLogger("learned_router.serving")
 SIGNALS = ("pass_chance", "task_type", "tier")
 FLOOR = 1e-4
 DECILES = [i / 10 for i in range(1, 10)]
+RECOVERED = 0.8  # a drifted signal is logged as back once its PSI is under this share of the threshold (no flapping)
 
 
 def psi(reference: dict[str, float], counts: dict[str, int]) -> float:
@@ -67,7 +68,8 @@ def calibration_reference(manifest, output: str) -> dict | None:
 
 
 class DriftMonitor:
-    """The window, the reference and the PSI per signal; logs when a signal crosses `threshold` (and when it is back).
+    """The window, the reference and the PSI per signal; logs when a signal crosses `threshold` (and when it is back
+    under RECOVERED x threshold).
     Counts are kept as requests come and go, so a request costs a few dictionary updates and a PSI over ~20 buckets."""
 
     def __init__(self, cfg: DriftConfig, calibration: dict | None = None):
@@ -95,14 +97,13 @@ class DriftMonitor:
                       | {k: taken[k] for k in ("task_type", "tier")}, self.source)
             log.info("drift: reference for task types and tiers taken from the first %d requests", len(self.window))
         for signal, value in self.psi().items():
-            over = value > self.cfg.threshold  # NaN: never
-            if over != self.drifted[signal]:
-                self.drifted[signal] = over
-                if over:
-                    log.warning("drift: %s PSI %.3f > %g over the last %d requests (reference: %s)", signal, value,
-                                self.cfg.threshold, len(self.window), self.source)
-                else:
-                    log.info("drift: %s PSI %.3f back under %g", signal, value, self.cfg.threshold)
+            if not self.drifted[signal] and value > self.cfg.threshold:  # NaN: never
+                self.drifted[signal] = True
+                log.warning("drift: %s PSI %.3f > %g over the last %d requests (reference: %s)", signal, value,
+                            self.cfg.threshold, len(self.window), self.source)
+            elif self.drifted[signal] and not value > self.cfg.threshold * RECOVERED:
+                self.drifted[signal] = False
+                log.info("drift: %s PSI %.3f back under %g", signal, value, self.cfg.threshold * RECOVERED)
 
     def _count(self, row: tuple[float | None, str, str], n: int) -> None:
         p, task_type, tier = row
