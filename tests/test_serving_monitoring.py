@@ -146,6 +146,11 @@ def test_psi_and_the_window():
     for _ in range(20):
         m.observe(0.9, "code", "weak")
     assert len(m.window) == 20 and m.psi()["tier"] > 1 and m.drifted["tier"]
+    m.cfg = DriftConfig(window=20, min_requests=10, reference="/nonexistent/folder/reference.json")
+    before = m.reference
+    with pytest.raises(APIError, match="cannot be written .*unchanged"):
+        m.snapshot()
+    assert m.reference is before
 
 
 @pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")

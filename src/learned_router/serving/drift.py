@@ -146,7 +146,11 @@ class DriftMonitor:
         reference = {k: v for k, v in self.distributions().items() if v} | {
             "requests": len(self.window), "taken_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         if self.cfg.reference:
-            write_reference(self.cfg.reference, reference)
+            try:
+                write_reference(self.cfg.reference, reference)
+            except OSError as e:
+                raise APIError(500, f"drift.reference {self.cfg.reference}: cannot be written ({e.strerror}); the reference "
+                               "is unchanged", type="server_error", code="drift_reference_unwritable") from None
         self._use(reference, self.cfg.reference or f"snapshot of {len(self.window)} requests")
         log.info("drift: new reference from the last %d requests%s", len(self.window),
                  f", written to {self.cfg.reference}" if self.cfg.reference else "")
