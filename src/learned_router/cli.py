@@ -463,7 +463,7 @@ def serve(
     config: Annotated[Path, typer.Option("--config", "-c", help="Service config YAML (see serving/config.example.yaml).")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes; each holds its own router, breakers, limits (serving/DEPLOY.md).")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes; each holds its own router, and its own breakers and limits unless state.backend is redis (serving/DEPLOY.md).")] = 1,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log one line per HTTP request (path and status, never bodies).")] = True,
 ):
