@@ -33,7 +33,7 @@ class Recipe:
     factors: int = option(8, "Prompt traits beside the difficulty (the model-by-prompt interaction's rank; 0: none).")
     steps: int = option(400, "Full-batch Adam steps of the quality model's fit.")
     lr: float = option(0.05, "Adam learning rate.")
-    l2: float = option(1e-3, "L2 strength on the traits, the models' loadings and the per-source model offsets.")
+    l2: float = option(1e-2, "L2 strength on the traits, the models' loadings and the per-source model offsets.")
     l2_difficulty: float = option(1e-4, "L2 strength on the difficulty's weights.")
     source_balance: float = option(0.5, "A source's total weight ~ its prompts ** this (0: sources count alike).")
     reference: list[str] = option(["arena_bench_v1"], "Absolute-graded sources whose link gives the exported quality "
