@@ -55,7 +55,7 @@ def test_each_request_gets_a_type_in_route_headers_log_and_metrics(service, capl
     assert r.status_code == 200 and r.headers["x-router-task-type"] == "chitchat"
     assert any("task_type=chitchat" in m for m in caplog.messages)
     text = httpx.get(service.url + "/metrics").text
-    assert re.search(r'^router_decisions_total\{rule="task_type",task_type="code",tier="strong"\} [1-9]', text, re.M)
+    assert re.search(r'^router_decisions_total\{router="[^"]+",rule="task_type",task_type="code",tier="strong"\} [1-9]', text, re.M)
     assert re.search(r'^router_cost_usd_total\{model="weak-model",provider="weak-a",task_type="chitchat"\} \S+', text, re.M)
 
 

@@ -286,6 +286,32 @@ def score(
 
 @app.command()
 @user_errors
+def calibrate(
+    router: Annotated[Path, typer.Option(help="Router folder whose calibration table is replaced.")],
+    prompts: Annotated[Path, typer.Option(help="Your traffic: a 'traffic export' file, or any parquet/JSONL/CSV with a "
+                                          "'prompt' column, or a text file of one prompt per line.")],
+    strong_fraction: Annotated[Optional[float], typer.Option(help="The share of strong calls the default threshold gives "
+                                                             "on this traffic (default: the share it gave before).")] = None,
+    holdout: Annotated[float, typer.Option(help="Share of the distinct prompts kept out of the fit to check it on.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the fit/held-out split.")] = 0,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+):
+    """Calibrate a router to your traffic: its threshold <-> share-of-strong-calls table (every output) and default
+    threshold, fitted on part of the prompts and checked on the rest."""
+    from .calibrate import calibrate as run
+
+    texts, _ = read_prompts([], prompts)
+    r = run(router, texts, str(prompts), strong_fraction=strong_fraction, holdout=holdout, seed=seed, threads=threads)
+    typer.echo(f"calibrated {router} on {r.fitted} prompts of {prompts}; checked on {r.held_out} held-out prompts")
+    typer.echo(f"default threshold {r.default_threshold} for a strong share of {r.asked:g}")
+    shares = list(next(iter(r.achieved.values())))
+    typer.echo(f"{'output (strong share asked ->)':40s} " + " ".join(f"{f:>6g}" for f in shares))
+    for output, got in r.achieved.items():
+        typer.echo(f"{output[:40]:40s} " + " ".join(f"{got[f]:6.3f}" for f in shares))
+
+
+@app.command()
+@user_errors
 def bench(
     router: Annotated[Path, typer.Option(help="Router folder (with its checkpoint/ for the torch path).")] = Path("models/default"),
     threads: Annotated[int, typer.Option(help="Threads for onnxruntime and torch.")] = 1,
@@ -485,6 +511,52 @@ def serve(
         del service
         os.environ[CONFIG_ENV] = str(config.resolve())
         uvicorn.run("learned_router.serving.app:create_app_from_env", factory=True, workers=workers, **options)
+
+
+traffic_app = typer.Typer(help="The traffic record of a service (its traffic: block).", no_args_is_help=True)
+app.add_typer(traffic_app, name="traffic")
+
+
+def utc_time(value: Optional[str], option: str) -> Optional[float]:
+    """An ISO 8601 date or time (UTC unless it names a zone) as epoch seconds."""
+    from datetime import datetime, timezone
+
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise RouterError(f"{option}: expected an ISO 8601 date or time such as 2026-12-01 or 2026-12-01T12:00, got {value!r}") from None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@traffic_app.command("export")
+@user_errors
+def traffic_export(
+    store: Annotated[Path, typer.Option(help="The traffic store (traffic.store in the service config).")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write: prompt_id, prompt, time, client, tier, provider, model, "
+                                      "router, outcome, feedback.")],
+    since: Annotated[Optional[str], typer.Option(help="Only requests at or after this UTC date/time (ISO 8601).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Only requests before this UTC date/time (ISO 8601).")] = None,
+    sample: Annotated[Optional[int], typer.Option(min=1, help="At most this many requests, sampled at random.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+):
+    """Export recorded requests (with their feedback) as a prompts file for 'label' and 'calibrate'."""
+    from .serving.traffic import export_traffic
+
+    if out.exists() and not overwrite:
+        raise RouterError(f"{out}: already exists (pass --overwrite to replace it)")
+    df, textless = export_traffic(store, utc_time(since, "--since"), utc_time(until, "--until"), sample, seed)
+    if df.empty:
+        raise RouterError(f"{store}: no recorded requests with text in that range"
+                          + (f" ({textless} recorded as a hash only: traffic.text)" if textless else ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    typer.echo(f"{len(df)} requests ({int(df['feedback'].notna().sum())} with feedback) written to {out}"
+               + (f"; {textless} recorded without text were left out" if textless else ""))
 
 
 @app.command("fake-provider")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +54,13 @@ class Calibration(BaseModel):
     def strong_fraction_at(self, output: str, threshold: float) -> float:
         t = np.maximum.accumulate(np.asarray(self.thresholds[output]))
         return float(np.interp(threshold, t, CALIBRATION_SHARES))
+
+    @classmethod
+    def of(cls, pass_chances: np.ndarray, outputs: list[str], mix: str) -> "Calibration":
+        """The table of pass chances (prompts x outputs): a share f of the prompts lies below each output's
+        f-quantile, so that threshold sends them to the stronger side."""
+        cuts = np.quantile(pass_chances, CALIBRATION_SHARES, axis=0)
+        return cls(mix=mix, prompts=len(pass_chances), thresholds={n: [round(float(c), 5) for c in cuts[:, j]] for j, n in enumerate(outputs)})
 
 
 class Manifest(BaseModel):
@@ -152,7 +160,10 @@ class RouterFolder:
         return read_model(self.record_path, TrainingRecord, "it is written by 'learned-router train'")
 
     def write_manifest(self, manifest: Manifest) -> None:
-        self.manifest_path.write_text(manifest.model_dump_json(indent=2) + "\n")
+        """Replace router.json whole (a new file renamed over it): a service reloading meanwhile reads the old or the new."""
+        tmp = self.manifest_path.with_name(self.MANIFEST + ".tmp")
+        tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+        os.replace(tmp, self.manifest_path)
 
     def write_record(self, record: TrainingRecord) -> None:
         self.record_path.write_text(record.model_dump_json(indent=2) + "\n")

@@ -12,7 +12,7 @@ from .data import Grades, load_grades
 from .embed import Encoder
 from .errors import DataError
 from .export import export_into, staged_folder
-from .manifest import CALIBRATION_SHARES, Calibration, EncoderInfo, Manifest, RouterFolder, TrainingRecord
+from .manifest import Calibration, EncoderInfo, Manifest, RouterFolder, TrainingRecord
 from .model import QualityHead, auc, fit_head, observation_weights
 from .progress import no_library_bars, step
 from .recipe import Recipe
@@ -91,10 +91,7 @@ def calibrate(head: QualityHead, grades: Grades, enc: Encoder, recipe: Recipe) -
     quality, difficulty = head.predict(enc.features(prompts, recipe.length_input, progress=False))
     strong = quality[:, head.cfg.models.index(recipe.strong)]
     p = np.c_[pass_chances(quality, strong[:, None]), 1.0 - difficulty]
-    names = [*head.cfg.models, "generic"]
-    cuts = np.quantile(p, CALIBRATION_SHARES, axis=0)  # a share f of prompts lies below the f-quantile: strong
-    return Calibration(mix=what, prompts=len(prompts),
-                       thresholds={n: [round(float(c), 5) for c in cuts[:, j]] for j, n in enumerate(names)})
+    return Calibration.of(p, [*head.cfg.models, "generic"], what)
 
 
 def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dict[str, float] | None = None,

@@ -6,24 +6,29 @@ sets it for one request. Every answer carries x-router-* headers with the decisi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated, Literal
 
 import anyio
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .auth import rate_limited
-from .config import load_config
-from ..errors import first_error
+from .auth import authenticate_admin, rate_limited
+from .config import ClientKey, load_config
+from ..errors import RouterError, first_error
 from .errors import APIError, ConfigError, error_body
 from .metrics import Metrics
 from .providers import BadStream, Reply, stream_chunk
@@ -33,9 +38,31 @@ from .usage import answer_chars
 
 log = logging.getLogger("learned_router.serving")
 CONFIG_ENV = "LEARNED_ROUTER_CONFIG"
-ENDPOINTS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/v1/drift", "/v1/drift/reference", "/healthz", "/readyz",
-             "/metrics"}
+ENDPOINTS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/v1/drift", "/v1/drift/reference", "/v1/feedback", "/healthz",
+             "/readyz", "/metrics", "/admin/router", "/admin/reload", "/admin/rollback"}
 AUTHORIZED = [Depends(rate_limited)]  # a valid client key within its rate limit
+Client = Annotated[ClientKey | None, Depends(rate_limited)]
+ADMIN = [Depends(authenticate_admin)]
+
+
+class Feedback(BaseModel):
+    """A client's grade of one answer: `score` in [0, 1], or `thumbs` up (1) or down (0)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    request_id: str = Field(min_length=1, max_length=64)  # the x-request-id header of the answer
+    score: float | None = Field(None, ge=0.0, le=1.0)
+    thumbs: Literal["up", "down"] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Feedback":
+        if (self.score is None) == (self.thumbs is None):
+            raise ValueError("give score (a number in [0, 1]) or thumbs (up or down), one of them")
+        return self
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    path: str | None = Field(None, min_length=1, max_length=4096)  # a router folder; default: the config's router.path
 
 
 def decision_headers(d: Decision, reply: Reply | None = None) -> dict[str, str]:
@@ -47,6 +74,7 @@ def decision_headers(d: Decision, reply: Reply | None = None) -> dict[str, str]:
         "x-router-threshold": f"{d.threshold:.4f}",
         "x-router-effective-threshold": f"{d.effective_threshold:.4f}",
         "x-router-estimated-cost-usd": f"{d.estimated_cost:.8f}",
+        "x-router-version": d.router,
     }
     if d.skipped:
         h["x-router-skipped"] = ", ".join(f"{s.tier}={s.rule}" for s in d.skipped)
@@ -175,16 +203,41 @@ class RequestMetrics:
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
 
+def reload_on_hangup(service: Service) -> bool:
+    """SIGHUP reloads the router from router.path (its outcome is logged); False where signals cannot be handled here
+    (not the main thread, or no SIGHUP on this platform)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    async def reload() -> None:
+        with contextlib.suppress(RouterError):  # reload() logged why; the router in service stays
+            await service.reload()
+
+    def hangup() -> None:
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return True
+
+
 def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
         redact_access_log()
-        log.info("router %s ready: threshold %.4f, tiers %s", getattr(service.router.manifest, "name", "?"), service.threshold,
+        log.info("router %s ready: threshold %.4f, tiers %s", service.scoring.version, service.threshold,
                  {t.name: [p.name for p in t.providers] for t in service.config.tiers})
+        hup = reload_on_hangup(service)
         try:
             yield
         finally:
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await service.stop()
 
     docs = service.config.api_docs  # /docs, /redoc and /openapi.json: off unless the config turns them on
@@ -226,14 +279,15 @@ def create_app(service: Service) -> FastAPI:
             "estimated_prompt_tokens": d.prompt_tokens, "estimated_cost_usd": d.estimated_cost,
             "task_type": d.task_type, "task_type_source": d.task_type_source,
             "data_class": d.options.data_class, "latency_budget_ms": d.options.latency_budget_ms,
-            "budget": d.budget.as_dict() if d.budget else None,
+            "budget": d.budget.as_dict() if d.budget else None, "router": d.router,
         }
 
-    @app.post("/v1/chat/completions", dependencies=AUTHORIZED)
-    async def chat_completions(request: Request):
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, client: Client):
         """Route, then forward down the decision's chain of providers; streams pass through as SSE."""
         started = time.monotonic()
         request_id = uuid.uuid4().hex[:16]
+        who = client.name if client else None
         req, body = parse_request(await request.body())
         d = await service.route(req, router_options(body, request.headers), started, observe=True)
         try:
@@ -241,20 +295,67 @@ def create_app(service: Service) -> FastAPI:
         except APIError as e:
             log.warning("chat id=%s tier=%s rule=%s task_type=%s status=%d: %s", request_id, d.tier, d.rule, d.task_type, e.status,
                         e.message)
+            service.record(d, request_id, who, started, e.status, e.code or "failed")
             raise
         headers = decision_headers(d, reply) | {"x-request-id": request_id}
         if reply.response is None:  # a whole answer, or a client error from the provider passed back
-            cost = 0.0
+            billed = None
             if reply.status == 200:  # a 200 body is a JSON object with a choices list (providers.py checked)
-                cost = service.account(reply.provider, reply.json.get("usage"), answer_chars(reply.json), d)
-                headers["x-router-cost-usd"] = f"{cost:.8f}"
+                billed = service.account(reply.provider, reply.json.get("usage"), answer_chars(reply.json), d)
+                headers["x-router-cost-usd"] = f"{billed.usd:.8f}"
             log.info("chat id=%s tier=%s provider=%s status=%d rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
                      "cost_usd=%.8f", request_id, d.tier, reply.provider.name, reply.status, d.rule, d.task_type, d.threshold,
-                     d.effective_threshold, reply.fallbacks, cost)
+                     d.effective_threshold, reply.fallbacks, billed.usd if billed else 0.0)
+            service.record(d, request_id, who, started, reply.status, "ok" if billed else "client_error", reply.provider, billed)
             return Response(reply.raw, status_code=reply.status, media_type="application/json", headers=headers)
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(relay(service, reply, d, request_id, wants_usage), media_type="text/event-stream",
+        return StreamingResponse(relay(service, reply, d, request_id, wants_usage, who, started), media_type="text/event-stream",
                                  headers=headers | {"Cache-Control": "no-cache"})
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request, client: Client) -> dict:
+        """A client's score of one of its answers (by its x-request-id), stored beside the request; a second replaces it."""
+        if service.traffic is None:
+            raise APIError(404, "feedback needs the traffic record, which is off in this service (the traffic: block)",
+                           code="traffic_off")
+        try:
+            fb = Feedback.model_validate_json(await request.body())
+        except ValidationError as e:
+            loc, msg = first_error(e)
+            param = ".".join(map(str, loc))
+            raise APIError(400, f"{param + ': ' if param else ''}{msg}", param=param or None) from None
+        score = fb.score if fb.score is not None else {"up": 1.0, "down": 0.0}[fb.thumbs]
+        if not await service.traffic.feedback(fb.request_id, client.name if client else None, score):
+            raise APIError(404, f"no recorded request {fb.request_id!r} of this client (unknown, expired, or of a data class "
+                           "that is never recorded)", param="request_id", code="unknown_request")
+        return {"request_id": fb.request_id, "score": score}
+
+    @app.get("/admin/router", dependencies=ADMIN)
+    async def admin_router() -> dict:
+        """The router in service (version, folder, threshold, calibration mix) and the one a rollback restores."""
+        return service.describe()
+
+    @app.post("/admin/reload", dependencies=ADMIN)
+    async def admin_reload(request: Request) -> dict:
+        """Load and check a router folder (default: router.path), then swap it in; requests scoring finish on the old one."""
+        raw = await request.body()
+        try:
+            path = ReloadRequest.model_validate_json(raw).path if raw.strip() else None
+        except ValidationError as e:
+            loc, msg = first_error(e)
+            raise APIError(400, f"{'.'.join(map(str, loc)) or 'body'}: {msg}") from None
+        try:
+            return await service.reload(path)
+        except RouterError as e:
+            raise APIError(422, f"reload failed, {service.scoring.version} stays in service: {e}", code="reload_failed") from None
+
+    @app.post("/admin/rollback", dependencies=ADMIN)
+    async def admin_rollback() -> dict:
+        """Swap the router of before the last reload back in."""
+        try:
+            return await service.rollback()
+        except RouterError as e:
+            raise APIError(409, f"rollback failed, {service.scoring.version} stays in service: {e}", code="rollback_failed") from None
 
     @app.get("/v1/models", dependencies=AUTHORIZED)
     async def models() -> dict:
@@ -296,7 +397,8 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wants_usage: bool) -> AsyncIterator[str]:
+async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wants_usage: bool, client: str | None,
+                started: float) -> AsyncIterator[str]:
     """Pass the upstream's SSE lines through; note usage; drop the usage chunk we asked for on the client's behalf.
 
     A chunk that breaks OpenAI's format, or a stream that ends without `data: [DONE]`, ends the client's stream with an
@@ -345,10 +447,11 @@ async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wa
     finally:
         with anyio.CancelScope(shield=True):  # close the upstream even when the client's disconnect cancelled us
             await reply.response.aclose()
-        cost = service.account(provider, usage, chars, d, served=outcome == "ok")
+        billed = service.account(provider, usage, chars, d, served=outcome == "ok")
         log.info("chat id=%s tier=%s provider=%s stream=%s rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
                  "cost_usd=%.8f", request_id, d.tier, provider.name, outcome, d.rule, d.task_type, d.threshold,
-                 d.effective_threshold, reply.fallbacks, cost)
+                 d.effective_threshold, reply.fallbacks, billed.usd)
+        service.record(d, request_id, client, started, reply.status, outcome, provider, billed)
 
 
 def create_app_from_env() -> FastAPI:

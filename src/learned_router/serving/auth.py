@@ -1,4 +1,4 @@
-"""Client authentication (bearer keys checked by their sha256) and per-key rate limits (token buckets)."""
+"""Client and admin authentication (bearer keys checked by their sha256) and per-key rate limits (token buckets)."""
 
 from __future__ import annotations
 
@@ -76,3 +76,18 @@ async def rate_limited(request: Request, client: Annotated[ClientKey | None, Dep
         raise APIError(429, f"rate limit exceeded for this key; retry in {wait:.1f}s", type="rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
     return client
+
+
+async def authenticate_admin(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> ClientKey:
+    """The admin key of the request: 404 when the service has no admin keys, 401 without one of them."""
+    keys = request.app.state.service.admin_keys
+    if not keys:
+        raise APIError(404, "the admin endpoints are off: no admin keys are configured (admin.keys or admin.keys_env)",
+                       code="admin_off")
+    admin = None if credentials is None else keys.get(hash_key(credentials.credentials))
+    if admin is None:
+        raise APIError(401, "missing or invalid admin key: send Authorization: Bearer <an admin key>",
+                       type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return admin

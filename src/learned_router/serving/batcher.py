@@ -30,6 +30,7 @@ class ScoreBatcher:
         self._task: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="router-score")
+        self._waiting = 0  # prompts handed to `score` whose scores have not come back
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -58,7 +59,19 @@ class ScoreBatcher:
             raise RuntimeError("the score batcher is not running")
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((prompt, fut))
-        return await fut
+        self._waiting += 1
+        try:
+            return await fut
+        finally:
+            self._waiting -= 1
+
+    async def drain(self, timeout_s: float = 60.0) -> None:
+        """Stop once every prompt already handed to `score` has its scores (or after `timeout_s`): a router being
+        replaced finishes the requests that reached it."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._waiting and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+        await self.stop()
 
     async def _run(self) -> None:
         queue = self._queue

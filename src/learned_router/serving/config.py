@@ -287,6 +287,41 @@ class DriftConfig(Strict):
         return self
 
 
+class TrafficConfig(Strict):
+    """The traffic record: each chat request's scored text (or its hash), decision, provider, tokens, cost, latency
+    and outcome, with the client's feedback beside it, in a sqlite file (written off the event loop)."""
+
+    store: str = "router-traffic.sqlite"  # sqlite file; share it between the processes of a host
+    text: Literal["full", "hash", "none"] = "full"  # the scored text as sent, its sha256 only, or neither
+    retention_days: Positive | None = 30.0  # older requests (and their feedback) are deleted; null: kept
+    max_rows: int | None = Field(1_000_000, ge=1)  # beyond this many requests the oldest are deleted; null: no cap
+    never_record: list[str] = []  # data classes whose requests are never recorded, not even their text's hash
+    queue_size: int = Field(10_000, ge=1)  # requests waiting to be written; beyond it they are dropped and counted
+
+
+class AdminConfig(Strict):
+    """The admin endpoints (/admin/router, /admin/reload, /admin/rollback): bearer keys of their own, as hashes."""
+
+    keys: list[ClientKey] = []  # admins and the sha256 of their keys (never a client key)
+    keys_env: str | None = None  # environment variable with comma-separated admin keys in plain text
+
+    @field_validator("keys_env")
+    @classmethod
+    def _key_env(cls, v: str | None) -> str | None:
+        return _env_name(v)
+
+
+class JudgeConfig(Strict):
+    """The judge of `learned-router label`: a model that grades the answers of the tiers (the rubric: the docstring of
+    src/learned_router/judge.py; what a run sends and costs: serving/DEPLOY.md)."""
+
+    provider: ProviderConfig  # the judge's OpenAI-compatible endpoint, model, key variable, prices and timeouts
+    mode: Literal["single", "pairwise"] = "single"  # single: each answer rated 1-10 against the strongest's; pairwise: each against the strongest's, in both orders
+    max_tokens: int = Field(512, ge=1)  # of the judge's answer (its explanation and verdict)
+    answer_max_tokens: int = Field(512, ge=1)  # max_tokens sent to the models compared
+    concurrency: int = Field(4, ge=1)  # requests in flight at most, answers and verdicts together (label --concurrency overrides)
+
+
 class ServiceConfig(Strict):
     """The whole file: sections, of which `tiers` and `auth` are required."""
 
@@ -306,6 +341,9 @@ class ServiceConfig(Strict):
     state: StateConfig = StateConfig()
     task_types: TaskTypesConfig = TaskTypesConfig()
     drift: DriftConfig = DriftConfig()
+    judge: JudgeConfig | None = None  # the judge of `learned-router label`; none: label refuses to run
+    traffic: TrafficConfig | None = None  # record chat requests and feedback (off unless the block is there)
+    admin: AdminConfig = AdminConfig()  # no keys: the admin endpoints answer 404 (SIGHUP still reloads)
 
     @field_validator("tiers")
     @classmethod
@@ -316,16 +354,11 @@ class ServiceConfig(Strict):
 
     def client_keys(self) -> dict[str, ClientKey]:
         """sha256 hex -> client key, with the keys of `auth.keys_env` read now (they are hashed, then dropped)."""
-        out = {k.sha256: k for k in self.auth.keys}
-        if self.auth.keys_env:
-            raw = os.environ.get(self.auth.keys_env)
-            if raw is None:
-                raise ConfigError(f"auth.keys_env: environment variable {self.auth.keys_env} is not set")
-            for i, key in enumerate(k.strip() for k in raw.split(",")):
-                if key:
-                    digest = hash_key(key)
-                    out[digest] = ClientKey(name=f"{self.auth.keys_env}[{i}]", sha256=digest)
-        return out
+        return read_keys(self.auth.keys, self.auth.keys_env, "auth")
+
+    def admin_keys(self) -> dict[str, ClientKey]:
+        """sha256 hex -> admin key, likewise from `admin.keys` and `admin.keys_env`."""
+        return read_keys(self.admin.keys, self.admin.keys_env, "admin")
 
     def provider_keys(self) -> dict[str, str | None]:
         """Provider name -> API key read from its environment variable; an unset variable is an error."""
@@ -343,6 +376,19 @@ class ServiceConfig(Strict):
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def read_keys(keys: list[ClientKey], keys_env: str | None, section: str) -> dict[str, ClientKey]:
+    out = {k.sha256: k for k in keys}
+    if keys_env:
+        raw = os.environ.get(keys_env)
+        if raw is None:
+            raise ConfigError(f"{section}.keys_env: environment variable {keys_env} is not set")
+        for i, key in enumerate(k.strip() for k in raw.split(",")):
+            if key:
+                digest = hash_key(key)
+                out[digest] = ClientKey(name=f"{keys_env}[{i}]", sha256=digest)
+    return out
 
 
 def _loc(loc: tuple) -> str:
@@ -378,6 +424,13 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
         for i, name in enumerate(allowed):
             if name not in providers:
                 raise ConfigError(f"{source}: data_classes.{cls}[{i}]: unknown provider {name!r}; providers: {', '.join(sorted(providers))}")
+    for i, cls in enumerate(cfg.traffic.never_record if cfg.traffic else []):
+        if cls not in cfg.data_classes:
+            raise ConfigError(f"{source}: traffic.never_record[{i}]: unknown data class {cls!r}; classes: "
+                              f"{', '.join(sorted(cfg.data_classes)) or 'none'}")
+    if cfg.judge is not None and cfg.judge.provider.name in providers:
+        raise ConfigError(f"{source}: judge.provider.name: {cfg.judge.provider.name!r} is also a tier's provider; give the "
+                          "judge a name of its own (name: judge)")
     return cfg
 
 

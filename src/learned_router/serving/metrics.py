@@ -17,8 +17,13 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("router_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"], registry=r)
-        self.decisions = Counter("router_decisions", "Routing decisions by tier, the rule that decided and the task type",
-                                 ["tier", "rule", "task_type"], registry=r)
+        self.decisions = Counter("router_decisions", "Routing decisions by tier, the rule that decided, the task type and the "
+                                 "router version that decided", ["tier", "rule", "task_type", "router"], registry=r)
+        self.router_info = Gauge("router_info", "1 for the router version in service, 0 for one it replaced", ["version"], registry=r)
+        self.reloads = Counter("router_reloads", "Router swaps by kind: reload, rollback, or failed (the router stayed)", ["kind"],
+                               registry=r)
+        self.traffic_dropped = Counter("router_traffic_dropped", "Requests not written to the traffic record (queue full or write "
+                                       "failed)", ["reason"], registry=r)
         self.served = Counter("router_served", "Requests answered by each provider", ["tier", "provider", "model"], registry=r)
         self.pass_chance = Histogram("router_pass_chance", "Pass chance of each scored tier", ["tier"], buckets=SCORE_BUCKETS, registry=r)
         self.batch_size = Histogram("router_batch_size", "Prompts per onnxruntime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
@@ -41,6 +46,11 @@ class Metrics:
         self.latency_p95 = Gauge("router_provider_latency_p95_seconds", "p95 latency of each provider's recent calls (NaN: too few)", ["provider"], registry=r)
         self.threshold = Gauge("router_threshold", "The configured threshold", registry=r)
         self.effective_threshold = Gauge("router_effective_threshold", "The configured threshold after budget pacing", registry=r)
+
+    def router_loaded(self, version: str, replaced: str | None = None) -> None:
+        if replaced is not None and replaced != version:
+            self.router_info.labels(replaced).set(0)
+        self.router_info.labels(version).set(1)
 
     def watch_provider(self, provider: str, state, p95) -> None:
         """Report `state()` ('closed', 'half_open' or 'open') and `p95()` (seconds or None) at each scrape."""

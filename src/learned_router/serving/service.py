@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import difflib
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import RouterError, RouterFolderError
+from ..export import PROBES
 from ..scorer import Router
 from ..tasktypes import UNKNOWN
 from .batcher import ScoreBatcher
@@ -24,6 +28,7 @@ from .providers import AllProvidersFailed, Provider, Upstream
 from .routing import ROUTER_MODEL, ChatRequest, RouterOptions, estimate_tokens, requested_threshold, scored_text
 from .state import open_state
 from .tasks import TaskTyping
+from .traffic import TrafficLog
 from .usage import billed_tokens, sane_cost
 
 log = logging.getLogger("learned_router.serving")
@@ -49,32 +54,72 @@ class Decision:
     task_type_source: str  # request (named by it), inferred, or none
     deadline: float | None  # time.monotonic() when the latency budget runs out
     budget: BudgetState | None
+    text: str  # the text the router scored
+    router: str  # the version of the router that decided
 
     @property
     def estimated_cost(self) -> float:
         return self.estimated_costs[list(self.pass_chances).index(self.tier)]
 
 
+class Scoring:
+    """One router as the service uses it: the output each tier reads, the threshold, task typing and the batcher."""
+
+    def __init__(self, config: ServiceConfig, router, metrics: Metrics):
+        self.router = router
+        self.columns = score_columns(config, list(router.models))
+        self.threshold = resolve_threshold(config, router)
+        self.tasks = TaskTyping(config, router) if config.task_types.enabled else None
+        self.version = router_version(router.manifest)
+        self.batcher = ScoreBatcher(self.tasks.score if self.tasks else router.score, config.router.max_batch,
+                                    config.router.max_wait_ms / 1000, config.router.workers, on_batch=metrics.batch_size.observe)
+
+    def probe(self) -> None:
+        """Score the probe prompts: RouterFolderError unless every pass chance is a number in [0, 1]."""
+        fn = self.tasks.score if self.tasks else self.router.score
+        scores = np.asarray(fn(PROBES), dtype=np.float64).reshape(len(PROBES), -1)[:, :len(self.router.models)]
+        if scores.shape[1] != len(self.router.models) or not (np.isfinite(scores).all() and (0 <= scores).all() and (scores <= 1).all()):
+            raise RouterFolderError(f"{self.version}: the probe prompts' pass chances are not numbers in [0, 1] for each of "
+                                    f"its {len(self.router.models)} outputs")
+
+
+def router_version(manifest) -> str:
+    """name@digest: 12 hex of the sha256 of its router.json (which lists its files' sha256 and holds its calibration), so
+    a retrained or recalibrated router has a version of its own."""
+    record = manifest.model_dump_json() if hasattr(manifest, "model_dump_json") else repr(manifest)
+    return f"{getattr(manifest, 'name', 'router')}@{hashlib.sha256(record.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class Billed:
+    usd: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class Service:
-    """Router, batcher, upstream chains, keys, limits, metrics and (optionally) the budget pacer.
+    """Router, batcher, upstream chains, keys, limits, metrics and (optionally) the budget pacer and traffic record.
 
     `router` may be injected: any object with `score(list[str]) -> array` of shape (n,) or (n, K), `models` (the K
     output names), `manifest` and `default_threshold`. `clock` (epoch seconds) drives the budget periods.
+    The router can be swapped while serving (`reload`, `rollback`): requests already scoring finish on the old one.
     """
 
     def __init__(self, config: ServiceConfig, router=None, clock: Callable[[], float] = time.time):
         self.config = config
         self.client_keys = config.client_keys() if config.auth.enabled else {}
+        self.admin_keys = config.admin_keys()
         provider_keys = config.provider_keys()  # before the slow part: a missing key variable fails at once
         self.metrics = Metrics()
         self.state = open_state(config.state, config.rate_limit, config.circuit_breaker, self.metrics)  # Redis answers?
-        self.router = router if router is not None else Router.load(config.router.path, threads=config.router.threads)
-        self.columns = score_columns(config, list(self.router.models))
-        self.threshold = resolve_threshold(config, self.router)
-        self.tasks = TaskTyping(config, self.router) if config.task_types.enabled else None
+        self.traffic = TrafficLog(config.traffic, lambda why: self.metrics.traffic_dropped.labels(why).inc()) if config.traffic else None
+        self.scoring = Scoring(config, router if router is not None else Router.load(config.router.path, threads=config.router.threads),
+                               self.metrics)
+        self.previous: object | None = None  # the router before the last reload, for rollback
+        self._swap = asyncio.Lock()
         self.drift = None
         if config.drift.enabled:
-            scored = next((c for c in self.columns if c is not None), None)
+            scored = next((c for c in self.scoring.columns if c is not None), None)
             calibration = None if scored is None else calibration_reference(self.router.manifest, list(self.router.models)[scored])
             self.drift = DriftMonitor(config.drift, calibration)
             self.metrics.watch_drift(self.drift)
@@ -83,13 +128,24 @@ class Service:
         self.tier_index = {t.name: i for i, t in enumerate(config.tiers)}
         self.data_classes = {k: frozenset(v) for k, v in config.data_classes.items()}
         self.pacer = Pacer(config.budget, len(config.tiers), clock, self.state.ledger(config.budget)) if config.budget else None
-        self.metrics.threshold.set(self.threshold)
+        self.metrics.threshold.set_function(lambda: self.threshold)
+        self.metrics.router_loaded(self.scoring.version)
         if self.pacer:
             self.metrics.watch_budget(self.pacer.state, lambda: self.pacer.effective(self.threshold, self.pacer.state()))
         else:
-            self.metrics.effective_threshold.set(self.threshold)
-        self.batcher = ScoreBatcher(self.tasks.score if self.tasks else self.router.score, config.router.max_batch, config.router.max_wait_ms / 1000,
-                                    config.router.workers, on_batch=self.metrics.batch_size.observe)
+            self.metrics.effective_threshold.set_function(lambda: self.threshold)
+
+    @property
+    def router(self):
+        return self.scoring.router
+
+    @property
+    def threshold(self) -> float:
+        return self.scoring.threshold
+
+    @property
+    def batcher(self) -> ScoreBatcher:
+        return self.scoring.batcher
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -104,6 +160,50 @@ class Service:
         if self.pacer:
             await self.pacer.aclose()
         await self.state.stop()
+        if self.traffic:
+            await asyncio.to_thread(self.traffic.close)
+
+    async def reload(self, path: str | None = None) -> dict:
+        """Load the router folder at `path` (default: router.path), check it (its manifest and files, the outputs the
+        tiers read, the threshold, task typing, the probe prompts) and swap it in; the router it replaces is kept for
+        `rollback`. RouterError naming the problem when the check fails: the router in service stays."""
+        async with self._swap:
+            t0 = time.perf_counter()
+            try:
+                router = await asyncio.to_thread(Router.load, path or self.config.router.path, threads=self.config.router.threads)
+                return await self._swap_in(router, "reload", t0)
+            except RouterError as e:
+                self.metrics.reloads.labels("failed").inc()
+                log.error("router reload failed, %s stays in service: %s", self.scoring.version, e)
+                raise
+
+    async def rollback(self) -> dict:
+        """Swap the router of before the last reload back in (the current one becomes the one to roll back to)."""
+        async with self._swap:
+            if self.previous is None:
+                raise RouterError("there is no previous router to roll back to (the service has not reloaded)")
+            return await self._swap_in(self.previous, "rollback", time.perf_counter())
+
+    async def _swap_in(self, router, kind: str, t0: float) -> dict:
+        new = await asyncio.to_thread(Scoring, self.config, router, self.metrics)
+        await asyncio.to_thread(new.probe)
+        await new.batcher.start()
+        old, self.scoring = self.scoring, new
+        self.previous = old.router
+        await old.batcher.drain()
+        seconds = time.perf_counter() - t0
+        self.metrics.reloads.labels(kind).inc()
+        self.metrics.router_loaded(new.version, old.version)
+        log.info("router %s: %s in service (was %s), threshold %.4f, in %.2f s", kind, new.version, old.version, new.threshold, seconds)
+        return {"router": new.version, "previous": old.version, "threshold": new.threshold, "seconds": round(seconds, 3)}
+
+    def describe(self) -> dict:
+        """The router in service and the one a rollback would restore."""
+        m = self.router.manifest
+        return {"router": self.scoring.version, "path": str(getattr(self.router, "path", self.config.router.path)),
+                "models": list(self.router.models), "threshold": self.threshold, "created_at": getattr(m, "created_at", ""),
+                "calibration": getattr(getattr(m, "calibration", None), "mix", None),
+                "previous": router_version(self.previous.manifest) if self.previous is not None else None}
 
     async def route(self, req: ChatRequest, opts: RouterOptions, started: float, observe: bool = False) -> Decision:
         """Score the request and decide its tier; `started` (time.monotonic()) starts its latency budget.
@@ -111,21 +211,22 @@ class Service:
         `observe`: a chat request, which the budget pacer learns the traffic from.
         """
         t0 = time.perf_counter()
-        requested = requested_threshold(req.model, self.threshold)
-        named = self._named_task_type(opts.task_type)
+        sc = self.scoring  # this request's router, whatever a reload swaps in meanwhile
+        requested = requested_threshold(req.model, sc.threshold)
+        named = self._named_task_type(opts.task_type, sc.tasks)
         allowed = self._allowed(opts.data_class)
         text = scored_text(req.messages, self.config.routing.score_turn)
         try:
-            scores = await self.batcher.score(text) if text else None  # no text at all: every scored tier's chance is 0
+            scores = await sc.batcher.score(text) if text else None  # no text at all: every scored tier's chance is 0
         except Exception as e:
             log.error("scoring failed: %s", type(e).__name__)  # one line; the message could quote the prompt
             raise APIError(500, "the router could not score this request", type="server_error", code="router_error") from None
-        scores, inferred = self.tasks.split(scores) if self.tasks else (scores, UNKNOWN)
+        scores, inferred = sc.tasks.split(scores) if sc.tasks else (scores, UNKNOWN)
         task_type = named or inferred
         source = "request" if named else "inferred" if inferred != UNKNOWN else "none"
-        offset = self.tasks.offsets.get(task_type, 0.0) if self.tasks else 0.0
+        offset = sc.tasks.offsets.get(task_type, 0.0) if sc.tasks else 0.0
         threshold = min(max(requested + offset, 0.0), 1.0)
-        pin = self.tasks.min_tier.get(task_type, 0) if self.tasks else 0
+        pin = sc.tasks.min_tier.get(task_type, 0) if sc.tasks else 0
         pinned = f"task type {task_type!r} goes to tier {self.config.tiers[pin].name} or above"
         tokens, max_tokens = estimate_tokens(req.messages, self.config.routing.chars_per_token), req.output_tokens()
         need = tokens + (max_tokens or 0)
@@ -135,7 +236,7 @@ class Service:
             TierOption(tier.name, 1.0 if col is None else 0.0 if scores is None else float(scores[col]),
                        [Standing(p, "task_type", pinned) if i < pin else standing(p, need, allowed, opts.data_class, remaining)
                         for p in chain])
-            for i, (tier, col, chain) in enumerate(zip(self.config.tiers, self.columns, self.upstream.tiers, strict=True))
+            for i, (tier, col, chain) in enumerate(zip(self.config.tiers, sc.columns, self.upstream.tiers, strict=True))
         ]
         out = max_tokens if max_tokens is not None else self.config.routing.assumed_output_tokens
         expected = [next((s.provider for s in o.standings if s.rule is None), o.standings[0].provider) for o in options]
@@ -162,14 +263,15 @@ class Service:
             threshold=threshold, effective_threshold=effective, skipped=choice.skipped, chain=chain, excluded=excluded,
             provider=expected[choice.index], estimated_costs=costs, prompt_tokens=tokens, output_tokens=max_tokens,
             options=opts, task_type=task_type, task_type_source=source, deadline=None if budget_s is None else started + budget_s, budget=state,
+            text=text, router=sc.version,
         )
         self.metrics.routing_seconds.observe(time.perf_counter() - t0)
-        for o, col in zip(options, self.columns, strict=True):
+        for o, col in zip(options, sc.columns, strict=True):
             if col is not None:
                 self.metrics.pass_chance.labels(o.name).observe(o.pass_chance)
-        self.metrics.decisions.labels(d.tier, d.rule, d.task_type).inc()
+        self.metrics.decisions.labels(d.tier, d.rule, d.task_type, d.router).inc()
         if self.drift:
-            first_scored = next((o.pass_chance for o, col in zip(options, self.columns) if col is not None), None)
+            first_scored = next((o.pass_chance for o, col in zip(options, sc.columns) if col is not None), None)
             self.drift.observe(None if scores is None else first_scored, task_type, d.tier)
         if observe and self.pacer:
             self.pacer.observe(threshold, np.array([o.pass_chance for o in options]), np.array([o.eligible for o in options]),
@@ -191,8 +293,8 @@ class Service:
             status, code = (502, "upstream_failed") if e.tried else (503, "no_provider_available")
             raise APIError(status, f"every provider failed: {what}", type="upstream_error", code=code) from None
 
-    def account(self, provider: Provider, usage: object, chars: int, d: Decision, served: bool = True) -> float:
-        """Bill one answer: the provider's usage when sane (usage.py), else the estimate; the dollars it cost.
+    def account(self, provider: Provider, usage: object, chars: int, d: Decision, served: bool = True) -> Billed:
+        """Bill one answer: the provider's usage when sane (usage.py), else the estimate; its tokens and dollars.
 
         `served`: the client got the whole answer (an interrupted stream is billed, not counted as served).
         """
@@ -217,15 +319,31 @@ class Service:
                 self.pacer.record(cost, tier, d.estimated_costs[tier])
             except Exception as e:
                 log.error("budget accounting failed for provider %s: %s", provider.name, type(e).__name__)
-        return cost
+        return Billed(cost, prompt_tokens, completion_tokens)
 
-    def _named_task_type(self, name: str | None) -> str | None:
+    def record(self, d: Decision, request_id: str, client: str | None, started: float, status: int, outcome: str,
+               provider: Provider | None = None, billed: Billed | None = None) -> None:
+        """Add the request to the traffic record, when there is one and its data class may be recorded."""
+        if self.traffic is None:
+            return
+        text, digest = self.traffic.text_fields(d.text)
+        self.traffic.record({
+            "id": request_id, "time": time.time(), "client": client, "text": text, "text_sha256": digest,
+            "pass_chances": d.pass_chances, "threshold": d.effective_threshold, "tier": provider.tier if provider else d.tier,
+            "rule": d.rule, "task_type": d.task_type, "router": d.router, "provider": provider.name if provider else None,
+            "model": provider.config.model if provider else None,
+            "prompt_tokens": billed.prompt_tokens if billed else None, "completion_tokens": billed.completion_tokens if billed else None,
+            "cost_usd": billed.usd if billed else 0.0, "latency_ms": round((time.monotonic() - started) * 1000, 3),
+            "status": status, "outcome": outcome,
+        }, d.options.data_class)
+
+    def _named_task_type(self, name: str | None, tasks: TaskTyping | None) -> str | None:
         if name is None:
             return None
-        if self.tasks is None:
+        if tasks is None:
             raise APIError(400, f"task type {name!r}: task types are off in this service (task_types.enabled)",
                            param="router.task_type", code="unknown_task_type")
-        return self.tasks.check(name)
+        return tasks.check(name)
 
     def _allowed(self, data_class: str | None) -> frozenset[str] | None:
         if data_class is None:

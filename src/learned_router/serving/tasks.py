@@ -25,7 +25,7 @@ class TaskTyping:
 
     def __init__(self, config: ServiceConfig, router):
         cfg = config.task_types
-        path = types_path(config.router.path, cfg.file)
+        path = types_path(getattr(router, "path", config.router.path), cfg.file)
         try:
             types = load_types(path)
         except RouterError as e:

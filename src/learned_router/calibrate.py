@@ -1,0 +1,69 @@
+"""Calibrate a router to a traffic mix: its table of threshold <-> share of strong calls, from the user's own prompts.
+
+The router's pass chances on a prompt file are split in two halves (by a seeded hash of each distinct prompt): the
+table is fitted on one and checked on the other, where the share of strong calls each asked share gives is measured.
+The table (every output's, so each tier of a multi-tier config) replaces the one in the folder's router.json, and so
+does the default threshold when a share is asked for: `routing.strong_fraction` (or the default) then gives that share
+on this traffic. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from .errors import RouterError
+from .manifest import Calibration, RouterFolder
+from .scorer import Router
+
+CHECKED_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_PROMPTS = 20  # per half
+
+
+@dataclass
+class CalibrationReport:
+    fitted: int  # prompts the table was fitted on
+    held_out: int  # prompts it was checked on
+    default_threshold: float
+    asked: float | None  # the share asked for (the default threshold's), if any
+    achieved: dict[str, dict[float, float]]  # output -> asked share -> share of strong calls on the held-out half
+
+
+def halves(prompts: list[str], holdout: float, seed: int) -> np.ndarray:
+    """True for the held-out prompts: a seeded hash of each prompt's text, so a prompt repeated in the file stays on one side."""
+    keys = [int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode("utf-8", "surrogatepass")).digest()[:8], "big") for p in prompts]
+    return np.asarray(keys, dtype=np.float64) / 2.0**64 < holdout
+
+
+def calibrate(router_path: str | os.PathLike, prompts: list[str], source: str, strong_fraction: float | None = None,
+              holdout: float = 0.5, seed: int = 0, threads: int | None = None) -> CalibrationReport:
+    """Fit the table on the prompts outside the held-out share, write it (and the default threshold when
+    `strong_fraction` is given) into the folder's router.json, and measure each share on the held-out prompts."""
+    if strong_fraction is not None and not 0.0 <= strong_fraction <= 1.0:
+        raise RouterError(f"--strong-fraction must be in [0, 1], got {strong_fraction}")
+    if not 0.0 < holdout < 1.0:
+        raise RouterError(f"--holdout must be between 0 and 1 (exclusive), got {holdout}")
+    distinct = list(dict.fromkeys(prompts))
+    held = halves(distinct, holdout, seed)
+    if min(held.sum(), (~held).sum()) < MIN_PROMPTS:
+        raise RouterError(f"{source}: {len(distinct)} distinct prompts give {int((~held).sum())} to fit and {int(held.sum())} to "
+                          f"check; calibrating needs at least {MIN_PROMPTS} on each side")
+    router = Router(router_path, threads=threads)
+    p = router.score(distinct)
+    outputs = router.models
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    table = Calibration.of(p[~held], outputs, f"{source}: {int((~held).sum())} distinct prompts (calibrated {when})")
+    weak = router.manifest.weak
+    old = router.manifest
+    share = strong_fraction if strong_fraction is not None else old.strong_fraction_at(old.default_threshold)
+    default = round(table.threshold_for(weak, share), 5)
+    checked = sorted({*CHECKED_SHARES, round(share, 4)})
+    achieved = {o: {f: float(np.mean(p[held, j] < table.threshold_for(o, f))) for f in checked} for j, o in enumerate(outputs)}
+    RouterFolder(router_path).write_manifest(old.model_copy(update={"calibration": table, "default_threshold": default}))
+    return CalibrationReport(fitted=int((~held).sum()), held_out=int(held.sum()), default_threshold=default,
+                             asked=round(share, 4), achieved=achieved)
+

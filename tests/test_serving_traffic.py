@@ -1,0 +1,217 @@
+"""The traffic record, feedback, traffic export, calibrate and router reload/rollback: real uvicorn, the real router,
+fake providers, the real openai client."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from serving_fixtures import (CLIENT_KEY, OTHER_KEY, PROVIDER_KEYS, ROUTER_DIR, FakeProvider, provider_entry,
+                              service_config, start_service, two_tiers, wait_for)
+from learned_router.serving.config import TrafficConfig, hash_key
+from learned_router.serving.traffic import TrafficLog, export_traffic, open_store
+
+pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+
+ADMIN_KEY = "sk-router-test-admin-987654321"
+STRONG_MODEL, WEAK_MODEL = "gpt-4-1106-preview", "mixtral-8x7b-instruct"
+
+
+def copy_router(dst):
+    """The served files of the test router (no checkpoint), in a folder of their own."""
+    dst.mkdir(parents=True)
+    for name in ("router.json", "tokenizer.json", "model.int8.onnx", "model.onnx", "task_types.yaml"):
+        if (ROUTER_DIR / name).is_file():
+            shutil.copy(ROUTER_DIR / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("traffic")
+    router = copy_router(tmp / "router")
+    with FakeProvider(name="strong-a", model=STRONG_MODEL, api_key=PROVIDER_KEYS["TEST_STRONG_A_KEY"]) as strong, \
+         FakeProvider(name="weak-a", model=WEAK_MODEL, api_key=PROVIDER_KEYS["TEST_WEAK_A_KEY"]) as weak:
+        cfg = service_config(
+            two_tiers([provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
+                      [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))]),
+            router={"path": str(router)},
+            traffic={"store": str(tmp / "traffic.sqlite"), "never_record": ["secret"]},
+            admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
+        )
+        cfg["data_classes"] = {"secret": ["strong-a"]}
+        with start_service(cfg) as service:
+            yield {"url": service.url, "strong": strong, "weak": weak, "store": tmp / "traffic.sqlite", "router": router,
+                   "tmp": tmp, "service": service.app.state.service}
+
+
+def client(stack, key=CLIENT_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack["url"] + "/v1", api_key=key, max_retries=0)
+
+
+def rows(stack) -> dict[str, dict]:
+    with sqlite3.connect(stack["store"]) as db:
+        db.row_factory = sqlite3.Row
+        return {r["id"]: dict(r) for r in db.execute("SELECT * FROM requests")}
+
+
+def chat(stack, text: str, key=CLIENT_KEY, **kwargs):
+    raw = client(stack, key).chat.completions.with_raw_response.create(model="router", messages=[{"role": "user", "content": text}],
+                                                                     **kwargs)
+    return raw.headers["x-request-id"], raw
+
+
+def test_each_chat_request_is_recorded_with_its_decision_answer_and_cost(stack):
+    rid, raw = chat(stack, "Write a limerick about a cat who learns Rust.")
+    sid, streamed = chat(stack, "Explain B-trees.", stream=True, stream_options={"include_usage": True})
+    assert sum(1 for _ in streamed.parse()) > 1  # the row is written when the stream ends
+    secret, _ = chat(stack, "my password is hunter2", extra_headers={"x-router-data-class": "secret"})
+    got = wait_for(lambda: (r := rows(stack)).get(rid) and r.get(sid) and r)
+    row = got[rid]
+    assert row["text"] == "Write a limerick about a cat who learns Rust." and len(row["text_sha256"]) == 64
+    assert row["client"] == "test" and row["tier"] == raw.headers["x-router-tier"] and row["outcome"] == "ok"
+    assert row["router"] == raw.headers["x-router-version"] and row["status"] == 200
+    assert row["model"] in (STRONG_MODEL, WEAK_MODEL) and row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+    assert row["cost_usd"] == pytest.approx(float(raw.headers["x-router-cost-usd"]))
+    assert set(json.loads(row["pass_chances"])) == {"weak", "strong"} and row["latency_ms"] > 0
+    assert got[sid]["outcome"] == "ok" and got[sid]["completion_tokens"] > 0
+    time.sleep(0.2)
+    assert secret not in rows(stack)  # a data class that is never recorded leaves no trace, not even a hash
+    assert not any(r["text"] == "my password is hunter2" for r in rows(stack).values())
+
+
+def test_a_failed_request_is_recorded_with_its_error(stack):
+    stack["weak"].control(mode="error")
+    stack["strong"].control(mode="error")
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            client(stack).chat.completions.create(model="router", messages=[{"role": "user", "content": "hello there"}])
+        rid = e.value.response.headers.get("x-request-id")
+    finally:
+        stack["weak"].heal()
+        stack["strong"].heal()
+    assert e.value.status_code == 502
+    failed = wait_for(lambda: [r for r in rows(stack).values() if r["text"] == "hello there"])
+    assert failed[0]["outcome"] == "upstream_failed" and failed[0]["status"] == 502 and failed[0]["provider"] is None
+    assert rid is None  # an error body carries no request id: nothing to give feedback on
+
+
+def test_feedback_is_stored_beside_its_request_and_replaced_by_a_second(stack):
+    rid, _ = chat(stack, "Suggest a name for a bakery.")
+    post = lambda body, key=CLIENT_KEY: httpx.post(stack["url"] + "/v1/feedback", json=body,  # noqa: E731
+                                                    headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert post({"request_id": rid, "score": 0.25}).json() == {"request_id": rid, "score": 0.25}
+    assert post({"request_id": rid, "thumbs": "up"}).json()["score"] == 1.0
+    with sqlite3.connect(stack["store"]) as db:
+        assert db.execute("SELECT score FROM feedback WHERE request_id = ?", (rid,)).fetchall() == [(1.0,)]
+    assert post({"request_id": "0123456789abcdef", "score": 1}).status_code == 404  # unknown
+    assert post({"request_id": rid, "score": 1}, OTHER_KEY).status_code == 404  # another client's request
+    assert httpx.post(stack["url"] + "/v1/feedback", json={"request_id": rid, "score": 1}).status_code == 401
+    for bad in ({"request_id": rid, "score": 1.5}, {"request_id": rid}, {"request_id": rid, "score": 1, "thumbs": "up"},
+                {"request_id": rid, "score": "1"}, {"request_id": rid, "thumbs": "sideways"}, {"score": 1}):
+        r = post(bad)
+        assert r.status_code == 400 and r.json()["error"]["message"], bad
+    r = httpx.post(stack["url"] + "/v1/feedback", content=b'{"request_id": "\xff\xfe", "score": 1}',
+                   headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10)
+    assert r.status_code == 400
+
+
+def test_traffic_export_writes_prompts_with_feedback(stack, tmp_path):
+    rid, _ = chat(stack, "What is the capital of Australia?")
+    httpx.post(stack["url"] + "/v1/feedback", json={"request_id": rid, "thumbs": "down"},
+               headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10).raise_for_status()
+    df, textless = export_traffic(stack["store"])
+    assert textless == 0 and {"prompt_id", "prompt", "time", "tier", "model", "feedback"} <= set(df.columns)
+    assert df.set_index("prompt_id").loc[rid, "feedback"] == 0.0
+    assert len(export_traffic(stack["store"], sample=2)[0]) == 2
+    assert export_traffic(stack["store"], since=time.time() + 60)[0].empty
+
+
+def test_retention_and_hash_only_text(tmp_path):
+    store = tmp_path / "t.sqlite"
+    cfg = TrafficConfig(store=str(store), text="hash", retention_days=1.0, max_rows=3)
+    log = TrafficLog(cfg)
+    for i in range(5):
+        log.record({"id": f"r{i}", "time": time.time() - (3 * 86400 if i == 0 else 0) + i, "text": None,
+                    "text_sha256": log.text_fields(f"prompt {i}")[1]}, None)
+    log.close()
+    TrafficLog(cfg).close()  # pruned at start: the 3-day-old row, then the oldest beyond 3 rows
+    db = open_store(store, create=False)
+    assert [r[0] for r in db.execute("SELECT id FROM requests ORDER BY time")] == ["r2", "r3", "r4"]
+    assert db.execute("SELECT count(*) FROM requests WHERE text IS NOT NULL").fetchone() == (0,)
+    df, textless = export_traffic(store)
+    assert df.empty and textless == 3
+
+
+def admin(stack, path: str, body=None, key=ADMIN_KEY):
+    return httpx.request("GET" if path == "router" else "POST", f"{stack['url']}/admin/{path}", json=body,
+                         headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_reload_swaps_a_checked_router_in_without_dropping_requests_and_rollback_restores_it(stack, tmp_path):
+    before = admin(stack, "router").json()
+    assert admin(stack, "router", key=CLIENT_KEY).status_code == 401  # a client key is not an admin key
+    # a broken folder is refused and the router in service stays
+    broken = copy_router(tmp_path / "broken")
+    (broken / "model.int8.onnx").write_bytes(b"not a model")
+    r = admin(stack, "reload", {"path": str(broken)})
+    assert r.status_code == 422 and "corrupted" in r.json()["error"]["message"]
+    assert admin(stack, "reload", {"path": str(tmp_path / "nowhere")}).status_code == 422
+    assert admin(stack, "router").json()["router"] == before["router"]
+    # a recalibrated copy: another version and threshold, swapped in under load with no request failing
+    new = copy_router(tmp_path / "new")
+    manifest = json.loads((new / "router.json").read_text())
+    manifest["default_threshold"] = 0.0
+    (new / "router.json").write_text(json.dumps(manifest))
+    failures, done, stop = [], [0], threading.Event()
+
+    def load():
+        c = client(stack)
+        while not stop.is_set():
+            try:
+                c.chat.completions.create(model="router", messages=[{"role": "user", "content": "Sort a list in Python."}])
+                done[0] += 1
+            except Exception as e:  # noqa: BLE001 - any failure is what the test counts
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: done[0] >= 10)
+        swapped = admin(stack, "reload", {"path": str(new)}).json()
+        n = done[0]
+        wait_for(lambda: done[0] >= n + 10)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert swapped["previous"] == before["router"] and swapped["router"] != before["router"] and swapped["threshold"] == 0.0
+    _, raw = chat(stack, "Prove Fermat's little theorem.")
+    assert raw.headers["x-router-version"] == swapped["router"] and raw.headers["x-router-tier"] == "weak"
+    metrics = httpx.get(stack["url"] + "/metrics").text
+    assert f'router_info{{version="{swapped["router"]}"}} 1.0' in metrics
+    assert f'router_info{{version="{before["router"]}"}} 0.0' in metrics
+    back = admin(stack, "rollback").json()
+    assert back["router"] == before["router"] and back["previous"] == swapped["router"]
+    assert chat(stack, "hi")[1].headers["x-router-version"] == before["router"]
+
+
+def test_admin_endpoints_are_off_without_admin_keys(tmp_path):
+    with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
+        cfg = service_config(two_tiers([provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
+                                       [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))]))
+        with start_service(cfg) as service:
+            r = httpx.post(service.url + "/admin/reload", headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "admin_off"
+            r = httpx.post(service.url + "/v1/feedback", json={"request_id": "x", "score": 1},
+                           headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "traffic_off"
