@@ -4,16 +4,22 @@ fake providers, the real openai client."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import openai
+import pandas as pd
 import pytest
+import yaml
 
-from serving_fixtures import (CLIENT_KEY, OTHER_KEY, PROVIDER_KEYS, ROUTER_DIR, FakeProvider, provider_entry,
+from serving_fixtures import (CLIENT_KEY, OTHER_KEY, PROVIDER_KEYS, ROUTER_DIR, FakeProvider, free_port, provider_entry,
                               service_config, start_service, two_tiers, wait_for)
 from learned_router.serving.config import TrafficConfig, hash_key
 from learned_router.serving.traffic import TrafficLog, export_traffic, open_store
@@ -215,3 +221,68 @@ def test_admin_endpoints_are_off_without_admin_keys(tmp_path):
             r = httpx.post(service.url + "/v1/feedback", json={"request_id": "x", "score": 1},
                            headers={"Authorization": f"Bearer {CLIENT_KEY}"})
             assert r.status_code == 404 and r.json()["error"]["code"] == "traffic_off"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "learned_router", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_calibrate_fits_the_table_to_a_prompt_file_and_checks_it_on_held_out_prompts(tmp_path, datasets_dir):
+    router = copy_router(tmp_path / "router")
+    before = json.loads((router / "router.json").read_text())
+    prompts = pd.read_parquet(datasets_dir / "arena_battles_1k.parquet", columns=["prompt"]).drop_duplicates().head(400)
+    prompts.to_parquet(tmp_path / "traffic.parquet")
+    r = cli("calibrate", "--router", router, "--prompts", tmp_path / "traffic.parquet", "--strong-fraction", "0.3")
+    assert r.returncode == 0, r.stderr
+    after = json.loads((router / "router.json").read_text())
+    assert "traffic.parquet" in after["calibration"]["mix"] and after["calibration"]["thresholds"] != before["calibration"]["thresholds"]
+    assert after["files"] == before["files"] and after["default_threshold"] != before["default_threshold"]
+    weak = next(line for line in r.stdout.splitlines() if line.startswith(before["weak"][:40]))
+    shares = r.stdout.splitlines()[2].split("->)")[1].split()
+    achieved = dict(zip(map(float, shares), map(float, weak.split()[-len(shares):])))
+    assert abs(achieved[0.3] - 0.3) < 0.1, r.stdout  # ~200 held-out prompts: a sampling error of ~0.03
+    from learned_router.scorer import Router
+    assert Router(router).manifest.threshold_for(0.3) == pytest.approx(after["default_threshold"], abs=1e-4)
+    # bad input: one line, exit 2, router.json untouched
+    (tmp_path / "few.txt").write_text("one\ntwo\nthree\n")
+    for args in (("--prompts", tmp_path / "few.txt"), ("--prompts", tmp_path / "none.parquet"),
+                 ("--prompts", tmp_path / "traffic.parquet", "--strong-fraction", "1.5")):
+        bad = cli("calibrate", "--router", router, *args)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert json.loads((router / "router.json").read_text()) == after
+
+
+def test_sighup_reloads_the_router_from_its_folder(tmp_path):
+    router = copy_router(tmp_path / "router")
+    with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
+        cfg = service_config(two_tiers([provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
+                                       [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))]),
+                             router={"path": str(router)})
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+        port = free_port()
+        env = {**os.environ, **PROVIDER_KEYS}
+        proc = subprocess.Popen([sys.executable, "-m", "learned_router", "serve", "--config", tmp_path / "config.yaml", "--port",
+                                 str(port), "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            def version():
+                try:
+                    r = httpx.post(url + "/v1/route", json={"model": "router", "messages": [{"role": "user", "content": "hi"}]},
+                                   headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=5)
+                    return r.json()["router"] if r.status_code == 200 else None
+                except httpx.HTTPError:
+                    return None
+            first = wait_for(version, timeout=60)
+            manifest = json.loads((router / "router.json").read_text())
+            manifest["default_threshold"] = 0.01
+            (router / "router.json").write_text(json.dumps(manifest))
+            proc.send_signal(signal.SIGHUP)
+            second = wait_for(lambda: (v := version()) != first and v, timeout=30)
+            (router / "model.int8.onnx").write_bytes(b"broken")  # a failed reload keeps the router in service
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(2)
+            assert version() == second and proc.poll() is None
+        finally:
+            proc.terminate()
+            out = proc.communicate(timeout=30)[0]
+        assert "router reload failed" in out and "corrupted" in out and "Traceback" not in out
