@@ -294,19 +294,28 @@ def calibrate(
                                                              "on this traffic (default: the share it gave before).")] = None,
     holdout: Annotated[float, typer.Option(help="Share of the distinct prompts kept out of the fit to check it on.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the fit/held-out split.")] = 0,
+    outputs: Annotated[Optional[str], typer.Option(help="Comma-separated outputs whose held-out shares are printed, e.g. "
+                                                   "each scored tier's (default: the router's weak model and generic); all "
+                                                   "outputs are calibrated.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
 ):
     """Calibrate a router to your traffic: its threshold <-> share-of-strong-calls table (every output) and default
     threshold, fitted on part of the prompts and checked on the rest."""
     from .calibrate import calibrate as run
+    from .manifest import GENERIC, read_manifest
 
+    shown = names_of(outputs) if outputs else [read_manifest(router).weak, GENERIC]
+    unknown = [o for o in shown if o not in read_manifest(router).outputs]
+    if unknown:
+        raise RouterError(f"--outputs: {router} has no output {unknown[0]!r} (see router.json 'models', or 'generic')")
     texts, _ = read_prompts([], prompts)
     r = run(router, texts, str(prompts), strong_fraction=strong_fraction, holdout=holdout, seed=seed, threads=threads)
-    typer.echo(f"calibrated {router} on {r.fitted} prompts of {prompts}; checked on {r.held_out} held-out prompts")
-    typer.echo(f"default threshold {r.default_threshold} for a strong share of {r.asked:g}")
+    typer.echo(f"calibrated {router} on the {r.prompts} prompts of {prompts}: default threshold {r.default_threshold} for a "
+               f"strong share of {r.asked:g}")
+    typer.echo(f"check: a table fitted on {r.fit} of them gives these strong shares on the other {r.held_out}")
     shares = list(next(iter(r.achieved.values())))
     typer.echo(f"{'output (strong share asked ->)':40s} " + " ".join(f"{f:>6g}" for f in shares))
-    for output, got in r.achieved.items():
+    for output, got in ((o, r.achieved[o]) for o in shown):
         typer.echo(f"{output[:40]:40s} " + " ".join(f"{got[f]:6.3f}" for f in shares))
 
 
@@ -398,6 +407,8 @@ def eval_cmd(
                                                  "in dollars (each single model, the best two-model router, the oracle) "
                                                  "instead of a pair.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Benchmark name in the outputs (default: the file name).")] = None,
+    against: Annotated[Optional[Path], typer.Option(help="Another router folder (e.g. the one in service) to compare on the "
+                                                    "same prompts, as it is (no refit).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router-evals",
     quiet: Quiet = False,
 ):
@@ -425,7 +436,7 @@ def eval_cmd(
         with quieted(quiet), step(f"evaluating {router} on {data.name} (by {by}; the recipe is refit per fold where "
                                   "the prompts overlap its training data)"):
             result = run_eval(router, data, strong, weak, out, prices=prices, folds=folds, by=by, data_dir=data_dir,
-                              name=name)
+                              name=name, against=against)
         m = result.report["scorers"]
         mlflow.log_params({"router": str(router), "data": str(data), "strong": strong, "weak": weak, "folds": folds, "by": by,
                            "prompts": result.n_prompts})
@@ -573,6 +584,11 @@ def fake_provider(
                                       "switch at run time with POST /_control.")] = "ok",
     api_key_env: Annotated[Optional[str], typer.Option(help="Require the key in this environment variable as bearer token.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --fail-rate.")] = 0,
+    fail_words: Annotated[str, typer.Option(help="Comma-separated words: a prompt holding one is answered 'I cannot answer "
+                                            "that.' (a wrong answer for 'label' to grade low).")] = "",
+    judge: Annotated[bool, typer.Option("--judge", help="Act as the judge of 'label': grade the answers in its prompt by "
+                                        "the rubric's format.")] = False,
+    judge_garbage_rate: Annotated[float, typer.Option(min=0, max=1, help="With --judge: share of answers with no verdict.")] = 0.0,
 ):
     """Run a fake OpenAI-compatible provider on 127.0.0.1, with deterministic canned answers (tests, demo)."""
     uvicorn = _serve_imports()
@@ -586,8 +602,75 @@ def fake_provider(
         if key is None:
             fail(f"--api-key-env: environment variable {api_key_env} is not set")
     state = FakeState(name=name, model=model, mode=mode, latency_ms=latency_ms, chunk_delay_ms=chunk_delay_ms,
-                      fail_rate=fail_rate, error_status=error_status, api_key=key, seed=seed)
+                      fail_rate=fail_rate, error_status=error_status, api_key=key, seed=seed, fail_words=names_of(fail_words),
+                      judge=judge, judge_garbage_rate=judge_garbage_rate)
     uvicorn.run(create_fake_provider(state), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+@user_errors
+def label(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Service config YAML with a judge: block (serving/CONFIG.md).")],
+    prompts: Annotated[Path, typer.Option(help="Parquet/JSONL/CSV with a 'prompt' column (+ 'prompt_id'; 'feedback' and "
+                                          "'tier': user feedback, joined as source 'feedback').")],
+    out: Annotated[Path, typer.Option(help="The graded table (parquet) to write; its journal <out>.journal.jsonl goes beside "
+                                      "it. Rerun the same command to resume.")],
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated tiers or providers to compare, cheapest first; the "
+                                                  "last is the strongest (the reference). Default: every tier.")] = None,
+    max_usd: Annotated[Optional[float], typer.Option(help="Start no call whose estimate would take this run's spend past "
+                                                     "this many dollars; stop there (exit 0) and rerun to go on.")] = None,
+    sample: Annotated[Optional[int], typer.Option(help="Send only a seeded random sample of this many prompts to the models.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
+    concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight at most (default: judge.concurrency).")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Start without asking (the cost estimate is printed all the same).")] = False,
+    quiet: Quiet = False,
+):
+    """Grade the answers of the configured models with the config's judge model, into the long table 'train' reads
+    (resumable; the cost estimated first)."""
+    _serve_imports()
+    from .label import plan as make_plan
+    from .label import run as run_label
+    from .serving.config import load_config
+
+    p = make_plan(load_config(config), prompts, out, names_of(models) if models is not None else None, sample=sample,
+                  seed=seed, concurrency=concurrency, max_usd=max_usd)
+    judge_cfg = p.cfg.judge
+    typer.echo(f"label: {p.prompts:,} prompts x {', '.join(f'{c.name} ({c.model})' for c in p.contenders)}; judge "
+               f"{judge_cfg.provider.model} ({p.mode}, reference: {p.contenders[-1].model})")
+    typer.echo(f"to do: {p.rows:,} rows ({p.skipped:,} already graded): {p.answer_calls:,} answer calls and {p.judge_calls:,} "
+               f"judge calls, estimated ${p.estimate_usd:.4f} at the configured prices")
+    if p.feedback or p.feedback_unknown:
+        unknown = ", ".join(f"{n} of tier {t!r}" for t, n in p.feedback_unknown.items())
+        typer.echo(f"feedback: {len(p.feedback):,} rows join as source 'feedback'"
+                   + (f" ({unknown} skipped: not a tier of the config)" if unknown else ""))
+    if max_usd is not None and p.estimate_usd > max_usd:
+        typer.echo(f"--max-usd {max_usd:g}: the run stops before a call that would pass it (about "
+                   f"{max_usd / p.estimate_usd:.0%} of the estimate, which prices every answer at judge.answer_max_tokens)")
+    if p.jobs and not yes:
+        if not sys.stdin.isatty():
+            raise RouterError("--yes: this run makes calls that cost money; pass --yes to start it without a question "
+                              "(stdin is not a terminal)")
+        if not typer.confirm("start?", default=False):
+            typer.echo("nothing was sent")
+            raise typer.Exit(1)
+    with quieted(quiet):
+        s = run_label(p)
+    typer.echo(f"rows written: {s.written:,}" + (f" ({s.feedback:,} of them feedback)" if s.feedback else "")
+               + f"; {p.out} holds {s.total:,} rows")
+    typer.echo(f"rows skipped (already graded): {s.skipped:,}")
+    typer.echo(f"failures (provider failed): {s.failed:,}" + (f" (e.g. {'; '.join(s.failures)})" if s.failures else ""))
+    typer.echo(f"unparseable judge answers: {s.unparseable:,}"
+               + (f" ({s.unparseable_rows:,} rows not written; a rerun asks again)" if s.unparseable else ""))
+    typer.echo(f"spent: ${s.spent:.4f} (estimated ${p.estimate_usd:.4f})")
+    typer.echo(f"rate: {s.per_minute:,.0f} rows/minute")
+    if s.unreadable:
+        typer.echo(f"journal: {s.unreadable} unreadable line(s) skipped (a crash mid-write)")
+    if s.budget_stop:
+        typer.echo(f"stopped at the budget: ${s.spent:.4f} spent of --max-usd {max_usd:g}; rerun the same command to go on "
+                   "(graded rows are skipped)")
+    if s.interrupted:
+        typer.echo(f"interrupted: the rows graded so far are in {p.out}; rerun the same command to go on")
+        raise typer.Exit(130)
 
 
 @app.command()

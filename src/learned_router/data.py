@@ -11,6 +11,8 @@ Two grading schemes (`SCHEMES`), the link the quality model fits per source:
 - versus: the grade says whether one answer beat another (a judge's preference against a fixed baseline, a human
   vote between two answers). Only the two models' difference shows in it, never the prompt's difficulty.
 A long table with a `baseline` column is versus that baseline, unless `SOURCES` (sources.yaml) says otherwise.
+A long table whose `source` column names several sources (`learned-router label`'s: the judge's grades and user
+feedback) is read as that many sources, each with its own scheme.
 
 The output is one row per (source, prompt, model, opponent): prompt, group, source, scheme, model, opponent (None
 for absolute), grade, split.
@@ -117,6 +119,18 @@ def load_source(path: str | Path, weight: float = 1.0) -> Source:
     return Source(path=path, name=name, table=df, fmt=fmt, scheme=scheme_of(name, fmt, df), weight=weight)
 
 
+def load_sources(path: str | Path, weight: float = 1.0) -> list[Source]:
+    """A file's sources: itself, or one per name of its `source` column when a long table names several."""
+    src = load_source(path, weight)
+    df = src.table
+    if src.fmt != "long" or "source" not in df.columns or df["source"].nunique() < 2:
+        return [src]
+    first_bad(src.path, df["source"].isna(), "field 'source' is empty (this file names several sources)", df["source"])
+    return [Source(path=src.path, name=str(name), table=part.reset_index(drop=True), fmt=src.fmt,
+                   scheme=scheme_of(str(name), src.fmt, part), weight=weight)
+            for name, part in df.groupby("source", sort=False)]
+
+
 def plain(value: object) -> object:
     """A numpy scalar as the Python value it holds, so error messages read 7.0, not np.float64(7.0)."""
     return value.item() if isinstance(value, np.generic) else value
@@ -213,7 +227,7 @@ def load_grades(paths: list[str | Path], weights: dict[str, float] | None = None
     if not paths:
         raise DataError("no data: pass at least one --data file")
     weights = weights or {}
-    sources = [load_source(p) for p in paths]
+    sources = [s for p in paths for s in load_sources(p)]
     taken = [s.name for s in sources]
     if len(set(taken)) != len(taken):
         raise DataError(f"source names repeat across the --data files: {sorted(taken)}")

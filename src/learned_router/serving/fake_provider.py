@@ -13,6 +13,13 @@ below) and read with `GET /_stats`, so tests can break and heal a provider mid-r
   fail_rate: share of requests answered with HTTP `error_status` (seeded, so runs repeat)
   answer_words: {prompt_key(last user turn): n}: answer that prompt with n words (n completion tokens), e.g. the
         length of a real model's answer; other prompts get a one-line canned answer
+  fail_words: a prompt whose last user turn holds any of these words (whole words, any case) is answered
+        "I cannot answer that." (a recognisably wrong answer, for `learned-router label`)
+  judge: act as the judge of `learned-router label` (src/learned_router/judge.py): read the answer(s) out of the
+        judge's prompt and give the rubric's verdict. Single grading: "Rating: [[2]]" when the graded answer
+        holds "I cannot answer that", else "Rating: [[9]]"; pairwise: the answer that does not hold it wins
+        ("[[A]]" or "[[B]]"), a tie "[[C]]" when both or neither do
+  judge_garbage_rate: share of the judge's answers that hold no verdict at all (seeded, so runs repeat)
 
 `GET /_stats` also lists the last user turn of each chat request received (`prompts`, the latest 10,000) and the
 last body.
@@ -25,11 +32,14 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..judge import NO_ANSWER
 
 ANSWERS = [
     "Here is a concise answer to your question.",
@@ -57,6 +67,9 @@ class FakeState:
     raw_events: list[str] = field(default_factory=list)
     huge_bytes: int = 50 << 20
     usage: object = None
+    fail_words: list[str] = field(default_factory=list)
+    judge: bool = False
+    judge_garbage_rate: float = 0.0
 
 
 MODES = {"ok", "error", "429", "hang", "stall", "raw", "huge"}
@@ -75,6 +88,27 @@ def canned_answer(name: str, prompt: str, words: int | None = None) -> str:
         return text
     base = text.split(" ")
     return " ".join((base + ["more"] * max(0, words - len(base)))[:max(1, words)])
+
+
+SINGLE_ANSWER = re.compile(r"\[The Start of Assistant's Answer\]\n(.*?)\n\[The End of Assistant's Answer\]", re.S)
+PAIR_ANSWERS = re.compile(r"\[The Start of Assistant A's Answer\]\n(.*?)\n\[The End of Assistant A's Answer\].*?"
+                          r"\[The Start of Assistant B's Answer\]\n(.*?)\n\[The End of Assistant B's Answer\]", re.S)
+GARBAGE = "Both answers have their merits; it is hard to say."
+
+
+def fails(prompt: str, words: list[str]) -> bool:
+    return any(re.search(rf"\b{re.escape(w)}\b", prompt, re.I) for w in words if w)
+
+
+def judge_answer(prompt: str) -> str:
+    """The fake judge's verdict on a judge prompt (single: a rating; pairwise: A, B or C), in the rubric's format."""
+    wrong = lambda text: NO_ANSWER.rstrip(".") in text  # noqa: E731
+    if m := PAIR_ANSWERS.search(prompt):
+        a, b = wrong(m[1]), wrong(m[2])
+        return "Comparing the two answers. " + ("[[C]]" if a == b else "[[B]]" if a else "[[A]]")
+    if m := SINGLE_ANSWER.search(prompt):
+        return "The answer was checked against the question. Rating: " + ("[[2]]" if wrong(m[1]) else "[[9]]")
+    return GARBAGE
 
 
 def _error(status: int, message: str, type_: str = "server_error", headers: dict | None = None) -> JSONResponse:
@@ -142,7 +176,12 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
         if state.mode in ("raw", "huge"):
             stats["ok"] += 1
             return _misbehave(state, bool(body.get("stream")))
-        answer = canned_answer(state.name, prompt, state.answer_words.get(prompt_key(prompt)))
+        if state.judge:
+            answer = GARBAGE if state.judge_garbage_rate and rng.random() < state.judge_garbage_rate else judge_answer(prompt)
+        elif fails(prompt, state.fail_words):
+            answer = NO_ANSWER
+        else:
+            answer = canned_answer(state.name, prompt, state.answer_words.get(prompt_key(prompt)))
         usage = {
             "prompt_tokens": sum(math.ceil(len(str(m.get("content") or "")) / 4) + 4 for m in messages),
             "completion_tokens": len(answer.split()),
