@@ -58,8 +58,9 @@ class Calibration(BaseModel):
     @classmethod
     def of(cls, pass_chances: np.ndarray, outputs: list[str], mix: str) -> "Calibration":
         """The table of pass chances (prompts x outputs): a share f of the prompts lies below each output's
-        f-quantile, so that threshold sends them to the stronger side."""
-        cuts = np.quantile(pass_chances, CALIBRATION_SHARES, axis=0)
+        f-quantile, so that threshold sends them to the stronger side. Each quantile is the midpoint of the two pass
+        chances around it: where the prompts fall in two groups, the threshold between them lies mid-gap."""
+        cuts = np.quantile(pass_chances, CALIBRATION_SHARES, axis=0, method="midpoint")
         return cls(mix=mix, prompts=len(pass_chances), thresholds={n: [round(float(c), 5) for c in cuts[:, j]] for j, n in enumerate(outputs)})
 
 

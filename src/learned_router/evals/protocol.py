@@ -209,9 +209,10 @@ class EvalResult:
 
 def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, prices: Path | None = None,
              folds: int = 5, by: str = "prompt", data_dir: Path | None = None, name: str | None = None,
-             extra: dict[str, np.ndarray] | None = None) -> EvalResult:
+             extra: dict[str, np.ndarray] | None = None, against: Path | None = None) -> EvalResult:
     """Evaluate a router folder on a graded benchmark; writes metrics.json, frontier.png and table.md into `out`.
-    `extra`: more scorers (p_weak per benchmark prompt, in `load_benchmark`'s order)."""
+    `extra`: more scorers (p_weak per benchmark prompt, in `load_benchmark`'s order). `against`: another router folder
+    (e.g. the one in service), scored as it is on the same prompts."""
     from ..embed import Encoder
     from ..manifest import RouterFolder
     from ..recipe import Recipe
@@ -260,6 +261,9 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
              **baseline_scores(grades, bench, enc, bench["strong_model"].iloc[0], bench["weak_model"].iloc[0],
                                (manifest.strong, manifest.weak))}
     p |= extra or {}
+    if against is not None:
+        other = Router(against)
+        p[f"router {Path(against).name}"] = router_pass_chance(bench, *other.predict(bench["prompt"].tolist()), other.manifest.models)
     scores = {"router": 1 - p["router"], "prompt length": prompt_length_scores(bench["prompt"].tolist()),
               **{k: 1 - v for k, v in p.items() if k != "router"}}
     costs = None
