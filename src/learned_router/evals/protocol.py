@@ -229,7 +229,7 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     if enc.fingerprint != record.encoder.fingerprint:
         raise RouterError(f"{router_dir} was trained on another encoder (weights sha256 {record.encoder.fingerprint[:12]}…) "
                           f"than {enc.path} ({enc.fingerprint[:12]}…)")
-    paths = [Path(d["path"]) for d in record.data]
+    paths = list(dict.fromkeys(Path(d["path"]) for d in record.data))  # a file of several sources is listed once per source
     if data_dir:  # the training files, found by name in another folder
         paths = [Path(data_dir) / p.name for p in paths]
     missing = [str(p) for p in paths if not p.is_file()]

@@ -137,7 +137,7 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     if list(order) != list(range(len(tiers))):
         raise RouterError("--tiers must be listed cheapest first; by mean cost per request on this data they are: "
                           + ", ".join(tiers[i] for i in order))
-    grades = load_grades([d["path"] for d in record.data], {d["name"]: d["weight"] for d in record.data},
+    grades = load_grades(list(dict.fromkeys(d["path"] for d in record.data)), {d["name"]: d["weight"] for d in record.data},
                          recipe.val, recipe.test, recipe.seed, recipe.max_prompts)
     fold = folds_of(prompts["group"], folds)
     p = np.empty(scores.shape)  # each tier's pass chance against the top tier, from the fold's model
