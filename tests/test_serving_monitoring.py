@@ -148,9 +148,11 @@ def test_psi_and_the_window():
     assert len(m.window) == 20 and m.psi()["tier"] > 1 and m.drifted["tier"]
     m.cfg = DriftConfig(window=20, min_requests=10, reference="/nonexistent/folder/reference.json")
     before = m.reference
-    with pytest.raises(APIError, match="cannot be written .*unchanged"):
+    with pytest.raises(APIError, match="cannot be written .*unchanged") as e:
         m.snapshot()
-    assert m.reference is before
+    assert m.reference is before and e.value.status == 503  # the folder went away while serving
+    with pytest.raises(ConfigError, match="drift.reference /nonexistent/folder/reference.json: its folder is missing or not writable"):
+        DriftMonitor(m.cfg)  # found at start
 
 
 @pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")

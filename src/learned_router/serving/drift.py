@@ -84,6 +84,8 @@ class DriftMonitor:
             self.source = "the router's calibration mix (pass chance); the first full window (task type, tier)"
         if cfg.reference and Path(cfg.reference).is_file():
             self.reference, self.source = read_reference(cfg.reference), cfg.reference
+        if cfg.reference and not os.access(Path(cfg.reference).parent, os.W_OK):  # found now, not at the first snapshot
+            raise ConfigError(f"drift.reference {cfg.reference}: its folder is missing or not writable")
 
     def observe(self, pass_chance: float | None, task_type: str, tier: str) -> None:
         row = (pass_chance, task_type, tier)
@@ -149,7 +151,7 @@ class DriftMonitor:
             try:
                 write_reference(self.cfg.reference, reference)
             except OSError as e:
-                raise APIError(500, f"drift.reference {self.cfg.reference}: cannot be written ({e.strerror}); the reference "
+                raise APIError(503, f"drift.reference {self.cfg.reference}: cannot be written ({e.strerror}); the reference "
                                "is unchanged", type="server_error", code="drift_reference_unwritable") from None
         self._use(reference, self.cfg.reference or f"snapshot of {len(self.window)} requests")
         log.info("drift: new reference from the last %d requests%s", len(self.window),

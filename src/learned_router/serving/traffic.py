@@ -33,6 +33,7 @@ from .errors import ConfigError
 
 log = logging.getLogger("learned_router.serving")
 PRUNE_EVERY = 1000
+FEEDBACK_RETRY_S = 0.25
 COLUMNS = ("id", "time", "client", "text", "text_sha256", "pass_chances", "threshold", "tier", "rule", "task_type", "router",
            "provider", "model", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms", "status", "outcome")
 SCHEMA = """
@@ -95,10 +96,15 @@ class TrafficLog:
 
     async def feedback(self, request_id: str, client: str | None, score: float) -> bool:
         """Store a score for a recorded request of this client; False when there is none (unknown, another client's,
-        expired or never recorded)."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        await asyncio.to_thread(self._queue.put, ("feedback", (request_id, client, score), fut))
-        return await asyncio.wrap_future(fut)
+        expired or never recorded). A request answered by another process of the host may not be written yet: one
+        more try after `FEEDBACK_RETRY_S`."""
+        for wait in (0.0, FEEDBACK_RETRY_S):
+            await asyncio.sleep(wait)
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            await asyncio.to_thread(self._queue.put, ("feedback", (request_id, client, score), fut))
+            if await asyncio.wrap_future(fut):
+                return True
+        return False
 
     def close(self, flush_s: float = 5.0) -> None:
         try:
