@@ -43,8 +43,23 @@ TEMPLATES = [
 ]
 
 
-def prompts(n: int) -> list[str]:
-    return [TEMPLATES[i % len(TEMPLATES)].format(t=TOPICS[(i // 3) % len(TOPICS)], i=i) for i in range(n)]
+CONTEXT = ("Context pasted from the team's design document, section {i}: the service reads events from a queue, "
+           "validates each against its schema, enriches it with the account's settings from a cache, and writes it to "
+           "the warehouse in batches of five hundred. Failures are retried three times with backoff, then parked in a "
+           "dead-letter table that an operator reviews each morning. Latency targets are two seconds at the median and "
+           "ten at the ninety-ninth percentile; the queue holds about four hours of traffic at peak. ")
+
+
+def prompts(n: int, tokens: int = 30) -> list[str]:
+    """n different prompts of about `tokens` tokens (~30: a question; more: a pasted context paragraph before it)."""
+    out = []
+    for i in range(n):
+        question = TEMPLATES[i % len(TEMPLATES)].format(t=TOPICS[(i // 3) % len(TOPICS)], i=i)
+        context = ""
+        while len(context) + len(question) < (tokens - 5) * 4.3:  # ~4.3 characters per token of English prose
+            context += CONTEXT.format(i=i)
+        out.append((context[: max(0, int((tokens - 5) * 4.3) - len(question))] + "\n\n" if context else "") + question)
+    return out
 
 
 def free_port() -> int:
@@ -92,6 +107,27 @@ class Connection:
         await self.reader.readexactly(int(length))
         return int(head[0].split()[1])
 
+    async def stream(self, body: bytes) -> tuple[int, float]:
+        """POST a streaming request: its status and the seconds to the first `data:` event (the answer's first bytes);
+        reads the rest of the chunked body."""
+        t = time.perf_counter()
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {self.path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        fields = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:] if ":" in line)}
+        status, first = int(head[0].split()[1]), None
+        if "content-length" in fields:
+            await self.reader.readexactly(int(fields["content-length"]))
+            return status, time.perf_counter() - t
+        while True:  # chunked
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            chunk = await self.reader.readexactly(size + 2)
+            if first is None and b"data:" in chunk:
+                first = time.perf_counter() - t
+            if size == 0:
+                return status, first if first is not None else time.perf_counter() - t
+
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -99,7 +135,8 @@ class Connection:
 
 
 async def load(urls: str | list[str], bodies: list[dict], concurrency: int, headers: dict, name: str) -> Result:
-    """Send every body once, `concurrency` at a time (connection i to urls[i % len(urls)]); latency of each, wall time of all."""
+    """Send every body once, `concurrency` at a time (connection i to urls[i % len(urls)]); latency of each (a stream's:
+    to its first event), wall time of all."""
     urls = [urls] if isinstance(urls, str) else urls
     payloads = [json.dumps(b).encode() for b in bodies]
     latencies = np.zeros(len(payloads))
@@ -109,9 +146,12 @@ async def load(urls: str | list[str], bodies: list[dict], concurrency: int, head
     async def worker(conn: Connection):
         nonlocal errors
         for i, body in it:
-            t = time.perf_counter()
-            status = await conn.post(body)
-            latencies[i] = time.perf_counter() - t
+            if bodies[i].get("stream"):
+                status, latencies[i] = await conn.stream(body)
+            else:
+                t = time.perf_counter()
+                status = await conn.post(body)
+                latencies[i] = time.perf_counter() - t
             errors += status != 200
 
     conns = [Connection(urls[i % len(urls)], headers) for i in range(concurrency)]
@@ -243,23 +283,8 @@ def run(router: str = "models/default", route_requests: int = 2000, chat_request
     measure, stop them; returns the table."""
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp, contextlib.ExitStack() as running:
         tmp = Path(tmp)
-        fake_port = free_port()
-        fake_url = f"http://127.0.0.1:{fake_port}"
-        provider = {"base_url": f"{fake_url}/v1", "context_window": 32768, "timeout_s": 30}
-        config = {
-            "router": {"path": str(router), "threads": threads, "workers": workers, "max_wait_ms": max_wait_ms},
-            "tiers": [
-                {"name": "weak", "score": read_manifest(router).weak, "providers": [
-                    {**provider, "name": "weak", "model": "mixtral-8x7b", "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}]},
-                {"name": "strong", "providers": [
-                    {**provider, "name": "strong", "model": "gpt-4-1106-preview", "input_price_per_1m": 10, "output_price_per_1m": 30}]},
-            ],
-            "auth": {"keys_env": "ROUTER_BENCH_KEYS"},
-            "rate_limit": {"requests_per_minute": 0},
-        }
-        env = {**os.environ, "ROUTER_BENCH_KEYS": BENCH_KEY, "HF_HUB_OFFLINE": "1"}
-        running.enter_context(_processes([_cli("fake-provider", "--port", str(fake_port), "--name", "bench")], [f"{fake_url}/v1/models"],
-                                         tmp / "fake", env))
+        fake_url = running.enter_context(fake_provider(tmp))
+        config = service_config(router, f"{fake_url}/v1", threads, workers, max_wait_ms)
         stacks = {}
         for state in states or ("",):
             cfg = config
@@ -269,15 +294,117 @@ def run(router: str = "models/default", route_requests: int = 2000, chat_request
             if state == "redis":
                 server = running.enter_context(RedisServer(tmp / "redis-data"))
                 cfg["state"] = {"backend": "redis", "url": server.url, "prefix": "bench:"}
-            folder = tmp / (state or "service")
-            folder.mkdir()
-            (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
-            ports = [free_port() for _ in range(replicas)]
-            urls = [f"http://127.0.0.1:{p}" for p in ports]
-            running.enter_context(_processes([_cli("serve", "--config", str(folder / "config.yaml"), "--port", str(p)) for p in ports],
-                                             [f"{u}/healthz" for u in urls], folder / "service", env))
+            urls = running.enter_context(service(tmp / (state or "service"), cfg, [free_port() for _ in range(replicas)]))
             stacks[f"{state} x{replicas} " if state else ""] = urls
         return table(asyncio.run(measure(stacks, fake_url, route_requests, chat_requests, levels)))
+
+
+ENV = {"ROUTER_BENCH_KEYS": BENCH_KEY, "HF_HUB_OFFLINE": "1"}
+
+
+def service_config(router: str, upstream: str, threads: int, workers: int, max_wait_ms: float) -> dict:
+    """The service under test: two tiers on the one upstream, no rate limit, the bench key."""
+    provider = {"base_url": upstream, "context_window": 32768, "timeout_s": 30}
+    return {
+        "router": {"path": str(Path(router).resolve()), "threads": threads, "workers": workers, "max_wait_ms": max_wait_ms},
+        "tiers": [
+            {"name": "weak", "score": read_manifest(router).weak, "providers": [
+                {**provider, "name": "weak", "model": "mixtral-8x7b", "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}]},
+            {"name": "strong", "providers": [
+                {**provider, "name": "strong", "model": "gpt-4-1106-preview", "input_price_per_1m": 10, "output_price_per_1m": 30}]},
+        ],
+        "auth": {"keys_env": "ROUTER_BENCH_KEYS"},
+        "rate_limit": {"requests_per_minute": 0},
+    }
+
+
+@contextlib.contextmanager
+def fake_provider(tmp: Path):
+    """A fake provider subprocess on a free port: its base URL (without /v1)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with _processes([_cli("fake-provider", "--port", str(port), "--name", "bench")], [f"{url}/v1/models"], tmp / "fake",
+                    {**os.environ, **ENV}):
+        yield url
+
+
+@contextlib.contextmanager
+def service(tmp: Path, config: dict, ports: list[int]):
+    """`learned-router serve` on each port with `config`: their base URLs."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    with _processes([_cli("serve", "--config", str(tmp / "config.yaml"), "--port", str(p)) for p in ports],
+                    [f"{u}/healthz" for u in urls], tmp / "service", {**os.environ, **ENV}):
+        yield urls
+
+
+@dataclass
+class Cell:
+    tokens: int
+    concurrency: int
+    stream: bool
+
+
+def compare_table(cells: dict[tuple, dict[str, Result]], others: list[str]) -> str:
+    """Per cell: the direct call's p50/p99, what each proxy adds to them, its requests/s, and the router's ratios to
+    each other proxy (added latency: below 1 is better; requests/s: above 1 is better)."""
+    lines = []
+    for (tokens, conc, stream), res in cells.items():
+        direct = res["direct"]
+        kind = "time to first event" if stream else "whole answer"
+        lines.append(f"~{tokens} tokens, concurrency {conc}, {'stream' if stream else 'no stream'} ({kind}): direct p50 "
+                     f"{direct.pct(50):.2f} ms, p99 {direct.pct(99):.2f} ms, {direct.rps:.0f} req/s")
+        added = {}
+        for name in ["router", *others]:
+            r = res[name]
+            added[name] = (r.pct(50) - direct.pct(50), r.pct(99) - direct.pct(99))
+            lines.append(f"  {name:<12} adds p50 {added[name][0]:+8.2f} ms  p99 {added[name][1]:+8.2f} ms  {r.rps:8.1f} req/s"
+                         f"  errors {r.errors}")
+        for name in others:
+            ratio = lambda a, b: f"{a / b:.2f}x" if b > 0 else "n/a (other adds nothing)"  # noqa: E731
+            lines.append(f"  router / {name}: added p50 {ratio(added['router'][0], added[name][0])}, added p99 "
+                         f"{ratio(added['router'][1], added[name][1])}, req/s {res['router'].rps / res[name].rps:.2f}x")
+    return "\n".join(lines)
+
+
+async def measure_cells(targets: dict[str, str], keys: dict[str, str], cells: list[Cell], n: int, rounds: int) -> dict:
+    """Each cell's chat requests to every target (name -> base URL with /v1), in interleaved rounds."""
+    out = {}
+    for cell in cells:
+        count = n if cell.concurrency == 1 else n * 2
+        bodies = [{"model": "router", "max_tokens": 64, "stream": cell.stream,
+                   "messages": [{"role": "user", "content": p}]} for p in prompts(count, cell.tokens)]
+        parts: dict[str, list[Result]] = {name: [] for name in targets}
+        for name, url in targets.items():  # warm every connection pool and cache once
+            await load(f"{url}/chat/completions", bodies[:20], cell.concurrency, keys.get(name, {}), "warmup")
+        for i in range(rounds):
+            for name in list(targets)[:: 1 if i % 2 == 0 else -1]:
+                parts[name].append(await load(f"{targets[name]}/chat/completions", bodies[i::rounds], cell.concurrency,
+                                              keys.get(name, {}), name))
+        out[(cell.tokens, cell.concurrency, cell.stream)] = {
+            name: Result(name, cell.concurrency, sum(x.n for x in r), sum(x.seconds for x in r),
+                         np.concatenate([x.latencies for x in r]), sum(x.errors for x in r)) for name, r in parts.items()}
+    return out
+
+
+def run_compare(router: str, others: dict[str, str], other_keys: dict[str, str | None], upstream: str | None = None,
+                sizes: tuple[int, ...] = (30, 250), levels: tuple[int, ...] = (1, 16), streams: tuple[bool, ...] = (False, True),
+                n: int = 300, rounds: int = 6, threads: int = 1, workers: int = 1) -> str:
+    """The same chat load sent to the upstream directly, through this service and through each other OpenAI-compatible
+    proxy (`others`: name -> base URL ending in /v1, forwarding model "router" to the same upstream), interleaved."""
+    with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp, contextlib.ExitStack() as running:
+        tmp = Path(tmp)
+        base = upstream.rstrip("/").removesuffix("/v1") if upstream else running.enter_context(fake_provider(tmp))
+        urls = running.enter_context(service(tmp / "service", service_config(router, f"{base}/v1", threads, workers, 0.0),
+                                             [free_port()]))
+        targets = {"direct": f"{base}/v1", "router": f"{urls[0]}/v1", **others}
+        keys = {"router": {"Authorization": f"Bearer {BENCH_KEY}"}} | {
+            name: {"Authorization": f"Bearer {key}"} for name, key in other_keys.items() if key}
+        cells = [Cell(t, c, s) for t in sizes for c in levels for s in streams]
+        header = (f"the same chat requests (max_tokens 64; ~{'/'.join(map(str, sizes))}-token prompts, all different) to "
+                  f"{', '.join(targets)}; {rounds} interleaved rounds per cell")
+        return header + "\n" + compare_table(asyncio.run(measure_cells(targets, keys, cells, n, rounds)), list(others))
 
 
 @contextlib.contextmanager
