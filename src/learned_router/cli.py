@@ -88,14 +88,20 @@ def missing_module(name: str | None) -> str:
 def parse_weights(items: list[str]) -> dict[str, float]:
     out = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, value = pair_option(item, "--weight", "SOURCE=NUMBER")
         try:
             out[name] = float(value)
         except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise RouterError(f"--weight expects SOURCE=NUMBER, got {item!r}")
+            raise RouterError(f"--weight expects SOURCE=NUMBER, got {item!r}") from None
     return out
+
+
+def pair_option(item: str, option: str, shape: str) -> tuple[str, str]:
+    """NAME=VALUE of a repeatable option; RouterError naming the option otherwise."""
+    name, sep, value = item.partition("=")
+    if not (sep and name.strip() and value.strip()):
+        raise RouterError(f"{option} expects {shape}, got {item!r}")
+    return name.strip(), value.strip()
 
 
 def names_of(text: str) -> list[str]:
@@ -711,8 +717,18 @@ def bench_serve(
     replicas: Annotated[int, typer.Option(min=1, max=8, help="Service processes the load is spread over (with --state).")] = 1,
     state: Annotated[Optional[list[str]], typer.Option(help="sqlite or redis (repeat it to compare): measure each state backend "
                                                        "in turn, with a rate limit and a budget; redis starts a redis-server.")] = None,
+    compare: Annotated[Optional[list[str]], typer.Option(help="NAME=URL of another OpenAI-compatible proxy (base URL ending "
+                                                         "in /v1) that forwards model 'router' to the same upstream (--upstream): "
+                                                         "the same chat load goes to it, to this service and to the upstream "
+                                                         "directly, interleaved; repeatable.")] = None,
+    compare_key_env: Annotated[Optional[list[str]], typer.Option(help="NAME=ENV: the environment variable holding the key "
+                                                                 "of a --compare proxy.")] = None,
+    upstream: Annotated[Optional[str], typer.Option(help="With --compare: the upstream base URL every proxy forwards to "
+                                                    "(default: a fake provider started here).")] = None,
+    prompt_tokens: Annotated[str, typer.Option(help="With --compare: prompt sizes in tokens, comma-separated.")] = "30,250",
 ):
-    """Benchmark the service on 127.0.0.1: /v1/route throughput and latency at concurrency 1, 16, 64; routing overhead."""
+    """Benchmark the service on 127.0.0.1: /v1/route throughput and latency at concurrency 1, 16, 64; routing overhead;
+    with --compare, the added latency and requests/s of this service next to another proxy's."""
     import shutil
 
     _serve_imports()
@@ -727,5 +743,29 @@ def bench_serve(
             fail("--state redis: redis-server is not on PATH (apt-get install redis-server)")
     if replicas > 1 and not state:
         fail("--replicas: needs --state (replicas without shared state are measured as one service each)")
+    if compare or upstream:
+        from .serving.bench import run_compare
+
+        others = dict(pair_option(c, "--compare", "NAME=URL") for c in compare or [])
+        key_envs = dict(pair_option(k, "--compare-key-env", "NAME=ENV") for k in compare_key_env or [])
+        unknown = [k for k in key_envs if k not in others]
+        if unknown or {"direct", "router"} & set(others):
+            fail(f"--compare-key-env: {unknown[0]!r} is not a --compare name" if unknown else "--compare: 'direct' and 'router' are taken")
+        missing = [env for env in key_envs.values() if env not in os.environ]
+        if missing:
+            fail(f"--compare-key-env: environment variable {missing[0]} is not set")
+        for name, url in [*others.items(), *([("--upstream", upstream)] if upstream else [])]:
+            if not re.match(r"^https?://[^/\s]+", url):
+                fail(f"{name}: expected an http(s) base URL such as http://127.0.0.1:4000/v1, got {url!r}")
+        try:
+            sizes = tuple(int(t) for t in names_of(prompt_tokens))
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 10 or max(sizes) > 4000:
+            fail(f"--prompt-tokens: expected comma-separated sizes between 10 and 4000, got {prompt_tokens!r}")
+        typer.echo(run_compare(str(router), {k: v.rstrip("/") for k, v in others.items()},
+                               {k: os.environ[v] for k, v in key_envs.items()}, upstream, sizes=sizes, n=max(50, chat_requests // 4),
+                               threads=threads, workers=router_workers))
+        return
     typer.echo(run(str(router), requests, chat_requests, max_wait_ms=max_wait_ms, threads=threads, workers=router_workers,
                    replicas=replicas, states=tuple(state or ())))
