@@ -125,10 +125,10 @@ def test_tier_policy_in_dollars(trained, datasets_dir, tmp_path):
     bench = slice_of(datasets_dir, "alpaca_eval", 60, tmp_path)
     tiers = ["gemma-2b-it", "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt4_1106_preview"]  # the baseline, by its one name
     prices = tmp_path / "prices.yaml"
-    prices.write_text("models:\n  gemma-2b-it: {input_per_1m: 0.1, output_per_1m: 0.1}\n"
-                      "  Mixtral-8x7B-Instruct-v0.1_concise: {input_per_1m: 0.6, output_per_1m: 0.6}\n"
-                      "  mistralai/Mixtral-8x7B-Instruct-v0.1: {input_per_1m: 0.6, output_per_1m: 0.6}\n"
-                      "  gpt-4-1106-preview: {input_per_1m: 10, output_per_1m: 30}\n")
+    prices.write_text("models:\n  gemma-2b-it: {input_price_per_1m: 0.1, output_price_per_1m: 0.1}\n"
+                      "  Mixtral-8x7B-Instruct-v0.1_concise: {input_price_per_1m: 0.6, output_price_per_1m: 0.6}\n"
+                      "  mistralai/Mixtral-8x7B-Instruct-v0.1: {input_price_per_1m: 0.6, output_price_per_1m: 0.6}\n"
+                      "  gpt-4-1106-preview: {input_price_per_1m: 10, output_price_per_1m: 30}\n")
     with pytest.raises(DataError, match="tier model\\(s\\) mistralai/Mixtral-8x7B-Instruct-v0.1 not graded there"):
         run_tier_eval(trained["path"], bench, tiers, prices, tmp_path / "o", folds=2)
     tiers[1] = "Mixtral-8x7B-Instruct-v0.1_concise"

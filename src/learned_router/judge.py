@@ -84,14 +84,6 @@ def pairwise_messages(question: str, answer_a: str, answer_b: str) -> list[dict]
             {"role": "user", "content": PAIRWISE.format(question=question, answer_a=answer_a, answer_b=answer_b)}]
 
 
-def template_chars(mode: str, reference: bool = True) -> int:
-    """Characters of the judge's chat without the question and answers (for cost estimates)."""
-    if mode == "pairwise":
-        return len(PAIRWISE_SYSTEM) + len(PAIRWISE.format(question="", answer_a="", answer_b=""))
-    text = SINGLE_REFERENCE.format(question="", reference="", answer="") if reference else SINGLE.format(question="", answer="")
-    return len(SINGLE_SYSTEM) + len(text)
-
-
 def parse_rating(text: str) -> float | None:
     """The rating's grade (rating - 1) / 9; None when there is no [[rating]], one outside 1-10, or two that differ."""
     found = {float(m) for m in RATING.findall(text or "")}

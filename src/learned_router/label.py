@@ -26,7 +26,7 @@ judge and baseline) and reuses the answers already given; a crash loses at most 
 texts are labelled once (under the first one's id).
 
 Cost: before it starts, every call to make is priced at its provider's (a tier: its first provider's) configured
-prices, with prompt tokens from characters / `routing.chars_per_token` (+4 per message), each answer at
+prices, with prompt tokens from characters / `routing.chars_per_token` (+4 per message: prices.py), each answer at
 `judge.answer_max_tokens` and each verdict at `judge.max_tokens`. While it runs, each answer is billed from its
 `usage` (else the estimate, serving/usage.py). `max_usd` stops the run cleanly: no call starts whose estimate would
 take the spend past it. Failed calls (no provider answered) and judge answers without a verdict write no row: they
@@ -49,7 +49,8 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import DataError, RouterError
-from .judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages, template_chars
+from .judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages
+from .prices import prompt_tokens
 from .progress import mode as progress_mode
 from .progress import step
 from .serving.config import ProviderConfig, ServiceConfig, TierConfig
@@ -343,9 +344,9 @@ class Plan:
         return sum(len(j.pending) for j in self.jobs)
 
 
-def tokens(chars: int, cpt: float, messages: int = 1) -> int:
-    """Prompt tokens of `messages` messages holding `chars` characters, as the service estimates them."""
-    return math.ceil(chars / cpt) + 4 * messages
+def chat_tokens(messages: list[dict], cpt: float) -> int:
+    """Prompt tokens of a chat, as the service estimates them."""
+    return prompt_tokens((len(m["content"]) for m in messages), cpt)
 
 
 def needs(c: int, ref: int) -> list[int]:
@@ -354,9 +355,11 @@ def needs(c: int, ref: int) -> list[int]:
     return [c] if c == ref else [c, ref]
 
 
-def judge_chars(mode: str, prompt: str, answers: list[int]) -> int:
-    """Characters of a judge call on `prompt` and answers of these lengths."""
-    return template_chars(mode, reference=len(answers) > 1) + len(prompt) + sum(answers)
+def judge_chat(mode: str, prompt: str, answers: list[str]) -> list[dict]:
+    """The judge's chat grading answers[0], against answers[1] (the strongest's) when there is one."""
+    if mode == "single":
+        return single_messages(prompt, answers[0], answers[1] if len(answers) > 1 else None)
+    return pairwise_messages(prompt, *answers)
 
 
 def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None = None, sample: int | None = None,
@@ -406,13 +409,12 @@ def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None 
         for a in wanted:
             if (job.prompt_id, chosen[a].model) not in journal.answers:
                 answer_calls += 1
-                usd += chosen[a].providers[0].cost_usd(tokens(len(job.text), cpt), judge.answer_max_tokens)
+                usd += chosen[a].providers[0].cost_usd(prompt_tokens([len(job.text)], cpt), judge.answer_max_tokens)
         for c in job.pending:
-            lengths = [len(journal.answers.get((job.prompt_id, chosen[a].model), "x" * answer_chars))
-                       for a in needs(c, ref)]
-            calls = 1 if judge.mode == "single" else 2
+            answers = [journal.answers.get((job.prompt_id, chosen[a].model), "x" * answer_chars) for a in needs(c, ref)]
+            calls = 1 if judge.mode == "single" else 2  # pairwise: both orders, of one length
             judge_calls += calls
-            usd += calls * judge.provider.cost_usd(tokens(judge_chars(judge.mode, job.text, lengths), cpt, 2), judge.max_tokens)
+            usd += calls * judge.provider.cost_usd(chat_tokens(judge_chat(judge.mode, job.text, answers), cpt), judge.max_tokens)
     return Plan(cfg, chosen, jobs, out, journal, earlier, [r for r in fb if row_key(r) not in done], unknown, len(items), skipped,
                 answer_calls, judge_calls, usd, concurrency or judge.concurrency, max_usd)
 
@@ -509,8 +511,8 @@ class Labeller:
                 reply = await self.upstream.complete(chain, {"messages": messages, "max_tokens": max_tokens, "stream": False,
                                                              **extra}, stream=False)
                 if reply.status == 200:
-                    prompt_tokens = tokens(sum(len(m["content"]) for m in messages), self.cpt, len(messages))
-                    p_in, p_out, _ = billed_tokens(reply.json.get("usage"), prompt_tokens, answer_chars(reply.json), self.cpt)
+                    estimated = chat_tokens(messages, self.cpt)
+                    p_in, p_out, _ = billed_tokens(reply.json.get("usage"), estimated, answer_chars(reply.json), self.cpt)
                     cost = reply.provider.config.cost_usd(p_in, p_out)
                     self.s.spent += cost if sane_cost(cost) else 0.0
             except AllProvidersFailed as e:
@@ -553,7 +555,7 @@ class Labeller:
         if known is not None:
             return known
         out_tokens = self.judge.answer_max_tokens
-        estimate = con.providers[0].cost_usd(tokens(len(job.text), self.cpt), out_tokens)
+        estimate = con.providers[0].cost_usd(prompt_tokens([len(job.text)], self.cpt), out_tokens)
         try:
             text = await self.call(self.chains[c], [{"role": "user", "content": job.text}], out_tokens, estimate)
         except (CallFailed, Stop) as e:
@@ -562,8 +564,7 @@ class Labeller:
         return text
 
     async def verdict(self, messages: list[dict]) -> str | Exception:
-        estimate = self.judge.provider.cost_usd(tokens(sum(len(m["content"]) for m in messages), self.cpt, len(messages)),
-                                                self.judge.max_tokens)
+        estimate = self.judge.provider.cost_usd(chat_tokens(messages, self.cpt), self.judge.max_tokens)
         try:
             return await self.call(self.judge_chain, messages, self.judge.max_tokens, estimate, temperature=0)
         except (CallFailed, Stop) as e:

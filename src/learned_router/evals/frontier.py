@@ -16,6 +16,7 @@ import pandas as pd
 from sklearn.metrics import auc as trapezoid_area
 
 from ..errors import DataError
+from ..prices import cost_usd
 from .checks import as_array, as_pair
 
 TOL = 1e-12  # float slack when comparing a curve's quality with a target
@@ -67,8 +68,7 @@ def per_prompt_cost(cost_per_call: Mapping[str, object], n: int) -> tuple[np.nda
 
 def call_cost(input_tokens, output_tokens, usd_per_m_input: float, usd_per_m_output: float) -> np.ndarray:
     """Dollars per call from token counts (numbers or per-prompt arrays) and $ per 1M input/output tokens."""
-    tokens_in, tokens_out = np.asarray(input_tokens, float), np.asarray(output_tokens, float)
-    return (tokens_in * usd_per_m_input + tokens_out * usd_per_m_output) / 1e6
+    return cost_usd(np.asarray(input_tokens, float), np.asarray(output_tokens, float), usd_per_m_input, usd_per_m_output)
 
 
 def sweep(strong_score, weak, strong, quantiles: int | None = 10,

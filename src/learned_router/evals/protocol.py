@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..data import Grades, canonical, group_of, load_grades, load_source, observations
 from ..errors import DataError, RouterError
+from ..prices import OUTPUT_TOKENS, Price, load_prices, message_tokens
 from .baselines import knn_scores, logistic_scores, prompt_length_scores
 from .plots import plot_frontier
 from .report import LEVEL, RESAMPLES, evaluate, markdown_table
@@ -31,36 +32,23 @@ ANY = "*"  # as the weak model of a battles benchmark: whichever model the stron
 
 @dataclass
 class Prices:
-    """USD per 1M input/output tokens, per model; calls are costed at chars/4 input and a fixed output length."""
+    """A price file's prices (prices.py) by each model's canonical name; a call is its prompt as one message and an
+    answer of the file's `output_tokens`, tokens estimated as the service does."""
 
-    per_model: dict[str, tuple[float, float]] = field(default_factory=dict)
-    output_tokens: int = 256
+    per_model: dict[str, Price] = field(default_factory=dict)
+    output_tokens: int = OUTPUT_TOKENS
 
     @classmethod
     def load(cls, path: Path | None) -> "Prices | None":
-        import yaml
-
         if path is None:
             return None
-        if not Path(path).is_file():
-            raise DataError(f"{path}: no such file")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        models = raw.get("models")
-        if not isinstance(models, dict):
-            raise DataError(f"{path}: expected 'models: {{name: {{input_per_1m: X, output_per_1m: Y}}}}'")
-        per_model = {}
-        for name, p in models.items():
-            try:
-                per_model[canonical(name)] = (float(p["input_per_1m"]), float(p["output_per_1m"]))
-            except (TypeError, KeyError, ValueError):
-                raise DataError(f"{path}: models.{name}: needs numbers input_per_1m and output_per_1m") from None
-        return cls(per_model, int(raw.get("output_tokens", 256)))
+        table = load_prices(path)
+        return cls({canonical(name): p for name, p in table.models.items()}, table.output_tokens)
 
     def cost(self, model: str, prompts: pd.Series) -> np.ndarray:
         if model not in self.per_model:
             raise DataError(f"no price for model '{model}'; priced models: {', '.join(sorted(self.per_model))}")
-        p_in, p_out = self.per_model[model]
-        return (prompts.str.len().to_numpy() / 4 * p_in + self.output_tokens * p_out) / 1e6
+        return self.per_model[model].cost(message_tokens(prompts.str.len().to_numpy()), self.output_tokens)
 
 
 def load_benchmark(path: Path, strong: str, weak: str) -> pd.DataFrame:

@@ -245,7 +245,8 @@ def tier_section(suite: Suite, out: Path, progress) -> list[str]:
     lines = ["## Multi-tier routing", "",
              f"Router `{suite.router}`: each tier's pass chance against the top tier; policy: the cheapest tier whose pass",
              "chance clears the threshold, else the tier most likely to pass. The frontier is in dollars (prices of",
-             "`evals/prices.yaml`; each call costs its prompt and its graded answer's own length at chars/4 tokens).",
+             "`evals/prices.yaml`; each call costs its prompt and its graded answer's own length, at characters / 4 tokens",
+             "+ 4 for the prompt's message, as the service estimates them).",
              "Target: at the best single model's quality, at least 40% lower cost. `two-model` routes one cheaper tier",
              "against the best single model on the same pass chances; `oracle` is the physical limit.", ""]
     for b in suite.tier_benchmarks:

@@ -4,8 +4,9 @@ the oracle, on prompts the router never saw.
 Protocol: k-fold cross-validation by prompt on a graded table (long shape: every tier's model graded on the same
 prompts; a preference against a fixed baseline counts the baseline as 0.5). Per fold, the router's recipe is refit
 on its training data without the fold's prompts, and the fold is routed with the tier policy (`scorer.choose_tier`)
-on each tier's pass chance against the top tier. A call costs (prompt chars / 4) input tokens and (answer chars / 4)
-output tokens at the tier's prices: the answer lengths are the graded answers' own, where the data has them.
+on each tier's pass chance against the top tier. A call costs its prompt (one message) as input tokens and its answer
+as output tokens at the tier's prices, tokens estimated from characters as the service does (prices.py): the answer
+lengths are the graded answers' own, where the data has them, else the price file's `output_tokens`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 
 from ..data import canonical, group_of, load_source, observations
 from ..errors import DataError, RouterError
+from ..prices import cost_usd, message_tokens, text_tokens
 from .protocol import Prices, folds_of
 
 PER = 1000  # costs are reported in dollars per this many requests
@@ -128,10 +130,9 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     recipe = Recipe.from_dict(record.recipe)
     enc = Encoder(record.encoder_path, record.encoder.max_seq_length, record.encoder.layers)
     prompts, scores, chars = grade_table(data, tiers)
-    p_in = np.array([priced.per_model[t][0] for t in tiers])
-    p_out = np.array([priced.per_model[t][1] for t in tiers])
-    chars = np.where(np.isnan(chars), priced.output_tokens * 4, chars)
-    costs = (prompts["prompt"].str.len().to_numpy()[:, None] / 4 * p_in + chars / 4 * p_out) / 1e6
+    p_in, p_out = np.array([priced.per_model[t] for t in tiers]).T
+    answer_tokens = np.where(np.isnan(chars), priced.output_tokens, text_tokens(np.nan_to_num(chars)))
+    costs = cost_usd(message_tokens(prompts["prompt"].str.len().to_numpy())[:, None], answer_tokens, p_in, p_out)
     mean_cost, mean_q = costs.mean(axis=0), scores.mean(axis=0)
     order = np.argsort(mean_cost, kind="stable")
     if list(order) != list(range(len(tiers))):

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import first_error
+from ..prices import CHARS_PER_TOKEN, cost_usd
 from .errors import ConfigError
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -78,7 +79,7 @@ class ProviderConfig(Strict):
         return self
 
     def cost_usd(self, input_tokens: float, output_tokens: float) -> float:
-        return (input_tokens * self.input_price_per_1m + output_tokens * self.output_price_per_1m) / 1e6
+        return cost_usd(input_tokens, output_tokens, self.input_price_per_1m, self.output_price_per_1m)
 
 
 class TierConfig(Strict):
@@ -113,7 +114,7 @@ class RoutingConfig(Strict):
     threshold: float | None = Field(None, ge=0.0, le=1.0)  # the cheapest tier whose pass chance >= this
     strong_fraction: float | None = Field(None, ge=0.0, le=1.0)  # instead: the share of strong calls (one scored tier)
     score_turn: Literal["last_user", "first_user", "all_user"] = "last_user"  # the turn(s) the router scores
-    chars_per_token: Positive = 4.0  # token estimate for the context-window rule and cost estimates
+    chars_per_token: Positive = CHARS_PER_TOKEN  # token estimate for the context-window rule and cost estimates
     assumed_output_tokens: int = Field(256, ge=0)  # cost estimate when the request sets no max_tokens
     fallback_to_other_tiers: bool = True  # when the chosen tier's chain fails: the pricier tiers, then the cheaper
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import random
 import re
 import time
@@ -40,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..judge import NO_ANSWER
+from ..prices import prompt_tokens
 
 ANSWERS = [
     "Here is a concise answer to your question.",
@@ -183,7 +183,7 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
         else:
             answer = canned_answer(state.name, prompt, state.answer_words.get(prompt_key(prompt)))
         usage = {
-            "prompt_tokens": sum(math.ceil(len(str(m.get("content") or "")) / 4) + 4 for m in messages),
+            "prompt_tokens": prompt_tokens(len(str(m.get("content") or "")) for m in messages),
             "completion_tokens": len(answer.split()),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]

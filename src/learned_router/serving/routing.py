@@ -5,8 +5,8 @@ model must answer now (earlier turns are context; a system prompt is the same fo
 app, so it says little about this one's difficulty). `first_user` scores the opening request of the
 conversation, `all_user` all user turns joined.
 
-Token counts are estimated as ceil(characters / chars_per_token) + 4 per message, over the whole
-conversation (that is what the upstream model reads), plus the requested max_tokens. The router's own
+Token counts are estimated as ceil(characters / chars_per_token) + 4 per message (learned_router.prices), over the
+whole conversation (that is what the upstream model reads), plus the requested max_tokens. The router's own
 tokenizer is not used for this: it is not the upstream model's tokenizer and it truncates at 256 tokens.
 
 Routing options come in the `router` object of the body (`{"router": {"latency_budget_ms": 800, "data_class":
@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..errors import first_error
+from ..prices import prompt_tokens
 from .errors import APIError
 
 LATENCY_HEADER, DATA_CLASS_HEADER, TASK_TYPE_HEADER = "x-router-latency-budget-ms", "x-router-data-class", "x-router-task-type"
@@ -178,7 +179,7 @@ def scored_text(messages: list[Message], turn: str) -> str:
 
 def estimate_tokens(messages: list[Message], chars_per_token: float) -> int:
     """Prompt tokens the upstream model reads, estimated from characters (see the module docstring)."""
-    return sum(math.ceil(len(m.text()) / chars_per_token) + 4 for m in messages)
+    return prompt_tokens((len(m.text()) for m in messages), chars_per_token)
 
 
 def router_options(body: dict, headers: Mapping[str, str]) -> RouterOptions:

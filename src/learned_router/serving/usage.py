@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from ..prices import text_tokens
+
 MAX_TOKENS = 10_000_000  # per count of one answer: far above any context window, far below a corrupting figure
 
 
@@ -38,7 +40,7 @@ def billed_tokens(usage: object, prompt_estimate: float, chars: int, chars_per_t
     """(prompt, completion, why estimated: None, 'missing' or 'invalid')."""
     if (tokens := valid_usage(usage)) is not None:
         return float(tokens[0]), float(tokens[1]), None
-    return float(prompt_estimate), math.ceil(chars / chars_per_token), "missing" if usage is None else "invalid"
+    return float(prompt_estimate), text_tokens(chars, chars_per_token), "missing" if usage is None else "invalid"
 
 
 def sane_cost(usd: float) -> bool:
