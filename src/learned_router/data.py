@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from .errors import DataError
 from .manifest import sha256_file
+from .yamlfile import load_yaml
 
 FORMATS = {
     "long": ("prompt", "model", "score"),
@@ -46,7 +46,7 @@ SOURCES_FILE = Path(__file__).with_name("sources.yaml")
 @lru_cache(maxsize=1)
 def known_sources() -> dict:
     """sources.yaml: model aliases (one name per model across sources) and per-source scheme overrides."""
-    return yaml.safe_load(SOURCES_FILE.read_text())
+    return load_yaml(SOURCES_FILE)
 
 
 def canonical(model: str) -> str:

@@ -77,11 +77,9 @@ class PriceFile:
 def load_prices(path: str | Path) -> PriceFile:
     """A price file; DataError naming the file and key when it cannot be used (an older file's `input_per_1m` /
     `output_per_1m` included: they are now `input_price_per_1m` / `output_price_per_1m`)."""
-    import yaml
+    from .yamlfile import load_yaml
 
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = load_yaml(path, DataError) or {}
     models = raw.get("models") if isinstance(raw, dict) else None
     if not isinstance(models, dict):
         raise DataError(f"{path}: expected 'models: {{name: {{input_price_per_1m: X, output_price_per_1m: Y}}}}'")

@@ -18,10 +18,10 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RouterError, first_error
+from .yamlfile import load_yaml
 
 FILE = "task_types.yaml"  # in a router folder, or this package's default
 UNKNOWN = "unknown"  # a request with no text to embed, or a router without embeddings
@@ -69,14 +69,9 @@ def types_path(router_path: str | os.PathLike | None = None, override: str | os.
 
 def load_types(path: str | os.PathLike) -> dict[str, TaskType]:
     """The types of a YAML file; TaskTypeError naming the file and key when it cannot be used."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaskTypeError(f"{path}: task types file not found")
+    data = load_yaml(path, TaskTypeError, "task types file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
         return TypesFile.model_validate(data).types
-    except yaml.YAMLError as e:
-        raise TaskTypeError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     except ValidationError as e:
         loc, msg = first_error(e)
         raise TaskTypeError(f"{path}: {'.'.join(map(str, loc)) or 'file'}: {msg}") from None

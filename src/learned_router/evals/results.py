@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RouterError, first_error
+from ..yamlfile import load_yaml
 from .protocol import run_eval, verdict
 from .report import LEVEL, RESAMPLES, markdown_table, span
 
@@ -94,12 +94,11 @@ def previous_scorer(previous: Previous, repo: Path):
 
 
 def load_suite(path: Path) -> Suite:
-    if not Path(path).is_file():
-        raise RouterError(f"{path}: no such file")
+    data = load_yaml(path)
     try:
-        return Suite.model_validate(yaml.safe_load(Path(path).read_text()))
-    except (yaml.YAMLError, ValidationError) as e:
-        raise RouterError(f"{path}: {str(e).splitlines()[0] if isinstance(e, yaml.YAMLError) else _first(e)}") from None
+        return Suite.model_validate(data)
+    except ValidationError as e:
+        raise RouterError(f"{path}: {_first(e)}") from None
 
 
 def _first(e: ValidationError) -> str:
