@@ -102,9 +102,27 @@ class RouterConfig(Strict):
 
     path: str = "models/default"  # a router folder; relative paths are relative to the working directory
     threads: int | None = Field(1, ge=1)  # onnxruntime intra-op threads; None: onnxruntime's default
-    workers: int = Field(1, ge=1)  # threads scoring batches at the same time
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # threads scoring batches at the same time; auto: one per usable core but one (left to the event loop), at least one
     max_batch: int = Field(32, ge=1)  # most prompts handed to the scorer at once (int8: one onnxruntime call each)
     max_wait_ms: NonNegative = 0.0  # extra wait for more prompts before scoring a batch
+
+    @model_validator(mode="after")
+    def _auto_workers(self) -> RouterConfig:
+        if self.workers == "auto":
+            object.__setattr__(self, "workers", max(1, usable_cores() - 1))
+        return self
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's --cpus)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 class RoutingConfig(Strict):
