@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from learned_router.serving.app import RedactQuery
+from learned_router.serving.middleware import RedactQuery
 from learned_router.serving.slowclients import HeaderTimeoutProtocol
 from serving_fixtures import (CLIENT_KEY, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
                               two_tiers, wait_for)
@@ -275,6 +275,18 @@ def test_api_docs_can_be_switched_on():
         with start_service(cfg) as service:
             assert httpx.get(service.url + "/openapi.json").json()["info"]["title"] == "learned-router"
             assert httpx.get(service.url + "/docs").status_code == 200
+
+
+def test_the_api_docs_show_the_routing_decisions_schema(stack):
+    weak, strong = (provider_entry(name, stack[name], None, model, (1, 1)) for name, model in (("weak", WEAK), ("strong", STRONG)))
+    with start_service({**service_config(two_tiers([weak], [strong])), "api_docs": True}) as service:
+        decision = httpx.post(service.url + "/v1/route", json=GOOD, headers=AUTH).json()
+        spec = httpx.get(service.url + "/openapi.json").json()
+    schema = spec["paths"]["/v1/route"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    fields = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]["properties"]
+    assert {"tier", "rule", "reason", "pass_chances", "threshold", "effective_threshold", "budget", "router"} <= set(fields)
+    assert list(fields) == list(decision)  # every field the endpoint returns, in its order
+    assert fields["pass_chances"]["additionalProperties"] == {"type": "number"}
 
 
 def test_access_log_lines_never_show_a_query_string_value(stack):

@@ -1,0 +1,12 @@
+"""The HTTP endpoints, one router a resource: chat completions, routing decisions, feedback, drift, admin, operations."""
+
+from fastapi import APIRouter
+
+from . import admin, chat, drift, feedback, ops, route
+
+ROUTERS = (chat.router, route.router, feedback.router, drift.router, admin.router, ops.router)
+ENDPOINTS = frozenset(r.path for router in ROUTERS for r in router.routes)  # request metrics name these paths
+
+api_router = APIRouter()
+for included in ROUTERS:
+    api_router.include_router(included)

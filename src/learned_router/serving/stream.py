@@ -1,0 +1,74 @@
+"""A streamed answer: the upstream's SSE lines passed through, and the answer accounted for once the stream is over."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+
+from .errors import error_body
+from .providers import BadStream, Reply, stream_chunk
+from .service import Decision, Service
+
+log = logging.getLogger("learned_router.serving")
+
+
+async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wants_usage: bool, client: str | None,
+                started: float) -> AsyncIterator[str]:
+    """Pass the upstream's SSE lines through; note usage; drop the usage chunk we asked for on the client's behalf.
+
+    A chunk that breaks OpenAI's format, or a stream that ends without `data: [DONE]`, ends the client's stream with an
+    error event (`bad_response` or `stream_interrupted`) and counts as a failure of its provider. However the stream
+    ends (done, broken, or cancelled when the client goes away), the upstream response is closed and the answer is
+    billed (`Service.account`), logged and recorded (`Service.record`).
+    """
+    provider, usage, chars, skip_blank, outcome, done = reply.provider, None, 0, False, "aborted", False
+    strip_usage = provider.config.stream_usage and not wants_usage
+
+    async def lines():
+        for line in reply.head:
+            yield line
+        async for line in reply.lines:
+            yield line
+
+    try:
+        async for line in lines():
+            if done:
+                continue  # nothing follows [DONE]
+            if line.startswith("data:"):
+                if (data := line[5:].strip()) == "[DONE]":
+                    done = True
+                else:
+                    chunk, text = stream_chunk(data)
+                    chars += text
+                    if chunk.get("usage") is not None:
+                        usage = chunk["usage"]
+                        if strip_usage and not chunk.get("choices"):
+                            skip_blank = True
+                            continue
+            elif skip_blank and not line:
+                skip_blank = False
+                continue
+            yield line + "\n"
+        if not done:
+            raise BadStream("the stream ended without data: [DONE]", kind="stream_interrupted")
+        outcome = "ok"
+    except (httpx.HTTPError, BadStream) as e:
+        kind = e.kind if isinstance(e, BadStream) else "stream_interrupted"
+        outcome = "interrupted" if kind == "stream_interrupted" else kind
+        await service.state.failure(provider)
+        service.metrics.upstream_errors.labels(provider.name, kind).inc()
+        why = e.detail if isinstance(e, BadStream) else type(e).__name__
+        err = error_body(f"upstream {provider.name} failed mid-stream ({why})", "upstream_error", code=kind)
+        yield f"data: {json.dumps(err)}\n\n"
+    finally:
+        with anyio.CancelScope(shield=True):  # close the upstream even when the client's disconnect cancelled us
+            await reply.response.aclose()
+        billed = service.account(provider, usage, chars, d, served=outcome == "ok")
+        log.info("chat id=%s tier=%s provider=%s stream=%s rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
+                 "cost_usd=%.8f", request_id, d.tier, provider.name, outcome, d.rule, d.task_type, d.threshold,
+                 d.effective_threshold, reply.fallbacks, billed.usd)
+        service.record(d, request_id, client, started, reply.status, outcome, provider, billed)
