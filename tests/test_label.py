@@ -15,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from learned_router.cli import app
+from learned_router.errors import DataError
 from learned_router.judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages
 from learned_router.label import plan
 from learned_router.serving.config import load_config, parse_config
@@ -299,3 +300,23 @@ def test_labelling_never_imports_torch():
             "bad = [m for m in ('torch', 'sentence_transformers', 'transformers', 'datasets') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_read_prompts_names_the_first_bad_row(tmp_path):
+    from learned_router.label import read_prompts
+
+    def bad(df: pd.DataFrame) -> str:
+        path = tmp_path / "p.jsonl"
+        df.to_json(path, orient="records", lines=True)
+        with pytest.raises(DataError) as e:
+            read_prompts(path)
+        return str(e.value).removeprefix(f"{path}: ")
+
+    assert bad(pd.DataFrame({"prompt": ["a", " ", ""]})) == "row 1: field 'prompt' is empty or not text (got ' ')"
+    assert bad(pd.DataFrame({"prompt": ["a", "b", "c"], "prompt_id": ["1", "2", "1"]})) == \
+        "row 2: field 'prompt_id' '1' names another prompt than row 0's"
+    assert bad(pd.DataFrame({"prompt": ["a", "b"], "tier": ["weak", "weak"], "feedback": [None, True]})) == \
+        "row 1: field 'feedback' must be a number in [0, 1] or null (got True)"
+    path = tmp_path / "ok.jsonl"
+    pd.DataFrame({"prompt": ["a", "b", "a"], "prompt_id": ["1", "2", "1"]}).to_json(path, orient="records", lines=True)
+    assert read_prompts(path)["prompt_id"].tolist() == ["1", "2", "1"]

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, first_bad
 from .manifest import sha256_file
 from .yamlfile import load_yaml
 
@@ -129,17 +129,6 @@ def load_sources(path: str | Path, weight: float = 1.0) -> list[Source]:
     return [Source(path=src.path, name=str(name), table=part.reset_index(drop=True), fmt=src.fmt,
                    scheme=scheme_of(str(name), src.fmt, part), weight=weight)
             for name, part in df.groupby("source", sort=False)]
-
-
-def plain(value: object) -> object:
-    """A numpy scalar as the Python value it holds, so error messages read 7.0, not np.float64(7.0)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def first_bad(path: Path, bad: pd.Series, message: str, values: pd.Series) -> None:
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{path}: row {i}: {message} (got {plain(values.iloc[i])!r})")
 
 
 def check_prompts(path: Path, df: pd.DataFrame) -> None:

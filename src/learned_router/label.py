@@ -48,7 +48,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataError, RouterError
+from .data import check_prompts
+from .errors import DataError, RouterError, first_bad, first_index
 from .judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages
 from .prices import prompt_tokens
 from .progress import mode as progress_mode
@@ -143,21 +144,19 @@ def read_prompts(path: Path) -> pd.DataFrame:
     if df.empty:
         raise DataError(f"{path}: no prompts")
     df = df.reset_index(drop=True)
-    for i, p in enumerate(df["prompt"]):
-        if not isinstance(p, str) or not p.strip():
-            raise DataError(f"{path}: row {i}: field 'prompt' is empty or not text (got {p!r})")
+    check_prompts(path, df)
     ids = df["prompt_id"] if "prompt_id" in df.columns else pd.Series([None] * len(df))
     df["prompt_id"] = [text_id(p) if pd.isna(i) else str(i) for p, i in zip(df["prompt"], ids)]
-    first: dict[str, int] = {}
-    for i, (pid, p) in enumerate(zip(df["prompt_id"], df["prompt"])):
-        j = first.setdefault(pid, i)
-        if df["prompt"].iloc[j] != p:
-            raise DataError(f"{path}: row {i}: field 'prompt_id' {pid!r} names another prompt than row {j}'s")
+    owner = df.groupby("prompt_id", sort=False)["prompt"].transform("first")  # the text of each id's first row
+    if (i := first_index(df["prompt"] != owner)) is not None:
+        pid = df["prompt_id"].iloc[i]
+        j = first_index(df["prompt_id"] == pid)
+        raise DataError(f"{path}: row {i}: field 'prompt_id' {pid!r} names another prompt than row {j}'s")
     if "feedback" in df.columns:
-        values = pd.to_numeric(df["feedback"], errors="coerce")
-        for i, (given, v) in enumerate(zip(df["feedback"], values)):
-            if not pd.isna(given) and (pd.isna(v) or not 0 <= v <= 1 or isinstance(given, bool)):
-                raise DataError(f"{path}: row {i}: field 'feedback' must be a number in [0, 1] or null (got {given!r})")
+        given = df["feedback"]
+        values = pd.to_numeric(given, errors="coerce")
+        first_bad(path, given.notna() & (values.isna() | ~values.between(0, 1) | given.map(lambda g: isinstance(g, bool))),
+                  "field 'feedback' must be a number in [0, 1] or null", given)
         df["feedback"] = values.astype(float)
         if df["feedback"].notna().any() and "tier" not in df.columns:
             raise DataError(f"{path}: a 'feedback' column needs a 'tier' column (the tier that answered each prompt)")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import RouterError, first_error
+from .errors import RouterError, first_bad, first_error
 from .yamlfile import load_yaml
 
 FILE = "task_types.yaml"  # in a router folder, or this package's default
@@ -113,9 +113,8 @@ def read_table(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         rows = list(reader)
     if not rows:
         raise TaskTypeError(f"{path}: no rows")
-    for i, r in enumerate(rows, start=2):
-        if not (r["prompt"] or "").strip() or not (r["type"] or "").strip():
-            raise TaskTypeError(f"{path}: line {i}: empty type or prompt")
+    first_bad(path, [not (r["prompt"] or "").strip() or not (r["type"] or "").strip() for r in rows], "empty type or prompt",
+              error=TaskTypeError, unit="line", first=2)
     return [r["prompt"] for r in rows], [r["type"] for r in rows]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, first_bad
 
 
 def as_array(values, name: str, n: int | None = None) -> np.ndarray:
@@ -20,8 +20,7 @@ def as_array(values, name: str, n: int | None = None) -> np.ndarray:
     if n is not None and arr.size != n:
         raise DataError(f"{name}: {arr.size} values, expected {n} (one per prompt)")
     bad = ~np.isfinite(arr)
-    if bad.any():
-        raise DataError(f"{name}: {int(bad.sum())} NaN or infinite values (first at index {int(np.argmax(bad))})")
+    first_bad(name, bad, f"NaN or infinite, the first of {int(bad.sum())} such values", arr, unit="index")
     return arr
 
 
@@ -29,9 +28,7 @@ def as_unit(values, name: str, n: int | None = None) -> np.ndarray:
     """Like `as_array`, and every value in [0, 1] (qualities, probabilities, labels)."""
     arr = as_array(values, name, n)
     out = (arr < 0) | (arr > 1)
-    if out.any():
-        i = int(np.argmax(out))
-        raise DataError(f"{name}: {int(out.sum())} values outside [0, 1] (index {i}: {arr[i]})")
+    first_bad(name, out, f"outside [0, 1], the first of {int(out.sum())} such values", arr, unit="index")
     return arr
 
 
