@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -56,11 +58,45 @@ def test_the_example_config_is_valid():
     assert strong.providers[0].input_price_per_1m == 10 and weak.providers[0].output_price_per_1m == 0.6
     assert strong.providers[0].api_key_env == "STRONG_API_KEY"
     assert cfg.budget.period == "day" and cfg.data_classes == {"restricted": ["strong-demo"]}
+    assert Path(cfg.router.path).resolve() == (ROOT / "models" / "default").resolve()  # from serving/, whatever the cwd
+    for store in (cfg.budget.store, cfg.traffic.store, cfg.drift.reference):  # the demo writes where .gitignore expects
+        assert Path(store).resolve().parent == ROOT.resolve() and Path(store).name.startswith("router-")
+
+
+@needs_router
+def test_relative_paths_are_from_the_config_files_folder(tmp_path, monkeypatch):
+    from learned_router.tasktypes import types_path
+
+    monkeypatch.setenv("STRONG_API_KEY", "x")
+    monkeypatch.setenv("WEAK_API_KEY", "y")
+    folder, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    (folder / "state").mkdir(parents=True)
+    elsewhere.mkdir()
+    (folder / "router").symlink_to(ROUTER_DIR.resolve(), target_is_directory=True)
+    shutil.copy(types_path(), folder / "types.yaml")
+    cfg = example(tmp_path)
+    cfg["router"]["path"] = "router"
+    cfg["budget"]["store"], cfg["traffic"]["store"] = "state/spend.sqlite", "state/traffic.sqlite"
+    cfg["drift"]["reference"], cfg["task_types"]["file"] = "state/reference.json", "types.yaml"
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(elsewhere)
+    for given in (folder / "config.yaml", Path("..") / "conf" / "config.yaml"):
+        loaded = load_config(given)
+        paths = [loaded.router.path, loaded.budget.store, loaded.traffic.store, loaded.drift.reference, loaded.task_types.file]
+        assert [Path(p).resolve() for p in paths] == [(folder / p).resolve() for p in
+                                                       ("router", "state/spend.sqlite", "state/traffic.sqlite",
+                                                        "state/reference.json", "types.yaml")]
+    service = Service(loaded)
+    assert Path(service.router.path).resolve() == ROUTER_DIR.resolve()  # the folder beside the config file
+    assert (folder / "state" / "spend.sqlite").is_file()
+    absolute = str(tmp_path / "spend.sqlite")
+    assert load_config(write(folder, {**cfg, "budget": {**cfg["budget"], "store": absolute}})).budget.store == absolute
+    assert parse_config(cfg).router.path == "router"  # a config given as a dict: from the working directory
 
 
 def test_the_three_tier_example_config_serves_with_the_shipped_router(tmp_path, monkeypatch):
     cfg = yaml.safe_load(TIERS_EXAMPLE.read_text())
-    cfg["router"]["path"] = str(ROOT / cfg["router"]["path"])
+    cfg["router"]["path"] = str(TIERS_EXAMPLE.parent / cfg["router"]["path"])
     cfg["budget"]["store"] = str(tmp_path / "spend.sqlite")
     for env in ("SMALL_API_KEY", "WEAK_API_KEY", "STRONG_API_KEY"):
         monkeypatch.setenv(env, "sk-fake")

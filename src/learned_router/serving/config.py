@@ -2,6 +2,10 @@
 
 API keys never live in the file: a provider names the environment variable that holds its key,
 and client keys are listed as sha256 hashes (or read in plain text from a named environment variable).
+
+The file paths in it (PATHS: the router folder, the stores, the drift reference, the task types file) are relative to
+the folder of the config file, whatever the working directory (a config passed as a dict to `parse_config`: to the
+working directory).
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ class TierConfig(Strict):
 class RouterConfig(Strict):
     """The router folder and how it scores: onnxruntime threads, micro-batches."""
 
-    path: str = "models/default"  # a router folder; relative paths are relative to the working directory
+    path: str = "models/default"  # a router folder; a relative path is from the config file's folder
     threads: int | None = Field(1, ge=1)  # onnxruntime intra-op threads; None: onnxruntime's default
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # threads scoring batches at the same time; auto: one per usable core but one (left to the event loop), at least one
     max_batch: int = Field(32, ge=1)  # most prompts handed to the scorer at once (int8: one onnxruntime call each)
@@ -148,7 +152,7 @@ class BudgetConfig(Strict):
 
     period: Literal["day", "month"]  # the UTC calendar period the budget covers
     usd: Positive  # the budget per period
-    store: str = "router-spend.sqlite"  # sqlite file of the spend; relative to the working directory
+    store: str = "router-spend.sqlite"  # sqlite file of the spend; a relative path is from the config file's folder
     min_threshold: float = Field(0.0, ge=0.0, le=1.0)  # the lowest threshold pacing may set
     max_threshold: float = Field(1.0, ge=0.0, le=1.0)  # the highest threshold pacing may set
     window: int = Field(500, ge=10)  # recent chat requests the pacer predicts costs on
@@ -284,7 +288,7 @@ class TaskTypesConfig(Strict):
     """Task types (code, math, writing, ...): inferred from the router's prompt embedding, or named by the request."""
 
     enabled: bool = True  # type each request (inference needs a router exported with its embedding output)
-    file: str | None = None  # a task types YAML; null: the router folder's task_types.yaml, else the package's
+    file: str | None = None  # a task types YAML (relative: from the config file's folder); null: the router folder's task_types.yaml, else the package's
     threshold_offsets: dict[str, Annotated[float, Field(ge=-1, le=1)]] = {}  # type -> added to its threshold (clipped to [0, 1])
     min_tier: dict[str, str] = {}  # type -> the cheapest tier its requests may go to (e.g. code: strong)
 
@@ -297,7 +301,7 @@ class DriftConfig(Strict):
     window: int = Field(1000, ge=20)  # most recent routed requests compared with the reference
     min_requests: int = Field(200, ge=10)  # fewer in the window: no PSI (NaN)
     threshold: Positive = 0.25  # a PSI above this is drift: logged, and alerted on by serving/alerts.yaml
-    reference: str | None = None  # JSON file: read at start when it exists; POST /v1/drift/reference writes it
+    reference: str | None = None  # JSON file (relative: from the config file's folder): read at start when it exists; POST /v1/drift/reference writes it
 
     @model_validator(mode="after")
     def _min(self) -> DriftConfig:
@@ -310,7 +314,7 @@ class TrafficConfig(Strict):
     """The traffic record: each chat request's scored text (or its hash), decision, provider, tokens, cost, latency
     and outcome, with the client's feedback beside it, in a sqlite file (written off the event loop)."""
 
-    store: str = "router-traffic.sqlite"  # sqlite file; share it between the processes of a host
+    store: str = "router-traffic.sqlite"  # sqlite file (relative: from the config file's folder); share it between the processes of a host
     text: Literal["full", "hash", "none"] = "full"  # the scored text as sent, its sha256 only, or neither
     retention_days: Positive | None = 30.0  # older requests (and their feedback) are deleted; null: kept
     max_rows: int | None = Field(1_000_000, ge=1)  # beyond this many requests the oldest are deleted; null: no cap
@@ -453,9 +457,24 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
     return cfg
 
 
+PATHS = (("router", "path"), ("budget", "store"), ("traffic", "store"), ("drift", "reference"), ("task_types", "file"))
+
+
+def paths_from(cfg: ServiceConfig, folder: Path) -> ServiceConfig:
+    """`cfg` with its relative file paths (PATHS) taken from `folder`."""
+    update = {}
+    for section, key in PATHS:
+        block = getattr(cfg, section)
+        value = None if block is None else getattr(block, key)
+        if value is not None and not Path(value).is_absolute():
+            update[section] = block.model_copy(update={key: str(folder / value)})
+    return cfg.model_copy(update=update)
+
+
 def load_config(path: str | os.PathLike) -> ServiceConfig:
+    """The config of a YAML file; its relative paths are from the file's folder."""
     path = Path(path)
     data = load_yaml(path, ConfigError, "config file not found")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (router, routing, tiers, auth, ...)")
-    return parse_config(data, str(path))
+    return paths_from(parse_config(data, str(path)), path.parent)

@@ -24,8 +24,9 @@ HEADER = """# Service configuration reference
 
 Every key of the YAML file `learned-router serve --config` reads (examples: [config.example.yaml](config.example.yaml),
 [config.tiers.example.yaml](config.tiers.example.yaml)). Unknown keys and wrong types are refused at start-up with a
-line naming the key. Generated from `src/learned_router/serving/config.py` by
-`python -m learned_router.serving.configdoc > serving/CONFIG.md`: do not edit by hand.
+line naming the key. A relative file path is from the config file's folder, whatever the working directory.
+Generated from `src/learned_router/serving/config.py` by `python -m learned_router.serving.configdoc > serving/CONFIG.md`:
+do not edit by hand.
 """
 BOUNDS = {annotated_types.Gt: ">", annotated_types.Ge: ">=", annotated_types.Lt: "<", annotated_types.Le: "<="}
 
