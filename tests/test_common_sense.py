@@ -32,5 +32,5 @@ def test_easy_prompts_get_higher_pass_chances_than_hard_ones(shipped, weak):
 
 def test_hi_goes_to_the_weak_model_and_a_lock_free_queue_to_the_strong_one(shipped):
     hi, queue = shipped.route(["hi", TABLE.loc[TABLE["prompt"].str.contains("lock-free"), "prompt"].iloc[0]])
-    assert hi.model == "weak", hi
-    assert queue.model == "strong", queue
+    assert hi.route == "weak", hi
+    assert queue.route == "strong", queue

@@ -58,10 +58,10 @@ def test_pass_chances_are_views_of_the_predicted_quality(router):
 
 def test_route_threshold(router):
     p = router.pass_chance(["Prove the Riemann hypothesis."])[0]
-    assert router.route(["Prove the Riemann hypothesis."], threshold=0.0)[0].model == "weak"
-    assert router.route(["Prove the Riemann hypothesis."], threshold=1.0)[0].model == "strong"
+    assert router.route(["Prove the Riemann hypothesis."], threshold=0.0)[0].route == "weak"
+    assert router.route(["Prove the Riemann hypothesis."], threshold=1.0)[0].route == "strong"
     d = router.route(["Prove the Riemann hypothesis."], threshold=float(p))[0]
-    assert d.model == "weak" and d.threshold == pytest.approx(p)
+    assert d.route == "weak" and d.threshold == pytest.approx(p)
     for bad in (-0.1, 1.5, "0.3"):
         with pytest.raises(RouterError, match="threshold must be a number in"):
             router.route(["x"], threshold=bad)

@@ -17,7 +17,7 @@ from .manifest import GENERIC, Manifest, RouterFolder
 
 @dataclass(frozen=True)
 class Decision:
-    model: str  # "strong" or "weak"
+    route: str  # "strong" or "weak" (as the `route` of `learned-router score`, whose `model` is the model's name)
     p_weak: float  # the weak model's pass chance against the strong one (`pass_chances`)
     threshold: float
 
