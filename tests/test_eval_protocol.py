@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from conftest import STRONG, WEAK
 from learned_router.errors import DataError, RouterError
 from learned_router.evals.protocol import difficulty_ceiling, load_benchmark, run_eval
+from learned_router.progress import quiet
 
 
 def slice_of(datasets_dir, name, n, tmp_path, **changes):
@@ -22,9 +23,15 @@ def slice_of(datasets_dir, name, n, tmp_path, **changes):
     return out
 
 
-def test_benchmark_in_training_data_is_cross_validated(trained, datasets_dir, tmp_path):
+def test_benchmark_in_training_data_is_cross_validated(trained, datasets_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
     bench = slice_of(datasets_dir, "routellm_gsm8k", 120, tmp_path)
+    capsys.readouterr()
     res = run_eval(trained["path"], bench, STRONG, WEAK, tmp_path / "out", folds=2)
+    steps = capsys.readouterr().err.splitlines()  # a log (not a terminal): one line per named step
+    for named in ("reading routellm_gsm8k.parquet", "fold 1/2: fitting the recipe without", "fold 1/2: baselines",
+                  "fold 2/2: fitting the recipe without", "fold 2/2: baselines", "metrics of", "writing"):
+        assert any(line.startswith(named) for line in steps), (named, steps)
     r = res.report
     assert res.protocol.startswith("2-fold cross-validation by prompt")
     clean = pd.read_parquet(bench).drop_duplicates("prompt_id")
@@ -45,16 +52,22 @@ def test_benchmark_in_training_data_is_cross_validated(trained, datasets_dir, tm
     assert "| router |" in table and "APGR 95% CI" in table and "Beyond resampling noise" in table
 
 
-def test_unseen_benchmark_is_scored_by_the_shipped_router(trained, datasets_dir, tmp_path):
+def test_unseen_benchmark_is_scored_by_the_shipped_router(trained, datasets_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
     bench = slice_of(datasets_dir, "routellm_mmlu", 80, tmp_path)  # the small router never saw MMLU
-    res = run_eval(trained["path"], bench, STRONG, WEAK, tmp_path / "out")
+    capsys.readouterr()
+    with quiet():  # the CLI's --quiet: no progress
+        res = run_eval(trained["path"], bench, STRONG, WEAK, tmp_path / "out")
+    assert capsys.readouterr().err == ""
     assert res.protocol.startswith("the shipped router")
     assert res.n_prompts == 80
 
 
-def test_leave_one_source_out_refits_without_the_source_or_its_prompts(trained, datasets_dir, tmp_path):
+def test_leave_one_source_out_refits_without_the_source_or_its_prompts(trained, datasets_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CI", "true")  # no progress in CI
+    capsys.readouterr()
     res = run_eval(trained["path"], datasets_dir / "arena_bench_v1.parquet", STRONG, WEAK, tmp_path / "out", by="source")
-    assert res.protocol.startswith("leave one source out")
+    assert res.protocol.startswith("leave one source out") and capsys.readouterr().err == ""
     assert res.n_prompts == 292  # every prompt with both models' grades
     r = res.report["scorers"]
     assert r["optimal"]["apgr"] == pytest.approx(0.875, abs=0.002)  # the datasets README's oracle for this pair

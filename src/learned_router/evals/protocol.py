@@ -22,6 +22,7 @@ import pandas as pd
 from ..data import Grades, canonical, group_of, load_grades, load_source, observations
 from ..errors import DataError, RouterError
 from ..prices import OUTPUT_TOKENS, Price, load_prices, message_tokens
+from ..progress import step
 from .baselines import knn_scores, logistic_scores, prompt_length_scores
 from .plots import plot_frontier
 from .report import LEVEL, RESAMPLES, evaluate, markdown_table
@@ -162,14 +163,19 @@ def refit_scores(bench: pd.DataFrame, grades: Grades, enc, recipe, folds: np.nda
 
     strong, weak = bench["strong_model"].iloc[0], bench["weak_model"].iloc[0]
     out = {name: np.full(len(bench), np.nan) for name in ("router", "difficulty", "kNN", "logistic")}
-    for f in np.unique(folds):
+    parts = np.unique(folds)
+    for k, f in enumerate(parts, 1):
         held = np.flatnonzero(folds == f)
+        fold = f"fold {k}/{len(parts)}" if len(parts) > 1 else "leave one source out"
         train = grades.without(set(bench["group"].iloc[held]))
-        head = fit(train, enc, recipe)
+        with step(f"{fold}: fitting the recipe without {len(held):,} benchmark prompts", total=recipe.steps) as bar:
+            head = fit(train, enc, recipe, lambda i, loss: bar.advance())
         quality, difficulty = head.predict(enc.features(bench["prompt"].iloc[held].tolist(), recipe.length_input, progress=False))
         out["router"][held] = router_pass_chance(bench.iloc[held], quality, difficulty, head.cfg.models)
         out["difficulty"][held] = 1.0 - difficulty
-        for name, p in baseline_scores(train, bench.iloc[held], enc, strong, weak, (recipe.strong, recipe.weak)).items():
+        with step(f"{fold}: baselines (kNN, logistic)"):
+            fitted = baseline_scores(train, bench.iloc[held], enc, strong, weak, (recipe.strong, recipe.weak))
+        for name, p in fitted.items():
             out[name][held] = p
     return {k: v for k, v in out.items() if not np.isnan(v).any()}
 
@@ -214,7 +220,9 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     manifest, record = folder.manifest(), folder.record()
     recipe = Recipe.from_dict(record.recipe)
     enc = Encoder(record.encoder_path, record.encoder.max_seq_length, record.encoder.layers)
-    if enc.fingerprint != record.encoder.fingerprint:
+    with step("checking the encoder's weights"):
+        fingerprint = enc.fingerprint
+    if fingerprint != record.encoder.fingerprint:
         raise RouterError(f"{router_dir} was trained on another encoder (weights sha256 {record.encoder.fingerprint[:12]}…) "
                           f"than {enc.path} ({enc.fingerprint[:12]}…)")
     paths = list(dict.fromkeys(Path(d["path"]) for d in record.data))  # a file of several sources is listed once per source
@@ -224,9 +232,10 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     if missing:
         raise RouterError(f"the router's training data is needed to keep evaluation prompts unseen and to fit the "
                           f"baselines, but {', '.join(missing)} is missing; pass --data-dir with those files")
-    bench = load_benchmark(data, strong, weak)
-    grades = load_grades(paths, {d["name"]: d["weight"] for d in record.data}, recipe.val, recipe.test, recipe.seed,
-                         recipe.max_prompts)
+    with step(f"reading {Path(data).name} and the router's {len(paths)} training file{'s' * (len(paths) > 1)}"):
+        bench = load_benchmark(data, strong, weak)
+        grades = load_grades(paths, {d["name"]: d["weight"] for d in record.data}, recipe.val, recipe.test, recipe.seed,
+                             recipe.max_prompts)
     if by == "source":
         grades = Grades(grades.obs[grades.obs["source"] != bench["source"].iloc[0]], grades.sources)
         shared = int(bench["group"].isin(set(grades.obs["group"])).sum())
@@ -243,15 +252,19 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
         p = refit_scores(bench, grades, enc, recipe, fold)
     else:
         protocol = "the shipped router on prompts it never saw; baselines fit on its training prompts"
-        r = Router(router_dir)
-        quality, difficulty = r.predict(bench["prompt"].tolist())
-        p = {"router": router_pass_chance(bench, quality, difficulty, manifest.models), "difficulty": 1.0 - difficulty,
-             **baseline_scores(grades, bench, enc, bench["strong_model"].iloc[0], bench["weak_model"].iloc[0],
-                               (manifest.strong, manifest.weak))}
+        with step(f"scoring {len(bench):,} prompts with the shipped router"):
+            r = Router(router_dir)
+            quality, difficulty = r.predict(bench["prompt"].tolist())
+        p = {"router": router_pass_chance(bench, quality, difficulty, manifest.models), "difficulty": 1.0 - difficulty}
+        with step("baselines (kNN, logistic)"):
+            p |= baseline_scores(grades, bench, enc, bench["strong_model"].iloc[0], bench["weak_model"].iloc[0],
+                                 (manifest.strong, manifest.weak))
     p |= extra or {}
     if against is not None:
-        other = Router(against)
-        p[f"router {Path(against).name}"] = router_pass_chance(bench, *other.predict(bench["prompt"].tolist()), other.manifest.models)
+        with step(f"scoring {len(bench):,} prompts with {against}"):
+            other = Router(against)
+            p[f"router {Path(against).name}"] = router_pass_chance(bench, *other.predict(bench["prompt"].tolist()),
+                                                                   other.manifest.models)
     scores = {"router": 1 - p["router"], "prompt length": prompt_length_scores(bench["prompt"].tolist()),
               **{k: 1 - v for k, v in p.items() if k != "router"}}
     costs = None
@@ -259,8 +272,9 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     pair = (canonical(strong), weak if weak == ANY else canonical(weak))
     if priced and all(m in priced.per_model for m in pair):  # unpriced pairs get no cost columns
         costs = {"strong": priced.cost(pair[0], bench["prompt"]), "weak": priced.cost(pair[1], bench["prompt"])}
-    report = evaluate(scores, bench["weak_q"].to_numpy(), bench["strong_q"].to_numpy(), cost_per_call=costs,
-                      labels=bench["label"].to_numpy(), p_weak=p, routellm_random=True, lead_of="router")
+    with step(f"metrics of {len(scores)} scorers, {RESAMPLES:,} bootstrap resamples"):
+        report = evaluate(scores, bench["weak_q"].to_numpy(), bench["strong_q"].to_numpy(), cost_per_call=costs,
+                          labels=bench["label"].to_numpy(), p_weak=p, routellm_random=True, lead_of="router")
     report["difficulty_ceiling"] = difficulty_ceiling(bench)
     mine = report["scorers"]["router"]["apgr"]
     not_beaten = [b for b in scores if b != "router" and (report["scorers"][b]["apgr"] or 0) >= (mine or 0)]
@@ -270,7 +284,8 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
                "not_beaten": not_beaten, "by": by,
                "generic_share": float(1 - bench["weak_model"].isin(manifest.models).mean()) if by != "source" else None,
                "pairs": int(len(pairs))}
-    write_outputs(report, Path(out))
+    with step(f"writing {out}"):
+        write_outputs(report, Path(out))
     return EvalResult(report, protocol, len(bench), not_beaten)
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 from ..data import canonical, group_of, load_source, observations
 from ..errors import DataError, RouterError
 from ..prices import cost_usd, message_tokens, text_tokens
+from ..progress import step
 from .protocol import Prices, folds_of
 
 PER = 1000  # costs are reported in dollars per this many requests
@@ -138,13 +139,16 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     if list(order) != list(range(len(tiers))):
         raise RouterError("--tiers must be listed cheapest first; by mean cost per request on this data they are: "
                           + ", ".join(tiers[i] for i in order))
-    grades = load_grades(list(dict.fromkeys(d["path"] for d in record.data)), {d["name"]: d["weight"] for d in record.data},
-                         recipe.val, recipe.test, recipe.seed, recipe.max_prompts)
+    with step("reading the router's training data"):
+        grades = load_grades(list(dict.fromkeys(d["path"] for d in record.data)), {d["name"]: d["weight"] for d in record.data},
+                             recipe.val, recipe.test, recipe.seed, recipe.max_prompts)
     fold = folds_of(prompts["group"], folds)
     p = np.empty(scores.shape)  # each tier's pass chance against the top tier, from the fold's model
-    for f in np.unique(fold):
+    parts = np.unique(fold)
+    for n, f in enumerate(parts, 1):
         held = fold == f
-        head = fit(grades.without(set(prompts["group"][held])), enc, recipe)
+        with step(f"fold {n}/{len(parts)}: fitting the recipe without {int(held.sum()):,} benchmark prompts", total=recipe.steps) as bar:
+            head = fit(grades.without(set(prompts["group"][held])), enc, recipe, lambda i, loss: bar.advance())
         quality, difficulty = head.predict(enc.features(prompts["prompt"][held].tolist(), recipe.length_input, progress=False))
         col = {m: i for i, m in enumerate(head.cfg.models)}
         top = quality[:, col[tiers[-1]]] if tiers[-1] in col else quality[:, col[recipe.strong]]
