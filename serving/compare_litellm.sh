@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side by side with LiteLLM's proxy (optional, not in CI): the same chat load, interleaved, sent to one fake upstream
 # directly, through learned-router and through LiteLLM (installed in a venv of its own), at ~30- and ~250-token
-# prompts, concurrency 1 and 16, streaming and not; prints what each adds to the direct call and the ratios.
+# prompts, concurrency 1 and 16, streaming and not; prints what each adds to the direct call and the ratios, and
+# writes them to serving/COMPARISON.md.
 #   serving/compare_litellm.sh [--chat-requests N]     (LITELLM_VENV, LITELLM_VERSION to override)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,18 @@ for _ in $(seq 120); do
 done
 curl -sf "http://127.0.0.1:$LITELLM_PORT/health/liveliness" > /dev/null || { tail -20 "$tmp/litellm.log"; exit 1; }
 export LITELLM_BENCH_KEY=sk-litellm-bench
-"$LR" bench-serve --upstream "http://127.0.0.1:$UPSTREAM_PORT/v1" --compare "litellm=http://127.0.0.1:$LITELLM_PORT/v1" \
-  --compare-key-env litellm=LITELLM_BENCH_KEY "$@"
+out=$("$LR" bench-serve --upstream "http://127.0.0.1:$UPSTREAM_PORT/v1" --compare "litellm=http://127.0.0.1:$LITELLM_PORT/v1" \
+  --compare-key-env litellm=LITELLM_BENCH_KEY "$@")
+echo "$out"
+{
+  echo "# learned-router next to LiteLLM's proxy"
+  echo
+  echo "Written by \`serving/compare_litellm.sh $*\` on $(date -u +%Y-%m-%d), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "before the run; learned-router $("$LR" --version | cut -d' ' -f2), LiteLLM $("$VENV/bin/pip" show litellm | sed -n 's/^Version: //p')."
+  echo "Added latency is the proxy's p50/p99 minus the direct call's (a stream: to its first event); a ratio below 1"
+  echo "means learned-router adds less, a requests/s ratio above 1 that it serves more."
+  echo
+  echo '```'
+  echo "$out"
+  echo '```'
+} > serving/COMPARISON.md
