@@ -196,8 +196,10 @@ def export_cmd(
 
 def read_prompts(prompts: list[str], file: Optional[Path]) -> tuple[list[str], list]:
     """Prompts and their ids, from arguments, a file (JSONL/parquet/CSV with a 'prompt' column, or text lines) or stdin;
-    RouterError for text that is not UTF-8 and for no prompts at all."""
+    RouterError for text that is not UTF-8, a table that cannot be read and for no prompts at all."""
     import pandas as pd
+
+    from .data import PROMPT_TABLES, read_prompt_table
 
     if prompts and file:
         raise RouterError("give prompts as arguments or --file, not both")
@@ -212,33 +214,21 @@ def read_prompts(prompts: list[str], file: Optional[Path]) -> tuple[list[str], l
         return lines, list(range(len(lines)))
     if not file.is_file():
         raise RouterError(f"{file}: no such file")
-    readers = {".jsonl": lambda f: pd.read_json(f, lines=True), ".parquet": pd.read_parquet, ".csv": pd.read_csv}
-    if file.suffix.lower() not in readers:
+    if file.suffix.lower() not in PROMPT_TABLES:
         lines = text_lines(file.read_bytes(), str(file))
         if not lines:
             raise RouterError(f"{file}: no prompts (one per line)")
         return lines, list(range(len(lines)))
-    try:
-        df = readers[file.suffix.lower()](file)
-    except Exception as e:  # pandas raises many parser error types
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise RouterError(f"{file}: cannot be read ({type(e).__name__}: {first})") from None
-    if "prompt" not in df.columns:
-        raise RouterError(f"{file}: no 'prompt' column (columns: {', '.join(map(str, df.columns))})")
-    if df.empty:
-        raise RouterError(f"{file}: no prompts")
+    df = read_prompt_table(file)
     ids = df["prompt_id"] if "prompt_id" in df.columns else df["id"] if "id" in df.columns else pd.Series(range(len(df)))
     return df["prompt"].tolist(), ids.tolist()
 
 
 def text_lines(raw: bytes, where: str) -> list[str]:
-    """Non-blank lines of UTF-8 text; RouterError naming the line of the first byte that is not UTF-8."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise RouterError(f"{where}: line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
-    return [line for line in text.splitlines() if line.strip()]
+    """Non-blank lines of UTF-8 text; DataError naming the line of the first byte that is not UTF-8."""
+    from .data import utf8_text
+
+    return [line for line in utf8_text(raw, where).splitlines() if line.strip()]
 
 
 @app.command()

@@ -131,6 +131,39 @@ def load_sources(path: str | Path, weight: float = 1.0) -> list[Source]:
             for name, part in df.groupby("source", sort=False)]
 
 
+PROMPT_TABLES = (".parquet", ".jsonl", ".csv")
+
+
+def utf8_text(raw: bytes, where: str) -> str:
+    """The bytes as UTF-8 text; DataError naming the line of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{where}: line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+
+
+def read_prompt_table(path: Path, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A table with a 'prompt' column, from parquet, JSONL or CSV (`text_columns` read as text, not numbers); DataError
+    naming the file when it cannot be read, has no 'prompt' column or no rows."""
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif suffix == ".jsonl":
+            df = pd.read_json(path, lines=True, dtype=not text_columns)
+        else:
+            df = pd.read_csv(path, dtype=dict.fromkeys(text_columns, str) or None)
+    except Exception as e:  # pandas and pyarrow raise many parser error types
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: cannot be read ({type(e).__name__}: {first})") from None
+    if "prompt" not in df.columns:
+        raise DataError(f"{path}: no 'prompt' column (columns: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise DataError(f"{path}: no prompts")
+    return df
+
+
 def check_prompts(path: Path, df: pd.DataFrame) -> None:
     first_bad(path, df["prompt"].map(lambda p: not isinstance(p, str) or not p.strip()),
               "field 'prompt' is empty or not text", df["prompt"])

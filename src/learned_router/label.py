@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import check_prompts
+from .data import PROMPT_TABLES, check_prompts, read_prompt_table, utf8_text
 from .errors import DataError, RouterError, first_bad, first_index
 from .judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages
 from .prices import prompt_tokens
@@ -60,7 +60,6 @@ from .serving.errors import ConfigError
 SOURCES = {"single": "judge_single", "pairwise": "judge_pairwise"}
 FEEDBACK = "feedback"
 COLUMNS = ("prompt", "prompt_id", "model", "score", "source", "judge", "baseline", "raw")
-SUFFIXES = (".parquet", ".jsonl", ".csv")
 
 
 # ---- what to compare ------------------------------------------------------------------------------------------
@@ -118,31 +117,11 @@ def read_prompts(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use {', '.join(SUFFIXES)}")
-    if suffix != ".parquet":
-        raw = path.read_bytes()
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{path}: line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
-        if not raw.strip():
-            raise DataError(f"{path}: no prompts (the file is empty)")
-    try:
-        if suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif suffix == ".jsonl":
-            df = pd.read_json(path, lines=True, dtype=False)
-        else:
-            df = pd.read_csv(path, dtype={"prompt_id": str, "tier": str})
-    except Exception as e:  # pandas and pyarrow raise many parser error types
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise DataError(f"{path}: cannot be read ({type(e).__name__}: {first})") from None
-    if "prompt" not in df.columns:
-        raise DataError(f"{path}: no 'prompt' column (columns: {', '.join(map(str, df.columns))})")
-    if df.empty:
-        raise DataError(f"{path}: no prompts")
+    if suffix not in PROMPT_TABLES:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use {', '.join(PROMPT_TABLES)}")
+    if suffix != ".parquet" and not utf8_text(path.read_bytes(), str(path)).strip():
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    df = read_prompt_table(path, text_columns=("prompt_id", "tier"))
     df = df.reset_index(drop=True)
     check_prompts(path, df)
     ids = df["prompt_id"] if "prompt_id" in df.columns else pd.Series([None] * len(df))
