@@ -55,6 +55,24 @@ def real_prompts(data_dir: Path, n: int) -> list[str]:
     return pd.concat([f.sample(n=min(per, len(f)), random_state=0) for f in frames])["prompt"].tolist()
 
 
+# The scorer's targets: p50 of one prompt on the bench's threads (1 by default), and int8/fp32 decision agreement.
+TARGETS = {"p50 ms (~30 tok)": 2.0, "p50 ms (~250 tok)": 6.0, "int8 vs fp32 decision agreement": 0.99}
+
+
+def verdicts(table: pd.DataFrame, facts: dict) -> list[str]:
+    """One line per target of the int8 scorer (the one the service runs): met or missed, with the figure."""
+    lines = []
+    for name, target in TARGETS.items():
+        if name in table.columns:
+            v, ok, rel = table.loc["onnx int8", name], table.loc["onnx int8", name] <= target, "<="
+        elif name in facts:
+            v, ok, rel = facts[name], facts[name] >= target, ">="
+        else:
+            continue
+        lines.append(f"target: onnx int8 {name.removeprefix('int8 ')} {rel} {target:g}: {'met' if ok else 'MISSED'} ({v:.4g})")
+    return lines
+
+
 def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path | None = None) -> tuple[pd.DataFrame, dict]:
     import torch
 

@@ -327,7 +327,7 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    from .bench import run
+    from .bench import run, verdicts
 
     table, facts = run(router, threads=threads, repeats=repeats, data_dir=data_dir)
     out = Table(title=f"learned-router scorer benchmark ({threads} thread(s))")
@@ -340,6 +340,8 @@ def bench(
     console.print(out)
     for k, v in facts.items():
         console.print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    for line in verdicts(table, facts):
+        console.print(line)
 
 
 @app.command("task-types")

@@ -346,11 +346,35 @@ class Cell:
     stream: bool
 
 
-def compare_table(cells: dict[tuple, dict[str, Result]], others: list[str]) -> str:
-    """Per cell: the direct call's p50/p99, what each proxy adds to them, its requests/s, and the router's ratios to
-    each other proxy (added latency: below 1 is better; requests/s: above 1 is better)."""
+def routing_seconds(base: str) -> float:
+    """The service's time spent scoring and routing so far (router_routing_seconds' sum), read from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "router_routing_seconds_sum")
+
+
+def verdicts(res: dict[str, Result], added: dict[str, tuple[float, float]], name: str, routing_ms: float | None) -> str:
+    """The service against another proxy on the issue's targets: added p50 and p99 at most the other's, requests/s at
+    least its; where one is missed, how much of the service's added p50 was its own scoring and routing."""
+    checks = [("added p50", added["router"][0] <= added[name][0]), ("added p99", added["router"][1] <= added[name][1]),
+              ("req/s", res["router"].rps >= res[name].rps)]
+    line = f"  targets vs {name}: " + ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in checks)
+    if routing_ms is not None and not all(ok for _, ok in checks):
+        share = routing_ms / added["router"][0] if added["router"][0] > 0 else float("nan")
+        line += (f"; the service spent {routing_ms:.2f} ms per request scoring and routing (router_routing_seconds, "
+                 f"batch wait included), {share:.0%} of its added p50: the work the other proxy does not do")
+    return line
+
+
+def compare_table(cells: dict[tuple, dict[str, Result]], others: list[str], routing: dict[tuple, float] | None = None) -> str:
+    """Per cell: the direct call's p50/p99, what each proxy adds to them, its requests/s, the router's ratios to
+    each other proxy (added latency: below 1 is better; requests/s: above 1 is better) and the targets met or missed
+    (`verdicts`; `routing`: the service's mean scoring and routing time per request in each cell, ms)."""
     lines = []
-    for (tokens, conc, stream), res in cells.items():
+    for key, res in cells.items():
+        tokens, conc, stream = key
         direct = res["direct"]
         kind = "time to first event" if stream else "whole answer"
         lines.append(f"~{tokens} tokens, concurrency {conc}, {'stream' if stream else 'no stream'} ({kind}): direct p50 "
@@ -365,27 +389,37 @@ def compare_table(cells: dict[tuple, dict[str, Result]], others: list[str]) -> s
             ratio = lambda a, b: f"{a / b:.2f}x" if b > 0 else "n/a (other adds nothing)"  # noqa: E731
             lines.append(f"  router / {name}: added p50 {ratio(added['router'][0], added[name][0])}, added p99 "
                          f"{ratio(added['router'][1], added[name][1])}, req/s {res['router'].rps / res[name].rps:.2f}x")
+            lines.append(verdicts(res, added, name, (routing or {}).get(key)))
     return "\n".join(lines)
 
 
-async def measure_cells(targets: dict[str, str], keys: dict[str, str], cells: list[Cell], n: int, rounds: int) -> dict:
-    """Each cell's chat requests to every target (name -> base URL with /v1), in interleaved rounds."""
-    out = {}
+async def measure_cells(targets: dict[str, str], keys: dict[str, str], cells: list[Cell], n: int,
+                        rounds: int) -> tuple[dict, dict]:
+    """Each cell's chat requests to every target (name -> base URL with /v1), in interleaved rounds; and the service's
+    (target "router") mean scoring and routing time per request in each cell, ms, from its /metrics."""
+    out, routing = {}, {}
+    service_base = targets["router"].removesuffix("/v1")
     for cell in cells:
         count = n if cell.concurrency == 1 else n * 2
         bodies = [{"model": "router", "max_tokens": 64, "stream": cell.stream,
                    "messages": [{"role": "user", "content": p}]} for p in prompts(count, cell.tokens)]
         parts: dict[str, list[Result]] = {name: [] for name in targets}
+        spent = 0.0
         for name, url in targets.items():  # warm every connection pool and cache once
             await load(f"{url}/chat/completions", bodies[:20], cell.concurrency, keys.get(name, {}), "warmup")
         for i in range(rounds):
             for name in list(targets)[:: 1 if i % 2 == 0 else -1]:
+                before = routing_seconds(service_base) if name == "router" else 0.0
                 parts[name].append(await load(f"{targets[name]}/chat/completions", bodies[i::rounds], cell.concurrency,
                                               keys.get(name, {}), name))
-        out[(cell.tokens, cell.concurrency, cell.stream)] = {
+                if name == "router":
+                    spent += routing_seconds(service_base) - before
+        key = (cell.tokens, cell.concurrency, cell.stream)
+        routing[key] = 1000 * spent / max(1, sum(x.n for x in parts["router"]))
+        out[key] = {
             name: Result(name, cell.concurrency, sum(x.n for x in r), sum(x.seconds for x in r),
                          np.concatenate([x.latencies for x in r]), sum(x.errors for x in r)) for name, r in parts.items()}
-    return out
+    return out, routing
 
 
 def run_compare(router: str, others: dict[str, str], other_keys: dict[str, str | None], upstream: str | None = None,
@@ -404,7 +438,8 @@ def run_compare(router: str, others: dict[str, str], other_keys: dict[str, str |
         cells = [Cell(t, c, s) for t in sizes for c in levels for s in streams]
         header = (f"the same chat requests (max_tokens 64; ~{'/'.join(map(str, sizes))}-token prompts, all different) to "
                   f"{', '.join(targets)}; {rounds} interleaved rounds per cell")
-        return header + "\n" + compare_table(asyncio.run(measure_cells(targets, keys, cells, n, rounds)), list(others))
+        results, routing = asyncio.run(measure_cells(targets, keys, cells, n, rounds))
+        return header + "\n" + compare_table(results, list(others), routing)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,20 @@
+"""The scorer benchmark's target lines (learned-router bench): each target met or missed, with the figure."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from learned_router.bench import verdicts
+
+
+def test_each_target_is_met_or_missed_with_its_figure():
+    table = pd.DataFrame({"p50 ms (~30 tok)": [1.5, 9.0], "p50 ms (~250 tok)": [18.8, 40.0]}, index=["onnx int8", "onnx fp32"])
+    lines = verdicts(table, {"int8 vs fp32 decision agreement": 0.977})
+    assert lines == ["target: onnx int8 p50 ms (~30 tok) <= 2: met (1.5)",
+                     "target: onnx int8 p50 ms (~250 tok) <= 6: MISSED (18.8)",
+                     "target: onnx int8 vs fp32 decision agreement >= 0.99: MISSED (0.977)"]
+
+
+def test_agreement_is_left_out_without_prompts_to_measure_it():
+    table = pd.DataFrame({"p50 ms (~30 tok)": [2.5], "p50 ms (~250 tok)": [5.0]}, index=["onnx int8"])
+    assert verdicts(table, {}) == ["target: onnx int8 p50 ms (~30 tok) <= 2: MISSED (2.5)", "target: onnx int8 p50 ms (~250 tok) <= 6: met (5)"]
