@@ -155,6 +155,26 @@ def test_psi_and_the_window():
         DriftMonitor(m.cfg)  # found at start
 
 
+def test_a_router_change_keeps_the_task_types_reference_and_takes_the_tiers_from_the_new_window(caplog):
+    m = DriftMonitor(DriftConfig(window=20, min_requests=10), {"edges": [0.5], "shares": {"0": 0.5, "1": 0.5}})
+    for _ in range(20):
+        m.observe(0.9, "code", "weak")
+    assert m.drifted["pass_chance"] and m.reference["tier"] == {"weak": 1.0}
+    with caplog.at_level(logging.INFO, logger="learned_router.serving"):
+        m.router_changed({"edges": [0.95], "shares": {"0": 0.5, "1": 0.5}}, "new@abc")
+    assert len(m.window) == 0 and not any(m.drifted.values()) and all(math.isnan(v) for v in m.psi().values())
+    assert m.reference == {"task_type": {"code": 1.0}, "pass_chance": {"edges": [0.95], "shares": {"0": 0.5, "1": 0.5}}}
+    assert "new@abc" in m.source and any("new@abc serves" in r.message for r in caplog.records)
+    for i in range(20):
+        m.observe(0.9 + 0.1 * (i % 2), "code", "strong")
+    assert m.reference["tier"] == {"strong": 1.0} and m.reference["task_type"] == {"code": 1.0}
+    assert m.psi()["pass_chance"] == pytest.approx(0.0) and m.psi()["tier"] == pytest.approx(0.0)
+    m.router_changed(None, "plain@def")  # no calibration mix: the pass chance too comes from the first full window
+    for _ in range(20):
+        m.observe(0.3, "code", "weak")
+    assert m.reference["pass_chance"]["edges"] == [0.3] and m.psi()["tier"] == pytest.approx(0.0)
+
+
 @pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 def test_the_calibration_mix_gives_a_pass_chance_reference_in_deciles():
     manifest = RouterFolder(ROUTER_DIR).manifest()

@@ -211,6 +211,30 @@ def test_reload_swaps_a_checked_router_in_without_dropping_requests_and_rollback
     assert chat(stack, "hi")[1].headers["x-router-version"] == before["router"]
 
 
+def test_a_swapped_router_restarts_the_drift_signals_it_changes_against_its_own_calibration(stack, tmp_path):
+    drift = lambda: httpx.get(stack["url"] + "/v1/drift", headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()  # noqa: E731
+    for text in ("hi", "Sort a list in Python.", "Prove that there are infinitely many primes."):
+        chat(stack, text)
+    before = drift()
+    assert before["requests"] >= 3 and before["reference"]["pass_chance"]["edges"]
+    # a copy whose calibration mix put every pass chance lower: another version, another reference
+    new = copy_router(tmp_path / "recalibrated")
+    manifest = json.loads((new / "router.json").read_text())
+    manifest["calibration"]["thresholds"] = {k: [round(t * t, 6) for t in v] for k, v in manifest["calibration"]["thresholds"].items()}
+    (new / "router.json").write_text(json.dumps(manifest))
+    swapped = admin(stack, "reload", {"path": str(new)}).json()
+    after = drift()
+    assert after["requests"] == 0 and swapped["router"] in after["reference_source"]
+    assert set(after["reference"]) <= {"pass_chance", "task_type"}  # the tier's reference comes from the new window
+    edges = before["reference"]["pass_chance"]["edges"]
+    assert after["reference"]["pass_chance"]["edges"] == pytest.approx([e * e for e in edges], abs=1e-3)
+    chat(stack, "hi")
+    assert drift()["requests"] == 1
+    assert admin(stack, "rollback").json()["router"] == swapped["previous"]
+    back = drift()
+    assert back["requests"] == 0 and back["reference"]["pass_chance"]["edges"] == pytest.approx(edges)
+
+
 def test_admin_endpoints_are_off_without_admin_keys(tmp_path):
     with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
         cfg = service_config(two_tiers([provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],

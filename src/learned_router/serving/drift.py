@@ -7,7 +7,8 @@ shift.
 
 The reference is, in order: the JSON file `drift.reference` (written by POST /v1/drift/reference, the operator's
 snapshot of a window they trust); else the router's calibration mix for the pass chance (its deciles) and, for the
-task type and tier, the first full window after start.
+task type and tier, the first full window after start. When another router comes into service (reload,
+rollback), the pass chance and the tier start again against that router (`DriftMonitor.router_changed`).
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ class DriftMonitor:
             self._count(self.window.popleft(), -1)
         if len(self.window) == self.cfg.window and not {"task_type", "tier"} <= set(self.reference):
             taken = self.distributions()
-            self._use({"pass_chance": self.reference.get("pass_chance") or taken["pass_chance"]}
-                      | {k: taken[k] for k in ("task_type", "tier")}, self.source)
-            log.info("drift: reference for task types and tiers taken from the first %d requests", len(self.window))
+            missing = [k for k in SIGNALS if not self.reference.get(k)]
+            self._use(self.reference | {k: taken[k] for k in missing}, self.source)
+            log.info("drift: reference for %s taken from the first %d requests", ", ".join(missing), len(self.window))
         for signal, value in self.psi().items():
             if not self.drifted[signal] and value > self.cfg.threshold:  # NaN: never
                 self.drifted[signal] = True
@@ -106,6 +107,22 @@ class DriftMonitor:
             elif self.drifted[signal] and not value > self.cfg.threshold * RECOVERED:
                 self.drifted[signal] = False
                 log.info("drift: %s PSI %.3f back under %g", signal, value, self.cfg.threshold * RECOVERED)
+
+    def router_changed(self, calibration: dict | None, version: str) -> None:
+        """A reloaded (or rolled back) router serves from now on. Its pass chances and tiers are not the old one's, so
+        those two signals start again: the pass chance against the new router's calibration mix (else its first full
+        window), the tier against its first full window. The window's requests of the old router go; the task types'
+        reference stays (they describe the traffic, not the router)."""
+        self.window.clear()
+        self._counts = {s: Counter() for s in SIGNALS}
+        self.drifted = dict.fromkeys(SIGNALS, False)
+        self.reference = {k: v for k, v in self.reference.items() if k == "task_type"}
+        if calibration is not None:
+            self.reference["pass_chance"] = calibration
+        self.source = (f"since {version} serves: its calibration mix (pass chance)" if calibration is not None else
+                       f"since {version} serves: its first full window") + (
+                       "; task types as before" if "task_type" in self.reference else "")
+        log.info("drift: %s serves; the pass chance and tier references start again (%s)", version, self.source)
 
     def _count(self, row: tuple[float | None, str, str], n: int) -> None:
         p, task_type, tier = row

@@ -119,9 +119,7 @@ class Service:
         self._swap = asyncio.Lock()
         self.drift = None
         if config.drift.enabled:
-            scored = next((c for c in self.scoring.columns if c is not None), None)
-            calibration = None if scored is None else calibration_reference(self.router.manifest, list(self.router.models)[scored])
-            self.drift = DriftMonitor(config.drift, calibration)
+            self.drift = DriftMonitor(config.drift, self.calibration_reference())
             self.metrics.watch_drift(self.drift)
         self.upstream = Upstream.build(config.tiers, provider_keys, config.retry, config.circuit_breaker, config.latency, self.metrics,
                                        self.state, config.limits.max_upstream_body_bytes)
@@ -138,6 +136,12 @@ class Service:
     @property
     def router(self):
         return self.scoring.router
+
+    def calibration_reference(self) -> dict | None:
+        """The drift reference of the pass chance the monitor watches (the first scored tier's) from the router's
+        calibration mix."""
+        scored = next((c for c in self.scoring.columns if c is not None), None)
+        return None if scored is None else calibration_reference(self.router.manifest, list(self.router.models)[scored])
 
     @property
     def threshold(self) -> float:
@@ -191,6 +195,8 @@ class Service:
         old, self.scoring = self.scoring, new
         self.previous = old.router
         await old.batcher.drain()
+        if self.drift:
+            self.drift.router_changed(self.calibration_reference(), new.version)
         seconds = time.perf_counter() - t0
         self.metrics.reloads.labels(kind).inc()
         self.metrics.router_loaded(new.version, old.version)
