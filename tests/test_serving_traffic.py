@@ -310,3 +310,48 @@ def test_sighup_reloads_the_router_from_its_folder(tmp_path):
             proc.terminate()
             out = proc.communicate(timeout=30)[0]
         assert "router reload failed" in out and "corrupted" in out and "Traceback" not in out
+
+
+def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one_cannot_do_for_all_is_refused(tmp_path):
+    router = copy_router(tmp_path / "router")
+    with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
+        cfg = service_config(two_tiers([provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
+                                       [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))]),
+                             router={"path": str(router)}, admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]})
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "learned_router", "serve", "--config", tmp_path / "config.yaml", "--port",
+                                 str(port), "--workers", "2", "--log-level", "warning"], env={**os.environ, **PROVIDER_KEYS},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stack = {"url": f"http://127.0.0.1:{port}"}
+
+        def version():
+            try:
+                r = httpx.post(stack["url"] + "/v1/route", json={"model": "router", "messages": [{"role": "user", "content": "hi"}]},
+                               headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=5)
+                return r.json()["router"] if r.status_code == 200 else None
+            except httpx.HTTPError:
+                return None
+        try:
+            first = wait_for(version, timeout=90)
+            r = admin(stack, "rollback")
+            assert r.status_code == 409 and r.json()["error"]["code"] == "rollback_unavailable"
+            r = admin(stack, "reload", {"path": str(copy_router(tmp_path / "other"))})
+            assert r.status_code == 409 and "2 worker processes" in r.json()["error"]["message"]
+            manifest = json.loads((router / "router.json").read_text())
+            manifest["default_threshold"] = 0.01
+            (router / "router.json").write_text(json.dumps(manifest))
+            r = admin(stack, "reload")
+            assert r.status_code == 202 and r.json()["workers"] == 2 and r.json()["previous"] == first, r.text
+            second = r.json()["router"]
+            assert second != first
+            wait_for(lambda: all(version() == second for _ in range(20)), timeout=120)  # every worker replaced
+            (router / "model.int8.onnx").write_bytes(b"broken")  # a folder that fails the check restarts nothing
+            r = admin(stack, "reload")
+            assert r.status_code == 422 and "corrupted" in r.json()["error"]["message"]
+            time.sleep(2)
+            assert all(version() == second for _ in range(10)) and proc.poll() is None
+        finally:
+            proc.terminate()
+            out = proc.communicate(timeout=60)[0]
+        assert "Traceback" not in out, out

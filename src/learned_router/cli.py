@@ -504,7 +504,7 @@ def serve(
 ):
     """Run the OpenAI-compatible routing service."""
     uvicorn = _serve_imports()
-    from .serving.app import CONFIG_ENV, Service, create_app
+    from .serving.app import CONFIG_ENV, WORKERS_ENV, Service, create_app
     from .serving.config import load_config
 
     if log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -518,7 +518,7 @@ def serve(
         uvicorn.run(create_app(service), **options)
     else:
         del service
-        os.environ[CONFIG_ENV] = str(config.resolve())
+        os.environ[CONFIG_ENV], os.environ[WORKERS_ENV] = str(config.resolve()), str(workers)
         uvicorn.run("learned_router.serving.app:create_app_from_env", factory=True, workers=workers, **options)
 
 

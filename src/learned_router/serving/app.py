@@ -30,6 +30,7 @@ from .service import Service
 
 log = logging.getLogger("learned_router.serving")
 CONFIG_ENV = "LEARNED_ROUTER_CONFIG"
+WORKERS_ENV = "LEARNED_ROUTER_WORKERS"  # serve --workers: how many processes serve the config
 
 
 def reload_on_hangup(service: Service) -> bool:
@@ -103,8 +104,9 @@ def create_app(service: Service) -> FastAPI:
 
 
 def create_app_from_env() -> FastAPI:
-    """App factory for `uvicorn --factory` and several workers: reads the config path from $LEARNED_ROUTER_CONFIG."""
+    """App factory for `uvicorn --factory` and several workers: reads the config path from $LEARNED_ROUTER_CONFIG and
+    the number of worker processes from $LEARNED_ROUTER_WORKERS."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"{CONFIG_ENV} is not set: it must name the service config file")
-    return create_app(Service(load_config(path)))
+    return create_app(Service(load_config(path), processes=int(os.environ.get(WORKERS_ENV, "1"))))

@@ -7,6 +7,8 @@ import dataclasses
 import difflib
 import hashlib
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,10 +105,12 @@ class Service:
     `router` may be injected: any object with `score(list[str]) -> array` of shape (n,) or (n, K), `models` (the K
     output names), `manifest` and `default_threshold`. `clock` (epoch seconds) drives the budget periods.
     The router can be swapped while serving (`reload`, `rollback`): requests already scoring finish on the old one.
+    `processes`: how many worker processes serve this config (`serve --workers`), each with a router of its own.
     """
 
-    def __init__(self, config: ServiceConfig, router=None, clock: Callable[[], float] = time.time):
+    def __init__(self, config: ServiceConfig, router=None, clock: Callable[[], float] = time.time, processes: int = 1):
         self.config = config
+        self.processes = processes
         self.client_keys = config.client_keys() if config.auth.enabled else {}
         self.admin_keys = config.admin_keys()
         provider_keys = config.provider_keys()  # before the slow part: a missing key variable fails at once
@@ -174,8 +178,7 @@ class Service:
         async with self._swap:
             t0 = time.perf_counter()
             try:
-                router = await asyncio.to_thread(Router.load, path or self.config.router.path, threads=self.config.router.threads)
-                return await self._swap_in(router, "reload", t0)
+                return await self._swap_in(await asyncio.to_thread(self._checked, path), "reload", t0)
             except RouterError as e:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("router reload failed, %s stays in service: %s", self.scoring.version, e)
@@ -186,11 +189,39 @@ class Service:
         async with self._swap:
             if self.previous is None:
                 raise RouterError("there is no previous router to roll back to (the service has not reloaded)")
-            return await self._swap_in(self.previous, "rollback", time.perf_counter())
+            t0 = time.perf_counter()
+            return await self._swap_in(await asyncio.to_thread(self._scoring, self.previous), "rollback", t0)
 
-    async def _swap_in(self, router, kind: str, t0: float) -> dict:
-        new = await asyncio.to_thread(Scoring, self.config, router, self.metrics)
-        await asyncio.to_thread(new.probe)
+    async def restart_workers(self) -> dict:
+        """With several worker processes: check router.path's folder here as `reload` does, then have the parent
+        process (uvicorn's supervisor) replace every worker, one at a time, each new one loading router.path; RouterError
+        when the check fails, and then nothing restarts."""
+        async with self._swap:
+            t0 = time.perf_counter()
+            try:
+                new = await asyncio.to_thread(self._checked, None)
+            except RouterError as e:
+                self.metrics.reloads.labels("failed").inc()
+                log.error("router reload failed, the workers keep %s: %s", self.scoring.version, e)
+                raise
+            os.kill(os.getppid(), signal.SIGHUP)
+            self.metrics.reloads.labels("reload").inc()
+            log.info("router reload: %s checked; the %d workers are being replaced, each loading %s", new.version,
+                     self.processes, self.config.router.path)
+            return {"router": new.version, "previous": self.scoring.version, "threshold": new.threshold,
+                    "seconds": round(time.perf_counter() - t0, 3), "workers": self.processes}
+
+    def _checked(self, path: str | None) -> Scoring:
+        """The router folder at `path` (default: router.path) loaded and checked for this service; RouterError naming
+        the problem."""
+        return self._scoring(Router.load(path or self.config.router.path, threads=self.config.router.threads))
+
+    def _scoring(self, router) -> Scoring:
+        new = Scoring(self.config, router, self.metrics)
+        new.probe()
+        return new
+
+    async def _swap_in(self, new: Scoring, kind: str, t0: float) -> dict:
         await new.batcher.start()
         old, self.scoring = self.scoring, new
         self.previous = old.router

@@ -1,8 +1,14 @@
-"""/admin/*: the router in service, and swapping it (reload a folder, roll back); an admin key required."""
+"""/admin/*: the router in service, and swapping it (reload a folder, roll back); an admin key required.
+
+With several worker processes (`serve --workers N`) a call reaches one of them, so a reload checks router.path's folder
+there and then has every worker replaced, one at a time, each loading router.path (202); a reload of another folder and
+a rollback, which one worker cannot do for all, are refused (409) with what to do instead."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...errors import RouterError, first_error
@@ -33,6 +39,8 @@ class RouterSwapped(BaseModel):
     previous: str = Field(description="the version it replaced")
     threshold: float
     seconds: float
+    workers: int | None = Field(None, description="with several worker processes: how many are being replaced, one at a "
+                                                  "time, each loading router.path (the answer is then 202)")
 
 
 @router.get("/router")
@@ -42,7 +50,7 @@ async def admin_router(service: ServiceDep) -> RouterInService:
 
 
 @router.post("/reload")
-async def admin_reload(request: Request, service: ServiceDep) -> RouterSwapped:
+async def admin_reload(request: Request, response: Response, service: ServiceDep) -> RouterSwapped:
     """Load and check a router folder (default: router.path), then swap it in; requests scoring finish on the old one."""
     raw = await request.body()
     try:
@@ -50,7 +58,15 @@ async def admin_reload(request: Request, service: ServiceDep) -> RouterSwapped:
     except ValidationError as e:
         loc, msg = first_error(e)
         raise APIError(400, f"{'.'.join(map(str, loc)) or 'body'}: {msg}") from None
+    workers = service.processes > 1
+    if workers and path is not None and Path(path).resolve() != Path(service.config.router.path).resolve():
+        raise APIError(409, f"this service runs {service.processes} worker processes, which load router.path "
+                       f"({service.config.router.path}) when they start: put the new router there (or point router.path at "
+                       "it) and reload without a path", code="reload_needs_router_path")
     try:
+        if workers:
+            response.status_code = 202
+            return RouterSwapped(**await service.restart_workers())
         return RouterSwapped(**await service.reload(path))
     except RouterError as e:
         raise APIError(422, f"reload failed, {service.scoring.version} stays in service: {e}", code="reload_failed") from None
@@ -59,6 +75,9 @@ async def admin_reload(request: Request, service: ServiceDep) -> RouterSwapped:
 @router.post("/rollback")
 async def admin_rollback(service: ServiceDep) -> RouterSwapped:
     """Swap the router of before the last reload back in."""
+    if service.processes > 1:
+        raise APIError(409, f"this service runs {service.processes} worker processes and a rollback reaches one of them: "
+                       "put the previous router back in router.path and reload", code="rollback_unavailable")
     try:
         return RouterSwapped(**await service.rollback())
     except RouterError as e:
