@@ -157,12 +157,14 @@ def test_once_the_budget_is_spent_only_the_cheapest_tier_answers_and_headers_say
 
 
 def test_an_explicit_threshold_wins_over_pacing_until_the_budget_is_spent(tmp_path):
-    """Far behind pace, pacing raises `router`'s threshold to its maximum; `router-0` still gets the cheapest tier."""
+    """Far behind pace, pacing raises `router`'s threshold to its configured maximum; `router-0` still gets the cheapest
+    tier."""
     prompt = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many in May?"}]
     with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
         cfg = service_config(
             two_tiers([provider_entry("weak", weak, None, WEAK, PRICES["weak"])], [provider_entry("strong", strong, None, STRONG, PRICES["strong"])]),
-            budget={"period": "day", "usd": 1000.0, "store": str(tmp_path / "spend.sqlite"), "warmup_requests": 5, "window": 10},
+            budget={"period": "day", "usd": 1000.0, "store": str(tmp_path / "spend.sqlite"), "warmup_requests": 5, "window": 10,
+                    "max_threshold": 1.0},
         )
         with start_service(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
             client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
@@ -175,3 +177,23 @@ def test_an_explicit_threshold_wins_over_pacing_until_the_budget_is_spent(tmp_pa
             assert explicit.headers["x-router-effective-threshold"] == explicit.headers["x-router-threshold"] == "0.0000"
             forced = client.chat.completions.with_raw_response.create(model="router-1", messages=prompt)
             assert forced.headers["x-router-tier"] == "strong"  # the budget can pay for it: the instruction holds
+
+
+def test_by_default_the_budget_is_a_cap_and_pacing_never_raises_a_threshold(tmp_path):
+    """Far behind pace with no max_threshold: requests keep their own threshold, so an under-used budget is not spent."""
+    prompt = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many in May?"}]
+    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
+        cfg = service_config(
+            two_tiers([provider_entry("weak", weak, None, WEAK, PRICES["weak"])], [provider_entry("strong", strong, None, STRONG, PRICES["strong"])]),
+            budget={"period": "day", "usd": 1000.0, "store": str(tmp_path / "spend.sqlite"), "warmup_requests": 5, "window": 10},
+        )
+        with start_service(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
+            client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+            for _ in range(12):
+                client.chat.completions.create(model="router", messages=prompt)
+            paced = client.chat.completions.with_raw_response.create(model="router", messages=prompt)
+            h = paced.headers
+            assert h["x-router-effective-threshold"] == h["x-router-threshold"] and h["x-router-tier"] == "weak", dict(h)
+            route = httpx.post(service.url + "/v1/route", json={"model": "router", "messages": prompt},
+                               headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+            assert route["budget"]["threshold_offset"] > 0  # behind pace: the solver would raise it, and the cap holds

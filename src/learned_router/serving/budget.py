@@ -19,7 +19,9 @@ cost on each tier (tokens x prices, scaled per tier by the mean ratio of billed 
 solves, by bisection, for the largest threshold offset at which those requests, routed again with their own
 threshold + offset, would cost at most the target on average. Running ahead of pace leaves less budget for the
 requests to come, so the target and the threshold fall (more cheap-tier calls); running behind raises them. Each
-request is routed at clip(its threshold + offset, min_threshold, max_threshold). The window smooths the estimate;
+request is routed at clip(its threshold + offset, min_threshold, max_threshold), where max_threshold is the request's
+own threshold unless the config sets one: by default the budget is a cap, and an under-used budget is not spent on
+pricier tiers. The window smooths the estimate;
 the offset is re-solved every `RESOLVE_EVERY` requests. Until a period has seen `warmup_requests` requests (and
 this process as many), the offset is 0.
 
@@ -261,7 +263,11 @@ class Pacer:
         return BudgetState(period, start, self.config.usd, spent, requests, elapsed, self._offset, expected * self._floor)
 
     def effective(self, threshold: float, state: BudgetState) -> float:
-        return min(self.config.max_threshold, max(self.config.min_threshold, threshold + state.offset))
+        return min(self.ceiling(threshold), max(self.config.min_threshold, threshold + state.offset))
+
+    def ceiling(self, threshold):
+        """The highest threshold pacing may set for a request of this threshold (a float or an array of them)."""
+        return threshold if self.config.max_threshold is None else self.config.max_threshold
 
     def affordable(self, tier: int, estimated_usd: float, state: BudgetState, reserve: bool = True) -> bool:
         """Whether a pricier tier's estimate, at its worst recent billed/estimated ratio, fits above the reserve
@@ -298,7 +304,7 @@ class Pacer:
         t, p, e, c = (np.array(x) for x in zip(*self._recent, strict=True))
         c = c * np.array([np.mean(r) if r else 1.0 for r in self._ratios])
         rows = np.arange(len(t))
-        lo_t, hi_t = self.config.min_threshold, self.config.max_threshold
+        lo_t, hi_t = self.config.min_threshold, self.ceiling(t)
         p = np.where(e, p, -np.inf)  # an ineligible tier neither clears a threshold nor is the most likely to pass
 
         def cost(offset: float) -> float:

@@ -148,19 +148,20 @@ class RoutingConfig(Strict):
 
 
 class BudgetConfig(Strict):
-    """Spend per UTC calendar period; the pacer moves the threshold within [min_threshold, max_threshold]."""
+    """Spend per UTC calendar period; the pacer lowers the threshold to keep within it (and raises it behind pace only
+    up to max_threshold, where one is set)."""
 
     period: Literal["day", "month"]  # the UTC calendar period the budget covers
     usd: Positive  # the budget per period
     store: str = "router-spend.sqlite"  # sqlite file of the spend; a relative path is from the config file's folder
     min_threshold: float = Field(0.0, ge=0.0, le=1.0)  # the lowest threshold pacing may set
-    max_threshold: float = Field(1.0, ge=0.0, le=1.0)  # the highest threshold pacing may set
+    max_threshold: float | None = Field(None, ge=0.0, le=1.0)  # null: pacing never raises a request's threshold (the budget is a cap); a number: behind pace it may, up to this, spending the budget left on pricier tiers
     window: int = Field(500, ge=10)  # recent chat requests the pacer predicts costs on
     warmup_requests: int = Field(20, ge=1)  # requests seen (this process and period) before the pacer moves
 
     @model_validator(mode="after")
     def _range(self) -> BudgetConfig:
-        if self.min_threshold > self.max_threshold:
+        if self.max_threshold is not None and self.min_threshold > self.max_threshold:
             raise ValueError(f"min_threshold {self.min_threshold} is above max_threshold {self.max_threshold}")
         return self
 
