@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -332,8 +333,16 @@ def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one
                 return r.json()["router"] if r.status_code == 200 else None
             except httpx.HTTPError:
                 return None
+        def workers() -> set[int]:
+            """The worker processes uvicorn's supervisor (proc) runs now."""
+            try:
+                children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                return {int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
+            except OSError:  # a worker that went between the two reads
+                return set()
         try:
             first = wait_for(version, timeout=90)
+            before = wait_for(lambda: w if len(w := workers()) == 2 else None, timeout=60)
             r = admin(stack, "rollback")
             assert r.status_code == 409 and r.json()["error"]["code"] == "rollback_unavailable"
             r = admin(stack, "reload", {"path": str(copy_router(tmp_path / "other"))})
@@ -345,7 +354,8 @@ def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one
             assert r.status_code == 202 and r.json()["workers"] == 2 and r.json()["previous"] == first, r.text
             second = r.json()["router"]
             assert second != first
-            wait_for(lambda: all(version() == second for _ in range(20)), timeout=120)  # every worker replaced
+            wait_for(lambda: len(w := workers()) == 2 and not w & before, timeout=120)  # every worker replaced
+            assert all(version() == second for _ in range(20))
             (router / "model.int8.onnx").write_bytes(b"broken")  # a folder that fails the check restarts nothing
             r = admin(stack, "reload")
             assert r.status_code == 422 and "corrupted" in r.json()["error"]["message"]
