@@ -272,7 +272,8 @@ def test_ctrl_c_keeps_every_graded_row_and_a_rerun_finishes_the_table(fakes, tmp
     env = {**os.environ, "CI": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "learned_router", "label", "--config", str(cfg_path), "--prompts",
                              str(prompts), "--out", str(out), "--yes"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd=ROOT)
+                            text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's background job ignores it
     try:
         wait_for(lambda: journal.is_file() and journal.read_text().count('"kind": "row"') >= 3, timeout=60)
         proc.send_signal(signal.SIGINT)
