@@ -202,6 +202,7 @@ def test_reload_swaps_a_checked_router_in_without_dropping_requests_and_rollback
             t.join()
     assert failures == []
     assert swapped["previous"] == before["router"] and swapped["router"] != before["router"] and swapped["threshold"] == 0.0
+    assert "workers" not in swapped  # one process: swapped in place
     _, raw = chat(stack, "Prove Fermat's little theorem.")
     assert raw.headers["x-router-version"] == swapped["router"] and raw.headers["x-router-tier"] == "weak"
     metrics = httpx.get(stack["url"] + "/metrics").text

@@ -49,7 +49,7 @@ async def admin_router(service: ServiceDep) -> RouterInService:
     return RouterInService(**service.describe())
 
 
-@router.post("/reload")
+@router.post("/reload", response_model_exclude_none=True)
 async def admin_reload(request: Request, response: Response, service: ServiceDep) -> RouterSwapped:
     """Load and check a router folder (default: router.path), then swap it in; requests scoring finish on the old one."""
     raw = await request.body()
@@ -72,7 +72,7 @@ async def admin_reload(request: Request, response: Response, service: ServiceDep
         raise APIError(422, f"reload failed, {service.scoring.version} stays in service: {e}", code="reload_failed") from None
 
 
-@router.post("/rollback")
+@router.post("/rollback", response_model_exclude_none=True)
 async def admin_rollback(service: ServiceDep) -> RouterSwapped:
     """Swap the router of before the last reload back in."""
     if service.processes > 1:
