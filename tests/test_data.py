@@ -110,6 +110,22 @@ def test_file_and_field_errors(tmp_path, datasets_dir):
         load_grades([half])
     with pytest.raises(DataError, match="--weight names unknown source"):
         load_grades([datasets_dir / "vicuna_bench.parquet"], weights={"nope": 2})
-    with pytest.raises(DataError, match="source names repeat"):
+    with pytest.raises(DataError, match="vicuna_bench.parquet more than once: each file's grades count once"):
         load_grades([datasets_dir / "vicuna_bench.parquet"] * 2)
     assert np.isfinite(load_grades([datasets_dir / "vicuna_bench.parquet"]).obs["grade"]).all()
+
+
+def test_a_source_in_several_files_is_one_source_graded_one_way(tmp_path):
+    """Two label runs' outputs both hold `feedback` rows: their rows join one source; a clash of scheme is refused."""
+    week1 = long_table(tmp_path / "week1.parquet", [("a", "hi", "m", 1.0), ("b", "prove it", "m", 0.0)], source="feedback")
+    week2 = long_table(tmp_path / "week2.parquet", [("c", "sort a list", "m", 1.0), ("b", "prove it", "m", 0.0)], source="feedback")
+    grades = load_grades([week1, week2])
+    assert [s.name for s in grades.sources] == ["feedback", "feedback"]
+    assert set(grades.obs["source"]) == {"feedback"} and sorted(grades.obs["prompt"]) == ["hi", "prove it", "prove it", "sort a list"]
+    assert len(load_grades([week1, week2], weights={"feedback": 2.0}).obs) == 4
+    versus = long_table(tmp_path / "versus.parquet", [("d", "hello", "m", 1.0)], source="feedback", baseline="n")
+    with pytest.raises(DataError, match=r"source 'feedback' is in .*week1.parquet \(long, absolute, weight 1.0\) and in "
+                                        r".*versus.parquet \(long, versus, weight 1.0\): one source is graded and weighted one way"):
+        load_grades([week1, versus])
+    with pytest.raises(DataError, match=r"weight 2.0\) and in .*week2.parquet \(long, absolute, weight 1.0\)"):
+        load_grades([week1, week2], weights={"week1": 2.0})

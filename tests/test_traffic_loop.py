@@ -7,7 +7,6 @@ asked for."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import subprocess
@@ -123,7 +122,12 @@ def test_traffic_label_train_calibrate_reload(tmp_path, mlflow_server, datasets_
             proof = judged["prompt"].str.contains("prove", case=False)
             weak_rows = judged["model"] == WEAK_MODEL
             assert judged.loc[proof & weak_rows, "score"].max() < 0.5 < judged.loc[~proof | ~weak_rows, "score"].min()
-            cli("train", "--data", tmp_path / "graded.parquet", "--data", datasets_dir / "arena_bench_v1.parquet",
+            # two label runs' outputs (say two weeks of traffic), each with its judge and feedback sources: one train
+            first = graded["prompt"].isin(graded["prompt"].drop_duplicates().iloc[::2])
+            graded[first].to_parquet(tmp_path / "graded-1.parquet")
+            graded[~first].to_parquet(tmp_path / "graded-2.parquet")
+            cli("train", "--data", tmp_path / "graded-1.parquet", "--data", tmp_path / "graded-2.parquet",
+                "--data", datasets_dir / "arena_bench_v1.parquet",
                 "--out", tmp_path / "ours", "--max-prompts", "150", "--steps", "200", "--variants", "int8", "--quiet",
                 env={"MLFLOW_TRACKING_URI": mlflow_server})
             calibrated = cli("calibrate", "--router", tmp_path / "ours", "--prompts", tmp_path / "traffic.parquet",

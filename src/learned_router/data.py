@@ -244,23 +244,29 @@ class Grades:
 
 def load_grades(paths: list[str | Path], weights: dict[str, float] | None = None, val: float = 0.1, test: float = 0.1,
                 seed: int = 0, max_prompts: int | None = None) -> Grades:
-    """All sources as one table of observations; contaminated prompts only ever train. `max_prompts` samples that
-    many prompts per source (quick runs)."""
+    """All sources as one table of observations; contaminated prompts only ever train. A source named in several
+    files is one source. `max_prompts` samples that many prompts per source (quick runs)."""
     if not paths:
         raise DataError("no data: pass at least one --data file")
     weights = weights or {}
+    resolved = [Path(p).resolve() for p in paths]
+    if twice := sorted({str(p) for p in resolved if resolved.count(p) > 1}):
+        raise DataError(f"--data names {twice[0]} more than once: each file's grades count once")
     sources = [s for p in paths for s in load_sources(p)]
-    taken = [s.name for s in sources]
-    if len(set(taken)) != len(taken):
-        raise DataError(f"source names repeat across the --data files: {sorted(taken)}")
+    taken = sorted({s.name for s in sources})
     unknown = set(weights) - set(taken) - {Path(p).stem for p in paths}
     if unknown:
-        raise DataError(f"--weight names unknown source(s) {sorted(unknown)}; sources: {sorted(taken)}")
+        raise DataError(f"--weight names unknown source(s) {sorted(unknown)}; sources: {taken}")
+    first: dict[str, Source] = {}
     frames = []
     for s in sources:
         s.weight = weights.get(s.name, weights.get(s.path.stem, 1.0))
         if not (s.weight > 0 and math.isfinite(s.weight)):
             raise DataError(f"--weight {s.name}: must be a positive number, got {s.weight}")
+        seen = first.setdefault(s.name, s)  # a source in several files (two label runs' feedback): one source
+        if (seen.fmt, seen.scheme, seen.weight) != (s.fmt, s.scheme, s.weight):
+            raise DataError(f"source {s.name!r} is in {seen.path} ({seen.fmt}, {seen.scheme}, weight {seen.weight}) and in "
+                            f"{s.path} ({s.fmt}, {s.scheme}, weight {s.weight}): one source is graded and weighted one way")
         obs = observations(s)
         if max_prompts:
             keep = pd.Series(obs["prompt"].unique()).sample(frac=1.0, random_state=seed)[:max_prompts]

@@ -19,6 +19,16 @@ from .recipe import Recipe
 from .tracking import DEFAULT_EXPERIMENT, start_run
 
 
+def numbered(prints: list[dict]) -> list[tuple[dict, int]]:
+    """Each data fingerprint with how many files of its source name came before it (0: the first)."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in prints:
+        out.append((p, seen.get(p["name"], 0)))
+        seen[p["name"]] = seen.get(p["name"], 0) + 1
+    return out
+
+
 def encoder_for(recipe: Recipe) -> Encoder:
     return Encoder(recipe.encoder, recipe.max_seq_length, recipe.encoder_layers)
 
@@ -114,7 +124,7 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
         folder = RouterFolder(tmp)
         mlflow.log_params({**{k: (",".join(v) if isinstance(v, list) else v) for k, v in recipe.to_dict().items()},
                            "encoder_fingerprint": enc.fingerprint[:16], "variants": ",".join(variants),
-                           **{f"data_{p['name']}_sha256": p["sha256"][:16] for p in prints},
+                           **{f"data_{p['name']}{f'_{i}' if i else ''}_sha256": p["sha256"][:16] for p, i in numbered(prints)},
                            **{f"weight_{p['name']}": p["weight"] for p in prints}})
         mlflow.log_dict({"sources": prints}, "data_fingerprints.json")
         counts = grades.obs.groupby(["source", "split"])["prompt"].nunique().unstack(fill_value=0)
