@@ -171,6 +171,8 @@ def test_reload_swaps_a_checked_router_in_without_dropping_requests_and_rollback
     r = admin(stack, "reload", {"path": str(broken)})
     assert r.status_code == 422 and "corrupted" in r.json()["error"]["message"]
     assert admin(stack, "reload", {"path": str(tmp_path / "nowhere")}).status_code == 422
+    r = admin(stack, "reload", {"path": "x" * 4000})  # a name no file system takes: refused, never a 500
+    assert r.status_code == 422 and "cannot be a router folder (File name too long)" in r.json()["error"]["message"]
     assert admin(stack, "router").json()["router"] == before["router"]
     # a recalibrated copy: another version and threshold, swapped in under load with no request failing
     new = copy_router(tmp_path / "new")
@@ -346,8 +348,9 @@ def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one
             before = wait_for(lambda: w if len(w := workers()) == 2 else None, timeout=60)
             r = admin(stack, "rollback")
             assert r.status_code == 409 and r.json()["error"]["code"] == "rollback_unavailable"
-            r = admin(stack, "reload", {"path": str(copy_router(tmp_path / "other"))})
-            assert r.status_code == 409 and "2 worker processes" in r.json()["error"]["message"]
+            for other in (str(copy_router(tmp_path / "other")), "a\u0000b"):
+                r = admin(stack, "reload", {"path": other})
+                assert r.status_code == 409 and "2 worker processes" in r.json()["error"]["message"]
             manifest = json.loads((router / "router.json").read_text())
             manifest["default_threshold"] = 0.01
             (router / "router.json").write_text(json.dumps(manifest))

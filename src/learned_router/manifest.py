@@ -151,9 +151,14 @@ class RouterFolder:
         return self.path / VARIANT_FILES[variant]
 
     def manifest(self) -> Manifest:
-        if self.path.exists() and not self.path.is_dir():
+        try:
+            is_dir, exists = self.path.is_dir(), self.path.exists()
+        except (OSError, ValueError) as e:  # a name too long for the file system, say
+            shown = str(self.path) if len(str(self.path)) <= 200 else f"{str(self.path)[:200]}..."
+            raise RouterFolderError(f"{shown}: cannot be a router folder ({getattr(e, 'strerror', None) or e})") from None
+        if exists and not is_dir:
             raise RouterFolderError(f"{self.path}: a file, not a router folder (a folder with {self.MANIFEST})")
-        if not self.path.is_dir():
+        if not is_dir:
             raise RouterFolderError(f"router folder not found: {self.path}")
         return read_model(self.manifest_path, Manifest, f"a router folder needs {self.MANIFEST}, {self.TOKENIZER} and an ONNX model")
 

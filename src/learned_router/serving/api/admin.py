@@ -43,6 +43,13 @@ class RouterSwapped(BaseModel):
                                                   "time, each loading router.path (the answer is then 202)")
 
 
+def same_folder(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):  # not a path this system can name
+        return False
+
+
 @router.get("/router")
 async def admin_router(service: ServiceDep) -> RouterInService:
     """The router in service (version, folder, threshold, calibration mix) and the one a rollback restores."""
@@ -59,7 +66,7 @@ async def admin_reload(request: Request, response: Response, service: ServiceDep
         loc, msg = first_error(e)
         raise APIError(400, f"{'.'.join(map(str, loc)) or 'body'}: {msg}") from None
     workers = service.processes > 1
-    if workers and path is not None and Path(path).resolve() != Path(service.config.router.path).resolve():
+    if workers and path is not None and not same_folder(path, service.config.router.path):
         raise APIError(409, f"this service runs {service.processes} worker processes, which load router.path "
                        f"({service.config.router.path}) when they start: put the new router there (or point router.path at "
                        "it) and reload without a path", code="reload_needs_router_path")
