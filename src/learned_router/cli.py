@@ -56,7 +56,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def user_errors(fn):
-    """Print RouterError (and a missing optional dependency) as one line and exit 2, never a traceback."""
+    """Print RouterError, a missing optional dependency and what the OS refused (a name too long, no permission) as
+    one line and exit 2, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -66,8 +67,18 @@ def user_errors(fn):
             fail(str(e))
         except ModuleNotFoundError as e:
             fail(missing_module(e.name))
+        except OSError as e:
+            fail(os_error(e))
 
     return wrapper
+
+
+def os_error(e: OSError) -> str:
+    """'FILE: the OS's reason', the file name cut at 200 characters."""
+    if e.filename is None or not e.strerror:
+        return str(e)
+    name = str(e.filename)
+    return f"{name if len(name) <= 200 else name[:200] + '...'}: {e.strerror}"
 
 
 def missing_module(name: str | None) -> str:
