@@ -91,6 +91,8 @@ def test_bad_stdin_is_one_line(trained, stdin, message):
     (["score", "--router", "{tmp}/nope", "hi"], "router folder not found"),
     (["score", "--router", "{tmp}/" + "x" * 300, "hi"], "cannot be a router folder (File name too long)"),
     (["train", "--data", "{tmp}/" + "x" * 300, "--out", "{tmp}/o"], "x...: File name too long"),
+    (["train", "--data", "{tmp}", "--out", "{tmp}/o"], "a folder, not a file"),
+    (["score", "--router", "{r}", "--file", "{tmp}"], "a folder, not a file"),
     (["calibrate", "--router", "{r}", "--prompts", "{tmp}/" + "x" * 300], "x...: File name too long"),
     (["score", "--router", "{r}", "--file", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
     (["score", "--router", "{r}", "--file", "{tmp}/noprompt.csv"], "no 'prompt' column"),

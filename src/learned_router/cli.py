@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperOption
 
 from . import __version__
-from .errors import RouterError
+from .errors import RouterError, not_a_file
 from .progress import quiet as quieted
 from .progress import no_library_bars, step
 from .recipe import Recipe
@@ -224,7 +224,7 @@ def read_prompts(prompts: list[str], file: Optional[Path]) -> tuple[list[str], l
             raise RouterError("stdin: no prompts (one per line)")
         return lines, list(range(len(lines)))
     if not file.is_file():
-        raise RouterError(f"{file}: no such file")
+        raise RouterError(not_a_file(file))
     if file.suffix.lower() not in PROMPT_TABLES:
         lines = text_lines(file.read_bytes(), str(file))
         if not lines:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, first_bad
+from .errors import DataError, first_bad, not_a_file
 from .manifest import sha256_file
 from .yamlfile import load_yaml
 
@@ -77,7 +77,7 @@ def read_table(path: Path) -> pd.DataFrame:
     disable_progress_bars()
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(not_a_file(path))
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(READERS)}")

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints their message and exits non-zero, without a traceback."""
 
+import os
+
 
 class RouterError(Exception):
     """Something the user can fix: a bad file, field or value. The message names it."""
@@ -11,6 +13,11 @@ class DataError(RouterError):
 
 class RouterFolderError(RouterError):
     """A router folder is missing a file, or a file does not match its manifest."""
+
+
+def not_a_file(path, missing: str = "no such file") -> str:
+    """Why `path` cannot be read as a file: a folder, or `missing`."""
+    return f"{path}: a folder, not a file" if os.path.isdir(path) else f"{path}: {missing}"
 
 
 def first_error(e) -> tuple[tuple, str]:

@@ -49,7 +49,7 @@ from pathlib import Path
 import pandas as pd
 
 from .data import PROMPT_TABLES, check_prompts, read_prompt_table, utf8_text
-from .errors import DataError, RouterError, first_bad, first_index
+from .errors import DataError, RouterError, first_bad, first_index, not_a_file
 from .judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages
 from .prices import prompt_tokens
 from .progress import mode as progress_mode
@@ -115,7 +115,7 @@ def read_prompts(path: Path) -> pd.DataFrame:
     """A prompts table (parquet, JSONL or CSV with a `prompt` column); DataError naming the file, row and field."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(not_a_file(path))
     suffix = path.suffix.lower()
     if suffix not in PROMPT_TABLES:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use {', '.join(PROMPT_TABLES)}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import RouterError
+from .errors import RouterError, not_a_file
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -38,7 +38,7 @@ def load_yaml(path: str | os.PathLike, error: type[RouterError] = RouterError, m
     as `<path>: <missing>` when there is no such file, or `<path>: not valid YAML (line N: what)`."""
     path = Path(path)
     if not path.is_file():
-        raise error(f"{path}: {missing}")
+        raise error(not_a_file(path, missing))
     try:
         return yaml.load(path.read_bytes(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as e:
