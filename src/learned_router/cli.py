@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperOption
 
 from . import __version__
-from .errors import RouterError, not_a_file
+from .errors import RouterError, not_a_file, shown
 from .progress import quiet as quieted
 from .progress import no_library_bars, step
 from .recipe import Recipe
@@ -74,11 +74,10 @@ def user_errors(fn):
 
 
 def os_error(e: OSError) -> str:
-    """'FILE: the OS's reason', the file name cut at 200 characters."""
+    """'FILE: the OS's reason', the file name cut as `shown` cuts it."""
     if e.filename is None or not e.strerror:
         return str(e)
-    name = str(e.filename)
-    return f"{name if len(name) <= 200 else name[:200] + '...'}: {e.strerror}"
+    return f"{shown(e.filename)}: {e.strerror}"
 
 
 def missing_module(name: str | None) -> str:

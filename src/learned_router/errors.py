@@ -15,6 +15,12 @@ class RouterFolderError(RouterError):
     """A router folder is missing a file, or a file does not match its manifest."""
 
 
+def shown(name: object, limit: int = 200) -> str:
+    """A file name as an error message shows it: cut at `limit` characters."""
+    text = str(name)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def not_a_file(path, missing: str = "no such file") -> str:
     """Why `path` cannot be read as a file: a folder, or `missing`."""
     return f"{path}: a folder, not a file" if os.path.isdir(path) else f"{path}: {missing}"

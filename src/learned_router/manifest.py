@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .errors import RouterFolderError, first_error
+from .errors import RouterFolderError, first_error, shown
 
 GENERIC = "generic"  # the model-agnostic output: 1 - the prompt's difficulty
 VARIANT_FILES = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
@@ -154,8 +154,7 @@ class RouterFolder:
         try:
             is_dir, exists = self.path.is_dir(), self.path.exists()
         except (OSError, ValueError) as e:  # a name too long for the file system, say
-            shown = str(self.path) if len(str(self.path)) <= 200 else f"{str(self.path)[:200]}..."
-            raise RouterFolderError(f"{shown}: cannot be a router folder ({getattr(e, 'strerror', None) or e})") from None
+            raise RouterFolderError(f"{shown(self.path)}: cannot be a router folder ({getattr(e, 'strerror', None) or e})") from None
         if exists and not is_dir:
             raise RouterFolderError(f"{self.path}: a file, not a router folder (a folder with {self.MANIFEST})")
         if not is_dir:
