@@ -174,15 +174,21 @@ class Service:
     async def reload(self, path: str | None = None) -> dict:
         """Load the router folder at `path` (default: router.path), check it (its manifest and files, the outputs the
         tiers read, the threshold, task typing, the probe prompts) and swap it in; the router it replaces is kept for
-        `rollback`. RouterError naming the problem when the check fails: the router in service stays."""
+        `rollback`. RouterError naming the problem when the check fails: the router in service stays.
+
+        With several worker processes the checked folder is not swapped in here: the parent process (uvicorn's
+        supervisor) replaces every worker, one at a time, each new one loading router.path (the answer has `workers`)."""
         async with self._swap:
             t0 = time.perf_counter()
             try:
-                return await self._swap_in(await asyncio.to_thread(self._checked, path), "reload", t0)
+                new = await asyncio.to_thread(self._checked, path)
             except RouterError as e:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("router reload failed, %s stays in service: %s", self.scoring.version, e)
                 raise
+            if self.processes > 1:
+                return self._restart_workers(new, t0)
+            return await self._swap_in(new, "reload", t0)
 
     async def rollback(self) -> dict:
         """Swap the router of before the last reload back in (the current one becomes the one to roll back to)."""
@@ -192,24 +198,13 @@ class Service:
             t0 = time.perf_counter()
             return await self._swap_in(await asyncio.to_thread(self._scoring, self.previous), "rollback", t0)
 
-    async def restart_workers(self) -> dict:
-        """With several worker processes: check router.path's folder here as `reload` does, then have the parent
-        process (uvicorn's supervisor) replace every worker, one at a time, each new one loading router.path; RouterError
-        when the check fails, and then nothing restarts."""
-        async with self._swap:
-            t0 = time.perf_counter()
-            try:
-                new = await asyncio.to_thread(self._checked, None)
-            except RouterError as e:
-                self.metrics.reloads.labels("failed").inc()
-                log.error("router reload failed, the workers keep %s: %s", self.scoring.version, e)
-                raise
-            os.kill(os.getppid(), signal.SIGHUP)
-            self.metrics.reloads.labels("reload").inc()
-            log.info("router reload: %s checked; the %d workers are being replaced, each loading %s", new.version,
-                     self.processes, self.config.router.path)
-            return {"router": new.version, "previous": self.scoring.version, "threshold": new.threshold,
-                    "seconds": round(time.perf_counter() - t0, 3), "workers": self.processes}
+    def _restart_workers(self, new: Scoring, t0: float) -> dict:
+        os.kill(os.getppid(), signal.SIGHUP)
+        self.metrics.reloads.labels("reload").inc()
+        log.info("router reload: %s checked; the %d workers are being replaced, each loading %s", new.version,
+                 self.processes, self.config.router.path)
+        return {"router": new.version, "previous": self.scoring.version, "threshold": new.threshold,
+                "seconds": round(time.perf_counter() - t0, 3), "workers": self.processes}
 
     def _checked(self, path: str | None) -> Scoring:
         """The router folder at `path` (default: router.path) loaded and checked for this service; RouterError naming

@@ -65,18 +65,17 @@ async def admin_reload(request: Request, response: Response, service: ServiceDep
     except ValidationError as e:
         loc, msg = first_error(e)
         raise APIError(400, f"{'.'.join(map(str, loc)) or 'body'}: {msg}") from None
-    workers = service.processes > 1
-    if workers and path is not None and not same_folder(path, service.config.router.path):
+    if service.processes > 1 and path is not None and not same_folder(path, service.config.router.path):
         raise APIError(409, f"this service runs {service.processes} worker processes, which load router.path "
                        f"({service.config.router.path}) when they start: put the new router there (or point router.path at "
                        "it) and reload without a path", code="reload_needs_router_path")
     try:
-        if workers:
-            response.status_code = 202
-            return RouterSwapped(**await service.restart_workers())
-        return RouterSwapped(**await service.reload(path))
+        swapped = RouterSwapped(**await service.reload(path))
     except RouterError as e:
         raise APIError(422, f"reload failed, {service.scoring.version} stays in service: {e}", code="reload_failed") from None
+    if swapped.workers:
+        response.status_code = 202  # the workers are being replaced
+    return swapped
 
 
 @router.post("/rollback", response_model_exclude_none=True)
