@@ -280,6 +280,16 @@ def test_calibrate_fits_the_table_to_a_prompt_file_and_checks_it_on_held_out_pro
     assert json.loads((router / "router.json").read_text()) == after
 
 
+def served_version(url: str) -> str | None:
+    """The router version a service at `url` routes "hi" with; None while it does not answer."""
+    try:
+        r = httpx.post(url + "/v1/route", json={"model": "router", "messages": [{"role": "user", "content": "hi"}]},
+                       headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=5)
+        return r.json()["router"] if r.status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
 def test_sighup_reloads_the_router_from_its_folder(tmp_path):
     router = copy_router(tmp_path / "router")
     with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
@@ -294,12 +304,7 @@ def test_sighup_reloads_the_router_from_its_folder(tmp_path):
         url = f"http://127.0.0.1:{port}"
         try:
             def version():
-                try:
-                    r = httpx.post(url + "/v1/route", json={"model": "router", "messages": [{"role": "user", "content": "hi"}]},
-                                   headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=5)
-                    return r.json()["router"] if r.status_code == 200 else None
-                except httpx.HTTPError:
-                    return None
+                return served_version(url)
             first = wait_for(version, timeout=60)
             manifest = json.loads((router / "router.json").read_text())
             manifest["default_threshold"] = 0.01
@@ -330,12 +335,8 @@ def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one
         stack = {"url": f"http://127.0.0.1:{port}"}
 
         def version():
-            try:
-                r = httpx.post(stack["url"] + "/v1/route", json={"model": "router", "messages": [{"role": "user", "content": "hi"}]},
-                               headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=5)
-                return r.json()["router"] if r.status_code == 200 else None
-            except httpx.HTTPError:
-                return None
+            return served_version(stack["url"])
+
         def workers() -> set[int]:
             """The worker processes uvicorn's supervisor (proc) runs now."""
             try:
