@@ -135,6 +135,7 @@ def test_models_health_ready_metrics(client, stack):
     assert httpx.get(stack["url"] + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(stack["url"] + "/readyz")
     assert ready.status_code == 200 and ready.json()["tiers"] == {"strong": True, "weak": True}
+    assert ready.json()["router_check"] == "passed"  # its graph on this CPU against router.json's probe outputs
     metrics = httpx.get(stack["url"] + "/metrics").text
     for name in ("router_requests_total", "router_decisions_total", "router_pass_chance_bucket", "router_routing_seconds_bucket",
                  "router_upstream_seconds_bucket", "router_cost_usd_total", 'router_circuit_state{provider="weak-a"} 0.0'):

@@ -119,8 +119,17 @@ def names_of(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def parity_line(parity: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in parity.items() if not k.startswith("fused"))
+def parity_line(manifest) -> str:
+    """Each exported variant's verdict against the torch model, with the figures a user feels."""
+    check, p = manifest.check, manifest.parity
+    if check is None:
+        return "not checked (router.json keeps no probe outputs; re-export it)"
+    parts = []
+    for v, ok in check.passed.items():
+        apgr = f", APGR {p[f'{v}_apgr_shift']:+.4f}" if f"{v}_apgr_shift" in p else ""
+        parts.append(f"{v} {'passed' if ok else 'left out'} (mean |dq| {p[f'{v}_mean_abs_diff']:.4f}, strong share "
+                     f"{p[f'{v}_strong_share_shift']:+.3f}{apgr})")
+    return f"{'; '.join(parts)} on {int(p['probes'])} prompts, {check.cpu}"
 
 
 def recipe_options(fn):
@@ -166,6 +175,9 @@ def train(
     name: Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing router folder.")] = False,
+    prior: Annotated[Optional[Path], typer.Option(help="A router folder to keep as the prior: fit only a top level on "
+                                                  "--data over its graph (minutes, no torch); of the recipe, only "
+                                                  "--strong, --weak, --default-strong-fraction and --seed apply.")] = None,
     quiet: Quiet = False,
 ):
     """Train a router on graded answers of many models, export it to ONNX and log the run to MLflow."""
@@ -179,12 +191,22 @@ def train(
     if bad or not chosen:
         raise RouterError(f"--variants: expected fp32, int8 or both, got {variants!r}")
     with quieted(quiet):
-        manifest, run_id = run_training([str(d) for d in data], out, recipe, weights=parse_weights(weight),
-                                        variants=chosen, name=name, experiment=experiment, overwrite=overwrite)
+        if prior is not None:
+            from .prior import train_on_prior
+
+            manifest, run_id = train_on_prior(prior, [str(d) for d in data], out, recipe.strong, recipe.weak,
+                                              recipe.default_strong_fraction, name, experiment, overwrite, recipe.seed)
+        else:
+            manifest, run_id = run_training([str(d) for d in data], out, recipe, weights=parse_weights(weight),
+                                            variants=chosen, name=name, experiment=experiment, overwrite=overwrite)
     typer.echo(f"router for {len(manifest.models)} models written to {out}")
-    typer.echo(f"default threshold {manifest.default_threshold} ({manifest.weak} vs {manifest.strong}); parity "
-               + parity_line(manifest.parity))
-    typer.echo(f"MLflow run {run_id}, its loss curve and test AUCs: {run_link(mlflow.get_run(run_id))}")
+    if manifest.residual is not None:
+        r = manifest.residual
+        typer.echo(f"top level over {r.prior} for {', '.join(r.models)} on {r.prompts:,} prompts; cross-validation "
+                   f"({r.objective}) chose ridge {r.ridge}, kernel width {r.width}, shrink {r.shrink}")
+    typer.echo(f"default threshold {manifest.default_threshold} ({manifest.weak} vs {manifest.strong}); against "
+               f"the torch model: {parity_line(manifest)}")
+    typer.echo(f"MLflow run {run_id}: {run_link(mlflow.get_run(run_id))}")
 
 
 @app.command("export")
@@ -201,7 +223,7 @@ def export_cmd(
 
     with quieted(quiet), step(f"exporting {router} to ONNX ({variants}) and checking parity"), no_library_bars():
         manifest = export(router, out, names_of(variants), overwrite=overwrite)
-    typer.echo(f"exported to {out or router}: " + ", ".join(f"{k}={v:.4g}" for k, v in manifest.parity.items()))
+    typer.echo(f"exported to {out or router}; against the torch model: {parity_line(manifest)}")
 
 
 def read_prompts(prompts: list[str], file: Optional[Path]) -> tuple[list[str], list]:

@@ -12,21 +12,17 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
+import pandas as pd
 
+from . import parity
 from .errors import RouterError
-from .manifest import VARIANT_FILES, Manifest, RouterFolder, TrainingRecord
+from .manifest import VARIANT_FILES, ExportCheck, Manifest, RouterFolder, TrainingRecord
 from .tasktypes import FILE as TYPES_FILE
 
-# The exported graph must stay this close to the torch model on the probe prompts, or nothing is written.
-# fp32 must match to float noise. int8's dynamic quantisation moves the sentence embedding by ~0.1 (L2), and a
-# sharp head (one trained on a few hundred prompts) by up to ~0.2 in probability; what matters there is the routing
-# decision, so int8 is held to decision agreement at the default threshold, with a bound on |dp| that still catches
-# a broken export (a wrong graph moves outputs by ~0.5). A probe whose
-# torch probability lies within `tie_band` of the threshold is a tie at that precision and does not count towards
-# agreement (a head trained on little data can put every probe there).
-TOLERANCE = {"fp32": {"max_abs_diff": 1e-3, "decision_agreement": 1.0, "tie_band": 1e-3},
-             "int8": {"max_abs_diff": 0.25, "decision_agreement": 0.95, "tie_band": 0.02}}
+log = logging.getLogger(__name__)
+
+# Built-in probe prompts (no user data): the exporter checks each graph on them and on the caller's held-out prompts,
+# and router.json keeps the torch model's outputs on them, which `Router` compares with when it loads the folder.
 PROBES = [
     "What is 2+2?",
     "hi",
@@ -40,6 +36,26 @@ PROBES = [
     "Which of these is a mammal?\nA. Shark\nB. Dolphin\nC. Trout\nD. Octopus\nAnswer:",
     "Draft a polite email to my landlord asking to fix the heating, which has been broken for a week. " * 3,
     "Compare the economic policies of Keynesian and Austrian schools. " * 25,  # longer than the encoder's limit
+    "What's the capital of Australia?",
+    "Give me three name ideas for a coffee shop near the sea.",
+    "Solve for x: 3x + 7 = 22.",
+    "Write a SQL query that returns the ten customers with the highest total order value.",
+    "Is it safe to eat raw cookie dough? Answer briefly.",
+    "Explain quantum entanglement to a ten-year-old.",
+    "Refactor this JavaScript to use async/await: fetch(url).then(r => r.json()).then(d => console.log(d));",
+    "What are the main differences between TCP and UDP?",
+    "Write a short story about a robot who learns to paint, in under 200 words.",
+    "Convert 72 degrees Fahrenheit to Celsius.",
+    "Prove that the square root of 2 is irrational.",
+    "Suggest a weekly workout plan for a beginner who has 30 minutes a day.",
+    "Find all integer solutions of x^2 - y^2 = 17.",
+    "thanks!",
+    "Describe the water cycle.",
+    "Implement a thread-safe LRU cache in Java with O(1) get and put, and explain how you tested it.",
+    "What does 'carpe diem' mean?",
+    "Analyse the themes of guilt and ambition in Macbeth, citing two scenes.",
+    "Which is larger, 9.11 or 9.9?",
+    "Write a regular expression that matches a valid IPv4 address.",
 ]
 
 
@@ -101,7 +117,8 @@ def root_logger_at(level: int):
 
 @root_logger_at(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on the root logger
 def to_onnx(checkpoint: Path, enc_path: Path, layers: int, folder: Path, variants: list[str]) -> dict:
-    """Write model.onnx (graph-optimised fp32) and/or model.int8.onnx into `folder`; returns the fused-op counts."""
+    """Write model.onnx (graph-optimised fp32) and, when asked, model.int8.onnx into `folder`; returns the fused-op
+    counts."""
     import onnx
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -135,8 +152,6 @@ def to_onnx(checkpoint: Path, enc_path: Path, layers: int, folder: Path, variant
         quantize_dynamic(str(fp32), str(folder / VARIANT_FILES["int8"]), weight_type=QuantType.QInt8, per_channel=True,
                          nodes_to_exclude=head_matmuls(opt.model),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    if "fp32" not in variants:
-        fp32.unlink()
     return stats
 
 
@@ -149,59 +164,73 @@ def head_matmuls(graph_model) -> list[str]:
     return names + [f"{n}_MatMul" for n in names]
 
 
-def decision_agreement(p: np.ndarray, reference: np.ndarray, threshold: float, tie_band: float) -> float:
-    """Share of probes routed alike, among those whose reference pass chance lies farther than `tie_band` from the
-    threshold; 1.0 when none does."""
-    clear = np.abs(reference - threshold) > tie_band
-    return float(np.mean((p >= threshold)[clear] == (reference >= threshold)[clear])) if clear.any() else 1.0
-
-
-def export_into(folder: RouterFolder, variants: list[str], probes: list[str] | None = None) -> Manifest:
-    """Build the ONNX files, tokenizer and manifest in `folder` from its checkpoint; refuses (raises) when parity
-    fails."""
+def export_into(folder: RouterFolder, variants: list[str], probes: list[str] | None = None,
+                graded: pd.DataFrame | None = None) -> Manifest:
+    """Build the ONNX files, tokenizer and manifest in `folder` from its checkpoint, each graph judged against the
+    torch model (`parity.judge`) on the built-in probes plus `probes`, and routing quality on `graded` (columns
+    prompt, weak, strong: the pair's absolute grades). fp32 that fails raises ExportError (nothing is written); int8
+    that fails is left out and the fp32 graph written in its place, `check.reasons` saying why."""
     from .embed import Encoder
     from .model import QualityHead
-    from .scorer import Router, pass_chances
+    from .scorer import Router
 
     if not variants or any(v not in VARIANT_FILES for v in variants):
         raise RouterError(f"variants must be a non-empty subset of {sorted(VARIANT_FILES)}, got {variants}")
     record = folder.record()
     head = QualityHead.load(folder.checkpoint)  # before the slow part: a broken head.pt fails at once
     enc_path = encoder_dir(folder, record)
-    fused_ops = to_onnx(folder.checkpoint, enc_path, record.encoder.layers, folder.path, variants)
+    built = ["fp32", *(["int8"] if "int8" in variants else [])]
+    fused_ops = to_onnx(folder.checkpoint, enc_path, record.encoder.layers, folder.path, built)
     shutil.copyfile(enc_path / RouterFolder.TOKENIZER, folder.tokenizer_path)
-    files = {v: folder.entry(VARIANT_FILES[v]) for v in variants} | {"tokenizer": folder.entry(RouterFolder.TOKENIZER)}
     manifest = Manifest(
         name=record.name, models=head.cfg.models, strong=record.strong, weak=record.weak, encoder=record.encoder,
-        default_threshold=record.default_threshold, calibration=record.calibration, files=files, data=record.data,
+        default_threshold=record.default_threshold, calibration=record.calibration, files={}, data=record.data,
         metrics=record.metrics, versions=versions(), created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    folder.write_manifest(manifest)
 
-    # parity: the exported graph against the torch path used in training (sentence-transformers + head)
-    probes = list(probes or []) + PROBES
+    prompts = list(dict.fromkeys(PROBES + list(probes or []) + (graded["prompt"].tolist() if graded is not None else [])))
     enc = Encoder(enc_path, record.encoder.max_seq_length, record.encoder.layers)
-    q_ref, d_ref = head.predict(enc.features(probes, head.cfg.length_input, progress=False, cache=False))
-    w, s = head.cfg.models.index(record.weak), head.cfg.models.index(record.strong)
-    t = manifest.default_threshold
-    for v in variants:
-        q, d = Router(folder.path, variant=v).predict(probes)
-        tol = TOLERANCE[v]
-        measured = {"max_abs_diff": float(max(np.max(np.abs(q - q_ref)), np.max(np.abs(d - d_ref)))),
-                    "mean_abs_diff": float(np.mean(np.abs(q - q_ref))),
-                    "decision_agreement": decision_agreement(pass_chances(q[:, w], q[:, s]), pass_chances(q_ref[:, w], q_ref[:, s]),
-                                                             t, tol["tie_band"])}
-        manifest.parity |= {f"{v}_{k}": x for k, x in measured.items()}
-        if measured["max_abs_diff"] > tol["max_abs_diff"] or measured["decision_agreement"] < tol["decision_agreement"]:
-            raise ExportError(
-                f"{v} export disagrees with the torch model on {len(probes)} probe prompts: max |dq| "
-                f"{measured['max_abs_diff']:.4f} (tolerance {tol['max_abs_diff']}), decision agreement "
-                f"{measured['decision_agreement']:.4f} among probes farther than {tol['tie_band']} from the "
-                f"threshold {t} (at least {tol['decision_agreement']}); nothing written")
-    manifest.parity["probes"] = len(probes)
+    reference = head.predict(enc.features(prompts, head.cfg.length_input, progress=False, cache=False))
+    pair = head.cfg.models.index(record.weak), head.cfg.models.index(record.strong)
+    rows = {p: i for i, p in enumerate(prompts)}
+    grades = None if graded is None else parity.Graded(graded["prompt"].map(rows).to_numpy(), graded["weak"].to_numpy(float),
+                                                      graded["strong"].to_numpy(float))
+    check = ExportCheck(cpu=parity.cpu(), onnxruntime=versions().get("onnxruntime", ""), passed={},
+                        models=[record.weak, record.strong],
+                               probes=PROBES, quality=reference[0][: len(PROBES)][:, pair].tolist(),
+                               difficulty=reference[1][: len(PROBES)].tolist())
+    for v in built:
+        manifest.files = {v: folder.entry(VARIANT_FILES[v]), "tokenizer": folder.entry(RouterFolder.TOKENIZER)}
+        folder.write_manifest(manifest)
+        verdict = parity.judge(v, Router(folder.path, variant=v).predict(prompts), reference, pair,
+                               manifest.default_threshold, manifest.calibration.prompts, grades)
+        manifest.parity |= {f"{v}_{k}": x for k, x in verdict.figures().items()}
+        check.passed[v] = verdict.passed
+        if not verdict.passed:
+            check.reasons[v] = f"{verdict.summary()}: {'; '.join(verdict.failures)}"
+        if v == "fp32" and not verdict.passed:
+            raise ExportError(f"fp32 export disagrees with the torch model on {check.reasons[v]}; nothing written")
+    kept = [v for v in built if check.passed[v] and (v in variants or not check.passed.get("int8", True))]
+    for v in set(built) - set(kept):
+        folder.model_path(v).unlink()
+    manifest.files = {v: folder.entry(VARIANT_FILES[v]) for v in kept} | {"tokenizer": folder.entry(RouterFolder.TOKENIZER)}
+    manifest.parity["probes"] = len(prompts)
     manifest.parity.update({f"fused_{k}": float(n) for k, n in fused_ops.items()})
+    manifest.check = check
     folder.write_manifest(manifest)
+    if note := fallback_note(manifest):
+        log.warning(note)
     return manifest
+
+
+def fallback_note(manifest: Manifest) -> str | None:
+    """One line when the int8 graph failed its check and the fp32 graph was written instead."""
+    check = manifest.check
+    if check is None or check.passed.get("int8", True):
+        return None
+    return (f"int8 left out: on this CPU ({check.cpu}) it routes unlike the torch model ({check.reasons['int8']}); "
+            f"the fp32 graph is written instead. To retry: learned-router export --router FOLDER --variants int8 "
+            f"on the CPU that will serve it")
 
 
 def export(router: Path, out: Path | None = None, variants: list[str] = ("fp32", "int8"), overwrite: bool = False) -> Manifest:

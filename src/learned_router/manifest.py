@@ -16,6 +16,7 @@ from .errors import RouterFolderError, first_error, shown
 
 GENERIC = "generic"  # the model-agnostic output: 1 - the prompt's difficulty
 VARIANT_FILES = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
+ROLES = ("tokenizer", "residual")  # the other files a router folder lists
 CALIBRATION_SHARES = [round(i / 20, 2) for i in range(21)]  # strong-call shares of the calibration table
 
 
@@ -64,6 +65,36 @@ class Calibration(BaseModel):
         return cls(mix=mix, prompts=len(pass_chances), thresholds={n: [round(float(c), 5) for c in cuts[:, j]] for j, n in enumerate(outputs)})
 
 
+class ExportCheck(BaseModel):
+    """How the exported graphs were checked against the torch model (`parity.judge`): on which CPU, which variants
+    passed, and the torch model's outputs on the built-in probe prompts, which `Router` compares with on load."""
+
+    cpu: str
+    onnxruntime: str
+    models: list[str]  # the (weak, strong) pair whose outputs are kept
+    passed: dict[str, bool]  # variant -> it passed the gate on `cpu` (a failed one is not in the folder)
+    reasons: dict[str, str] = {}  # variant -> why it failed
+    probes: list[str]
+    quality: list[list[float]]  # the torch model's, probes x (weak, strong)
+    difficulty: list[float]
+
+
+class ResidualInfo(BaseModel):
+    """A two-level router's top level (residual.py): fitted on the user's grades over a prior router's graph."""
+
+    prior: str  # name@digest of the prior's router.json
+    prior_path: str
+    graph_models: list[str]  # the graph's quality columns (the prior's models); `models` adds the user's own after them
+    models: list[str]  # the models the top level corrects (or adds)
+    base: list[str]  # per model: the prior's output it starts from (its own quality, or generic)
+    prompts: int  # labelled prompts it was fitted on
+    ridge: float | None  # what cross-validation chose (None: left out)
+    width: float | None
+    shrink: float
+    objective: str
+    tried: dict[str, float]  # each option's cross-validated figure
+
+
 class Manifest(BaseModel):
     """What a router serves. Its graph outputs `quality` (prompts x `models`, each model's predicted answer quality
     in [0, 1]), `difficulty` (per prompt, in [0, 1]) and, since task types, `embedding` (the prompt's unit sentence
@@ -82,6 +113,8 @@ class Manifest(BaseModel):
     data: list[dict] = []
     metrics: dict[str, float] = {}
     parity: dict[str, float] = {}
+    check: ExportCheck | None = None
+    residual: ResidualInfo | None = None
     versions: dict[str, str] = {}
     created_at: str = ""
 

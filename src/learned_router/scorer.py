@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,11 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .errors import RouterError, RouterFolderError
-from .manifest import GENERIC, Manifest, RouterFolder
+from .manifest import GENERIC, ROLES, Manifest, RouterFolder
+from . import parity
+from .parity import pass_chances
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,13 +63,6 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def pass_chances(quality: np.ndarray, against: np.ndarray) -> np.ndarray:
-    """A model's pass chance against a stronger one: 1 - max(0, their predicted quality gap). Quality is each model's
-    predicted answer quality in [0, 1] (the router's `quality` output), so this is 1 when the model is predicted to
-    answer as well, and falls by the quality the stronger model would add."""
-    return 1.0 - np.clip(np.asarray(against) - np.asarray(quality), 0.0, 1.0)
-
-
 class Router:
     """A trained router (onnxruntime + tokenizers only).
 
@@ -83,7 +81,7 @@ class Router:
         if variant == "auto":
             variant = "int8" if "int8" in files else "fp32"
         if variant not in files:
-            raise RouterFolderError(f"{self.path}: no '{variant}' model; this folder has {sorted(set(files) - {'tokenizer'})}")
+            raise RouterFolderError(f"{self.path}: no '{variant}' model; this folder has {sorted(set(files) - set(ROLES))}")
         self.variant = variant
         model_path = self.folder.verify(files[variant])
         if "tokenizer" not in files:
@@ -111,6 +109,45 @@ class Router:
         outputs = {o.name: o for o in self._session.get_outputs()}
         self._outputs = ["quality", "difficulty"] + (["embedding"] if "embedding" in outputs else [])
         self._dim = int(outputs["embedding"].shape[-1]) if "embedding" in outputs else None
+        self.residual = self._load_residual()
+        self.graph_models = self.manifest.residual.graph_models if self.residual else self.manifest.models
+        self.check = self.self_check()
+
+    def _load_residual(self):
+        """The top level of a two-level router (residual.py), or None."""
+        from .residual import Residual
+
+        info = self.manifest.residual
+        if info is None:
+            return None
+        if "residual" not in self.manifest.files:
+            raise RouterFolderError(f"{self.path}: router.json describes a top level but lists no residual file")
+        if not self.has_embedding:
+            raise RouterFolderError(f"{self.path}: a top level needs the graph's embedding output; re-export the prior")
+        path = self.folder.verify(self.manifest.files["residual"])
+        try:
+            fitted = Residual.load(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise RouterFolderError(f"{path}: not a readable top level ({type(e).__name__}: {e})") from None
+        if fitted.models != info.models or not set(fitted.models) <= set(self.manifest.models):
+            raise RouterFolderError(f"{path}: its models differ from router.json's")
+        return fitted
+
+    def self_check(self) -> parity.Verdict | None:
+        """This graph on this CPU against the torch model, on the probe prompts whose outputs the exporter kept
+        (router.json `check`); None when it kept none. Logs a warning with the figures when it fails the export's gate."""
+        c, m = self.manifest.check, self.manifest
+        if c is None or not c.probes:
+            return None
+        quality, difficulty, _ = self.graph(c.probes)
+        pair = [self.graph_models.index(name) for name in c.models]
+        verdict = parity.judge(self.variant, (quality[:, pair], difficulty), (np.asarray(c.quality), np.asarray(c.difficulty)),
+                               (0, 1), m.default_threshold, m.calibration.prompts)
+        if not verdict.passed:
+            log.warning("%s: the %s graph on this CPU (%s) routes unlike the torch model it was exported from on %s: %s "
+                        "(%s); serve another variant or re-export the router on this machine", self.path, self.variant,
+                        parity.cpu(), c.cpu, verdict.summary(), "; ".join(verdict.failures))
+        return verdict
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "Router":
@@ -154,9 +191,25 @@ class Router:
         return self.pass_chances_of(quality, difficulty), embedding
 
     def infer(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(quality, difficulty, embedding or None when the graph has no embedding output), in input order."""
+        """(quality, difficulty, embedding or None when the graph has no embedding output), in input order; a
+        two-level router's top level applied."""
         prompts = check_prompts(prompts)
-        quality = np.empty((len(prompts), len(self.manifest.models)), dtype=np.float32)
+        quality, difficulty, embedding = self.graph(prompts, batch_size)
+        if self.residual is None:
+            return quality, difficulty, embedding
+        from .residual import log_length
+
+        col = {m: i for i, m in enumerate(self.graph_models)}
+        base = np.stack([quality[:, col[b]] if b in col else 1.0 - difficulty for b in self.residual.base], axis=1)
+        full = np.empty((len(prompts), len(self.manifest.models)), dtype=np.float32)
+        full[:, : len(self.graph_models)] = quality
+        full[:, [self._column[m] for m in self.residual.models]] = self.residual.predict(base, log_length(prompts), embedding)
+        return full, difficulty, embedding
+
+    def graph(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The ONNX graph's own outputs: (quality of `graph_models`, difficulty, embedding or None)."""
+        prompts = check_prompts(prompts)
+        quality = np.empty((len(prompts), len(self.graph_models)), dtype=np.float32)
         difficulty = np.empty(len(prompts), dtype=np.float32)
         embedding = np.empty((len(prompts), self._dim), dtype=np.float32) if self._dim else None
         encs = self._tok.encode_batch(prompts)

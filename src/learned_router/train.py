@@ -104,6 +104,13 @@ def calibrate(head: QualityHead, grades: Grades, enc: Encoder, recipe: Recipe) -
     return Calibration.of(p, [*head.cfg.models, "generic"], what)
 
 
+def graded_pair(grades: Grades, split: str, weak: str, strong: str) -> pd.DataFrame:
+    """The split's prompts with absolute grades of both models: columns prompt, weak, strong (mean grades)."""
+    obs = grades.obs[(grades.obs["split"] == split) & grades.obs["opponent"].isna() & grades.obs["model"].isin([weak, strong])]
+    wide = obs.pivot_table(index="prompt", columns="model", values="grade", aggfunc="mean").reindex(columns=[weak, strong]).dropna()
+    return pd.DataFrame({"prompt": wide.index, "weak": wide[weak].to_numpy(float), "strong": wide[strong].to_numpy(float)})
+
+
 def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dict[str, float] | None = None,
           variants: list[str] = ("fp32", "int8"), name: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
           overwrite: bool = False) -> tuple[Manifest, str]:
@@ -153,7 +160,7 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
         folder.write_record(record)
         probes = grades.obs.loc[grades.obs["split"] == "val", "prompt"].drop_duplicates().head(256).tolist()
         with step(f"exporting to ONNX ({', '.join(variants)}) and checking parity"), no_library_bars():
-            manifest = export_into(folder, list(variants), probes=probes)
+            manifest = export_into(folder, list(variants), probes, graded_pair(grades, "val", recipe.weak, recipe.strong))
         # metrics: the test AUCs (beside the loss curve), what runs are compared by; params: counts and the export's
         # parity, a gate it passed (the UI charts every metric, and a count charted as a bar says nothing)
         facts = {**metrics, **{f"parity_{k}": v for k, v in manifest.parity.items()}}

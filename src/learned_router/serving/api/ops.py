@@ -36,6 +36,8 @@ class Readiness(BaseModel):
     router: bool = Field(description="the router scores")
     tiers: dict[str, bool] = Field(description="tier -> one of its providers is ready")
     providers: dict[str, bool] = Field(description="provider -> it answers and its circuit is not open")
+    router_check: str = Field(description="the router's graph on this CPU against the torch model's outputs that "
+                              "router.json keeps: 'passed', 'unchecked' (it keeps none) or what drifted (also logged)")
     state: Literal["shared", "per-process"] = Field(description="where breakers, rate limits and spend live: Redis "
                                                     "(shared), or this process")
 
@@ -57,7 +59,10 @@ async def readyz(service: ServiceDep, response: Response) -> Readiness:
     tiers = {t.name: any(ready[p.name] for p in t.providers) for t in service.config.tiers}
     ok = service.batcher.running and all(tiers.values())
     response.status_code = 200 if ok else 503
+    check = getattr(service.router, "check", None)
+    drift = "unchecked" if check is None else "passed" if check.passed else "; ".join(check.failures)
     return Readiness(status="ready" if ok else "not ready", router=service.batcher.running, tiers=tiers, providers=ready,
+                     router_check=drift,
                      state="shared" if service.state.shared and service.state.up else "per-process")
 
 

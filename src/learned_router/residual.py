@@ -1,0 +1,206 @@
+"""The top level of a two-level router: each model the user's own grades cover gets a correction of the prior's
+quality, fitted on those grades alone. numpy only, so `Router` applies it beside the ONNX graph.
+
+For a graded model m, with base_m(x) the prior's quality of m (or 1 - difficulty for a model the prior does not
+know), the prompt's unit embedding e(x) and its standardised log length l(x):
+
+    q_m(x) = clip(a_m + b_m * base_m(x) + c_m * l(x) + w_m . e(x) + k_m(x), 0, 1)
+
+- a, b, c recalibrate the prior to the user's judge (unpenalised); w is a ridge on the embedding (strength `ridge`;
+  None leaves it out).
+- k_m(x) is a kernel regression of the remaining residuals over the labelled prompts: sum_j K(x, x_j) r_j /
+  (sum_j K(x, x_j) + shrink), K = exp(-(1 - cos(x, x_j)) / width). Where no labelled prompt is near, the sum of
+  kernels is small against `shrink` and k_m(x) -> 0: the prompt gets the recalibrated prior. Beyond `CENTROIDS`
+  labelled prompts the sums are kept per k-means centroid, so scoring costs one (centroids x dim) product.
+- Which terms and how strong (ridge, width, shrink, or none) is chosen by 5-fold cross-validation on the user's
+  data: the pair's routing quality (APGR) where it grades both models on enough prompts, else the grades' mean
+  squared error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FILE = "residual.npz"
+RIDGES = (None, 1000.0, 100.0, 30.0, 10.0, 3.0, 1.0)
+KERNELS = [(None, 0.0)] + [(w, s) for w in (0.02, 0.05, 0.1, 0.2) for s in (0.5, 2.0, 8.0)]
+FOLDS = 5
+CENTROIDS = 4096
+MIN_PAIR = 50  # prompts graded for both models of the pair before the pair's APGR picks the terms
+CV_MAX = 10_000  # cross-validation looks at most at this many prompts (a random sample)
+
+
+@dataclass
+class Choice:
+    """What cross-validation chose, and its figure for each option tried."""
+
+    ridge: float | None
+    width: float | None
+    shrink: float
+    objective: str  # "pair APGR" or "grade MSE"
+    tried: dict[str, float] = field(default_factory=dict)
+
+
+def log_length(prompts: list[str]) -> np.ndarray:
+    return np.log(np.maximum([len(p) for p in prompts], 1)).astype(np.float32)
+
+
+def design(base: np.ndarray, length: np.ndarray, emb: np.ndarray, ridge: float | None) -> np.ndarray:
+    """[1, base, length, embedding (when ridge)]: the ridge's inputs."""
+    cols = [np.ones_like(base), base, length]
+    return np.c_[tuple(cols)] if ridge is None else np.c_[(*cols, emb)]
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, ridge: float | None) -> np.ndarray:
+    """Least squares, the first three columns unpenalised, the rest at `ridge`; a tiny floor keeps it solvable."""
+    penalty = np.full(x.shape[1], 0.0 if ridge is None else ridge)
+    penalty[:3] = 1e-6
+    return np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ y)
+
+
+def kernel_sums(query: np.ndarray, keys: np.ndarray, values: np.ndarray, counts: np.ndarray, width: float,
+                block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(sum_j K r_j, sum_j K n_j) per query row: values (keys x models) are residual sums, counts their graded counts."""
+    num = np.empty((len(query), values.shape[1]), np.float32)
+    den = np.empty((len(query), values.shape[1]), np.float32)
+    for i in range(0, len(query), block):
+        k = np.exp((query[i : i + block] @ keys.T - 1.0) / width)
+        num[i : i + block], den[i : i + block] = k @ values, k @ counts
+    return num, den
+
+
+@dataclass
+class Residual:
+    """The fitted top level: per model, its base column and linear terms; the kernel's keys and sums."""
+
+    models: list[str]  # the graded models, in the order of the arrays' model axis
+    base: list[str]  # per model: the prior's output it corrects (a model name, or "generic")
+    coef: np.ndarray  # (models, 3 or 3 + dim)
+    length_mean: float
+    length_std: float
+    choice: Choice
+    keys: np.ndarray | None = None  # (keys, dim) unit embeddings: labelled prompts, or centroids of them
+    sums: np.ndarray | None = None  # (keys, models) residual sums
+    counts: np.ndarray | None = None  # (keys, models) graded counts
+    prompts: int = 0
+
+    def predict(self, base: np.ndarray, prompts_length: np.ndarray, emb: np.ndarray) -> np.ndarray:
+        """q (n, models) from each model's base output (n, models), log lengths (n,) and unit embeddings (n, dim)."""
+        z = ((prompts_length - self.length_mean) / self.length_std).astype(np.float32)
+        out = np.empty_like(base, dtype=np.float32)
+        for j in range(len(self.models)):
+            out[:, j] = design(base[:, j], z, emb, self.choice.ridge) @ self.coef[j]
+        if self.choice.width is not None:
+            num, den = kernel_sums(emb, self.keys, self.sums, self.counts, self.choice.width)
+            out += num / (den + self.choice.shrink)
+        return np.clip(out, 0.0, 1.0)
+
+    def save(self, folder: Path) -> None:
+        arrays = {"coef": self.coef}
+        if self.keys is not None:
+            arrays |= {"keys": self.keys, "sums": self.sums, "counts": self.counts}
+        meta = {"models": self.models, "base": self.base, "length_mean": self.length_mean,
+                "length_std": self.length_std, "choice": asdict(self.choice), "prompts": self.prompts}
+        np.savez(Path(folder) / FILE, meta=np.array(json.dumps(meta)), **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> "Residual":
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            return cls(models=meta["models"], base=meta["base"], coef=z["coef"], length_mean=meta["length_mean"],
+                       length_std=meta["length_std"], choice=Choice(**meta["choice"]), prompts=meta["prompts"],
+                       **{k: z[k] for k in ("keys", "sums", "counts") if k in z})
+
+
+def _predict_rows(base, z, emb, grades, train, test, ridge, width, shrink) -> np.ndarray:
+    """Out-of-fold q for the `test` rows from a fit on the `train` rows (grades NaN where a model is not graded)."""
+    out = np.empty((len(test), grades.shape[1]), np.float32)
+    resid = np.zeros((len(train), grades.shape[1]), np.float32)
+    for j in range(grades.shape[1]):
+        rows = train[~np.isnan(grades[train, j])]
+        coef = fit_linear(design(base[rows, j], z[rows], emb[rows], ridge), grades[rows, j], ridge)
+        out[:, j] = design(base[test, j], z[test], emb[test], ridge) @ coef
+        fitted = design(base[train, j], z[train], emb[train], ridge) @ coef
+        resid[:, j] = np.where(np.isnan(grades[train, j]), 0.0, np.nan_to_num(grades[train, j]) - fitted)
+    if width is not None:
+        counts = (~np.isnan(grades[train])).astype(np.float32)
+        num, den = kernel_sums(emb[test], emb[train], resid, counts, width)
+        out += num / (den + shrink)
+    return np.clip(out, 0.0, 1.0)
+
+
+def objective(q: np.ndarray, grades: np.ndarray, pair: tuple[int, int] | None) -> float:
+    """Higher is better: the pair's APGR (weak pass chance 1 - max(0, q_s - q_w)) on the prompts graded for both,
+    else minus the mean squared error of the grades."""
+    from .evals.frontier import apgr, sweep
+
+    if pair is not None:
+        w, s = pair
+        both = ~np.isnan(grades[:, w]) & ~np.isnan(grades[:, s])
+        p = 1.0 - np.clip(q[both, s] - q[both, w], 0.0, 1.0)
+        gw, gs = grades[both, w].astype(float), grades[both, s].astype(float)
+        return apgr(sweep(1.0 - p, gw, gs, quantiles=None), gw.mean(), gs.mean())
+    mask = ~np.isnan(grades)
+    return -float(np.mean((q[mask] - grades[mask]) ** 2))
+
+
+def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarray, models: list[str],
+        base_names: list[str], pair: tuple[int, int] | None, seed: int = 0) -> Residual:
+    """The top level on n labelled prompts: each model's base output (n, models), log lengths (n,), unit embeddings
+    (n, dim) and grades in [0, 1] (n, models; NaN where a model is not graded). `pair`: the (weak, strong) model
+    axes whose APGR picks the terms, or None for the grades' MSE."""
+    n = len(grades)
+    if pair is not None:
+        both = ~np.isnan(grades[:, pair[0]]) & ~np.isnan(grades[:, pair[1]])
+        if both.sum() < MIN_PAIR or np.nanmean(grades[both, pair[0]]) == np.nanmean(grades[both, pair[1]]):
+            pair = None
+    mean, std = float(lengths.mean()), float(lengths.std() or 1.0)
+    z = ((lengths - mean) / std).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    cv = rng.permutation(n)[:CV_MAX]
+    folds = np.arange(len(cv)) % FOLDS
+
+    def score(ridge, width, shrink) -> float:
+        q = np.empty((len(cv), grades.shape[1]), np.float32)
+        for f in range(FOLDS):
+            test, train = cv[folds == f], cv[folds != f]
+            q[folds == f] = _predict_rows(base, z, emb, grades, train, test, ridge, width, shrink)
+        return objective(q, grades[cv], pair)
+
+    tried = {}
+    for ridge in RIDGES:
+        tried[f"ridge={ridge}"] = score(ridge, None, 0.0)
+    best_ridge = RIDGES[int(np.nanargmax([tried[f"ridge={r}"] for r in RIDGES]))]
+    for width, shrink in KERNELS[1:]:
+        tried[f"ridge={best_ridge} width={width} shrink={shrink}"] = score(best_ridge, width, shrink)
+    options = [(best_ridge, None, 0.0)] + [(best_ridge, w, s) for w, s in KERNELS[1:]]
+    figures = [tried[f"ridge={best_ridge}"]] + [tried[f"ridge={best_ridge} width={w} shrink={s}"] for w, s in KERNELS[1:]]
+    ridge, width, shrink = options[int(np.nanargmax(figures))]
+    choice = Choice(ridge, width, shrink, "pair APGR" if pair is not None else "grade MSE",
+                    {k: round(float(v), 5) for k, v in tried.items()})
+
+    coef, resid = [], np.zeros(grades.shape, np.float32)
+    for j in range(grades.shape[1]):
+        rows = np.flatnonzero(~np.isnan(grades[:, j]))
+        c = fit_linear(design(base[rows, j], z[rows], emb[rows], ridge), grades[rows, j], ridge)
+        coef.append(c)
+        resid[rows, j] = grades[rows, j] - design(base[rows, j], z[rows], emb[rows], ridge) @ c
+    out = Residual(list(models), list(base_names), np.array(coef, np.float32), mean, std, choice, prompts=n)
+    if width is not None:
+        counts = (~np.isnan(grades)).astype(np.float32)
+        keys, sums = emb.astype(np.float32), resid
+        if n > CENTROIDS:
+            from sklearn.cluster import MiniBatchKMeans
+
+            km = MiniBatchKMeans(CENTROIDS, random_state=seed, n_init=1, batch_size=4096).fit(emb)
+            onehot = np.zeros((CENTROIDS, n), np.float32)
+            onehot[km.labels_, np.arange(n)] = 1.0
+            centres = km.cluster_centers_
+            keys = (centres / np.linalg.norm(centres, axis=1, keepdims=True).clip(1e-9)).astype(np.float32)
+            sums, counts = onehot @ resid, onehot @ counts
+        out.keys, out.sums, out.counts = keys, sums.astype(np.float32), counts.astype(np.float32)
+    return out
