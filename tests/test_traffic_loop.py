@@ -1,6 +1,6 @@
 """Learning from one's own traffic, end to end on the fake providers: requests through the service are recorded, a
-client gives feedback, `traffic export` -> `label` (a fake judge) -> `train` (with a real data slice, logged to the
-real MLflow server) -> `calibrate` -> reload. The weak fake model fails on one recognisable kind of prompt (proofs);
+client gives feedback, `traffic export` -> `label` (a fake judge) -> `train --prior` (the router in service as the
+prior, logged to the real MLflow server) -> `eval --against` -> `calibrate` -> reload. The weak fake model fails on one recognisable kind of prompt (proofs);
 the reloaded service must send that kind to the strong tier, the rest to the weak one, at the share of strong calls
 asked for."""
 
@@ -81,7 +81,7 @@ def cli(*args, env=None):
     return r.stdout
 
 
-def test_traffic_label_train_calibrate_reload(tmp_path, mlflow_server, datasets_dir):
+def test_traffic_label_train_calibrate_reload(tmp_path, mlflow_server):
     train_proofs, fresh_proofs = PROOFS[:16], PROOFS[16:]
     train_chats, fresh_chats = CHATS[:30], CHATS[30:]
     traffic = prompts_of(0, 100, train_proofs, train_chats)  # chat prompts repeat, as real traffic does
@@ -126,10 +126,13 @@ def test_traffic_label_train_calibrate_reload(tmp_path, mlflow_server, datasets_
             first = graded["prompt"].isin(graded["prompt"].drop_duplicates().iloc[::2])
             graded[first].to_parquet(tmp_path / "graded-1.parquet")
             graded[~first].to_parquet(tmp_path / "graded-2.parquet")
-            cli("train", "--data", tmp_path / "graded-1.parquet", "--data", tmp_path / "graded-2.parquet",
-                "--data", datasets_dir / "arena_bench_v1.parquet",
-                "--out", tmp_path / "ours", "--max-prompts", "150", "--steps", "200", "--variants", "int8", "--quiet",
-                env={"MLFLOW_TRACKING_URI": mlflow_server})
+            trained = cli("train", "--prior", ROUTER_DIR, "--data", tmp_path / "graded-1.parquet",
+                          "--data", tmp_path / "graded-2.parquet", "--out", tmp_path / "ours", "--quiet",
+                          env={"MLFLOW_TRACKING_URI": mlflow_server})
+            assert "top level over default@" in trained
+            compared = cli("eval", "--router", tmp_path / "ours", "--data", tmp_path / "graded-1.parquet",
+                           "--against", ROUTER_DIR, "--out", tmp_path / "eval", "--quiet",
+                           env={"MLFLOW_TRACKING_URI": mlflow_server})
             calibrated = cli("calibrate", "--router", tmp_path / "ours", "--prompts", tmp_path / "traffic.parquet",
                              "--strong-fraction", str(TARGET), "--holdout", "0.3")
 
@@ -145,7 +148,8 @@ def test_traffic_label_train_calibrate_reload(tmp_path, mlflow_server, datasets_
                 tiers.append(d["tier"])
     wrong = {t: tier for t, tier in zip(fresh, tiers) if (tier == "strong") != ("prove" in t.lower())}
     share = tiers.count("strong") / len(tiers)
-    report = (f"label: {labelled.strip().splitlines()[-1]}\ncalibrate: {calibrated}\nreload: {r.json()}\n"
+    report = (f"label: {labelled.strip().splitlines()[-1]}\ntrain: {trained}\neval: {compared}\n"
+              f"calibrate: {calibrated}\nreload: {r.json()}\n"
               f"strong share asked {TARGET} achieved {share:.3f} on {len(fresh)} fresh prompts; misrouted {wrong}")
     print(report)
     assert len(wrong) <= 2, report

@@ -73,6 +73,26 @@ def verdicts(table: pd.DataFrame, facts: dict) -> list[str]:
     return lines
 
 
+def with_top_level(router: Router) -> Router:
+    """`router` with a two-level router's top level at its largest: two models with the embedding ridge and a kernel
+    over 4,096 keys (what `residual.fit` keeps for 4,096 or more labelled prompts, 100,000 included). Random keys:
+    the cost does not depend on their values."""
+    import copy
+
+    from .residual import CENTROIDS, Choice, Residual
+
+    rng = np.random.default_rng(0)
+    dim = router.manifest.encoder.dim
+    keys = rng.normal(size=(CENTROIDS, dim)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    out = copy.copy(router)
+    out.residual = Residual(models=[router.manifest.weak, router.manifest.strong], base=[router.manifest.weak, router.manifest.strong],
+                            coef=rng.normal(size=(2, 3 + dim)).astype(np.float32) * 0.01, length_mean=4.0, length_std=1.0,
+                            choice=Choice(True, 10.0, 0.05, 2.0, "pair APGR"), keys=keys,
+                            sums=rng.normal(size=(CENTROIDS, 2)).astype(np.float32), counts=np.ones((CENTROIDS, 2), np.float32))
+    return out
+
+
 def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path | None = None) -> tuple[pd.DataFrame, dict]:
     import torch
 
@@ -103,6 +123,8 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
 
         classifier = TaskClassifier.build(load_types(types_path(router_dir)), r8.embed)
         scorers = {"onnx int8": r8.predict, "onnx int8 + task type": lambda p: classifier.classify(r8.infer(p)[2]), **scorers}
+    top = with_top_level(r8)
+    scorers["onnx int8 + top level (4,096 keys)"] = top.predict
     short, long_ = prompt_of(routers["onnx int8"], 30), prompt_of(routers["onnx int8"], 250)
     batch = [f"{i}. {short}" for i in range(256)]
     rows = []

@@ -114,6 +114,21 @@ def pair_option(item: str, option: str, shape: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
+def parse_sizes(text: str) -> list[int | None]:
+    """'100,300,all' -> [100, 300, None]."""
+    out = []
+    for item in names_of(text):
+        if item == "all":
+            out.append(None)
+        elif item.isdigit() and int(item) >= 20:
+            out.append(int(item))
+        else:
+            raise RouterError(f"--learning-curve: expected sizes of at least 20 or 'all', got {item!r}")
+    if not out:
+        raise RouterError("--learning-curve: name at least one size")
+    return out
+
+
 def names_of(text: str) -> list[str]:
     """A comma-separated option as a list, blanks dropped."""
     return [s.strip() for s in text.split(",") if s.strip()]
@@ -203,7 +218,8 @@ def train(
     if manifest.residual is not None:
         r = manifest.residual
         typer.echo(f"top level over {r.prior} for {', '.join(r.models)} on {r.prompts:,} prompts; cross-validation "
-                   f"({r.objective}) chose ridge {r.ridge}, kernel width {r.width}, shrink {r.shrink}")
+                   f"({r.objective}) chose: prior term {'in' if r.use_base else 'out'}, embedding ridge {r.ridge}, kernel "
+                   f"width {r.width}, shrink {r.shrink}")
     typer.echo(f"default threshold {manifest.default_threshold} ({manifest.weak} vs {manifest.strong}); against "
                f"the torch model: {parity_line(manifest)}")
     typer.echo(f"MLflow run {run_id}: {run_link(mlflow.get_run(run_id))}")
@@ -439,6 +455,10 @@ def eval_cmd(
     name: Annotated[Optional[str], typer.Option(help="Benchmark name in the outputs (default: the file name).")] = None,
     against: Annotated[Optional[Path], typer.Option(help="Another router folder (e.g. the one in service) to compare on the "
                                                     "same prompts, as it is (no refit).")] = None,
+    learning_curve: Annotated[Optional[str], typer.Option(help="Comma-separated training sizes (and 'all'): the "
+                                                          "learning curve of a top level over --router as the prior, "
+                                                          "next to the prior, kNN, ridge and prompt length.")] = None,
+    draws: Annotated[int, typer.Option(help="Random draws of training prompts per learning-curve size.")] = 5,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router-evals",
     quiet: Quiet = False,
 ):
@@ -447,6 +467,25 @@ def eval_cmd(
 
     from .evals.protocol import run_eval
     from .tracking import run_link, start_run
+
+    if learning_curve is not None:
+        from .evals.learning import run_learning_curve
+
+        sizes = parse_sizes(learning_curve)
+        if draws < 1:
+            raise RouterError(f"--draws must be at least 1, got {draws}")
+        with start_run(experiment, name or f"{data.stem} learning curve") as run, quieted(quiet), \
+                step(f"learning curve of a top level over {router} on {data.name}"):
+            rows, text = run_learning_curve(router, data, strong, weak, sizes, draws, out, name=name)
+            mlflow.log_params({"prior": str(router), "data": str(data), "strong": strong, "weak": weak, "draws": draws,
+                               "sizes": learning_curve})
+            for r in rows:
+                mlflow.log_metrics({f"apgr_{m.replace(' ', '_')}": v["apgr"] for m, v in r.items() if isinstance(v, dict)},
+                                   step=r["size"])
+            mlflow.log_artifacts(str(out))
+        typer.echo(text)
+        typer.echo(f"written to {out}; MLflow: {run_link(run)}")
+        return
 
     if tiers is not None:
         from .evals.tiers import run_tier_eval
@@ -485,13 +524,21 @@ def eval_cmd(
 def report(
     config: Annotated[Path, typer.Option(help="Benchmark suite YAML.")] = Path("evals/benchmarks.yaml"),
     out: Annotated[Path, typer.Option(help="Folder for RESULTS.md and results/<benchmark>/.")] = Path("evals"),
+    only: Annotated[Optional[str], typer.Option(help="'learning-curves': rewrite only that section of RESULTS.md.")] = None,
     quiet: Quiet = False,
 ):
     """Run every benchmark of a suite and regenerate RESULTS.md (leave-one-source-out and in-domain tables, frontier
-    plots, RouteLLM's numbers)."""
-    from .evals.results import load_suite, write_results
+    plots, RouteLLM's numbers, learning curves of two-level routers)."""
+    from .evals.results import load_suite, rewrite_learning_section, write_results
 
     suite = load_suite(config)
+    if only is not None:
+        if only != "learning-curves":
+            raise RouterError(f"--only: expected 'learning-curves', got {only!r}")
+        with quieted(quiet), step("report: learning curves") as bar:
+            path = rewrite_learning_section(suite, out, progress=bar.describe)
+        typer.echo(f"written {path}")
+        return
     with quieted(quiet), step(f"report: {len(suite.benchmarks)} benchmarks") as bar:
         path = write_results(suite, out, progress=bar.describe)
     typer.echo(f"written {path}")

@@ -88,7 +88,8 @@ class ResidualInfo(BaseModel):
     models: list[str]  # the models the top level corrects (or adds)
     base: list[str]  # per model: the prior's output it starts from (its own quality, or generic)
     prompts: int  # labelled prompts it was fitted on
-    ridge: float | None  # what cross-validation chose (None: left out)
+    use_base: bool  # what cross-validation chose: the prior's output as a term (False: the prior misled on the data)
+    ridge: float | None  # the embedding's ridge strength (None: left out)
     width: float | None
     shrink: float
     objective: str

@@ -6,15 +6,17 @@ know), the prompt's unit embedding e(x) and its standardised log length l(x):
 
     q_m(x) = clip(a_m + b_m * base_m(x) + c_m * l(x) + w_m . e(x) + k_m(x), 0, 1)
 
-- a, b, c recalibrate the prior to the user's judge (unpenalised); w is a ridge on the embedding (strength `ridge`;
-  None leaves it out).
+- a, b, c recalibrate the prior to the user's judge (unpenalised; b = 0 where cross-validation finds the prior
+  misleads on the user's data); w is a ridge on the embedding (strength `ridge`; None leaves it out).
 - k_m(x) is a kernel regression of the remaining residuals over the labelled prompts: sum_j K(x, x_j) r_j /
   (sum_j K(x, x_j) + shrink), K = exp(-(1 - cos(x, x_j)) / width). Where no labelled prompt is near, the sum of
   kernels is small against `shrink` and k_m(x) -> 0: the prompt gets the recalibrated prior. Beyond `CENTROIDS`
   labelled prompts the sums are kept per k-means centroid, so scoring costs one (centroids x dim) product.
 - Which terms and how strong (ridge, width, shrink, or none) is chosen by 5-fold cross-validation on the user's
   data: the pair's routing quality (APGR) where it grades both models on enough prompts, else the grades' mean
-  squared error.
+  squared error. The ridge's strength is the best figure's (it costs nothing to score); the kernel, whose scoring
+  cost grows with the labelled prompts, is kept only when it beats the ridge alone beyond noise (a paired bootstrap
+  over the prompts, 95%).
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ import numpy as np
 
 FILE = "residual.npz"
 RIDGES = (None, 1000.0, 100.0, 30.0, 10.0, 3.0, 1.0)
+LINEAR = [(b, r) for b in (True, False) for r in RIDGES]  # (with the prior's base output, ridge strength)
 KERNELS = [(None, 0.0)] + [(w, s) for w in (0.02, 0.05, 0.1, 0.2) for s in (0.5, 2.0, 8.0)]
 FOLDS = 5
 CENTROIDS = 4096
 MIN_PAIR = 50  # prompts graded for both models of the pair before the pair's APGR picks the terms
 CV_MAX = 10_000  # cross-validation looks at most at this many prompts (a random sample)
+RESAMPLES = 200
 
 
 @dataclass
 class Choice:
     """What cross-validation chose, and its figure for each option tried."""
 
+    use_base: bool
     ridge: float | None
     width: float | None
     shrink: float
@@ -49,9 +54,9 @@ def log_length(prompts: list[str]) -> np.ndarray:
     return np.log(np.maximum([len(p) for p in prompts], 1)).astype(np.float32)
 
 
-def design(base: np.ndarray, length: np.ndarray, emb: np.ndarray, ridge: float | None) -> np.ndarray:
-    """[1, base, length, embedding (when ridge)]: the ridge's inputs."""
-    cols = [np.ones_like(base), base, length]
+def design(base: np.ndarray, length: np.ndarray, emb: np.ndarray, ridge: float | None, use_base: bool = True) -> np.ndarray:
+    """[1, base (or 0), length, embedding (when ridge)]: the ridge's inputs."""
+    cols = [np.ones_like(base), base if use_base else np.zeros_like(base), length]
     return np.c_[tuple(cols)] if ridge is None else np.c_[(*cols, emb)]
 
 
@@ -93,7 +98,7 @@ class Residual:
         z = ((prompts_length - self.length_mean) / self.length_std).astype(np.float32)
         out = np.empty_like(base, dtype=np.float32)
         for j in range(len(self.models)):
-            out[:, j] = design(base[:, j], z, emb, self.choice.ridge) @ self.coef[j]
+            out[:, j] = design(base[:, j], z, emb, self.choice.ridge, self.choice.use_base) @ self.coef[j]
         if self.choice.width is not None:
             num, den = kernel_sums(emb, self.keys, self.sums, self.counts, self.choice.width)
             out += num / (den + self.choice.shrink)
@@ -116,28 +121,32 @@ class Residual:
                        **{k: z[k] for k in ("keys", "sums", "counts") if k in z})
 
 
-def _predict_rows(base, z, emb, grades, train, test, ridge, width, shrink) -> np.ndarray:
-    """Out-of-fold q for the `test` rows from a fit on the `train` rows (grades NaN where a model is not graded)."""
-    out = np.empty((len(test), grades.shape[1]), np.float32)
-    resid = np.zeros((len(train), grades.shape[1]), np.float32)
-    for j in range(grades.shape[1]):
-        rows = train[~np.isnan(grades[train, j])]
-        coef = fit_linear(design(base[rows, j], z[rows], emb[rows], ridge), grades[rows, j], ridge)
-        out[:, j] = design(base[test, j], z[test], emb[test], ridge) @ coef
-        fitted = design(base[train, j], z[train], emb[train], ridge) @ coef
-        resid[:, j] = np.where(np.isnan(grades[train, j]), 0.0, np.nan_to_num(grades[train, j]) - fitted)
-    if width is not None:
-        counts = (~np.isnan(grades[train])).astype(np.float32)
-        num, den = kernel_sums(emb[test], emb[train], resid, counts, width)
-        out += num / (den + shrink)
-    return np.clip(out, 0.0, 1.0)
+def _linear_folds(base, z, emb, grades, folds, linear) -> tuple[list, list]:
+    """Per fold: the linear terms' out-of-fold q of its test rows, and the residuals of its train rows (0 where a
+    model is not graded)."""
+    preds, resids = [], []
+    use_base, ridge = linear
+    for train, test in folds:
+        out = np.empty((len(test), grades.shape[1]), np.float32)
+        resid = np.zeros((len(train), grades.shape[1]), np.float32)
+        for j in range(grades.shape[1]):
+            rows = train[~np.isnan(grades[train, j])]
+            coef = fit_linear(design(base[rows, j], z[rows], emb[rows], ridge, use_base), grades[rows, j], ridge)
+            out[:, j] = design(base[test, j], z[test], emb[test], ridge, use_base) @ coef
+            fitted = design(base[train, j], z[train], emb[train], ridge, use_base) @ coef
+            resid[:, j] = np.where(np.isnan(grades[train, j]), 0.0, np.nan_to_num(grades[train, j]) - fitted)
+        preds.append(out)
+        resids.append(resid)
+    return preds, resids
 
 
-def objective(q: np.ndarray, grades: np.ndarray, pair: tuple[int, int] | None) -> float:
+def objective(q: np.ndarray, grades: np.ndarray, pair: tuple[int, int] | None, rows: np.ndarray | None = None) -> float:
     """Higher is better: the pair's APGR (weak pass chance 1 - max(0, q_s - q_w)) on the prompts graded for both,
-    else minus the mean squared error of the grades."""
+    else minus the mean squared error of the grades; on `rows` (a resample) when given."""
     from .evals.frontier import apgr, sweep
 
+    if rows is not None:
+        q, grades = q[rows], grades[rows]
     if pair is not None:
         w, s = pair
         both = ~np.isnan(grades[:, w]) & ~np.isnan(grades[:, s])
@@ -146,6 +155,15 @@ def objective(q: np.ndarray, grades: np.ndarray, pair: tuple[int, int] | None) -
         return apgr(sweep(1.0 - p, gw, gs, quantiles=None), gw.mean(), gs.mean())
     mask = ~np.isnan(grades)
     return -float(np.mean((q[mask] - grades[mask]) ** 2))
+
+
+def better_beyond_noise(q_new: np.ndarray, q_old: np.ndarray, grades: np.ndarray, pair, seed: int) -> bool:
+    """Whether `q_new` beats `q_old` on every side of a 95% paired bootstrap over the prompts."""
+    rng = np.random.default_rng(seed)
+    n = len(grades)
+    gains = [objective(q_new, grades, pair, i) - objective(q_old, grades, pair, i)
+             for i in (rng.integers(0, n, n) for _ in range(RESAMPLES))]
+    return float(np.nanpercentile(gains, 2.5)) > 0
 
 
 def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarray, models: list[str],
@@ -160,35 +178,41 @@ def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarr
             pair = None
     mean, std = float(lengths.mean()), float(lengths.std() or 1.0)
     z = ((lengths - mean) / std).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    cv = rng.permutation(n)[:CV_MAX]
-    folds = np.arange(len(cv)) % FOLDS
+    cv = np.random.default_rng(seed).permutation(n)[:CV_MAX]
+    folds = [(cv[np.arange(len(cv)) % FOLDS != f], cv[np.arange(len(cv)) % FOLDS == f]) for f in range(FOLDS)]
+    order = np.concatenate([test for _, test in folds])
 
-    def score(ridge, width, shrink) -> float:
-        q = np.empty((len(cv), grades.shape[1]), np.float32)
-        for f in range(FOLDS):
-            test, train = cv[folds == f], cv[folds != f]
-            q[folds == f] = _predict_rows(base, z, emb, grades, train, test, ridge, width, shrink)
-        return objective(q, grades[cv], pair)
+    def judged(preds: list[np.ndarray]) -> float:
+        return objective(np.clip(np.concatenate(preds), 0.0, 1.0), grades[order], pair)
 
-    tried = {}
-    for ridge in RIDGES:
-        tried[f"ridge={ridge}"] = score(ridge, None, 0.0)
-    best_ridge = RIDGES[int(np.nanargmax([tried[f"ridge={r}"] for r in RIDGES]))]
-    for width, shrink in KERNELS[1:]:
-        tried[f"ridge={best_ridge} width={width} shrink={shrink}"] = score(best_ridge, width, shrink)
-    options = [(best_ridge, None, 0.0)] + [(best_ridge, w, s) for w, s in KERNELS[1:]]
-    figures = [tried[f"ridge={best_ridge}"]] + [tried[f"ridge={best_ridge} width={w} shrink={s}"] for w, s in KERNELS[1:]]
-    ridge, width, shrink = options[int(np.nanargmax(figures))]
-    choice = Choice(ridge, width, shrink, "pair APGR" if pair is not None else "grade MSE",
+    label = lambda b, r: f"base={b} ridge={r}"  # noqa: E731
+    tried = {label(*o): judged(_linear_folds(base, z, emb, grades, folds, o)[0]) for o in LINEAR}
+    use_base, ridge = LINEAR[int(np.nanargmax([tried[label(*o)] for o in LINEAR]))]
+    linear, resids = _linear_folds(base, z, emb, grades, folds, (use_base, ridge))
+    best, width, shrink, best_q = tried[label(use_base, ridge)], None, 0.0, None
+    sims = [emb[test] @ emb[train].T for train, test in folds]
+    for w in sorted({w for w, _ in KERNELS[1:]}):
+        sums = []
+        for (train, _), sim, resid in zip(folds, sims, resids):
+            k = np.exp((sim - 1.0) / w)
+            sums.append((k @ resid, k @ (~np.isnan(grades[train])).astype(np.float32)))
+        for s in sorted({s for ww, s in KERNELS[1:] if ww == w}):
+            q = np.clip(np.concatenate([lin + num / (den + s) for lin, (num, den) in zip(linear, sums)]), 0.0, 1.0)
+            tried[f"{label(use_base, ridge)} width={w} shrink={s}"] = figure = objective(q, grades[order], pair)
+            if figure > best:
+                best, width, shrink, best_q = figure, w, s, q
+    if best_q is not None and not better_beyond_noise(best_q, np.clip(np.concatenate(linear), 0.0, 1.0), grades[order], pair, seed):
+        width, shrink = None, 0.0
+    choice = Choice(use_base, ridge, width, shrink, "pair APGR" if pair is not None else "grade MSE",
                     {k: round(float(v), 5) for k, v in tried.items()})
 
     coef, resid = [], np.zeros(grades.shape, np.float32)
     for j in range(grades.shape[1]):
         rows = np.flatnonzero(~np.isnan(grades[:, j]))
-        c = fit_linear(design(base[rows, j], z[rows], emb[rows], ridge), grades[rows, j], ridge)
+        x = design(base[rows, j], z[rows], emb[rows], ridge, use_base)
+        c = fit_linear(x, grades[rows, j], ridge)
         coef.append(c)
-        resid[rows, j] = grades[rows, j] - design(base[rows, j], z[rows], emb[rows], ridge) @ c
+        resid[rows, j] = grades[rows, j] - x @ c
     out = Residual(list(models), list(base_names), np.array(coef, np.float32), mean, std, choice, prompts=n)
     if width is not None:
         counts = (~np.isnan(grades)).astype(np.float32)

@@ -201,21 +201,15 @@ class EvalResult:
     not_beaten: list[str]
 
 
-def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, prices: Path | None = None,
-             folds: int = 5, by: str = "prompt", data_dir: Path | None = None, name: str | None = None,
-             extra: dict[str, np.ndarray] | None = None, against: Path | None = None) -> EvalResult:
-    """Evaluate a router folder on a graded benchmark; writes metrics.json, frontier.png and table.md into `out`.
-    `extra`: more scorers (p_weak per benchmark prompt, in `load_benchmark`'s order). `against`: another router folder
-    (e.g. the one in service), scored as it is on the same prompts."""
+def recipe_scores(router_dir: Path, data: Path, strong: str, weak: str, folds: int, by: str,
+                  data_dir: Path | None) -> tuple[pd.DataFrame, str, dict[str, np.ndarray]]:
+    """The benchmark, the protocol's words and the p_weak of a router trained by the recipe (its checkpoint's record)
+    and of the baselines, never on a prompt the scorer trained on."""
     from ..embed import Encoder
     from ..manifest import RouterFolder
     from ..recipe import Recipe
     from ..scorer import Router
 
-    if by not in ("prompt", "category", "source"):
-        raise RouterError(f"--by must be 'prompt', 'category' or 'source', got {by!r}")
-    if folds < 2:
-        raise RouterError(f"--folds must be at least 2, got {folds}")
     folder = RouterFolder(router_dir)
     manifest, record = folder.manifest(), folder.record()
     recipe = Recipe.from_dict(record.recipe)
@@ -259,6 +253,34 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
         with step("baselines (kNN, logistic)"):
             p |= baseline_scores(grades, bench, enc, bench["strong_model"].iloc[0], bench["weak_model"].iloc[0],
                                  (manifest.strong, manifest.weak))
+    return bench, protocol, p
+
+
+def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, prices: Path | None = None,
+             folds: int = 5, by: str = "prompt", data_dir: Path | None = None, name: str | None = None,
+             extra: dict[str, np.ndarray] | None = None, against: Path | None = None) -> EvalResult:
+    """Evaluate a router folder on a graded benchmark; writes metrics.json, frontier.png and table.md into `out`.
+    `extra`: more scorers (p_weak per benchmark prompt, in `load_benchmark`'s order). `against`: another router folder
+    (e.g. the one in service), scored as it is on the same prompts."""
+    from ..manifest import RouterFolder
+    from ..scorer import Router
+
+    if by not in ("prompt", "category", "source"):
+        raise RouterError(f"--by must be 'prompt', 'category' or 'source', got {by!r}")
+    if folds < 2:
+        raise RouterError(f"--folds must be at least 2, got {folds}")
+    manifest = RouterFolder(router_dir).manifest()
+    if manifest.residual is not None:
+        from .learning import two_level_folds
+
+        with step(f"reading {Path(data).name}"):
+            bench = load_benchmark(data, strong, weak)
+        fold = folds_of(bench["group"], folds)
+        protocol = (f"{folds}-fold cross-validation by prompt: the top level is refit over its prior "
+                    f"({manifest.residual.prior}) per fold without the fold's prompts, the baselines on the same folds")
+        p = two_level_folds(Path(manifest.residual.prior_path), bench, fold)
+    else:
+        bench, protocol, p = recipe_scores(router_dir, data, strong, weak, folds, by, data_dir)
     p |= extra or {}
     if against is not None:
         with step(f"scoring {len(bench):,} prompts with {against}"):

@@ -1,0 +1,148 @@
+"""Two-level routers: the user's own grades fitted on top of a prior router (`train --prior`), scored without torch,
+evaluated by refits per fold and by a learning curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import STRONG, WEAK
+from learned_router import Router
+from learned_router import residual as top
+from learned_router.evals.learning import apgr_of
+
+
+def cli(*args, env=None, ok=True):
+    r = subprocess.run([sys.executable, "-m", "learned_router", *map(str, args)], capture_output=True, text=True,
+                       timeout=900, env={**os.environ, **(env or {})})
+    if ok:
+        assert r.returncode == 0, f"{args[0]}: {r.stderr[-2000:]}"
+    return r
+
+
+def clusters(seed=0, n=600, dim=8):
+    """Prompts in tight clusters around +-e1 .. +-e4; the weak model fails around +e1 and -e1 only: no linear function
+    of the embedding sees that (the two sit opposite), and the prior cannot (its base output is flat)."""
+    rng = np.random.default_rng(seed)
+    centres = np.r_[np.eye(dim)[:4], -np.eye(dim)[:4]]
+    label = rng.integers(0, 8, n)
+    emb = centres[label] + 0.15 * rng.normal(size=(n, dim))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    weak = (rng.random(n) < np.where(label % 4 == 0, 0.1, 0.9)).astype(np.float32)
+    strong = (rng.random(n) < 0.95).astype(np.float32)
+    return emb.astype(np.float32), label, np.c_[weak, strong]
+
+
+def test_the_top_level_learns_local_failures_and_keeps_the_prior_far_from_its_data():
+    emb, label, grades = clusters()
+    base = np.full((len(emb), 2), 0.7, np.float32)
+    lengths = np.full(len(emb), 4.0, np.float32)
+    train, test = np.arange(400), np.arange(400, 600)
+    fitted = top.fit(base[train], lengths[train], emb[train], grades[train], ["weak", "strong"], ["weak", "strong"], (0, 1))
+    assert fitted.choice.width is not None and fitted.choice.objective == "pair APGR"  # the kernel won
+    q = fitted.predict(base[test], lengths[test], emb[test])
+    p_weak = 1 - np.clip(q[:, 1] - q[:, 0], 0, 1)
+    assert apgr_of(p_weak, grades[test, 0], grades[test, 1]) > 0.8  # the flat prior is 0.5
+    # a prompt far from every labelled one gets the (recalibrated) prior: the kernel's share is shrunk to nothing
+    far = np.eye(emb.shape[1], dtype=np.float32)[6:7]  # orthogonal to every cluster
+    alone = fitted.predict(base[:1], lengths[:1], far)
+    linear = top.design(base[:1, 0], np.zeros(1, np.float32), far, fitted.choice.ridge, fitted.choice.use_base) @ fitted.coef[0]
+    assert abs(float(alone[0, 0]) - float(np.clip(linear, 0, 1)[0])) < 0.01
+    # saved and loaded, it predicts the same
+    fitted.save(tmp := __import__("pathlib").Path(__import__("tempfile").mkdtemp()))
+    again = top.Residual.load(tmp / top.FILE)
+    assert np.allclose(again.predict(base[test], lengths[test], emb[test]), q)
+
+
+def test_no_signal_in_the_grades_leaves_the_terms_out():
+    emb, _, _ = clusters(seed=1)
+    rng = np.random.default_rng(2)
+    grades = (rng.random((len(emb), 2)) < 0.6).astype(np.float32)  # noise: nothing to learn
+    base = np.full((len(emb), 2), 0.6, np.float32)
+    fitted = top.fit(base, np.full(len(emb), 4.0, np.float32), emb, grades, ["a", "b"], ["a", "b"], None)
+    assert fitted.choice.objective == "grade MSE" and fitted.choice.width is None  # a kernel within noise is not kept
+
+
+def mmlu_table(datasets_dir, rows: slice) -> pd.DataFrame:
+    """The MMLU prompts of a slice (in a fixed shuffle) with the pair's grades: a user's graded traffic, as `label`
+    writes it (prompt, model, score)."""
+    df = pd.read_parquet(datasets_dir / "routellm_mmlu.parquet")
+    prompts = pd.Series(df["prompt"].unique()).sample(frac=1.0, random_state=0).iloc[rows]
+    mine = df[df["prompt"].isin(set(prompts)) & df["model"].isin(["gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"])]
+    return mine[["prompt", "model", "score"]].reset_index(drop=True)
+
+
+def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(trained, tmp_path, datasets_dir):
+    """1,000 MMLU prompts (a source the prior never saw) play the user's graded traffic; the router trained on them
+    over the prior beats the prior on 500 fresh MMLU prompts, and scores every other model exactly as the prior."""
+    mmlu_table(datasets_dir, slice(0, 1000)).to_parquet(tmp_path / "graded.parquet")
+    fresh = mmlu_table(datasets_dir, slice(1000, 1500))
+    out = cli("train", "--prior", trained["path"], "--data", tmp_path / "graded.parquet", "--out", tmp_path / "ours",
+              "--quiet", env={"MLFLOW_TRACKING_URI": trained["url"]})
+    assert "top level over small@" in out.stdout and "cross-validation (pair APGR) chose" in out.stdout
+    folder = tmp_path / "ours"
+    m = json.loads((folder / "router.json").read_text())
+    assert m["residual"]["models"] == [STRONG, WEAK] and m["residual"]["prompts"] == 1000 and "residual" in m["files"]
+    assert not (folder / "checkpoint").exists() and (folder / "residual.npz").is_file()
+
+    ours, prior = Router(folder), Router(trained["path"])
+    wide = fresh.pivot_table(index="prompt", columns="model", values="score")
+    prompts = list(wide.index)
+    q_ours, d_ours = ours.predict(prompts)
+    q_prior, d_prior = prior.predict(prompts)
+    others = [i for i, name in enumerate(prior.manifest.models) if name not in (STRONG, WEAK)]
+    assert np.array_equal(q_ours[:, others], q_prior[:, others]) and np.array_equal(d_ours, d_prior)  # the prior, exactly
+    weak, strong = wide[WEAK].to_numpy(float), wide[STRONG].to_numpy(float)
+    a_ours = apgr_of(ours.pass_chance(prompts), weak, strong)
+    a_prior = apgr_of(prior.pass_chance(prompts), weak, strong)
+    print(f"APGR on 500 fresh MMLU prompts: prior {a_prior:.3f}, trained over it {a_ours:.3f}")
+    assert a_ours > a_prior + 0.03
+
+
+def test_own_model_names_get_outputs_of_their_own(trained, tmp_path, datasets_dir):
+    table = mmlu_table(datasets_dir, slice(0, 300))
+    table["model"] = table["model"].map({STRONG: "my-big", WEAK: "my-small"})
+    table.to_csv(tmp_path / "mine.csv", index=False)
+    out = cli("train", "--prior", trained["path"], "--data", tmp_path / "mine.csv", "--strong", "my-big", "--weak",
+              "my-small", "--out", tmp_path / "mine", "--quiet", env={"MLFLOW_TRACKING_URI": trained["url"]})
+    assert "my-small vs my-big" in out.stdout
+    r = Router(tmp_path / "mine")
+    assert r.models[-3:] == ["my-big", "my-small", "generic"] and r.manifest.residual.base == ["generic", "generic"]
+    p = r.pass_chance(["What is 2+2?", "Which of these is a noble gas?\nA. Oxygen\nB. Argon\nC. Nitrogen\nD. Iron"])
+    assert p.shape == (2,) and np.isfinite(p).all()
+    assert r.manifest.threshold_for(0.3) <= r.manifest.threshold_for(0.7)  # calibrated on the user's prompts
+
+    bad = cli("train", "--prior", trained["path"], "--data", tmp_path / "mine.csv", "--strong", "my-huge",
+              "--out", tmp_path / "x", ok=False)
+    assert bad.returncode == 2 and "--strong 'my-huge' is neither graded in --data nor known to the prior" in bad.stderr
+    battles = cli("train", "--prior", trained["path"], "--data", datasets_dir / "arena_battles_1k.parquet",
+                  "--out", tmp_path / "y", ok=False)
+    assert battles.returncode == 2 and "battles between varying models" in battles.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_eval_refits_the_top_level_per_fold_and_the_learning_curve(trained, tmp_path, datasets_dir):
+    mmlu_table(datasets_dir, slice(0, 400)).to_parquet(tmp_path / "graded.parquet")
+    env = {"MLFLOW_TRACKING_URI": trained["url"]}
+    cli("train", "--prior", trained["path"], "--data", tmp_path / "graded.parquet", "--out", tmp_path / "ours", "--quiet", env=env)
+    r = cli("eval", "--router", tmp_path / "ours", "--data", tmp_path / "graded.parquet", "--against", trained["path"],
+            "--out", tmp_path / "eval", "--quiet", env=env)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "the top level is refit over its prior" in report["protocol"]
+    assert {"router", "prior", "kNN", "ridge", "router small"} <= set(report["scorers"])
+    assert report["scorers"]["prior"]["apgr"] == pytest.approx(report["scorers"]["router small"]["apgr"])  # the same prior
+
+    lc = cli("eval", "--router", trained["path"], "--data", tmp_path / "graded.parquet", "--learning-curve", "100,all",
+             "--draws", "2", "--out", tmp_path / "lc", "--quiet", env=env)
+    assert "| 100 |" in lc.stdout and "(all) |" in lc.stdout
+    rows = json.loads((tmp_path / "lc" / "learning_curve.json").read_text())["rows"]
+    assert rows[0]["size"] == 100 and rows[1]["all"] and all(0 <= r["two-level"]["apgr"] < 2 for r in rows)
+    bad = cli("eval", "--router", trained["path"], "--data", tmp_path / "graded.parquet", "--learning-curve", "5,all",
+              "--out", tmp_path / "x", ok=False)
+    assert bad.returncode == 2 and "--learning-curve: expected sizes of at least 20" in bad.stderr
