@@ -84,6 +84,18 @@ def test_a_lone_surrogate_anywhere_is_a_400_naming_the_field(stack, body, field)
         assert err["param"] == field and err["code"] == "invalid_unicode" and field in err["message"]
 
 
+@pytest.mark.parametrize("raw, field", [('"temperature":1e309', "temperature"), ('"metadata":{"a":[1e999]}', "metadata.a.0"),
+                                        ('"stream":true,"top_p":-1e309', "top_p")])
+def test_a_number_no_float_holds_is_a_400_naming_the_field(stack, raw, field):
+    body = '{"model":"router","messages":[{"role":"user","content":"hi"}],' + raw + "}"
+    for path in ("/v1/chat/completions", "/v1/route"):
+        r = httpx.post(stack["url"] + path, content=body, headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert "outside the range of a 64-bit float" in r.json()["error"]["message"]
+    r = httpx.post(stack["url"] + "/v1/chat/completions", headers=AUTH, json={**GOOD, "stream": True, "stream_options": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+
+
 def test_a_surrogate_in_a_key_is_a_400_too(stack):
     r = httpx.post(stack["url"] + "/v1/chat/completions", headers=AUTH,
                    content='{"model":"router","messages":[{"role":"user","content":"hi"}],"x\\ud800":1}')
@@ -185,6 +197,11 @@ def hostile_corpus() -> list[tuple[str, dict, bytes]]:
                          ("router", {"data_class": 1}), ("router", {"data_class": "secret"}), ("router", {"unknown": 1}),
                          ("router", {"data_class": None, "x": 2})]:
         add(f"{field}={value!r}", chat(**{field: value}))
+    for raw in ['"temperature":1e309', '"top_p":-1e309', '"metadata":{"a":[1e999]}', '"n":1e400']:
+        for stream in ("", ',"stream":true'):  # numbers no float holds: JSON reads them as infinity
+            add(f"{raw}{stream}", '{"model":"router","messages":[{"role":"user","content":"hi"}],' + raw + stream + "}")
+    for value in ["yes", [1, 2], 3, True]:
+        add(f"stream_options={value!r}", chat(stream=True, stream_options=value))
     for s in ["\ud800", "\udfff", "a\ud83d", "\udc00b", "\ud800\ud800"]:
         add(f"surrogate {s!r} in content", json.dumps({"model": "router", "messages": [{"role": "user", "content": s}]}))
         add(f"surrogate {s!r} in user", chat(user=s))

@@ -20,7 +20,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
@@ -60,6 +60,7 @@ class ChatRequest(BaseModel):
     model: StrictStr
     messages: list[Message] = Field(min_length=1)
     stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
@@ -95,6 +96,8 @@ def parse_request(raw: bytes) -> tuple[ChatRequest, dict]:
     if (where := invalid_unicode(body)) is not None:
         raise APIError(400, f"{where or 'request body'}: contains invalid Unicode (a lone UTF-16 surrogate)", param=where or None,
                        code="invalid_unicode")
+    if (where := non_finite(body)) is not None:
+        raise APIError(400, f"{where}: a number outside the range of a 64-bit float", param=where, code="invalid_number")
     try:
         req = ChatRequest.model_validate(body)
     except ValidationError as e:
@@ -111,20 +114,28 @@ def invalid_unicode(value: object, path: str = "") -> str | None:
 
     JSON's \\ud800 escapes decode to lone surrogates, which the tokenizer, httpx and HTTP headers all refuse.
     """
+    return first_path(value, lambda v: isinstance(v, str) and not _encodable(v), path)
+
+
+def non_finite(value: object) -> str | None:
+    """The path of the first number no float holds (JSON's 1e309 reads as infinity); else None."""
+    return first_path(value, lambda v: isinstance(v, float) and not math.isfinite(v))
+
+
+def first_path(value: object, bad, path: str = "") -> str | None:
+    """The path of the first value, or of the object holding the first key, for which `bad` is true; else None."""
     stack = [(path, value)]
     while stack:
         where, v = stack.pop()
-        if isinstance(v, str):
-            if not _encodable(v):
-                return where
-        elif isinstance(v, dict):
+        if isinstance(v, dict):
             for k, item in v.items():
-                key = f"{where}.{k}" if where else str(k)
-                if not _encodable(k):
+                if bad(k):
                     return where or ""
-                stack.append((key, item))
+                stack.append((f"{where}.{k}" if where else str(k), item))
         elif isinstance(v, list):
             stack.extend((f"{where}.{i}", item) for i, item in enumerate(v))
+        elif bad(v):
+            return where
     return None
 
 
