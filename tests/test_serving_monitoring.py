@@ -22,11 +22,13 @@ from learned_router.manifest import RouterFolder
 from learned_router.serving.drift import DriftMonitor, calibration_reference, psi, read_reference
 from learned_router.serving.errors import APIError
 from serving_fixtures import CLIENT_KEY, ROOT, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service, two_tiers
+from learned_router.serving.config import hash_key
 
 DATASETS = ROOT.parent / "shared" / "datasets"
 MIXED = ("alpaca_eval", "arena_battles_1k", "routellm_mmlu", "routellm_gsm8k", "routerarena", "arena_hard_v01_battles")
 WINDOW, PER_SOURCE = 300, 50
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+ADMIN_KEY = "sk-router-test-admin-drift"
 ALERTS, DASHBOARD = ROOT / "serving" / "alerts.yaml", ROOT / "serving" / "grafana-dashboard.json"
 
 needs_service = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file() or not DATASETS.is_dir(),
@@ -53,7 +55,8 @@ def service(tmp_path_factory):
         cfg = service_config(two_tiers([provider_entry("weak-a", weak, None, "weak-model", (0.6, 0.6))],
                                        [provider_entry("strong-a", strong, None, "strong-model", (10, 30))]),
                              budget={"period": "day", "usd": 100, "store": str(tmp / "spend.sqlite")},
-                             drift={"window": WINDOW, "min_requests": 200, "threshold": 0.25, "reference": str(tmp / "reference.json")})
+                             drift={"window": WINDOW, "min_requests": 200, "threshold": 0.25, "reference": str(tmp / "reference.json")},
+                             admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]})
         with start_service(cfg) as s:
             yield {"url": s.url, "config": cfg, "reference": tmp / "reference.json"}
 
@@ -74,7 +77,9 @@ def gauges(url: str) -> dict[str, float]:
 def test_code_only_traffic_after_a_mixed_reference_moves_the_drift_gauge_and_a_stable_mix_does_not(service, traffic, caplog):
     url = service["url"]
     send(url, traffic["mixed"])
-    r = httpx.post(url + "/v1/drift/reference", headers=AUTH)
+    r = httpx.post(url + "/v1/drift/reference", headers=AUTH)  # a client key cannot say what counts as drift
+    assert r.status_code == 401 and not service["reference"].exists(), r.text
+    r = httpx.post(url + "/v1/drift/reference", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert r.status_code == 200 and r.json()["requests"] == WINDOW
     assert json.loads(service["reference"].read_text())["task_type"] == r.json()["task_type"]
     assert len(r.json()["task_type"]) >= 5  # a mix: most types are there
