@@ -98,6 +98,7 @@ def test_missing_usage_is_billed_by_the_estimate(stack):
 @pytest.mark.parametrize("body", [
     '{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":NaN,"completion_tokens":1}}',
     "[1, 2]", '"a string"', '{"id": "no choices"}', '{"choices": "not a list"}', "not json", "",
+    '{"choices":[null]}', '{"choices":[]}', '{"choices":[{"message":"hi"}]}', '{"choices":[{"index":0}]}',
 ])
 def test_an_answer_that_is_not_a_chat_completion_is_a_bad_response_and_fails_over(stack, body):
     stack["weak"].control(mode="raw", raw_body=body)

@@ -131,6 +131,13 @@ class BadStream(Exception):
         self.kind, self.detail = kind, detail
 
 
+def usable_answer(data: object) -> bool:
+    """A chat completion with at least one choice, each an object with a message object."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    return isinstance(choices, list) and bool(choices) and all(
+        isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)
+
+
 def stream_chunk(data: str) -> tuple[dict, int]:
     """One SSE data payload as a chunk object and the characters of text it adds; BadStream when it is not one."""
     try:
@@ -369,8 +376,9 @@ class Upstream:
                         data = json.loads(raw, parse_constant=reject_constant)
                     except (ValueError, RecursionError):
                         raise AttemptFailed("bad_response", f"HTTP {response.status_code} with a body that is not JSON") from None
-                    if response.status_code == 200 and not (isinstance(data, dict) and isinstance(data.get("choices"), list)):
-                        raise AttemptFailed("bad_response", "HTTP 200 with a body that is not a chat completion (no choices list)")
+                    if response.status_code == 200 and not usable_answer(data):
+                        raise AttemptFailed("bad_response", "HTTP 200 with a body that is not a chat completion (no choice "
+                                                            "with a message object)")
                     return Reply(provider, response.status_code, time.perf_counter() - start, json=data, raw=raw)
                 lines = bounded_lines(response, self.max_body_bytes)
                 head = []
