@@ -32,7 +32,7 @@ def stack(tmp_path_factory):
     with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
         cfg = service_config(two_tiers([provider_entry("weak", weak, None, WEAK, (0.6, 0.6), timeout_s=2)],
                                        [provider_entry("strong", strong, None, STRONG, (10, 30), timeout_s=2)]),
-                             limits={"max_upstream_body_bytes": 1 << 20},
+                             limits={"max_upstream_body_bytes": 1 << 20, "max_stream_seconds": 1.5},
                              circuit_breaker={"failures": 100, "cooldown_s": 60},
                              budget={"period": "month", "usd": 1000.0, "store": str(store)})
         with start_service(cfg) as service:
@@ -107,6 +107,21 @@ def test_an_answer_that_is_not_a_chat_completion_is_a_bad_response_and_fails_ove
     assert r.status_code == 200 and r.json()["model"] == STRONG and r.headers["x-router-fallbacks"] == "1"
     assert metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response") == before + 2  # retried once
     assert math.isfinite(metric_sum(stack, "router_cost_usd_total"))
+
+
+def test_a_stream_that_never_ends_is_ended_at_max_stream_seconds(stack):
+    stack["weak"].control(chunk_delay_ms=400)  # a chunk every 0.4 s: never idle long enough for a read timeout
+    try:
+        before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="stream_too_long")
+        started = time.monotonic()
+        r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH, timeout=30)
+        took = time.monotonic() - started
+        events = sse(r.text)
+    finally:
+        stack["weak"].control(chunk_delay_ms=0)
+    assert r.status_code == 200 and events[-1]["error"]["code"] == "stream_too_long", r.text
+    assert "limits.max_stream_seconds" in events[-1]["error"]["message"] and 1.5 <= took < 3.0
+    assert metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="stream_too_long") == before + 1
 
 
 def test_a_huge_answer_is_cut_at_the_limit_and_fails_over(stack):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -20,8 +21,9 @@ async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wa
                 started: float) -> AsyncIterator[str]:
     """Pass the upstream's SSE lines through; note usage; drop the usage chunk we asked for on the client's behalf.
 
-    A chunk that breaks OpenAI's format, or a stream that ends without `data: [DONE]`, ends the client's stream with an
-    error event (`bad_response` or `stream_interrupted`) and counts as a failure of its provider. However the stream
+    A chunk that breaks OpenAI's format, a stream that ends without `data: [DONE]`, or one still going
+    `limits.max_stream_seconds` after the request came in, ends the client's stream with an error event
+    (`bad_response`, `stream_interrupted` or `stream_too_long`) and counts as a failure of its provider. However the stream
     ends (done, broken, or cancelled when the client goes away), the upstream response is closed and the answer is
     billed (`Service.account`), logged and recorded (`Service.record`).
     """
@@ -34,10 +36,14 @@ async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wa
         async for line in reply.lines:
             yield line
 
+    deadline = started + service.config.limits.max_stream_seconds
     try:
         async for line in lines():
             if done:
                 continue  # nothing follows [DONE]
+            if time.monotonic() > deadline:
+                raise BadStream(f"still streaming after limits.max_stream_seconds "
+                                f"({service.config.limits.max_stream_seconds:g} s)", kind="stream_too_long")
             if line.startswith("data:"):
                 if (data := line[5:].strip()) == "[DONE]":
                     done = True
