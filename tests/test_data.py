@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import STRONG, WEAK
-from learned_router.data import canonical, load_grades, load_source, observations
+from learned_router.data import canonical, load_grades, load_source, observations, read_prompt_table, write_table
 from learned_router.errors import DataError
 
 
@@ -96,11 +96,17 @@ def test_file_and_field_errors(tmp_path, datasets_dir):
     with pytest.raises(DataError, match="unrecognised columns"):
         load_source(tmp_path / "wrong.csv")
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "model": "m", "score": 1}\n{not json')
-    with pytest.raises(DataError, match="cannot be read"):
+    with pytest.raises(DataError, match=r"broken.jsonl: line 2: not valid JSON \(Expecting property name"):
         load_source(tmp_path / "broken.jsonl")
-    (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(DataError, match="empty.csv: cannot be read|empty.csv: no rows"):
-        load_source(tmp_path / "empty.csv")
+    (tmp_path / "list.jsonl").write_text('{"prompt": "a", "model": "m", "score": 1}\n\n[1, 2]\n')
+    with pytest.raises(DataError, match="list.jsonl: line 3: expected a JSON object, got list"):
+        load_source(tmp_path / "list.jsonl")
+    for name in ("empty.csv", "empty.jsonl"):
+        (tmp_path / name).write_text("\n")
+        with pytest.raises(DataError, match=f"{name}: empty file \\(no rows\\)"):
+            load_source(tmp_path / name)
+        with pytest.raises(DataError, match=f"{name}: empty file \\(no rows\\)"):
+            read_prompt_table(tmp_path / name)
     bad_winner = tmp_path / "b.jsonl"
     bad_winner.write_text(json.dumps({"prompt": "a", "model_a": "x", "model_b": "y", "winner": "x"}))
     with pytest.raises(DataError, match="row 0: field 'winner' must be one of"):
@@ -129,3 +135,14 @@ def test_a_source_in_several_files_is_one_source_graded_one_way(tmp_path):
         load_grades([week1, versus])
     with pytest.raises(DataError, match=r"weight 2.0\) and in .*week2.parquet \(long, absolute, weight 1.0\)"):
         load_grades([week1, week2], weights={"week1": 2.0})
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
+def test_a_table_is_written_as_its_name_asks_and_reads_back(tmp_path, suffix):
+    df = pd.DataFrame({"prompt": ["Write a haiku, \"quoted\"\nover two lines", "é ✓"], "prompt_id": ["007", "8"]})
+    write_table(df, tmp_path / f"t{suffix}")
+    back = read_prompt_table(tmp_path / f"t{suffix}", text_columns=("prompt_id",))
+    assert back["prompt"].tolist() == df["prompt"].tolist() and back["prompt_id"].tolist() == ["007", "8"]
+    with pytest.raises(DataError, match=r"t.txt: unsupported file type '.txt'"):
+        write_table(df, tmp_path / "t.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"t{suffix}"]

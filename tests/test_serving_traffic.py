@@ -22,6 +22,7 @@ import yaml
 
 from serving_fixtures import (CLIENT_KEY, OTHER_KEY, PROVIDER_KEYS, ROUTER_DIR, FakeProvider, free_port, provider_entry,
                               service_config, start_service, two_tiers, wait_for)
+from learned_router.data import read_prompt_table
 from learned_router.serving.config import TrafficConfig, hash_key
 from learned_router.serving.traffic import TrafficLog, export_traffic, open_store
 
@@ -139,6 +140,15 @@ def test_traffic_export_writes_prompts_with_feedback(stack, tmp_path):
     assert df.set_index("prompt_id").loc[rid, "feedback"] == 0.0
     assert len(export_traffic(stack["store"], sample=2)[0]) == 2
     assert export_traffic(stack["store"], since=time.time() + 60)[0].empty
+    for suffix in (".csv", ".jsonl"):  # written as the name asks, and read back by calibrate's reader
+        out = tmp_path / f"traffic{suffix}"
+        r = subprocess.run([sys.executable, "-m", "learned_router", "traffic", "export", "--store", stack["store"], "--out", out],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert rid in read_prompt_table(out, text_columns=("prompt_id",))["prompt_id"].tolist()
+    r = subprocess.run([sys.executable, "-m", "learned_router", "traffic", "export", "--store", stack["store"],
+                        "--out", tmp_path / "traffic.txt"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "expected a .parquet, .jsonl, .csv file" in r.stderr
 
 
 def test_retention_and_hash_only_text(tmp_path):

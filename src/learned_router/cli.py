@@ -622,8 +622,8 @@ def utc_time(value: Optional[str], option: str) -> Optional[float]:
 @user_errors
 def traffic_export(
     store: Annotated[Path, typer.Option(help="The traffic store (traffic.store in the service config).")],
-    out: Annotated[Path, typer.Option(help="Parquet file to write: prompt_id, prompt, time, client, tier, provider, model, "
-                                      "router, outcome, feedback.")],
+    out: Annotated[Path, typer.Option(help="File to write, .parquet, .jsonl or .csv: prompt_id, prompt, time, client, tier, "
+                                      "provider, model, router, outcome, feedback.")],
     since: Annotated[Optional[str], typer.Option(help="Only requests at or after this UTC date/time (ISO 8601).")] = None,
     until: Annotated[Optional[str], typer.Option(help="Only requests before this UTC date/time (ISO 8601).")] = None,
     sample: Annotated[Optional[int], typer.Option(min=1, help="At most this many requests, sampled at random.")] = None,
@@ -631,18 +631,18 @@ def traffic_export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ):
     """Export recorded requests (with their feedback) as a prompts file for 'label' and 'calibrate'."""
+    from .data import PROMPT_TABLES, write_table
     from .serving.traffic import export_traffic
 
+    if out.suffix.lower() not in PROMPT_TABLES:
+        raise RouterError(f"--out {out}: expected a {', '.join(PROMPT_TABLES)} file")
     if out.exists() and not overwrite:
         raise RouterError(f"{out}: already exists (pass --overwrite to replace it)")
     df, textless = export_traffic(store, utc_time(since, "--since"), utc_time(until, "--until"), sample, seed)
     if df.empty:
         raise RouterError(f"{store}: no recorded requests with text in that range"
                           + (f" ({textless} recorded as a hash only: traffic.text)" if textless else ""))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
+    write_table(df, out)
     typer.echo(f"{len(df)} requests ({int(df['feedback'].notna().sum())} with feedback) written to {out}"
                + (f"; {textless} recorded without text were left out" if textless else ""))
 
@@ -690,7 +690,7 @@ def label(
     config: Annotated[Path, typer.Option("--config", "-c", help="Service config YAML with a judge: block (serving/CONFIG.md).")],
     prompts: Annotated[Path, typer.Option(help="Parquet/JSONL/CSV with a 'prompt' column (+ 'prompt_id'; 'feedback' and "
                                           "'tier': user feedback, joined as source 'feedback').")],
-    out: Annotated[Path, typer.Option(help="The graded table (parquet) to write; its journal <out>.journal.jsonl goes beside "
+    out: Annotated[Path, typer.Option(help="The graded table (.parquet, .jsonl or .csv) to write; its journal <out>.journal.jsonl goes beside "
                                       "it. Rerun the same command to resume.")],
     models: Annotated[Optional[str], typer.Option(help="Comma-separated tiers or providers to compare, cheapest first; the "
                                                   "last is the strongest (the reference). Default: every tier.")] = None,

@@ -21,7 +21,9 @@ for absolute), grade, split.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -81,6 +83,7 @@ def read_table(path: Path) -> pd.DataFrame:
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(READERS)}")
+    check_text_table(path)
     try:
         ds = load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps parser errors in several exception types
@@ -143,10 +146,49 @@ def utf8_text(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
 
 
+def check_text_table(path: Path) -> None:
+    """A JSONL or CSV file has rows, and each JSONL line is a JSON object: else DataError naming the file (and line).
+    Parquet files are left to their reader."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        return
+    text = utf8_text(Path(path).read_bytes(), str(path))
+    if not text.strip():
+        raise DataError(f"{path}: empty file (no rows)")
+    if suffix in (".jsonl", ".json"):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+
+
+def write_table(df: pd.DataFrame, out: Path) -> None:
+    """Write a table as its file name asks (.parquet, .jsonl or .csv), to a temporary file renamed over `out`."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in PROMPT_TABLES:
+        raise DataError(f"{out}: unsupported file type '{out.suffix}'; use {', '.join(PROMPT_TABLES)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if suffix == ".parquet":
+        df.to_parquet(tmp, index=False)
+    elif suffix == ".jsonl":
+        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    else:
+        df.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+
+
 def read_prompt_table(path: Path, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     """A table with a 'prompt' column, from parquet, JSONL or CSV (`text_columns` read as text, not numbers); DataError
     naming the file when it cannot be read, has no 'prompt' column or no rows."""
     suffix = Path(path).suffix.lower()
+    check_text_table(path)
     try:
         if suffix == ".parquet":
             df = pd.read_parquet(path)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import PROMPT_TABLES, check_prompts, read_prompt_table, utf8_text
+from .data import PROMPT_TABLES, check_prompts, read_prompt_table, utf8_text, write_table
 from .errors import DataError, RouterError, first_bad, first_index, not_a_file
 from .judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages
 from .prices import prompt_tokens
@@ -264,17 +264,22 @@ def read_graded(path: Path) -> list[dict]:
     return rows
 
 
-def write_table(rows, out: Path) -> int:
-    """The graded rows as the output parquet, in a stable order, written to a temporary file and renamed."""
+def write_graded(rows, out: Path) -> int:
+    """The graded rows as the output table (parquet, JSONL or CSV by its name), in a stable order, written to a
+    temporary file and renamed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([("prompt", pa.string()), ("prompt_id", pa.string()), ("model", pa.string()), ("score", pa.float64()),
                         ("source", pa.string()), ("judge", pa.string()), ("baseline", pa.string()), ("raw", pa.string())])
     ordered = [{k: r[k] for k in COLUMNS} for r in sorted(rows, key=row_key)]
+    table = pa.Table.from_pylist(ordered, schema=schema)
+    if out.suffix.lower() != ".parquet":
+        write_table(table.to_pandas(), out)
+        return len(ordered)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(ordered, schema=schema), tmp)
+    pq.write_table(table, tmp)
     os.replace(tmp, out)
     return len(ordered)
 
@@ -351,8 +356,8 @@ def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None 
     if judge.mode == "pairwise" and len(chosen) < 2:
         raise RouterError("--models: pairwise mode compares each model with the strongest (the last): name at least two")
     out = Path(out)
-    if out.suffix.lower() != ".parquet":
-        raise RouterError(f"--out {out}: expected a .parquet file")
+    if out.suffix.lower() not in PROMPT_TABLES:
+        raise RouterError(f"--out {out}: expected a {', '.join(PROMPT_TABLES)} file")
     if out.resolve() == Path(prompts).resolve():
         raise RouterError(f"--out {out}: is the prompts file; choose another")
     if sample is not None and sample < 1:
@@ -659,7 +664,7 @@ def run(p: Plan) -> Summary:
         s.seconds = time.perf_counter() - started
         p.journal.close()
         try:
-            s.total = write_table(p.journal.rows.values(), p.out)
+            s.total = write_graded(p.journal.rows.values(), p.out)
         except KeyboardInterrupt:  # a second Ctrl-C while writing: the journal still holds every row
             s.interrupted = True
             print(f"the output was not rewritten: the journal {p.journal.path} holds the rows; rerun to write it",
