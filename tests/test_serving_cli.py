@@ -152,6 +152,22 @@ def test_missing_key_variable_and_router_folder_are_one_line_errors(tmp_path, mo
     assert "tiers[0].providers[0].api_key_env: environment variable WEAK_API_KEY is not set" in msg
 
 
+def test_a_port_out_of_range_or_in_use_is_one_line_before_the_router_loads(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("STRONG_API_KEY", "x")
+    monkeypatch.setenv("WEAK_API_KEY", "y")
+    cfg = write(tmp_path, example(tmp_path))
+    r = CliRunner().invoke(app, ["serve", "--config", str(cfg), "--port", "99999"])
+    assert r.exit_code == 2 and "--port" in r.output and "65535" in r.output and "Traceback" not in r.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        msg = serve_error(["--config", str(cfg), "--port", str(port)])
+    assert msg == f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)"
+
+
 @needs_router
 def test_strong_fraction_resolves_through_the_calibration_table(monkeypatch, tmp_path):
     monkeypatch.setenv("STRONG_API_KEY", "x")
