@@ -361,6 +361,8 @@ def calibrate(
     typer.echo(f"{'output (strong share asked ->)':40s} " + " ".join(f"{f:>6g}" for f in shares))
     for output, got in ((o, r.achieved[o]) for o in shown):
         typer.echo(f"{output[:40]:40s} " + " ".join(f"{got[f]:6.3f}" for f in shares))
+    typer.echo("in the service: routing.threshold, else routing.strong_fraction (read through this table), else this "
+               "default threshold; a config that sets either wins over the default")
 
 
 @app.command()
