@@ -85,7 +85,7 @@ def with_top_level(router: Router) -> Router:
     dim = router.manifest.encoder.dim
     keys = rng.normal(size=(CENTROIDS, dim)).astype(np.float32)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
-    out = copy.copy(router)
+    out = copy.copy(router)  # the same onnxruntime session
     out.residual = Residual(models=[router.manifest.weak, router.manifest.strong], base=[router.manifest.weak, router.manifest.strong],
                             coef=rng.normal(size=(2, 3 + dim)).astype(np.float32) * 0.01, length_mean=4.0, length_std=1.0,
                             choice=Choice(True, 10.0, 0.05, 2.0, "pair APGR"), keys=keys,

@@ -67,14 +67,21 @@ def fit_linear(x: np.ndarray, y: np.ndarray, ridge: float | None) -> np.ndarray:
     return np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ y)
 
 
-def kernel_sums(query: np.ndarray, keys: np.ndarray, values: np.ndarray, counts: np.ndarray, width: float,
+def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b, without BLAS for a few rows: a served prompt's product then runs on its own thread, and does not wait for
+    BLAS's threads on a busy machine (measured: ~0.6 ms against ~3 ms for one 4,096-key product beside onnxruntime)."""
+    return np.einsum("ij,jk->ik", a, b) if len(a) <= 16 else a @ b
+
+
+def kernel_sums(query: np.ndarray, keys_t: np.ndarray, values: np.ndarray, counts: np.ndarray, width: float,
                 block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """(sum_j K r_j, sum_j K n_j) per query row: values (keys x models) are residual sums, counts their graded counts."""
+    """(sum_j K r_j, sum_j K n_j) per query row; keys_t (dim x keys, contiguous) are the keys' unit embeddings,
+    values (keys x models) their residual sums, counts their graded counts."""
     num = np.empty((len(query), values.shape[1]), np.float32)
     den = np.empty((len(query), values.shape[1]), np.float32)
     for i in range(0, len(query), block):
-        k = np.exp((query[i : i + block] @ keys.T - 1.0) / width)
-        num[i : i + block], den[i : i + block] = k @ values, k @ counts
+        k = np.exp((product(query[i : i + block], keys_t) - 1.0) / width)
+        num[i : i + block], den[i : i + block] = product(k, values), product(k, counts)
     return num, den
 
 
@@ -93,14 +100,17 @@ class Residual:
     counts: np.ndarray | None = None  # (keys, models) graded counts
     prompts: int = 0
 
+    def __post_init__(self):
+        self.keys_t = None if self.keys is None else np.ascontiguousarray(self.keys.T)
+
     def predict(self, base: np.ndarray, prompts_length: np.ndarray, emb: np.ndarray) -> np.ndarray:
         """q (n, models) from each model's base output (n, models), log lengths (n,) and unit embeddings (n, dim)."""
         z = ((prompts_length - self.length_mean) / self.length_std).astype(np.float32)
         out = np.empty_like(base, dtype=np.float32)
         for j in range(len(self.models)):
-            out[:, j] = design(base[:, j], z, emb, self.choice.ridge, self.choice.use_base) @ self.coef[j]
+            out[:, j] = product(design(base[:, j], z, emb, self.choice.ridge, self.choice.use_base), self.coef[j][:, None])[:, 0]
         if self.choice.width is not None:
-            num, den = kernel_sums(emb, self.keys, self.sums, self.counts, self.choice.width)
+            num, den = kernel_sums(emb, self.keys_t, self.sums, self.counts, self.choice.width)
             out += num / (den + self.choice.shrink)
         return np.clip(out, 0.0, 1.0)
 
@@ -227,4 +237,5 @@ def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarr
             keys = (centres / np.linalg.norm(centres, axis=1, keepdims=True).clip(1e-9)).astype(np.float32)
             sums, counts = onehot @ resid, onehot @ counts
         out.keys, out.sums, out.counts = keys, sums.astype(np.float32), counts.astype(np.float32)
+        out.keys_t = np.ascontiguousarray(keys.T)
     return out
