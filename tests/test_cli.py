@@ -129,3 +129,22 @@ def test_a_missing_module_is_named_with_the_extra_that_installs_it():
     assert missing_module("sklearn.metrics").endswith("'learned-router[train]' (torch==2.13.0 first: an unpinned torch pulls CUDA)")
     assert missing_module("uvicorn") == "uvicorn is not installed: this command needs pip install 'learned-router[serve]'"
     assert missing_module("not_a_dependency") == "not_a_dependency is not installed"  # not "install the train extra"
+
+
+def test_compare_says_same_router_or_what_differs(trained, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained["path"], copy)
+    record = json.loads((copy / "router.json").read_text())
+    record["created_at"], record["versions"] = "2030-01-01T00:00:00+00:00", {}  # what retraining elsewhere changes
+    record["default_threshold"] += 0.001
+    (copy / "router.json").write_text(json.dumps(record))
+    same = cli("compare", trained["path"], copy)
+    assert same.returncode == 0 and same.stdout.startswith("same router:"), same.stdout + same.stderr
+    record["default_threshold"] += 0.05
+    record["calibration"]["thresholds"]["generic"] = [t + 0.01 for t in record["calibration"]["thresholds"]["generic"]]
+    (copy / "router.json").write_text(json.dumps(record))
+    differs = cli("compare", trained["path"], copy)
+    assert differs.returncode == 1 and "default threshold:" in differs.stdout and "calibration of generic" in differs.stdout

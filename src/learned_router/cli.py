@@ -367,6 +367,28 @@ def calibrate(
 
 @app.command()
 @user_errors
+def compare(
+    first: Annotated[Path, typer.Argument(help="A router folder.")],
+    second: Annotated[Path, typer.Argument(help="Another router folder (e.g. a retrained copy).")],
+):
+    """Say whether two router folders are the same router (models, pair, thresholds, calibration, test AUCs and outputs
+    on probe prompts, within what retraining moves) or what differs; exit 1 when they differ."""
+    from .compare import AUC_TOL, OUTPUT_TOL, THRESHOLD_TOL, differences
+    from .export import PROBES
+    from .scorer import Router
+
+    diff = differences(Router(first), Router(second), PROBES)
+    if not diff:
+        typer.echo(f"same router: {first} and {second} agree within tolerance (thresholds and calibration "
+                   f"{THRESHOLD_TOL}, test AUCs {AUC_TOL}, outputs on {len(PROBES)} probe prompts {OUTPUT_TOL})")
+        return
+    for line in diff:
+        typer.echo(line)
+    raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
 def bench(
     router: Annotated[Path, typer.Option(help="Router folder (with its checkpoint/ for the torch path).")] = Path("models/default"),
     threads: Annotated[int, typer.Option(help="Threads for onnxruntime and torch.")] = 1,

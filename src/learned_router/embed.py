@@ -148,7 +148,9 @@ class Encoder:
         store = EmbeddingCache(cache_dir() / "embeddings.sqlite") if cache else None
         found = store.get(sorted(set(keys))) if store else {}
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in found}.items())
-        with step(f"embedding {len(todo):,} prompts", total=len(todo)) if progress and todo else nullcontext() as bar:
+        cached = len(set(keys)) - len(todo)
+        what = f"embedding {len(todo):,} prompts" + (f" ({cached:,} more of the {len(set(keys)):,} from the cache)" if cached else "")
+        with step(what, total=len(todo)) if progress and todo else nullcontext() as bar:
             for i in range(0, len(todo), 4 * batch_size):  # persist in chunks: an interrupted run keeps its work
                 chunk = todo[i : i + 4 * batch_size]
                 vecs = self.model.encode([t for _, t in chunk], batch_size=batch_size, normalize_embeddings=True,
