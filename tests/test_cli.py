@@ -148,3 +148,20 @@ def test_compare_says_same_router_or_what_differs(trained, tmp_path):
     (copy / "router.json").write_text(json.dumps(record))
     differs = cli("compare", trained["path"], copy)
     assert differs.returncode == 1 and "default threshold:" in differs.stdout and "calibration of generic" in differs.stdout
+
+
+def test_a_small_table_of_ones_own_trains_with_warnings_that_say_what_to_do(tmp_path, datasets_dir):
+    import pandas as pd
+
+    df = pd.read_parquet(datasets_dir / "routellm_gsm8k.parquet")
+    prompts = df["prompt"].drop_duplicates().head(60)
+    mine = df[df["prompt"].isin(set(prompts))][["prompt", "model", "score"]]
+    mine["model"] = mine["model"].map({"gpt-4-1106-preview": "my-big", "mistralai/Mixtral-8x7B-Instruct-v0.1": "my-small"})
+    mine.dropna().to_csv(tmp_path / "mine.csv", index=False)
+    r = cli("train", "--data", tmp_path / "mine.csv", "--strong", "my-big", "--weak", "my-small", "--steps", "20",
+            "--variants", "fp32", "--out", tmp_path / "r", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "only 60 prompts" in r.stderr and "train --prior models/default" in r.stderr
+    assert "test prompts: the test AUCs are noise" in r.stderr
+    assert "--reference arena_bench_v1 is not among the data's sources (mine)" in r.stderr
+    assert "no --calibration source is in the data" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from .model import QualityHead, auc, fit_head, observation_weights
 from .progress import no_library_bars, step
 from .recipe import Recipe
 from .tracking import DEFAULT_EXPERIMENT, start_run
+
+log = logging.getLogger(__name__)
 
 
 def numbered(prints: list[dict]) -> list[tuple[dict, int]]:
@@ -111,6 +114,26 @@ def graded_pair(grades: Grades, split: str, weak: str, strong: str) -> pd.DataFr
     return pd.DataFrame({"prompt": wide.index, "weak": wide[weak].to_numpy(float), "strong": wide[strong].to_numpy(float)})
 
 
+def warnings_for(grades: Grades, recipe: Recipe) -> list[str]:
+    """What makes a router from this data unreliable, each with what to do: too few prompts, too small a test split,
+    reference or calibration sources absent from the data."""
+    sources = {s.name for s in grades.sources}
+    split = grades.obs.drop_duplicates("prompt")["split"].value_counts()
+    out = []
+    if (n := int(split.sum())) < 1000:
+        out.append(f"only {n:,} prompts: the quality model is fitted for many models and sources; to route your own pair "
+                   f"on them, fit them over a trained router instead: train --prior models/default --data ...")
+    if int(split.get("test", 0)) < 30:
+        out.append(f"{int(split.get('test', 0))} test prompts: the test AUCs are noise; add prompts or raise --test")
+    if not sources & set(recipe.reference):
+        out.append(f"--reference {','.join(recipe.reference)} is not among the data's sources ({', '.join(sorted(sources))}): "
+                   f"the exported quality takes every absolute source's mean link; name yours with --reference")
+    if not sources & set(recipe.calibration):
+        out.append(f"no --calibration source is in the data: the calibration mix is every held-out prompt "
+                   f"({int(split.get('val', 0) + split.get('test', 0))}); name yours with --calibration")
+    return out
+
+
 def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dict[str, float] | None = None,
           variants: list[str] = ("fp32", "int8"), name: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
           overwrite: bool = False) -> tuple[Manifest, str]:
@@ -124,6 +147,8 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
         if getattr(recipe, role) not in grades.models:
             raise DataError(f"--{role} {getattr(recipe, role)!r} is graded in none of the --data files; models there "
                             f"include {', '.join(grades.models[:12])} ... ({len(grades.models)} in all)")
+    for line in warnings_for(grades, recipe):
+        log.warning(line)
     enc = encoder_for(recipe)
     name = name or Path(out).name
     prints = [s.fingerprint() for s in grades.sources]
