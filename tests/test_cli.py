@@ -165,3 +165,10 @@ def test_a_small_table_of_ones_own_trains_with_warnings_that_say_what_to_do(tmp_
     assert "test prompts: the test AUCs are noise" in r.stderr
     assert "--reference arena_bench_v1 is not among the data's sources (mine)" in r.stderr
     assert "no --calibration source is in the data" in r.stderr
+
+
+def test_eval_with_a_pair_the_data_does_not_grade_starts_no_mlflow_run(trained, tmp_path, datasets_dir):
+    r = cli("eval", "--router", trained["path"], "--data", datasets_dir / "routellm_gsm8k.parquet", "--weak", "mixtral",
+            "--out", tmp_path / "o", cwd=tmp_path)
+    assert r.returncode == 2 and "model(s) mixtral not graded there" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "o").exists()  # no FAILED run left behind

@@ -489,9 +489,11 @@ def eval_cmd(
     """Evaluate a router on a benchmark: the cost-quality frontier, APGR/CPT/cost, baselines; logged to MLflow."""
     import mlflow
 
-    from .evals.protocol import run_eval
+    from .evals.protocol import load_benchmark, run_eval
     from .tracking import run_link, start_run
 
+    if tiers is None:
+        load_benchmark(data, strong, weak)  # a wrong file or pair is one line before any MLflow run starts
     if learning_curve is not None:
         from .evals.learning import run_learning_curve
 
