@@ -129,6 +129,10 @@ def test_bad_configs_are_one_line_errors_naming_the_key(tmp_path):
     cfg = example(tmp_path)
     cfg["tiers"][1]["providers"][0]["base_url"] = "localhost:9001"
     assert "tiers[1].providers[0].base_url: must be an http(s) URL" in serve_error(["--config", str(write(tmp_path, cfg))])
+    cfg = example(tmp_path)
+    cfg["routing"]["strong_fracton"] = 0.3  # a typo: the nearest key is named
+    assert serve_error(["--config", str(write(tmp_path, cfg))]).endswith(
+        "routing.strong_fracton: Extra inputs are not permitted; did you mean 'strong_fraction'?")
 
 
 def test_missing_key_variable_and_router_folder_are_one_line_errors(tmp_path, monkeypatch):

@@ -423,12 +423,38 @@ def _loc(loc: tuple) -> str:
     return out
 
 
+def _near_key(loc: tuple) -> str | None:
+    """The key of the config model at loc[:-1] closest to the unknown key loc[-1], if one is close."""
+    import difflib
+    import typing
+
+    model: type[BaseModel] | None = ServiceConfig
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue  # a list's item: the model is the list's
+        field = model.model_fields.get(part)
+        kinds = [field.annotation] if field else []
+        model = None
+        while kinds:
+            kind = kinds.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                model = kind
+                break
+            kinds.extend(typing.get_args(kind))
+    if model is None or not isinstance(loc[-1], str):
+        return None
+    near = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
 def parse_config(data: object, source: str = "config") -> ServiceConfig:
     try:
         cfg = ServiceConfig.model_validate(data)
     except ValidationError as e:
         loc, msg = first_error(e)
         where = _loc(loc)
+        if e.errors()[0]["type"] == "extra_forbidden" and (near := _near_key(loc)):
+            msg += f"; did you mean {near!r}?"
         raise ConfigError(f"{source}: {where + ': ' if where else ''}{msg}") from None
     tiers: set[str] = set()
     providers: set[str] = set()
