@@ -193,6 +193,8 @@ def train(
     prior: Annotated[Optional[Path], typer.Option(help="A router folder to keep as the prior: fit only a top level on "
                                                   "--data over its graph (minutes, no torch); of the recipe, only "
                                                   "--strong, --weak, --default-strong-fraction and --seed apply.")] = None,
+    device: Annotated[str, typer.Option(help="Where the prompts are embedded: auto (CUDA when torch sees it), cpu or "
+                                        "cuda; the embedding cache is shared.")] = "auto",
     quiet: Quiet = False,
 ):
     """Train a router on graded answers of many models, export it to ONNX and log the run to MLflow."""
@@ -205,6 +207,8 @@ def train(
     bad = [v for v in chosen if v not in ("fp32", "int8")]
     if bad or not chosen:
         raise RouterError(f"--variants: expected fp32, int8 or both, got {variants!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise RouterError(f"--device: expected auto, cpu or cuda, got {device!r}")
     with quieted(quiet):
         if prior is not None:
             from .prior import train_on_prior
@@ -213,7 +217,8 @@ def train(
                                               recipe.default_strong_fraction, name, experiment, overwrite, recipe.seed)
         else:
             manifest, run_id = run_training([str(d) for d in data], out, recipe, weights=parse_weights(weight),
-                                            variants=chosen, name=name, experiment=experiment, overwrite=overwrite)
+                                            variants=chosen, name=name, experiment=experiment, overwrite=overwrite,
+                                            device=device)
     typer.echo(f"router for {len(manifest.models)} models written to {out}")
     if manifest.residual is not None:
         r = manifest.residual
@@ -222,7 +227,12 @@ def train(
                    f"width {r.width}, shrink {r.shrink}")
     typer.echo(f"default threshold {manifest.default_threshold} ({manifest.weak} vs {manifest.strong}); against "
                f"the torch model: {parity_line(manifest)}")
-    typer.echo(f"MLflow run {run_id}: {run_link(mlflow.get_run(run_id))}")
+    run = mlflow.get_run(run_id)
+    if int(run.data.params.get("embedded_prompts", 0)):
+        p = run.data.params
+        typer.echo(f"embedded {p['embedded_prompts']} new prompts on {p['device']} at {float(p['embedding_prompts_per_s']):.1f} "
+                   "prompts/s (cached ones are not embedded again)")
+    typer.echo(f"MLflow run {run_id}: {run_link(run)}")
 
 
 @app.command("export")

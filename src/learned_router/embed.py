@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from contextlib import nullcontext
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -66,6 +67,21 @@ def keep_layers(transformer, layers: int) -> None:
     transformer.config.num_hidden_layers = layers
 
 
+def resolve_device(device: str) -> str:
+    """'auto': CUDA when torch sees a device, else the CPU; 'cuda' without one is a RouterError."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise RouterError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    if device == "cpu":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise RouterError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return "cpu"
+
+
 class EmbeddingCache:
     """A sqlite table of float32 vectors; safe to share between runs, written in one transaction per batch."""
 
@@ -97,8 +113,11 @@ class Encoder:
     With `layers`, only the transformer's first `layers` blocks are kept: the mean of a middle layer's token states
     ranks prompts by difficulty better than the last layer's (tuned for semantic similarity), and costs less."""
 
-    def __init__(self, path: str | os.PathLike | None = None, max_seq_length: int | None = None, layers: int | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, max_seq_length: int | None = None, layers: int | None = None,
+                 device: str = "cpu"):
         self.path = Path(path) if path else default_encoder_path()
+        self.device = resolve_device(device)
+        self.embedded, self.seconds = 0, 0.0  # prompts embedded (not from the cache) and the time it took
         if not (self.path / "config.json").is_file():
             raise RouterError(f"{self.path}: not a sentence-transformers model folder (no config.json)")
         self.name = DEFAULT_ENCODER if path is None else self.path.name
@@ -113,7 +132,7 @@ class Encoder:
         from sentence_transformers import SentenceTransformer
 
         with no_library_bars():
-            m = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+            m = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
         if self._max_len:
             m.max_seq_length = self._max_len
         if self._layers is not None:
@@ -150,6 +169,7 @@ class Encoder:
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in found}.items())
         cached = len(set(keys)) - len(todo)
         what = f"embedding {len(todo):,} prompts" + (f" ({cached:,} more of the {len(set(keys)):,} from the cache)" if cached else "")
+        started = time.perf_counter()
         with step(what, total=len(todo)) if progress and todo else nullcontext() as bar:
             for i in range(0, len(todo), 4 * batch_size):  # persist in chunks: an interrupted run keeps its work
                 chunk = todo[i : i + 4 * batch_size]
@@ -161,6 +181,8 @@ class Encoder:
                     store.put(new)
                 if bar:
                     bar.advance(len(chunk))
+        if todo:
+            self.embedded, self.seconds = self.embedded + len(todo), self.seconds + time.perf_counter() - started
         return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
 
     def features(self, texts: list[str], length: bool, **kwargs) -> np.ndarray:

@@ -32,8 +32,8 @@ def numbered(prints: list[dict]) -> list[tuple[dict, int]]:
     return out
 
 
-def encoder_for(recipe: Recipe) -> Encoder:
-    return Encoder(recipe.encoder, recipe.max_seq_length, recipe.encoder_layers)
+def encoder_for(recipe: Recipe, device: str = "cpu") -> Encoder:
+    return Encoder(recipe.encoder, recipe.max_seq_length, recipe.encoder_layers, device)
 
 
 def indexed(obs: pd.DataFrame, models: list[str], sources: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -136,8 +136,9 @@ def warnings_for(grades: Grades, recipe: Recipe) -> list[str]:
 
 def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dict[str, float] | None = None,
           variants: list[str] = ("fp32", "int8"), name: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-          overwrite: bool = False) -> tuple[Manifest, str]:
-    """Train, export and log one router; returns its manifest and the MLflow run id."""
+          overwrite: bool = False, device: str = "cpu") -> tuple[Manifest, str]:
+    """Train, export and log one router; returns its manifest and the MLflow run id. `device` embeds the prompts
+    (auto, cpu or cuda); the embedding cache does not depend on it."""
     import mlflow
 
     recipe = recipe or Recipe()
@@ -149,7 +150,7 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
                             f"include {', '.join(grades.models[:12])} ... ({len(grades.models)} in all)")
     for line in warnings_for(grades, recipe):
         log.warning(line)
-    enc = encoder_for(recipe)
+    enc = encoder_for(recipe, device)
     name = name or Path(out).name
     prints = [s.fingerprint() for s in grades.sources]
     with staged_folder(Path(out), overwrite) as tmp, start_run(experiment, name) as run:
@@ -177,6 +178,7 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
             split = grades.obs.drop_duplicates("prompt")["split"].value_counts()
             metrics = {**test_metrics(head, grades, enc, recipe), "models": len(head.cfg.models),
                        **{f"{s}_prompts": int(split.get(s, 0)) for s in ("train", "val", "test")}}
+        speed = {"embedded_prompts": enc.embedded, "embedding_prompts_per_s": enc.embedded / enc.seconds if enc.seconds else 0.0}
         record = TrainingRecord(
             name=name, recipe=recipe.to_dict(), data=prints, encoder_path=recipe.encoder,
             encoder=EncoderInfo(name=enc.name, max_seq_length=enc.max_seq_length, dim=enc.dim, layers=enc.layers,
@@ -190,8 +192,8 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
         # parity, a gate it passed (the UI charts every metric, and a count charted as a bar says nothing)
         facts = {**metrics, **{f"parity_{k}": v for k, v in manifest.parity.items()}}
         mlflow.log_metrics({k: v for k, v in facts.items() if k.startswith("test_auc_")})
-        mlflow.log_params({k: (int(v) if float(v).is_integer() else f"{v:.4g}") for k, v in facts.items()
-                           if not k.startswith("test_auc_")})
+        mlflow.log_params({k: (int(v) if float(v).is_integer() else f"{v:.4g}") for k, v in (facts | speed).items()
+                           if not k.startswith("test_auc_")} | {"device": enc.device})
         mlflow.log_dict(json.loads(manifest.model_dump_json()), "router.json")
     with step("logging the router folder to MLflow"):
         mlflow.MlflowClient().log_artifacts(run.info.run_id, str(out), artifact_path="router")
