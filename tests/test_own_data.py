@@ -45,7 +45,7 @@ def test_the_top_level_learns_local_failures_and_keeps_the_prior_far_from_its_da
     lengths = np.full(len(emb), 4.0, np.float32)
     train, test = np.arange(400), np.arange(400, 600)
     fitted = top.fit(base[train], lengths[train], emb[train], grades[train], ["weak", "strong"], ["weak", "strong"], (0, 1))
-    assert fitted.choice.width is not None and fitted.choice.objective == "pair APGR"  # the kernel won
+    assert fitted.choice.width is not None and fitted.choice.objective == "pair gap MSE"  # the kernel won
     q = fitted.predict(base[test], lengths[test], emb[test])
     p_weak = 1 - np.clip(q[:, 1] - q[:, 0], 0, 1)
     assert apgr_of(p_weak, grades[test, 0], grades[test, 1]) > 0.8  # the flat prior is 0.5
@@ -85,7 +85,7 @@ def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(traine
     fresh = mmlu_table(datasets_dir, slice(1000, 1500))
     out = cli("train", "--prior", trained["path"], "--data", tmp_path / "graded.parquet", "--out", tmp_path / "ours",
               "--quiet", env={"MLFLOW_TRACKING_URI": trained["url"]})
-    assert "top level over small@" in out.stdout and "cross-validation (pair APGR) chose" in out.stdout
+    assert "top level over small@" in out.stdout and "cross-validation (pair gap MSE) chose" in out.stdout
     folder = tmp_path / "ours"
     m = json.loads((folder / "router.json").read_text())
     assert m["residual"]["models"] == [STRONG, WEAK] and m["residual"]["prompts"] == 1000 and "residual" in m["files"]

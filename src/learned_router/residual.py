@@ -13,8 +13,8 @@ know), the prompt's unit embedding e(x) and its standardised log length l(x):
   kernels is small against `shrink` and k_m(x) -> 0: the prompt gets the recalibrated prior. Beyond `CENTROIDS`
   labelled prompts the sums are kept per k-means centroid, so scoring costs one (centroids x dim) product.
 - Which terms and how strong (ridge, width, shrink, or none) is chosen by 5-fold cross-validation on the user's
-  data: the pair's routing quality (APGR) where it grades both models on enough prompts, else the grades' mean
-  squared error. The ridge's strength is the best figure's (it costs nothing to score); the kernel, whose scoring
+  data: the squared error of the pair's quality gap (strong minus weak, what routing ranks prompts by) where the
+  data grades both models on enough prompts, else of the grades. The ridge's strength is the best figure's (it costs nothing to score); the kernel, whose scoring
   cost grows with the labelled prompts, is kept only when it beats the ridge alone beyond noise (a paired bootstrap
   over the prompts, 95%).
 """
@@ -33,7 +33,7 @@ LINEAR = [(b, r) for b in (True, False) for r in RIDGES]  # (with the prior's ba
 KERNELS = [(None, 0.0)] + [(w, s) for w in (0.02, 0.05, 0.1, 0.2) for s in (0.5, 2.0, 8.0)]
 FOLDS = 5
 CENTROIDS = 4096
-MIN_PAIR = 50  # prompts graded for both models of the pair before the pair's APGR picks the terms
+MIN_PAIR = 50  # prompts graded for both models of the pair before the pair's gap picks the terms
 CV_MAX = 10_000  # cross-validation looks at most at this many prompts (a random sample)
 RESAMPLES = 200
 
@@ -46,7 +46,7 @@ class Choice:
     ridge: float | None
     width: float | None
     shrink: float
-    objective: str  # "pair APGR" or "grade MSE"
+    objective: str  # "pair gap MSE" or "grade MSE"
     tried: dict[str, float] = field(default_factory=dict)
 
 
@@ -151,18 +151,14 @@ def _linear_folds(base, z, emb, grades, folds, linear) -> tuple[list, list]:
 
 
 def objective(q: np.ndarray, grades: np.ndarray, pair: tuple[int, int] | None, rows: np.ndarray | None = None) -> float:
-    """Higher is better: the pair's APGR (weak pass chance 1 - max(0, q_s - q_w)) on the prompts graded for both,
-    else minus the mean squared error of the grades; on `rows` (a resample) when given."""
-    from .evals.frontier import apgr, sweep
-
+    """Higher is better: minus the mean squared error of the pair's quality gap (q_s - q_w against the grades' gap)
+    on the prompts graded for both, else of the grades; on `rows` (a resample) when given."""
     if rows is not None:
         q, grades = q[rows], grades[rows]
     if pair is not None:
         w, s = pair
         both = ~np.isnan(grades[:, w]) & ~np.isnan(grades[:, s])
-        p = 1.0 - np.clip(q[both, s] - q[both, w], 0.0, 1.0)
-        gw, gs = grades[both, w].astype(float), grades[both, s].astype(float)
-        return apgr(sweep(1.0 - p, gw, gs, quantiles=None), gw.mean(), gs.mean())
+        return -float(np.mean(((q[both, s] - q[both, w]) - (grades[both, s] - grades[both, w])) ** 2))
     mask = ~np.isnan(grades)
     return -float(np.mean((q[mask] - grades[mask]) ** 2))
 
@@ -180,7 +176,7 @@ def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarr
         base_names: list[str], pair: tuple[int, int] | None, seed: int = 0) -> Residual:
     """The top level on n labelled prompts: each model's base output (n, models), log lengths (n,), unit embeddings
     (n, dim) and grades in [0, 1] (n, models; NaN where a model is not graded). `pair`: the (weak, strong) model
-    axes whose APGR picks the terms, or None for the grades' MSE."""
+    axes whose gap's squared error picks the terms, or None for the grades'."""
     n = len(grades)
     if pair is not None:
         both = ~np.isnan(grades[:, pair[0]]) & ~np.isnan(grades[:, pair[1]])
@@ -213,7 +209,7 @@ def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarr
                 best, width, shrink, best_q = figure, w, s, q
     if best_q is not None and not better_beyond_noise(best_q, np.clip(np.concatenate(linear), 0.0, 1.0), grades[order], pair, seed):
         width, shrink = None, 0.0
-    choice = Choice(use_base, ridge, width, shrink, "pair APGR" if pair is not None else "grade MSE",
+    choice = Choice(use_base, ridge, width, shrink, "pair gap MSE" if pair is not None else "grade MSE",
                     {k: round(float(v), 5) for k, v in tried.items()})
 
     coef, resid = [], np.zeros(grades.shape, np.float32)

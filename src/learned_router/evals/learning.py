@@ -163,12 +163,23 @@ def unseen(bench: pd.DataFrame, prior: Path) -> pd.DataFrame:
 
 
 def run_learning_curve(prior: Path, data: Path, strong: str, weak: str, sizes: list[int | None], draws: int,
-                       out: Path, name: str | None = None, drop_seen: bool = False) -> tuple[list[dict], str]:
+                       out: Path, name: str | None = None, drop_seen: bool = False,
+                       reuse: bool = False) -> tuple[list[dict], str]:
     """The learning curve of one table and pair over `prior`; writes learning_curve.json and .md into `out`.
-    `drop_seen`: leave out the table's prompts that the prior trained on."""
+    `drop_seen`: leave out the table's prompts that the prior trained on. `reuse`: an earlier run's rows in `out`,
+    when it had the same data (by sha256), prior, pair, sizes and draws."""
     import json
 
+    from ..manifest import sha256_file
     from .protocol import load_benchmark
+
+    key = {"data": str(data), "data_sha256": sha256_file(Path(data)), "prior": str(prior), "strong": strong, "weak": weak,
+           "sizes": sizes, "draws": draws, "drop_seen": drop_seen}
+    saved = Path(out) / "learning_curve.json"
+    if reuse and saved.is_file():
+        earlier = json.loads(saved.read_text())
+        if earlier.get("key") == key:
+            return earlier["rows"], markdown(earlier["rows"], earlier["title"])
 
     with step(f"reading {Path(data).name} and scoring it with the prior"):
         bench = load_benchmark(data, strong, weak)
@@ -180,10 +191,10 @@ def run_learning_curve(prior: Path, data: Path, strong: str, weak: str, sizes: l
     rows = curve(t, sizes, draws)
     if not rows:
         raise DataError(f"{data}: every size asked for is above the {len(t.bench)} prompts' training pool")
-    text = markdown(rows, f"{name or Path(data).stem}: {weak} vs {strong}, prior {Path(prior).name}"
-                    + (f", {dropped} prompts it trained on dropped" if drop_seen else ""))
+    title = (f"{name or Path(data).stem}: {weak} vs {strong}, prior {Path(prior).name}"
+             + (f", {dropped} prompts it trained on dropped" if drop_seen else ""))
+    text = markdown(rows, title)
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "learning_curve.json").write_text(json.dumps({"data": str(data), "prior": str(prior), "strong": strong,
-                                                               "weak": weak, "rows": rows}, indent=2) + "\n")
+    saved.write_text(json.dumps({"key": key, "title": title, "rows": rows}, indent=2) + "\n")
     (Path(out) / "learning_curve.md").write_text(text + "\n")
     return rows, text
