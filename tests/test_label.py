@@ -26,7 +26,7 @@ runner = CliRunner()
 N = 20
 POISON = [i for i in range(N) if i % 4 == 1]  # prompts holding the weak model's fail word
 LOW, HIGH = 1 / 9, 8 / 9  # Rating [[2]] and [[9]]
-COLUMNS = ["prompt", "prompt_id", "model", "score", "source", "judge", "baseline", "raw"]
+COLUMNS = ["prompt", "prompt_id", "model", "score", "source", "judge", "baseline", "raw", "client"]
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +321,36 @@ def test_read_prompts_names_the_first_bad_row(tmp_path):
     path = tmp_path / "ok.jsonl"
     pd.DataFrame({"prompt": ["a", "b", "a"], "prompt_id": ["1", "2", "1"]}).to_json(path, orient="records", lines=True)
     assert read_prompts(path)["prompt_id"].tolist() == ["1", "2", "1"]
+
+
+def test_one_clients_flood_of_feedback_can_be_capped_or_dropped_and_never_reaches_training(fakes, tmp_path):
+    honest = pd.DataFrame({"prompt_id": [f"req-{i}" for i in range(N)], "prompt": [f"Question {i}: explain {i}." for i in range(N)],
+                           "tier": ["weak"] * N, "feedback": [1.0] * N, "client": ["alice" if i % 2 else "bob" for i in range(N)]})
+    flood = pd.DataFrame({"prompt_id": [f"bad-{i}" for i in range(200)], "prompt": [f"Question {i % N}: explain {i % N}." for i in range(200)],
+                          "tier": ["weak"] * 200, "feedback": [0.0] * 200, "client": ["mallory"] * 200})
+    flood["prompt_id"] = [f"req-{i % N}" for i in range(200)]  # the same requests, graded again and again
+    cfg = config(fakes)
+    outs = {}
+    for name, prompts, extra in [("honest", honest, []), ("dropped", pd.concat([honest, flood]), ["--exclude-client", "mallory"]),
+                                 ("capped", pd.concat([honest, flood]), ["--max-feedback-share", "0.5"])]:
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg_path, path, out = files(folder, cfg, prompts)
+        code, output = label(cfg_path, path, out, *extra)
+        assert code == 0, output
+        outs[name] = (pd.read_parquet(out), output)
+    fb = {k: df[df["source"] == "feedback"] for k, (df, _) in outs.items()}
+    assert set(fb["honest"]["client"]) == {"alice", "bob"} and fb["honest"]["client"].notna().all()  # who gave it
+    assert "feedback per client (kept of given): mallory 0 of 200, alice 10 of 10, bob 10 of 10" in outs["dropped"][1]
+    assert fb["dropped"].drop(columns="raw").reset_index(drop=True).equals(fb["honest"].drop(columns="raw").reset_index(drop=True))
+    kept = fb["capped"]["client"].value_counts()
+    assert kept["mallory"] == 20 and kept["alice"] == kept["bob"] == 10  # half of the feedback at most, not 200 of 220
+    assert "mallory 20 of 200" in outs["capped"][1]
+    # the flood never reaches training: the same graded rows train the same router
+    from learned_router.data import load_grades
+
+    a, b = (load_grades([tmp_path / k / "graded.parquet"], val=0.0, test=0.0).obs for k in ("honest", "dropped"))
+    cols = ["prompt", "model", "source", "grade"]
+    assert a[cols].sort_values(cols).reset_index(drop=True).equals(b[cols].sort_values(cols).reset_index(drop=True))
+    bad = label(*files(tmp_path / "honest", cfg, honest)[:2], tmp_path / "x.parquet", "--max-feedback-share", "0")
+    assert bad[0] == 2 and "--max-feedback-share: expected a share in (0, 1]" in bad[1]

@@ -51,7 +51,7 @@ def stack(tmp_path_factory):
             two_tiers([provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
                       [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))]),
             router={"path": str(router)},
-            traffic={"store": str(tmp / "traffic.sqlite"), "never_record": ["secret"]},
+            traffic={"store": str(tmp / "traffic.sqlite"), "never_record": ["secret"], "feedback_per_minute": 30},
             admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
         )
         cfg["data_classes"] = {"secret": ["strong-a"]}
@@ -129,6 +129,20 @@ def test_feedback_is_stored_beside_its_request_and_replaced_by_a_second(stack):
     r = httpx.post(stack["url"] + "/v1/feedback", content=b'{"request_id": "\xff\xfe", "score": 1}',
                    headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10)
     assert r.status_code == 400
+
+
+def test_one_client_flooding_feedback_is_cut_off_at_its_own_limit(stack):
+    rid, _ = chat(stack, "Name a river in France.", key=OTHER_KEY)
+    started = time.monotonic()
+    codes = [httpx.post(stack["url"] + "/v1/feedback", json={"request_id": rid, "score": 0.0},
+                        headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=10) for _ in range(45)]
+    refill = (time.monotonic() - started) * 30 / 60  # traffic.feedback_per_minute: 30, a minute's worth at once
+    stored = sum(r.status_code == 200 for r in codes)
+    refused = [r for r in codes if r.status_code != 200]
+    assert 30 <= stored <= 30 + refill + 1 and refused, (stored, refill)
+    assert {r.status_code for r in refused} == {429} and refused[0].json()["error"]["code"] == "feedback_limit_exceeded"
+    assert int(refused[0].headers["retry-after"]) >= 1
+    assert chat(stack, "And one in Spain?", key=OTHER_KEY)[0]  # the client's requests are not refused
 
 
 def test_traffic_export_writes_prompts_with_feedback(stack, tmp_path):

@@ -754,6 +754,11 @@ def label(
     seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
     concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight at most (default: judge.concurrency).")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Start without asking (the cost estimate is printed all the same).")] = False,
+    exclude_client: Annotated[list[str], typer.Option("--exclude-client", help="Drop this client's feedback (repeat "
+                                                      "for several; the client column of 'traffic export').")] = [],
+    max_feedback_share: Annotated[Optional[float], typer.Option(help="No client keeps more than this share of the "
+                                                                "feedback rows (its first ones), so one cannot outvote "
+                                                                "the rest.")] = None,
     quiet: Quiet = False,
 ):
     """Grade the answers of the configured models with the config's judge model, into the long table 'train' reads
@@ -764,7 +769,8 @@ def label(
     from .serving.config import load_config
 
     p = make_plan(load_config(config), prompts, out, names_of(models) if models is not None else None, sample=sample,
-                  seed=seed, concurrency=concurrency, max_usd=max_usd)
+                  seed=seed, concurrency=concurrency, max_usd=max_usd, exclude_clients=frozenset(exclude_client),
+                  max_feedback_share=max_feedback_share)
     judge_cfg = p.cfg.judge
     typer.echo(f"label: {p.prompts:,} prompts x {', '.join(f'{c.name} ({c.model})' for c in p.contenders)}; judge "
                f"{judge_cfg.provider.model} ({p.mode}, reference: {p.contenders[-1].model})")
@@ -774,6 +780,8 @@ def label(
         unknown = ", ".join(f"{n} of tier {t!r}" for t, n in p.feedback_unknown.items())
         typer.echo(f"feedback: {len(p.feedback):,} rows join as source 'feedback'"
                    + (f" ({unknown} skipped: not a tier of the config)" if unknown else ""))
+        typer.echo("feedback per client (kept of given): " + ", ".join(
+            f"{c} {kept:,} of {given:,}" for c, (kept, given) in sorted(p.feedback_clients.items(), key=lambda x: (-x[1][1], x[0]))))
     if max_usd is not None and p.estimate_usd > max_usd:
         typer.echo(f"--max-usd {max_usd:g}: the run stops before a call that would pass it (about "
                    f"{max_usd / p.estimate_usd:.0%} of the estimate, which prices every answer at judge.answer_max_tokens)")

@@ -7,17 +7,20 @@ answer rated 1-10 with the strongest model's answer as the reference; pairwise: 
 in both orders). The breakers are this process' own (never the service's shared Redis state): a labelling run's
 failures do not open circuits for live traffic.
 
-The output (`--out`, parquet) is the long table of data.py, one row per (prompt, model):
+The output (`--out`: .parquet, .jsonl or .csv) is the long table of data.py, one row per (prompt, model):
 
   prompt (string), prompt_id (string), model (string), score (double, in [0, 1]),
   source (string: judge_single | judge_pairwise | feedback), judge (string: the judge's model; null for feedback),
   baseline (string: the strongest model in pairwise rows, which makes them a 'versus' source; else null),
-  raw (string: the judge's verdict as given: the rating, or "first/second" with the candidate as A then as B)
+  raw (string: the judge's verdict as given: the rating, or "first/second" with the candidate as A then as B),
+  client (string: who gave a feedback row, from the prompts file's `client` column; null for the judge's rows)
 
 `model` names a tier's rows by its router output (`score:`), a tier without one by its first provider's `model`, a
 provider by its `model`: the names the router's outputs and the config's tiers use. A prompts file with a `feedback`
 column (a number in [0, 1] or null) and a `tier` column (the tier that answered) adds one row per non-null feedback,
 source `feedback`, for that tier's model (every row of the file: `--sample` picks only the prompts sent to the models).
+`--exclude-client` drops a client's feedback and `--max-feedback-share` caps any client's share of it, so one client
+flooding feedback cannot outvote the others; the plan prints the feedback per client.
 
 Resumable: every answer and every graded row goes to an append-only journal beside the output (`<out>.journal.jsonl`),
 flushed line by line, and the parquet is rewritten from it atomically (a temporary file, then a rename) at the end of
@@ -59,7 +62,7 @@ from .serving.errors import ConfigError
 
 SOURCES = {"single": "judge_single", "pairwise": "judge_pairwise"}
 FEEDBACK = "feedback"
-COLUMNS = ("prompt", "prompt_id", "model", "score", "source", "judge", "baseline", "raw")
+COLUMNS = ("prompt", "prompt_id", "model", "score", "source", "judge", "baseline", "raw", "client")
 
 
 # ---- what to compare ------------------------------------------------------------------------------------------
@@ -158,13 +161,18 @@ def sample_prompts(items: list, n: int | None, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def feedback_rows(df: pd.DataFrame, cfg: ServiceConfig) -> tuple[list[dict], dict[str, int]]:
-    """One row per non-null feedback, for its tier's model; and the feedback of tiers not in the config, counted."""
+def feedback_rows(df: pd.DataFrame, cfg: ServiceConfig, exclude: frozenset[str] = frozenset(),
+                  max_share: float | None = None) -> tuple[list[dict], dict[str, int], dict[str, tuple[int, int]]]:
+    """One row per non-null feedback, for its tier's model, with the client that gave it (a `client` column, as
+    `traffic export` writes); the feedback of tiers not in the config, counted; and per client (kept, given).
+    `exclude`: clients whose feedback is dropped. `max_share`: no client keeps more than this share of the kept
+    feedback (its first rows in file order), so one client cannot outvote the others."""
     if "feedback" not in df.columns:
-        return [], {}
+        return [], {}, {}
     tiers = {t.name: tier_model(t) for t in cfg.tiers}
+    clients = df["client"] if "client" in df.columns else pd.Series([None] * len(df), index=df.index)
     rows, unknown, seen = [], {}, {}
-    for pid, text, score, tier in zip(df["prompt_id"], df["prompt"], df["feedback"], df["tier"]):
+    for pid, text, score, tier, client in zip(df["prompt_id"], df["prompt"], df["feedback"], df["tier"], clients):
         if pd.isna(score):
             continue
         if pd.isna(tier) or str(tier) not in tiers:
@@ -174,8 +182,38 @@ def feedback_rows(df: pd.DataFrame, cfg: ServiceConfig) -> tuple[list[dict], dic
         model = tiers[str(tier)]
         n = seen[(pid, model)] = seen.get((pid, model), -1) + 1  # the n-th feedback on this prompt and model
         rows.append({"prompt": text, "prompt_id": pid, "model": model, "score": float(score), "source": FEEDBACK,
-                     "judge": None, "baseline": None, "raw": None, "n": n})
-    return rows, unknown
+                     "judge": None, "baseline": None, "raw": None, "n": n,
+                     "client": None if pd.isna(client) else str(client)})
+    given = pd.Series([r["client"] or "(none)" for r in rows], dtype=object).value_counts().to_dict()
+    rows = [r for r in rows if (r["client"] or "(none)") not in exclude]
+    if max_share is not None:
+        rows = capped(rows, max_share)
+    kept = pd.Series([r["client"] or "(none)" for r in rows], dtype=object).value_counts().to_dict()
+    return rows, unknown, {c: (int(kept.get(c, 0)), int(n)) for c, n in given.items()}
+
+
+def capped(rows: list[dict], share: float) -> list[dict]:
+    """The rows with each client's count cut until none has more than `share` of them (the largest first, keeping
+    a client's first rows)."""
+    counts = pd.Series([r["client"] or "(none)" for r in rows], dtype=object).value_counts().to_dict()
+    limit = dict(counts)
+    while limit:
+        top = max(limit, key=limit.get)
+        total = sum(limit.values())
+        if limit[top] <= share * total + 1e-9:
+            break
+        others = total - limit[top]
+        limit[top] = min(limit[top], int(share * others / (1.0 - share))) if share < 1 else limit[top]
+        if limit[top] == 0:
+            limit.pop(top)
+    taken: dict[str, int] = {}
+    out = []
+    for r in rows:
+        c = r["client"] or "(none)"
+        if taken.get(c, 0) < limit.get(c, 0):
+            taken[c] = taken.get(c, 0) + 1
+            out.append(r)
+    return out
 
 
 # ---- the journal and the table --------------------------------------------------------------------------------
@@ -248,9 +286,14 @@ class Journal:
 def read_graded(path: Path) -> list[dict]:
     """The rows of an earlier output (they join the journal); RouterError when the file is not such a table."""
     try:
-        df = pd.read_parquet(path)
-    except Exception as e:
-        raise RouterError(f"--out {path}: exists and cannot be read as parquet ({type(e).__name__}); choose another file") from None
+        if path.suffix.lower() == ".parquet":
+            df = pd.read_parquet(path)
+        elif len(path.read_text(encoding="utf-8", errors="replace").strip().splitlines()) <= 1:
+            return []  # a table of no rows (at most a CSV header)
+        else:
+            df = read_prompt_table(path, text_columns=("prompt_id",))
+    except (DataError, OSError, ValueError) as e:
+        raise RouterError(f"--out {path}: exists and cannot be read as a graded table ({e}); choose another file") from None
     missing = [c for c in ("prompt", "prompt_id", "model", "score", "source") if c not in df.columns]
     if missing:
         raise RouterError(f"--out {path}: exists and is not a graded table (no {', '.join(missing)} column); choose another file")
@@ -271,8 +314,9 @@ def write_graded(rows, out: Path) -> int:
     import pyarrow.parquet as pq
 
     schema = pa.schema([("prompt", pa.string()), ("prompt_id", pa.string()), ("model", pa.string()), ("score", pa.float64()),
-                        ("source", pa.string()), ("judge", pa.string()), ("baseline", pa.string()), ("raw", pa.string())])
-    ordered = [{k: r[k] for k in COLUMNS} for r in sorted(rows, key=row_key)]
+                        ("source", pa.string()), ("judge", pa.string()), ("baseline", pa.string()), ("raw", pa.string()),
+                        ("client", pa.string())])
+    ordered = [{k: r.get(k) for k in COLUMNS} for r in sorted(rows, key=row_key)]
     table = pa.Table.from_pylist(ordered, schema=schema)
     if out.suffix.lower() != ".parquet":
         write_table(table.to_pandas(), out)
@@ -310,6 +354,7 @@ class Plan:
     earlier: list[dict]  # the rows of an existing output (they join the journal, if its journal was lost)
     feedback: list[dict]  # feedback rows not in the table yet
     feedback_unknown: dict[str, int]  # tier -> feedback rows skipped (the tier is not in the config)
+    feedback_clients: dict[str, tuple[int, int]]  # client -> (feedback rows kept, given)
     prompts: int  # distinct prompts considered (after --sample)
     skipped: int  # rows already graded
     answer_calls: int
@@ -346,7 +391,8 @@ def judge_chat(mode: str, prompt: str, answers: list[str]) -> list[dict]:
 
 
 def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None = None, sample: int | None = None,
-         seed: int = 0, concurrency: int | None = None, max_usd: float | None = None) -> Plan:
+         seed: int = 0, concurrency: int | None = None, max_usd: float | None = None,
+         exclude_clients: frozenset[str] = frozenset(), max_feedback_share: float | None = None) -> Plan:
     """Everything checked and priced before a call is made."""
     if cfg.judge is None:
         raise ConfigError("judge: the config has no judge block (provider, mode, max_tokens: serving/CONFIG.md#judge); "
@@ -368,7 +414,9 @@ def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None 
         raise RouterError(f"--concurrency: expected at least 1, got {concurrency}")
     providers_used(cfg, chosen)  # every key variable set, before anything is read or asked
     df = read_prompts(prompts)
-    fb, unknown = feedback_rows(df, cfg)
+    if max_feedback_share is not None and not 0 < max_feedback_share <= 1:
+        raise RouterError(f"--max-feedback-share: expected a share in (0, 1], got {max_feedback_share}")
+    fb, unknown, by_client = feedback_rows(df, cfg, exclude_clients, max_feedback_share)
     journal = Journal(journal_path(out))
     journal.load()
     earlier = read_graded(out) if out.is_file() else []
@@ -398,8 +446,8 @@ def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None 
             calls = 1 if judge.mode == "single" else 2  # pairwise: both orders, of one length
             judge_calls += calls
             usd += calls * judge.provider.cost_usd(chat_tokens(judge_chat(judge.mode, job.text, answers), cpt), judge.max_tokens)
-    return Plan(cfg, chosen, jobs, out, journal, earlier, [r for r in fb if row_key(r) not in done], unknown, len(items), skipped,
-                answer_calls, judge_calls, usd, concurrency or judge.concurrency, max_usd)
+    return Plan(cfg, chosen, jobs, out, journal, earlier, [r for r in fb if row_key(r) not in done], unknown, by_client,
+                len(items), skipped, answer_calls, judge_calls, usd, concurrency or judge.concurrency, max_usd)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------

@@ -30,16 +30,18 @@ class RateLimiter:
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill)
 
-    def take(self, client: str, requests_per_minute: float | None = None) -> float | None:
-        """None when the request may go; else the seconds to wait before the next one will."""
+    def take(self, client: str, requests_per_minute: float | None = None, burst: int | None = None) -> float | None:
+        """None when the request may go; else the seconds to wait before the next one will. `burst`: this bucket's
+        own size (default: the limiter's)."""
         rate = (requests_per_minute or self.requests_per_minute) / 60.0
+        size = float(burst or self.burst)
         if rate <= 0:
             return None
         now = self._clock()
         if len(self._buckets) > self.max_clients:
             self._forget_full(now, rate)
-        tokens, last = self._buckets.get(client, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * rate)
+        tokens, last = self._buckets.get(client, (size, now))
+        tokens = min(size, tokens + (now - last) * rate)
         if tokens >= 1.0:
             self._buckets[client] = (tokens - 1.0, now)
             return None

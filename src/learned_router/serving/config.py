@@ -322,6 +322,7 @@ class TrafficConfig(Strict):
     max_rows: int | None = Field(1_000_000, ge=1)  # beyond this many requests the oldest are deleted; null: no cap
     never_record: list[str] = []  # data classes whose requests are never recorded, not even their text's hash
     queue_size: int = Field(10_000, ge=1)  # requests waiting to be written; beyond it they are dropped and counted
+    feedback_per_minute: Positive | None = 60.0  # a client's POST /v1/feedback calls a minute (at most a minute's worth at once); beyond it 429; null: no cap
 
 
 class AdminConfig(Strict):

@@ -150,9 +150,9 @@ class LocalState:
     async def stop(self) -> None:
         pass
 
-    async def take(self, client: str, requests_per_minute: float | None = None) -> float | None:
-        """None when the client's request may go; else the seconds to wait."""
-        return self.limiter.take(client, requests_per_minute)
+    async def take(self, client: str, requests_per_minute: float | None = None, burst: int | None = None) -> float | None:
+        """None when the client's request may go; else the seconds to wait. `burst`: this bucket's own size."""
+        return self.limiter.take(client, requests_per_minute, burst)
 
     async def acquire(self, p: Provider) -> Ticket:
         return p.breaker.acquire()
@@ -278,13 +278,13 @@ class RedisState(LocalState):
                 ledger.wake()
         return True
 
-    async def take(self, client: str, requests_per_minute: float | None = None) -> float | None:
+    async def take(self, client: str, requests_per_minute: float | None = None, burst: int | None = None) -> float | None:
         rate = (requests_per_minute or self.limiter.requests_per_minute) / 60.0
         if rate <= 0:
             return None
-        wait = await self.call("take", [self.key("ratelimit", client)], [repr(rate / 1000), self.limiter.burst])
+        wait = await self.call("take", [self.key("ratelimit", client)], [repr(rate / 1000), burst or self.limiter.burst])
         if wait is None:
-            return self.limiter.take(client, requests_per_minute)
+            return self.limiter.take(client, requests_per_minute, burst)
         return wait / 1000 if wait else None
 
     async def _breaker(self, script: str, p: Provider, *args) -> bool | str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -40,6 +41,13 @@ async def feedback(request: Request, service: ServiceDep, client: Client) -> Fee
     if service.traffic is None:
         raise APIError(404, "feedback needs the traffic record, which is off in this service (the traffic: block)",
                        code="traffic_off")
+    per_minute = service.config.traffic.feedback_per_minute
+    who = client.name if client else f"addr:{request.client.host if request.client else '?'}"
+    if per_minute is not None and (wait := await service.state.take(f"feedback:{who}", per_minute,
+                                                                     max(1, math.ceil(per_minute)))) is not None:
+        raise APIError(429, f"feedback limit exceeded for this key (traffic.feedback_per_minute {per_minute:g}); retry in "
+                       f"{wait:.1f}s", type="rate_limit_error", code="feedback_limit_exceeded",
+                       headers={"Retry-After": str(max(1, math.ceil(wait)))})
     try:
         fb = Feedback.model_validate_json(await request.body())
     except ValidationError as e:
