@@ -18,3 +18,11 @@ def test_each_target_is_met_or_missed_with_its_figure():
 def test_agreement_is_left_out_without_prompts_to_measure_it():
     table = pd.DataFrame({"p50 ms (~30 tok)": [2.5], "p50 ms (~250 tok)": [5.0]}, index=["onnx int8"])
     assert verdicts(table, {}) == ["target: onnx int8 p50 ms (~30 tok) <= 2: MISSED (2.5)", "target: onnx int8 p50 ms (~250 tok) <= 6: met (5)"]
+
+
+def test_the_top_levels_added_latency_is_a_target():
+    table = pd.DataFrame({"p50 ms (~30 tok)": [2.2, 2.84], "p50 ms (~250 tok)": [17.9, 18.4]},
+                         index=["onnx int8", "onnx int8 + top level (4,096 keys)"])
+    assert verdicts(table, {})[-1] == "target: the top level adds <= 1 ms p50 at ~30 tok: met (0.64)"
+    table.loc["onnx int8 + top level (4,096 keys)", "p50 ms (~30 tok)"] = 3.5
+    assert verdicts(table, {})[-1].endswith("MISSED (1.3)")
