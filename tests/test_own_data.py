@@ -131,7 +131,7 @@ def test_eval_refits_the_top_level_per_fold_and_the_learning_curve(trained, tmp_
     mmlu_table(datasets_dir, slice(0, 400)).to_parquet(tmp_path / "graded.parquet")
     env = {"MLFLOW_TRACKING_URI": trained["url"]}
     cli("train", "--prior", trained["path"], "--data", tmp_path / "graded.parquet", "--out", tmp_path / "ours", "--quiet", env=env)
-    r = cli("eval", "--router", tmp_path / "ours", "--data", tmp_path / "graded.parquet", "--against", trained["path"],
+    cli("eval", "--router", tmp_path / "ours", "--data", tmp_path / "graded.parquet", "--against", trained["path"],
             "--out", tmp_path / "eval", "--quiet", env=env)
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert "the top level is refit over its prior" in report["protocol"]

@@ -78,13 +78,30 @@ def test_insane_usage_is_billed_by_the_estimate_and_metered(stack, usage):
     stack["weak"].control(usage=usage)
     before = metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid")
     r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
-    assert r.status_code == 200 and r.json()["usage"] == usage  # the client gets the answer as the provider sent it
+    shown = r.json()["usage"]  # the counts it was billed for, not the provider's words
+    assert r.status_code == 200 and r.headers["x-router-usage"] == "estimated" and shown != usage
+    assert shown["total_tokens"] == shown["prompt_tokens"] + shown["completion_tokens"] and 0 < shown["total_tokens"] < 100
     cost = float(r.headers["x-router-cost-usd"])
     assert 0 < cost < 1e-3 and len(r.headers["x-router-cost-usd"]) < 16
     assert metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid") == before + 1
     total = metric_sum(stack, "router_cost_usd_total")
     assert math.isfinite(total) and 0 <= total < 1
     wait_for(lambda: math.isfinite(s := stored_spend(stack)) and 0 < s < 1)
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": 1e308, "completion_tokens": 1}, {"prompt_tokens": -5000000, "completion_tokens": 2}])
+def test_a_streams_lying_usage_chunk_reaches_the_client_as_the_billed_counts(stack, usage):
+    stack["weak"].control(usage=usage)
+    r = httpx.post(stack["url"] + "/v1/chat/completions", headers=AUTH,
+                   json={**WEAK_FIRST, "stream": True, "stream_options": {"include_usage": True}})
+    [shown] = [e["usage"] for e in sse(r.text) if isinstance(e, dict) and e.get("usage")]
+    assert shown["total_tokens"] == shown["prompt_tokens"] + shown["completion_tokens"] and 0 < shown["total_tokens"] < 100
+
+
+def test_valid_usage_is_passed_as_sent(stack):
+    stack["weak"].control(usage={"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17})
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+    assert r.headers["x-router-usage"] == "upstream" and r.json()["usage"]["prompt_tokens"] == 12
 
 
 def test_missing_usage_is_billed_by_the_estimate(stack):

@@ -31,7 +31,7 @@ from .routing import ROUTER_MODEL, ChatRequest, RouterOptions, estimate_tokens, 
 from .state import open_state
 from .tasks import TaskTyping
 from .traffic import TrafficLog
-from .usage import billed_tokens, sane_cost
+from .usage import billed_tokens, sane_cost, usage_of
 
 log = logging.getLogger("learned_router.serving")
 
@@ -97,6 +97,10 @@ class Billed:
     usd: float
     prompt_tokens: int
     completion_tokens: int
+
+    def usage(self) -> dict[str, int]:
+        """The counts billed, in OpenAI's `usage` shape."""
+        return usage_of(self.prompt_tokens, self.completion_tokens)
 
 
 class Service:

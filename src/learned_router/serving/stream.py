@@ -13,6 +13,7 @@ import httpx
 from .errors import error_body
 from .providers import BadStream, Reply, stream_chunk
 from .service import Decision, Service
+from .usage import billed_tokens, usage_of, valid_usage
 
 log = logging.getLogger("learned_router.serving")
 
@@ -55,6 +56,9 @@ async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wa
                         if strip_usage and not chunk.get("choices"):
                             skip_blank = True
                             continue
+                        if valid_usage(usage) is None:  # the client is shown the counts it will be billed for
+                            p, c, _ = billed_tokens(usage, d.prompt_tokens, chars, service.config.routing.chars_per_token)
+                            line = "data: " + json.dumps(chunk | {"usage": usage_of(p, c)})
             elif skip_blank and not line:
                 skip_blank = False
                 continue

@@ -1,4 +1,5 @@
-"""What an answer is billed for: the provider's `usage` when it is sane, else an estimate from characters.
+"""What an answer is billed for: the provider's `usage` when it is sane, else an estimate from characters, which is
+then also what the client is shown as the answer's usage.
 
 Usage counts must be non-negative integers of at most MAX_TOKENS each (no float, bool, string, NaN or 1e308);
 anything else is billed by the estimate (the request's estimated prompt tokens, the answer's characters /
@@ -41,6 +42,12 @@ def billed_tokens(usage: object, prompt_estimate: float, chars: int, chars_per_t
     if (tokens := valid_usage(usage)) is not None:
         return float(tokens[0]), float(tokens[1]), None
     return float(prompt_estimate), text_tokens(chars, chars_per_token), "missing" if usage is None else "invalid"
+
+
+def usage_of(prompt_tokens: float, completion_tokens: float) -> dict[str, int]:
+    """Token counts in OpenAI's `usage` shape: what a client is shown in place of a provider's invalid usage."""
+    p, c = int(round(prompt_tokens)), int(round(completion_tokens))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 def sane_cost(usd: float) -> bool:

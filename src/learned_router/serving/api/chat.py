@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -14,7 +15,7 @@ from ..providers import Reply
 from ..routing import parse_request, router_options
 from ..service import Decision
 from ..stream import relay
-from ..usage import answer_chars
+from ..usage import answer_chars, valid_usage
 from .deps import Client, ServiceDep
 
 log = logging.getLogger("learned_router.serving")
@@ -59,14 +60,19 @@ async def chat_completions(request: Request, service: ServiceDep, client: Client
     headers = decision_headers(d, reply) | {"x-request-id": request_id}
     if reply.response is None:  # a whole answer, or a client error from the provider passed back
         billed = None
+        raw = reply.raw
         if reply.status == 200:  # a 200 body is a JSON object with a choices list (providers.py checked)
-            billed = service.account(reply.provider, reply.json.get("usage"), answer_chars(reply.json), d)
+            usage = reply.json.get("usage")
+            billed = service.account(reply.provider, usage, answer_chars(reply.json), d)
             headers["x-router-cost-usd"] = f"{billed.usd:.8f}"
+            headers["x-router-usage"] = "upstream" if valid_usage(usage) else "estimated"
+            if not valid_usage(usage):  # the client sees the counts it was billed for, not the provider's words
+                raw = json.dumps(reply.json | {"usage": billed.usage()}).encode()
         log.info("chat id=%s tier=%s provider=%s status=%d rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
                  "cost_usd=%.8f", request_id, d.tier, reply.provider.name, reply.status, d.rule, d.task_type, d.threshold,
                  d.effective_threshold, reply.fallbacks, billed.usd if billed else 0.0)
         service.record(d, request_id, who, started, reply.status, "ok" if billed else "client_error", reply.provider, billed)
-        return Response(reply.raw, status_code=reply.status, media_type="application/json", headers=headers)
+        return Response(raw, status_code=reply.status, media_type="application/json", headers=headers)
     wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(relay(service, reply, d, request_id, wants_usage, who, started), media_type="text/event-stream",
                              headers=headers | {"Cache-Control": "no-cache"})
