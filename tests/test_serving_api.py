@@ -224,7 +224,21 @@ def test_unknown_paths_and_methods_get_openai_errors(stack):
     assert r.status_code == 405 and "error" in r.json()
 
 
-def test_upstream_client_errors_pass_back_unchanged(client, stack):
+def test_an_upstream_error_reaches_the_client_without_the_providers_key(stack):
+    stack["strong"].control(mode="error", error_status=400, echo_key=True)  # it echoes the key it received
+    try:
+        r = httpx.post(stack["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                       json={"model": "router-1", "messages": user()})
+    finally:
+        stack["strong"].control(echo_key=False)
+        stack["strong"].heal()
+    err = r.json()["error"]
+    assert r.status_code == 400 and set(err) == {"message", "type", "param", "code"}
+    assert "is failing (simulated)" in err["message"] and "[redacted]" in err["message"]
+    assert not any(key in r.text for key in PROVIDER_KEYS.values()) and "Bearer" not in r.text
+
+
+def test_upstream_client_errors_pass_back_with_their_status(client, stack):
     stack["strong"].control(mode="error", error_status=422)
     weak_before = stack["weak"].stats()["requests"]
     try:

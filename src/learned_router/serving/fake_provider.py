@@ -70,6 +70,7 @@ class FakeState:
     fail_words: list[str] = field(default_factory=list)
     judge: bool = False
     judge_garbage_rate: float = 0.0
+    echo_key: bool = False  # an error's message repeats the Authorization header it received, as a careless provider does
 
 
 MODES = {"ok", "error", "429", "hang", "stall", "raw", "huge"}
@@ -169,7 +170,8 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
             await asyncio.sleep(0.05)  # answers nothing until the caller hangs up or the mode changes
         if state.mode == "error" or (state.fail_rate and rng.random() < state.fail_rate):
             stats["errors"] += 1
-            return _error(state.error_status, f"{state.name} is failing (simulated)")
+            echo = f" (you sent {request.headers.get('authorization')})" if state.echo_key else ""
+            return _error(state.error_status, f"{state.name} is failing (simulated){echo}")
         if state.mode == "429":
             stats["errors"] += 1
             return _error(429, "rate limited (simulated)", "rate_limit_error", {"Retry-After": f"{state.retry_after:g}"})

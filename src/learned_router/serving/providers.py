@@ -20,6 +20,7 @@ import asyncio
 import codecs
 import email.utils
 import json
+import re
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -129,6 +130,24 @@ class BadStream(Exception):
     def __init__(self, detail: str, kind: str = "bad_response"):
         super().__init__(detail)
         self.kind, self.detail = kind, detail
+
+
+CREDENTIAL = re.compile(r"(?i)\bbearer\s+\S+|\b(?:sk|pk|rk|ak|key|token)[-_][A-Za-z0-9_\-]{8,}|\b[A-Za-z0-9_\-]{32,}\b")
+MESSAGE_CHARS = 300
+
+
+def client_error_body(status: int, data: object, provider: Provider) -> bytes:
+    """A provider's 4xx answer as the client gets it: a status's type, code and a short message, with the provider's
+    key and anything that looks like a credential removed."""
+    err = data.get("error") if isinstance(data, dict) else None
+    err = err if isinstance(err, dict) else {}
+    message = err.get("message") if isinstance(err.get("message"), str) else f"HTTP {status} from the provider"
+    if provider.api_key:
+        message = message.replace(provider.api_key, "[redacted]")
+    message = CREDENTIAL.sub("[redacted]", message)[:MESSAGE_CHARS]
+    short = lambda v: v if isinstance(v, str) and len(v) <= 64 and not CREDENTIAL.search(v) else None  # noqa: E731
+    return json.dumps({"error": {"message": message, "type": short(err.get("type")) or "invalid_request_error",
+                                 "param": short(err.get("param")), "code": short(err.get("code"))}}).encode()
 
 
 def usable_answer(data: object) -> bool:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..errors import APIError
-from ..providers import Reply
+from ..providers import Reply, client_error_body
 from ..routing import parse_request, router_options
 from ..service import Decision
 from ..stream import relay
@@ -60,7 +60,7 @@ async def chat_completions(request: Request, service: ServiceDep, client: Client
     headers = decision_headers(d, reply) | {"x-request-id": request_id}
     if reply.response is None:  # a whole answer, or a client error from the provider passed back
         billed = None
-        raw = reply.raw
+        raw = reply.raw if reply.status == 200 else client_error_body(reply.status, reply.json, reply.provider)
         if reply.status == 200:  # a 200 body is a JSON object with a choices list (providers.py checked)
             usage = reply.json.get("usage")
             billed = service.account(reply.provider, usage, answer_chars(reply.json), d)
