@@ -538,8 +538,7 @@ def eval_cmd(
         typer.echo(f"written to {out}; MLflow: {run_link(run)}")
         return
     with start_run(experiment, name or data.stem) as run:
-        with quieted(quiet), step(f"evaluating {router} on {data.name} (by {by}; the recipe is refit per fold where "
-                                  "the prompts overlap its training data)"):
+        with quieted(quiet), step(f"evaluating {shown(router, 40)} on {shown(data.name, 40)} (by {by})"):
             result = run_eval(router, data, strong, weak, out, prices=prices, folds=folds, by=by, data_dir=data_dir,
                               name=name, against=against)
         m = result.report["scorers"]
