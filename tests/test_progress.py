@@ -59,3 +59,14 @@ def test_library_bars_are_off_inside_and_as_they_were_after():
             assert not hf_logging.is_progress_bar_enabled()
         assert hf_logging.is_progress_bar_enabled() is before
     hf_logging.enable_progress_bar()
+
+
+def test_embedding_says_how_long_it_will_take_after_its_first_chunk(monkeypatch, tmp_path):
+    from learned_router.embed import Encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LEARNED_ROUTER_CACHE", str(tmp_path))
+    out = use_stderr(monkeypatch, io.StringIO())
+    Encoder(layers=1).embed([f"prompt {i} about the weather" for i in range(100)], batch_size=8)
+    first, eta = out.getvalue().splitlines()
+    assert first == "embedding 100 prompts" and eta.startswith("embedding 100 prompts: about ") and "prompts/s" in eta

@@ -86,6 +86,7 @@ class EmbeddingCache:
     """A sqlite table of float32 vectors; safe to share between runs, written in one transaction per batch."""
 
     def __init__(self, path: Path):
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
@@ -168,7 +169,8 @@ class Encoder:
         found = store.get(sorted(set(keys))) if store else {}
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in found}.items())
         cached = len(set(keys)) - len(todo)
-        what = f"embedding {len(todo):,} prompts" + (f" ({cached:,} more of the {len(set(keys)):,} from the cache)" if cached else "")
+        what = (f"embedding {len(todo):,} prompts" + (f" ({cached:,} more of the {len(set(keys)):,} from the cache)" if cached else "")
+                + (f", kept in {store.path} for later runs" if store and len(todo) >= 1000 else ""))
         started = time.perf_counter()
         with step(what, total=len(todo)) if progress and todo else nullcontext() as bar:
             for i in range(0, len(todo), 4 * batch_size):  # persist in chunks: an interrupted run keeps its work
@@ -181,6 +183,10 @@ class Encoder:
                     store.put(new)
                 if bar:
                     bar.advance(len(chunk))
+                    if i == 0 and len(todo) > len(chunk):  # the expected time, from the first chunk's pace
+                        rate = len(chunk) / (time.perf_counter() - started)
+                        bar.describe(f"{what}: about {max(1, round((len(todo) - len(chunk)) / rate / 60))} min left "
+                                     f"at {rate:.0f} prompts/s")
         if todo:
             self.embedded, self.seconds = self.embedded + len(todo), self.seconds + time.perf_counter() - started
         return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
