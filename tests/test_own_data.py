@@ -91,6 +91,10 @@ def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(traine
     assert m["residual"]["models"] == [STRONG, WEAK] and m["residual"]["prompts"] == 1000 and "residual" in m["files"]
     assert not (folder / "checkpoint").exists() and (folder / "residual.npz").is_file()
 
+    code = ("import sys; from learned_router import Router; Router(sys.argv[1]).score(['hi']); "
+            "print(sorted(m for m in ('torch', 'sklearn', 'scipy') if m in sys.modules))")
+    alone = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert alone.stdout.strip() == "[]", alone.stdout + alone.stderr  # the top level scores with numpy alone
     ours, prior = Router(folder), Router(trained["path"])
     wide = fresh.pivot_table(index="prompt", columns="model", values="score")
     prompts = list(wide.index)
