@@ -196,9 +196,8 @@ def export_into(folder: RouterFolder, variants: list[str], probes: list[str] | N
     grades = None if graded is None else parity.Graded(graded["prompt"].map(rows).to_numpy(), graded["weak"].to_numpy(float),
                                                       graded["strong"].to_numpy(float))
     check = ExportCheck(cpu=parity.cpu(), onnxruntime=versions().get("onnxruntime", ""), passed={},
-                        models=[record.weak, record.strong],
-                               probes=PROBES, quality=reference[0][: len(PROBES)][:, pair].tolist(),
-                               difficulty=reference[1][: len(PROBES)].tolist())
+                        models=[record.weak, record.strong], probes=PROBES,
+                        quality=reference[0][: len(PROBES)][:, pair].tolist(), difficulty=reference[1][: len(PROBES)].tolist())
     for v in built:
         manifest.files = {v: folder.entry(VARIANT_FILES[v]), "tokenizer": folder.entry(RouterFolder.TOKENIZER)}
         folder.write_manifest(manifest)

@@ -112,7 +112,8 @@ def apgr_of(p_weak: np.ndarray, weak: np.ndarray, strong: np.ndarray) -> float:
     ties entering together; NaN when the pair's mean grades are equal."""
     from .evals.frontier import apgr, sweep
 
-    return apgr(sweep(1.0 - p_weak, weak, strong, quantiles=None), float(weak.mean()), float(strong.mean()))
+    return apgr(sweep(1.0 - np.asarray(p_weak, float), weak, strong, quantiles=None), float(weak.mean()),
+                float(strong.mean()))
 
 
 def judge(variant: str, outputs: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
@@ -137,10 +138,10 @@ def judge(variant: str, outputs: tuple[np.ndarray, np.ndarray], reference: tuple
     if "strong_share_shift" in gate and lo * hi > 0 and min(abs(lo), abs(hi)) > tol:
         failures.append(f"strong share moves by {lo:+.3f} to {hi:+.3f} (95%), beyond {tol:.3f}")
     if graded is not None and len(graded.rows) >= MIN_GRADED and graded.weak.mean() != graded.strong.mean():
-        r = graded.rows
-        shift = lambda i: apgr_of(p[r][i], graded.weak[i], graded.strong[i]) - apgr_of(p_ref[r][i], graded.weak[i], graded.strong[i])
-        v.graded, v.apgr_shift = len(r), shift(np.arange(len(r)))
-        lo, hi = bootstrap_interval(lambda i: np.nan_to_num(shift(i)), len(r))
+        pg, pg_ref, gw, gs = p[graded.rows], p_ref[graded.rows], graded.weak, graded.strong
+        shift = lambda i: apgr_of(pg[i], gw[i], gs[i]) - apgr_of(pg_ref[i], gw[i], gs[i])  # noqa: E731
+        v.graded, v.apgr_shift = len(pg), shift(np.arange(len(pg)))
+        lo, hi = bootstrap_interval(lambda i: np.nan_to_num(shift(i)), len(pg))
         v.apgr_shift_low = lo
         if "apgr_shift" in gate and hi < -gate["apgr_shift"]:
             failures.append(f"APGR lower by {-v.apgr_shift:.4f} (95% {lo:+.4f} to {hi:+.4f}), beyond {gate['apgr_shift']}")

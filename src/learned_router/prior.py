@@ -21,7 +21,7 @@ from . import residual as top
 from .data import load_grades
 from .errors import DataError, RouterError
 from .export import staged_folder, versions
-from .manifest import GENERIC, Calibration, Manifest, ResidualInfo, RouterFolder
+from .manifest import Calibration, Manifest, ResidualInfo, RouterFolder
 from .progress import step
 from .tasktypes import FILE as TYPES_FILE
 from .tracking import DEFAULT_EXPERIMENT, start_run
@@ -57,18 +57,11 @@ def prior_outputs(router, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, n
     return tuple(np.concatenate(parts) for parts in zip(*out))
 
 
-def bases(quality: np.ndarray, difficulty: np.ndarray, prior_models: list[str], models: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Each graded model's base output: the prior's quality of it, or 1 - difficulty for a model it does not know."""
-    col = {m: i for i, m in enumerate(prior_models)}
-    names = [m if m in col else GENERIC for m in models]
-    return np.stack([quality[:, col[m]] if m in col else 1.0 - difficulty for m in models], axis=1), names
-
-
 def fit_on_prior(router, prompts: list[str], grades: np.ndarray, models: list[str], strong: str | None,
                  weak: str | None, seed: int = 0) -> top.Residual:
     """The top level over `router` (a prior Router) for the prompts' grades (prompts x models, NaN where ungraded)."""
     quality, difficulty, emb = prior_outputs(router, prompts)
-    base, names = bases(quality, difficulty, router.graph_models, models)
+    base, names = top.bases(quality, difficulty, router.graph_models, models)
     pair = (models.index(weak), models.index(strong)) if weak in models and strong in models else None
     with step("choosing the top level by 5-fold cross-validation"):
         return top.fit(base, top.log_length(prompts), emb, grades, models, names, pair, seed)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import GENERIC
+
 FILE = "residual.npz"
 RIDGES = (None, 1000.0, 100.0, 30.0, 10.0, 3.0, 1.0)
 LINEAR = [(b, r) for b in (True, False) for r in RIDGES]  # (with the prior's base output, ridge strength)
@@ -48,6 +50,14 @@ class Choice:
     shrink: float
     objective: str  # "pair gap MSE" or "grade MSE"
     tried: dict[str, float] = field(default_factory=dict)
+
+
+def bases(quality: np.ndarray, difficulty: np.ndarray, graph_models: list[str], models: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Each model's base output, (n, models): the prior graph's quality of it, or 1 - difficulty (generic) for a model
+    the graph does not know; and the name of each base."""
+    col = {m: i for i, m in enumerate(graph_models)}
+    names = [m if m in col else GENERIC for m in models]
+    return np.stack([quality[:, col[m]] if m in col else 1.0 - difficulty for m in models], axis=1), names
 
 
 def log_length(prompts: list[str]) -> np.ndarray:
@@ -80,9 +90,14 @@ def kernel_sums(query: np.ndarray, keys_t: np.ndarray, values: np.ndarray, count
     num = np.empty((len(query), values.shape[1]), np.float32)
     den = np.empty((len(query), values.shape[1]), np.float32)
     for i in range(0, len(query), block):
-        k = np.exp((product(query[i : i + block], keys_t) - 1.0) / width)
-        num[i : i + block], den[i : i + block] = product(k, values), product(k, counts)
+        num[i : i + block], den[i : i + block] = weighted(product(query[i : i + block], keys_t), values, counts, width)
     return num, den
+
+
+def weighted(sim: np.ndarray, values: np.ndarray, counts: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sum_j K r_j, sum_j K n_j) from the cosine similarities (queries x keys), K = exp(-(1 - cos) / width)."""
+    k = np.exp((sim - 1.0) / width)
+    return product(k, values), product(k, counts)
 
 
 @dataclass
@@ -198,10 +213,8 @@ def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarr
     best, width, shrink, best_q = tried[label(use_base, ridge)], None, 0.0, None
     sims = [emb[test] @ emb[train].T for train, test in folds]
     for w in sorted({w for w, _ in KERNELS[1:]}):
-        sums = []
-        for (train, _), sim, resid in zip(folds, sims, resids):
-            k = np.exp((sim - 1.0) / w)
-            sums.append((k @ resid, k @ (~np.isnan(grades[train])).astype(np.float32)))
+        sums = [weighted(sim, resid, (~np.isnan(grades[train])).astype(np.float32), w)
+                for (train, _), sim, resid in zip(folds, sims, resids)]
         for s in sorted({s for ww, s in KERNELS[1:] if ww == w}):
             q = np.clip(np.concatenate([lin + num / (den + s) for lin, (num, den) in zip(linear, sums)]), 0.0, 1.0)
             tried[f"{label(use_base, ridge)} width={w} shrink={s}"] = figure = objective(q, grades[order], pair)
@@ -219,7 +232,7 @@ def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarr
         c = fit_linear(x, grades[rows, j], ridge)
         coef.append(c)
         resid[rows, j] = grades[rows, j] - x @ c
-    out = Residual(list(models), list(base_names), np.array(coef, np.float32), mean, std, choice, prompts=n)
+    keys = sums = counts = None
     if width is not None:
         counts = (~np.isnan(grades)).astype(np.float32)
         keys, sums = emb.astype(np.float32), resid
@@ -232,6 +245,5 @@ def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarr
             centres = km.cluster_centers_
             keys = (centres / np.linalg.norm(centres, axis=1, keepdims=True).clip(1e-9)).astype(np.float32)
             sums, counts = onehot @ resid, onehot @ counts
-        out.keys, out.sums, out.counts = keys, sums.astype(np.float32), counts.astype(np.float32)
-        out.keys_t = np.ascontiguousarray(keys.T)
-    return out
+        sums, counts = sums.astype(np.float32), counts.astype(np.float32)
+    return Residual(list(models), list(base_names), np.array(coef, np.float32), mean, std, choice, keys, sums, counts, n)

@@ -197,10 +197,9 @@ class Router:
         quality, difficulty, embedding = self.graph(prompts, batch_size)
         if self.residual is None:
             return quality, difficulty, embedding
-        from .residual import log_length
+        from .residual import bases, log_length
 
-        col = {m: i for i, m in enumerate(self.graph_models)}
-        base = np.stack([quality[:, col[b]] if b in col else 1.0 - difficulty for b in self.residual.base], axis=1)
+        base, _ = bases(quality, difficulty, self.graph_models, self.residual.base)
         full = np.empty((len(prompts), len(self.manifest.models)), dtype=np.float32)
         full[:, : len(self.graph_models)] = quality
         full[:, [self._column[m] for m in self.residual.models]] = self.residual.predict(base, log_length(prompts), embedding)

@@ -16,9 +16,9 @@ import pandas as pd
 
 from .. import residual as top
 from ..errors import DataError
+from ..parity import apgr_of, pass_chances
 from ..progress import step
 from .baselines import knn_scores, prompt_length_scores
-from .frontier import apgr, sweep
 from .protocol import folds_of
 
 METHODS = ("prior", "kNN", "ridge", "prompt length", "two-level")
@@ -43,13 +43,13 @@ class Table:
 
 def prepare(prior: Path, bench: pd.DataFrame) -> Table:
     """The table of `load_benchmark` with the prior router's outputs on its prompts."""
-    from ..prior import bases, prior_outputs
-    from ..scorer import Router, pass_chances
+    from ..prior import prior_outputs
+    from ..scorer import Router
 
     router = Router(prior)
     quality, difficulty, emb = prior_outputs(router, bench["prompt"].tolist())
     pair = [bench["weak_model"].iloc[0], bench["strong_model"].iloc[0]]
-    base, names = bases(quality, difficulty, router.graph_models, pair)
+    base, names = top.bases(quality, difficulty, router.graph_models, pair)
     known = all(m in router.graph_models for m in pair)
     prior_p = pass_chances(base[:, 0], base[:, 1]) if known else 1.0 - difficulty
     return Table(bench, base, names, prior_p, emb, top.log_length(bench["prompt"].tolist()))
@@ -67,12 +67,12 @@ def ridge_p(emb, lengths, label, train, test) -> np.ndarray:
 def scores_for_draw(t: Table, train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """Each method's weak pass chance on the test rows after fitting on the train rows."""
     g = t.grades
-    label = (t.bench["weak_q"] >= t.bench["strong_q"] - 1e-9).to_numpy(float)
+    label = t.bench["label"].to_numpy(float)
     fitted = top.fit(t.base[train], t.lengths[train], t.emb[train], g[train], ["weak", "strong"], t.base_names,
                      (0, 1), seed)
     q = fitted.predict(t.base[test], t.lengths[test], t.emb[test])
     out = {"prior": t.prior_p[test], "prompt length": 1.0 - prompt_length_scores(t.bench["prompt"].iloc[test].tolist()),
-           "two-level": 1.0 - np.clip(q[:, 1] - q[:, 0], 0.0, 1.0)}
+           "two-level": pass_chances(q[:, 0], q[:, 1])}
     if len(np.unique(label[train])) == 2:
         out["kNN"] = 1.0 - knn_scores(t.emb[train], label[train], t.emb[test])
         out["ridge"] = ridge_p(t.emb, t.lengths, label, train, test)
@@ -92,10 +92,6 @@ def two_level_folds(prior: Path, bench: pd.DataFrame, fold: np.ndarray) -> dict[
     out["router"] = out.pop("two-level")
     out.pop("prompt length")  # run_eval adds its own
     return {k: v for k, v in out.items() if not np.isnan(v).any()}
-
-
-def apgr_of(p_weak: np.ndarray, weak: np.ndarray, strong: np.ndarray) -> float:
-    return apgr(sweep(-np.asarray(p_weak, float), weak, strong, quantiles=None), weak.mean(), strong.mean())
 
 
 def curve(t: Table, sizes: list[int | None], draws: int = 5, test_share: float = 0.3, seed: int = 0) -> list[dict]:

@@ -69,11 +69,15 @@ async def authenticate(
     return client
 
 
+def bucket_of(request: Request, client: ClientKey | None) -> str:
+    """Whose rate limit a request counts against: its key's name, or without auth its address."""
+    return client.name if client else f"addr:{request.client.host if request.client else '?'}"
+
+
 async def rate_limited(request: Request, client: Annotated[ClientKey | None, Depends(authenticate)]) -> ClientKey | None:
     """429 with Retry-After when the client's bucket is empty. Without auth, clients are told apart by address."""
     service = request.app.state.service
-    who = client.name if client else f"addr:{request.client.host if request.client else '?'}"
-    wait = await service.state.take(who, client.requests_per_minute if client else None)
+    wait = await service.state.take(bucket_of(request, client), client.requests_per_minute if client else None)
     if wait is not None:
         raise APIError(429, f"rate limit exceeded for this key; retry in {wait:.1f}s", type="rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})

@@ -65,8 +65,9 @@ async def chat_completions(request: Request, service: ServiceDep, client: Client
             usage = reply.json.get("usage")
             billed = service.account(reply.provider, usage, answer_chars(reply.json), d)
             headers["x-router-cost-usd"] = f"{billed.usd:.8f}"
-            headers["x-router-usage"] = "upstream" if valid_usage(usage) else "estimated"
-            if not valid_usage(usage):  # the client sees the counts it was billed for, not the provider's words
+            upstream = valid_usage(usage) is not None
+            headers["x-router-usage"] = "upstream" if upstream else "estimated"
+            if not upstream:  # the client sees the counts it was billed for, not the provider's words
                 raw = json.dumps(reply.json | {"usage": billed.usage()}).encode()
         log.info("chat id=%s tier=%s provider=%s status=%d rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
                  "cost_usd=%.8f", request_id, d.tier, reply.provider.name, reply.status, d.rule, d.task_type, d.threshold,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ...errors import first_error
+from ..auth import bucket_of
 from ..errors import APIError
 from .deps import Client, ServiceDep
 
@@ -42,8 +43,7 @@ async def feedback(request: Request, service: ServiceDep, client: Client) -> Fee
         raise APIError(404, "feedback needs the traffic record, which is off in this service (the traffic: block)",
                        code="traffic_off")
     per_minute = service.config.traffic.feedback_per_minute
-    who = client.name if client else f"addr:{request.client.host if request.client else '?'}"
-    if per_minute is not None and (wait := await service.state.take(f"feedback:{who}", per_minute,
+    if per_minute is not None and (wait := await service.state.take(f"feedback:{bucket_of(request, client)}", per_minute,
                                                                      max(1, math.ceil(per_minute)))) is not None:
         raise APIError(429, f"feedback limit exceeded for this key (traffic.feedback_per_minute {per_minute:g}); retry in "
                        f"{wait:.1f}s", type="rate_limit_error", code="feedback_limit_exceeded",
