@@ -98,10 +98,10 @@ def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(traine
     ours, prior = Router(folder), Router(trained["path"])
     wide = fresh.pivot_table(index="prompt", columns="model", values="score")
     prompts = list(wide.index)
-    q_ours, d_ours = ours.predict(prompts)
-    q_prior, d_prior = prior.predict(prompts)
+    o_ours, o_prior = ours.predict(prompts), prior.predict(prompts)
     others = [i for i, name in enumerate(prior.manifest.models) if name not in (STRONG, WEAK)]
-    assert np.array_equal(q_ours[:, others], q_prior[:, others]) and np.array_equal(d_ours, d_prior)  # the prior, exactly
+    assert np.array_equal(o_ours.quality[:, others], o_prior.quality[:, others])  # the prior, exactly
+    assert np.array_equal(o_ours.difficulty, o_prior.difficulty)
     weak, strong = wide[WEAK].to_numpy(float), wide[STRONG].to_numpy(float)
     a_ours = apgr_of(ours.pass_chance(prompts), weak, strong)
     a_prior = apgr_of(prior.pass_chance(prompts), weak, strong)

@@ -39,7 +39,9 @@ def test_long_prompts_keep_their_head(router):
 
 def test_pass_chances_are_views_of_the_predicted_quality(router):
     m = router.manifest
-    quality, difficulty = router.predict(PROMPTS)
+    out = router.predict(PROMPTS)
+    quality, difficulty = out.quality, out.difficulty
+    assert out.models == tuple(m.models) and out.strong == m.strong and np.array_equal(out.pass_chances(), router.score(PROMPTS))
     s, w = m.models.index(m.strong), m.models.index(m.weak)
     scores = router.score(PROMPTS)
     assert np.allclose(scores[:, s], 1.0)  # the strong model passes against itself

@@ -109,7 +109,8 @@ def test_embeddings_come_with_the_scores_and_an_older_graph_without_them_still_s
     import onnx
 
     prompts = ["Write a haiku about rain.", "What is 17 * 23?"]
-    scores, emb = router.score_and_embed(prompts)
+    out = router.predict(prompts)
+    scores, emb = out.pass_chances(), out.embedding
     assert np.array_equal(scores, router.score(prompts))
     assert emb.shape == (2, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
     # a router exported before the graph had its embedding output

@@ -11,10 +11,9 @@ import torch
 
 from conftest import STRONG, TRAIN_SOURCES, WEAK
 from learned_router import Router, RouterError, RouterFolderError
-from learned_router.embed import Encoder
 from learned_router.export import PROBES, export
 from learned_router.manifest import CALIBRATION_SHARES, RouterFolder
-from learned_router.model import QualityHead, fit_head
+from learned_router.model import QualityModel, fit_head
 from learned_router.parity import GATES, Graded, judge, share_tolerance
 from learned_router.recipe import Recipe
 from learned_router.train import train
@@ -44,19 +43,17 @@ def test_router_folder_and_manifest(trained):
 def test_exported_graph_matches_torch(trained):
     folder = RouterFolder(trained["path"])
     prompts = PROBES + ["What is the derivative of x^3 sin(x)?", "Tell me a joke about databases."]
-    head = QualityHead.load(folder.checkpoint)
-    enc = Encoder(layers=3)
-    q_ref, d_ref = head.predict(enc.features(prompts, length=True, progress=False))
-    q32, d32 = Router(folder.path, variant="fp32").predict(prompts)
-    q8, d8 = Router(folder.path, variant="int8").predict(prompts)
-    assert np.max(np.abs(q32 - q_ref)) < 1e-4 and np.max(np.abs(d32 - d_ref)) < 1e-4
-    assert np.mean(np.abs(q8 - q_ref)) < GATES["int8"]["mean_abs_diff"]
+    torch_out = QualityModel.load(folder.path).predict(prompts)
+    fp32, int8 = (Router(folder.path, variant=v).predict(prompts) for v in ("fp32", "int8"))
+    assert np.max(np.abs(fp32.quality - torch_out.quality)) < 1e-4 and np.max(np.abs(fp32.difficulty - torch_out.difficulty)) < 1e-4
+    assert np.array_equal(fp32.pass_chances().shape, torch_out.pass_chances().shape) and fp32.models == torch_out.models
+    assert np.mean(np.abs(int8.quality - torch_out.quality)) < GATES["int8"]["mean_abs_diff"]
     m = trained["manifest"]
     assert m.parity["fp32_max_abs_diff"] < 1e-4 and m.parity["fp32_strong_share_shift"] == 0.0
     assert m.check.passed == {"fp32": True, "int8": True} and m.check.cpu and m.check.probes == PROBES
     # router.json keeps the torch model's outputs on the built-in probes, and each Router compares with them on load
     pair = [m.models.index(WEAK), m.models.index(STRONG)]
-    assert np.allclose(m.check.quality, q_ref[: len(PROBES)][:, pair], atol=1e-6)
+    assert np.allclose(m.check.quality, torch_out.quality[: len(PROBES)][:, pair], atol=1e-6)
     assert Router(folder.path, variant="fp32").check.max_abs_diff < 1e-4 and Router(folder.path).check.passed
     quantized = [n.name for n in onnx.load(str(folder.model_path("int8"))).graph.node if n.op_type == "MatMulInteger"]
     assert quantized and not [n for n in quantized if n.startswith("/head/")]  # the encoder int8, the head fp32

@@ -102,8 +102,7 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
     import torch
 
     from .export import export
-    from .embed import Encoder
-    from .model import QualityHead
+    from .model import QualityModel
 
     torch.set_num_threads(threads)  # onnxruntime's threads are each Router's; no environment variable is touched
     tmp = None
@@ -113,13 +112,11 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
     fp32_dir = Path(tmp.name) / "fp32" if tmp else router_dir
     routers = {"onnx int8": Router(router_dir, variant="int8", threads=threads),
                "onnx fp32": Router(fp32_dir, variant="fp32", threads=threads)}
-    info = routers["onnx int8"].manifest.encoder
-    enc = Encoder(max_seq_length=info.max_seq_length, layers=info.layers)
-    head = QualityHead.load(Path(router_dir) / "checkpoint")
+    model = QualityModel.load(router_dir)
 
     def torch_score(prompts):
         with torch.inference_mode():
-            return head.predict(enc.features(prompts, head.cfg.length_input, batch_size=32, progress=False, cache=False))
+            return model.predict(prompts, batch_size=32, cache=False)
 
     scorers = {**{k: r.predict for k, r in routers.items()}, "sentence-transformers + torch": torch_score}
     r8 = routers["onnx int8"]
@@ -127,7 +124,7 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
         from .tasktypes import TaskClassifier, load_types, types_path
 
         classifier = TaskClassifier.build(load_types(types_path(router_dir)), r8.embed)
-        scorers = {"onnx int8": r8.predict, "onnx int8 + task type": lambda p: classifier.classify(r8.infer(p)[2]), **scorers}
+        scorers = {"onnx int8": r8.predict, "onnx int8 + task type": lambda p: classifier.classify(r8.predict(p).embedding), **scorers}
     top = with_top_level(r8)
     scorers[TOP_LEVEL] = top.predict
     short, long_ = prompt_of(routers["onnx int8"], 30), prompt_of(routers["onnx int8"], 250)

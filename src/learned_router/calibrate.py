@@ -65,9 +65,9 @@ def calibrate(router_path: str | os.PathLike, prompts: list[str], source: str, s
     old = router.manifest
     share = strong_fraction if strong_fraction is not None else old.strong_fraction_at(old.default_threshold)
     checked = sorted({*CHECKED_SHARES, round(share, 4)})
-    achieved = {o: {f: float(np.mean(p[held, j] < fitted.threshold_for(o, f))) for f in checked} for j, o in enumerate(outputs)}
+    achieved = {o: {f: float(np.mean(p[held, j] < fitted.threshold_for(f, o))) for f in checked} for j, o in enumerate(outputs)}
     table = Calibration.of(p, outputs, f"{source}: {len(prompts)} prompts (calibrated {when})")  # checked: now all of them
-    default = round(table.threshold_for(weak, share), 5)
+    default = round(table.threshold_for(share, weak), 5)
     RouterFolder(router_path).write_manifest(old.model_copy(update={"calibration": table, "default_threshold": default}))
     return CalibrationReport(prompts=len(prompts), fit=int((~held).sum()), held_out=int(held.sum()), default_threshold=default,
                              asked=round(share, 4), achieved=achieved)

@@ -331,8 +331,8 @@ def score(
         t = r.default_threshold
     else:
         t = r.manifest.threshold_for(r.manifest.strong_fraction_at(r.default_threshold), weak)  # the default share
-    quality, difficulty = r.predict(texts)
-    for i, d, diff in zip(ids, decide(r.pair_chance(quality, difficulty, weak, strong), t), difficulty):
+    outputs = r.predict(texts)
+    for i, d, diff in zip(ids, decide(outputs.pair(weak, strong, str(r.path)), t), outputs.difficulty):
         typer.echo(json.dumps({"id": i, "p_weak": round(d.p_weak, 6), "route": d.route,
                                "model": weak if d.route == "weak" else named, "threshold": round(t, 6),
                                "difficulty": round(float(diff), 6)}))

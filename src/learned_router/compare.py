@@ -35,8 +35,8 @@ def differences(a: Router, b: Router, prompts: list[str]) -> list[str]:
         if x is None or y is None or abs(x - y) > AUC_TOL:
             out.append(f"{key}: {x} against {y}")
     if ma.models == mb.models:
-        (qa, da), (qb, db) = a.predict(prompts), b.predict(prompts)
-        gap = float(max(np.max(np.abs(qa - qb)), np.max(np.abs(da - db))))
+        oa, ob = a.predict(prompts), b.predict(prompts)
+        gap = float(max(np.max(np.abs(oa.quality - ob.quality)), np.max(np.abs(oa.difficulty - ob.difficulty))))
         if gap > OUTPUT_TOL:
             out.append(f"outputs on {len(prompts)} probe prompts differ by up to {gap:.4f}")
     return out

@@ -170,28 +170,27 @@ def export_into(folder: RouterFolder, variants: list[str], probes: list[str] | N
     torch model (`parity.judge`) on the built-in probes plus `probes`, and routing quality on `graded` (columns
     prompt, weak, strong: the pair's absolute grades). fp32 that fails raises ExportError (nothing is written); int8
     that fails is left out and the fp32 graph written in its place, `check.reasons` saying why."""
-    from .embed import Encoder
-    from .model import QualityHead
+    from .model import QualityModel
     from .scorer import Router
 
     if not variants or any(v not in VARIANT_FILES for v in variants):
         raise RouterError(f"variants must be a non-empty subset of {sorted(VARIANT_FILES)}, got {variants}")
     record = folder.record()
-    head = QualityHead.load(folder.checkpoint)  # before the slow part: a broken head.pt fails at once
     enc_path = encoder_dir(folder, record)
+    model = QualityModel.load(folder.path, enc_path)  # before the slow part: a broken head.pt fails at once
     built = ["fp32", *(["int8"] if "int8" in variants else [])]
     fused_ops = to_onnx(folder.checkpoint, enc_path, record.encoder.layers, folder.path, built)
     shutil.copyfile(enc_path / RouterFolder.TOKENIZER, folder.tokenizer_path)
     manifest = Manifest(
-        name=record.name, models=head.cfg.models, strong=record.strong, weak=record.weak, encoder=record.encoder,
+        name=record.name, models=model.head.cfg.models, strong=record.strong, weak=record.weak, encoder=record.encoder,
         default_threshold=record.default_threshold, calibration=record.calibration, files={}, data=record.data,
         metrics=record.metrics, versions=versions(), created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
     prompts = list(dict.fromkeys(PROBES + list(probes or []) + (graded["prompt"].tolist() if graded is not None else [])))
-    enc = Encoder(enc_path, record.encoder.max_seq_length, record.encoder.layers)
-    reference = head.predict(enc.features(prompts, head.cfg.length_input, progress=False, cache=False))
-    pair = head.cfg.models.index(record.weak), head.cfg.models.index(record.strong)
+    torch_out = model.predict(prompts, cache=False)
+    reference = torch_out.quality, torch_out.difficulty
+    pair = torch_out.models.index(record.weak), torch_out.models.index(record.strong)
     rows = {p: i for i, p in enumerate(prompts)}
     grades = None if graded is None else parity.Graded(graded["prompt"].map(rows).to_numpy(), graded["weak"].to_numpy(float),
                                                       graded["strong"].to_numpy(float))
@@ -201,7 +200,8 @@ def export_into(folder: RouterFolder, variants: list[str], probes: list[str] | N
     for v in built:
         manifest.files = {v: folder.entry(VARIANT_FILES[v]), "tokenizer": folder.entry(RouterFolder.TOKENIZER)}
         folder.write_manifest(manifest)
-        verdict = parity.judge(v, Router(folder.path, variant=v).predict(prompts), reference, pair,
+        graph_out = Router(folder.path, variant=v).predict(prompts)
+        verdict = parity.judge(v, (graph_out.quality, graph_out.difficulty), reference, pair,
                                manifest.default_threshold, manifest.calibration.prompts, grades)
         manifest.parity |= {f"{v}_{k}": x for k, x in verdict.figures().items()}
         check.passed[v] = verdict.passed

@@ -13,8 +13,8 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .errors import RouterFolderError, first_error, shown
+from .outputs import GENERIC
 
-GENERIC = "generic"  # the model-agnostic output: 1 - the prompt's difficulty
 VARIANT_FILES = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
 ROLES = ("tokenizer", "residual")  # the other files a router folder lists
 CALIBRATION_SHARES = [round(i / 20, 2) for i in range(21)]  # strong-call shares of the calibration table
@@ -45,14 +45,14 @@ class Calibration(BaseModel):
     prompts: int
     thresholds: dict[str, list[float]]
 
-    def threshold_for(self, output: str, strong_fraction: float) -> float:
+    def threshold_for(self, strong_fraction: float, output: str) -> float:
         if not 0.0 <= strong_fraction <= 1.0:
             raise ValueError(f"strong_fraction must be in [0, 1], got {strong_fraction}")
         if output not in self.thresholds:
             raise ValueError(f"no calibration for output {output!r}")
         return float(np.interp(strong_fraction, CALIBRATION_SHARES, self.thresholds[output]))
 
-    def strong_fraction_at(self, output: str, threshold: float) -> float:
+    def strong_fraction_at(self, threshold: float, output: str) -> float:
         t = np.maximum.accumulate(np.asarray(self.thresholds[output]))
         return float(np.interp(threshold, t, CALIBRATION_SHARES))
 
@@ -136,10 +136,10 @@ class Manifest(BaseModel):
     def threshold_for(self, strong_fraction: float, output: str | None = None) -> float:
         """The threshold on `output`'s pass chance (default: the weak model's) that sends about `strong_fraction` of
         the calibration mix to the stronger side."""
-        return self.calibration.threshold_for(output or self.weak, strong_fraction)
+        return self.calibration.threshold_for(strong_fraction, output or self.weak)
 
     def strong_fraction_at(self, threshold: float, output: str | None = None) -> float:
-        return self.calibration.strong_fraction_at(output or self.weak, threshold)
+        return self.calibration.strong_fraction_at(threshold, output or self.weak)
 
 
 class TrainingRecord(BaseModel):

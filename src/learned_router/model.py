@@ -27,6 +27,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from .embed import Encoder
+from .manifest import RouterFolder
+from .outputs import Outputs
 from .recipe import Recipe
 
 HEAD_FILE = "head.pt"
@@ -133,6 +136,37 @@ class QualityHead(nn.Module):
         self.eval()
         q, d = self(torch.from_numpy(np.asarray(x, dtype=np.float32)))
         return q.numpy(), d.numpy()
+
+
+@dataclass
+class QualityModel:
+    """The torch predictor (`outputs.Predictor`): the encoder and the quality head over it, predicting what the graph
+    exported from them predicts. It owns the head's input: the embedding, and the prompt's length where the head
+    reads it. `save` writes the head into a router folder's checkpoint; `load` reads it back with its encoder."""
+
+    encoder: Encoder
+    head: QualityHead
+    strong: str
+
+    def features(self, prompts: list[str], **kwargs) -> np.ndarray:
+        """The head's input rows (Encoder.features); keyword arguments as there, progress off by default."""
+        return self.encoder.features(list(prompts), self.head.cfg.length_input, **{"progress": False, **kwargs})
+
+    def predict(self, prompts: list[str], **kwargs) -> Outputs:
+        quality, difficulty = self.head.predict(self.features(prompts, **kwargs))
+        return Outputs(tuple(self.head.cfg.models), self.strong, quality, difficulty)
+
+    def save(self, checkpoint: Path) -> None:
+        self.head.save(checkpoint)
+
+    @classmethod
+    def load(cls, router_dir: str | Path, encoder_path: str | Path | None = None) -> "QualityModel":
+        """A router folder's torch model; its encoder from `encoder_path` (default: the one it was trained with)."""
+        folder = RouterFolder(router_dir)
+        record = folder.record()
+        head = QualityHead.load(folder.checkpoint)  # before the encoder: a broken head.pt fails at once
+        enc = Encoder(encoder_path or record.encoder_path, record.encoder.max_seq_length, record.encoder.layers)
+        return cls(enc, head, record.strong)
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:

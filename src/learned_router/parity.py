@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .outputs import pass_chances
+
 GATES = {
     "fp32": {"max_abs_diff": 1e-3},
     "int8": {"mean_abs_diff": 0.05, "strong_share_shift": 0.01, "apgr_shift": 0.005},
@@ -44,13 +46,6 @@ def cpu() -> str:
         pass
     flags = [f for f in KERNEL_FLAGS if features.get(f)]
     return f"{name} ({', '.join(flags) or 'no AVX2'}; {platform.machine()})"
-
-
-def pass_chances(quality: np.ndarray, against: np.ndarray) -> np.ndarray:
-    """A model's pass chance against a stronger one: 1 - max(0, their predicted quality gap). Quality is each model's
-    predicted answer quality in [0, 1] (the router's `quality` output), so this is 1 when the model is predicted to
-    answer as well, and falls by the quality the stronger model would add."""
-    return 1.0 - np.clip(np.asarray(against) - np.asarray(quality), 0.0, 1.0)
 
 
 def share_tolerance(calibration_prompts: int) -> float:

@@ -77,7 +77,7 @@ def train_on_prior(prior: Path, data: list[str], out: Path, strong: str | None =
     """Fit the top level on `data` over the router folder `prior` and write the two-level router to `out`."""
     import mlflow
 
-    from .scorer import Router, pass_chances
+    from .scorer import Router
 
     base_router = Router(prior)
     if base_router.manifest.residual is not None:
@@ -117,12 +117,9 @@ def train_on_prior(prior: Path, data: list[str], out: Path, strong: str | None =
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
         folder.write_manifest(manifest)
         with step("calibrating on the prompts of --data"):
-            router = Router(folder.path)
-            q, d = router.predict(prompts)
-            p = np.c_[pass_chances(q, q[:, router.column(strong)][:, None]), 1.0 - d]
-            calibration = Calibration.of(p, manifest.outputs, f"the {len(prompts)} prompts of {', '.join(s['name'] for s in prints)}")
+            calibration = Calibration.of(Router(folder.path).predict(prompts).pass_chances(), manifest.outputs, f"the {len(prompts)} prompts of {', '.join(s['name'] for s in prints)}")
         manifest.calibration = calibration
-        manifest.default_threshold = round(calibration.threshold_for(weak, strong_fraction), 4)
+        manifest.default_threshold = round(calibration.threshold_for(strong_fraction, weak), 4)
         folder.write_manifest(manifest)
         mlflow.log_params({"prior": info.prior, "prompts": len(prompts), "graded_models": ",".join(models)[:500],
                            "strong": strong, "weak": weak, "use_base": fitted.choice.use_base, "ridge": fitted.choice.ridge, "width": fitted.choice.width,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from collections.abc import Sequence
@@ -13,9 +12,9 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .errors import RouterError, RouterFolderError
-from .manifest import GENERIC, ROLES, Manifest, RouterFolder
 from . import parity
-from .parity import pass_chances
+from .manifest import ROLES, Manifest, RouterFolder
+from .outputs import Outputs, column_of
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +65,10 @@ def check_threshold(threshold: float) -> float:
 class Router:
     """A trained router (onnxruntime + tokenizers only).
 
-    `predict(prompts)`: each trained model's predicted answer quality, (n, len(models)), and the prompt's
-    difficulty in [0, 1], (n,). `score(prompts)`: the pass chances of `outputs` (each model against the router's
-    strong model, and `generic` = 1 - difficulty), (n, len(outputs)). `route` picks weak or strong for one pair.
+    `predict(prompts)`: `Outputs` (each trained model's predicted answer quality, the prompts' difficulty and
+    embedding), as every predictor gives them. `score(prompts)`: the pass chances of `models` (each model against
+    the router's strong model, and `generic` = 1 - difficulty), (n, len(models)). `route` picks weak or strong for one
+    pair.
 
     Prompts longer than the encoder's limit keep their first `max_seq_length` tokens (head truncation), as in training.
     """
@@ -95,7 +95,6 @@ class Router:
         tok.enable_truncation(max_length=self.manifest.encoder.max_seq_length, direction="right")
         self._tok = tok
         self._pad_id = tok.token_to_id("[PAD]") or 0
-        self._column = {m: i for i, m in enumerate(self.manifest.models)}
 
         opts = ort.SessionOptions()
         if threads:
@@ -170,40 +169,32 @@ class Router:
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(x.astype(np.float32) for x in self._session.run(self._outputs, {"input_ids": ids, "attention_mask": mask}))
 
-    def predict(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """(quality (n, models), difficulty (n,)), in input order.
+    def predict(self, prompts: Sequence[str], batch_size: int = 32) -> Outputs:
+        """Each model's quality, the prompts' difficulty and (where the graph has it) their embedding, in input order;
+        a two-level router's top level applied.
 
         int8 runs one prompt per call: its activations are quantised per call, so a padded batch would shift a prompt's
         scores by its companions. fp32 batches prompts of similar length, exactly as single.
         """
-        return self.infer(prompts, batch_size)[:2]
+        prompts = check_prompts(prompts)
+        quality, difficulty, embedding = self.graph(prompts, batch_size)
+        if self.residual is not None:
+            from .residual import bases, log_length
+
+            base, _ = bases(quality, difficulty, self.graph_models, self.residual.base)
+            full = np.empty((len(prompts), len(self.manifest.models)), dtype=np.float32)
+            full[:, : len(self.graph_models)] = quality
+            full[:, [self.manifest.models.index(m) for m in self.residual.models]] = self.residual.predict(
+                base, log_length(prompts), embedding)
+            quality = full
+        return Outputs(tuple(self.manifest.models), self.manifest.strong, quality, difficulty, embedding)
 
     def embed(self, prompts: Sequence[str]) -> np.ndarray:
         """The prompts' unit sentence embeddings (n, dim), from the same onnxruntime call that scores them."""
-        return self.score_and_embed(prompts)[1]
-
-    def score_and_embed(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """`score` and the unit sentence embeddings (n, dim), from one onnxruntime call per prompt."""
         if not self.has_embedding:
             raise RouterError(f"{self.path}: this router's graph has no embedding output; re-export it "
                               "(learned-router export --router PATH) to infer task types")
-        quality, difficulty, embedding = self.infer(prompts)
-        return self.pass_chances_of(quality, difficulty), embedding
-
-    def infer(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(quality, difficulty, embedding or None when the graph has no embedding output), in input order; a
-        two-level router's top level applied."""
-        prompts = check_prompts(prompts)
-        quality, difficulty, embedding = self.graph(prompts, batch_size)
-        if self.residual is None:
-            return quality, difficulty, embedding
-        from .residual import bases, log_length
-
-        base, _ = bases(quality, difficulty, self.graph_models, self.residual.base)
-        full = np.empty((len(prompts), len(self.manifest.models)), dtype=np.float32)
-        full[:, : len(self.graph_models)] = quality
-        full[:, [self._column[m] for m in self.residual.models]] = self.residual.predict(base, log_length(prompts), embedding)
-        return full, difficulty, embedding
+        return self.predict(prompts).embedding
 
     def graph(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The ONNX graph's own outputs: (quality of `graph_models`, difficulty, embedding or None)."""
@@ -237,38 +228,19 @@ class Router:
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         """Pass chances, (n, len(outputs)): each model's against the strong model, then `generic`."""
-        return self.pass_chances_of(*self.predict(prompts))
-
-    def pass_chances_of(self, quality: np.ndarray, difficulty: np.ndarray) -> np.ndarray:
-        """`score` from outputs already predicted."""
-        strong = quality[:, self._column[self.manifest.strong]]
-        return np.c_[pass_chances(quality, strong[:, None]), 1.0 - difficulty].astype(np.float32)
-
-    def column(self, name: str) -> int:
-        """The column of `score` for a model name (or `generic`); RouterError listing the outputs if unknown."""
-        outputs = self.models
-        if name not in outputs:
-            near = difflib.get_close_matches(name, outputs, n=3, cutoff=0.5)
-            hint = f"closest: {', '.join(near)}; " if near else ""
-            raise RouterError(f"{self.path}: the router was not trained on {name!r} ({hint}{len(outputs) - 1} models in "
-                              f"router.json 'models'); use '{GENERIC}' for a model it does not know")
-        return outputs.index(name)
+        return self.predict(prompts).pass_chances()
 
     def pass_chance(self, prompts: Sequence[str], weak: str | None = None, strong: str | None = None) -> np.ndarray:
         """The weak model's pass chance against the strong one (default: the router's pair); `generic` as the weak
         model gives 1 - difficulty, whatever the strong model."""
-        return self.pair_chance(*self.predict(prompts), weak, strong)
+        for name in (weak, strong):
+            if name is not None:
+                self.column(name)  # before scoring: an unknown name costs no inference
+        return self.predict(prompts).pair(weak or self.manifest.weak, strong, str(self.path))
 
-    def pair_chance(self, quality: np.ndarray, difficulty: np.ndarray, weak: str | None = None,
-                    strong: str | None = None) -> np.ndarray:
-        """`pass_chance` from outputs already predicted."""
-        weak, strong = weak or self.manifest.weak, strong or self.manifest.strong
-        if weak == GENERIC:
-            return 1.0 - difficulty
-        w, s = self.column(weak), self.column(strong)
-        if s == len(self.manifest.models):
-            raise RouterError(f"'{GENERIC}' stands for the weak side only; name a strong model the router knows")
-        return pass_chances(quality[:, w], quality[:, s])
+    def column(self, name: str) -> int:
+        """The column of `score` for a model name (or `generic`); RouterError listing the outputs if unknown."""
+        return column_of(self.manifest.models, name, str(self.path))
 
     def route(self, prompts: Sequence[str], threshold: float | None = None, weak: str | None = None,
               strong: str | None = None) -> list[Decision]:

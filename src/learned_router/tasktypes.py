@@ -3,7 +3,7 @@
 A types file (YAML) names each type with a short description and example prompts. A prompt's type is the one whose
 centroid (the normalised mean of its examples' unit embeddings) is most similar to the prompt's embedding (cosine).
 Adding a type is writing its examples; nothing is retrained. The embeddings come from the router's graph, in the same
-onnxruntime call that scores a prompt (scorer.Router.score_and_embed), so inferring a type costs one (types x dim)
+onnxruntime call that scores a prompt (scorer.Router.predict), so inferring a type costs one (types x dim)
 matrix product.
 """
 

@@ -14,7 +14,7 @@ from .embed import Encoder
 from .errors import DataError
 from .export import export_into, staged_folder
 from .manifest import Calibration, EncoderInfo, Manifest, RouterFolder, TrainingRecord
-from .model import QualityHead, auc, fit_head, observation_weights
+from .model import QualityModel, auc, fit_head, observation_weights
 from .progress import no_library_bars, step
 from .recipe import Recipe
 from .tracking import DEFAULT_EXPERIMENT, start_run
@@ -49,7 +49,7 @@ def indexed(obs: pd.DataFrame, models: list[str], sources: list[str]) -> tuple[l
     }
 
 
-def fit(grades: Grades, enc: Encoder, recipe: Recipe, on_step=lambda step, loss: None) -> QualityHead:
+def fit(grades: Grades, enc: Encoder, recipe: Recipe, on_step=lambda step, loss: None) -> QualityModel:
     """The recipe's quality model on the observations of `grades`' train split."""
     obs = grades.only("train")
     if obs.empty:
@@ -62,21 +62,22 @@ def fit(grades: Grades, enc: Encoder, recipe: Recipe, on_step=lambda step, loss:
     arrays["weight"] = observation_weights(arrays["source"], arrays["prompt"],
                                            obs["source"].map(weight_of).to_numpy(float), recipe.source_balance)
     x = enc.features(prompts, recipe.length_input)
-    return fit_head(x, arrays, models, sources, schemes, recipe, on_step)
+    return QualityModel(enc, fit_head(x, arrays, models, sources, schemes, recipe, on_step), recipe.strong)
 
 
-def test_metrics(head: QualityHead, grades: Grades, enc: Encoder, recipe: Recipe) -> dict[str, float]:
+def test_metrics(model: QualityModel, grades: Grades) -> dict[str, float]:
     """Per source on the test split: ROC-AUC of the predicted grade against "the answer passed" (an absolute grade >=
     0.5, a won comparison; ties and mid grades left out), with the source's own link and offsets."""
     import torch
 
+    head = model.head
     obs = grades.only("test")
     obs = obs[obs["source"].isin(head.cfg.sources) & obs["model"].isin(head.cfg.models)
               & (obs["opponent"].isna() | obs["opponent"].isin(head.cfg.models))]
     if obs.empty:
         return {}
     prompts, arrays = indexed(obs, head.cfg.models, head.cfg.sources)
-    x = torch.from_numpy(enc.features(prompts, recipe.length_input, progress=False).astype(np.float32))
+    x = torch.from_numpy(model.features(prompts).astype(np.float32))
     t = {k: torch.tensor(arrays[k], dtype=torch.int64) for k in ("prompt", "model", "opponent", "source")}
     with torch.no_grad():
         logits = head.grade_logits(x, t["prompt"], t["model"], t["opponent"], t["source"]).numpy()
@@ -88,11 +89,9 @@ def test_metrics(head: QualityHead, grades: Grades, enc: Encoder, recipe: Recipe
     return {k: v for k, v in out.items() if v == v}
 
 
-def calibrate(head: QualityHead, grades: Grades, enc: Encoder, recipe: Recipe) -> Calibration:
+def calibrate(model: QualityModel, grades: Grades, recipe: Recipe) -> Calibration:
     """Each output's pass chances at the calibration shares, on the held-out prompts of the calibration sources (all
     held-out prompts when those are fewer than 50)."""
-    from .scorer import pass_chances
-
     held = grades.obs[grades.obs["split"] != "train"]
     mix = held[held["source"].isin(recipe.calibration)]
     what = f"held-out prompts of {', '.join(sorted(mix['source'].unique()))}"
@@ -101,10 +100,8 @@ def calibrate(head: QualityHead, grades: Grades, enc: Encoder, recipe: Recipe) -
     prompts = list(pd.unique(mix["prompt"]))
     if not prompts:
         raise DataError("no held-out prompts to calibrate on: raise --val")
-    quality, difficulty = head.predict(enc.features(prompts, recipe.length_input, progress=False))
-    strong = quality[:, head.cfg.models.index(recipe.strong)]
-    p = np.c_[pass_chances(quality, strong[:, None]), 1.0 - difficulty]
-    return Calibration.of(p, [*head.cfg.models, "generic"], what)
+    outputs = model.predict(prompts)
+    return Calibration.of(outputs.pass_chances(), outputs.names, what)
 
 
 def graded_pair(grades: Grades, split: str, weak: str, strong: str) -> pd.DataFrame:
@@ -169,14 +166,14 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
                 if i % 10 == 0 or i == recipe.steps - 1:
                     mlflow.log_metric("train_loss", loss, step=i)
 
-            head = fit(grades, enc, recipe, log_step)
+            model = fit(grades, enc, recipe, log_step)
         folder.checkpoint.mkdir()
-        head.save(folder.checkpoint)
+        model.save(folder.checkpoint)
         with step("calibrating and testing on the held-out prompts"):
-            calibration = calibrate(head, grades, enc, recipe)
-            default = round(calibration.threshold_for(recipe.weak, recipe.default_strong_fraction), 4)
+            calibration = calibrate(model, grades, recipe)
+            default = round(calibration.threshold_for(recipe.default_strong_fraction, recipe.weak), 4)
             split = grades.obs.drop_duplicates("prompt")["split"].value_counts()
-            metrics = {**test_metrics(head, grades, enc, recipe), "models": len(head.cfg.models),
+            metrics = {**test_metrics(model, grades), "models": len(model.head.cfg.models),
                        **{f"{s}_prompts": int(split.get(s, 0)) for s in ("train", "val", "test")}}
         speed = {"embedded_prompts": enc.embedded, "embedding_prompts_per_s": enc.embedded / enc.seconds if enc.seconds else 0.0}
         record = TrainingRecord(

@@ -16,7 +16,8 @@ import pandas as pd
 
 from .. import residual as top
 from ..errors import DataError
-from ..parity import apgr_of, pass_chances
+from ..outputs import pass_chances
+from ..parity import apgr_of
 from ..progress import step
 from .baselines import knn_scores, prompt_length_scores
 from .protocol import folds_of

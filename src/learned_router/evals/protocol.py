@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..data import Grades, canonical, group_of, load_grades, load_source, observations
 from ..errors import DataError, RouterError
+from ..outputs import Outputs, pass_chances
 from ..prices import OUTPUT_TOKENS, Price, load_prices, message_tokens
 from ..progress import step
 from .baselines import knn_scores, logistic_scores, prompt_length_scores
@@ -126,13 +127,11 @@ def pair_labels(grades: Grades, strong: str, weak: str) -> pd.DataFrame:
     return t
 
 
-def router_pass_chance(bench: pd.DataFrame, quality: np.ndarray, difficulty: np.ndarray,
-                       models: list[str]) -> np.ndarray:
+def router_pass_chance(bench: pd.DataFrame, outputs: Outputs) -> np.ndarray:
     """Each benchmark prompt's weak pass chance for its own pair; a pair the router does not know gets `generic`."""
-    from ..scorer import pass_chances
-
-    col = {m: i for i, m in enumerate(models)}
-    out = 1.0 - difficulty.astype(float)
+    col = {m: i for i, m in enumerate(outputs.models)}
+    quality = outputs.quality
+    out = 1.0 - outputs.difficulty.astype(float)
     rows = np.arange(len(bench))
     known = bench["weak_model"].isin(col).to_numpy() & bench["strong_model"].isin(col).to_numpy()
     if known.any():
@@ -169,10 +168,10 @@ def refit_scores(bench: pd.DataFrame, grades: Grades, enc, recipe, folds: np.nda
         fold = f"fold {k}/{len(parts)}" if len(parts) > 1 else "leave one source out"
         train = grades.without(set(bench["group"].iloc[held]))
         with step(f"{fold}: fitting the recipe without {len(held):,} benchmark prompts", total=recipe.steps) as bar:
-            head = fit(train, enc, recipe, lambda i, loss: bar.advance())
-        quality, difficulty = head.predict(enc.features(bench["prompt"].iloc[held].tolist(), recipe.length_input, progress=False))
-        out["router"][held] = router_pass_chance(bench.iloc[held], quality, difficulty, head.cfg.models)
-        out["difficulty"][held] = 1.0 - difficulty
+            model = fit(train, enc, recipe, lambda i, loss: bar.advance())
+        outputs = model.predict(bench["prompt"].iloc[held].tolist())
+        out["router"][held] = router_pass_chance(bench.iloc[held], outputs)
+        out["difficulty"][held] = 1.0 - outputs.difficulty
         with step(f"{fold}: baselines (kNN, logistic)"):
             fitted = baseline_scores(train, bench.iloc[held], enc, strong, weak, (recipe.strong, recipe.weak))
         for name, p in fitted.items():
@@ -247,9 +246,8 @@ def recipe_scores(router_dir: Path, data: Path, strong: str, weak: str, folds: i
     else:
         protocol = "the shipped router on prompts it never saw; baselines fit on its training prompts"
         with step(f"scoring {len(bench):,} prompts with the shipped router"):
-            r = Router(router_dir)
-            quality, difficulty = r.predict(bench["prompt"].tolist())
-        p = {"router": router_pass_chance(bench, quality, difficulty, manifest.models), "difficulty": 1.0 - difficulty}
+            outputs = Router(router_dir).predict(bench["prompt"].tolist())
+        p = {"router": router_pass_chance(bench, outputs), "difficulty": 1.0 - outputs.difficulty}
         with step("baselines (kNN, logistic)"):
             p |= baseline_scores(grades, bench, enc, bench["strong_model"].iloc[0], bench["weak_model"].iloc[0],
                                  (manifest.strong, manifest.weak))
@@ -284,9 +282,7 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
     p |= extra or {}
     if against is not None:
         with step(f"scoring {len(bench):,} prompts with {against}"):
-            other = Router(against)
-            p[f"router {Path(against).name}"] = router_pass_chance(bench, *other.predict(bench["prompt"].tolist()),
-                                                                   other.manifest.models)
+            p[f"router {Path(against).name}"] = router_pass_chance(bench, Router(against).predict(bench["prompt"].tolist()))
     scores = {"router": 1 - p["router"], "prompt length": prompt_length_scores(bench["prompt"].tolist()),
               **{k: 1 - v for k, v in p.items() if k != "router"}}
     costs = None

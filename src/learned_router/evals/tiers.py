@@ -4,7 +4,8 @@ the oracle, on prompts the router never saw.
 Protocol: k-fold cross-validation by prompt on a graded table (long shape: every tier's model graded on the same
 prompts; a preference against a fixed baseline counts the baseline as 0.5). Per fold, the router's recipe is refit
 on its training data without the fold's prompts, and the fold is routed with the tier policy (`scorer.choose_tier`)
-on each tier's pass chance against the top tier. A call costs its prompt (one message) as input tokens and its answer
+on each tier's pass chance as the service reads it: the tier model's `Router.score` column (its pass chance against
+the router's strong model; `generic` for a model the router does not know), the top tier unscored (1.0). A call costs its prompt (one message) as input tokens and its answer
 as output tokens at the tier's prices, tokens estimated from characters as the service does (prices.py): the answer
 lengths are the graded answers' own, where the data has them, else the price file's `output_tokens`.
 """
@@ -20,6 +21,7 @@ import pandas as pd
 
 from ..data import canonical, group_of, load_source, observations
 from ..errors import DataError, RouterError
+from ..outputs import GENERIC
 from ..prices import cost_usd, message_tokens, text_tokens
 from ..progress import step
 from .protocol import Prices, folds_of
@@ -113,7 +115,7 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     from ..embed import Encoder
     from ..manifest import RouterFolder
     from ..recipe import Recipe
-    from ..scorer import choose_tier, pass_chances
+    from ..scorer import choose_tier
     from ..train import fit
 
     tiers = [canonical(t) for t in tiers]
@@ -143,17 +145,16 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
         grades = load_grades(list(dict.fromkeys(d["path"] for d in record.data)), {d["name"]: d["weight"] for d in record.data},
                              recipe.val, recipe.test, recipe.seed, recipe.max_prompts)
     fold = folds_of(prompts["group"], folds)
-    p = np.empty(scores.shape)  # each tier's pass chance against the top tier, from the fold's model
+    p = np.empty(scores.shape)  # each tier's score column as the service reads it (`Router.score`), from the fold's model
     parts = np.unique(fold)
     for n, f in enumerate(parts, 1):
         held = fold == f
         with step(f"fold {n}/{len(parts)}: fitting the recipe without {int(held.sum()):,} benchmark prompts", total=recipe.steps) as bar:
-            head = fit(grades.without(set(prompts["group"][held])), enc, recipe, lambda i, loss: bar.advance())
-        quality, difficulty = head.predict(enc.features(prompts["prompt"][held].tolist(), recipe.length_input, progress=False))
-        col = {m: i for i, m in enumerate(head.cfg.models)}
-        top = quality[:, col[tiers[-1]]] if tiers[-1] in col else quality[:, col[recipe.strong]]
+            model = fit(grades.without(set(prompts["group"][held])), enc, recipe, lambda i, loss: bar.advance())
+        outputs = model.predict(prompts["prompt"][held].tolist())
+        chances = outputs.pass_chances()
         for k, t in enumerate(tiers):
-            p[held, k] = pass_chances(quality[:, col[t]], top) if t in col else 1.0 - difficulty
+            p[held, k] = chances[:, outputs.column(t if t in outputs.models else GENERIC)]
     p[:, -1] = 1.0
     best = int(np.argmax(mean_q))
     curves = {"router": Frontier.of(route_points(lambda t: choose_tier(p, t), threshold_grid(p), scores, costs)),

@@ -61,8 +61,8 @@ def pass_chance_reference(values: np.ndarray) -> dict:
 def calibration_reference(manifest, output: str) -> dict | None:
     """The pass chance's reference from the router's calibration mix (its deciles of `output`), if it has one."""
     try:
-        edges = [float(x) for x in np.unique([manifest.calibration.threshold_for(output, q) for q in DECILES])]
-        cdf = [0.0, *(manifest.calibration.strong_fraction_at(output, e) for e in edges), 1.0]
+        edges = [float(x) for x in np.unique([manifest.calibration.threshold_for(q, output) for q in DECILES])]
+        cdf = [0.0, *(manifest.calibration.strong_fraction_at(e, output) for e in edges), 1.0]
     except (ValueError, KeyError, AttributeError):
         return None
     return {"edges": edges, "shares": {str(i): max(cdf[i + 1] - cdf[i], 0.0) for i in range(len(edges) + 1)}}

@@ -55,8 +55,8 @@ class TaskTyping:
         """The router's pass chances (n, K) and, as column K, each prompt's inferred type index."""
         if self.classifier is None:
             return np.asarray(self._router.score(prompts)).reshape(len(prompts), -1)
-        scores, embeddings = self._router.score_and_embed(prompts)
-        return np.c_[np.asarray(scores).reshape(len(prompts), -1), self.classifier.classify(embeddings)]
+        outputs = self._router.predict(prompts)
+        return np.c_[outputs.pass_chances(), self.classifier.classify(outputs.embedding)]
 
     def split(self, row: np.ndarray | None) -> tuple[np.ndarray | None, str]:
         """A scored row as (pass chances, inferred type)."""
