@@ -30,7 +30,7 @@ def stack():
         entries = {n: provider_entry(n, fakes[n], None, MODELS[n], (10, 30) if n.startswith("strong") else (0.6, 0.6),
                                      timeout_s=1.0, connect_timeout_s=1.0) for n in NAMES}
         cfg = service_config(two_tiers([entries["weak-a"], entries["weak-b"]], [entries["strong-a"], entries["strong-b"]]),
-                             circuit_breaker={"failures": 3, "cooldown_s": COOLDOWN})
+                             circuit_breaker={"failures": 3, "cooldown_s": COOLDOWN, "probe_every_s": None})
         with start_service(cfg) as service:
             yield {"url": service.url, "fakes": fakes, "service": service.app.state.service}
     finally:
@@ -241,3 +241,60 @@ def test_no_accepted_request_is_lost_while_providers_break_and_heal(stack):
     assert not failures, failures[:3]
     assert {r.model for r in results} >= {MODELS["weak-b"]}  # some had to fall back
     assert metric(stack, "router_upstream_errors_total", kind="http_503", provider="weak-a") >= 1
+
+
+@pytest.fixture
+def pair(request):
+    """A weak and a strong provider, one each, with their own service: circuits open on one failure; the timer probes
+    every 0.2 s unless the test's parameter says otherwise (None: off)."""
+    fakes = {n: FakeProvider(name=n, model=MODELS[n]) for n in ("weak-a", "strong-a")}
+    for f in fakes.values():
+        f.__enter__()
+    try:
+        entries = {n: provider_entry(n, fakes[n], None, MODELS[n], (10, 30) if n.startswith("strong") else (0.6, 0.6),
+                                     timeout_s=2.0, connect_timeout_s=1.0) for n in fakes}
+        cfg = service_config(two_tiers([entries["weak-a"]], [entries["strong-a"]]),
+                             circuit_breaker={"failures": 1, "cooldown_s": COOLDOWN,
+                                              "probe_every_s": getattr(request, "param", 0.2)})
+        with start_service(cfg) as service:
+            yield {"url": service.url, "fakes": fakes, "service": service.app.state.service}
+    finally:
+        for f in fakes.values():
+            f.__exit__(None, None, None)
+
+
+def open_circuit(pair, name: str) -> None:
+    p = next(p for p in pair["service"].upstream.providers() if p.name == name)
+    p.breaker.failure()
+    assert p.breaker.state == "open"
+
+
+@pytest.mark.parametrize("pair", [None], indirect=True)  # requests probe, not the timer
+def test_a_healthy_provider_behind_a_half_open_circuit_takes_every_request_that_needs_it(pair):
+    weak, strong = pair["fakes"]["weak-a"], pair["fakes"]["strong-a"]
+    weak.control(latency_ms=400)  # its probe is in flight while the others arrive
+    strong.control(mode="error")  # the strong provider is down: the weak one is all that can answer
+    open_circuit(pair, "weak-a")
+    time.sleep(COOLDOWN)  # half-open
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=pair["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30) as c:
+            return await asyncio.gather(*(c.chat.completions.with_raw_response.create(model="router-1", messages=USER)
+                                          for _ in range(16)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures[:3]
+    assert {r.headers["x-router-provider"] for r in results} == {"weak-a"}
+
+
+def test_a_half_open_circuit_no_request_reaches_is_probed_on_a_timer(pair):
+    open_circuit(pair, "strong-a")
+    seen = pair["fakes"]["strong-a"].stats()["requests"]
+    wait_for(lambda: metric(pair, "router_circuit_state", provider="strong-a") == 0, timeout=5)
+    assert metric(pair, "router_circuit_probes_total", provider="strong-a", result="closed") == 1
+    assert pair["fakes"]["strong-a"].stats()["requests"] == seen  # GET /models, not a chat request
+
+    pair["fakes"]["strong-a"].__exit__(None, None, None)  # a provider that is down stays open after its probe
+    open_circuit(pair, "strong-a")
+    wait_for(lambda: metric(pair, "router_circuit_probes_total", provider="strong-a", result="open") >= 1, timeout=5)

@@ -272,12 +272,13 @@ def test_cost_metrics_and_spend_stay_finite_after_everything(stack):
 
 
 def test_the_soak_command_accounts_for_every_request_through_its_fault_phases():
-    from learned_router.serving.soak import PHASES, run
+    from learned_router.serving.soak import PHASES, STRICT, run
 
     results = run(str(ROUTER_DIR), 16 * len(PHASES), concurrency=4)
     assert [name for name, _ in results] == [name for name, _ in PHASES]
     for name, counts in results:
         assert counts["sent"] == 16 and counts["lost"] == 0 and counts["500"] == 0, (name, counts)
         assert counts["answered"] + counts["refused"] + counts["stream_error"] + counts["5xx"] == 16
+    assert dict(results)[STRICT]["5xx"] == 0  # the weak provider, half-open, takes every request the dead strong one fails
     out = subprocess.run([sys.executable, "-m", "learned_router", "soak", "--requests", "5"], capture_output=True, text=True)
     assert out.returncode == 2 and "--requests" in out.stderr and "Traceback" not in out.stderr  # bounded: 100 to 50,000

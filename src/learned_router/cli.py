@@ -819,20 +819,22 @@ def soak(
     concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent clients.")] = 16,
 ):
     """A bounded soak on 127.0.0.1: the service, fake providers broken phase by phase, hostile clients; per phase
-    sent / answered / refused / stream errors / 5xx / 500 / lost. Exit code 1 unless 0 lost and 0 500s."""
+    sent / answered / refused / stream errors / 5xx / 500 / lost. Exit code 1 unless 0 lost and 0 500s, and no 5xx
+    where the strong provider fails while the weak one's circuit is half-open."""
     import logging
     from collections import Counter
 
     _serve_imports()
     from .manifest import read_manifest
-    from .serving.soak import COLUMNS, PHASES, run
+    from .serving.soak import COLUMNS, PHASES, STRICT, run
 
     read_manifest(router)  # a clear error before anything starts
     logging.getLogger("learned_router").setLevel(logging.ERROR)  # the faults are deliberate: keep their warnings out
     results = run(str(router), requests, concurrency)
     total = sum((c for _, c in results), Counter())
     typer.echo(f"{'total':30s} " + "  ".join(f"{k} {round(total[k], 1)}" for k in COLUMNS))
-    if total["lost"] or total["500"] or total["sent"] != len(PHASES) * (requests // len(PHASES)):
+    strict = dict(results)[STRICT]
+    if total["lost"] or total["500"] or strict["5xx"] or total["sent"] != len(PHASES) * (requests // len(PHASES)):
         raise typer.Exit(1)
 
 

@@ -188,6 +188,7 @@ class CircuitConfig(Strict):
 
     failures: int = Field(5, ge=1)  # consecutive failed attempts that open a provider's circuit
     cooldown_s: Positive = 30.0  # then one probe request is let through (half-open)
+    probe_every_s: Positive | None = 5.0  # a half-open provider no request reaches is probed this often (GET {base_url}/models); null: requests only
 
 
 class ClientKey(Strict):

@@ -30,6 +30,7 @@ class Metrics:
         self.fallbacks = Counter("router_fallbacks", "Moves to the next provider after one failed or was skipped", ["from_provider", "to_provider"], registry=r)
         self.upstream_errors = Counter("router_upstream_errors", "Failed upstream attempts by provider and kind", ["provider", "kind"], registry=r)
         self.circuit_skips = Counter("router_circuit_skips", "Requests that skipped a provider whose circuit was open", ["provider"], registry=r)
+        self.circuit_probes = Counter("router_circuit_probes", "Timer probes of half-open providers, by the circuit they left", ["provider", "result"], registry=r)
         self.routing_seconds = Histogram("router_routing_seconds", "Time to score and route a request (batch wait included)", buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_seconds = Histogram("router_upstream_seconds", "Upstream time of successful calls (a stream: to its first chunk)", ["provider"], buckets=LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("router_request_seconds", "Time in the service per request (a stream: to its first byte)", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)

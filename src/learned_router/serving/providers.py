@@ -5,7 +5,10 @@ A request goes down the chain of providers the routing policy made for it. Each 
 (at least Retry-After, when the provider sends one no longer than `retry.max_retry_after_s`); 401, 403
 and 404 mean the provider is misconfigured and move on at once; any other 4xx is the client's fault and
 goes back to the client as is. Consecutive failed attempts open a provider's circuit: it is skipped for
-`cooldown_s`, then one request probes it (half-open) and closes or re-opens the circuit.
+`cooldown_s`, then one request probes it (half-open) and closes or re-opens the circuit. A half-open provider that no
+request reaches is probed every `probe_every_s` with GET {base_url}/models. A request whose chain has no other provider
+left waits for a half-open provider's probe (up to the probe's own time limit) rather than fail: when the probe
+succeeds, the request goes there.
 
 Upstream bodies are read up to `limits.max_upstream_body_bytes` (a stream: all its lines together); a larger body,
 a 200 answer that is not a JSON object with a `choices` list, or a stream that breaks its format is a `bad_response`.
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import email.utils
 import json
+import logging
 import re
 import random
 import time
@@ -38,7 +43,10 @@ from .routing import reject_constant
 if TYPE_CHECKING:
     from .state import LocalState
 
+log = logging.getLogger(__name__)
+
 Ticket = Literal["closed", "probe"] | None
+PROBE_POLL_S = 0.05  # how often a request waiting for another's probe asks for the verdict
 
 
 class CircuitBreaker:
@@ -267,9 +275,11 @@ class Upstream:
     """`state` keeps the breakers (state.py: each provider's own, or one per provider for every replica in Redis)."""
 
     def __init__(self, tiers: list[list[Provider]], retry: RetryConfig, metrics: Metrics, state: LocalState,
-                 client: httpx.AsyncClient | None = None, max_body_bytes: int = 8 << 20):
+                 client: httpx.AsyncClient | None = None, max_body_bytes: int = 8 << 20, probe_every_s: float | None = None):
         self.tiers = tiers  # cheapest first, each an ordered chain
         self.retry = retry
+        self.probe_every_s = probe_every_s
+        self._prober: asyncio.Task | None = None
         self.state = state
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -284,15 +294,58 @@ class Upstream:
               latency: LatencyConfig, metrics: Metrics, state: LocalState, max_body_bytes: int = 8 << 20) -> Upstream:
         return cls([[Provider(c, t.name, keys[c.name], CircuitBreaker(circuit.failures, circuit.cooldown_s),
                               LatencyWindow(latency.window, latency.max_age_s, latency.min_samples)) for c in t.providers]
-                    for t in tiers], retry, metrics, state, max_body_bytes=max_body_bytes)
+                    for t in tiers], retry, metrics, state, max_body_bytes=max_body_bytes, probe_every_s=circuit.probe_every_s)
 
     async def start(self) -> None:
         # Timeouts are set per provider on each request; the pool is shared by all of them.
         self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128), trust_env=False)
+        if self.probe_every_s is not None:
+            self._prober = asyncio.create_task(self._probe_half_open())
 
     async def stop(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
         if self.client is not None:
             await self.client.aclose()
+
+    async def _probe_half_open(self) -> None:
+        """Every `probe_every_s`: each provider whose cool-down is over and that no request is probing gets the probe
+        ticket and a GET {base_url}/models; an answer below 500 (not 401/403) closes its circuit, anything else
+        re-opens it."""
+        while True:
+            await asyncio.sleep(self.probe_every_s)
+            for p in self.providers():
+                if p.breaker.state != "half_open":
+                    continue
+                try:
+                    ticket = await self.state.acquire(p)
+                    if ticket != "probe":
+                        await self.state.release(p, ticket)
+                        continue
+                    try:
+                        r = await self.client.get(f"{p.config.base_url}/models", headers=p.headers(), timeout=p.config.timeout_s)
+                        ok = r.status_code < 500 and r.status_code not in (401, 403)
+                    except httpx.HTTPError:
+                        ok = False
+                    await (self.state.success(p) if ok else self.state.failure(p))
+                    self.metrics.circuit_probes.labels(p.name, "closed" if ok else "open").inc()
+                except Exception as e:  # the timer must outlive any one probe
+                    log.warning("circuit probe of %s failed: %s", p.name, type(e).__name__)
+
+    async def _after_probe(self, provider: Provider, deadline: float | None) -> Ticket:
+        """Wait for the verdict of the probe another request (or the timer) holds: a ticket once the circuit closes (or
+        the probe ends without a verdict), None when it re-opens or the probe's time limit or the deadline passes."""
+        limit = time.monotonic() + provider.config.timeout_s * self.retry.attempts + 1.0
+        if deadline is not None:
+            limit = min(limit, deadline)
+        while time.monotonic() < limit:
+            await asyncio.sleep(PROBE_POLL_S)
+            ticket = await self.state.acquire(provider)
+            if ticket is not None or provider.breaker.state != "half_open":
+                return ticket
+        return None
 
     def providers(self) -> list[Provider]:
         return [p for chain in self.tiers for p in chain]
@@ -305,11 +358,16 @@ class Upstream:
         outcomes: list[str] = []
         tried = False
         prev: Provider | None = None
-        for provider in chain:
+        pending = [(p, False) for p in chain]  # (provider, whether it waits for another's probe)
+        while pending:
+            provider, waits = pending.pop(0)
             if deadline is not None and time.monotonic() >= deadline:
                 outcomes.append(f"{provider.tier}/{provider.name}: not tried, the latency budget was spent")
                 raise AllProvidersFailed(outcomes, tried, deadline_passed=True)
-            ticket = await self.state.acquire(provider)
+            ticket = await (self._after_probe(provider, deadline) if waits else self.state.acquire(provider))
+            if ticket is None and not waits and provider.breaker.state == "half_open":
+                pending.append((provider, True))  # being probed: asked again when the rest of the chain fails
+                continue
             if ticket is None:
                 self.metrics.circuit_skips.labels(provider.name).inc()
                 outcomes.append(f"{provider.tier}/{provider.name}: circuit open")

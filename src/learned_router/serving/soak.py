@@ -7,7 +7,9 @@ clients on keep-alive connections, a third of the requests streamed). The phases
 after another, then heal it; hostile clients send a fifth of every phase's requests (lone surrogates, broken JSON,
 bad fields). It prints, per phase: sent, answered (2xx; a stream ended by [DONE]), refused (4xx: the hostile
 requests), stream errors (a stream ended by the router's error event), 5xx other than 500 (every provider failed),
-500s and lost (no complete response: a dropped connection or a truncated stream). Exit code 1 unless 0 lost, 0 500s.
+500s and lost (no complete response: a dropped connection or a truncated stream). Exit code 1 unless 0 lost, 0 500s,
+and no 5xx in the phase whose strong provider fails while the weak one's circuit is half-open (`STRICT`): the weak
+provider answers there, so no request may fail.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .service import Service
 
 KEY = "sk-soak-client-key"
 GOOD_CHUNK = json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "partial"}}]})
-PHASES = [  # (name, the weak provider's settings)
+STRICT = "strong down, weak half-open"
+PHASES = [  # (name, the weak provider's settings); the strong provider is healthy but in STRICT
     ("healthy", {"mode": "ok"}),
     ("weak 30% 503", {"mode": "ok", "fail_rate": 0.3}),
     ("weak 429", {"mode": "429", "retry_after": 1}),
@@ -42,6 +45,7 @@ PHASES = [  # (name, the weak provider's settings)
     ("weak streams without [DONE]", {"mode": "raw", "raw_events": [GOOD_CHUNK, GOOD_CHUNK],
                                      "raw_body": json.dumps({"choices": [{"message": {"content": "hi"}}]})}),
     ("weak insane usage", {"mode": "ok", "usage": {"prompt_tokens": -1, "completion_tokens": 1e308}}),
+    (STRICT, {"mode": "ok", "latency_ms": 300}),  # slow: requests arrive while its probe is in flight
     ("healed", {"mode": "ok"}),
 ]
 HOSTILE = [
@@ -155,11 +159,18 @@ def run(router: str, requests: int, concurrency: int = 16) -> list[tuple[str, Co
             "auth": {"keys": [{"name": "soak", "sha256": hash_key(KEY)}]},
             "rate_limit": {"requests_per_minute": 0},
         })
-        with Server(create_app(Service(cfg, router=loaded))) as service:
+        svc = Service(cfg, router=loaded)
+        with Server(create_app(svc)) as service:
             for name, settings in PHASES:
-                for k, v in {**FakeState().__dict__, **settings}.items():
-                    if k not in ("name", "model", "seed", "api_key", "answer_words"):
-                        setattr(weak_state, k, v)
+                for state, given in ((weak_state, settings), (strong_state, {"mode": "error"} if name == STRICT else {})):
+                    for k, v in {**FakeState().__dict__, **given}.items():
+                        if k not in ("name", "model", "seed", "api_key", "answer_words"):
+                            setattr(state, k, v)
+                if name == STRICT:  # open the weak circuit and let its cool-down pass: the phase starts half-open
+                    weak = next(p for p in svc.upstream.providers() if p.name == "weak")
+                    for _ in range(cfg.circuit_breaker.failures):
+                        weak.breaker.failure()
+                    time.sleep(cfg.circuit_breaker.cooldown_s)
                 t0 = time.monotonic()
                 counts = asyncio.run(phase(service.url, per_phase, concurrency))
                 counts["seconds"] = round(time.monotonic() - t0, 1)
