@@ -253,6 +253,14 @@ def test_bad_input_is_one_line_and_exit_2(fakes, tmp_path):
     same = config(fakes)
     same["judge"]["provider"]["name"] = "strong-a"
     assert "judge.provider.name: 'strong-a' is also a tier's provider" in error(["--yes"], same)
+    # a row of a data class goes only where the service's data rules let it: here the judge is not allowed
+    classed = config(fakes)
+    classed["data_classes"] = {"restricted": ["weak-a", "strong-a"], "open": ["weak-a", "strong-a", "judge"]}
+    rows = pd.DataFrame({"prompt": ["a", "b", "c"], "data_class": [None, "open", "restricted"]})
+    assert ("row 2: data class 'restricted' may not reach judge (data_classes.restricted: weak-a, strong-a)"
+            in error(["--yes"], classed, rows))
+    assert "row 1: field 'data_class' is not a class of the config's data_classes (none configured)" in error(["--yes"], prompts=rows)
+    assert fakes[2].stats()["requests"] == 0  # refused before any call
     # without --yes and without a terminal to ask on, nothing is sent
     files(tmp_path, config(fakes))
     result = runner.invoke(app, ["label", "--config", str(missing), "--prompts", str(tmp_path / "prompts.parquet"), "--out",

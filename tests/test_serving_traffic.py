@@ -54,7 +54,7 @@ def stack(tmp_path_factory):
             traffic={"store": str(tmp / "traffic.sqlite"), "never_record": ["secret"], "feedback_per_minute": 30},
             admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
         )
-        cfg["data_classes"] = {"secret": ["strong-a"]}
+        cfg["data_classes"] = {"secret": ["strong-a"], "restricted": ["strong-a"]}
         with start_service(cfg) as service:
             yield {"url": service.url, "strong": strong, "weak": weak, "store": tmp / "traffic.sqlite", "router": router,
                    "tmp": tmp, "service": service.app.state.service}
@@ -149,8 +149,12 @@ def test_traffic_export_writes_prompts_with_feedback(stack, tmp_path):
     rid, _ = chat(stack, "What is the capital of Australia?")
     httpx.post(stack["url"] + "/v1/feedback", json={"request_id": rid, "thumbs": "down"},
                headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10).raise_for_status()
-    df, textless = export_traffic(stack["store"])
-    assert textless == 0 and {"prompt_id", "prompt", "time", "tier", "model", "feedback"} <= set(df.columns)
+    restricted, _ = chat(stack, "Our Q3 numbers are...", extra_headers={"x-router-data-class": "restricted"})
+    wait_for(lambda: restricted in rows(stack))
+    assert rows(stack)[restricted]["data_class"] == "restricted"  # recorded with its class ...
+    df, left_out = export_traffic(stack["store"])
+    assert restricted not in df["prompt_id"].tolist() and left_out >= 1  # ... and never exported
+    assert {"prompt_id", "prompt", "time", "tier", "model", "feedback"} <= set(df.columns)
     assert df.set_index("prompt_id").loc[rid, "feedback"] == 0.0
     assert len(export_traffic(stack["store"], sample=2)[0]) == 2
     assert export_traffic(stack["store"], since=time.time() + 60)[0].empty

@@ -691,13 +691,13 @@ def traffic_export(
         raise RouterError(f"--out {out}: expected a {', '.join(PROMPT_TABLES)} file")
     if out.exists() and not overwrite:
         raise RouterError(f"{out}: already exists (pass --overwrite to replace it)")
-    df, textless = export_traffic(store, utc_time(since, "--since"), utc_time(until, "--until"), sample, seed)
+    df, left_out = export_traffic(store, utc_time(since, "--since"), utc_time(until, "--until"), sample, seed)
     if df.empty:
-        raise RouterError(f"{store}: no recorded requests with text in that range"
-                          + (f" ({textless} recorded as a hash only: traffic.text)" if textless else ""))
+        raise RouterError(f"{store}: no recorded requests with text and no data class in that range"
+                          + (f" ({left_out} recorded as a hash only (traffic.text) or of a data class)" if left_out else ""))
     write_table(df, out)
     typer.echo(f"{len(df)} requests ({int(df['feedback'].notna().sum())} with feedback) written to {out}"
-               + (f"; {textless} recorded without text were left out" if textless else ""))
+               + (f"; {left_out} recorded without text or with a data class were left out" if left_out else ""))
 
 
 @app.command("fake-provider")

@@ -124,7 +124,7 @@ def read_prompts(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use {', '.join(PROMPT_TABLES)}")
     if suffix != ".parquet" and not utf8_text(path.read_bytes(), str(path)).strip():
         raise DataError(f"{path}: no prompts (the file is empty)")
-    df = read_prompt_table(path, text_columns=("prompt_id", "tier"))
+    df = read_prompt_table(path, text_columns=("prompt_id", "tier", "data_class"))
     df = df.reset_index(drop=True)
     check_prompts(path, df)
     ids = df["prompt_id"] if "prompt_id" in df.columns else pd.Series([None] * len(df))
@@ -143,6 +143,23 @@ def read_prompts(path: Path) -> pd.DataFrame:
         if df["feedback"].notna().any() and "tier" not in df.columns:
             raise DataError(f"{path}: a 'feedback' column needs a 'tier' column (the tier that answered each prompt)")
     return df
+
+
+def check_data_classes(path: Path, df: pd.DataFrame, cfg: ServiceConfig, providers: list[str]) -> None:
+    """A row with a `data_class` may only go where the service's data rules let it (`data_classes`): every provider a
+    run calls (the compared models' chains and the judge) must be allowed for its class; DataError naming the row."""
+    if "data_class" not in df.columns:
+        return
+    given = df["data_class"]
+    classed = given.notna() & (given.astype(str) != "")
+    first_bad(path, classed & ~given.isin(list(cfg.data_classes)), "field 'data_class' is not a class of the config's "
+              f"data_classes ({', '.join(sorted(cfg.data_classes)) or 'none configured'})", given)
+    for cls in pd.unique(given[classed]):
+        barred = [p for p in dict.fromkeys(providers) if p not in cfg.data_classes[cls]]
+        if barred:
+            first_bad(path, given == cls, f"data class {cls!r} may not reach {', '.join(barred)} (data_classes.{cls}: "
+                      f"{', '.join(cfg.data_classes[cls])}), which label would send it to; drop such rows or choose "
+                      "--models and a judge the class allows", given)
 
 
 def distinct_prompts(df: pd.DataFrame) -> list[tuple[str, str]]:
@@ -412,8 +429,9 @@ def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None 
         raise RouterError(f"--max-usd: expected a non-negative number of dollars, got {max_usd}")
     if concurrency is not None and concurrency < 1:
         raise RouterError(f"--concurrency: expected at least 1, got {concurrency}")
-    providers_used(cfg, chosen)  # every key variable set, before anything is read or asked
+    used = providers_used(cfg, chosen)  # every key variable set, before anything is read or asked
     df = read_prompts(prompts)
+    check_data_classes(Path(prompts), df, cfg, [prov.name for prov, _, _ in used])
     if max_feedback_share is not None and not 0 < max_feedback_share <= 1:
         raise RouterError(f"--max-feedback-share: expected a share in (0, 1], got {max_feedback_share}")
     fb, unknown, by_client = feedback_rows(df, cfg, exclude_clients, max_feedback_share)

@@ -357,7 +357,7 @@ class ServiceConfig(Strict):
     tiers: list[TierConfig]  # cheapest first
     budget: BudgetConfig | None = None
     latency: LatencyConfig = LatencyConfig()
-    data_classes: dict[str, list[str]] = {}  # class -> the providers that may receive it
+    data_classes: dict[str, list[str]] = {}  # class -> the providers that may receive it (the judge's name too, for `label`)
     retry: RetryConfig = RetryConfig()
     circuit_breaker: CircuitConfig = CircuitConfig()
     auth: AuthConfig
@@ -471,12 +471,14 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
     for task, tier in cfg.task_types.min_tier.items():
         if tier not in tiers:
             raise ConfigError(f"{source}: task_types.min_tier.{task}: unknown tier {tier!r}; tiers: {', '.join(t.name for t in cfg.tiers)}")
+    judge = {cfg.judge.provider.name} - providers if cfg.judge is not None else set()  # label's judge may be allowed too
     for cls, allowed in cfg.data_classes.items():
         if not allowed:
             raise ConfigError(f"{source}: data_classes.{cls}: list the providers that may receive this class")
         for i, name in enumerate(allowed):
-            if name not in providers:
-                raise ConfigError(f"{source}: data_classes.{cls}[{i}]: unknown provider {name!r}; providers: {', '.join(sorted(providers))}")
+            if name not in providers | judge:
+                raise ConfigError(f"{source}: data_classes.{cls}[{i}]: unknown provider {name!r}; providers: "
+                                  f"{', '.join(sorted(providers | judge))}")
     for i, cls in enumerate(cfg.traffic.never_record if cfg.traffic else []):
         if cls not in cfg.data_classes:
             raise ConfigError(f"{source}: traffic.never_record[{i}]: unknown data class {cls!r}; classes: "

@@ -370,7 +370,7 @@ class Service:
             "model": provider.config.model if provider else None,
             "prompt_tokens": billed.prompt_tokens if billed else None, "completion_tokens": billed.completion_tokens if billed else None,
             "cost_usd": billed.usd if billed else 0.0, "latency_ms": round((time.monotonic() - started) * 1000, 3),
-            "status": status, "outcome": outcome,
+            "status": status, "outcome": outcome, "data_class": d.options.data_class,
         }, d.options.data_class)
 
     def _named_task_type(self, name: str | None, tasks: TaskTyping | None) -> str | None:

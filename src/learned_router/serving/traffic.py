@@ -2,8 +2,9 @@
 
 One row per chat request, written when its answer is complete (or has failed): its id (the x-request-id header),
 time, client, the scored text (or only its sha256, or neither: `traffic.text`), pass chances, threshold, tier, rule,
-task type, the router version that decided, provider, upstream model, billed tokens, cost, latency and outcome.
-Requests of a data class listed in `traffic.never_record` are not written at all.
+task type, the router version that decided, provider, upstream model, billed tokens, cost, latency, outcome and the
+request's data class. Requests of a data class listed in `traffic.never_record` are not written at all; those of any
+other class are, but `export_traffic` never writes them out (a prompts file goes to every provider `label` calls).
 
 The rows go to a sqlite file (WAL, so every process of a host can share it) from one writer thread: the event loop
 only puts a row on a bounded queue. A full queue (a store stuck behind another process' lock) drops the row and counts
@@ -35,11 +36,13 @@ log = logging.getLogger("learned_router.serving")
 PRUNE_EVERY = 1000
 FEEDBACK_RETRY_S = 0.25
 COLUMNS = ("id", "time", "client", "text", "text_sha256", "pass_chances", "threshold", "tier", "rule", "task_type", "router",
-           "provider", "model", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms", "status", "outcome")
+           "provider", "model", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms", "status", "outcome",
+           "data_class")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, time REAL NOT NULL, client TEXT, text TEXT, text_sha256 TEXT,
     pass_chances TEXT, threshold REAL, tier TEXT, rule TEXT, task_type TEXT, router TEXT, provider TEXT, model TEXT,
-    prompt_tokens INTEGER, completion_tokens INTEGER, cost_usd REAL, latency_ms REAL, status INTEGER, outcome TEXT);
+    prompt_tokens INTEGER, completion_tokens INTEGER, cost_usd REAL, latency_ms REAL, status INTEGER, outcome TEXT,
+    data_class TEXT);
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time);
 CREATE TABLE IF NOT EXISTS feedback (request_id TEXT PRIMARY KEY, score REAL NOT NULL, time REAL NOT NULL);
 """
@@ -57,6 +60,8 @@ def open_store(path: str | Path, timeout_s: float = 5.0, create: bool = True) ->
         db.execute("PRAGMA journal_mode=WAL")
         if create:
             db.executescript(SCHEMA)
+            if "data_class" not in {row[1] for row in db.execute("PRAGMA table_info(requests)")}:  # a store from before it
+                db.execute("ALTER TABLE requests ADD COLUMN data_class TEXT")
         elif db.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone() is None:
             raise ConfigError(f"{path}: not a traffic store (no requests table)")
         return db
@@ -166,8 +171,9 @@ class TrafficLog:
 
 def export_traffic(store: Path, since: float | None = None, until: float | None = None, sample: int | None = None,
                    seed: int = 0):
-    """The recorded requests with text (and their feedback) as a prompts table: prompt_id, prompt, time (UTC), client,
-    tier, provider, model, router, outcome, feedback; and how many recorded requests had no text (hash-only)."""
+    """The recorded requests with text and no data class (and their feedback) as a prompts table: prompt_id, prompt,
+    time (UTC), client, tier, provider, model, router, outcome, feedback; and how many recorded requests were left out
+    (hash-only, or of a data class)."""
     import pandas as pd
 
     db = open_store(store, create=False)
@@ -179,16 +185,19 @@ def export_traffic(store: Path, since: float | None = None, until: float | None 
         if until is not None:
             where.append("r.time < ?")
             args.append(until)
+        has_class = "data_class" in {row[1] for row in db.execute("PRAGMA table_info(requests)")}
         query = ("SELECT r.id AS prompt_id, r.text AS prompt, r.time, r.client, r.tier, r.provider, r.model, r.router, "
-                 f"r.outcome, f.score AS feedback FROM requests r LEFT JOIN feedback f ON f.request_id = r.id "
+                 f"r.outcome, {'r.data_class' if has_class else 'NULL'} AS data_class, f.score AS feedback "
+                 f"FROM requests r LEFT JOIN feedback f ON f.request_id = r.id "
                  f"WHERE {' AND '.join(where)} ORDER BY r.time")
         df = pd.read_sql_query(query, db, params=args)
     finally:
         db.close()
-    textless = int(df["prompt"].isna().sum())
-    df = df[df["prompt"].notna()]
+    left_out = df["prompt"].isna() | df["data_class"].notna()
+    n_left_out = int(left_out.sum())
+    df = df[~left_out].drop(columns="data_class")
     if sample is not None and sample < len(df):
         df = df.sample(n=sample, random_state=seed).sort_values("time")
     df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
-    return df.reset_index(drop=True), textless
+    return df.reset_index(drop=True), n_left_out
 
