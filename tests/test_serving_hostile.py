@@ -338,3 +338,22 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected():
                     while s.recv(1024):  # a client trickling its headers: cut off after 0.5 s
                         pass
                     assert time.monotonic() - t0 < 2
+
+
+def test_a_client_that_never_finishes_its_body_gets_a_408_and_is_disconnected():
+    with FakeProvider(name="weak", model=WEAK) as weak:
+        entry = provider_entry("weak", weak, None, WEAK, (0.6, 0.6))
+        cfg = service_config(two_tiers([entry], [{**entry, "name": "strong"}]), limits={"body_read_seconds": 0.5})
+        with start_service(cfg) as service:
+            with socket.create_connection(("127.0.0.1", service.port)) as s:
+                s.settimeout(5)
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + CLIENT_KEY.encode()
+                          + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":")
+                t0, reply = time.monotonic(), b""
+                while chunk := s.recv(4096):  # the server answers, then closes the connection
+                    reply += chunk
+                assert time.monotonic() - t0 < 3
+            assert reply.startswith(b"HTTP/1.1 408") and b"limits.body_read_seconds" in reply
+            conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)  # an honest client is unaffected
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(GOOD), headers=AUTH)
+            assert conn.getresponse().status == 200

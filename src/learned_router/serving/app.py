@@ -98,7 +98,8 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     app.include_router(api_router)
     app.add_middleware(ServerErrors)
-    app.add_middleware(BodyLimit, max_bytes=service.config.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=service.config.limits.max_body_bytes,
+                       read_seconds=service.config.limits.body_read_seconds)
     app.add_middleware(RequestMetrics, metrics=service.metrics, endpoints=ENDPOINTS)
     return app
 

@@ -234,11 +234,13 @@ class RateLimitConfig(Strict):
 
 
 class LimitsConfig(Strict):
-    """Body size limits (413 for a client, a failed call for a provider) and how long a stream may run."""
+    """Body size limits (413 for a client, a failed call for a provider), how long a client may take to send its body
+    and how long a stream may run."""
 
     max_body_bytes: int = Field(1 << 20, ge=1024)  # a client's request
     max_upstream_body_bytes: int = Field(8 << 20, ge=1024)  # a provider's answer (a stream: all of it)
     max_stream_seconds: Positive = 600.0  # a stream still going this long after the request came in is ended
+    body_read_seconds: Positive = 30.0  # a request body not complete this long after its headers is refused (408)
 
 
 class ReadinessConfig(Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -14,10 +15,12 @@ log = logging.getLogger("learned_router.serving")
 
 
 class BodyLimit:
-    """413 for bodies over `max_bytes` (declared or streamed); the body is read once and replayed to the app."""
+    """413 for bodies over `max_bytes` (declared or streamed), 408 for a body not complete `read_seconds` after its
+    request came in (a client that sends headers and then trickles or stops); the body is read once and replayed to
+    the app."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, read_seconds: float):
+        self.app, self.max_bytes, self.read_seconds = app, max_bytes, read_seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -26,8 +29,14 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._too_large(scope, receive, send, declared.isdigit())
         chunks, size = [], 0
+        deadline = time.monotonic() + self.read_seconds
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                err = APIError(408, f"request body not complete within {self.read_seconds:g} s (limits.body_read_seconds)",
+                               code="request_timeout")
+                return await JSONResponse(err.body(), status_code=408, headers={"Connection": "close"})(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
