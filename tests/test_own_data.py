@@ -83,8 +83,9 @@ def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(traine
     over the prior beats the prior on 500 fresh MMLU prompts, and scores every other model exactly as the prior."""
     mmlu_table(datasets_dir, slice(0, 1000)).to_parquet(tmp_path / "graded.parquet")
     fresh = mmlu_table(datasets_dir, slice(1000, 1500))
+    mmlu_table(datasets_dir, slice(800, 1500)).to_parquet(tmp_path / "fresh.parquet")  # 200 trained on: left out
     out = cli("train", "--prior", trained["path"], "--data", tmp_path / "graded.parquet", "--out", tmp_path / "ours",
-              "--quiet", env={"MLFLOW_TRACKING_URI": trained["url"]})
+              "--eval", tmp_path / "fresh.parquet", "--quiet", env={"MLFLOW_TRACKING_URI": trained["url"]})
     assert "top level over small@" in out.stdout and "cross-validation (pair gap MSE) chose" in out.stdout
     folder = tmp_path / "ours"
     m = json.loads((folder / "router.json").read_text())
@@ -107,6 +108,10 @@ def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(traine
     a_prior = apgr_of(prior.pass_chance(prompts), weak, strong)
     print(f"APGR on 500 fresh MMLU prompts: prior {a_prior:.3f}, trained over it {a_ours:.3f}")
     assert a_ours > a_prior + 0.03
+    # the trainer's evaluator scored the written router on the same 500, the 200 it trained on left out
+    assert m["metrics"]["eval_fresh_prompts"] == 500 and m["metrics"]["eval_fresh_apgr"] == pytest.approx(a_ours, abs=1e-6)
+    assert m["metrics"]["eval_fresh_apgr_low"] < a_ours < m["metrics"]["eval_fresh_apgr_high"]
+    assert f"eval_fresh: APGR {a_ours:.3f} (95% " in out.stdout and "on 500 graded prompts it did not train on" in out.stdout
 
 
 def test_own_model_names_get_outputs_of_their_own(trained, tmp_path, datasets_dir):

@@ -249,3 +249,21 @@ def test_broken_router_folders_are_named(trained, tmp_path):
         Router(bad)
     with pytest.raises(RouterFolderError, match="router.json: a file, not a router folder"):
         Router(trained["path"] / "router.json")
+
+
+def test_the_trainer_scores_each_evaluator_it_is_handed_without_the_prompts_it_trained_on(trained, tmp_path):
+    from learned_router.data import group_of, load_grades
+    from learned_router.evaluator import RoutingEvaluator
+    from learned_router.train import evaluate
+
+    recipe = trained["recipe"]
+    grades = load_grades(trained["data"], None, recipe.val, recipe.test, recipe.seed, recipe.max_prompts)
+    source = next(d for d in trained["data"] if "gsm8k" in d)  # graded for the recipe's pair; 80 of its prompts trained
+    evaluator = RoutingEvaluator.from_file(source, recipe.weak, recipe.strong)
+    unseen = evaluator.without(set(grades.obs["group"]))
+    assert len(unseen.prompts) <= len(evaluator.prompts) - 80
+    figures = evaluate(QualityModel.load(trained["path"]), grades, recipe, [evaluator])
+    assert figures[f"{evaluator.name}_prompts"] == len(unseen.prompts)
+    assert figures[f"{evaluator.name}_apgr_low"] <= figures[f"{evaluator.name}_apgr"] <= figures[f"{evaluator.name}_apgr_high"]
+    with pytest.raises(RouterError, match="at least 30 are needed"):
+        evaluator.without({group_of(p) for p in evaluator.prompts})

@@ -322,3 +322,20 @@ def load_grades(paths: list[str | Path], weights: dict[str, float] | None = None
     if not (obs["split"] == "train").any():
         raise DataError(f"the train split is empty ({len(obs)} observations): add data or lower --val/--test")
     return Grades(obs.reset_index(drop=True), sources)
+
+
+def grade_table(obs: pd.DataFrame) -> pd.DataFrame:
+    """prompt x model mean grades in [0, 1]: absolute grades as they are; grades against one fixed baseline as the
+    model's quality against it, the baseline itself 0.5 on those prompts. Battles between varying models are refused:
+    their grades say nothing of one model alone (train without --prior fits them)."""
+    frames = []
+    for source, part in obs.groupby("source"):
+        opponents = part["opponent"].dropna().unique()
+        if len(opponents) > 1 or (len(opponents) == 1 and part["opponent"].isna().any()):
+            raise DataError(f"source {source!r}: battles between varying models; --prior fits absolute grades or grades "
+                            f"against one baseline (train without --prior to fit battles)")
+        wide = part.groupby(["prompt", "model"])["grade"].mean().unstack()
+        if len(opponents) == 1:
+            wide[opponents[0]] = 0.5
+        frames.append(wide)
+    return pd.concat(frames).groupby(level=0).mean()

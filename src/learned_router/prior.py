@@ -12,36 +12,20 @@ import datetime as dt
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from . import residual as top
-from .data import load_grades
+from .data import grade_table, load_grades
+from .evaluator import RoutingEvaluator
 from .errors import DataError, RouterError
 from .export import staged_folder, versions
 from .manifest import Calibration, Manifest, ResidualInfo, RouterFolder
 from .progress import step
 from .tasktypes import FILE as TYPES_FILE
 from .tracking import DEFAULT_EXPERIMENT, start_run
-
-
-def grade_table(obs: pd.DataFrame) -> pd.DataFrame:
-    """prompt x model mean grades in [0, 1]: absolute grades as they are; grades against one fixed baseline as the
-    model's quality against it, the baseline itself 0.5 on those prompts. Battles between varying models are refused:
-    their grades say nothing of one model alone (train without --prior fits them)."""
-    frames = []
-    for source, part in obs.groupby("source"):
-        opponents = part["opponent"].dropna().unique()
-        if len(opponents) > 1 or (len(opponents) == 1 and part["opponent"].isna().any()):
-            raise DataError(f"source {source!r}: battles between varying models; --prior fits absolute grades or grades "
-                            f"against one baseline (train without --prior to fit battles)")
-        wide = part.groupby(["prompt", "model"])["grade"].mean().unstack()
-        if len(opponents) == 1:
-            wide[opponents[0]] = 0.5
-        frames.append(wide)
-    return pd.concat(frames).groupby(level=0).mean()
 
 
 def prior_outputs(router, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,8 +57,10 @@ def version_of(folder: RouterFolder) -> str:
 
 def train_on_prior(prior: Path, data: list[str], out: Path, strong: str | None = None, weak: str | None = None,
                    strong_fraction: float = 0.5, name: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-                   overwrite: bool = False, seed: int = 0) -> tuple[Manifest, str]:
-    """Fit the top level on `data` over the router folder `prior` and write the two-level router to `out`."""
+                   overwrite: bool = False, seed: int = 0,
+                   evaluators: Sequence[RoutingEvaluator] = ()) -> tuple[Manifest, str]:
+    """Fit the top level on `data` over the router folder `prior` and write the two-level router to `out`. Each of
+    `evaluators` scores the written router without the prompts of `data`."""
     import mlflow
 
     from .scorer import Router
@@ -120,6 +106,12 @@ def train_on_prior(prior: Path, data: list[str], out: Path, strong: str | None =
             calibration = Calibration.of(Router(folder.path).predict(prompts).pass_chances(), manifest.outputs, f"the {len(prompts)} prompts of {', '.join(s['name'] for s in prints)}")
         manifest.calibration = calibration
         manifest.default_threshold = round(calibration.threshold_for(strong_fraction, weak), 4)
+        if evaluators:
+            with step(f"routing figures on {len(evaluators)} graded sets"):
+                seen = set(grades_all.obs["group"])
+                written = Router(folder.path)
+                manifest.metrics = {k: v for e in evaluators for k, v in e.without(seen)(written).items()}
+            mlflow.log_metrics(manifest.metrics)
         folder.write_manifest(manifest)
         mlflow.log_params({"prior": info.prior, "prompts": len(prompts), "graded_models": ",".join(models)[:500],
                            "strong": strong, "weak": weak, "use_base": fitted.choice.use_base, "ridge": fitted.choice.ridge, "width": fitted.choice.width,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pandas as pd
 
 from .data import Grades, load_grades
 from .embed import Encoder
+from .evaluator import MIN_PROMPTS, RoutingEvaluator
 from .errors import DataError
 from .export import export_into, staged_folder
 from .manifest import Calibration, EncoderInfo, Manifest, RouterFolder, TrainingRecord
@@ -104,6 +106,17 @@ def calibrate(model: QualityModel, grades: Grades, recipe: Recipe) -> Calibratio
     return Calibration.of(outputs.pass_chances(), outputs.names, what)
 
 
+def evaluate(model: QualityModel, grades: Grades, recipe: Recipe, evaluators: Sequence[RoutingEvaluator]) -> dict[str, float]:
+    """The figures of each evaluator on the model, without the data's prompts, and of the pair's test prompts."""
+    test = graded_pair(grades, "test", recipe.weak, recipe.strong)
+    own = [RoutingEvaluator("test_pair", test["prompt"].tolist(), test["weak"].to_numpy(), test["strong"].to_numpy(),
+                            recipe.weak, recipe.strong)]
+    if len(test) < MIN_PROMPTS or test["weak"].mean() == test["strong"].mean():
+        own = []
+    seen = set(grades.obs["group"])
+    return {k: v for e in [*own, *(e.without(seen) for e in evaluators)] for k, v in e(model).items()}
+
+
 def graded_pair(grades: Grades, split: str, weak: str, strong: str) -> pd.DataFrame:
     """The split's prompts with absolute grades of both models: columns prompt, weak, strong (mean grades)."""
     obs = grades.obs[(grades.obs["split"] == split) & grades.obs["opponent"].isna() & grades.obs["model"].isin([weak, strong])]
@@ -133,9 +146,10 @@ def warnings_for(grades: Grades, recipe: Recipe) -> list[str]:
 
 def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dict[str, float] | None = None,
           variants: list[str] = ("fp32", "int8"), name: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-          overwrite: bool = False, device: str = "cpu") -> tuple[Manifest, str]:
+          overwrite: bool = False, device: str = "cpu", evaluators: Sequence[RoutingEvaluator] = ()) -> tuple[Manifest, str]:
     """Train, export and log one router; returns its manifest and the MLflow run id. `device` embeds the prompts
-    (auto, cpu or cuda); the embedding cache does not depend on it."""
+    (auto, cpu or cuda); the embedding cache does not depend on it. Each of `evaluators` scores the fitted model
+    without the prompts of `data`, beside the pair's own held-out test prompts (`test_pair`, when there are enough)."""
     import mlflow
 
     recipe = recipe or Recipe()
@@ -175,6 +189,8 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
             split = grades.obs.drop_duplicates("prompt")["split"].value_counts()
             metrics = {**test_metrics(model, grades), "models": len(model.head.cfg.models),
                        **{f"{s}_prompts": int(split.get(s, 0)) for s in ("train", "val", "test")}}
+        with step(f"routing figures on {len(evaluators) + 1} graded sets"):
+            metrics |= evaluate(model, grades, recipe, evaluators)
         speed = {"embedded_prompts": enc.embedded, "embedding_prompts_per_s": enc.embedded / enc.seconds if enc.seconds else 0.0}
         record = TrainingRecord(
             name=name, recipe=recipe.to_dict(), data=prints, encoder_path=recipe.encoder,
@@ -188,9 +204,9 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
         # metrics: the test AUCs (beside the loss curve), what runs are compared by; params: counts and the export's
         # parity, a gate it passed (the UI charts every metric, and a count charted as a bar says nothing)
         facts = {**metrics, **{f"parity_{k}": v for k, v in manifest.parity.items()}}
-        mlflow.log_metrics({k: v for k, v in facts.items() if k.startswith("test_auc_")})
+        mlflow.log_metrics({k: v for k, v in facts.items() if k.startswith(("test_auc_", "test_pair_", "eval_"))})
         mlflow.log_params({k: (int(v) if float(v).is_integer() else f"{v:.4g}") for k, v in (facts | speed).items()
-                           if not k.startswith("test_auc_")} | {"device": enc.device})
+                           if not k.startswith(("test_auc_", "test_pair_", "eval_"))} | {"device": enc.device})
         mlflow.log_dict(json.loads(manifest.model_dump_json()), "router.json")
     with step("logging the router folder to MLflow"):
         mlflow.MlflowClient().log_artifacts(run.info.run_id, str(out), artifact_path="router")
