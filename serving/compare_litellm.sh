@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side by side with LiteLLM's proxy (optional, not in CI): the same chat load, interleaved, sent to one fake upstream
-# directly, through learned-router and through LiteLLM (installed in a venv of its own), at ~30- and ~250-token
+# directly, through learned-router and through LiteLLM (installed in a venv of its own), at ~30-, ~250- and ~1,000-token
 # prompts, concurrency 1 and 16, streaming and not; prints what each adds to the direct call, the ratios and the targets
 # met or missed, then the scorer's own targets (learned-router bench), and writes it all to serving/COMPARISON.md.
 #   serving/compare_litellm.sh [--chat-requests N]     (LITELLM_VENV, LITELLM_VERSION to override)
@@ -34,7 +34,7 @@ export LITELLM_BENCH_KEY=sk-litellm-bench
 out=$("$LR" bench-serve --upstream "http://127.0.0.1:$UPSTREAM_PORT/v1" --compare "litellm=http://127.0.0.1:$LITELLM_PORT/v1" \
   --compare-key-env litellm=LITELLM_BENCH_KEY "$@")
 echo "$out"
-scorer=$("$LR" bench --repeats 100 2>/dev/null | grep -E '^(threads|short prompt|long prompt|agreement prompts|default threshold|int8 vs fp32|target)')
+scorer=$("$LR" bench --repeats 100 2>/dev/null | grep -E '^(threads|short prompt|long prompt|~1000-token|int8 vs fp32|target)')
 echo "$scorer"
 {
   echo "# learned-router next to LiteLLM's proxy"

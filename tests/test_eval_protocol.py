@@ -160,3 +160,28 @@ def test_difficulty_ceiling_reads_the_other_models_grades(datasets_dir):
     assert difficulty_ceiling(bench.assign(others_q=bench["weak_q"] - bench["strong_q"])) > 1.2  # the oracle: 1.348
     assert difficulty_ceiling(bench.assign(others_q=bench["strong_q"] - bench["weak_q"])) < 0  # backwards
     assert difficulty_ceiling(bench) == pytest.approx(0.581, abs=0.005)  # measured
+
+
+def test_report_only_runs_one_benchmark_and_keeps_the_others_figures(trained, datasets_dir, tmp_path):
+    mmlu = slice_of(datasets_dir, "routellm_mmlu", 60, tmp_path)  # the small router never saw MMLU: scored as shipped
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(json.dumps({"router": str(trained["path"]), "benchmarks": [
+        {"name": "MMLU A", "data": str(mmlu), "strong": STRONG, "weak": WEAK},
+        {"name": "MMLU B", "data": str(mmlu), "strong": STRONG, "weak": WEAK}]}))
+
+    def report(*extra):
+        return subprocess.run([sys.executable, "-m", "learned_router", "report", "--config", suite, "--out", tmp_path / "r",
+                               "--quiet", *extra], capture_output=True, text=True, timeout=600)
+
+    r = report("--only", "MMLU A")
+    assert r.returncode == 2 and "MMLU B was never run into" in r.stderr and "without --only" in r.stderr
+    assert not (tmp_path / "r").exists()  # nothing ran
+    assert report().returncode == 0
+    a, b = (tmp_path / "r" / "results" / name / "metrics.json" for name in ("mmlu-a", "mmlu-b"))
+    before = a.stat().st_mtime_ns, b.read_text()
+    assert report("--only", "MMLU A").returncode == 0
+    assert a.stat().st_mtime_ns != before[0] and b.read_text() == before[1]  # A ran again, B's figures were read
+    text = (tmp_path / "r" / "RESULTS.md").read_text()
+    assert "## MMLU A" in text and "## MMLU B" in text
+    r = report("--only", "MMLU C")
+    assert r.returncode == 2 and "no 'MMLU C' in the suite; one of: MMLU A, MMLU B" in r.stderr

@@ -413,7 +413,7 @@ def bench(
     router: Annotated[Path, typer.Option(help="Router folder (with its checkpoint/ for the torch path).")] = Path("models/default"),
     threads: Annotated[int, typer.Option(help="Threads for onnxruntime and torch.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed calls per short-prompt measurement.")] = 200,
-    data_dir: Annotated[Path, typer.Option(help="Folder of parquet files with a 'prompt' column, for int8/fp32 agreement.")] = Path("../shared/datasets"),
+    data_dir: Annotated[Path, typer.Option(help="Folder of parquet files with a 'prompt' column, for the int8 vs fp32 routing check (strong share; APGR where the router's pair is graded).")] = Path("../shared/datasets"),
 ):
     """Benchmark the scorer: p50/p99 latency and throughput, ONNX fp32/int8 vs sentence-transformers + torch."""
     from rich.console import Console
@@ -569,23 +569,17 @@ def eval_cmd(
 def report(
     config: Annotated[Path, typer.Option(help="Benchmark suite YAML.")] = Path("evals/benchmarks.yaml"),
     out: Annotated[Path, typer.Option(help="Folder for RESULTS.md and results/<benchmark>/.")] = Path("evals"),
-    only: Annotated[Optional[str], typer.Option(help="'learning-curves': rewrite only that section of RESULTS.md.")] = None,
+    only: Annotated[Optional[str], typer.Option(help="Run one benchmark of the suite by name (the others' figures from "
+                                                "their last run), or 'learning-curves' for that section alone.")] = None,
     quiet: Quiet = False,
 ):
     """Run every benchmark of a suite and regenerate RESULTS.md (leave-one-source-out and in-domain tables, frontier
     plots, RouteLLM's numbers, learning curves of two-level routers)."""
-    from .evals.results import load_suite, rewrite_learning_section, write_results
+    from .evals.results import load_suite, write_results
 
     suite = load_suite(config)
-    if only is not None:
-        if only != "learning-curves":
-            raise RouterError(f"--only: expected 'learning-curves', got {only!r}")
-        with quieted(quiet), step("report: learning curves") as bar:
-            path = rewrite_learning_section(suite, out, progress=bar.describe)
-        typer.echo(f"written {path}")
-        return
-    with quieted(quiet), step(f"report: {len(suite.benchmarks)} benchmarks") as bar:
-        path = write_results(suite, out, progress=bar.describe)
+    with quieted(quiet), step(f"report: {only or f'{len(suite.benchmarks)} benchmarks'}") as bar:
+        path = write_results(suite, out, progress=bar.describe, only=only)
     typer.echo(f"written {path}")
 
 

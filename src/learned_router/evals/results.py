@@ -4,6 +4,7 @@ benchmarks, the router beside the baselines, the oracle, the targets and RouteLL
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from pathlib import Path
 
@@ -193,15 +194,42 @@ def summary_lines(reports: list) -> list[str]:
     return lines
 
 
-def write_results(suite: Suite, out: Path, progress=print) -> Path:
-    """Run every benchmark into out/results/<name>/ and write out/RESULTS.md."""
+def saved(folder: Path, name: str) -> dict:
+    """A benchmark's report as an earlier run left it in `folder` (metrics.json)."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        raise RouterError(f"--only: {name} was never run into {folder}; run `learned-router report` once without --only")
+    return json.loads(path.read_text())
+
+
+def names_of(suite: Suite) -> list[str]:
+    """What `report --only` can run: each benchmark and tier benchmark by name, and the learning curves."""
+    return [*(b.name for b in suite.benchmarks), *(b.name for b in suite.tier_benchmarks),
+            *(["learning-curves"] if suite.learning_curves else [])]
+
+
+def write_results(suite: Suite, out: Path, progress=print, only: str | None = None) -> Path:
+    """Run every benchmark into out/results/<name>/ and write out/RESULTS.md. `only`: run that benchmark (or tier
+    benchmark) alone, the others' figures read from their last run's metrics.json and the learning curves' section
+    kept as RESULTS.md has it; 'learning-curves': that section alone, written anew."""
     from .protocol import load_benchmark
 
+    if only is not None and only not in names_of(suite):
+        raise RouterError(f"--only: no {only!r} in the suite; one of: {', '.join(names_of(suite))}")
+    if only == "learning-curves":
+        return rewrite_learning_section(suite, out, progress)
+    if only is not None:  # every other figure is at hand before anything runs
+        for b in [*suite.benchmarks, *suite.tier_benchmarks]:
+            if b.name != only:
+                saved(out / "results" / slug(b.name), b.name)
     previous = previous_scorer(suite.previous, Path(__file__).resolve().parents[3]) if suite.previous else None
     reports = []
     for i, b in enumerate(suite.benchmarks, 1):
-        progress(f"[{i}/{len(suite.benchmarks)}] {b.name} (by {b.by})")
         folder = out / "results" / slug(b.name)
+        if only is not None and b.name != only:
+            reports.append((b, folder, saved(folder, b.name)))
+            continue
+        progress(f"[{i}/{len(suite.benchmarks)}] {b.name} (by {b.by})")
         extra = {}
         if previous:
             bench = load_benchmark(b.data, b.strong, b.weak)
@@ -248,10 +276,13 @@ def write_results(suite: Suite, out: Path, progress=print) -> Path:
             lines += [versus_routellm(r, ROUTELLM_BEST[b.routellm]), ""]
         lines += [f"![{b.name} frontier]({rel}/frontier.png)", "", markdown_table(r), ""]
     if suite.tier_benchmarks:
-        lines += tier_section(suite, out, progress)
-    if suite.learning_curves:
-        lines += learning_section(suite.learning_curves, out, progress)
+        lines += tier_section(suite, out, progress, only)
     path = out / "RESULTS.md"
+    if suite.learning_curves and only is not None:
+        kept = path.read_text().partition(LEARNING_HEAD)[2] if path.is_file() else ""
+        lines += [LEARNING_HEAD + kept.rstrip("\n")] if kept else learning_section(suite.learning_curves, out, progress)
+    elif suite.learning_curves:
+        lines += learning_section(suite.learning_curves, out, progress)
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -322,7 +353,7 @@ def rewrite_learning_section(suite: Suite, out: Path, progress=print) -> Path:
     return path
 
 
-def tier_section(suite: Suite, out: Path, progress) -> list[str]:
+def tier_section(suite: Suite, out: Path, progress, only: str | None = None) -> list[str]:
     """Multi-tier routing: the tier policy against each single model, the best two-model router and the oracle."""
     from .tiers import run_tier_eval, tier_table
 
@@ -336,9 +367,12 @@ def tier_section(suite: Suite, out: Path, progress) -> list[str]:
              "Target: at the best single model's quality, at least 40% lower cost. `two-model` routes one cheaper tier",
              "against the best single model on the same pass chances; `oracle` is the physical limit.", ""]
     for b in suite.tier_benchmarks:
-        progress(f"[tiers] {b.name}")
         folder = out / "results" / slug(b.name)
-        r = run_tier_eval(suite.router, b.data, b.tiers, suite.prices, folder, folds=suite.folds, name=b.name)
+        if only is not None and b.name != only:
+            r = saved(folder, b.name)
+        else:
+            progress(f"[tiers] {b.name}")
+            r = run_tier_eval(suite.router, b.data, b.tiers, suite.prices, folder, folds=suite.folds, name=b.name)
         saving = r["scorers"]["router"]["saving_at_best_quality"]
         verdict = ("**Target not met: the router does not reach the best single model's quality.**" if saving is None else
                    f"Saving at {r['best_single']}'s quality: {saving:.1%} " +

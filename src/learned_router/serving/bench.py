@@ -423,7 +423,7 @@ async def measure_cells(targets: dict[str, str], keys: dict[str, str], cells: li
 
 
 def run_compare(router: str, others: dict[str, str], other_keys: dict[str, str | None], upstream: str | None = None,
-                sizes: tuple[int, ...] = (30, 250), levels: tuple[int, ...] = (1, 16), streams: tuple[bool, ...] = (False, True),
+                sizes: tuple[int, ...] = (30, 250, 1000), levels: tuple[int, ...] = (1, 16), streams: tuple[bool, ...] = (False, True),
                 n: int = 300, rounds: int = 6, threads: int = 1, workers: int = 1) -> str:
     """The same chat load sent to the upstream directly, through this service and through each other OpenAI-compatible
     proxy (`others`: name -> base URL ending in /v1, forwarding model "router" to the same upstream), interleaved."""
