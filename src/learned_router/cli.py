@@ -863,7 +863,7 @@ def bench_serve(
                                                                  "of a --compare proxy.")] = None,
     upstream: Annotated[Optional[str], typer.Option(help="With --compare: the upstream base URL every proxy forwards to "
                                                     "(default: a fake provider started here).")] = None,
-    prompt_tokens: Annotated[str, typer.Option(help="With --compare: prompt sizes in tokens, comma-separated.")] = "30,250",
+    prompt_tokens: Annotated[str, typer.Option(help="With --compare: prompt sizes in tokens, comma-separated.")] = "30,250,1000",
 ):
     """Benchmark the service on 127.0.0.1: /v1/route throughput and latency at concurrency 1, 16, 64; routing overhead;
     with --compare, the added latency and requests/s of this service next to another proxy's."""
