@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from learned_router.serving.app import create_app
 from learned_router.serving.config import hash_key, parse_config
 from learned_router.serving.fake_provider import FakeState, create_fake_provider
+from learned_router.serving.inprocess import ServerThread, free_port  # noqa: F401  (the tests' import point)
 from learned_router.serving.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,41 +21,6 @@ CLIENT_KEY = "sk-router-test-client-0123456789"
 OTHER_KEY = "sk-router-test-limited-abcdef"
 PROVIDER_KEYS = {"TEST_STRONG_A_KEY": "sk-prov-strong-a-SECRET", "TEST_STRONG_B_KEY": "sk-prov-strong-b-SECRET",
                  "TEST_WEAK_A_KEY": "sk-prov-weak-a-SECRET", "TEST_WEAK_B_KEY": "sk-prov-weak-b-SECRET"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """An ASGI app served by uvicorn in a thread, on a free 127.0.0.1 port."""
-
-    def __init__(self, app, http: str | type = "auto"):
-        self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=1, http=http)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 class FakeProvider(ServerThread):

@@ -257,10 +257,11 @@ def test_bad_input_is_one_line_and_exit_2(fakes, tmp_path):
     classed = config(fakes)
     classed["data_classes"] = {"restricted": ["weak-a", "strong-a"], "open": ["weak-a", "strong-a", "judge"]}
     rows = pd.DataFrame({"prompt": ["a", "b", "c"], "data_class": [None, "open", "restricted"]})
+    calls = [f.stats()["requests"] for f in fakes]
     assert ("row 2: data class 'restricted' may not reach judge (data_classes.restricted: weak-a, strong-a)"
             in error(["--yes"], classed, rows))
     assert "row 1: field 'data_class' is not a class of the config's data_classes (none configured)" in error(["--yes"], prompts=rows)
-    assert fakes[2].stats()["requests"] == 0  # refused before any call
+    assert [f.stats()["requests"] for f in fakes] == calls  # refused before any call
     # without --yes and without a terminal to ask on, nothing is sent
     files(tmp_path, config(fakes))
     result = runner.invoke(app, ["label", "--config", str(missing), "--prompts", str(tmp_path / "prompts.parquet"), "--out",
@@ -304,10 +305,10 @@ def test_the_example_config_has_a_judge_block():
     assert judge.provider.base_url == "http://127.0.0.1:9004/v1" and judge.mode == "single"
 
 
-def test_labelling_never_imports_torch():
+def test_labelling_never_imports_torch_nor_the_server_nor_redis():
     code = ("import sys, learned_router.label, learned_router.serving.providers; "
-            "bad = [m for m in ('torch', 'sentence_transformers', 'transformers', 'datasets') if m in sys.modules]; "
-            "assert not bad, bad")
+            "bad = [m for m in ('torch', 'sentence_transformers', 'transformers', 'datasets', 'redis', 'uvicorn', "
+            "'fastapi') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

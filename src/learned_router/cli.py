@@ -586,17 +586,16 @@ def report(
 # ---- commands (service) -----------------------------------------------------------------------
 
 
-def _serve_imports():
-    """Import the serve extra, or fail with the install hint."""
+def _serve_imports(modules: tuple[str, ...] = ("fastapi", "httpx", "prometheus_client", "redis", "uvicorn")):
+    """Import the serve extra's `modules` (all of them: what `serve` needs; redis for state.backend: redis), or fail
+    with the install hint; returns uvicorn when it is among them."""
+    import importlib
+
     try:
-        import fastapi  # noqa: F401
-        import httpx  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import redis  # noqa: F401  (state.backend: redis)
-        import uvicorn
+        loaded = {m: importlib.import_module(m) for m in modules}
     except ModuleNotFoundError as e:
         fail(missing_module(e.name))
-    return uvicorn
+    return loaded.get("uvicorn")
 
 
 def _log_config(level: str) -> dict:
@@ -622,7 +621,7 @@ def serve(
 ):
     """Run the OpenAI-compatible routing service."""
     uvicorn = _serve_imports()
-    from .serving.app import CONFIG_ENV, WORKERS_ENV, Service, create_app
+    from .serving.app import CONFIG_ENV, SUPERVISOR_ENV, WORKERS_ENV, Service, create_app
     from .serving.config import load_config
 
     if log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -637,7 +636,9 @@ def serve(
         uvicorn.run(create_app(service), **options)
     else:
         del service
+        # uvicorn's worker processes build the app from these (create_app_from_env): a factory takes no arguments
         os.environ[CONFIG_ENV], os.environ[WORKERS_ENV] = str(config.resolve()), str(workers)
+        os.environ[SUPERVISOR_ENV] = str(os.getpid())
         uvicorn.run("learned_router.serving.app:create_app_from_env", factory=True, workers=workers, **options)
 
 
@@ -766,7 +767,7 @@ def label(
 ):
     """Grade the answers of the configured models with the config's judge model, into the long table 'train' reads
     (resumable; the cost estimated first)."""
-    _serve_imports()
+    _serve_imports(("httpx", "prometheus_client"))  # the upstream calls and their metrics; no server, no Redis
     from .label import plan as make_plan
     from .label import run as run_label
     from .serving.config import load_config

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..errors import RouterError, first_error
 from .api import ENDPOINTS, api_router
 from .config import load_config
@@ -31,6 +32,7 @@ from .service import Service
 log = logging.getLogger("learned_router.serving")
 CONFIG_ENV = "LEARNED_ROUTER_CONFIG"
 WORKERS_ENV = "LEARNED_ROUTER_WORKERS"  # serve --workers: how many processes serve the config
+SUPERVISOR_ENV = "LEARNED_ROUTER_SUPERVISOR"  # the pid of the process that started them (uvicorn's supervisor)
 
 
 def reload_on_hangup(service: Service) -> bool:
@@ -88,7 +90,7 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 def create_app(service: Service) -> FastAPI:
     docs = service.config.api_docs  # /docs, /redoc and /openapi.json: off unless the config turns them on
-    app = FastAPI(title="learned-router", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="learned-router", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible LLM router: each request goes to the cheapest tier whose answer will pass.",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None,
@@ -110,4 +112,6 @@ def create_app_from_env() -> FastAPI:
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"{CONFIG_ENV} is not set: it must name the service config file")
-    return create_app(Service(load_config(path), processes=int(os.environ.get(WORKERS_ENV, "1"))))
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    return create_app(Service(load_config(path), processes=int(os.environ.get(WORKERS_ENV, "1")),
+                              supervisor=int(supervisor) if supervisor else None))

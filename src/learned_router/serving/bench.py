@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 
 from ..manifest import read_manifest
+from .inprocess import free_port
 
 BENCH_KEY = "sk-bench-client-key"
 TOPICS = ["binary search trees", "the French revolution", "photosynthesis", "TCP congestion control", "compound interest",
@@ -60,12 +61,6 @@ def prompts(n: int, tokens: int = 30) -> list[str]:
             context += CONTEXT.format(i=i)
         out.append((context[: max(0, int((tokens - 5) * 4.3) - len(question))] + "\n\n" if context else "") + question)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -37,8 +37,11 @@ log = logging.getLogger("learned_router.serving")
 
 
 @dataclass(frozen=True)
-class Decision:
+class TierDecision:
+    """Where one request goes and why: the policy's choice among the tiers (policy.py) with what it saw."""
+
     tier: str
+    tier_index: int  # its position among the configured tiers, cheapest first
     rule: str  # score, task_type, context, budget, latency, data_class or circuit_open
     reason: str
     pass_chances: dict[str, float]  # tier -> pass chance (1.0 for an unscored tier)
@@ -61,7 +64,7 @@ class Decision:
 
     @property
     def estimated_cost(self) -> float:
-        return self.estimated_costs[list(self.pass_chances).index(self.tier)]
+        return self.estimated_costs[self.tier_index]
 
 
 class Scoring:
@@ -112,9 +115,11 @@ class Service:
     `processes`: how many worker processes serve this config (`serve --workers`), each with a router of its own.
     """
 
-    def __init__(self, config: ServiceConfig, router=None, clock: Callable[[], float] = time.time, processes: int = 1):
+    def __init__(self, config: ServiceConfig, router=None, clock: Callable[[], float] = time.time, processes: int = 1,
+                 supervisor: int | None = None):
         self.config = config
         self.processes = processes
+        self.supervisor = supervisor  # with several processes: the pid of uvicorn's supervisor, which restarts them
         self.client_keys = config.client_keys() if config.auth.enabled else {}
         self.admin_keys = config.admin_keys()
         provider_keys = config.provider_keys()  # before the slow part: a missing key variable fails at once
@@ -203,7 +208,10 @@ class Service:
             return await self._swap_in(await asyncio.to_thread(self._scoring, self.previous), "rollback", t0)
 
     def _restart_workers(self, new: Scoring, t0: float) -> dict:
-        os.kill(os.getppid(), signal.SIGHUP)
+        if self.supervisor is None or self.supervisor != os.getppid():  # never signal a process that is not ours
+            raise RouterError(f"this worker's parent (pid {os.getppid()}) is not the supervisor that started it "
+                              f"({self.supervisor}); restart the service to load {self.config.router.path}")
+        os.kill(self.supervisor, signal.SIGHUP)
         self.metrics.reloads.labels("reload").inc()
         log.info("router reload: %s checked; the %d workers are being replaced, each loading %s", new.version,
                  self.processes, self.config.router.path)
@@ -241,7 +249,7 @@ class Service:
                 "calibration": getattr(getattr(m, "calibration", None), "mix", None),
                 "previous": router_version(self.previous.manifest) if self.previous is not None else None}
 
-    async def route(self, req: ChatRequest, opts: RouterOptions, started: float, observe: bool = False) -> Decision:
+    async def route(self, req: ChatRequest, opts: RouterOptions, started: float, observe: bool = False) -> TierDecision:
         """Score the request and decide its tier; `started` (time.monotonic()) starts its latency budget.
 
         `observe`: a chat request, which the budget pacer learns the traffic from.
@@ -294,8 +302,8 @@ class Service:
         excluded = [f"{o.name}/{s.provider.name}: {s.detail}" for o in options for s in o.standings
                     if s.rule not in (None, "data_class", "task_type") and s.provider not in chain]
         tier = options[choice.index]
-        d = Decision(
-            tier=tier.name, rule=choice.rule, reason=choice.reason, pass_chances={o.name: o.pass_chance for o in options},
+        d = TierDecision(
+            tier=tier.name, tier_index=choice.index, rule=choice.rule, reason=choice.reason, pass_chances={o.name: o.pass_chance for o in options},
             threshold=threshold, effective_threshold=effective, skipped=choice.skipped, chain=chain, excluded=excluded,
             provider=expected[choice.index], estimated_costs=costs, prompt_tokens=tokens, output_tokens=max_tokens,
             options=opts, task_type=task_type, task_type_source=source, deadline=None if budget_s is None else started + budget_s, budget=state,
@@ -314,7 +322,7 @@ class Service:
                                np.array(costs))
         return d
 
-    async def complete(self, d: Decision, body: dict, stream: bool):
+    async def complete(self, d: TierDecision, body: dict, stream: bool):
         """Send the request down the decision's chain; APIError (502, 503 or 504) naming each provider when none answers."""
         try:
             return await self.upstream.complete(d.chain, body, stream, d.deadline)
@@ -329,7 +337,7 @@ class Service:
             status, code = (502, "upstream_failed") if e.tried else (503, "no_provider_available")
             raise APIError(status, f"every provider failed: {what}", type="upstream_error", code=code) from None
 
-    def account(self, provider: Provider, usage: object, chars: int, d: Decision, served: bool = True) -> Billed:
+    def account(self, provider: Provider, usage: object, chars: int, d: TierDecision, served: bool = True) -> Billed:
         """Bill one answer: the provider's usage when sane (usage.py), else the estimate; its tokens and dollars.
 
         `served`: the client got the whole answer (an interrupted stream is billed, not counted as served).
@@ -357,7 +365,7 @@ class Service:
                 log.error("budget accounting failed for provider %s: %s", provider.name, type(e).__name__)
         return Billed(cost, prompt_tokens, completion_tokens)
 
-    def record(self, d: Decision, request_id: str, client: str | None, started: float, status: int, outcome: str,
+    def record(self, d: TierDecision, request_id: str, client: str | None, started: float, status: int, outcome: str,
                provider: Provider | None = None, billed: Billed | None = None) -> None:
         """Add the request to the traffic record, when there is one and its data class may be recorded."""
         if self.traffic is None:

@@ -17,19 +17,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from .app import create_app
 from .config import hash_key, parse_config
 from .fake_provider import FakeState, create_fake_provider
+from .inprocess import ServerThread
 from .service import Service
 
 KEY = "sk-soak-client-key"
@@ -60,32 +58,6 @@ HOSTILE = [
     b'\xff{"model":"router"}',
     b'{"model":"router","messages":[{"role":"user","content":"hi"}],"router":{"latency_budget_ms":"soon"}}',
 ]
-
-
-class Server:
-    """An ASGI app served by uvicorn in a thread on a free 127.0.0.1 port."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("a soak server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 def body(i: int) -> tuple[bytes, bool]:
@@ -139,8 +111,8 @@ def run(router: str, requests: int, concurrency: int = 16) -> list[tuple[str, Co
     per_phase = max(1, requests // len(PHASES))
     weak_state, strong_state = FakeState(name="weak", model="mixtral-8x7b"), FakeState(name="strong", model="gpt-4")
     results = []
-    with tempfile.TemporaryDirectory() as tmp, Server(create_fake_provider(weak_state)) as weak, \
-            Server(create_fake_provider(strong_state)) as strong:
+    with tempfile.TemporaryDirectory() as tmp, ServerThread(create_fake_provider(weak_state)) as weak, \
+            ServerThread(create_fake_provider(strong_state)) as strong:
         from ..scorer import Router
 
         loaded = Router.load(router)
@@ -160,7 +132,7 @@ def run(router: str, requests: int, concurrency: int = 16) -> list[tuple[str, Co
             "rate_limit": {"requests_per_minute": 0},
         })
         svc = Service(cfg, router=loaded)
-        with Server(create_app(svc)) as service:
+        with ServerThread(create_app(svc)) as service:
             for name, settings in PHASES:
                 for state, given in ((weak_state, settings), (strong_state, {"mode": "error"} if name == STRICT else {})):
                     for k, v in {**FakeState().__dict__, **given}.items():

@@ -26,19 +26,15 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
-import redis
-import redis.asyncio
-import redis.asyncio.retry
-import redis.retry
-from redis.backoff import NoBackoff
-
 from .auth import RateLimiter
 from .budget import SqliteLedger
 from .config import BudgetConfig, CircuitConfig, RateLimitConfig, RetryConfig, StateConfig
 from .errors import ConfigError
 from .metrics import Metrics
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # redis is imported where RedisState needs it: per-process state (and `label`) run without it
+    import redis.asyncio
+
     from .providers import Provider, Ticket
 
 log = logging.getLogger("learned_router.serving")
@@ -190,6 +186,10 @@ class RedisState(LocalState):
 
     def _reachable(self) -> bool:
         """Ping Redis once at start-up; ConfigError when it does not answer, unless starting on local state is allowed."""
+        import redis
+        import redis.retry
+        from redis.backoff import NoBackoff
+
         try:
             with redis.Redis.from_url(self.config.url, retry=redis.retry.Retry(NoBackoff(), 0), **self._options) as r:
                 r.ping()
@@ -214,6 +214,10 @@ class RedisState(LocalState):
         return ledger
 
     async def start(self) -> None:
+        import redis.asyncio
+        import redis.asyncio.retry
+        from redis.backoff import NoBackoff
+
         self.client = redis.asyncio.Redis.from_url(self.config.url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **self._options)
         self._scripts = {name: self.client.register_script(lua) for name, lua in
                          (("take", TAKE), ("acquire", ACQUIRE), ("failure", FAILURE), ("success", SUCCESS),

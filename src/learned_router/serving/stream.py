@@ -12,13 +12,13 @@ import httpx
 
 from .errors import error_body
 from .providers import BadStream, Reply, stream_chunk
-from .service import Decision, Service
+from .service import TierDecision, Service
 from .usage import billed_tokens, usage_of, valid_usage
 
 log = logging.getLogger("learned_router.serving")
 
 
-async def relay(service: Service, reply: Reply, d: Decision, request_id: str, wants_usage: bool, client: str | None,
+async def relay(service: Service, reply: Reply, d: TierDecision, request_id: str, wants_usage: bool, client: str | None,
                 started: float) -> AsyncIterator[str]:
     """Pass the upstream's SSE lines through; note usage; drop the usage chunk we asked for on the client's behalf.
 

@@ -13,7 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..errors import APIError
 from ..providers import Reply, client_error_body
 from ..routing import parse_request, router_options
-from ..service import Decision
+from ..service import TierDecision
 from ..stream import relay
 from ..usage import answer_chars, valid_usage
 from .deps import Client, ServiceDep
@@ -22,7 +22,7 @@ log = logging.getLogger("learned_router.serving")
 router = APIRouter(tags=["chat"])
 
 
-def decision_headers(d: Decision, reply: Reply | None = None) -> dict[str, str]:
+def decision_headers(d: TierDecision, reply: Reply | None = None) -> dict[str, str]:
     h = {
         "x-router-tier": d.tier,
         "x-router-rule": d.rule,

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from ..auth import rate_limited
 from ..routing import parse_request, router_options
-from ..service import Decision
+from ..service import TierDecision
 from .deps import ServiceDep
 
 router = APIRouter(tags=["routing"], dependencies=[Depends(rate_limited)])
@@ -59,7 +59,7 @@ class RouteDecision(BaseModel):
     router: str = Field(description="the version of the router that decided")
 
     @classmethod
-    def of(cls, d: Decision) -> RouteDecision:
+    def of(cls, d: TierDecision) -> RouteDecision:
         return cls(
             tier=d.tier, provider=d.provider.name, upstream_model=d.provider.config.model, rule=d.rule, reason=d.reason,
             pass_chances=d.pass_chances, threshold=d.threshold, effective_threshold=d.effective_threshold,
