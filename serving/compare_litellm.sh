@@ -34,7 +34,7 @@ export LITELLM_BENCH_KEY=sk-litellm-bench
 out=$("$LR" bench-serve --upstream "http://127.0.0.1:$UPSTREAM_PORT/v1" --compare "litellm=http://127.0.0.1:$LITELLM_PORT/v1" \
   --compare-key-env litellm=LITELLM_BENCH_KEY "$@")
 echo "$out"
-scorer=$("$LR" bench --repeats 100 2>/dev/null | grep -E '^(threads|short prompt|long prompt|~1000-token|int8 vs fp32|target)')
+scorer=$("$LR" bench --repeats 100 2>/dev/null | grep -E '^(threads|tokens read|short prompt|long prompt|~1000-token|int8 vs fp32|target)')
 echo "$scorer"
 {
   echo "# learned-router next to LiteLLM's proxy"

@@ -306,6 +306,16 @@ def test_calibrate_fits_the_table_to_a_prompt_file_and_checks_it_on_held_out_pro
         bad = cli("calibrate", "--router", router, *args)
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr, bad.stderr
     assert json.loads((router / "router.json").read_text()) == after
+    bad = cli("calibrate", "--router", router, "--prompts", tmp_path / "traffic.parquet", "--max-seq-length", "4")
+    assert bad.returncode == 2 and "--max-seq-length must be between 16 and 512 tokens, got 4" in bad.stderr
+    # a token budget: the folder reads that many tokens from now on, calibrated at it
+    r = cli("calibrate", "--router", router, "--prompts", tmp_path / "traffic.parquet", "--max-seq-length", "64")
+    assert r.returncode == 0, r.stderr
+    short = json.loads((router / "router.json").read_text())
+    assert short["encoder"]["max_seq_length"] == 64 and short["calibration"]["thresholds"] != after["calibration"]["thresholds"]
+    read = Router(router)
+    long = "Explain the history of the printing press in detail. " * 40
+    assert read.max_seq_length == read.n_tokens(long) == 64 and read.check.passed  # its probes are judged alike
 
 
 def served_version(url: str) -> str | None:

@@ -29,7 +29,7 @@ def prompt_of(router: Router, n_tokens: int) -> str:
     lo, hi = 1, len(words)
     while lo < hi:
         mid = (lo + hi) // 2
-        if router.n_tokens(" ".join(words[:mid])) < n_tokens:
+        if router.n_tokens(" ".join(words[:mid]), whole=True) < n_tokens:
             lo = mid + 1
         else:
             hi = mid
@@ -161,7 +161,7 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
     fp32_dir = Path(tmp.name) / "fp32" if tmp else router_dir
     routers = {"onnx int8": Router(router_dir, variant="int8", threads=threads),
                "onnx fp32": Router(fp32_dir, variant="fp32", threads=threads)}
-    model = QualityModel.load(router_dir)
+    model = QualityModel.load(router_dir, max_seq_length=routers["onnx int8"].max_seq_length)  # reads what the graph reads
 
     def torch_score(prompts):
         with torch.inference_mode():
@@ -193,9 +193,9 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
     base = table.loc["sentence-transformers + torch"]
     for col in ("p50 ms (~30 tok)", "p50 ms (~250 tok)"):
         table[f"speed-up vs torch, {col.split('(')[1][:-1]}"] = base[col] / table[col]
-    facts = {"threads": threads, "short prompt tokens": routers["onnx int8"].n_tokens(short),
-             "long prompt tokens": routers["onnx int8"].n_tokens(long_),
-             "~1000-token prompt: tokens read": f"{routers['onnx int8'].n_tokens(rag)} of {len(rag):,} characters"}
+    facts = {"threads": threads, "tokens read (router.json encoder.max_seq_length)": r8.max_seq_length,
+             "short prompt tokens": r8.n_tokens(short, whole=True), "long prompt tokens": r8.n_tokens(long_, whole=True),
+             "~1000-token prompt tokens": r8.n_tokens(rag, whole=True)}
     if data_dir and Path(data_dir).is_dir():
         m = routers["onnx int8"].manifest
         facts |= int8_routing(routers["onnx int8"], routers["onnx fp32"], real_prompts(data_dir, 1000),

@@ -24,6 +24,7 @@ from .scorer import Router
 
 CHECKED_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_PROMPTS = 20  # per half
+MIN_TOKENS, MAX_TOKENS = 16, 512  # a budget the encoder's position embeddings hold
 
 
 @dataclass
@@ -43,9 +44,11 @@ def halves(prompts: list[str], holdout: float, seed: int) -> np.ndarray:
 
 
 def calibrate(router_path: str | os.PathLike, prompts: list[str], source: str, strong_fraction: float | None = None,
-              holdout: float = 0.5, seed: int = 0, threads: int | None = None) -> CalibrationReport:
+              holdout: float = 0.5, seed: int = 0, threads: int | None = None,
+              max_seq_length: int | None = None) -> CalibrationReport:
     """Measure each share on the held-out prompts with a table fitted on the others; then write the table of every prompt
-    (and the default threshold for `strong_fraction`, else for the share the old default gave) into router.json."""
+    (and the default threshold for `strong_fraction`, else for the share the old default gave) into router.json.
+    `max_seq_length`: the router reads that many tokens from now on (router.json `encoder`), and is calibrated so."""
     if strong_fraction is not None and not 0.0 <= strong_fraction <= 1.0:
         raise RouterError(f"--strong-fraction must be in [0, 1], got {strong_fraction}")
     if not 0.0 < holdout < 1.0:
@@ -55,7 +58,9 @@ def calibrate(router_path: str | os.PathLike, prompts: list[str], source: str, s
     if min(held.sum(), (~held).sum()) < MIN_PROMPTS:
         raise RouterError(f"{source}: {len(prompts)} prompts give {int((~held).sum())} to fit and {int(held.sum())} to "
                           f"check; calibrating needs at least {MIN_PROMPTS} on each side")
-    router = Router(router_path, threads=threads)
+    if max_seq_length is not None and not MIN_TOKENS <= max_seq_length <= MAX_TOKENS:
+        raise RouterError(f"--max-seq-length must be between {MIN_TOKENS} and {MAX_TOKENS} tokens, got {max_seq_length}")
+    router = Router(router_path, threads=threads, max_seq_length=max_seq_length)
     row = {text: i for i, text in enumerate(distinct)}
     p = router.score(distinct)[[row[text] for text in prompts]]  # a prompt sent n times counts n times, as its calls do
     outputs = router.models
@@ -68,7 +73,9 @@ def calibrate(router_path: str | os.PathLike, prompts: list[str], source: str, s
     achieved = {o: {f: float(np.mean(p[held, j] < fitted.threshold_for(f, o))) for f in checked} for j, o in enumerate(outputs)}
     table = Calibration.of(p, outputs, f"{source}: {len(prompts)} prompts (calibrated {when})")  # checked: now all of them
     default = round(table.threshold_for(share, weak), 5)
-    RouterFolder(router_path).write_manifest(old.model_copy(update={"calibration": table, "default_threshold": default}))
+    encoder = old.encoder.model_copy(update={"max_seq_length": router.max_seq_length})
+    RouterFolder(router_path).write_manifest(old.model_copy(update={"calibration": table, "default_threshold": default,
+                                                                    "encoder": encoder}))
     return CalibrationReport(prompts=len(prompts), fit=int((~held).sum()), held_out=int(held.sum()), default_threshold=default,
                              asked=round(share, 4), achieved=achieved)
 

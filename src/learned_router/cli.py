@@ -362,6 +362,9 @@ def calibrate(
                                                    "each scored tier's (default: the router's weak model and generic); all "
                                                    "outputs are calibrated.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+    max_seq_length: Annotated[Optional[int], typer.Option(help="Tokens of each prompt the router reads from now on "
+                                                          "(router.json encoder.max_seq_length), calibrated at it: fewer "
+                                                          "cost less (training/README.md, \"How much of a prompt\").")] = None,
 ):
     """Calibrate a router to your traffic: its threshold <-> share-of-strong-calls table (every output) and default
     threshold, fitted on part of the prompts and checked on the rest."""
@@ -373,7 +376,8 @@ def calibrate(
     if unknown:
         raise RouterError(f"--outputs: {router} has no output {unknown[0]!r} (see router.json 'models', or 'generic')")
     texts, _ = read_prompts([], prompts)
-    r = run(router, texts, str(prompts), strong_fraction=strong_fraction, holdout=holdout, seed=seed, threads=threads)
+    r = run(router, texts, str(prompts), strong_fraction=strong_fraction, holdout=holdout, seed=seed, threads=threads,
+            max_seq_length=max_seq_length)
     typer.echo(f"calibrated {router} on the {r.prompts} prompts of {prompts}: default threshold {r.default_threshold} for a "
                f"strong share of {r.asked:g}")
     typer.echo(f"check: a table fitted on {r.fit} of them gives these strong shares on the other {r.held_out}")

@@ -160,12 +160,15 @@ class QualityModel:
         self.head.save(checkpoint)
 
     @classmethod
-    def load(cls, router_dir: str | Path, encoder_path: str | Path | None = None) -> "QualityModel":
-        """A router folder's torch model; its encoder from `encoder_path` (default: the one it was trained with)."""
+    def load(cls, router_dir: str | Path, encoder_path: str | Path | None = None,
+             max_seq_length: int | None = None) -> "QualityModel":
+        """A router folder's torch model; its encoder from `encoder_path` (default: the one it was trained with),
+        reading `max_seq_length` tokens (default: as in training)."""
         folder = RouterFolder(router_dir)
         record = folder.record()
         head = QualityHead.load(folder.checkpoint)  # before the encoder: a broken head.pt fails at once
-        enc = Encoder(encoder_path or record.encoder_path, record.encoder.max_seq_length, record.encoder.layers)
+        enc = Encoder(encoder_path or record.encoder_path, max_seq_length or record.encoder.max_seq_length,
+                      record.encoder.layers)
         return cls(enc, head, record.strong)
 
 

@@ -73,7 +73,10 @@ class Router:
     Prompts longer than the encoder's limit keep their first `max_seq_length` tokens (head truncation), as in training.
     """
 
-    def __init__(self, path: str | os.PathLike, variant: str = "auto", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, variant: str = "auto", threads: int | None = None,
+                 max_seq_length: int | None = None):
+        """`max_seq_length`: read this many tokens of each prompt instead of router.json's (`calibrate
+        --max-seq-length` measures a budget before it writes it there)."""
         self.folder = RouterFolder(path)
         self.path = self.folder.path
         self.manifest: Manifest = self.folder.manifest()
@@ -92,7 +95,8 @@ class Router:
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise RouterFolderError(f"{tok_path}: cannot be read as a tokenizer ({e})") from None
         tok.no_padding()
-        tok.enable_truncation(max_length=self.manifest.encoder.max_seq_length, direction="right")
+        self.max_seq_length = max_seq_length or self.manifest.encoder.max_seq_length
+        tok.enable_truncation(max_length=self.max_seq_length, direction="right")
         self._tok = tok
         self._pad_id = tok.token_to_id("[PAD]") or 0
 
@@ -138,10 +142,12 @@ class Router:
         c, m = self.manifest.check, self.manifest
         if c is None or not c.probes:
             return None
-        quality, difficulty, _ = self.graph(c.probes)
+        whole = [i for i, p in enumerate(c.probes) if self.n_tokens(p) < self.max_seq_length]  # read alike at any budget
+        quality, difficulty, _ = self.graph([c.probes[i] for i in whole])
         pair = [self.graph_models.index(name) for name in c.models]
-        verdict = parity.judge(self.variant, (quality[:, pair], difficulty), (np.asarray(c.quality), np.asarray(c.difficulty)),
-                               (0, 1), m.default_threshold, m.calibration.prompts)
+        reference = np.asarray(c.quality)[whole], np.asarray(c.difficulty)[whole]
+        verdict = parity.judge(self.variant, (quality[:, pair], difficulty), reference, (0, 1), m.default_threshold,
+                               m.calibration.prompts)
         if not verdict.passed:
             log.warning("%s: the %s graph on this CPU (%s) routes unlike the torch model it was exported from on %s: %s "
                         "(%s); serve another variant or re-export the router on this machine", self.path, self.variant,
@@ -249,6 +255,10 @@ class Router:
         t = self.default_threshold if threshold is None else check_threshold(threshold)
         return decide(self.pass_chance(prompts, weak, strong), t)
 
-    def n_tokens(self, prompt: str) -> int:
-        """Encoder tokens the router reads from `prompt` (after truncation)."""
-        return len(self._tok.encode(prompt).ids)
+    def n_tokens(self, prompt: str, whole: bool = False) -> int:
+        """Encoder tokens the router reads from `prompt` (after truncation), or with `whole` the prompt's own count."""
+        if not whole:
+            return len(self._tok.encode(prompt).ids)
+        tok = Tokenizer.from_str(self._tok.to_str())
+        tok.no_truncation()
+        return len(tok.encode(prompt).ids)
