@@ -19,8 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUTER_DIR = Path(os.environ.get("LEARNED_ROUTER_TEST_ROUTER", ROOT / "models" / "default"))
 CLIENT_KEY = "sk-router-test-client-0123456789"
 OTHER_KEY = "sk-router-test-limited-abcdef"
-PROVIDER_KEYS = {"TEST_STRONG_A_KEY": "sk-prov-strong-a-SECRET", "TEST_STRONG_B_KEY": "sk-prov-strong-b-SECRET",
-                 "TEST_WEAK_A_KEY": "sk-prov-weak-a-SECRET", "TEST_WEAK_B_KEY": "sk-prov-weak-b-SECRET"}
+PROVIDER_KEYS = {
+    "TEST_STRONG_A_KEY": "sk-prov-strong-a-SECRET",
+    "TEST_STRONG_B_KEY": "sk-prov-strong-b-SECRET",
+    "TEST_WEAK_A_KEY": "sk-prov-weak-a-SECRET",
+    "TEST_WEAK_B_KEY": "sk-prov-weak-b-SECRET",
+}
 
 
 class FakeProvider(ServerThread):
@@ -43,9 +47,18 @@ class FakeProvider(ServerThread):
         self.control(mode="ok", latency_ms=0, chunk_delay_ms=0, fail_rate=0)
 
 
-def provider_entry(name: str, fake: FakeProvider, key_env: str, model: str, prices: tuple[float, float], **extra) -> dict:
-    return {"name": name, "base_url": fake.base_url, "api_key_env": key_env, "model": model,
-            "input_price_per_1m": prices[0], "output_price_per_1m": prices[1], **extra}
+def provider_entry(
+    name: str, fake: FakeProvider, key_env: str, model: str, prices: tuple[float, float], **extra
+) -> dict:
+    return {
+        "name": name,
+        "base_url": fake.base_url,
+        "api_key_env": key_env,
+        "model": model,
+        "input_price_per_1m": prices[0],
+        "output_price_per_1m": prices[1],
+        **extra,
+    }
 
 
 def router_output() -> str:
@@ -64,8 +77,12 @@ def service_config(tiers: list[dict], **sections) -> dict:
         "tiers": tiers,
         "retry": {"attempts": 2, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "max_retry_after_s": 0.5},
         "circuit_breaker": {"failures": 3, "cooldown_s": 0.5},
-        "auth": {"keys": [{"name": "test", "sha256": hash_key(CLIENT_KEY)},
-                          {"name": "limited", "sha256": hash_key(OTHER_KEY), "requests_per_minute": 60}]},
+        "auth": {
+            "keys": [
+                {"name": "test", "sha256": hash_key(CLIENT_KEY)},
+                {"name": "limited", "sha256": hash_key(OTHER_KEY), "requests_per_minute": 60},
+            ]
+        },
         "rate_limit": {"requests_per_minute": 100000, "burst": 50},
         "limits": {"max_body_bytes": 65536},
         "readiness": {"probe_timeout_s": 1, "cache_s": 0},

@@ -12,8 +12,15 @@ from conftest import STRONG, WEAK
 
 
 def cli(*args, stdin=None, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "learned_router", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, cwd=cwd, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "learned_router", *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        cwd=cwd,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def lines(out):
@@ -45,7 +52,9 @@ def test_every_option_has_help_and_flags_take_no_value_label():
 
 
 def test_bad_options_are_refused_before_any_data_is_read_or_run_started(tmp_path):
-    out = cli("train", "--data", tmp_path / "missing.parquet", "--variants", "int4", "--out", tmp_path / "o", cwd=tmp_path)
+    out = cli(
+        "train", "--data", tmp_path / "missing.parquet", "--variants", "int4", "--out", tmp_path / "o", cwd=tmp_path
+    )
     assert out.returncode == 2 and "--variants: expected fp32, int8 or both" in out.stderr  # not the missing file
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no run, no folder
 
@@ -74,42 +83,63 @@ def test_score_from_arguments_file_and_stdin(trained, tmp_path):
     assert [x["route"] for x in lines(everything)] == ["strong"] * 3
 
 
-@pytest.mark.parametrize("stdin, message", [
-    (b"fine\n\xff\xfe broken\n", "stdin: line 2: not UTF-8 text (byte 0xff)"),
-    (b"", "stdin: no prompts"),
-    (b"\n  \n", "stdin: no prompts"),
-])
+@pytest.mark.parametrize(
+    "stdin, message",
+    [
+        (b"fine\n\xff\xfe broken\n", "stdin: line 2: not UTF-8 text (byte 0xff)"),
+        (b"", "stdin: no prompts"),
+        (b"\n  \n", "stdin: no prompts"),
+    ],
+)
 def test_bad_stdin_is_one_line(trained, stdin, message):
-    out = subprocess.run([sys.executable, "-m", "learned_router", "score", "--router", str(trained["path"])],
-                         capture_output=True, input=stdin, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "learned_router", "score", "--router", str(trained["path"])],
+        capture_output=True,
+        input=stdin,
+        timeout=120,
+    )
     assert out.returncode == 2 and message in out.stderr.decode() and b"Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["score", "--router", "{r}", ""], "prompt 0: empty prompt"),
-    (["score", "--router", "{r}", "--threshold", "1.5", "hi"], "threshold must be a number in [0, 1]"),
-    (["score", "--router", "{tmp}/nope", "hi"], "router folder not found"),
-    (["score", "--router", "{tmp}/" + "x" * 300, "hi"], "cannot be a router folder (File name too long)"),
-    (["train", "--data", "{tmp}/" + "x" * 300, "--out", "{tmp}/o"], "x...: File name too long"),
-    (["train", "--data", "{tmp}", "--out", "{tmp}/o"], "a folder, not a file"),
-    (["score", "--router", "{r}", "--file", "{tmp}"], "a folder, not a file"),
-    (["calibrate", "--router", "{r}", "--prompts", "{tmp}/" + "x" * 300], "x...: File name too long"),
-    (["score", "--router", "{r}", "--file", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
-    (["score", "--router", "{r}", "--file", "{tmp}/noprompt.csv"], "no 'prompt' column"),
-    (["score", "--router", "{r}", "--file", "{tmp}/latin1.txt"], "latin1.txt: line 1: not UTF-8 text"),
-    (["score", "--router", "{r}/router.json", "hi"], "a file, not a router folder"),
-    (["train", "--data", "{tmp}/empty.jsonl", "--out", "{tmp}/o"], "empty.jsonl"),
-    (["train", "--data", "{tmp}/missing.parquet", "--out", "{tmp}/o"], "missing.parquet: no such file"),
-    (["train", "--data", "{tmp}/noprompt.csv", "--out", "{tmp}/o"], "unrecognised columns"),
-    (["score", "--router", "{r}", "--weak", "gpt-5", "hi"], "not trained on 'gpt-5'"),
-    (["score", "--router", "{r}", "--threshold", "0.5", "--strong-fraction", "0.3", "hi"], "not both"),
-    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--weak", "mixtral", "--out", "{tmp}/o"],
-     "--weak 'mixtral' is graded in none of the --data files"),
-    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--weight", "oops", "--out", "{tmp}/o"], "--weight expects SOURCE=NUMBER"),
-    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--steps", "0", "--out", "{tmp}/o"], "--steps must be at least 1"),
-    (["train", "--data", "{data}/routellm_gsm8k.parquet", "--variants", "int4", "--out", "{tmp}/o"], "--variants: expected fp32"),
-    (["export", "--router", "{tmp}"], "checkpoint/training.json: missing"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["score", "--router", "{r}", ""], "prompt 0: empty prompt"),
+        (["score", "--router", "{r}", "--threshold", "1.5", "hi"], "threshold must be a number in [0, 1]"),
+        (["score", "--router", "{tmp}/nope", "hi"], "router folder not found"),
+        (["score", "--router", "{tmp}/" + "x" * 300, "hi"], "cannot be a router folder (File name too long)"),
+        (["train", "--data", "{tmp}/" + "x" * 300, "--out", "{tmp}/o"], "x...: File name too long"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/o"], "a folder, not a file"),
+        (["score", "--router", "{r}", "--file", "{tmp}"], "a folder, not a file"),
+        (["calibrate", "--router", "{r}", "--prompts", "{tmp}/" + "x" * 300], "x...: File name too long"),
+        (["score", "--router", "{r}", "--file", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
+        (["score", "--router", "{r}", "--file", "{tmp}/noprompt.csv"], "no 'prompt' column"),
+        (["score", "--router", "{r}", "--file", "{tmp}/latin1.txt"], "latin1.txt: line 1: not UTF-8 text"),
+        (["score", "--router", "{r}/router.json", "hi"], "a file, not a router folder"),
+        (["train", "--data", "{tmp}/empty.jsonl", "--out", "{tmp}/o"], "empty.jsonl"),
+        (["train", "--data", "{tmp}/missing.parquet", "--out", "{tmp}/o"], "missing.parquet: no such file"),
+        (["train", "--data", "{tmp}/noprompt.csv", "--out", "{tmp}/o"], "unrecognised columns"),
+        (["score", "--router", "{r}", "--weak", "gpt-5", "hi"], "not trained on 'gpt-5'"),
+        (["score", "--router", "{r}", "--threshold", "0.5", "--strong-fraction", "0.3", "hi"], "not both"),
+        (
+            ["train", "--data", "{data}/routellm_gsm8k.parquet", "--weak", "mixtral", "--out", "{tmp}/o"],
+            "--weak 'mixtral' is graded in none of the --data files",
+        ),
+        (
+            ["train", "--data", "{data}/routellm_gsm8k.parquet", "--weight", "oops", "--out", "{tmp}/o"],
+            "--weight expects SOURCE=NUMBER",
+        ),
+        (
+            ["train", "--data", "{data}/routellm_gsm8k.parquet", "--steps", "0", "--out", "{tmp}/o"],
+            "--steps must be at least 1",
+        ),
+        (
+            ["train", "--data", "{data}/routellm_gsm8k.parquet", "--variants", "int4", "--out", "{tmp}/o"],
+            "--variants: expected fp32",
+        ),
+        (["export", "--router", "{tmp}"], "checkpoint/training.json: missing"),
+    ],
+)
 def test_bad_input_gives_one_clear_line(trained, tmp_path, datasets_dir, args, message):
     (tmp_path / "noprompt.csv").write_text("question,answer\nq,a\n")
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
@@ -125,9 +155,15 @@ def test_bad_input_gives_one_clear_line(trained, tmp_path, datasets_dir, args, m
 def test_a_missing_module_is_named_with_the_extra_that_installs_it():
     from learned_router.cli import missing_module
 
-    assert missing_module("torch").startswith("torch is not installed: this command needs pip install 'learned-router[train]'")
-    assert missing_module("sklearn.metrics").endswith("'learned-router[train]' (torch==2.13.0 first: an unpinned torch pulls CUDA)")
-    assert missing_module("uvicorn") == "uvicorn is not installed: this command needs pip install 'learned-router[serve]'"
+    assert missing_module("torch").startswith(
+        "torch is not installed: this command needs pip install 'learned-router[train]'"
+    )
+    assert missing_module("sklearn.metrics").endswith(
+        "'learned-router[train]' (torch==2.13.0 first: an unpinned torch pulls CUDA)"
+    )
+    assert (
+        missing_module("uvicorn") == "uvicorn is not installed: this command needs pip install 'learned-router[serve]'"
+    )
     assert missing_module("not_a_dependency") == "not_a_dependency is not installed"  # not "install the train extra"
 
 
@@ -147,7 +183,11 @@ def test_compare_says_same_router_or_what_differs(trained, tmp_path):
     record["calibration"]["thresholds"]["generic"] = [t + 0.01 for t in record["calibration"]["thresholds"]["generic"]]
     (copy / "router.json").write_text(json.dumps(record))
     differs = cli("compare", trained["path"], copy)
-    assert differs.returncode == 1 and "default threshold:" in differs.stdout and "calibration of generic" in differs.stdout
+    assert (
+        differs.returncode == 1
+        and "default threshold:" in differs.stdout
+        and "calibration of generic" in differs.stdout
+    )
 
 
 def test_a_small_table_of_ones_own_trains_with_warnings_that_say_what_to_do(tmp_path, datasets_dir):
@@ -156,10 +196,27 @@ def test_a_small_table_of_ones_own_trains_with_warnings_that_say_what_to_do(tmp_
     df = pd.read_parquet(datasets_dir / "routellm_gsm8k.parquet")
     prompts = df["prompt"].drop_duplicates().head(60)
     mine = df[df["prompt"].isin(set(prompts))][["prompt", "model", "score"]]
-    mine["model"] = mine["model"].map({"gpt-4-1106-preview": "my-big", "mistralai/Mixtral-8x7B-Instruct-v0.1": "my-small"})
+    mine["model"] = mine["model"].map(
+        {"gpt-4-1106-preview": "my-big", "mistralai/Mixtral-8x7B-Instruct-v0.1": "my-small"}
+    )
     mine.dropna().to_csv(tmp_path / "mine.csv", index=False)
-    r = cli("train", "--data", tmp_path / "mine.csv", "--strong", "my-big", "--weak", "my-small", "--steps", "20",
-            "--variants", "fp32", "--out", tmp_path / "r", "--quiet", cwd=tmp_path)
+    r = cli(
+        "train",
+        "--data",
+        tmp_path / "mine.csv",
+        "--strong",
+        "my-big",
+        "--weak",
+        "my-small",
+        "--steps",
+        "20",
+        "--variants",
+        "fp32",
+        "--out",
+        tmp_path / "r",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "only 60 prompts" in r.stderr and "train --prior models/default" in r.stderr
     assert "test prompts: the test AUCs are noise" in r.stderr
@@ -168,7 +225,17 @@ def test_a_small_table_of_ones_own_trains_with_warnings_that_say_what_to_do(tmp_
 
 
 def test_eval_with_a_pair_the_data_does_not_grade_starts_no_mlflow_run(trained, tmp_path, datasets_dir):
-    r = cli("eval", "--router", trained["path"], "--data", datasets_dir / "routellm_gsm8k.parquet", "--weak", "mixtral",
-            "--out", tmp_path / "o", cwd=tmp_path)
+    r = cli(
+        "eval",
+        "--router",
+        trained["path"],
+        "--data",
+        datasets_dir / "routellm_gsm8k.parquet",
+        "--weak",
+        "mixtral",
+        "--out",
+        tmp_path / "o",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "model(s) mixtral not graded there" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "o").exists()  # no FAILED run left behind

@@ -20,7 +20,9 @@ def shipped():
 def test_the_table_covers_each_kind_of_task():
     assert set(TABLE["kind"]) == {"easy", "hard"} and TABLE["prompt"].is_unique
     for kind, part in TABLE.groupby("kind"):
-        assert len(part) >= 20 and {"code", "math", "writing", "translation", "extraction"} <= set(part["category"]), kind
+        assert len(part) >= 20 and {"code", "math", "writing", "translation", "extraction"} <= set(part["category"]), (
+            kind
+        )
 
 
 @pytest.mark.parametrize("weak", [None, "generic"])

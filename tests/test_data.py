@@ -17,13 +17,33 @@ def long_table(path, rows, **extra):
 
 
 def test_each_shared_source_gets_its_grading_scheme(datasets_dir):
-    schemes = {name: load_source(datasets_dir / f"{name}.parquet").scheme for name in (
-        "routellm_mmlu", "arena_bench_v1", "routerbench_mbpp", "vicuna_bench", "routerarena", "mmlu_pro",
-        "alpaca_eval", "alpaca_eval_v1", "arena_battles_1k", "arena_hard_v01_battles")}
-    assert schemes == {"routellm_mmlu": "absolute", "arena_bench_v1": "absolute", "routerbench_mbpp": "absolute",
-                       "vicuna_bench": "absolute", "routerarena": "absolute", "mmlu_pro": "absolute",
-                       "alpaca_eval": "versus", "alpaca_eval_v1": "versus", "arena_battles_1k": "versus",
-                       "arena_hard_v01_battles": "versus"}
+    schemes = {
+        name: load_source(datasets_dir / f"{name}.parquet").scheme
+        for name in (
+            "routellm_mmlu",
+            "arena_bench_v1",
+            "routerbench_mbpp",
+            "vicuna_bench",
+            "routerarena",
+            "mmlu_pro",
+            "alpaca_eval",
+            "alpaca_eval_v1",
+            "arena_battles_1k",
+            "arena_hard_v01_battles",
+        )
+    }
+    assert schemes == {
+        "routellm_mmlu": "absolute",
+        "arena_bench_v1": "absolute",
+        "routerbench_mbpp": "absolute",
+        "vicuna_bench": "absolute",
+        "routerarena": "absolute",
+        "mmlu_pro": "absolute",
+        "alpaca_eval": "versus",
+        "alpaca_eval_v1": "versus",
+        "arena_battles_1k": "versus",
+        "arena_hard_v01_battles": "versus",
+    }
 
 
 def test_preferences_are_grades_against_their_baseline(datasets_dir):
@@ -35,13 +55,23 @@ def test_preferences_are_grades_against_their_baseline(datasets_dir):
     hard = observations(load_source(datasets_dir / "arena_hard_v01_battles.parquet"))
     assert set(hard["opponent"]) == {"gpt-4-0314"} and hard["model"].nunique() == 16
     raw = pd.read_parquet(datasets_dir / "arena_hard_v01_battles.parquet")
-    assert hard["grade"].mean() == pytest.approx(raw["score_model_b"].mean(), abs=1e-6)  # each opponent's graded preference
+    assert hard["grade"].mean() == pytest.approx(
+        raw["score_model_b"].mean(), abs=1e-6
+    )  # each opponent's graded preference
 
 
 def test_human_votes_are_battles(tmp_path):
-    battles = [{"prompt": f"q{i}", "model_a": a, "model_b": b, "winner": w}
-               for i, (a, b, w) in enumerate([("gpt-4", "mixtral", "model_a"), ("mixtral", "gpt4", "model_a"),
-                                              ("gpt-4", "mixtral", "tie"), ("claude", "llama", "tie (bothbad)")])]
+    battles = [
+        {"prompt": f"q{i}", "model_a": a, "model_b": b, "winner": w}
+        for i, (a, b, w) in enumerate(
+            [
+                ("gpt-4", "mixtral", "model_a"),
+                ("mixtral", "gpt4", "model_a"),
+                ("gpt-4", "mixtral", "tie"),
+                ("claude", "llama", "tie (bothbad)"),
+            ]
+        )
+    ]
     path = tmp_path / "battles.jsonl"
     path.write_text("\n".join(json.dumps(b) for b in battles))
     obs = observations(load_source(path)).set_index("prompt")
@@ -75,11 +105,14 @@ def test_held_out_prompts_leave_every_source(datasets_dir):
     assert g.without(groups).obs.empty  # AlpacaEval 1 and 2 share their instructions
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([("p0", "", "big", 1.0)], "row 0: field 'prompt' is empty or not text"),
-    ([("p0", "q", "big", float("nan"))], "row 0: field 'score' must be a number in [0, 1] (got nan)"),
-    ([("p0", "q", "big", 3.0)], "row 0: field 'score' must be a number in [0, 1] (got 3.0)"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([("p0", "", "big", 1.0)], "row 0: field 'prompt' is empty or not text"),
+        ([("p0", "q", "big", float("nan"))], "row 0: field 'score' must be a number in [0, 1] (got nan)"),
+        ([("p0", "q", "big", 3.0)], "row 0: field 'score' must be a number in [0, 1] (got 3.0)"),
+    ],
+)
 def test_bad_rows_are_named(tmp_path, rows, message):
     with pytest.raises(DataError) as e:
         load_grades([long_table(tmp_path / "t.parquet", rows)])
@@ -123,15 +156,27 @@ def test_file_and_field_errors(tmp_path, datasets_dir):
 
 def test_a_source_in_several_files_is_one_source_graded_one_way(tmp_path):
     """Two label runs' outputs both hold `feedback` rows: their rows join one source; a clash of scheme is refused."""
-    week1 = long_table(tmp_path / "week1.parquet", [("a", "hi", "m", 1.0), ("b", "prove it", "m", 0.0)], source="feedback")
-    week2 = long_table(tmp_path / "week2.parquet", [("c", "sort a list", "m", 1.0), ("b", "prove it", "m", 0.0)], source="feedback")
+    week1 = long_table(
+        tmp_path / "week1.parquet", [("a", "hi", "m", 1.0), ("b", "prove it", "m", 0.0)], source="feedback"
+    )
+    week2 = long_table(
+        tmp_path / "week2.parquet", [("c", "sort a list", "m", 1.0), ("b", "prove it", "m", 0.0)], source="feedback"
+    )
     grades = load_grades([week1, week2])
     assert [s.name for s in grades.sources] == ["feedback", "feedback"]
-    assert set(grades.obs["source"]) == {"feedback"} and sorted(grades.obs["prompt"]) == ["hi", "prove it", "prove it", "sort a list"]
+    assert set(grades.obs["source"]) == {"feedback"} and sorted(grades.obs["prompt"]) == [
+        "hi",
+        "prove it",
+        "prove it",
+        "sort a list",
+    ]
     assert len(load_grades([week1, week2], weights={"feedback": 2.0}).obs) == 4
     versus = long_table(tmp_path / "versus.parquet", [("d", "hello", "m", 1.0)], source="feedback", baseline="n")
-    with pytest.raises(DataError, match=r"source 'feedback' is in .*week1.parquet \(long, absolute, weight 1.0\) and in "
-                                        r".*versus.parquet \(long, versus, weight 1.0\): one source is graded and weighted one way"):
+    with pytest.raises(
+        DataError,
+        match=r"source 'feedback' is in .*week1.parquet \(long, absolute, weight 1.0\) and in "
+        r".*versus.parquet \(long, versus, weight 1.0\): one source is graded and weighted one way",
+    ):
         load_grades([week1, versus])
     with pytest.raises(DataError, match=r"weight 2.0\) and in .*week2.parquet \(long, absolute, weight 1.0\)"):
         load_grades([week1, week2], weights={"week1": 2.0})
@@ -139,7 +184,7 @@ def test_a_source_in_several_files_is_one_source_graded_one_way(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
 def test_a_table_is_written_as_its_name_asks_and_reads_back(tmp_path, suffix):
-    df = pd.DataFrame({"prompt": ["Write a haiku, \"quoted\"\nover two lines", "é ✓"], "prompt_id": ["007", "8"]})
+    df = pd.DataFrame({"prompt": ['Write a haiku, "quoted"\nover two lines', "é ✓"], "prompt_id": ["007", "8"]})
     write_table(df, tmp_path / f"t{suffix}")
     back = read_prompt_table(tmp_path / f"t{suffix}", text_columns=("prompt_id",))
     assert back["prompt"].tolist() == df["prompt"].tolist() and back["prompt_id"].tolist() == ["007", "8"]

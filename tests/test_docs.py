@@ -11,12 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_config_reference_is_generated_and_current():
     text = configdoc.render()
-    assert (ROOT / "serving" / "CONFIG.md").read_text() == text, \
+    assert (ROOT / "serving" / "CONFIG.md").read_text() == text, (
         "regenerate: python -m learned_router.serving.configdoc > serving/CONFIG.md"
+    )
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert all(not line.endswith("|  |") for line in rows), "a key without a meaning: comment it in config.py"
-    keys = {path: {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
-            for path, section in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", text, re.M | re.S)}
+    keys = {
+        path: {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+        for path, section in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    }
     assert keys["top level"] == set(ServiceConfig.model_fields) and "base_url" in keys["tiers[].providers[]"]
     assert "| `threads` | int or null (>= 1) | `1` |" in text  # type, bounds and default from the model
 

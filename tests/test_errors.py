@@ -16,7 +16,12 @@ def test_first_index_and_first_bad():
     assert first_index(pd.Series([False, True], index=[10, 20])) == 1  # by position, not by label
     first_bad("f", [False, False], "never")
     with pytest.raises(DataError, match=r"^f: row 1: field 'x' is bad \(got 7.0\)$"):
-        first_bad("f", pd.Series([False, True], index=[5, 6]), "field 'x' is bad", pd.Series(np.array([1.0, 7.0]), index=[5, 6]))
+        first_bad(
+            "f",
+            pd.Series([False, True], index=[5, 6]),
+            "field 'x' is bad",
+            pd.Series(np.array([1.0, 7.0]), index=[5, 6]),
+        )
     with pytest.raises(RouterError, match="^f: line 3: empty$"):
         first_bad("f", [False, True], "empty", error=RouterError, unit="line", first=2)
 
@@ -24,7 +29,9 @@ def test_first_index_and_first_bad():
 def test_arrays_and_tables_name_their_first_bad_value(tmp_path):
     with pytest.raises(DataError, match=r"^p_weak: index 1: NaN or infinite, the first of 2 such values \(got nan\)$"):
         as_array([0.5, np.nan, np.inf], "p_weak")
-    with pytest.raises(DataError, match=r"^weak quality: index 2: outside \[0, 1\], the first of 1 such values \(got 1.5\)$"):
+    with pytest.raises(
+        DataError, match=r"^weak quality: index 2: outside \[0, 1\], the first of 1 such values \(got 1.5\)$"
+    ):
         as_unit([0, 1, 1.5], "weak quality")
     table = tmp_path / "t.csv"
     table.write_text("type,prompt\ncode,write a loop\nmath,\n")

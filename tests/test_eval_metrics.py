@@ -9,9 +9,26 @@ import pytest
 
 from learned_router.errors import DataError
 from learned_router.evals import (
-    Curve, apgr, apgr_intervals, call_cost, classifier_metrics, cost_saving, cpt, cpt_routellm, evaluate,
-    expected_calibration_error, knn_scores, logistic_scores, markdown_table, oracle_envelope, oracle_scores,
-    plot_frontier, prompt_length_scores, random_scores, routellm_random_curve, sweep,
+    Curve,
+    apgr,
+    apgr_intervals,
+    call_cost,
+    classifier_metrics,
+    cost_saving,
+    cpt,
+    cpt_routellm,
+    evaluate,
+    expected_calibration_error,
+    knn_scores,
+    logistic_scores,
+    markdown_table,
+    oracle_envelope,
+    oracle_scores,
+    plot_frontier,
+    prompt_length_scores,
+    random_scores,
+    routellm_random_curve,
+    sweep,
 )
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -138,16 +155,20 @@ def separable(seed=0, n_train=300, n_test=200, dim=16):
     """Two clusters; the weak model passes exactly on cluster A, the strong one always."""
     rng = np.random.default_rng(seed)
     centre = rng.normal(size=(2, dim)) * 3
+
     def draw(n):
         y = rng.integers(0, 2, n)
         return centre[y] + rng.normal(size=(n, dim)), y.astype(float)
+
     return draw(n_train), draw(n_test)
 
 
 def test_knn_and_logistic_beat_random_on_a_separable_set():
     (x_tr, y_tr), (x_te, y_te) = separable()
-    scores = {"knn": knn_scores(x_tr, y_tr, x_te, k=20),
-              "logistic": logistic_scores(x_tr, y_tr, x_te, sample_weight=np.full(y_tr.size, 2.0))}
+    scores = {
+        "knn": knn_scores(x_tr, y_tr, x_te, k=20),
+        "logistic": logistic_scores(x_tr, y_tr, x_te, sample_weight=np.full(y_tr.size, 2.0)),
+    }
     report = evaluate(scores, y_te, np.ones_like(y_te), labels=y_te, p_weak={k: 1 - s for k, s in scores.items()})
     best = report["scorers"]["oracle"]["apgr"]  # 0.75 here: strong helps on half the prompts, by 1
     assert best == pytest.approx(0.75, abs=0.03)
@@ -179,8 +200,9 @@ def test_evaluate_is_json_ready_and_feeds_the_table_and_plot(tmp_path):
     rng = np.random.default_rng(3)
     weak, strong = rng.integers(0, 2, 100).astype(float), rng.integers(0, 2, 100).astype(float)
     router = oracle_scores(weak, strong) + rng.normal(0, 30, 100)
-    report = evaluate({"router": router}, weak, strong, cost_per_call={"strong": 1.0, "weak": 0.06},
-                      routellm_random=True)
+    report = evaluate(
+        {"router": router}, weak, strong, cost_per_call={"strong": 1.0, "weak": 0.06}, routellm_random=True
+    )
     report = json.loads(json.dumps(report, allow_nan=False))
     assert list(report["scorers"]) == ["router", "random", "oracle", "optimal", "random_routellm"]
     apgrs = {name: m["apgr"] for name, m in report["scorers"].items()}
@@ -211,8 +233,12 @@ def test_apgr_intervals_cover_the_estimate_shrink_with_more_prompts_and_tell_lea
     wide = np.diff(cis["good"]["apgr_ci"])[0]
     narrow = np.diff(apgr_intervals(scores4, weak4, strong4, lead_of="good", resamples=300)["good"]["apgr_ci"])[0]
     assert narrow < 0.7 * wide  # ~1/sqrt(4) of the width with 4x the prompts
-    assert apgr_intervals(scores, weak, strong, "good", resamples=200, seed=1) == apgr_intervals(scores, weak, strong, "good", resamples=200, seed=1)
-    tied = apgr_intervals({"a": np.arange(4.0), "b": -np.arange(4.0)}, [1, 0, 1, 0], [0, 1, 1, 0], lead_of="a", resamples=50)
+    assert apgr_intervals(scores, weak, strong, "good", resamples=200, seed=1) == apgr_intervals(
+        scores, weak, strong, "good", resamples=200, seed=1
+    )
+    tied = apgr_intervals(
+        {"a": np.arange(4.0), "b": -np.arange(4.0)}, [1, 0, 1, 0], [0, 1, 1, 0], lead_of="a", resamples=50
+    )
     assert np.isnan(tied["a"]["apgr_ci"]).all()  # equal means: APGR undefined, no interval (and no warning spam)
     with pytest.raises(DataError, match="'best' is not among the scorers"):
         apgr_intervals(scores, weak, strong, lead_of="best")

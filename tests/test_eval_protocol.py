@@ -29,14 +29,30 @@ def test_benchmark_in_training_data_is_cross_validated(trained, datasets_dir, tm
     capsys.readouterr()
     res = run_eval(trained["path"], bench, STRONG, WEAK, tmp_path / "out", folds=2)
     steps = capsys.readouterr().err.splitlines()  # a log (not a terminal): one line per named step
-    for named in ("reading routellm_gsm8k.parquet", "fold 1/2: fitting the recipe without", "fold 1/2: baselines",
-                  "fold 2/2: fitting the recipe without", "fold 2/2: baselines", "metrics of", "writing"):
+    for named in (
+        "reading routellm_gsm8k.parquet",
+        "fold 1/2: fitting the recipe without",
+        "fold 1/2: baselines",
+        "fold 2/2: fitting the recipe without",
+        "fold 2/2: baselines",
+        "metrics of",
+        "writing",
+    ):
         assert any(line.startswith(named) for line in steps), (named, steps)
     r = res.report
     assert res.protocol.startswith("2-fold cross-validation by prompt")
     clean = pd.read_parquet(bench).drop_duplicates("prompt_id")
     assert res.n_prompts == r["n_prompts"] == int((~clean["contaminated"]).sum()) < 120  # contaminated dropped
-    assert set(r["scorers"]) >= {"router", "difficulty", "prompt length", "kNN", "logistic", "random", "oracle", "optimal"}
+    assert set(r["scorers"]) >= {
+        "router",
+        "difficulty",
+        "prompt length",
+        "kNN",
+        "logistic",
+        "random",
+        "oracle",
+        "optimal",
+    }
     assert r["scorers"]["random"]["apgr"] == pytest.approx(0.5)
     assert r["scorers"]["optimal"]["apgr"] > max(r["scorers"][k]["apgr"] for k in ("router", "kNN", "logistic"))
     assert 0 <= r["scorers"]["router"]["roc_auc"] <= 1
@@ -63,10 +79,14 @@ def test_unseen_benchmark_is_scored_by_the_shipped_router(trained, datasets_dir,
     assert res.n_prompts == 80
 
 
-def test_leave_one_source_out_refits_without_the_source_or_its_prompts(trained, datasets_dir, tmp_path, capsys, monkeypatch):
+def test_leave_one_source_out_refits_without_the_source_or_its_prompts(
+    trained, datasets_dir, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("CI", "true")  # no progress in CI
     capsys.readouterr()
-    res = run_eval(trained["path"], datasets_dir / "arena_bench_v1.parquet", STRONG, WEAK, tmp_path / "out", by="source")
+    res = run_eval(
+        trained["path"], datasets_dir / "arena_bench_v1.parquet", STRONG, WEAK, tmp_path / "out", by="source"
+    )
     assert res.protocol.startswith("leave one source out") and capsys.readouterr().err == ""
     assert res.n_prompts == 292  # every prompt with both models' grades
     r = res.report["scorers"]
@@ -77,7 +97,9 @@ def test_leave_one_source_out_refits_without_the_source_or_its_prompts(trained, 
 
 
 def test_battles_against_whichever_opponent(trained, datasets_dir, tmp_path):
-    res = run_eval(trained["path"], datasets_dir / "arena_battles_1k.parquet", "gpt-4", "*", tmp_path / "out", by="source")
+    res = run_eval(
+        trained["path"], datasets_dir / "arena_battles_1k.parquet", "gpt-4", "*", tmp_path / "out", by="source"
+    )
     assert res.report["strong"] == "gpt-4-0314" and res.report["pairs"] > 5  # gpt-4 met many opponents
     assert 100 < res.n_prompts < 200
     assert res.report["difficulty_ceiling"] is None  # one battle per prompt: no other models to read
@@ -86,16 +108,39 @@ def test_battles_against_whichever_opponent(trained, datasets_dir, tmp_path):
 def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path, monkeypatch):
     bench = slice_of(datasets_dir, "routellm_mmlu", 300, tmp_path)  # enough prompts for defined intervals
     env = {"MLFLOW_TRACKING_URI": trained["url"], "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "learned_router", "eval", "--router", str(trained["path"]), "--data", str(bench),
-                          "--out", str(tmp_path / "o"), "--name", "mmlu-slice", "--experiment", "eval-tests"],
-                         capture_output=True, text=True, env={**__import__("os").environ, **env}, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "learned_router",
+            "eval",
+            "--router",
+            str(trained["path"]),
+            "--data",
+            str(bench),
+            "--out",
+            str(tmp_path / "o"),
+            "--name",
+            "mmlu-slice",
+            "--experiment",
+            "eval-tests",
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, **env},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     client = MlflowClient(trained["url"])
     run = client.search_runs([client.get_experiment_by_name("eval-tests").experiment_id])[0]
     assert run.data.params["prompts"] == "300" and "apgr_router" in run.data.metrics
     scorers = json.loads((tmp_path / "o" / "metrics.json").read_text())["scorers"]
-    logged = {(name, k): [run.data.metrics.get(f"{k}_{end}_{name.replace(' ', '_')}") for end in ("low", "high")]
-              for name, s in scorers.items() for k in ("apgr_ci", "lead_ci") if k in s}
+    logged = {
+        (name, k): [run.data.metrics.get(f"{k}_{end}_{name.replace(' ', '_')}") for end in ("low", "high")]
+        for name, s in scorers.items()
+        for k in ("apgr_ci", "lead_ci")
+        if k in s
+    }
     assert ("router", "apgr_ci") in logged and ("kNN", "lead_ci") in logged  # the intervals, where defined
     assert logged[("router", "apgr_ci")][0] is not None
     for (name, k), v in logged.items():
@@ -105,7 +150,9 @@ def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path, monkeypatc
 
 def test_bad_benchmarks(trained, datasets_dir, tmp_path):
     with pytest.raises(DataError, match=r"model\(s\) nope not graded there; models: gpt-4-1106-preview"):
-        run_eval(trained["path"], slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, "nope", tmp_path / "o")
+        run_eval(
+            trained["path"], slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, "nope", tmp_path / "o"
+        )
     with pytest.raises(DataError, match="no battle between 'gpt-4-1106-preview' and 'nope'"):
         run_eval(trained["path"], datasets_dir / "arena_battles_1k.parquet", STRONG, "nope", tmp_path / "o")
     with pytest.raises(DataError, match="is for battles between varying models"):
@@ -136,19 +183,32 @@ def test_tier_policy_in_dollars(trained, datasets_dir, tmp_path):
     from learned_router.evals.tiers import run_tier_eval
 
     bench = slice_of(datasets_dir, "alpaca_eval", 60, tmp_path)
-    tiers = ["gemma-2b-it", "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt4_1106_preview"]  # the baseline, by its one name
+    tiers = [
+        "gemma-2b-it",
+        "mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "gpt4_1106_preview",
+    ]  # the baseline, by its one name
     prices = tmp_path / "prices.yaml"
-    prices.write_text("models:\n  gemma-2b-it: {input_price_per_1m: 0.1, output_price_per_1m: 0.1}\n"
-                      "  Mixtral-8x7B-Instruct-v0.1_concise: {input_price_per_1m: 0.6, output_price_per_1m: 0.6}\n"
-                      "  mistralai/Mixtral-8x7B-Instruct-v0.1: {input_price_per_1m: 0.6, output_price_per_1m: 0.6}\n"
-                      "  gpt-4-1106-preview: {input_price_per_1m: 10, output_price_per_1m: 30}\n")
+    prices.write_text(
+        "models:\n  gemma-2b-it: {input_price_per_1m: 0.1, output_price_per_1m: 0.1}\n"
+        "  Mixtral-8x7B-Instruct-v0.1_concise: {input_price_per_1m: 0.6, output_price_per_1m: 0.6}\n"
+        "  mistralai/Mixtral-8x7B-Instruct-v0.1: {input_price_per_1m: 0.6, output_price_per_1m: 0.6}\n"
+        "  gpt-4-1106-preview: {input_price_per_1m: 10, output_price_per_1m: 30}\n"
+    )
     with pytest.raises(DataError, match="tier model\\(s\\) mistralai/Mixtral-8x7B-Instruct-v0.1 not graded there"):
         run_tier_eval(trained["path"], bench, tiers, prices, tmp_path / "o", folds=2)
     tiers[1] = "Mixtral-8x7B-Instruct-v0.1_concise"
     r = run_tier_eval(trained["path"], bench, tiers, prices, tmp_path / "o", folds=2)
-    assert r["n_prompts"] == 60 and r["best_single"] == "gpt-4-1106-preview" and r["single"]["gpt-4-1106-preview"]["quality"] == 0.5
+    assert (
+        r["n_prompts"] == 60
+        and r["best_single"] == "gpt-4-1106-preview"
+        and r["single"]["gpt-4-1106-preview"]["quality"] == 0.5
+    )
     oracle, router = r["scorers"]["oracle"], r["scorers"]["router"]
-    assert oracle["max_quality"] >= router["max_quality"] and oracle["cost_at_best_quality"] <= r["single"]["gpt-4-1106-preview"]["cost"]
+    assert (
+        oracle["max_quality"] >= router["max_quality"]
+        and oracle["cost_at_best_quality"] <= r["single"]["gpt-4-1106-preview"]["cost"]
+    )
     assert {p.name for p in (tmp_path / "o").iterdir()} == {"metrics.json", "frontier.png", "table.md"}
     with pytest.raises(RouterError, match="cheapest first"):
         run_tier_eval(trained["path"], bench, tiers[::-1], prices, tmp_path / "o2", folds=2)
@@ -165,13 +225,36 @@ def test_difficulty_ceiling_reads_the_other_models_grades(datasets_dir):
 def test_report_only_runs_one_benchmark_and_keeps_the_others_figures(trained, datasets_dir, tmp_path):
     mmlu = slice_of(datasets_dir, "routellm_mmlu", 60, tmp_path)  # the small router never saw MMLU: scored as shipped
     suite = tmp_path / "suite.yaml"
-    suite.write_text(json.dumps({"router": str(trained["path"]), "benchmarks": [
-        {"name": "MMLU A", "data": str(mmlu), "strong": STRONG, "weak": WEAK},
-        {"name": "MMLU B", "data": str(mmlu), "strong": STRONG, "weak": WEAK}]}))
+    suite.write_text(
+        json.dumps(
+            {
+                "router": str(trained["path"]),
+                "benchmarks": [
+                    {"name": "MMLU A", "data": str(mmlu), "strong": STRONG, "weak": WEAK},
+                    {"name": "MMLU B", "data": str(mmlu), "strong": STRONG, "weak": WEAK},
+                ],
+            }
+        )
+    )
 
     def report(*extra):
-        return subprocess.run([sys.executable, "-m", "learned_router", "report", "--config", suite, "--out", tmp_path / "r",
-                               "--quiet", *extra], capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "learned_router",
+                "report",
+                "--config",
+                suite,
+                "--out",
+                tmp_path / "r",
+                "--quiet",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     r = report("--only", "MMLU A")
     assert r.returncode == 2 and "MMLU B was never run into" in r.stderr and "without --only" in r.stderr

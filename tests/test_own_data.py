@@ -19,8 +19,13 @@ from learned_router.evals.learning import apgr_of
 
 
 def cli(*args, env=None, ok=True):
-    r = subprocess.run([sys.executable, "-m", "learned_router", *map(str, args)], capture_output=True, text=True,
-                       timeout=900, env={**os.environ, **(env or {})})
+    r = subprocess.run(
+        [sys.executable, "-m", "learned_router", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
     if ok:
         assert r.returncode == 0, f"{args[0]}: {r.stderr[-2000:]}"
     return r
@@ -44,7 +49,9 @@ def test_the_top_level_learns_local_failures_and_keeps_the_prior_far_from_its_da
     base = np.full((len(emb), 2), 0.7, np.float32)
     lengths = np.full(len(emb), 4.0, np.float32)
     train, test = np.arange(400), np.arange(400, 600)
-    fitted = top.fit(base[train], lengths[train], emb[train], grades[train], ["weak", "strong"], ["weak", "strong"], (0, 1))
+    fitted = top.fit(
+        base[train], lengths[train], emb[train], grades[train], ["weak", "strong"], ["weak", "strong"], (0, 1)
+    )
     assert fitted.choice.width is not None and fitted.choice.objective == "pair gap MSE"  # the kernel won
     q = fitted.predict(base[test], lengths[test], emb[test])
     p_weak = 1 - np.clip(q[:, 1] - q[:, 0], 0, 1)
@@ -52,7 +59,10 @@ def test_the_top_level_learns_local_failures_and_keeps_the_prior_far_from_its_da
     # a prompt far from every labelled one gets the (recalibrated) prior: the kernel's share is shrunk to nothing
     far = np.eye(emb.shape[1], dtype=np.float32)[6:7]  # orthogonal to every cluster
     alone = fitted.predict(base[:1], lengths[:1], far)
-    linear = top.design(base[:1, 0], np.zeros(1, np.float32), far, fitted.choice.ridge, fitted.choice.use_base) @ fitted.coef[0]
+    linear = (
+        top.design(base[:1, 0], np.zeros(1, np.float32), far, fitted.choice.ridge, fitted.choice.use_base)
+        @ fitted.coef[0]
+    )
     assert abs(float(alone[0, 0]) - float(np.clip(linear, 0, 1)[0])) < 0.01
     # saved and loaded, it predicts the same
     fitted.save(tmp := __import__("pathlib").Path(__import__("tempfile").mkdtemp()))
@@ -74,7 +84,10 @@ def mmlu_table(datasets_dir, rows: slice) -> pd.DataFrame:
     writes it (prompt, model, score)."""
     df = pd.read_parquet(datasets_dir / "routellm_mmlu.parquet")
     prompts = pd.Series(df["prompt"].unique()).sample(frac=1.0, random_state=0).iloc[rows]
-    mine = df[df["prompt"].isin(set(prompts)) & df["model"].isin(["gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"])]
+    mine = df[
+        df["prompt"].isin(set(prompts))
+        & df["model"].isin(["gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"])
+    ]
     return mine[["prompt", "model", "score"]].reset_index(drop=True)
 
 
@@ -84,16 +97,29 @@ def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(traine
     mmlu_table(datasets_dir, slice(0, 1000)).to_parquet(tmp_path / "graded.parquet")
     fresh = mmlu_table(datasets_dir, slice(1000, 1500))
     mmlu_table(datasets_dir, slice(800, 1500)).to_parquet(tmp_path / "fresh.parquet")  # 200 trained on: left out
-    out = cli("train", "--prior", trained["path"], "--data", tmp_path / "graded.parquet", "--out", tmp_path / "ours",
-              "--eval", tmp_path / "fresh.parquet", "--quiet", env={"MLFLOW_TRACKING_URI": trained["url"]})
+    out = cli(
+        "train",
+        "--prior",
+        trained["path"],
+        "--data",
+        tmp_path / "graded.parquet",
+        "--out",
+        tmp_path / "ours",
+        "--eval",
+        tmp_path / "fresh.parquet",
+        "--quiet",
+        env={"MLFLOW_TRACKING_URI": trained["url"]},
+    )
     assert "top level over small@" in out.stdout and "cross-validation (pair gap MSE) chose" in out.stdout
     folder = tmp_path / "ours"
     m = json.loads((folder / "router.json").read_text())
     assert m["residual"]["models"] == [STRONG, WEAK] and m["residual"]["prompts"] == 1000 and "residual" in m["files"]
     assert not (folder / "checkpoint").exists() and (folder / "residual.npz").is_file()
 
-    code = ("import sys; from learned_router import Router; Router(sys.argv[1]).score(['hi']); "
-            "print(sorted(m for m in ('torch', 'sklearn', 'scipy') if m in sys.modules))")
+    code = (
+        "import sys; from learned_router import Router; Router(sys.argv[1]).score(['hi']); "
+        "print(sorted(m for m in ('torch', 'sklearn', 'scipy') if m in sys.modules))"
+    )
     alone = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
     assert alone.stdout.strip() == "[]", alone.stdout + alone.stderr  # the top level scores with numpy alone
     ours, prior = Router(folder), Router(trained["path"])
@@ -109,17 +135,35 @@ def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(traine
     print(f"APGR on 500 fresh MMLU prompts: prior {a_prior:.3f}, trained over it {a_ours:.3f}")
     assert a_ours > a_prior + 0.03
     # the trainer's evaluator scored the written router on the same 500, the 200 it trained on left out
-    assert m["metrics"]["eval_fresh_prompts"] == 500 and m["metrics"]["eval_fresh_apgr"] == pytest.approx(a_ours, abs=1e-6)
+    assert m["metrics"]["eval_fresh_prompts"] == 500 and m["metrics"]["eval_fresh_apgr"] == pytest.approx(
+        a_ours, abs=1e-6
+    )
     assert m["metrics"]["eval_fresh_apgr_low"] < a_ours < m["metrics"]["eval_fresh_apgr_high"]
-    assert f"eval_fresh: APGR {a_ours:.3f} (95% " in out.stdout and "on 500 graded prompts it did not train on" in out.stdout
+    assert (
+        f"eval_fresh: APGR {a_ours:.3f} (95% " in out.stdout
+        and "on 500 graded prompts it did not train on" in out.stdout
+    )
 
 
 def test_own_model_names_get_outputs_of_their_own(trained, tmp_path, datasets_dir):
     table = mmlu_table(datasets_dir, slice(0, 300))
     table["model"] = table["model"].map({STRONG: "my-big", WEAK: "my-small"})
     table.to_csv(tmp_path / "mine.csv", index=False)
-    out = cli("train", "--prior", trained["path"], "--data", tmp_path / "mine.csv", "--strong", "my-big", "--weak",
-              "my-small", "--out", tmp_path / "mine", "--quiet", env={"MLFLOW_TRACKING_URI": trained["url"]})
+    out = cli(
+        "train",
+        "--prior",
+        trained["path"],
+        "--data",
+        tmp_path / "mine.csv",
+        "--strong",
+        "my-big",
+        "--weak",
+        "my-small",
+        "--out",
+        tmp_path / "mine",
+        "--quiet",
+        env={"MLFLOW_TRACKING_URI": trained["url"]},
+    )
     assert "my-small vs my-big" in out.stdout
     r = Router(tmp_path / "mine")
     assert r.models[-3:] == ["my-big", "my-small", "generic"] and r.manifest.residual.base == ["generic", "generic"]
@@ -127,11 +171,29 @@ def test_own_model_names_get_outputs_of_their_own(trained, tmp_path, datasets_di
     assert p.shape == (2,) and np.isfinite(p).all()
     assert r.manifest.threshold_for(0.3) <= r.manifest.threshold_for(0.7)  # calibrated on the user's prompts
 
-    bad = cli("train", "--prior", trained["path"], "--data", tmp_path / "mine.csv", "--strong", "my-huge",
-              "--out", tmp_path / "x", ok=False)
+    bad = cli(
+        "train",
+        "--prior",
+        trained["path"],
+        "--data",
+        tmp_path / "mine.csv",
+        "--strong",
+        "my-huge",
+        "--out",
+        tmp_path / "x",
+        ok=False,
+    )
     assert bad.returncode == 2 and "--strong 'my-huge' is neither graded in --data nor known to the prior" in bad.stderr
-    battles = cli("train", "--prior", trained["path"], "--data", datasets_dir / "arena_battles_1k.parquet",
-                  "--out", tmp_path / "y", ok=False)
+    battles = cli(
+        "train",
+        "--prior",
+        trained["path"],
+        "--data",
+        datasets_dir / "arena_battles_1k.parquet",
+        "--out",
+        tmp_path / "y",
+        ok=False,
+    )
     assert battles.returncode == 2 and "battles between varying models" in battles.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -139,19 +201,65 @@ def test_own_model_names_get_outputs_of_their_own(trained, tmp_path, datasets_di
 def test_eval_refits_the_top_level_per_fold_and_the_learning_curve(trained, tmp_path, datasets_dir):
     mmlu_table(datasets_dir, slice(0, 400)).to_parquet(tmp_path / "graded.parquet")
     env = {"MLFLOW_TRACKING_URI": trained["url"]}
-    cli("train", "--prior", trained["path"], "--data", tmp_path / "graded.parquet", "--out", tmp_path / "ours", "--quiet", env=env)
-    cli("eval", "--router", tmp_path / "ours", "--data", tmp_path / "graded.parquet", "--against", trained["path"],
-            "--out", tmp_path / "eval", "--quiet", env=env)
+    cli(
+        "train",
+        "--prior",
+        trained["path"],
+        "--data",
+        tmp_path / "graded.parquet",
+        "--out",
+        tmp_path / "ours",
+        "--quiet",
+        env=env,
+    )
+    cli(
+        "eval",
+        "--router",
+        tmp_path / "ours",
+        "--data",
+        tmp_path / "graded.parquet",
+        "--against",
+        trained["path"],
+        "--out",
+        tmp_path / "eval",
+        "--quiet",
+        env=env,
+    )
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert "the top level is refit over its prior" in report["protocol"]
     assert {"router", "prior", "kNN", "ridge", "router small"} <= set(report["scorers"])
-    assert report["scorers"]["prior"]["apgr"] == pytest.approx(report["scorers"]["router small"]["apgr"])  # the same prior
+    assert report["scorers"]["prior"]["apgr"] == pytest.approx(
+        report["scorers"]["router small"]["apgr"]
+    )  # the same prior
 
-    lc = cli("eval", "--router", trained["path"], "--data", tmp_path / "graded.parquet", "--learning-curve", "100,all",
-             "--draws", "2", "--out", tmp_path / "lc", "--quiet", env=env)
+    lc = cli(
+        "eval",
+        "--router",
+        trained["path"],
+        "--data",
+        tmp_path / "graded.parquet",
+        "--learning-curve",
+        "100,all",
+        "--draws",
+        "2",
+        "--out",
+        tmp_path / "lc",
+        "--quiet",
+        env=env,
+    )
     assert "| 100 |" in lc.stdout and "(all) |" in lc.stdout
     rows = json.loads((tmp_path / "lc" / "learning_curve.json").read_text())["rows"]
     assert rows[0]["size"] == 100 and rows[1]["all"] and all(0 <= r["two-level"]["apgr"] < 2 for r in rows)
-    bad = cli("eval", "--router", trained["path"], "--data", tmp_path / "graded.parquet", "--learning-curve", "5,all",
-              "--out", tmp_path / "x", ok=False)
+    bad = cli(
+        "eval",
+        "--router",
+        trained["path"],
+        "--data",
+        tmp_path / "graded.parquet",
+        "--learning-curve",
+        "5,all",
+        "--out",
+        tmp_path / "x",
+        ok=False,
+    )
     assert bad.returncode == 2 and "--learning-curve: expected sizes of at least 20" in bad.stderr

@@ -22,7 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_one_price_model_everywhere():
     provider = ProviderConfig(base_url="http://x", model="m", input_price_per_1m=10.0, output_price_per_1m=30.0)
-    assert provider.cost_usd(1000, 500) == Price(10.0, 30.0).cost(1000, 500) == cost_usd(1000, 500, 10, 30) == pytest.approx(0.025)
+    assert (
+        provider.cost_usd(1000, 500)
+        == Price(10.0, 30.0).cost(1000, 500)
+        == cost_usd(1000, 500, 10, 30)
+        == pytest.approx(0.025)
+    )
     assert call_cost([1000, 2000], 500, 10.0, 30.0) == pytest.approx([0.025, 0.035])
 
 

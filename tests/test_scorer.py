@@ -42,7 +42,11 @@ def test_pass_chances_are_views_of_the_predicted_quality(router):
     m = router.manifest
     out = router.predict(PROMPTS)
     quality, difficulty = out.quality, out.difficulty
-    assert out.models == tuple(m.models) and out.strong == m.strong and np.array_equal(out.pass_chances(), router.score(PROMPTS))
+    assert (
+        out.models == tuple(m.models)
+        and out.strong == m.strong
+        and np.array_equal(out.pass_chances(), router.score(PROMPTS))
+    )
     s, w = m.models.index(m.strong), m.models.index(m.weak)
     scores = router.score(PROMPTS)
     assert np.allclose(scores[:, s], 1.0)  # the strong model passes against itself
@@ -70,12 +74,15 @@ def test_route_threshold(router):
             router.route(["x"], threshold=bad)
 
 
-@pytest.mark.parametrize("prompts, message", [
-    (["ok", ""], "prompt 1: empty prompt"),
-    (["ok", None], "prompt 1: expected text, got NoneType"),
-    ("just a string", "list of strings"),
-    (["ok", "half a pair \ud800"], r"prompt 1: not valid Unicode \(character 12: surrogates not allowed\)"),
-])
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        (["ok", ""], "prompt 1: empty prompt"),
+        (["ok", None], "prompt 1: expected text, got NoneType"),
+        ("just a string", "list of strings"),
+        (["ok", "half a pair \ud800"], r"prompt 1: not valid Unicode \(character 12: surrogates not allowed\)"),
+    ],
+)
 def test_bad_prompts(router, prompts, message):
     with pytest.raises(RouterError, match=message):
         router.score(prompts)

@@ -9,8 +9,17 @@ import httpx
 import openai
 import pytest
 
-from serving_fixtures import (CLIENT_KEY, OTHER_KEY, PROVIDER_KEYS, ROUTER_DIR, FakeProvider, provider_entry,
-                              service_config, start_service, two_tiers)
+from serving_fixtures import (
+    CLIENT_KEY,
+    OTHER_KEY,
+    PROVIDER_KEYS,
+    ROUTER_DIR,
+    FakeProvider,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+)
 
 pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 
@@ -20,11 +29,19 @@ PROMPT = "Prove that there are infinitely many primes, then explain the proof to
 
 @pytest.fixture(scope="module")
 def stack():
-    with FakeProvider(name="strong-a", model=STRONG_MODEL, api_key=PROVIDER_KEYS["TEST_STRONG_A_KEY"]) as strong, \
-         FakeProvider(name="weak-a", model=WEAK_MODEL, api_key=PROVIDER_KEYS["TEST_WEAK_A_KEY"]) as weak:
+    with (
+        FakeProvider(name="strong-a", model=STRONG_MODEL, api_key=PROVIDER_KEYS["TEST_STRONG_A_KEY"]) as strong,
+        FakeProvider(name="weak-a", model=WEAK_MODEL, api_key=PROVIDER_KEYS["TEST_WEAK_A_KEY"]) as weak,
+    ):
         cfg = service_config(
-            two_tiers([provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6), context_window=2000)],
-                      [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30), context_window=128000)]),
+            two_tiers(
+                [provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6), context_window=2000)],
+                [
+                    provider_entry(
+                        "strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30), context_window=128000
+                    )
+                ],
+            ),
             circuit_breaker={"failures": 3, "cooldown_s": 60},
         )
         with start_service(cfg) as service:
@@ -56,9 +73,11 @@ def test_forced_thresholds_pick_each_tier_and_headers_tell_the_decision(client, 
     assert strong.headers["x-router-pass-chances"].endswith(", strong=1.0000")  # the unscored top tier always passes
     # the cost comes from the provider's usage and the configured prices
     assert float(strong.headers["x-router-cost-usd"]) == pytest.approx(
-        (s.usage.prompt_tokens * 10 + s.usage.completion_tokens * 30) / 1e6, abs=1e-8)
+        (s.usage.prompt_tokens * 10 + s.usage.completion_tokens * 30) / 1e6, abs=1e-8
+    )
     assert float(weak.headers["x-router-cost-usd"]) == pytest.approx(
-        (w.usage.prompt_tokens + w.usage.completion_tokens) * 0.6 / 1e6, abs=1e-8)
+        (w.usage.prompt_tokens + w.usage.completion_tokens) * 0.6 / 1e6, abs=1e-8
+    )
     # the provider got its own key and its upstream model id, never the client's key
     assert stack["strong"].stats()["last_body"]["model"] == STRONG_MODEL
     assert stack["strong"].stats()["last_authorization_ok"] is True
@@ -73,7 +92,9 @@ def test_default_threshold_routes_by_the_router_score(client, stack):
     assert raw.headers["x-router-pass-chances"] == f"weak={p_weak:.4f}, strong=1.0000"
     expected = "weak" if p_weak >= decision["threshold"] else "strong"
     assert decision["tier"] == expected and decision["rule"] == "score"
-    assert decision["effective_threshold"] == decision["threshold"] and decision["budget"] is None  # no budget configured
+    assert (
+        decision["effective_threshold"] == decision["threshold"] and decision["budget"] is None
+    )  # no budget configured
 
 
 def test_route_endpoint_returns_the_decision_alone(stack):
@@ -93,7 +114,9 @@ def test_prompt_longer_than_the_weak_context_goes_strong(client, stack):
     assert raw.headers["x-router-tier"] == "strong" and raw.headers["x-router-rule"] == "context"
     assert raw.headers["x-router-skipped"] == "weak=context"
     # max_tokens counts too: 40 chars + 1900 output tokens exceed 2000
-    raw = client.chat.completions.with_raw_response.create(model="router-0", messages=user("short " * 20), max_tokens=1990)
+    raw = client.chat.completions.with_raw_response.create(
+        model="router-0", messages=user("short " * 20), max_tokens=1990
+    )
     assert raw.headers["x-router-tier"] == "strong"
 
 
@@ -103,8 +126,11 @@ def test_streaming_passes_chunks_through_and_accounts_usage(client, stack):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.startswith("[weak-a]") and all(c.model == WEAK_MODEL for c in chunks)
     assert all(c.usage is None for c in chunks)  # the usage chunk the router asked for is not passed on
-    with_usage = list(client.chat.completions.create(model="router-0", messages=user(), stream=True,
-                                                     stream_options={"include_usage": True}))
+    with_usage = list(
+        client.chat.completions.create(
+            model="router-0", messages=user(), stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens == len(text.split())
     metrics = httpx.get(stack["url"] + "/metrics").text
     assert f'router_tokens_total{{kind="output",model="{WEAK_MODEL}",provider="weak-a"}}' in metrics
@@ -113,7 +139,9 @@ def test_streaming_passes_chunks_through_and_accounts_usage(client, stack):
 def test_async_client_concurrent_requests(stack):
     async def main():
         async with openai.AsyncOpenAI(base_url=stack["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0) as c:
-            tasks = [c.chat.completions.create(model="router-1", messages=user(f"question number {i}")) for i in range(24)]
+            tasks = [
+                c.chat.completions.create(model="router-1", messages=user(f"question number {i}")) for i in range(24)
+            ]
             return await asyncio.gather(*tasks)
 
     answers = asyncio.run(main())
@@ -137,8 +165,15 @@ def test_models_health_ready_metrics(client, stack):
     assert ready.status_code == 200 and ready.json()["tiers"] == {"strong": True, "weak": True}
     assert ready.json()["router_check"] == "passed"  # its graph on this CPU against router.json's probe outputs
     metrics = httpx.get(stack["url"] + "/metrics").text
-    for name in ("router_requests_total", "router_decisions_total", "router_pass_chance_bucket", "router_routing_seconds_bucket",
-                 "router_upstream_seconds_bucket", "router_cost_usd_total", 'router_circuit_state{provider="weak-a"} 0.0'):
+    for name in (
+        "router_requests_total",
+        "router_decisions_total",
+        "router_pass_chance_bucket",
+        "router_routing_seconds_bucket",
+        "router_upstream_seconds_bucket",
+        "router_cost_usd_total",
+        'router_circuit_state{provider="weak-a"} 0.0',
+    ):
         assert name in metrics
 
 
@@ -161,6 +196,7 @@ def test_readyz_fails_while_a_whole_tier_is_unreachable(stack):
 
 # ---- auth, limits, bad input ---------------------------------------------------------------------
 
+
 def test_auth_is_required(stack):
     body = {"model": "router", "messages": user()}
     for headers in ({}, auth("sk-wrong"), {"Authorization": f"Basic {CLIENT_KEY}"}):
@@ -176,7 +212,9 @@ def test_rate_limit_per_key_with_retry_after(stack):
     body = {"model": "router-1", "messages": user()}
     codes = [httpx.post(stack["url"] + "/v1/route", json=body, headers=auth(OTHER_KEY)) for _ in range(70)]
     limited = [r for r in codes if r.status_code == 429]
-    assert codes[0].status_code == 200 and len(limited) >= 5, "the limited key (60/min, burst 50) is refused after its burst"
+    assert codes[0].status_code == 200 and len(limited) >= 5, (
+        "the limited key (60/min, burst 50) is refused after its burst"
+    )
     assert int(limited[0].headers["retry-after"]) >= 1 and limited[0].json()["error"]["type"] == "rate_limit_error"
     assert httpx.post(stack["url"] + "/v1/route", json=body, headers=auth()).status_code == 200  # other keys unaffected
 
@@ -210,7 +248,7 @@ def test_huge_bodies_are_413_declared_or_chunked_and_service_keeps_serving(clien
 
     def chunks():
         for i in range(0, len(big), 8192):
-            yield big[i:i + 8192]
+            yield big[i : i + 8192]
 
     r = httpx.post(stack["url"] + "/v1/chat/completions", content=chunks(), headers=auth())  # no Content-Length
     assert r.status_code == 413
@@ -227,8 +265,11 @@ def test_unknown_paths_and_methods_get_openai_errors(stack):
 def test_an_upstream_error_reaches_the_client_without_the_providers_key(stack):
     stack["strong"].control(mode="error", error_status=400, echo_key=True)  # it echoes the key it received
     try:
-        r = httpx.post(stack["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {CLIENT_KEY}"},
-                       json={"model": "router-1", "messages": user()})
+        r = httpx.post(
+            stack["url"] + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            json={"model": "router-1", "messages": user()},
+        )
     finally:
         stack["strong"].control(echo_key=False)
         stack["strong"].heal()

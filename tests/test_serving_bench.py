@@ -14,14 +14,27 @@ pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reas
 
 
 def bench(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "learned_router", "bench-serve", "--router", str(ROUTER_DIR), *args],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "learned_router", "bench-serve", "--router", str(ROUTER_DIR), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def test_compare_sends_the_same_load_to_each_target_and_prints_ratios():
     with FakeProvider(name="upstream", model="m") as upstream, FakeProvider(name="other", model="m") as other:
-        r = bench("--upstream", upstream.base_url, "--compare", f"other={other.base_url}", "--prompt-tokens", "30,120",
-                  "--chat-requests", "50")
+        r = bench(
+            "--upstream",
+            upstream.base_url,
+            "--compare",
+            f"other={other.base_url}",
+            "--prompt-tokens",
+            "30,120",
+            "--chat-requests",
+            "50",
+        )
         assert r.returncode == 0, r.stderr
         cells = re.findall(r"^~(\d+) tokens, concurrency (\d+), (no stream|stream)", r.stdout, re.M)
         assert len(cells) == 8 and {c[0] for c in cells} == {"30", "120"}, r.stdout
@@ -38,14 +51,20 @@ def test_compare_sends_the_same_load_to_each_target_and_prints_ratios():
         assert upstream.stats()["requests"] >= 8 * 50 * 2 and other.stats()["requests"] >= 8 * 50
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--compare", "nourl"), "--compare expects NAME=URL"),
-    (("--compare", "x=ftp://a"), "x: expected an http(s) base URL"),
-    (("--compare", "router=http://127.0.0.1:1/v1"), "'direct' and 'router' are taken"),
-    (("--compare", "x=http://127.0.0.1:1/v1", "--compare-key-env", "y=K"), "'y' is not a --compare name"),
-    (("--compare", "x=http://127.0.0.1:1/v1", "--compare-key-env", "x=NO_SUCH_VARIABLE_SET"), "NO_SUCH_VARIABLE_SET is not set"),
-    (("--compare", "x=http://127.0.0.1:1/v1", "--prompt-tokens", "30,abc"), "--prompt-tokens: expected"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--compare", "nourl"), "--compare expects NAME=URL"),
+        (("--compare", "x=ftp://a"), "x: expected an http(s) base URL"),
+        (("--compare", "router=http://127.0.0.1:1/v1"), "'direct' and 'router' are taken"),
+        (("--compare", "x=http://127.0.0.1:1/v1", "--compare-key-env", "y=K"), "'y' is not a --compare name"),
+        (
+            ("--compare", "x=http://127.0.0.1:1/v1", "--compare-key-env", "x=NO_SUCH_VARIABLE_SET"),
+            "NO_SUCH_VARIABLE_SET is not set",
+        ),
+        (("--compare", "x=http://127.0.0.1:1/v1", "--prompt-tokens", "30,abc"), "--prompt-tokens: expected"),
+    ],
+)
 def test_bad_compare_options_are_one_line(args, message):
     r = bench(*args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -12,8 +12,16 @@ import pandas as pd
 import pytest
 
 from learned_router.serving.fake_provider import prompt_key
-from serving_fixtures import (CLIENT_KEY, ROOT, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
-                              two_tiers)
+from serving_fixtures import (
+    CLIENT_KEY,
+    ROOT,
+    ROUTER_DIR,
+    FakeProvider,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+)
 
 pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 
@@ -72,10 +80,17 @@ def test_a_simulated_day_stays_within_budget_near_the_best_fixed_threshold_in_hi
     budget = 0.35 * day["strong_usd"].sum() + 0.65 * day["weak_usd"].sum()  # the price of ~35% strong calls
     clock = SimClock(MAY_1)
     with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
-        weak.control(answer_words={prompt_key(p): int(w) for p, w in zip(day["prompt"], day["weak_words"], strict=True)})
-        strong.control(answer_words={prompt_key(p): int(w) for p, w in zip(day["prompt"], day["strong_words"], strict=True)})
+        weak.control(
+            answer_words={prompt_key(p): int(w) for p, w in zip(day["prompt"], day["weak_words"], strict=True)}
+        )
+        strong.control(
+            answer_words={prompt_key(p): int(w) for p, w in zip(day["prompt"], day["strong_words"], strict=True)}
+        )
         cfg = service_config(
-            two_tiers([provider_entry("weak", weak, None, WEAK, PRICES["weak"])], [provider_entry("strong", strong, None, STRONG, PRICES["strong"])]),
+            two_tiers(
+                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
+                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
+            ),
             routing={"threshold": BASE_THRESHOLD},
             budget={"period": "day", "usd": budget, "store": str(tmp_path / "spend.sqlite"), "window": 300},
         )
@@ -85,7 +100,9 @@ def test_a_simulated_day_stays_within_budget_near_the_best_fixed_threshold_in_hi
             tiers, costs, effective, p_weak = [], [], [], []
             for prompt, at in zip(day["prompt"], arrivals, strict=True):
                 clock.t = MAY_1 + at
-                raw = client.chat.completions.with_raw_response.create(model="router", messages=[{"role": "user", "content": prompt}])
+                raw = client.chat.completions.with_raw_response.create(
+                    model="router", messages=[{"role": "user", "content": prompt}]
+                )
                 tiers.append(raw.headers["x-router-tier"])
                 costs.append(float(raw.headers["x-router-cost-usd"]))
                 effective.append(float(raw.headers["x-router-effective-threshold"]))
@@ -96,10 +113,14 @@ def test_a_simulated_day_stays_within_budget_near_the_best_fixed_threshold_in_hi
     routed_weak = np.array(tiers) == "weak"
     quality = np.where(routed_weak, day["weak_ok"], day["strong_ok"]).mean()
     billed = np.where(routed_weak, day["weak_usd"], day["strong_usd"])
-    print(f"\nbudget ${budget:.4f}: spent ${spent:.4f} ({spent / budget:.1%}), strong calls {1 - routed_weak.mean():.1%}, "
-          f"accuracy {quality:.4f} vs best fixed threshold in hindsight {best:.4f} (all strong {accuracy[-1]:.4f}, "
-          f"all weak {accuracy[0]:.4f}); effective threshold min {min(effective):.3f} max {max(effective):.3f}")
-    assert spent == pytest.approx(sum(costs)) and costs == pytest.approx(billed.tolist(), abs=1e-8)  # billed as configured
+    print(
+        f"\nbudget ${budget:.4f}: spent ${spent:.4f} ({spent / budget:.1%}), strong calls {1 - routed_weak.mean():.1%}, "
+        f"accuracy {quality:.4f} vs best fixed threshold in hindsight {best:.4f} (all strong {accuracy[-1]:.4f}, "
+        f"all weak {accuracy[0]:.4f}); effective threshold min {min(effective):.3f} max {max(effective):.3f}"
+    )
+    assert spent == pytest.approx(sum(costs)) and costs == pytest.approx(
+        billed.tolist(), abs=1e-8
+    )  # billed as configured
     assert spent <= budget
     assert quality >= best - 0.015
     assert min(effective) < BASE_THRESHOLD  # pacing had to cut the threshold to fit the budget
@@ -110,23 +131,39 @@ def test_spend_persists_across_a_restart_and_shows_in_metrics_and_route(tmp_path
     prompt = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many in May?"}]
     with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
         cfg = service_config(
-            two_tiers([provider_entry("weak", weak, None, WEAK, PRICES["weak"])], [provider_entry("strong", strong, None, STRONG, PRICES["strong"])]),
+            two_tiers(
+                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
+                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
+            ),
             budget={"period": "day", "usd": 1.0, "store": str(tmp_path / "spend.sqlite")},
         )
         with start_service(cfg, clock=clock) as first:
             client = openai.OpenAI(base_url=first.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
-            costs = [float(client.chat.completions.with_raw_response.create(model="router-1", messages=prompt)
-                           .headers["x-router-cost-usd"]) for _ in range(3)]
-            list(client.chat.completions.create(model="router-1", messages=prompt, stream=True))  # a stream is billed at its end
+            costs = [
+                float(
+                    client.chat.completions.with_raw_response.create(model="router-1", messages=prompt).headers[
+                        "x-router-cost-usd"
+                    ]
+                )
+                for _ in range(3)
+            ]
+            list(
+                client.chat.completions.create(model="router-1", messages=prompt, stream=True)
+            )  # a stream is billed at its end
             spent = metric(first.url, "router_budget_spent_usd")
             assert spent == pytest.approx(sum(costs) * 4 / 3) and costs[0] > 0
         with start_service(cfg, clock=clock) as second:  # a new process on the same store
             assert metric(second.url, "router_budget_spent_usd") == pytest.approx(spent)
             assert metric(second.url, "router_budget_usd") == 1.0
             assert metric(second.url, "router_budget_pace") == pytest.approx(spent / (1.0 / 8))
-            assert metric(second.url, "router_effective_threshold") == metric(second.url, "router_threshold")  # not warm yet
-            route = httpx.post(second.url + "/v1/route", json={"model": "router", "messages": prompt},
-                               headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+            assert metric(second.url, "router_effective_threshold") == metric(
+                second.url, "router_threshold"
+            )  # not warm yet
+            route = httpx.post(
+                second.url + "/v1/route",
+                json={"model": "router", "messages": prompt},
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            ).json()
             assert route["budget"]["spent_usd"] == pytest.approx(spent) and route["budget"]["requests"] == 4
             assert route["budget"]["period"] == "2024-05-01" and route["budget"]["pace"] == pytest.approx(spent * 8)
             client = openai.OpenAI(base_url=second.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
@@ -140,20 +177,32 @@ def test_once_the_budget_is_spent_only_the_cheapest_tier_answers_and_headers_say
     prompt = [{"role": "user", "content": "Prove that the square root of 2 is irrational."}]
     with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
         cfg = service_config(
-            two_tiers([provider_entry("weak", weak, None, WEAK, PRICES["weak"])], [provider_entry("strong", strong, None, STRONG, PRICES["strong"])]),
+            two_tiers(
+                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
+                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
+            ),
             budget={"period": "month", "usd": 0.0005, "store": str(tmp_path / "spend.sqlite")},
         )
         with start_service(cfg, clock=SimClock(MAY_1 + 86400)) as service:
             client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
             r = client.chat.completions.with_raw_response.create(model="router-1", messages=prompt)
             # a strong answer would cost ~$0.008 (with the assumed 256 output tokens): more than the $0.0005 left
-            assert (r.headers["x-router-tier"], r.headers["x-router-rule"], r.headers["x-router-skipped"]) == ("weak", "budget", "strong=budget")
+            assert (r.headers["x-router-tier"], r.headers["x-router-rule"], r.headers["x-router-skipped"]) == (
+                "weak",
+                "budget",
+                "strong=budget",
+            )
             assert r.parse().model == WEAK and strong.stats()["requests"] == 0
-            d = httpx.post(service.url + "/v1/route", json={"model": "router-1", "messages": prompt},
-                           headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+            d = httpx.post(
+                service.url + "/v1/route",
+                json={"model": "router-1", "messages": prompt},
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            ).json()
             assert d["budget"]["period"] == "2024-05" and d["budget"]["elapsed_share"] == pytest.approx(1 / 31)
             assert "cannot pay for strong" in d["reason"]
-            assert d["skipped"] == [{"tier": "strong", "rule": "budget", "detail": "its estimated cost exceeds what is left of the budget"}]
+            assert d["skipped"] == [
+                {"tier": "strong", "rule": "budget", "detail": "its estimated cost exceeds what is left of the budget"}
+            ]
 
 
 def test_an_explicit_threshold_wins_over_pacing_until_the_budget_is_spent(tmp_path):
@@ -162,9 +211,18 @@ def test_an_explicit_threshold_wins_over_pacing_until_the_budget_is_spent(tmp_pa
     prompt = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many in May?"}]
     with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
         cfg = service_config(
-            two_tiers([provider_entry("weak", weak, None, WEAK, PRICES["weak"])], [provider_entry("strong", strong, None, STRONG, PRICES["strong"])]),
-            budget={"period": "day", "usd": 1000.0, "store": str(tmp_path / "spend.sqlite"), "warmup_requests": 5, "window": 10,
-                    "max_threshold": 1.0},
+            two_tiers(
+                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
+                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
+            ),
+            budget={
+                "period": "day",
+                "usd": 1000.0,
+                "store": str(tmp_path / "spend.sqlite"),
+                "warmup_requests": 5,
+                "window": 10,
+                "max_threshold": 1.0,
+            },
         )
         with start_service(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
             client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
@@ -174,7 +232,9 @@ def test_an_explicit_threshold_wins_over_pacing_until_the_budget_is_spent(tmp_pa
             assert paced.headers["x-router-effective-threshold"] == "1.0000"  # behind pace: everything may go strong
             explicit = client.chat.completions.with_raw_response.create(model="router-0", messages=prompt)
             assert (explicit.headers["x-router-tier"], explicit.headers["x-router-rule"]) == ("weak", "score")
-            assert explicit.headers["x-router-effective-threshold"] == explicit.headers["x-router-threshold"] == "0.0000"
+            assert (
+                explicit.headers["x-router-effective-threshold"] == explicit.headers["x-router-threshold"] == "0.0000"
+            )
             forced = client.chat.completions.with_raw_response.create(model="router-1", messages=prompt)
             assert forced.headers["x-router-tier"] == "strong"  # the budget can pay for it: the instruction holds
 
@@ -184,8 +244,17 @@ def test_by_default_the_budget_is_a_cap_and_pacing_never_raises_a_threshold(tmp_
     prompt = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many in May?"}]
     with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
         cfg = service_config(
-            two_tiers([provider_entry("weak", weak, None, WEAK, PRICES["weak"])], [provider_entry("strong", strong, None, STRONG, PRICES["strong"])]),
-            budget={"period": "day", "usd": 1000.0, "store": str(tmp_path / "spend.sqlite"), "warmup_requests": 5, "window": 10},
+            two_tiers(
+                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
+                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
+            ),
+            budget={
+                "period": "day",
+                "usd": 1000.0,
+                "store": str(tmp_path / "spend.sqlite"),
+                "warmup_requests": 5,
+                "window": 10,
+            },
         )
         with start_service(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
             client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
@@ -193,7 +262,12 @@ def test_by_default_the_budget_is_a_cap_and_pacing_never_raises_a_threshold(tmp_
                 client.chat.completions.create(model="router", messages=prompt)
             paced = client.chat.completions.with_raw_response.create(model="router", messages=prompt)
             h = paced.headers
-            assert h["x-router-effective-threshold"] == h["x-router-threshold"] and h["x-router-tier"] == "weak", dict(h)
-            route = httpx.post(service.url + "/v1/route", json={"model": "router", "messages": prompt},
-                               headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+            assert h["x-router-effective-threshold"] == h["x-router-threshold"] and h["x-router-tier"] == "weak", dict(
+                h
+            )
+            route = httpx.post(
+                service.url + "/v1/route",
+                json={"model": "router", "messages": prompt},
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            ).json()
             assert route["budget"]["threshold_offset"] > 0  # behind pace: the solver would raise it, and the cap holds

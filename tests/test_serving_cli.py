@@ -20,7 +20,9 @@ from learned_router.serving.config import load_config, parse_config
 from serving_fixtures import ROOT, ROUTER_DIR, FakeProvider, ServerThread, free_port, wait_for
 from learned_router.serving.app import create_app
 
-needs_router = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+needs_router = pytest.mark.skipif(
+    not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"
+)
 EXAMPLE = ROOT / "serving" / "config.example.yaml"
 TIERS_EXAMPLE = ROOT / "serving" / "config.tiers.example.yaml"
 runner = CliRunner()
@@ -82,10 +84,17 @@ def test_relative_paths_are_from_the_config_files_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)
     for given in (folder / "config.yaml", Path("..") / "conf" / "config.yaml"):
         loaded = load_config(given)
-        paths = [loaded.router.path, loaded.budget.store, loaded.traffic.store, loaded.drift.reference, loaded.task_types.file]
-        assert [Path(p).resolve() for p in paths] == [(folder / p).resolve() for p in
-                                                       ("router", "state/spend.sqlite", "state/traffic.sqlite",
-                                                        "state/reference.json", "types.yaml")]
+        paths = [
+            loaded.router.path,
+            loaded.budget.store,
+            loaded.traffic.store,
+            loaded.drift.reference,
+            loaded.task_types.file,
+        ]
+        assert [Path(p).resolve() for p in paths] == [
+            (folder / p).resolve()
+            for p in ("router", "state/spend.sqlite", "state/traffic.sqlite", "state/reference.json", "types.yaml")
+        ]
     service = Service(loaded)
     assert Path(service.router.path).resolve() == ROUTER_DIR.resolve()  # the folder beside the config file
     assert (folder / "state" / "spend.sqlite").is_file()
@@ -105,17 +114,24 @@ def test_the_three_tier_example_config_serves_with_the_shipped_router(tmp_path, 
             tier["providers"][0]["base_url"] = fake.base_url
         with ServerThread(create_app(Service(parse_config(cfg)))) as service:
             c = openai.OpenAI(base_url=service.url + "/v1", api_key="sk-router-demo", max_retries=0)
-            route = httpx.post(service.url + "/v1/route", headers={"Authorization": "Bearer sk-router-demo"},
-                               json={"model": "router", "messages": [{"role": "user", "content": "Name three primes."}]}).json()
+            route = httpx.post(
+                service.url + "/v1/route",
+                headers={"Authorization": "Bearer sk-router-demo"},
+                json={"model": "router", "messages": [{"role": "user", "content": "Name three primes."}]},
+            ).json()
             assert set(route["pass_chances"]) == {"small", "medium", "top"} and route["threshold"] == 0.85
             assert route["rule"] == "score" and route["estimated_cost_usd"] > 0
             for threshold, tier in (("0", "small"), ("1", "top")):
-                r = c.chat.completions.with_raw_response.create(model=f"router-{threshold}",
-                                                                 messages=[{"role": "user", "content": "Name three primes."}])
+                r = c.chat.completions.with_raw_response.create(
+                    model=f"router-{threshold}", messages=[{"role": "user", "content": "Name three primes."}]
+                )
                 assert r.headers["x-router-tier"] == tier and r.headers["x-router-provider"] == f"{tier}-demo"
-            small.control(mode="error")  # the small tier fails: fallbacks go up, to medium, unless the data class forbids it
+            small.control(
+                mode="error"
+            )  # the small tier fails: fallbacks go up, to medium, unless the data class forbids it
             ask = lambda **kw: c.chat.completions.with_raw_response.create(  # noqa: E731
-                model="router-0", messages=[{"role": "user", "content": "Name three primes."}], **kw)
+                model="router-0", messages=[{"role": "user", "content": "Name three primes."}], **kw
+            )
             r = ask(extra_body={"router": {"data_class": "restricted"}})
             assert (r.headers["x-router-tier"], r.headers["x-router-provider"]) == ("small", "top-demo")
             assert medium.stats()["requests"] == 0  # restricted data never went to a provider outside its list
@@ -128,11 +144,14 @@ def test_bad_configs_are_one_line_errors_naming_the_key(tmp_path):
     assert "not valid YAML" in serve_error(["--config", str(tmp_path / "broken.yaml")])
     cfg = example(tmp_path)
     cfg["tiers"][1]["providers"][0]["base_url"] = "localhost:9001"
-    assert "tiers[1].providers[0].base_url: must be an http(s) URL" in serve_error(["--config", str(write(tmp_path, cfg))])
+    assert "tiers[1].providers[0].base_url: must be an http(s) URL" in serve_error(
+        ["--config", str(write(tmp_path, cfg))]
+    )
     cfg = example(tmp_path)
     cfg["routing"]["strong_fracton"] = 0.3  # a typo: the nearest key is named
     assert serve_error(["--config", str(write(tmp_path, cfg))]).endswith(
-        "routing.strong_fracton: Extra inputs are not permitted; did you mean 'strong_fraction'?")
+        "routing.strong_fracton: Extra inputs are not permitted; did you mean 'strong_fraction'?"
+    )
 
 
 def test_missing_key_variable_and_router_folder_are_one_line_errors(tmp_path, monkeypatch):
@@ -146,7 +165,11 @@ def test_missing_key_variable_and_router_folder_are_one_line_errors(tmp_path, mo
     cfg = example(tmp_path)
     cfg["tiers"][0]["score"] = "gpt-5"
     msg = serve_error(["--config", str(write(tmp_path, cfg))])
-    assert "tiers[0].score: the router outputs no 'gpt-5' (" in msg and "closest: gpt-" in msg and "'generic' scores any" in msg
+    assert (
+        "tiers[0].score: the router outputs no 'gpt-5' (" in msg
+        and "closest: gpt-" in msg
+        and "'generic' scores any" in msg
+    )
     cfg = example(tmp_path)
     cfg["budget"]["store"] = str(tmp_path / "a-file" / "spend.sqlite")
     (tmp_path / "a-file").write_text("not a folder")
@@ -189,16 +212,31 @@ def test_strong_fraction_resolves_through_the_calibration_table(monkeypatch, tmp
 def test_serve_command_runs_the_service(tmp_path):
     """`learned-router serve` as users run it: a subprocess with the example config on free ports."""
     keys = {"STRONG_API_KEY": "sk-prov-strong-cli-SECRET", "WEAK_API_KEY": "sk-prov-weak-cli-SECRET"}
-    with FakeProvider(name="strong", model="gpt-4-1106-preview", api_key=keys["STRONG_API_KEY"]) as strong, \
-         FakeProvider(name="weak", model="mixtral", api_key=keys["WEAK_API_KEY"]) as weak:
+    with (
+        FakeProvider(name="strong", model="gpt-4-1106-preview", api_key=keys["STRONG_API_KEY"]) as strong,
+        FakeProvider(name="weak", model="mixtral", api_key=keys["WEAK_API_KEY"]) as weak,
+    ):
         cfg = example(tmp_path)
         cfg["tiers"][1]["providers"][0]["base_url"] = strong.base_url
         cfg["tiers"][0]["providers"][0]["base_url"] = weak.base_url
         port = free_port()
         env = {**os.environ, **keys, "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.Popen([sys.executable, "-c", "from learned_router.cli import app; app()", "serve",
-                                 "--config", str(write(tmp_path, cfg)), "--port", str(port)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from learned_router.cli import app; app()",
+                "serve",
+                "--config",
+                str(write(tmp_path, cfg)),
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
 
@@ -212,7 +250,9 @@ def test_serve_command_runs_the_service(tmp_path):
 
             wait_for(up, timeout=60, interval=0.1)
             c = openai.OpenAI(base_url=url + "/v1", api_key="sk-router-demo", max_retries=0)
-            r = c.chat.completions.with_raw_response.create(model="router-1", messages=[{"role": "user", "content": "hi"}])
+            r = c.chat.completions.with_raw_response.create(
+                model="router-1", messages=[{"role": "user", "content": "hi"}]
+            )
             assert r.parse().model == "gpt-4-1106-preview" and r.headers["x-router-tier"] == "strong"
         finally:
             proc.terminate()
@@ -227,7 +267,9 @@ def test_fake_provider_command_rejects_a_bad_mode():
 
 
 def test_the_service_never_imports_torch():
-    code = ("import sys, learned_router.serving.app, learned_router.serving.bench, learned_router.serving.fake_provider; "
-            "bad = [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, learned_router.serving.app, learned_router.serving.bench, learned_router.serving.fake_provider; "
+        "bad = [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,13 +10,26 @@ import httpx
 import openai
 import pytest
 
-from serving_fixtures import (CLIENT_KEY, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
-                              two_tiers, wait_for)
+from serving_fixtures import (
+    CLIENT_KEY,
+    ROUTER_DIR,
+    FakeProvider,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 
 NAMES = ["strong-a", "strong-b", "weak-a", "weak-b"]
-MODELS = {"strong-a": "gpt-4-1106-preview", "strong-b": "gpt-4-backup", "weak-a": "mixtral-8x7b", "weak-b": "mixtral-backup"}
+MODELS = {
+    "strong-a": "gpt-4-1106-preview",
+    "strong-b": "gpt-4-backup",
+    "weak-a": "mixtral-8x7b",
+    "weak-b": "mixtral-backup",
+}
 COOLDOWN = 0.5
 USER = [{"role": "user", "content": "Summarise the causes of the first world war in two sentences."}]
 
@@ -27,10 +40,22 @@ def stack():
     for f in fakes.values():
         f.__enter__()
     try:
-        entries = {n: provider_entry(n, fakes[n], None, MODELS[n], (10, 30) if n.startswith("strong") else (0.6, 0.6),
-                                     timeout_s=1.0, connect_timeout_s=1.0) for n in NAMES}
-        cfg = service_config(two_tiers([entries["weak-a"], entries["weak-b"]], [entries["strong-a"], entries["strong-b"]]),
-                             circuit_breaker={"failures": 3, "cooldown_s": COOLDOWN, "probe_every_s": None})
+        entries = {
+            n: provider_entry(
+                n,
+                fakes[n],
+                None,
+                MODELS[n],
+                (10, 30) if n.startswith("strong") else (0.6, 0.6),
+                timeout_s=1.0,
+                connect_timeout_s=1.0,
+            )
+            for n in NAMES
+        }
+        cfg = service_config(
+            two_tiers([entries["weak-a"], entries["weak-b"]], [entries["strong-a"], entries["strong-b"]]),
+            circuit_breaker={"failures": 3, "cooldown_s": COOLDOWN, "probe_every_s": None},
+        )
         with start_service(cfg) as service:
             yield {"url": service.url, "fakes": fakes, "service": service.app.state.service}
     finally:
@@ -81,7 +106,11 @@ def requests_to(stack, name: str) -> int:
 def metric(stack, name: str, **labels) -> float:
     text = httpx.get(stack["url"] + "/metrics").text
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$", text, re.M) if labels else re.search(rf"^{name} (\S+)$", text, re.M)
+    m = (
+        re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$", text, re.M)
+        if labels
+        else re.search(rf"^{name} (\S+)$", text, re.M)
+    )
     return float(m.group(1)) if m else 0.0
 
 
@@ -108,8 +137,11 @@ def test_circuit_opens_skips_the_provider_then_a_probe_closes_it(client, stack, 
     for _ in range(3):
         assert weak_call(client).headers["x-router-provider"] == "weak-b"
     assert requests_to(stack, "weak-a") == seen  # skipped while open
-    route = httpx.post(stack["url"] + "/v1/route", json={"model": "router-0", "messages": USER},
-                       headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+    route = httpx.post(
+        stack["url"] + "/v1/route",
+        json={"model": "router-0", "messages": USER},
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+    ).json()
     assert route["provider"] == "weak-b" and route["upstream_model"] == MODELS["weak-b"]
     assert metric(stack, "router_circuit_skips_total", provider="weak-a") >= 3
 
@@ -130,7 +162,9 @@ def test_a_failed_tier_falls_back_to_the_other_tier(client, stack):
         stack["fakes"][n].control(mode="error")
     raw = weak_call(client)
     assert raw.headers["x-router-tier"] == "weak"  # the decision ...
-    assert raw.parse().model == MODELS["strong-a"] and raw.headers["x-router-provider"] == "strong-a"  # ... who answered
+    assert (
+        raw.parse().model == MODELS["strong-a"] and raw.headers["x-router-provider"] == "strong-a"
+    )  # ... who answered
 
 
 def test_everything_down_is_502_then_503_naming_each_provider(client, stack, frozen):
@@ -206,8 +240,9 @@ def test_a_client_disconnect_mid_stream_cancels_the_upstream_request(stack):
     weak_a.control(chunk_delay_ms=300)
     body = {"model": "router-0", "messages": USER, "stream": True}
     with httpx.Client(timeout=10) as http:
-        with http.stream("POST", stack["url"] + "/v1/chat/completions", json=body,
-                         headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as r:
+        with http.stream(
+            "POST", stack["url"] + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+        ) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # the first event arrived; now hang up
     wait_for(lambda: weak_a.stats()["streams_aborted"] == 1)
@@ -228,11 +263,16 @@ def test_no_accepted_request_is_lost_while_providers_break_and_heal(stack):
             await asyncio.to_thread(f.heal)
 
     async def main():
-        async with openai.AsyncOpenAI(base_url=stack["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30) as c:
+        async with openai.AsyncOpenAI(
+            base_url=stack["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30
+        ) as c:
+
             async def one(i):
                 await asyncio.sleep(i * 0.01)
-                return await c.chat.completions.create(model="router-0" if i % 3 else "router-1",
-                                                       messages=[{"role": "user", "content": f"question {i}"}])
+                return await c.chat.completions.create(
+                    model="router-0" if i % 3 else "router-1", messages=[{"role": "user", "content": f"question {i}"}]
+                )
+
             results = await asyncio.gather(chaos(), *(one(i) for i in range(60)), return_exceptions=True)
             return results[1:]
 
@@ -251,11 +291,22 @@ def pair(request):
     for f in fakes.values():
         f.__enter__()
     try:
-        entries = {n: provider_entry(n, fakes[n], None, MODELS[n], (10, 30) if n.startswith("strong") else (0.6, 0.6),
-                                     timeout_s=2.0, connect_timeout_s=1.0) for n in fakes}
-        cfg = service_config(two_tiers([entries["weak-a"]], [entries["strong-a"]]),
-                             circuit_breaker={"failures": 1, "cooldown_s": COOLDOWN,
-                                              "probe_every_s": getattr(request, "param", 0.2)})
+        entries = {
+            n: provider_entry(
+                n,
+                fakes[n],
+                None,
+                MODELS[n],
+                (10, 30) if n.startswith("strong") else (0.6, 0.6),
+                timeout_s=2.0,
+                connect_timeout_s=1.0,
+            )
+            for n in fakes
+        }
+        cfg = service_config(
+            two_tiers([entries["weak-a"]], [entries["strong-a"]]),
+            circuit_breaker={"failures": 1, "cooldown_s": COOLDOWN, "probe_every_s": getattr(request, "param", 0.2)},
+        )
         with start_service(cfg) as service:
             yield {"url": service.url, "fakes": fakes, "service": service.app.state.service}
     finally:
@@ -279,8 +330,10 @@ def test_a_healthy_provider_behind_a_half_open_circuit_takes_every_request_that_
 
     async def main():
         async with openai.AsyncOpenAI(base_url=pair["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30) as c:
-            return await asyncio.gather(*(c.chat.completions.with_raw_response.create(model="router-1", messages=USER)
-                                          for _ in range(16)), return_exceptions=True)
+            return await asyncio.gather(
+                *(c.chat.completions.with_raw_response.create(model="router-1", messages=USER) for _ in range(16)),
+                return_exceptions=True,
+            )
 
     results = asyncio.run(main())
     failures = [r for r in results if isinstance(r, BaseException)]

@@ -17,8 +17,16 @@ import pytest
 
 from learned_router.serving.middleware import RedactQuery
 from learned_router.serving.slowclients import HeaderTimeoutProtocol
-from serving_fixtures import (CLIENT_KEY, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
-                              two_tiers, wait_for)
+from serving_fixtures import (
+    CLIENT_KEY,
+    ROUTER_DIR,
+    FakeProvider,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 
@@ -48,30 +56,54 @@ def stack():
     from learned_router.scorer import Router
 
     with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
-        cfg = service_config(two_tiers([provider_entry("weak", weak, None, WEAK, (0.6, 0.6))],
-                                       [provider_entry("strong", strong, None, STRONG, (10, 30))]),
-                             router={"max_wait_ms": 20})
+        cfg = service_config(
+            two_tiers(
+                [provider_entry("weak", weak, None, WEAK, (0.6, 0.6))],
+                [provider_entry("strong", strong, None, STRONG, (10, 30))],
+            ),
+            router={"max_wait_ms": 20},
+        )
         router = PoisonRouter(Router.load(ROUTER_DIR))
         with start_service(cfg, router=router) as service:
-            yield {"url": service.url, "port": service.port, "service": service.app.state.service, "router": router,
-                   "weak": weak, "strong": strong}
+            yield {
+                "url": service.url,
+                "port": service.port,
+                "service": service.app.state.service,
+                "router": router,
+                "weak": weak,
+                "strong": strong,
+            }
 
 
 def statuses(stack, endpoint: str = "/v1/chat/completions") -> dict[str, float]:
     text = httpx.get(stack["url"] + "/metrics").text
-    return {m[0]: float(m[1]) for m in re.findall(rf'router_requests_total\{{endpoint="{endpoint}",status="(\d+)"\}} (\S+)', text)}
+    return {
+        m[0]: float(m[1])
+        for m in re.findall(rf'router_requests_total\{{endpoint="{endpoint}",status="(\d+)"\}} (\S+)', text)
+    }
 
 
 SURROGATE_FIELDS = [
     ('{"model":"router","messages":[{"role":"user","content":"\\ud800"}]}', "messages.0.content"),
-    ('{"model":"router","messages":[{"role":"system","content":"be \\udfff nice"},{"role":"user","content":"hi"}]}',
-     "messages.0.content"),
+    (
+        '{"model":"router","messages":[{"role":"system","content":"be \\udfff nice"},{"role":"user","content":"hi"}]}',
+        "messages.0.content",
+    ),
     ('{"model":"router","messages":[{"role":"user","content":"hi"}],"user":"u\\ud83d"}', "user"),
-    ('{"model":"router","messages":[{"role":"user","content":[{"type":"text","text":"\\ud800x"}]}]}', "messages.0.content.0.text"),
+    (
+        '{"model":"router","messages":[{"role":"user","content":[{"type":"text","text":"\\ud800x"}]}]}',
+        "messages.0.content.0.text",
+    ),
     ('{"model":"router","messages":[{"role":"user","content":"hi","name":"\\udc00"}]}', "messages.0.name"),
     ('{"model":"router\\ud800","messages":[{"role":"user","content":"hi"}]}', "model"),
-    ('{"model":"router","messages":[{"role":"user","content":"hi"}],"metadata":{"k":["ok","\\ud800"]}}', "metadata.k.1"),
-    ('{"model":"router","messages":[{"role":"user","content":"hi"}],"router":{"data_class":"\\ud800"}}', "router.data_class"),
+    (
+        '{"model":"router","messages":[{"role":"user","content":"hi"}],"metadata":{"k":["ok","\\ud800"]}}',
+        "metadata.k.1",
+    ),
+    (
+        '{"model":"router","messages":[{"role":"user","content":"hi"}],"router":{"data_class":"\\ud800"}}',
+        "router.data_class",
+    ),
 ]
 
 
@@ -84,21 +116,32 @@ def test_a_lone_surrogate_anywhere_is_a_400_naming_the_field(stack, body, field)
         assert err["param"] == field and err["code"] == "invalid_unicode" and field in err["message"]
 
 
-@pytest.mark.parametrize("raw, field", [('"temperature":1e309', "temperature"), ('"metadata":{"a":[1e999]}', "metadata.a.0"),
-                                        ('"stream":true,"top_p":-1e309', "top_p")])
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ('"temperature":1e309', "temperature"),
+        ('"metadata":{"a":[1e999]}', "metadata.a.0"),
+        ('"stream":true,"top_p":-1e309', "top_p"),
+    ],
+)
 def test_a_number_no_float_holds_is_a_400_naming_the_field(stack, raw, field):
     body = '{"model":"router","messages":[{"role":"user","content":"hi"}],' + raw + "}"
     for path in ("/v1/chat/completions", "/v1/route"):
         r = httpx.post(stack["url"] + path, content=body, headers={**AUTH, "Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
         assert "outside the range of a 64-bit float" in r.json()["error"]["message"]
-    r = httpx.post(stack["url"] + "/v1/chat/completions", headers=AUTH, json={**GOOD, "stream": True, "stream_options": "yes"})
+    r = httpx.post(
+        stack["url"] + "/v1/chat/completions", headers=AUTH, json={**GOOD, "stream": True, "stream_options": "yes"}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
 
 
 def test_a_surrogate_in_a_key_is_a_400_too(stack):
-    r = httpx.post(stack["url"] + "/v1/chat/completions", headers=AUTH,
-                   content='{"model":"router","messages":[{"role":"user","content":"hi"}],"x\\ud800":1}')
+    r = httpx.post(
+        stack["url"] + "/v1/chat/completions",
+        headers=AUTH,
+        content='{"model":"router","messages":[{"role":"user","content":"hi"}],"x\\ud800":1}',
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_unicode"
 
 
@@ -109,10 +152,13 @@ def test_one_bad_prompt_fails_alone_never_its_batch(stack):
 
     async def main():
         async with httpx.AsyncClient(base_url=stack["url"], headers=AUTH, timeout=30) as c:
+
             async def one(i: int):
                 text = f"{POISON} {i}" if i % 8 == 3 else f"What is {i} times {i + 1}?"
-                return i, await c.post("/v1/chat/completions", json={"model": "router-0",
-                                                                      "messages": [{"role": "user", "content": text}]})
+                return i, await c.post(
+                    "/v1/chat/completions", json={"model": "router-0", "messages": [{"role": "user", "content": text}]}
+                )
+
             return await asyncio.gather(*(one(i) for i in range(64)))
 
     results = asyncio.run(main())
@@ -140,8 +186,9 @@ def test_an_unexpected_error_is_a_complete_500_and_the_keep_alive_connection_sur
             conn.request("POST", "/v1/chat/completions", body=bad, headers=AUTH)
             r = conn.getresponse()
             body = json.loads(r.read())
-            assert r.status == 500 and body == {"error": {"message": "internal error", "type": "server_error",
-                                                          "param": None, "code": None}}
+            assert r.status == 500 and body == {
+                "error": {"message": "internal error", "type": "server_error", "param": None, "code": None}
+            }
             assert (r.getheader("connection") or "").lower() != "close"
             conn.request("POST", "/v1/chat/completions", body=json.dumps(GOOD), headers=AUTH)  # same connection
             ok = conn.getresponse()
@@ -171,31 +218,95 @@ def hostile_corpus() -> list[tuple[str, dict, bytes]]:
     def chat(**fields):
         return json.dumps({"model": "router", "messages": [{"role": "user", "content": "hi"}], **fields})
 
-    for raw in ["", "{", "}", "[]", "null", "1", '"x"', "true", "{'a': 1}", '{"model":', "\x00", "\ufeff{}", "{}{}",
-                '{"model":"router","messages":[]}garbage', '{"a":NaN}', '{"a":Infinity}', '{"a":-Infinity}']:
+    for raw in [
+        "",
+        "{",
+        "}",
+        "[]",
+        "null",
+        "1",
+        '"x"',
+        "true",
+        "{'a': 1}",
+        '{"model":',
+        "\x00",
+        "\ufeff{}",
+        "{}{}",
+        '{"model":"router","messages":[]}garbage',
+        '{"a":NaN}',
+        '{"a":Infinity}',
+        '{"a":-Infinity}',
+    ]:
         add(f"not a JSON object: {raw!r}", raw)
     for raw in [b"\xff\xfe", b"\xc3\x28", b'{"model":"\xed\xa0\x80"}', b"\x80abc", b'{"m":"\xf0\x28\x8c\xbc"}']:
         add(f"not UTF-8: {raw!r}", raw)
     add("deep nesting", "[" * 30_000 + "]" * 30_000)
     add("deep object", '{"a":' * 10_000 + "1" + "}" * 10_000)
-    for model in ["", "gpt-4", "router-", "router-2", "router--1", "router-0.5\n", "router-0.5 ", " router", "router-nan",
-                  "router-inf", "router-1e-1", "router-0x1", "ROUTER", "router-0.5\x00", "router-١"]:
+    for model in [
+        "",
+        "gpt-4",
+        "router-",
+        "router-2",
+        "router--1",
+        "router-0.5\n",
+        "router-0.5 ",
+        " router",
+        "router-nan",
+        "router-inf",
+        "router-1e-1",
+        "router-0x1",
+        "ROUTER",
+        "router-0.5\x00",
+        "router-١",
+    ]:
         add(f"model {model!r}", chat(model=model))
     for model in [None, 1, 0.5, True, [], {}]:
         add(f"model of type {type(model).__name__}", chat(model=model))
-    for messages in [None, [], {}, "hi", 1, [None], [1], ["hi"], [{}], [{"content": "hi"}],
-                     [{"role": "robot", "content": "hi"}], [{"role": "user", "content": 1}],
-                     [{"role": "user", "content": {"text": "hi"}}], [{"role": "user", "content": [1]}],
-                     [{"role": "user", "content": [{"text": "no type"}]}], [{"role": "user", "content": [{"type": 1}]}],
-                     [{"role": "user", "content": [{"type": "text", "text": 5}]}], [[]], [{"role": None}]]:
+    for messages in [
+        None,
+        [],
+        {},
+        "hi",
+        1,
+        [None],
+        [1],
+        ["hi"],
+        [{}],
+        [{"content": "hi"}],
+        [{"role": "robot", "content": "hi"}],
+        [{"role": "user", "content": 1}],
+        [{"role": "user", "content": {"text": "hi"}}],
+        [{"role": "user", "content": [1]}],
+        [{"role": "user", "content": [{"text": "no type"}]}],
+        [{"role": "user", "content": [{"type": 1}]}],
+        [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+        [[]],
+        [{"role": None}],
+    ]:
         add(f"messages {str(messages)[:40]}", json.dumps({"model": "router", "messages": messages}))
-    for field, value in [("stream", "yes"), ("stream", 1), ("stream", None), ("max_tokens", 0), ("max_tokens", -1),
-                         ("max_tokens", 1.5), ("max_tokens", "10"), ("max_tokens", True), ("max_completion_tokens", -5),
-                         ("max_tokens", 10**40), ("max_tokens", 2**63), ("router", "fast"), ("router", []),
-                         ("router", {"latency_budget_ms": -1}), ("router", {"latency_budget_ms": 0}),
-                         ("router", {"latency_budget_ms": "5"}), ("router", {"latency_budget_ms": 1e400}),
-                         ("router", {"data_class": 1}), ("router", {"data_class": "secret"}), ("router", {"unknown": 1}),
-                         ("router", {"data_class": None, "x": 2})]:
+    for field, value in [
+        ("stream", "yes"),
+        ("stream", 1),
+        ("stream", None),
+        ("max_tokens", 0),
+        ("max_tokens", -1),
+        ("max_tokens", 1.5),
+        ("max_tokens", "10"),
+        ("max_tokens", True),
+        ("max_completion_tokens", -5),
+        ("max_tokens", 10**40),
+        ("max_tokens", 2**63),
+        ("router", "fast"),
+        ("router", []),
+        ("router", {"latency_budget_ms": -1}),
+        ("router", {"latency_budget_ms": 0}),
+        ("router", {"latency_budget_ms": "5"}),
+        ("router", {"latency_budget_ms": 1e400}),
+        ("router", {"data_class": 1}),
+        ("router", {"data_class": "secret"}),
+        ("router", {"unknown": 1}),
+        ("router", {"data_class": None, "x": 2}),
+    ]:
         add(f"{field}={value!r}", chat(**{field: value}))
     for raw in ['"temperature":1e309', '"top_p":-1e309', '"metadata":{"a":[1e999]}', '"n":1e400']:
         for stream in ("", ',"stream":true'):  # numbers no float holds: JSON reads them as infinity
@@ -203,14 +314,25 @@ def hostile_corpus() -> list[tuple[str, dict, bytes]]:
     for value in ["yes", [1, 2], 3, True]:
         add(f"stream_options={value!r}", chat(stream=True, stream_options=value))
     for s in ["\ud800", "\udfff", "a\ud83d", "\udc00b", "\ud800\ud800"]:
-        add(f"surrogate {s!r} in content", json.dumps({"model": "router", "messages": [{"role": "user", "content": s}]}))
+        add(
+            f"surrogate {s!r} in content", json.dumps({"model": "router", "messages": [{"role": "user", "content": s}]})
+        )
         add(f"surrogate {s!r} in user", chat(user=s))
-        add(f"surrogate {s!r} in a system turn", json.dumps({"model": "router", "messages": [
-            {"role": "system", "content": s}, {"role": "user", "content": "hi"}]}))
+        add(
+            f"surrogate {s!r} in a system turn",
+            json.dumps(
+                {"model": "router", "messages": [{"role": "system", "content": s}, {"role": "user", "content": "hi"}]}
+            ),
+        )
         add(f"surrogate {s!r} in a tool name", chat(tools=[{"type": "function", "function": {"name": s}}]))
-    for header, value in [("x-router-latency-budget-ms", "soon"), ("x-router-latency-budget-ms", "-5"),
-                          ("x-router-latency-budget-ms", "nan"), ("x-router-latency-budget-ms", "inf"),
-                          ("x-router-data-class", "nope"), ("x-router-data-class", "\u00e9t\u00e9")]:
+    for header, value in [
+        ("x-router-latency-budget-ms", "soon"),
+        ("x-router-latency-budget-ms", "-5"),
+        ("x-router-latency-budget-ms", "nan"),
+        ("x-router-latency-budget-ms", "inf"),
+        ("x-router-data-class", "nope"),
+        ("x-router-data-class", "\u00e9t\u00e9"),
+    ]:
         add(f"header {header}: {value!r}", chat(), {**h, header: value.encode("utf-8").decode("latin-1")})
     for auth in [None, "Bearer", "Bearer ", "Basic abc", "Bearer wrong-key", "bearer " + "x" * 5000]:
         headers = {k: v for k, v in h.items() if k != "Authorization"}
@@ -260,23 +382,34 @@ def test_a_corpus_of_hostile_requests_gets_only_4xx_over_one_keep_alive_connecti
 def test_a_client_that_hangs_up_mid_body_is_counted_as_499_not_500(stack):
     before = statuses(stack)
     with socket.create_connection(("127.0.0.1", stack["port"])) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + CLIENT_KEY.encode()
-                  + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":")
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + CLIENT_KEY.encode()
+            + b'\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model":'
+        )
         time.sleep(0.2)
     wait_for(lambda: statuses(stack).get("499", 0) == before.get("499", 0) + 1)
     assert statuses(stack).get("500", 0) == before.get("500", 0)
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "system", "content": "You answer in French."}],
-    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}],
-    [{"role": "user", "content": ""}], [{"role": "user", "content": None}], [{"role": "assistant", "content": "only me"}],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "You answer in French."}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}],
+        [{"role": "user", "content": ""}],
+        [{"role": "user", "content": None}],
+        [{"role": "assistant", "content": "only me"}],
+    ],
+)
 def test_requests_openai_answers_are_answered_not_refused(stack, messages):
     r = httpx.post(stack["url"] + "/v1/chat/completions", json={"model": "router", "messages": messages}, headers=AUTH)
     assert r.status_code == 200, r.text
     if not any(isinstance(m["content"], str) and m["content"] for m in messages):  # nothing to score: the top tier
-        assert r.headers["x-router-tier"] == "strong" and r.headers["x-router-pass-chances"] == "weak=0.0000, strong=1.0000"
+        assert (
+            r.headers["x-router-tier"] == "strong"
+            and r.headers["x-router-pass-chances"] == "weak=0.0000, strong=1.0000"
+        )
 
 
 def test_api_docs_are_off_by_default(stack):
@@ -295,21 +428,32 @@ def test_api_docs_can_be_switched_on():
 
 
 def test_the_api_docs_show_the_routing_decisions_schema(stack):
-    weak, strong = (provider_entry(name, stack[name], None, model, (1, 1)) for name, model in (("weak", WEAK), ("strong", STRONG)))
+    weak, strong = (
+        provider_entry(name, stack[name], None, model, (1, 1)) for name, model in (("weak", WEAK), ("strong", STRONG))
+    )
     with start_service({**service_config(two_tiers([weak], [strong])), "api_docs": True}) as service:
         decision = httpx.post(service.url + "/v1/route", json=GOOD, headers=AUTH).json()
         spec = httpx.get(service.url + "/openapi.json").json()
     schema = spec["paths"]["/v1/route"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     fields = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]["properties"]
-    assert {"tier", "rule", "reason", "pass_chances", "threshold", "effective_threshold", "budget", "router"} <= set(fields)
+    assert {"tier", "rule", "reason", "pass_chances", "threshold", "effective_threshold", "budget", "router"} <= set(
+        fields
+    )
     assert list(fields) == list(decision)  # every field the endpoint returns, in its order
     assert fields["pass_chances"]["additionalProperties"] == {"type": "number"}
 
 
 def test_access_log_lines_never_show_a_query_string_value(stack):
     assert any(isinstance(f, RedactQuery) for f in logging.getLogger("uvicorn.access").filters)  # installed at start-up
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:5000", "POST", "/v1/chat/completions?api_key=sk-secret&x=1", "1.1", 401), None)
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "POST", "/v1/chat/completions?api_key=sk-secret&x=1", "1.1", 401),
+        None,
+    )
     assert RedactQuery().filter(record)
     line = record.getMessage()
     assert "sk-secret" not in line and "/v1/chat/completions?api_key=[redacted]&x=[redacted]" in line
@@ -322,7 +466,9 @@ class QuickHeaders(HeaderTimeoutProtocol):
 def test_a_client_that_never_finishes_its_headers_is_disconnected():
     with FakeProvider(name="weak", model=WEAK) as weak:
         entry = provider_entry("weak", weak, None, WEAK, (0.6, 0.6))
-        with start_service(service_config(two_tiers([entry], [{**entry, "name": "strong"}])), http=QuickHeaders) as service:
+        with start_service(
+            service_config(two_tiers([entry], [{**entry, "name": "strong"}])), http=QuickHeaders
+        ) as service:
             port = service.port
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             for _ in range(2):  # honest requests on one keep-alive connection are unaffected
@@ -347,8 +493,11 @@ def test_a_client_that_never_finishes_its_body_gets_a_408_and_is_disconnected():
         with start_service(cfg) as service:
             with socket.create_connection(("127.0.0.1", service.port)) as s:
                 s.settimeout(5)
-                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + CLIENT_KEY.encode()
-                          + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":")
+                s.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    + CLIENT_KEY.encode()
+                    + b'\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model":'
+                )
                 t0, reply = time.monotonic(), b""
                 while chunk := s.recv(4096):  # the server answers, then closes the connection
                     reply += chunk

@@ -21,7 +21,16 @@ from learned_router.serving.config import ConfigError, DriftConfig
 from learned_router.manifest import RouterFolder
 from learned_router.serving.drift import DriftMonitor, calibration_reference, psi, read_reference
 from learned_router.serving.errors import APIError
-from serving_fixtures import CLIENT_KEY, ROOT, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service, two_tiers
+from serving_fixtures import (
+    CLIENT_KEY,
+    ROOT,
+    ROUTER_DIR,
+    FakeProvider,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+)
 from learned_router.serving.config import hash_key
 
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -31,8 +40,10 @@ AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 ADMIN_KEY = "sk-router-test-admin-drift"
 ALERTS, DASHBOARD = ROOT / "serving" / "alerts.yaml", ROOT / "serving" / "grafana-dashboard.json"
 
-needs_service = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file() or not DATASETS.is_dir(),
-                                   reason=f"no trained router at {ROUTER_DIR} or no shared datasets")
+needs_service = pytest.mark.skipif(
+    not (ROUTER_DIR / "router.json").is_file() or not DATASETS.is_dir(),
+    reason=f"no trained router at {ROUTER_DIR} or no shared datasets",
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +62,49 @@ def traffic() -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("monitoring")
-    with FakeProvider(name="weak-a", model="weak-model") as weak, FakeProvider(name="strong-a", model="strong-model") as strong:
-        cfg = service_config(two_tiers([provider_entry("weak-a", weak, None, "weak-model", (0.6, 0.6))],
-                                       [provider_entry("strong-a", strong, None, "strong-model", (10, 30))]),
-                             budget={"period": "day", "usd": 100, "store": str(tmp / "spend.sqlite")},
-                             drift={"window": WINDOW, "min_requests": 200, "threshold": 0.25, "reference": str(tmp / "reference.json")},
-                             admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]})
+    with (
+        FakeProvider(name="weak-a", model="weak-model") as weak,
+        FakeProvider(name="strong-a", model="strong-model") as strong,
+    ):
+        cfg = service_config(
+            two_tiers(
+                [provider_entry("weak-a", weak, None, "weak-model", (0.6, 0.6))],
+                [provider_entry("strong-a", strong, None, "strong-model", (10, 30))],
+            ),
+            budget={"period": "day", "usd": 100, "store": str(tmp / "spend.sqlite")},
+            drift={"window": WINDOW, "min_requests": 200, "threshold": 0.25, "reference": str(tmp / "reference.json")},
+            admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
+        )
         with start_service(cfg) as s:
             yield {"url": s.url, "config": cfg, "reference": tmp / "reference.json"}
 
 
 def send(url: str, prompts: list[str]) -> None:
     with httpx.Client(headers=AUTH, timeout=60) as client, ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(lambda p: client.post(url + "/v1/route", json={
-            "model": "router", "messages": [{"role": "user", "content": p}]}).status_code, prompts))
+        statuses = list(
+            pool.map(
+                lambda p: (
+                    client.post(
+                        url + "/v1/route", json={"model": "router", "messages": [{"role": "user", "content": p}]}
+                    ).status_code
+                ),
+                prompts,
+            )
+        )
     assert statuses == [200] * len(prompts)
 
 
 def gauges(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics").text
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^router_drift_psi\{signal="(\w+)"\} (\S+)$', text, re.M)}
+    return {
+        m.group(1): float(m.group(2)) for m in re.finditer(r'^router_drift_psi\{signal="(\w+)"\} (\S+)$', text, re.M)
+    }
 
 
 @needs_service
-def test_code_only_traffic_after_a_mixed_reference_moves_the_drift_gauge_and_a_stable_mix_does_not(service, traffic, caplog):
+def test_code_only_traffic_after_a_mixed_reference_moves_the_drift_gauge_and_a_stable_mix_does_not(
+    service, traffic, caplog
+):
     url = service["url"]
     send(url, traffic["mixed"])
     r = httpx.post(url + "/v1/drift/reference", headers=AUTH)  # a client key cannot say what counts as drift
@@ -96,7 +126,9 @@ def test_code_only_traffic_after_a_mixed_reference_moves_the_drift_gauge_and_a_s
     assert shifted["task_type"] > 0.25 and shifted["pass_chance"] > 0.25, shifted  # coding prompts score apart too
     assert any(m.startswith("drift: task_type PSI") and "> 0.25" in m for m in caplog.messages)
     state = httpx.get(url + "/v1/drift", headers=AUTH).json()
-    assert state["psi"]["task_type"] == pytest.approx(shifted["task_type"]) and state["window"]["task_type"]["code"] > 0.8
+    assert (
+        state["psi"]["task_type"] == pytest.approx(shifted["task_type"]) and state["window"]["task_type"]["code"] > 0.8
+    )
 
 
 @needs_service
@@ -105,7 +137,11 @@ def test_a_restarted_service_reads_its_reference_and_the_alerts_query_what_it_ex
     from learned_router.serving.service import Service
 
     s = Service(parse_config(service["config"]))
-    assert s.drift.source == str(service["reference"]) and set(s.drift.reference) == {"pass_chance", "task_type", "tier"}
+    assert s.drift.source == str(service["reference"]) and set(s.drift.reference) == {
+        "pass_chance",
+        "task_type",
+        "tier",
+    }
 
     families = {f.name: f.type for f in text_string_to_metric_families(httpx.get(service["url"] + "/metrics").text)}
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -115,12 +151,23 @@ def test_a_restarted_service_reads_its_reference_and_the_alerts_query_what_it_ex
     queries = [r["expr"] for r in rules] + [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {name for q in queries for name in re.findall(r"\b(router_[a-z0-9_]+)\b", q)}
     assert used and used <= exported, used - exported
-    for needed in ("router_drift_psi", "router_fallbacks_total", "router_upstream_errors_total", "router_budget_pace",
-                   "router_circuit_state"):
+    for needed in (
+        "router_drift_psi",
+        "router_fallbacks_total",
+        "router_upstream_errors_total",
+        "router_budget_pace",
+        "router_circuit_state",
+    ):
         assert any(needed in r["expr"] for r in rules), needed
     assert any("0.02" in r["expr"] for r in rules if "upstream_errors" in r["expr"])
     panels = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    for needed in ("by (tier)", "by (task_type)", "router_cost_usd_total", "histogram_quantile(0.99", "router_fallbacks_total"):
+    for needed in (
+        "by (tier)",
+        "by (task_type)",
+        "router_cost_usd_total",
+        "histogram_quantile(0.99",
+        "router_fallbacks_total",
+    ):
         assert needed in panels, needed
 
 
@@ -156,7 +203,9 @@ def test_psi_and_the_window():
     with pytest.raises(APIError, match="cannot be written .*unchanged") as e:
         m.snapshot()
     assert m.reference is before and e.value.status == 503  # the folder went away while serving
-    with pytest.raises(ConfigError, match="drift.reference /nonexistent/folder/reference.json: its folder is missing or not writable"):
+    with pytest.raises(
+        ConfigError, match="drift.reference /nonexistent/folder/reference.json: its folder is missing or not writable"
+    ):
         DriftMonitor(m.cfg)  # found at start
 
 
@@ -185,7 +234,9 @@ def test_the_calibration_mix_gives_a_pass_chance_reference_in_deciles():
     manifest = RouterFolder(ROUTER_DIR).manifest()
     ref = calibration_reference(manifest, manifest.weak)
     assert ref["edges"] == sorted(ref["edges"]) and len(ref["edges"]) == 9
-    assert sum(ref["shares"].values()) == pytest.approx(1.0) and max(ref["shares"].values()) == pytest.approx(0.1, abs=0.01)
+    assert sum(ref["shares"].values()) == pytest.approx(1.0) and max(ref["shares"].values()) == pytest.approx(
+        0.1, abs=0.01
+    )
     assert calibration_reference(manifest, "no-such-output") is None
 
 

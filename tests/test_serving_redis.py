@@ -25,11 +25,25 @@ from learned_router.serving.config import CircuitConfig, RateLimitConfig, StateC
 from learned_router.serving.errors import ConfigError
 from learned_router.serving.metrics import Metrics
 from learned_router.serving.state import SPEND, RedisState
-from serving_fixtures import (CLIENT_KEY, OTHER_KEY, ROUTER_DIR, FakeProvider, free_port, provider_entry, service_config,
-                              start_service, two_tiers, wait_for)
+from serving_fixtures import (
+    CLIENT_KEY,
+    OTHER_KEY,
+    ROUTER_DIR,
+    FakeProvider,
+    free_port,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+    wait_for,
+)
 
-pytestmark = [pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)"),
-              pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")]
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)"
+    ),
+    pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"),
+]
 
 WEAK, STRONG = "mixtral-8x7b", "gpt-4-1106-preview"
 FAILURES = 3
@@ -64,8 +78,17 @@ class Replica:
     def __init__(self, config: Path, log: Path):
         self.port, self.log = free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "from learned_router.cli import app; app()", "serve", "--config", str(config),
-               "--port", str(self.port), "--no-access-log"]
+        cmd = [
+            sys.executable,
+            "-c",
+            "from learned_router.cli import app; app()",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(self.port),
+            "--no-access-log",
+        ]
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def wait_up(self) -> None:
@@ -90,26 +113,40 @@ class Replica:
 def stack(tmp_path_factory):
     """Redis, a weak and a strong fake provider, and three replicas; replica 0 cannot reach the weak provider."""
     tmp = tmp_path_factory.mktemp("redis-stack")
-    with RedisServer(tmp / "redis") as server, FakeProvider(name="weak", model=WEAK) as weak, \
-            FakeProvider(name="strong", model=STRONG) as strong:
+    with (
+        RedisServer(tmp / "redis") as server,
+        FakeProvider(name="weak", model=WEAK) as weak,
+        FakeProvider(name="strong", model=STRONG) as strong,
+    ):
         broken = replica_config(f"http://127.0.0.1:{free_port()}/v1", strong, server.url)  # nothing listens there
         healthy = replica_config(weak.base_url, strong, server.url)
         for name, cfg in (("broken", broken), ("healthy", healthy)):
             (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        replicas = [Replica(tmp / ("broken.yaml" if i == 0 else "healthy.yaml"), tmp / f"replica{i}.log") for i in range(3)]
+        replicas = [
+            Replica(tmp / ("broken.yaml" if i == 0 else "healthy.yaml"), tmp / f"replica{i}.log") for i in range(3)
+        ]
         try:
             for r in replicas:
                 r.wait_up()
-            yield {"redis": server, "weak": weak, "strong": strong, "replicas": replicas,
-                   "db": redis.Redis(port=server.port, decode_responses=True)}
+            yield {
+                "redis": server,
+                "weak": weak,
+                "strong": strong,
+                "replicas": replicas,
+                "db": redis.Redis(port=server.port, decode_responses=True),
+            }
         finally:
             for r in replicas:
                 r.stop()
 
 
 def chat(url: str, model: str = "router", key: str = CLIENT_KEY, content: str = "What is 2 + 2?") -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
-                      json={"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": content}]})
+    return httpx.post(
+        url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+        json={"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": content}]},
+    )
 
 
 def shared_spend(db: redis.Redis) -> tuple[float, int]:
@@ -119,8 +156,10 @@ def shared_spend(db: redis.Redis) -> tuple[float, int]:
 
 def test_a_client_spreading_requests_over_the_replicas_gets_one_rate_limit(stack):
     replicas = stack["replicas"]
-    statuses = [httpx.get(replicas[i % 3].url + "/v1/models", headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=5)
-                for i in range(3 * BURST)]
+    statuses = [
+        httpx.get(replicas[i % 3].url + "/v1/models", headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=5)
+        for i in range(3 * BURST)
+    ]
     assert sum(r.status_code == 200 for r in statuses) == BURST  # one bucket: per process it would be 3 x BURST
     refused = [r for r in statuses if r.status_code == 429]
     assert len(refused) == 2 * BURST and all(int(r.headers["retry-after"]) >= 1 for r in refused)
@@ -132,7 +171,11 @@ def test_a_provider_broken_for_one_replica_is_skipped_by_all_then_probed_once(st
     weak.control(reset_stats=True, latency_ms=0)
     for _ in range(FAILURES):  # replica 0 cannot reach the weak provider: each request falls back to the strong one
         r = chat(replicas[0].url, model="router-0.0")
-        assert r.status_code == 200 and r.headers["x-router-provider"] == "strong" and r.headers["x-router-fallbacks"] == "1"
+        assert (
+            r.status_code == 200
+            and r.headers["x-router-provider"] == "strong"
+            and r.headers["x-router-fallbacks"] == "1"
+        )
     for i in range(6):  # the others skip it at once: it never hears from them
         r = chat(replicas[1 + i % 2].url, model="router-0.0")
         assert r.status_code == 200 and r.headers["x-router-provider"] == "strong"
@@ -147,9 +190,13 @@ def test_a_provider_broken_for_one_replica_is_skipped_by_all_then_probed_once(st
     for r in replicas[1:]:
         wait_for(lambda r=r: metric(r.url, "router_circuit_state", '{provider="weak"}') == 1)
     with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda i: chat(replicas[1 + i % 2].url, model="router-0.0", content=f"probe {i}"), range(6)))
+        answers = list(
+            pool.map(lambda i: chat(replicas[1 + i % 2].url, model="router-0.0", content=f"probe {i}"), range(6))
+        )
     assert all(r.status_code == 200 for r in answers)
-    assert weak.stats()["requests"] == 1 and sorted(r.headers["x-router-provider"] for r in answers) == ["strong"] * 5 + ["weak"]
+    assert weak.stats()["requests"] == 1 and sorted(r.headers["x-router-provider"] for r in answers) == [
+        "strong"
+    ] * 5 + ["weak"]
     weak.control(latency_ms=0)
     r = chat(replicas[2].url, model="router-0.0")  # the probe closed the circuit for every replica
     assert r.headers["x-router-provider"] == "weak"
@@ -158,7 +205,11 @@ def test_a_provider_broken_for_one_replica_is_skipped_by_all_then_probed_once(st
 
 def answer_all(urls: list[str], n: int, prefix: str, workers: int = 6) -> list[httpx.Response]:
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda i: chat(urls[i % len(urls)], content=f"{prefix} question {i}: how do tides work?"), range(n)))
+        return list(
+            pool.map(
+                lambda i: chat(urls[i % len(urls)], content=f"{prefix} question {i}: how do tides work?"), range(n)
+            )
+        )
 
 
 def counted(urls: list[str]) -> tuple[float, int]:
@@ -238,10 +289,24 @@ def test_redis_down_at_start_up_is_one_line_and_exit_2_unless_local_state_is_all
     with FakeProvider(name="strong", model=STRONG) as strong:
         cfg = replica_config(strong.base_url, strong, server.url)
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-        run = subprocess.run([sys.executable, "-c", "from learned_router.cli import app; app()", "serve", "--config",
-                              str(tmp_path / "config.yaml")], capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from learned_router.cli import app; app()",
+                "serve",
+                "--config",
+                str(tmp_path / "config.yaml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run.returncode == 2 and "Traceback" not in run.stderr
-        assert "state.url: cannot use Redis at redis://127.0.0.1:" in run.stderr and "unavailable_at_start: local" in run.stderr
+        assert (
+            "state.url: cannot use Redis at redis://127.0.0.1:" in run.stderr
+            and "unavailable_at_start: local" in run.stderr
+        )
 
         try:
             with start_service({**cfg, "state": {**cfg["state"], "unavailable_at_start": "local"}}) as svc:
@@ -253,23 +318,35 @@ def test_redis_down_at_start_up_is_one_line_and_exit_2_unless_local_state_is_all
                 db = redis.Redis(port=server.port, decode_responses=True)
                 wait_for(lambda: shared_spend(db)[1] == 2)  # the answer served before Redis came up is in the ledger
             with start_service(cfg) as again:  # a restarted replica reads the spend of the period from Redis
-                budget = httpx.post(again.url + "/v1/route", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10,
-                                    json={"model": "router", "messages": [{"role": "user", "content": "hi"}]}).json()["budget"]
+                budget = httpx.post(
+                    again.url + "/v1/route",
+                    headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                    timeout=10,
+                    json={"model": "router", "messages": [{"role": "user", "content": "hi"}]},
+                ).json()["budget"]
                 assert (budget["spent_usd"], budget["requests"]) == shared_spend(db)
         finally:
             server.stop()
 
 
-@pytest.mark.parametrize("state, error", [
-    ({"backend": "redis"}, "config: state: backend redis needs url"),
-    ({"backend": "redis", "url": "http://localhost:6379"}, "config: state.url: must be redis://host:port/db"),
-    ({"backend": "redis", "url": "redis://:secret@localhost:6379/0"}, "the password goes in password_env"),
-    ({"url": "redis://localhost:6379/0"}, "url and password_env are for backend: redis"),
-    ({"backend": "memcached"}, "config: state.backend: Input should be 'sqlite' or 'redis'"),
-])
+@pytest.mark.parametrize(
+    "state, error",
+    [
+        ({"backend": "redis"}, "config: state: backend redis needs url"),
+        ({"backend": "redis", "url": "http://localhost:6379"}, "config: state.url: must be redis://host:port/db"),
+        ({"backend": "redis", "url": "redis://:secret@localhost:6379/0"}, "the password goes in password_env"),
+        ({"url": "redis://localhost:6379/0"}, "url and password_env are for backend: redis"),
+        ({"backend": "memcached"}, "config: state.backend: Input should be 'sqlite' or 'redis'"),
+    ],
+)
 def test_bad_state_config_is_one_line_naming_the_key(state, error):
-    cfg = service_config(two_tiers([{"name": "w", "base_url": "http://x/v1", "model": "w"}],
-                                   [{"name": "s", "base_url": "http://x/v1", "model": "s"}]), state=state)
+    cfg = service_config(
+        two_tiers(
+            [{"name": "w", "base_url": "http://x/v1", "model": "w"}],
+            [{"name": "s", "base_url": "http://x/v1", "model": "s"}],
+        ),
+        state=state,
+    )
     with pytest.raises(ConfigError, match=re.escape(error)):
         parse_config(cfg)
 
@@ -296,8 +373,16 @@ def test_the_password_comes_from_its_variable_and_a_wrong_one_stops_the_start(tm
 
 def test_an_unset_password_variable_stops_the_start(monkeypatch):
     monkeypatch.delenv("ROUTER_TEST_REDIS_PASSWORD", raising=False)
-    cfg = parse_config(service_config(two_tiers([{"name": "w", "base_url": "http://x/v1", "model": "w"}],
-                                                [{"name": "s", "base_url": "http://x/v1", "model": "s"}]),
-                                      state={"backend": "redis", "url": "rediss://cache:6380/0", "password_env": "ROUTER_TEST_REDIS_PASSWORD"}))
-    with pytest.raises(ConfigError, match="state.password_env: environment variable ROUTER_TEST_REDIS_PASSWORD is not set"):
+    cfg = parse_config(
+        service_config(
+            two_tiers(
+                [{"name": "w", "base_url": "http://x/v1", "model": "w"}],
+                [{"name": "s", "base_url": "http://x/v1", "model": "s"}],
+            ),
+            state={"backend": "redis", "url": "rediss://cache:6380/0", "password_env": "ROUTER_TEST_REDIS_PASSWORD"},
+        )
+    )
+    with pytest.raises(
+        ConfigError, match="state.password_env: environment variable ROUTER_TEST_REDIS_PASSWORD is not set"
+    ):
         cfg.state.password()

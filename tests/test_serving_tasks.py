@@ -12,7 +12,15 @@ import pytest
 from learned_router import Router
 from learned_router.serving.config import ConfigError, parse_config
 from learned_router.serving.service import Service
-from serving_fixtures import CLIENT_KEY, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service, two_tiers
+from serving_fixtures import (
+    CLIENT_KEY,
+    ROUTER_DIR,
+    FakeProvider,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+)
 
 pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 
@@ -24,14 +32,21 @@ TRANSLATE = "Translate 'the shop opens at nine' into Spanish."
 
 @pytest.fixture(scope="module")
 def fakes():
-    with FakeProvider(name="weak-a", model="weak-model") as weak, FakeProvider(name="strong-a", model="strong-model") as strong:
+    with (
+        FakeProvider(name="weak-a", model="weak-model") as weak,
+        FakeProvider(name="strong-a", model="strong-model") as strong,
+    ):
         yield {"weak": weak, "strong": strong}
 
 
 def config(fakes, **task_types) -> dict:
-    return service_config(two_tiers([provider_entry("weak-a", fakes["weak"], None, "weak-model", (0.1, 0.1))],
-                                     [provider_entry("strong-a", fakes["strong"], None, "strong-model", (10, 30))]),
-                          task_types=task_types)
+    return service_config(
+        two_tiers(
+            [provider_entry("weak-a", fakes["weak"], None, "weak-model", (0.1, 0.1))],
+            [provider_entry("strong-a", fakes["strong"], None, "strong-model", (10, 30))],
+        ),
+        task_types=task_types,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +56,12 @@ def service(fakes):
 
 
 def route(url: str, text: str, model: str = "router-0", headers: dict | None = None, **body) -> httpx.Response:
-    return httpx.post(url + "/v1/route", json={"model": model, "messages": [{"role": "user", "content": text}], **body},
-                      headers=AUTH | (headers or {}), timeout=30)
+    return httpx.post(
+        url + "/v1/route",
+        json={"model": model, "messages": [{"role": "user", "content": text}], **body},
+        headers=AUTH | (headers or {}),
+        timeout=30,
+    )
 
 
 def test_each_request_gets_a_type_in_route_headers_log_and_metrics(service, caplog):
@@ -50,13 +69,21 @@ def test_each_request_gets_a_type_in_route_headers_log_and_metrics(service, capl
         d = route(service.url, text).json()
         assert (d["task_type"], d["task_type_source"]) == (kind, "inferred")
     with caplog.at_level(logging.INFO, logger="learned_router.serving"):
-        r = httpx.post(service.url + "/v1/chat/completions", headers=AUTH, timeout=30,
-                       json={"model": "router-0", "messages": [{"role": "user", "content": HELLO}]})
+        r = httpx.post(
+            service.url + "/v1/chat/completions",
+            headers=AUTH,
+            timeout=30,
+            json={"model": "router-0", "messages": [{"role": "user", "content": HELLO}]},
+        )
     assert r.status_code == 200 and r.headers["x-router-task-type"] == "chitchat"
     assert any("task_type=chitchat" in m for m in caplog.messages)
     text = httpx.get(service.url + "/metrics").text
-    assert re.search(r'^router_decisions_total\{router="[^"]+",rule="task_type",task_type="code",tier="strong"\} [1-9]', text, re.M)
-    assert re.search(r'^router_cost_usd_total\{model="weak-model",provider="weak-a",task_type="chitchat"\} \S+', text, re.M)
+    assert re.search(
+        r'^router_decisions_total\{router="[^"]+",rule="task_type",task_type="code",tier="strong"\} [1-9]', text, re.M
+    )
+    assert re.search(
+        r'^router_cost_usd_total\{model="weak-model",provider="weak-a",task_type="chitchat"\} \S+', text, re.M
+    )
 
 
 def test_a_request_may_name_its_type_and_an_unknown_one_is_a_400_naming_it(service):
@@ -76,11 +103,15 @@ def test_a_request_may_name_its_type_and_an_unknown_one_is_a_400_naming_it(servi
 def test_type_rules_are_applied_with_the_others_and_explained(service):
     d = route(service.url, CODE).json()  # router-0: every pass chance clears, yet code is pinned to strong
     assert (d["tier"], d["rule"]) == ("strong", "task_type")
-    assert d["skipped"] == [{"tier": "weak", "rule": "task_type", "detail": "weak-a: task type 'code' goes to tier strong or above"}]
+    assert d["skipped"] == [
+        {"tier": "weak", "rule": "task_type", "detail": "weak-a: task type 'code' goes to tier strong or above"}
+    ]
     assert "weak cannot take it" in d["reason"]
     low = route(service.url, TRANSLATE, "router-0.4").json()  # +0.5: 0.9, above the weak tier's pass chance here
     assert low["threshold"] == pytest.approx(0.9) and low["pass_chances"]["weak"] < 0.9
-    assert (low["tier"], low["rule"]) == ("strong", "task_type") and "moves the threshold from 0.4000 to 0.9000" in low["reason"]
+    assert (low["tier"], low["rule"]) == ("strong", "task_type") and "moves the threshold from 0.4000 to 0.9000" in low[
+        "reason"
+    ]
     d = route(service.url, TRANSLATE, "router-0.9").json()  # clipped at 1
     assert d["threshold"] == 1.0 and d["rule"] == "score"
 
@@ -95,7 +126,9 @@ class WithoutEmbedding:
 
 def test_a_router_without_embeddings_serves_with_named_types_only(fakes, caplog):
     with caplog.at_level(logging.WARNING, logger="learned_router.serving"):
-        s = start_service(config(fakes, min_tier={"code": "strong"}), router=WithoutEmbedding(Router(ROUTER_DIR, threads=1)))
+        s = start_service(
+            config(fakes, min_tier={"code": "strong"}), router=WithoutEmbedding(Router(ROUTER_DIR, threads=1))
+        )
     assert any("no embedding output" in m and "re-export" in m for m in caplog.messages)
     with s:
         d = route(s.url, CODE).json()

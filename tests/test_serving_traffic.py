@@ -20,8 +20,19 @@ import pandas as pd
 import pytest
 import yaml
 
-from serving_fixtures import (CLIENT_KEY, OTHER_KEY, PROVIDER_KEYS, ROUTER_DIR, FakeProvider, free_port, provider_entry,
-                              service_config, start_service, two_tiers, wait_for)
+from serving_fixtures import (
+    CLIENT_KEY,
+    OTHER_KEY,
+    PROVIDER_KEYS,
+    ROUTER_DIR,
+    FakeProvider,
+    free_port,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+    wait_for,
+)
 from learned_router.data import read_prompt_table
 from learned_router.serving.config import TrafficConfig, hash_key
 from learned_router.serving.traffic import TrafficLog, export_traffic, open_store
@@ -45,19 +56,30 @@ def copy_router(dst):
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("traffic")
     router = copy_router(tmp / "router")
-    with FakeProvider(name="strong-a", model=STRONG_MODEL, api_key=PROVIDER_KEYS["TEST_STRONG_A_KEY"]) as strong, \
-         FakeProvider(name="weak-a", model=WEAK_MODEL, api_key=PROVIDER_KEYS["TEST_WEAK_A_KEY"]) as weak:
+    with (
+        FakeProvider(name="strong-a", model=STRONG_MODEL, api_key=PROVIDER_KEYS["TEST_STRONG_A_KEY"]) as strong,
+        FakeProvider(name="weak-a", model=WEAK_MODEL, api_key=PROVIDER_KEYS["TEST_WEAK_A_KEY"]) as weak,
+    ):
         cfg = service_config(
-            two_tiers([provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
-                      [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))]),
+            two_tiers(
+                [provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
+                [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))],
+            ),
             router={"path": str(router)},
             traffic={"store": str(tmp / "traffic.sqlite"), "never_record": ["secret"], "feedback_per_minute": 30},
             admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
         )
         cfg["data_classes"] = {"secret": ["strong-a"], "restricted": ["strong-a"]}
         with start_service(cfg) as service:
-            yield {"url": service.url, "strong": strong, "weak": weak, "store": tmp / "traffic.sqlite", "router": router,
-                   "tmp": tmp, "service": service.app.state.service}
+            yield {
+                "url": service.url,
+                "strong": strong,
+                "weak": weak,
+                "store": tmp / "traffic.sqlite",
+                "router": router,
+                "tmp": tmp,
+                "service": service.app.state.service,
+            }
 
 
 def client(stack, key=CLIENT_KEY) -> openai.OpenAI:
@@ -71,8 +93,9 @@ def rows(stack) -> dict[str, dict]:
 
 
 def chat(stack, text: str, key=CLIENT_KEY, **kwargs):
-    raw = client(stack, key).chat.completions.with_raw_response.create(model="router", messages=[{"role": "user", "content": text}],
-                                                                     **kwargs)
+    raw = client(stack, key).chat.completions.with_raw_response.create(
+        model="router", messages=[{"role": "user", "content": text}], **kwargs
+    )
     return raw.headers["x-request-id"], raw
 
 
@@ -113,8 +136,12 @@ def test_a_failed_request_is_recorded_with_its_error(stack):
 
 def test_feedback_is_stored_beside_its_request_and_replaced_by_a_second(stack):
     rid, _ = chat(stack, "Suggest a name for a bakery.")
-    post = lambda body, key=CLIENT_KEY: httpx.post(stack["url"] + "/v1/feedback", json=body,  # noqa: E731
-                                                    headers={"Authorization": f"Bearer {key}"}, timeout=10)
+
+    def post(body, key=CLIENT_KEY):
+        return httpx.post(
+            stack["url"] + "/v1/feedback", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10
+        )
+
     assert post({"request_id": rid, "score": 0.25}).json() == {"request_id": rid, "score": 0.25}
     assert post({"request_id": rid, "thumbs": "up"}).json()["score"] == 1.0
     with sqlite3.connect(stack["store"]) as db:
@@ -122,20 +149,37 @@ def test_feedback_is_stored_beside_its_request_and_replaced_by_a_second(stack):
     assert post({"request_id": "0123456789abcdef", "score": 1}).status_code == 404  # unknown
     assert post({"request_id": rid, "score": 1}, OTHER_KEY).status_code == 404  # another client's request
     assert httpx.post(stack["url"] + "/v1/feedback", json={"request_id": rid, "score": 1}).status_code == 401
-    for bad in ({"request_id": rid, "score": 1.5}, {"request_id": rid}, {"request_id": rid, "score": 1, "thumbs": "up"},
-                {"request_id": rid, "score": "1"}, {"request_id": rid, "thumbs": "sideways"}, {"score": 1}):
+    for bad in (
+        {"request_id": rid, "score": 1.5},
+        {"request_id": rid},
+        {"request_id": rid, "score": 1, "thumbs": "up"},
+        {"request_id": rid, "score": "1"},
+        {"request_id": rid, "thumbs": "sideways"},
+        {"score": 1},
+    ):
         r = post(bad)
         assert r.status_code == 400 and r.json()["error"]["message"], bad
-    r = httpx.post(stack["url"] + "/v1/feedback", content=b'{"request_id": "\xff\xfe", "score": 1}',
-                   headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10)
+    r = httpx.post(
+        stack["url"] + "/v1/feedback",
+        content=b'{"request_id": "\xff\xfe", "score": 1}',
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        timeout=10,
+    )
     assert r.status_code == 400
 
 
 def test_one_client_flooding_feedback_is_cut_off_at_its_own_limit(stack):
     rid, _ = chat(stack, "Name a river in France.", key=OTHER_KEY)
     started = time.monotonic()
-    codes = [httpx.post(stack["url"] + "/v1/feedback", json={"request_id": rid, "score": 0.0},
-                        headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=10) for _ in range(45)]
+    codes = [
+        httpx.post(
+            stack["url"] + "/v1/feedback",
+            json={"request_id": rid, "score": 0.0},
+            headers={"Authorization": f"Bearer {OTHER_KEY}"},
+            timeout=10,
+        )
+        for _ in range(45)
+    ]
     refill = (time.monotonic() - started) * 30 / 60  # traffic.feedback_per_minute: 30, a minute's worth at once
     stored = sum(r.status_code == 200 for r in codes)
     refused = [r for r in codes if r.status_code != 200]
@@ -147,8 +191,12 @@ def test_one_client_flooding_feedback_is_cut_off_at_its_own_limit(stack):
 
 def test_traffic_export_writes_prompts_with_feedback(stack, tmp_path):
     rid, _ = chat(stack, "What is the capital of Australia?")
-    httpx.post(stack["url"] + "/v1/feedback", json={"request_id": rid, "thumbs": "down"},
-               headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10).raise_for_status()
+    httpx.post(
+        stack["url"] + "/v1/feedback",
+        json={"request_id": rid, "thumbs": "down"},
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        timeout=10,
+    ).raise_for_status()
     restricted, _ = chat(stack, "Our Q3 numbers are...", extra_headers={"x-router-data-class": "restricted"})
     wait_for(lambda: restricted in rows(stack))
     assert rows(stack)[restricted]["data_class"] == "restricted"  # recorded with its class ...
@@ -160,12 +208,30 @@ def test_traffic_export_writes_prompts_with_feedback(stack, tmp_path):
     assert export_traffic(stack["store"], since=time.time() + 60)[0].empty
     for suffix in (".csv", ".jsonl"):  # written as the name asks, and read back by calibrate's reader
         out = tmp_path / f"traffic{suffix}"
-        r = subprocess.run([sys.executable, "-m", "learned_router", "traffic", "export", "--store", stack["store"], "--out", out],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "learned_router", "traffic", "export", "--store", stack["store"], "--out", out],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
         assert rid in read_prompt_table(out, text_columns=("prompt_id",))["prompt_id"].tolist()
-    r = subprocess.run([sys.executable, "-m", "learned_router", "traffic", "export", "--store", stack["store"],
-                        "--out", tmp_path / "traffic.txt"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "learned_router",
+            "traffic",
+            "export",
+            "--store",
+            stack["store"],
+            "--out",
+            tmp_path / "traffic.txt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "expected a .parquet, .jsonl, .csv file" in r.stderr
 
 
@@ -174,8 +240,15 @@ def test_retention_and_hash_only_text(tmp_path):
     cfg = TrafficConfig(store=str(store), text="hash", retention_days=1.0, max_rows=3)
     log = TrafficLog(cfg)
     for i in range(5):
-        log.record({"id": f"r{i}", "time": time.time() - (3 * 86400 if i == 0 else 0) + i, "text": None,
-                    "text_sha256": log.text_fields(f"prompt {i}")[1]}, None)
+        log.record(
+            {
+                "id": f"r{i}",
+                "time": time.time() - (3 * 86400 if i == 0 else 0) + i,
+                "text": None,
+                "text_sha256": log.text_fields(f"prompt {i}")[1],
+            },
+            None,
+        )
     log.close()
     TrafficLog(cfg).close()  # pruned at start: the 3-day-old row, then the oldest beyond 3 rows
     db = open_store(store, create=False)
@@ -186,8 +259,13 @@ def test_retention_and_hash_only_text(tmp_path):
 
 
 def admin(stack, path: str, body=None, key=ADMIN_KEY):
-    return httpx.request("GET" if path == "router" else "POST", f"{stack['url']}/admin/{path}", json=body,
-                         headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    return httpx.request(
+        "GET" if path == "router" else "POST",
+        f"{stack['url']}/admin/{path}",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
 
 
 def test_reload_swaps_a_checked_router_in_without_dropping_requests_and_rollback_restores_it(stack, tmp_path):
@@ -213,7 +291,9 @@ def test_reload_swaps_a_checked_router_in_without_dropping_requests_and_rollback
         c = client(stack)
         while not stop.is_set():
             try:
-                c.chat.completions.create(model="router", messages=[{"role": "user", "content": "Sort a list in Python."}])
+                c.chat.completions.create(
+                    model="router", messages=[{"role": "user", "content": "Sort a list in Python."}]
+                )
                 done[0] += 1
             except Exception as e:  # noqa: BLE001 - any failure is what the test counts
                 failures.append(repr(e))
@@ -231,7 +311,11 @@ def test_reload_swaps_a_checked_router_in_without_dropping_requests_and_rollback
         for t in threads:
             t.join()
     assert failures == []
-    assert swapped["previous"] == before["router"] and swapped["router"] != before["router"] and swapped["threshold"] == 0.0
+    assert (
+        swapped["previous"] == before["router"]
+        and swapped["router"] != before["router"]
+        and swapped["threshold"] == 0.0
+    )
     assert "workers" not in swapped  # one process: swapped in place
     _, raw = chat(stack, "Prove Fermat's little theorem.")
     assert raw.headers["x-router-version"] == swapped["router"] and raw.headers["x-router-tier"] == "weak"
@@ -252,7 +336,9 @@ def test_a_swapped_router_restarts_the_drift_signals_it_changes_against_its_own_
     # a copy whose calibration mix put every pass chance lower: another version, another reference
     new = copy_router(tmp_path / "recalibrated")
     manifest = json.loads((new / "router.json").read_text())
-    manifest["calibration"]["thresholds"] = {k: [round(t * t, 6) for t in v] for k, v in manifest["calibration"]["thresholds"].items()}
+    manifest["calibration"]["thresholds"] = {
+        k: [round(t * t, 6) for t in v] for k, v in manifest["calibration"]["thresholds"].items()
+    }
     (new / "router.json").write_text(json.dumps(manifest))
     swapped = admin(stack, "reload", {"path": str(new)}).json()
     after = drift()
@@ -269,18 +355,27 @@ def test_a_swapped_router_restarts_the_drift_signals_it_changes_against_its_own_
 
 def test_admin_endpoints_are_off_without_admin_keys(tmp_path):
     with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
-        cfg = service_config(two_tiers([provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
-                                       [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))]))
+        cfg = service_config(
+            two_tiers(
+                [provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
+                [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))],
+            )
+        )
         with start_service(cfg) as service:
             r = httpx.post(service.url + "/admin/reload", headers={"Authorization": f"Bearer {CLIENT_KEY}"})
             assert r.status_code == 404 and r.json()["error"]["code"] == "admin_off"
-            r = httpx.post(service.url + "/v1/feedback", json={"request_id": "x", "score": 1},
-                           headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+            r = httpx.post(
+                service.url + "/v1/feedback",
+                json={"request_id": "x", "score": 1},
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            )
             assert r.status_code == 404 and r.json()["error"]["code"] == "traffic_off"
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "learned_router", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "learned_router", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_calibrate_fits_the_table_to_a_prompt_file_and_checks_it_on_held_out_prompts(tmp_path, datasets_dir):
@@ -291,20 +386,29 @@ def test_calibrate_fits_the_table_to_a_prompt_file_and_checks_it_on_held_out_pro
     r = cli("calibrate", "--router", router, "--prompts", tmp_path / "traffic.parquet", "--strong-fraction", "0.3")
     assert r.returncode == 0, r.stderr
     after = json.loads((router / "router.json").read_text())
-    assert "traffic.parquet" in after["calibration"]["mix"] and after["calibration"]["thresholds"] != before["calibration"]["thresholds"]
+    assert (
+        "traffic.parquet" in after["calibration"]["mix"]
+        and after["calibration"]["thresholds"] != before["calibration"]["thresholds"]
+    )
     assert after["files"] == before["files"] and after["default_threshold"] != before["default_threshold"]
     weak = next(line for line in r.stdout.splitlines() if line.startswith(before["weak"][:40]))
     shares = r.stdout.splitlines()[2].split("->)")[1].split()
-    achieved = dict(zip(map(float, shares), map(float, weak.split()[-len(shares):])))
+    achieved = dict(zip(map(float, shares), map(float, weak.split()[-len(shares) :])))
     assert abs(achieved[0.3] - 0.3) < 0.1, r.stdout  # ~200 held-out prompts: a sampling error of ~0.03
     from learned_router.scorer import Router
+
     assert Router(router).manifest.threshold_for(0.3) == pytest.approx(after["default_threshold"], abs=1e-4)
     # bad input: one line, exit 2, router.json untouched
     (tmp_path / "few.txt").write_text("one\ntwo\nthree\n")
-    for args in (("--prompts", tmp_path / "few.txt"), ("--prompts", tmp_path / "none.parquet"),
-                 ("--prompts", tmp_path / "traffic.parquet", "--strong-fraction", "1.5")):
+    for args in (
+        ("--prompts", tmp_path / "few.txt"),
+        ("--prompts", tmp_path / "none.parquet"),
+        ("--prompts", tmp_path / "traffic.parquet", "--strong-fraction", "1.5"),
+    ):
         bad = cli("calibrate", "--router", router, *args)
-        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr, bad.stderr
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr, (
+            bad.stderr
+        )
     assert json.loads((router / "router.json").read_text()) == after
     bad = cli("calibrate", "--router", router, "--prompts", tmp_path / "traffic.parquet", "--max-seq-length", "4")
     assert bad.returncode == 2 and "--max-seq-length must be between 16 and 512 tokens, got 4" in bad.stderr
@@ -312,7 +416,10 @@ def test_calibrate_fits_the_table_to_a_prompt_file_and_checks_it_on_held_out_pro
     r = cli("calibrate", "--router", router, "--prompts", tmp_path / "traffic.parquet", "--max-seq-length", "64")
     assert r.returncode == 0, r.stderr
     short = json.loads((router / "router.json").read_text())
-    assert short["encoder"]["max_seq_length"] == 64 and short["calibration"]["thresholds"] != after["calibration"]["thresholds"]
+    assert (
+        short["encoder"]["max_seq_length"] == 64
+        and short["calibration"]["thresholds"] != after["calibration"]["thresholds"]
+    )
     read = Router(router)
     long = "Explain the history of the printing press in detail. " * 40
     assert read.max_seq_length == read.n_tokens(long) == 64 and read.check.passed  # its probes are judged alike
@@ -321,8 +428,12 @@ def test_calibrate_fits_the_table_to_a_prompt_file_and_checks_it_on_held_out_pro
 def served_version(url: str) -> str | None:
     """The router version a service at `url` routes "hi" with; None while it does not answer."""
     try:
-        r = httpx.post(url + "/v1/route", json={"model": "router", "messages": [{"role": "user", "content": "hi"}]},
-                       headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=5)
+        r = httpx.post(
+            url + "/v1/route",
+            json={"model": "router", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            timeout=5,
+        )
         return r.json()["router"] if r.status_code == 200 else None
     except httpx.HTTPError:
         return None
@@ -331,18 +442,40 @@ def served_version(url: str) -> str | None:
 def test_sighup_reloads_the_router_from_its_folder(tmp_path):
     router = copy_router(tmp_path / "router")
     with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
-        cfg = service_config(two_tiers([provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
-                                       [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))]),
-                             router={"path": str(router)})
+        cfg = service_config(
+            two_tiers(
+                [provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
+                [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))],
+            ),
+            router={"path": str(router)},
+        )
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
         port = free_port()
         env = {**os.environ, **PROVIDER_KEYS}
-        proc = subprocess.Popen([sys.executable, "-m", "learned_router", "serve", "--config", tmp_path / "config.yaml", "--port",
-                                 str(port), "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "learned_router",
+                "serve",
+                "--config",
+                tmp_path / "config.yaml",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
+
             def version():
                 return served_version(url)
+
             first = wait_for(version, timeout=60)
             manifest = json.loads((router / "router.json").read_text())
             manifest["default_threshold"] = 0.01
@@ -362,14 +495,36 @@ def test_sighup_reloads_the_router_from_its_folder(tmp_path):
 def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one_cannot_do_for_all_is_refused(tmp_path):
     router = copy_router(tmp_path / "router")
     with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
-        cfg = service_config(two_tiers([provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
-                                       [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))]),
-                             router={"path": str(router)}, admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]})
+        cfg = service_config(
+            two_tiers(
+                [provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
+                [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))],
+            ),
+            router={"path": str(router)},
+            admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
+        )
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "learned_router", "serve", "--config", tmp_path / "config.yaml", "--port",
-                                 str(port), "--workers", "2", "--log-level", "warning"], env={**os.environ, **PROVIDER_KEYS},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "learned_router",
+                "serve",
+                "--config",
+                tmp_path / "config.yaml",
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+                "--log-level",
+                "warning",
+            ],
+            env={**os.environ, **PROVIDER_KEYS},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         stack = {"url": f"http://127.0.0.1:{port}"}
 
         def version():
@@ -382,6 +537,7 @@ def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one
                 return {int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
             except OSError:  # a worker that went between the two reads
                 return set()
+
         try:
             first = wait_for(version, timeout=90)
             before = wait_for(lambda: w if len(w := workers()) == 2 else None, timeout=60)

@@ -16,7 +16,14 @@ from learned_router.serving.config import BudgetConfig, ConfigError, ProviderCon
 from learned_router.serving.latency import LatencyWindow
 from learned_router.serving.policy import NoEligibleTier, Standing, TierOption, choose, fallback_order, standing
 from learned_router.serving.providers import CircuitBreaker, Provider, retry_after_seconds
-from learned_router.serving.routing import MAX_SCORED_CHARS, Message, estimate_tokens, parse_request, requested_threshold, scored_text
+from learned_router.serving.routing import (
+    MAX_SCORED_CHARS,
+    Message,
+    estimate_tokens,
+    parse_request,
+    requested_threshold,
+    scored_text,
+)
 
 
 class Clock:
@@ -33,8 +40,12 @@ def msgs(*pairs) -> list[Message]:
 
 # ---- routing rules -----------------------------------------------------------------------------
 
-CONVO = msgs(("system", "You are terse."), ("user", "first question"), ("assistant", "answer"),
-             ("user", [{"type": "text", "text": "second"}, {"type": "image_url", "image_url": {"url": "x"}}]))
+CONVO = msgs(
+    ("system", "You are terse."),
+    ("user", "first question"),
+    ("assistant", "answer"),
+    ("user", [{"type": "text", "text": "second"}, {"type": "image_url", "image_url": {"url": "x"}}]),
+)
 
 
 def test_scored_turn_is_configurable_and_defaults_to_the_last_user_turn():
@@ -95,11 +106,14 @@ def test_bad_requests_are_400_with_the_field(raw, fragment):
 
 
 def test_parse_request_keeps_unknown_fields_for_the_provider():
-    req, body = parse_request(b'{"model": "router", "temperature": 0.2, "messages": [{"role": "user", "content": "hi"}]}')
+    req, body = parse_request(
+        b'{"model": "router", "temperature": 0.2, "messages": [{"role": "user", "content": "hi"}]}'
+    )
     assert req.model == "router" and body["temperature"] == 0.2
 
 
 # ---- circuit breaker, rate limiter, Retry-After ---------------------------------------------------
+
 
 def test_circuit_opens_after_consecutive_failures_then_probes_once_and_recovers():
     clock = Clock()
@@ -181,6 +195,7 @@ def test_retry_after_accepts_seconds_and_dates():
 
 # ---- batcher ------------------------------------------------------------------------------------
 
+
 def test_batcher_scores_concurrent_prompts_together_off_the_event_loop():
     calls: list[tuple[list[str], str]] = []
     gate = threading.Event()
@@ -252,51 +267,100 @@ def test_a_prompt_that_fails_its_batch_fails_alone():
 
 # ---- config -------------------------------------------------------------------------------------
 
+
 def base_config() -> dict:
     p = {"base_url": "http://127.0.0.1:9/v1"}
-    return {"tiers": [{"name": "weak", "score": "w", "providers": [{**p, "model": "w"}]},
-                      {"name": "strong", "providers": [{**p, "model": "s"}]}],
-            "auth": {"keys": [{"name": "k", "sha256": hash_key("key")}]}}
+    return {
+        "tiers": [
+            {"name": "weak", "score": "w", "providers": [{**p, "model": "w"}]},
+            {"name": "strong", "providers": [{**p, "model": "s"}]},
+        ],
+        "auth": {"keys": [{"name": "k", "sha256": hash_key("key")}]},
+    }
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c["tiers"][1]["providers"][0].update(base_url="127.0.0.1:9"), "tiers[1].providers[0].base_url: must be an http(s) URL"),
-        (lambda c: c["tiers"][0]["providers"][0].update(input_price_per_1m=-1), "tiers[0].providers[0].input_price_per_1m:"),
+        (
+            lambda c: c["tiers"][1]["providers"][0].update(base_url="127.0.0.1:9"),
+            "tiers[1].providers[0].base_url: must be an http(s) URL",
+        ),
+        (
+            lambda c: c["tiers"][0]["providers"][0].update(input_price_per_1m=-1),
+            "tiers[0].providers[0].input_price_per_1m:",
+        ),
         (lambda c: c["tiers"][0]["providers"][0].update(api_key_env="MY KEY"), "tiers[0].providers[0].api_key_env:"),
-        (lambda c: c["tiers"][1]["providers"][0].update(model="w"), "tiers[1].providers[0].name: duplicate provider name 'w'"),
+        (
+            lambda c: c["tiers"][1]["providers"][0].update(model="w"),
+            "tiers[1].providers[0].name: duplicate provider name 'w'",
+        ),
         (lambda c: c["tiers"][0].update(providers=[]), "tiers[0].providers:"),
         (lambda c: c["tiers"][1]["providers"][0].pop("model"), "tiers[1].providers[0].model: required"),
         (lambda c: c["tiers"][1].update(name="weak"), "tiers[1].name: duplicate tier name 'weak'"),
         (lambda c: c["tiers"][1].update(name="top tier"), "tiers[1].name: must be letters, digits"),
         (lambda c: c.update(tiers=c["tiers"][:1]), "tiers: a router needs at least 2 tiers, cheapest first; got 1"),
         (lambda c: c.update(providers={"strong": [], "weak": []}), "providers: Extra inputs are not permitted"),
-        (lambda c: c.update(data_classes={"restricted": ["w", "nope"]}), "data_classes.restricted[1]: unknown provider 'nope'; providers: s, w"),
+        (
+            lambda c: c.update(data_classes={"restricted": ["w", "nope"]}),
+            "data_classes.restricted[1]: unknown provider 'nope'; providers: s, w",
+        ),
         (lambda c: c.update(data_classes={"restricted": []}), "data_classes.restricted: list the providers"),
         (lambda c: c.update(budget={"period": "week", "usd": 5}), "budget.period:"),
         (lambda c: c.update(budget={"period": "day", "usd": 0}), "budget.usd:"),
-        (lambda c: c.update(budget={"period": "day", "usd": 5, "min_threshold": 0.8, "max_threshold": 0.5}),
-         "budget: min_threshold 0.8 is above max_threshold 0.5"),
+        (
+            lambda c: c.update(budget={"period": "day", "usd": 5, "min_threshold": 0.8, "max_threshold": 0.5}),
+            "budget: min_threshold 0.8 is above max_threshold 0.5",
+        ),
         (lambda c: c.update(latency={"min_samples": 0}), "latency.min_samples:"),
         (lambda c: c.update(routing={"threshold": 1.5}), "routing.threshold:"),
-        (lambda c: c.update(routing={"threshold": 0.3, "strong_fraction": 0.5}), "routing: set threshold or strong_fraction, not both"),
+        (
+            lambda c: c.update(routing={"threshold": 0.3, "strong_fraction": 0.5}),
+            "routing: set threshold or strong_fraction, not both",
+        ),
         (lambda c: c.update(routing={"score_turn": "last"}), "routing.score_turn:"),
         (lambda c: c.update(routing={"treshold": 0.3}), "routing.treshold: Extra inputs are not permitted"),
         (lambda c: c.update(auth={"keys": []}), "auth: auth is enabled but no client keys"),
-        (lambda c: c.update(auth={"keys": [{"name": "k", "sha256": "sk-plaintext"}]}), "auth.keys[0].sha256: must be 64 hex digits"),
+        (
+            lambda c: c.update(auth={"keys": [{"name": "k", "sha256": "sk-plaintext"}]}),
+            "auth.keys[0].sha256: must be 64 hex digits",
+        ),
         (lambda c: c.pop("auth"), "auth: required"),
         (lambda c: c.update(limits={"max_body_bytes": 10}), "limits.max_body_bytes:"),
-        (lambda c: c["tiers"][0]["providers"][0].update(name="weak-\U0001F600"), "tiers[0].providers[0].name: must be 1-128 ASCII"),
-        (lambda c: c["tiers"][0]["providers"][0].update(name="weak\nx"), "tiers[0].providers[0].name: must be 1-128 ASCII"),
-        (lambda c: c["tiers"][0]["providers"][0].update(model="m\u00e9"), "tiers[0].providers[0].model: must be 1-128 ASCII"),
-        (lambda c: c["tiers"][0]["providers"][0].update(timeout_s=float("inf")), "tiers[0].providers[0].timeout_s: Input should be a finite number"),
-        (lambda c: c["tiers"][0]["providers"][0].update(output_price_per_1m=float("nan")), "tiers[0].providers[0].output_price_per_1m:"),
-        (lambda c: c.update(budget={"period": "day", "usd": float("inf")}), "budget.usd: Input should be a finite number"),
+        (
+            lambda c: c["tiers"][0]["providers"][0].update(name="weak-\U0001f600"),
+            "tiers[0].providers[0].name: must be 1-128 ASCII",
+        ),
+        (
+            lambda c: c["tiers"][0]["providers"][0].update(name="weak\nx"),
+            "tiers[0].providers[0].name: must be 1-128 ASCII",
+        ),
+        (
+            lambda c: c["tiers"][0]["providers"][0].update(model="m\u00e9"),
+            "tiers[0].providers[0].model: must be 1-128 ASCII",
+        ),
+        (
+            lambda c: c["tiers"][0]["providers"][0].update(timeout_s=float("inf")),
+            "tiers[0].providers[0].timeout_s: Input should be a finite number",
+        ),
+        (
+            lambda c: c["tiers"][0]["providers"][0].update(output_price_per_1m=float("nan")),
+            "tiers[0].providers[0].output_price_per_1m:",
+        ),
+        (
+            lambda c: c.update(budget={"period": "day", "usd": float("inf")}),
+            "budget.usd: Input should be a finite number",
+        ),
         (lambda c: c["auth"].update(enabled="yes"), "auth.enabled: Input should be a valid boolean"),
-        (lambda c: c["tiers"][0]["providers"][0].update(stream_usage=1), "tiers[0].providers[0].stream_usage: Input should be a valid boolean"),
+        (
+            lambda c: c["tiers"][0]["providers"][0].update(stream_usage=1),
+            "tiers[0].providers[0].stream_usage: Input should be a valid boolean",
+        ),
         (lambda c: c.update(api_docs="true"), "api_docs: Input should be a valid boolean"),
-        (lambda c: c["tiers"][0]["providers"][0].update(context_window="8192"), "tiers[0].providers[0].context_window: Input should be a valid integer"),
+        (
+            lambda c: c["tiers"][0]["providers"][0].update(context_window="8192"),
+            "tiers[0].providers[0].context_window: Input should be a valid integer",
+        ),
     ],
 )
 def test_config_errors_name_the_key(change, message):
@@ -307,12 +371,18 @@ def test_config_errors_name_the_key(change, message):
     assert str(e.value).startswith("cfg.yaml: ") and message in str(e.value)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("auth: {enabled: false}\nauth: {enabled: true}\n", ": duplicate key 'auth'"),
-    ("limits:\n  max_body_bytes: 2048\n  max_body_bytes: 4096\nauth: {enabled: false}\n", ": duplicate key 'max_body_bytes'"),
-    ("retry: {attempts: 2, backoff_max_s: .inf}\n", "retry.backoff_max_s: Input should be a finite number"),
-    ("auth: {enabled: 'yes'}\n", "auth.enabled: Input should be a valid boolean"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("auth: {enabled: false}\nauth: {enabled: true}\n", ": duplicate key 'auth'"),
+        (
+            "limits:\n  max_body_bytes: 2048\n  max_body_bytes: 4096\nauth: {enabled: false}\n",
+            ": duplicate key 'max_body_bytes'",
+        ),
+        ("retry: {attempts: 2, backoff_max_s: .inf}\n", "retry.backoff_max_s: Input should be a finite number"),
+        ("auth: {enabled: 'yes'}\n", "auth.enabled: Input should be a valid boolean"),
+    ],
+)
 def test_config_file_refuses_duplicate_keys_infinities_and_quoted_booleans(tmp_path, text, message):
     from learned_router.serving.config import load_config
 
@@ -333,7 +403,9 @@ def test_config_defaults_and_key_variables(monkeypatch):
     c = parse_config(cfg)
     assert c.router.path == "models/default" and c.routing.score_turn == "last_user" and c.budget is None
     assert c.routing.fallback_to_other_tiers and c.data_classes == {}
-    with pytest.raises(ConfigError, match=r"tiers\[1\].providers\[0\].api_key_env: environment variable UNIT_STRONG_KEY is not set"):
+    with pytest.raises(
+        ConfigError, match=r"tiers\[1\].providers\[0\].api_key_env: environment variable UNIT_STRONG_KEY is not set"
+    ):
         c.provider_keys()
     with pytest.raises(ConfigError, match="auth.keys_env: environment variable UNIT_CLIENT_KEYS is not set"):
         c.client_keys()
@@ -346,15 +418,27 @@ def test_config_defaults_and_key_variables(monkeypatch):
 
 # ---- tier policy --------------------------------------------------------------------------------
 
+
 def provider(name: str, tier: str, context_window: int = 8192, clock=None) -> Provider:
     cfg = ProviderConfig(name=name, base_url="http://127.0.0.1:9/v1", model=name, context_window=context_window)
-    return Provider(cfg, tier, None, CircuitBreaker(1, 60, clock or Clock()), LatencyWindow(10, 60, 2, clock or Clock()))
+    return Provider(
+        cfg, tier, None, CircuitBreaker(1, 60, clock or Clock()), LatencyWindow(10, 60, 2, clock or Clock())
+    )
 
 
 def options(*tiers: tuple[str, float, list]) -> list[TierOption]:
     """(name, pass chance, [rule or None per provider]) -> tier options."""
-    return [TierOption(name, p, [Standing(provider(f"{name}-{i}", name), rule, f"{rule} detail" if rule else "")
-                                 for i, rule in enumerate(rules)]) for name, p, rules in tiers]
+    return [
+        TierOption(
+            name,
+            p,
+            [
+                Standing(provider(f"{name}-{i}", name), rule, f"{rule} detail" if rule else "")
+                for i, rule in enumerate(rules)
+            ],
+        )
+        for name, p, rules in tiers
+    ]
 
 
 def test_two_tiers_reproduce_the_binary_rule():

@@ -14,8 +14,16 @@ import time
 import httpx
 import pytest
 
-from serving_fixtures import (CLIENT_KEY, ROUTER_DIR, FakeProvider, provider_entry, service_config, start_service,
-                              two_tiers, wait_for)
+from serving_fixtures import (
+    CLIENT_KEY,
+    ROUTER_DIR,
+    FakeProvider,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 
@@ -30,13 +38,23 @@ ANSWER = {"role": "assistant", "content": "2, 3 and 5."}
 def stack(tmp_path_factory):
     store = tmp_path_factory.mktemp("spend") / "spend.sqlite"
     with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
-        cfg = service_config(two_tiers([provider_entry("weak", weak, None, WEAK, (0.6, 0.6), timeout_s=2)],
-                                       [provider_entry("strong", strong, None, STRONG, (10, 30), timeout_s=2)]),
-                             limits={"max_upstream_body_bytes": 1 << 20, "max_stream_seconds": 1.5},
-                             circuit_breaker={"failures": 100, "cooldown_s": 60},
-                             budget={"period": "month", "usd": 1000.0, "store": str(store)})
+        cfg = service_config(
+            two_tiers(
+                [provider_entry("weak", weak, None, WEAK, (0.6, 0.6), timeout_s=2)],
+                [provider_entry("strong", strong, None, STRONG, (10, 30), timeout_s=2)],
+            ),
+            limits={"max_upstream_body_bytes": 1 << 20, "max_stream_seconds": 1.5},
+            circuit_breaker={"failures": 100, "cooldown_s": 60},
+            budget={"period": "month", "usd": 1000.0, "store": str(store)},
+        )
         with start_service(cfg) as service:
-            yield {"url": service.url, "service": service.app.state.service, "weak": weak, "strong": strong, "store": store}
+            yield {
+                "url": service.url,
+                "service": service.app.state.service,
+                "weak": weak,
+                "strong": strong,
+                "store": store,
+            }
 
 
 @pytest.fixture(autouse=True)
@@ -65,22 +83,37 @@ def stored_spend(stack) -> float:
 
 
 def sse(text: str) -> list:
-    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]" for line in text.splitlines() if line.startswith("data: ")]
+    return [
+        json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+        for line in text.splitlines()
+        if line.startswith("data: ")
+    ]
 
 
-@pytest.mark.parametrize("usage", [
-    {"prompt_tokens": -5, "completion_tokens": 3}, {"prompt_tokens": 1e308, "completion_tokens": 1e308},
-    {"prompt_tokens": "12", "completion_tokens": "3"}, {"prompt_tokens": 1.5, "completion_tokens": 2},
-    {"prompt_tokens": True, "completion_tokens": 1}, {"prompt_tokens": 10**30, "completion_tokens": 1}, [1, 2], "lots", -1,
-    {"prompt_tokens": 12},
-])
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -5, "completion_tokens": 3},
+        {"prompt_tokens": 1e308, "completion_tokens": 1e308},
+        {"prompt_tokens": "12", "completion_tokens": "3"},
+        {"prompt_tokens": 1.5, "completion_tokens": 2},
+        {"prompt_tokens": True, "completion_tokens": 1},
+        {"prompt_tokens": 10**30, "completion_tokens": 1},
+        [1, 2],
+        "lots",
+        -1,
+        {"prompt_tokens": 12},
+    ],
+)
 def test_insane_usage_is_billed_by_the_estimate_and_metered(stack, usage):
     stack["weak"].control(usage=usage)
     before = metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid")
     r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
     shown = r.json()["usage"]  # the counts it was billed for, not the provider's words
     assert r.status_code == 200 and r.headers["x-router-usage"] == "estimated" and shown != usage
-    assert shown["total_tokens"] == shown["prompt_tokens"] + shown["completion_tokens"] and 0 < shown["total_tokens"] < 100
+    assert (
+        shown["total_tokens"] == shown["prompt_tokens"] + shown["completion_tokens"] and 0 < shown["total_tokens"] < 100
+    )
     cost = float(r.headers["x-router-cost-usd"])
     assert 0 < cost < 1e-3 and len(r.headers["x-router-cost-usd"]) < 16
     assert metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid") == before + 1
@@ -89,13 +122,20 @@ def test_insane_usage_is_billed_by_the_estimate_and_metered(stack, usage):
     wait_for(lambda: math.isfinite(s := stored_spend(stack)) and 0 < s < 1)
 
 
-@pytest.mark.parametrize("usage", [{"prompt_tokens": 1e308, "completion_tokens": 1}, {"prompt_tokens": -5000000, "completion_tokens": 2}])
+@pytest.mark.parametrize(
+    "usage", [{"prompt_tokens": 1e308, "completion_tokens": 1}, {"prompt_tokens": -5000000, "completion_tokens": 2}]
+)
 def test_a_streams_lying_usage_chunk_reaches_the_client_as_the_billed_counts(stack, usage):
     stack["weak"].control(usage=usage)
-    r = httpx.post(stack["url"] + "/v1/chat/completions", headers=AUTH,
-                   json={**WEAK_FIRST, "stream": True, "stream_options": {"include_usage": True}})
+    r = httpx.post(
+        stack["url"] + "/v1/chat/completions",
+        headers=AUTH,
+        json={**WEAK_FIRST, "stream": True, "stream_options": {"include_usage": True}},
+    )
     [shown] = [e["usage"] for e in sse(r.text) if isinstance(e, dict) and e.get("usage")]
-    assert shown["total_tokens"] == shown["prompt_tokens"] + shown["completion_tokens"] and 0 < shown["total_tokens"] < 100
+    assert (
+        shown["total_tokens"] == shown["prompt_tokens"] + shown["completion_tokens"] and 0 < shown["total_tokens"] < 100
+    )
 
 
 def test_valid_usage_is_passed_as_sent(stack):
@@ -112,17 +152,30 @@ def test_missing_usage_is_billed_by_the_estimate(stack):
     assert metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="missing") == before + 1
 
 
-@pytest.mark.parametrize("body", [
-    '{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":NaN,"completion_tokens":1}}',
-    "[1, 2]", '"a string"', '{"id": "no choices"}', '{"choices": "not a list"}', "not json", "",
-    '{"choices":[null]}', '{"choices":[]}', '{"choices":[{"message":"hi"}]}', '{"choices":[{"index":0}]}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":NaN,"completion_tokens":1}}',
+        "[1, 2]",
+        '"a string"',
+        '{"id": "no choices"}',
+        '{"choices": "not a list"}',
+        "not json",
+        "",
+        '{"choices":[null]}',
+        '{"choices":[]}',
+        '{"choices":[{"message":"hi"}]}',
+        '{"choices":[{"index":0}]}',
+    ],
+)
 def test_an_answer_that_is_not_a_chat_completion_is_a_bad_response_and_fails_over(stack, body):
     stack["weak"].control(mode="raw", raw_body=body)
     before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response")
     r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
     assert r.status_code == 200 and r.json()["model"] == STRONG and r.headers["x-router-fallbacks"] == "1"
-    assert metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response") == before + 2  # retried once
+    assert (
+        metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response") == before + 2
+    )  # retried once
     assert math.isfinite(metric_sum(stack, "router_cost_usd_total"))
 
 
@@ -131,7 +184,9 @@ def test_a_stream_that_never_ends_is_ended_at_max_stream_seconds(stack):
     try:
         before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="stream_too_long")
         started = time.monotonic()
-        r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH, timeout=30)
+        r = httpx.post(
+            stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH, timeout=30
+        )
         took = time.monotonic() - started
         events = sse(r.text)
     finally:
@@ -151,10 +206,17 @@ def test_a_huge_answer_is_cut_at_the_limit_and_fails_over(stack):
 GOOD_CHUNK = json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "2, 3"}}]})
 
 
-@pytest.mark.parametrize("bad", [
-    '{"choices":[{"delta":"str"}]}', '{"choices":[{"delta":{"content":5}}]}', '{"choices":{"0":{}}}', '{"choices":[7]}',
-    "not json", '{"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":NaN}}',
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"choices":[{"delta":"str"}]}',
+        '{"choices":[{"delta":{"content":5}}]}',
+        '{"choices":{"0":{}}}',
+        '{"choices":[7]}',
+        "not json",
+        '{"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":NaN}}',
+    ],
+)
 def test_a_malformed_stream_chunk_ends_the_clients_stream_with_an_error_event(stack, bad):
     stack["weak"].control(mode="raw", raw_events=[GOOD_CHUNK, bad, GOOD_CHUNK, "[DONE]"])
     before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response")
@@ -169,8 +231,13 @@ def test_a_malformed_stream_chunk_ends_the_clients_stream_with_an_error_event(st
 
 
 def test_a_stream_of_valid_oddities_is_passed_through(stack):
-    events = [GOOD_CHUNK, '{"choices":[]}', '{"choices":[{"index":0,"delta":null,"finish_reason":"stop"}]}',
-              '{"choices":[{"delta":{"content":null,"tool_calls":[]}}]}', "[DONE]"]
+    events = [
+        GOOD_CHUNK,
+        '{"choices":[]}',
+        '{"choices":[{"index":0,"delta":null,"finish_reason":"stop"}]}',
+        '{"choices":[{"delta":{"content":null,"tool_calls":[]}}]}',
+        "[DONE]",
+    ]
     stack["weak"].control(mode="raw", raw_events=events)
     r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
     assert r.headers["x-router-provider"] == "weak" and len(sse(r.text)) == 5 and sse(r.text)[-1] == "[DONE]"
@@ -219,12 +286,16 @@ def test_insane_stream_usage_is_billed_by_the_estimate(stack):
 
 
 def budget_spent(stack) -> float:
-    return httpx.post(stack["url"] + "/v1/route", json=WEAK_FIRST, headers=AUTH, timeout=5).json()["budget"]["spent_usd"]
+    return httpx.post(stack["url"] + "/v1/route", json=WEAK_FIRST, headers=AUTH, timeout=5).json()["budget"][
+        "spent_usd"
+    ]
 
 
 def test_a_locked_spend_store_delays_only_the_accounting(stack):
     """Another process holds the store's write lock for 3 s: answers and /healthz are not held up; the spend lands later."""
-    spent = wait_for(lambda: (s := budget_spent(stack)) == pytest.approx(stored_spend(stack)) and s)  # nothing unwritten
+    spent = wait_for(
+        lambda: (s := budget_spent(stack)) == pytest.approx(stored_spend(stack)) and s
+    )  # nothing unwritten
     errors = metric_sum(stack, "router_spend_store_errors_total")
     locker = sqlite3.connect(stack["store"], isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")
@@ -279,6 +350,12 @@ def test_the_soak_command_accounts_for_every_request_through_its_fault_phases():
     for name, counts in results:
         assert counts["sent"] == 16 and counts["lost"] == 0 and counts["500"] == 0, (name, counts)
         assert counts["answered"] + counts["refused"] + counts["stream_error"] + counts["5xx"] == 16
-    assert dict(results)[STRICT]["5xx"] == 0  # the weak provider, half-open, takes every request the dead strong one fails
-    out = subprocess.run([sys.executable, "-m", "learned_router", "soak", "--requests", "5"], capture_output=True, text=True)
-    assert out.returncode == 2 and "--requests" in out.stderr and "Traceback" not in out.stderr  # bounded: 100 to 50,000
+    assert (
+        dict(results)[STRICT]["5xx"] == 0
+    )  # the weak provider, half-open, takes every request the dead strong one fails
+    out = subprocess.run(
+        [sys.executable, "-m", "learned_router", "soak", "--requests", "5"], capture_output=True, text=True
+    )
+    assert (
+        out.returncode == 2 and "--requests" in out.stderr and "Traceback" not in out.stderr
+    )  # bounded: 100 to 50,000

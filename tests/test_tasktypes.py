@@ -21,7 +21,9 @@ TABLE = ROOT / "tests" / "data" / "task_types.csv"
 # regression.
 MACRO_PRECISION_FLOOR, TYPE_PRECISION_FLOOR = 0.85, 0.6
 
-needs_router = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+needs_router = pytest.mark.skipif(
+    not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +52,11 @@ def test_the_labelled_table_covers_every_type_from_several_sources_and_shares_no
 def test_task_types_command_prints_precision_that_meets_the_floor():
     out = CliRunner().invoke(app, ["task-types", "--router", str(ROUTER_DIR), "--table", str(TABLE), "--threads", "1"])
     assert out.exit_code == 0, out.output
-    printed = {line.split()[0]: [float(x) for x in line.split()[1:3]] for line in out.output.splitlines()[1:]
-               if line and not line.startswith("(")}
+    printed = {
+        line.split()[0]: [float(x) for x in line.split()[1:3]]
+        for line in out.output.splitlines()[1:]
+        if line and not line.startswith("(")
+    }
     types = load_types(types_path())
     assert set(printed) == set(types) | {"macro"}
     assert printed["macro"][0] >= MACRO_PRECISION_FLOOR, printed
@@ -64,22 +69,46 @@ def test_types_follow_the_examples_and_a_new_type_needs_only_examples(router, tm
 
     types = load_types(types_path())
     clf = TaskClassifier.build(types, router.embed)
-    assert clf.types_of(router.embed(["Translate 'see you tomorrow' into German.", "hello, how are you?"])) == ["translation", "chitchat"]
-    recipes = "\n".join(f"      - {t}" for t in ["Give me a recipe for banana bread.", "How long do I boil an egg for a soft yolk?",
-                                                 "What can I cook with chickpeas, spinach and rice?", "How do I make a vinaigrette?"])
+    assert clf.types_of(router.embed(["Translate 'see you tomorrow' into German.", "hello, how are you?"])) == [
+        "translation",
+        "chitchat",
+    ]
+    recipes = "\n".join(
+        f"      - {t}"
+        for t in [
+            "Give me a recipe for banana bread.",
+            "How long do I boil an egg for a soft yolk?",
+            "What can I cook with chickpeas, spinach and rice?",
+            "How do I make a vinaigrette?",
+        ]
+    )
     path = tmp_path / "types.yaml"
-    path.write_text(types_path().read_text() + f"  cooking:\n    description: recipes and cooking\n    examples:\n{recipes}\n")
+    path.write_text(
+        types_path().read_text() + f"  cooking:\n    description: recipes and cooking\n    examples:\n{recipes}\n"
+    )
     clf = TaskClassifier.build(load_types(path), router.embed)
     assert clf.types_of(router.embed(["What's a good recipe for lentil soup?"])) == ["cooking"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("types: {code: {description: c, examples: [a, b, c]}}", "types: .*at least 2"),
-    ("types: {code: {description: c, examples: [a, b]}, math: {description: m, examples: [a, b, c]}}", "types.code.examples"),
-    ("types: {Code!: {description: c, examples: [a, b, c]}, math: {description: m, examples: [a, b, c]}}", "'Code!'"),
-    ("types: {unknown: {description: c, examples: [a, b, c]}, math: {description: m, examples: [a, b, c]}}", "'unknown'"),
-    ("types: [", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("types: {code: {description: c, examples: [a, b, c]}}", "types: .*at least 2"),
+        (
+            "types: {code: {description: c, examples: [a, b]}, math: {description: m, examples: [a, b, c]}}",
+            "types.code.examples",
+        ),
+        (
+            "types: {Code!: {description: c, examples: [a, b, c]}, math: {description: m, examples: [a, b, c]}}",
+            "'Code!'",
+        ),
+        (
+            "types: {unknown: {description: c, examples: [a, b, c]}, math: {description: m, examples: [a, b, c]}}",
+            "'unknown'",
+        ),
+        ("types: [", "not valid YAML"),
+    ],
+)
 def test_a_bad_types_file_is_one_line_naming_the_key(tmp_path, text, message):
     path = tmp_path / "t.yaml"
     path.write_text(text)

@@ -21,11 +21,19 @@ from learned_router.train import train
 
 def test_router_folder_and_manifest(trained):
     folder, m = trained["path"], trained["manifest"]
-    assert {p.name for p in folder.iterdir()} == {"router.json", "tokenizer.json", "model.onnx", "model.int8.onnx", "checkpoint"}
+    assert {p.name for p in folder.iterdir()} == {
+        "router.json",
+        "tokenizer.json",
+        "model.onnx",
+        "model.int8.onnx",
+        "checkpoint",
+    }
     assert (m.strong, m.weak) == (STRONG, WEAK) and m.outputs[-1] == "generic"
     # every graded model of every source is an output, by one name: the arena battles' gpt-4 is gpt-4-0314
     assert {"gpt-4-0314", "gpt-4-0613", "gpt-3.5-turbo-0125", "claude-2", "vicuna-13b", STRONG, WEAK} <= set(m.models)
-    assert {d["name"] for d in m.data} == set(TRAIN_SOURCES) - {"arena_hard_v01_battles"} | {"arena_hard_v01"}  # its source column
+    assert {d["name"] for d in m.data} == set(TRAIN_SOURCES) - {"arena_hard_v01_battles"} | {
+        "arena_hard_v01"
+    }  # its source column
     assert {d["name"]: d["scheme"] for d in m.data}["alpaca_eval"] == "versus"
     assert m.encoder.max_seq_length == 256 and m.encoder.dim == 384 and m.encoder.layers == 3
     assert m.parity["fused_Attention"] == 3.0  # the 3 of MiniLM's 6 layers the recipe keeps, fused
@@ -45,7 +53,10 @@ def test_exported_graph_matches_torch(trained):
     prompts = PROBES + ["What is the derivative of x^3 sin(x)?", "Tell me a joke about databases."]
     torch_out = QualityModel.load(folder.path).predict(prompts)
     fp32, int8 = (Router(folder.path, variant=v).predict(prompts) for v in ("fp32", "int8"))
-    assert np.max(np.abs(fp32.quality - torch_out.quality)) < 1e-4 and np.max(np.abs(fp32.difficulty - torch_out.difficulty)) < 1e-4
+    assert (
+        np.max(np.abs(fp32.quality - torch_out.quality)) < 1e-4
+        and np.max(np.abs(fp32.difficulty - torch_out.difficulty)) < 1e-4
+    )
     assert np.array_equal(fp32.pass_chances().shape, torch_out.pass_chances().shape) and fp32.models == torch_out.models
     assert np.mean(np.abs(int8.quality - torch_out.quality)) < GATES["int8"]["mean_abs_diff"]
     m = trained["manifest"]
@@ -102,8 +113,14 @@ def test_versus_grades_never_move_the_difficulty():
     keep = obs["source"] == 1
     only = {k: v[keep] for k, v in obs.items()}
     only["source"] = np.zeros(keep.sum(), dtype=int)
-    head = fit_head(x[:, :-1], only, ["strong", "mid", "weak"], ["pref"], ["versus"],
-                    Recipe(factors=2, steps=100, length_input=False))
+    head = fit_head(
+        x[:, :-1],
+        only,
+        ["strong", "mid", "weak"],
+        ["pref"],
+        ["versus"],
+        Recipe(factors=2, steps=100, length_input=False),
+    )
     with torch.no_grad():
         assert float(head.difficulty.weight.abs().max()) == 0.0
 
@@ -113,7 +130,9 @@ def crowded(seed=0, n=60, models=3, width=0.04):
     measured on AVX2 and VNNI CPUs (max |dq| ~0.05-0.2, mean ~0.02)."""
     rng = np.random.default_rng(seed)
     strong = rng.uniform(0.5, 1.0, n)
-    q_ref = np.c_[strong, np.zeros((n, models - 2)), strong - 0.5 + rng.uniform(-width, width, n)]  # weak pass ~0.5 +- width
+    q_ref = np.c_[
+        strong, np.zeros((n, models - 2)), strong - 0.5 + rng.uniform(-width, width, n)
+    ]  # weak pass ~0.5 +- width
     d_ref = rng.uniform(0.2, 0.8, n)
     return (q_ref, d_ref), (q_ref + rng.normal(0, 0.025, q_ref.shape), d_ref + rng.normal(0, 0.02, n))
 
@@ -133,7 +152,9 @@ def test_int8_is_judged_by_routing_not_by_flips_near_the_threshold():
     biased = (np.c_[q[:, :2], q[:, 2] - 0.02], d)  # the weak model's quality down: more prompts go strong
     assert "strong share moves" in judge("int8", biased, reference, pair, t, 500).failures[0]
     assert judge("int8", biased, reference, pair, t, 20).passed  # inside a 20-prompt calibration's own error
-    assert share_tolerance(20) > 0.2 > share_tolerance(500) > share_tolerance(10**6) == GATES["int8"]["strong_share_shift"]
+    assert (
+        share_tolerance(20) > 0.2 > share_tolerance(500) > share_tolerance(10**6) == GATES["int8"]["strong_share_shift"]
+    )
     # routing quality on graded prompts: noise of that size leaves it be where the pass chances spread as a real
     # router's do, and a graph that reverses their order fails
     reference, int8 = crowded(n=200, width=0.3)
@@ -152,7 +173,12 @@ def test_export_in_place_and_to_new_folder(trained, tmp_path, caplog):
     caplog.set_level(logging.INFO)  # restored after the test
     m = export(src, tmp_path / "int8only", variants=["int8"])
     assert logging.getLogger().level == logging.INFO  # the quantizer's quiet root logger is put back
-    assert {p.name for p in (tmp_path / "int8only").iterdir()} == {"router.json", "tokenizer.json", "model.int8.onnx", "checkpoint"}
+    assert {p.name for p in (tmp_path / "int8only").iterdir()} == {
+        "router.json",
+        "tokenizer.json",
+        "model.int8.onnx",
+        "checkpoint",
+    }
     assert set(m.files) == {"int8", "tokenizer"}
     with pytest.raises(RouterError, match="already exists"):
         export(src, tmp_path / "int8only", variants=["int8"])
@@ -169,14 +195,23 @@ def test_int8_that_fails_its_check_is_left_out_and_fp32_written(trained, tmp_pat
     monkeypatch.setitem(parity.GATES, "int8", {**parity.GATES["int8"], "mean_abs_diff": 1e-9})
     m = export(trained["path"], tmp_path / "fallback", variants=["int8"])
     assert set(m.files) == {"fp32", "tokenizer"} and m.check.passed == {"fp32": True, "int8": False}
-    assert {p.name for p in (tmp_path / "fallback").iterdir()} == {"router.json", "tokenizer.json", "model.onnx", "checkpoint"}
+    assert {p.name for p in (tmp_path / "fallback").iterdir()} == {
+        "router.json",
+        "tokenizer.json",
+        "model.onnx",
+        "checkpoint",
+    }
     assert "mean |dq|" in m.check.reasons["int8"] and m.parity["int8_mean_abs_diff"] > 0
-    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "int8 left out" in r.getMessage()]
+    [line] = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "int8 left out" in r.getMessage()
+    ]
     assert m.check.cpu in line and "--variants int8" in line and "\n" not in line
     assert Router(tmp_path / "fallback").variant == "fp32"
 
     monkeypatch.setitem(parity.GATES, "fp32", {"max_abs_diff": 0.0})  # fp32 must match: a real bug, nothing written
-    with pytest.raises(RouterError, match=r"fp32 export disagrees with the torch model on .* max \|dq\|.*nothing written"):
+    with pytest.raises(
+        RouterError, match=r"fp32 export disagrees with the torch model on .* max \|dq\|.*nothing written"
+    ):
         export(trained["path"], tmp_path / "drift", variants=["int8"])
     assert not (tmp_path / "drift").exists()
 
@@ -264,6 +299,10 @@ def test_the_trainer_scores_each_evaluator_it_is_handed_without_the_prompts_it_t
     assert len(unseen.prompts) <= len(evaluator.prompts) - 80
     figures = evaluate(QualityModel.load(trained["path"]), grades, recipe, [evaluator])
     assert figures[f"{evaluator.name}_prompts"] == len(unseen.prompts)
-    assert figures[f"{evaluator.name}_apgr_low"] <= figures[f"{evaluator.name}_apgr"] <= figures[f"{evaluator.name}_apgr_high"]
+    assert (
+        figures[f"{evaluator.name}_apgr_low"]
+        <= figures[f"{evaluator.name}_apgr"]
+        <= figures[f"{evaluator.name}_apgr_high"]
+    )
     with pytest.raises(RouterError, match="at least 30 are needed"):
         evaluator.without({group_of(p) for p in evaluator.prompts})

@@ -25,9 +25,15 @@ def test_load_yaml_reads_safe_yaml_and_keeps_merge_keys(tmp_path):
         load_yaml(path)
 
 
-@pytest.mark.parametrize("load, error", [
-    (load_config, ConfigError), (load_prices, DataError), (load_types, TaskTypeError), (load_suite, RouterError),
-])
+@pytest.mark.parametrize(
+    "load, error",
+    [
+        (load_config, ConfigError),
+        (load_prices, DataError),
+        (load_types, TaskTypeError),
+        (load_suite, RouterError),
+    ],
+)
 def test_every_yaml_file_refuses_a_repeated_key_and_bad_yaml_in_one_line(tmp_path, load, error):
     path = tmp_path / "f.yaml"
     path.write_text("models:\n  a: 1\n  a: 2\n")

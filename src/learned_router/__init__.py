@@ -8,4 +8,13 @@ from .outputs import Outputs
 from .scorer import Decision, Router, choose_tier
 
 __version__ = "0.1.0"
-__all__ = ["Router", "Outputs", "Decision", "choose_tier", "RouterError", "DataError", "RouterFolderError", "__version__"]
+__all__ = [
+    "Router",
+    "Outputs",
+    "Decision",
+    "choose_tier",
+    "RouterError",
+    "DataError",
+    "RouterFolderError",
+    "__version__",
+]

@@ -49,7 +49,9 @@ def timed(fn, repeats: int, warmup: int = 5) -> np.ndarray:
 
 def real_prompts(data_dir: Path, n: int) -> list[str]:
     """Up to n distinct prompts across the shared benchmarks, for the int8/fp32 strong-share check."""
-    frames = [pd.read_parquet(p, columns=["prompt"]).drop_duplicates() for p in sorted(Path(data_dir).glob("*.parquet"))]
+    frames = [
+        pd.read_parquet(p, columns=["prompt"]).drop_duplicates() for p in sorted(Path(data_dir).glob("*.parquet"))
+    ]
     if not frames:
         return []
     per = max(1, n // len(frames))
@@ -72,8 +74,9 @@ def graded_sources(data_dir: Path, weak: str, strong: str, n: int) -> dict[str, 
             both = table[[weak, strong]].dropna()
             if len(both) >= parity.MIN_GRADED:
                 both = both.sample(n=min(n, len(both)), random_state=0)
-                out[path.stem] = pd.DataFrame({"prompt": both.index, "weak": both[weak].to_numpy(float),
-                                               "strong": both[strong].to_numpy(float)})
+                out[path.stem] = pd.DataFrame(
+                    {"prompt": both.index, "weak": both[weak].to_numpy(float), "strong": both[strong].to_numpy(float)}
+                )
     return out
 
 
@@ -86,15 +89,29 @@ def int8_routing(int8: Router, fp32: Router, prompts: list[str], graded: dict[st
     for name, rows in {"real prompts": None, **graded}.items():
         texts = prompts if rows is None else rows["prompt"].tolist()
         a, b = int8.predict(texts), fp32.predict(texts)
-        g = None if rows is None else parity.Graded(np.arange(len(texts)), rows["weak"].to_numpy(), rows["strong"].to_numpy())
-        v = parity.judge("int8", (a.quality, a.difficulty), (b.quality, b.difficulty), pair, m.default_threshold,
-                         m.calibration.prompts, g)
+        g = (
+            None
+            if rows is None
+            else parity.Graded(np.arange(len(texts)), rows["weak"].to_numpy(), rows["strong"].to_numpy())
+        )
+        v = parity.judge(
+            "int8",
+            (a.quality, a.difficulty),
+            (b.quality, b.difficulty),
+            pair,
+            m.default_threshold,
+            m.calibration.prompts,
+            g,
+        )
         if rows is None:
             facts[f"int8 vs fp32 strong share shift at the default threshold ({len(texts)} real prompts)"] = (
-                f"{v.strong_share_shift:+.4f} (95% {v.strong_share_shift_low:+.4f} to {v.strong_share_shift_high:+.4f})")
+                f"{v.strong_share_shift:+.4f} (95% {v.strong_share_shift_low:+.4f} to {v.strong_share_shift_high:+.4f})"
+            )
             facts[SHARE] = abs(v.strong_share_shift)
         elif v.apgr_shift is not None:
-            facts[f"int8 vs fp32 APGR shift on {name} ({len(texts)} graded prompts)"] = f"{v.apgr_shift:+.4f} (95% low {v.apgr_shift_low:+.4f})"
+            facts[f"int8 vs fp32 APGR shift on {name} ({len(texts)} graded prompts)"] = (
+                f"{v.apgr_shift:+.4f} (95% low {v.apgr_shift_low:+.4f})"
+            )
             facts[APGR] = max(facts.get(APGR, 0.0), -v.apgr_shift)
     return facts
 
@@ -115,15 +132,21 @@ def verdicts(table: pd.DataFrame, facts: dict) -> list[str]:
         v = table.loc["onnx int8", name]
         lines.append(f"target: onnx int8 {name} <= {target:g}: {'met' if v <= target else 'MISSED'} ({v:.4g})")
     ratio = table.loc["onnx int8", "p50 ms (~250 tok)"] / table.loc["onnx int8", "p50 ms (~30 tok)"]
-    lines.append(f"target: onnx int8 p50 at ~250 tok <= {LONG_RATIO:g}x the p50 at ~30 tok: "
-                 f"{'met' if ratio <= LONG_RATIO else 'MISSED'} ({ratio:.2f}x)")
+    lines.append(
+        f"target: onnx int8 p50 at ~250 tok <= {LONG_RATIO:g}x the p50 at ~30 tok: "
+        f"{'met' if ratio <= LONG_RATIO else 'MISSED'} ({ratio:.2f}x)"
+    )
     for name, target in ROUTING.items():
         if name in facts:
-            lines.append(f"target: {name} <= {target:g}: {'met' if facts[name] <= target else 'MISSED'} ({facts[name]:.4f})")
+            lines.append(
+                f"target: {name} <= {target:g}: {'met' if facts[name] <= target else 'MISSED'} ({facts[name]:.4f})"
+            )
     if TOP_LEVEL in table.index:
         added = table.loc[TOP_LEVEL, "p50 ms (~30 tok)"] - table.loc["onnx int8", "p50 ms (~30 tok)"]
-        lines.append(f"target: the top level adds <= {TOP_LEVEL_MS:g} ms p50 at ~30 tok: "
-                     f"{'met' if added <= TOP_LEVEL_MS else 'MISSED'} ({added:.3g})")
+        lines.append(
+            f"target: the top level adds <= {TOP_LEVEL_MS:g} ms p50 at ~30 tok: "
+            f"{'met' if added <= TOP_LEVEL_MS else 'MISSED'} ({added:.3g})"
+        )
     return lines
 
 
@@ -140,14 +163,23 @@ def with_top_level(router: Router) -> Router:
     keys = rng.normal(size=(CENTROIDS, dim)).astype(np.float32)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
     out = copy.copy(router)  # the same onnxruntime session
-    out.residual = Residual(models=[router.manifest.weak, router.manifest.strong], base=[router.manifest.weak, router.manifest.strong],
-                            coef=rng.normal(size=(2, 3 + dim)).astype(np.float32) * 0.01, length_mean=4.0, length_std=1.0,
-                            choice=Choice(True, 10.0, 0.05, 2.0, "pair APGR"), keys=keys,
-                            sums=rng.normal(size=(CENTROIDS, 2)).astype(np.float32), counts=np.ones((CENTROIDS, 2), np.float32))
+    out.residual = Residual(
+        models=[router.manifest.weak, router.manifest.strong],
+        base=[router.manifest.weak, router.manifest.strong],
+        coef=rng.normal(size=(2, 3 + dim)).astype(np.float32) * 0.01,
+        length_mean=4.0,
+        length_std=1.0,
+        choice=Choice(True, 10.0, 0.05, 2.0, "pair APGR"),
+        keys=keys,
+        sums=rng.normal(size=(CENTROIDS, 2)).astype(np.float32),
+        counts=np.ones((CENTROIDS, 2), np.float32),
+    )
     return out
 
 
-def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path | None = None) -> tuple[pd.DataFrame, dict]:
+def run(
+    router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path | None = None
+) -> tuple[pd.DataFrame, dict]:
     import torch
 
     from .export import export
@@ -159,21 +191,28 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
         tmp = tempfile.TemporaryDirectory()
         export(router_dir, Path(tmp.name) / "fp32", variants=["fp32"])
     fp32_dir = Path(tmp.name) / "fp32" if tmp else router_dir
-    routers = {"onnx int8": Router(router_dir, variant="int8", threads=threads),
-               "onnx fp32": Router(fp32_dir, variant="fp32", threads=threads)}
-    model = QualityModel.load(router_dir, max_seq_length=routers["onnx int8"].max_seq_length)  # reads what the graph reads
+    r8 = Router(router_dir, variant="int8", threads=threads)
+    # every scorer reads what the folder's router.json says (an export writes the training budget)
+    routers = {
+        "onnx int8": r8,
+        "onnx fp32": Router(fp32_dir, variant="fp32", threads=threads, max_seq_length=r8.max_seq_length),
+    }
+    model = QualityModel.load(router_dir, max_seq_length=r8.max_seq_length)
 
     def torch_score(prompts):
         with torch.inference_mode():
             return model.predict(prompts, batch_size=32, cache=False)
 
     scorers = {**{k: r.predict for k, r in routers.items()}, "sentence-transformers + torch": torch_score}
-    r8 = routers["onnx int8"]
     if r8.has_embedding:  # the same onnxruntime call also yields the embedding: the type costs a (types x dim) product
         from .tasktypes import TaskClassifier, load_types, types_path
 
         classifier = TaskClassifier.build(load_types(types_path(router_dir)), r8.embed)
-        scorers = {"onnx int8": r8.predict, "onnx int8 + task type": lambda p: classifier.classify(r8.predict(p).embedding), **scorers}
+        scorers = {
+            "onnx int8": r8.predict,
+            "onnx int8 + task type": lambda p: classifier.classify(r8.predict(p).embedding),
+            **scorers,
+        }
     top = with_top_level(r8)
     scorers[TOP_LEVEL] = top.predict
     short, long_ = prompt_of(routers["onnx int8"], 30), prompt_of(routers["onnx int8"], 250)
@@ -185,21 +224,36 @@ def run(router_dir: Path, threads: int = 1, repeats: int = 200, data_dir: Path |
         lg = timed(lambda: score([long_]), max(20, repeats // 4))
         rg = timed(lambda: score([rag]), max(20, repeats // 4))
         tp = timed(lambda: score(batch), 3, warmup=1)
-        rows.append({"scorer": name, "p50 ms (~30 tok)": np.median(s), "p99 ms (~30 tok)": np.percentile(s, 99),
-                     "p50 ms (~250 tok)": np.median(lg), "p99 ms (~250 tok)": np.percentile(lg, 99),
-                     "p50 ms (~1000 tok)": np.median(rg),
-                     "batch prompts/s (256 x ~30 tok)": len(batch) / (np.median(tp) / 1000)})
+        rows.append(
+            {
+                "scorer": name,
+                "p50 ms (~30 tok)": np.median(s),
+                "p99 ms (~30 tok)": np.percentile(s, 99),
+                "p50 ms (~250 tok)": np.median(lg),
+                "p99 ms (~250 tok)": np.percentile(lg, 99),
+                "p50 ms (~1000 tok)": np.median(rg),
+                "batch prompts/s (256 x ~30 tok)": len(batch) / (np.median(tp) / 1000),
+            }
+        )
     table = pd.DataFrame(rows).set_index("scorer")
     base = table.loc["sentence-transformers + torch"]
     for col in ("p50 ms (~30 tok)", "p50 ms (~250 tok)"):
         table[f"speed-up vs torch, {col.split('(')[1][:-1]}"] = base[col] / table[col]
-    facts = {"threads": threads, "tokens read (router.json encoder.max_seq_length)": r8.max_seq_length,
-             "short prompt tokens": r8.n_tokens(short, whole=True), "long prompt tokens": r8.n_tokens(long_, whole=True),
-             "~1000-token prompt tokens": r8.n_tokens(rag, whole=True)}
+    facts = {
+        "threads": threads,
+        "tokens read (router.json encoder.max_seq_length)": r8.max_seq_length,
+        "short prompt tokens": r8.n_tokens(short, whole=True),
+        "long prompt tokens": r8.n_tokens(long_, whole=True),
+        "~1000-token prompt tokens": r8.n_tokens(rag, whole=True),
+    }
     if data_dir and Path(data_dir).is_dir():
         m = routers["onnx int8"].manifest
-        facts |= int8_routing(routers["onnx int8"], routers["onnx fp32"], real_prompts(data_dir, 1000),
-                              graded_sources(data_dir, m.weak, m.strong, 500))
+        facts |= int8_routing(
+            routers["onnx int8"],
+            routers["onnx fp32"],
+            real_prompts(data_dir, 1000),
+            graded_sources(data_dir, m.weak, m.strong, 500),
+        )
     if tmp:
         tmp.cleanup()
     return table, facts

@@ -39,13 +39,23 @@ class CalibrationReport:
 
 def halves(prompts: list[str], holdout: float, seed: int) -> np.ndarray:
     """True for the held-out prompts: a seeded hash of each prompt's text, so copies of a prompt stay on one side."""
-    keys = [int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode("utf-8", "surrogatepass")).digest()[:8], "big") for p in prompts]
+    keys = [
+        int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode("utf-8", "surrogatepass")).digest()[:8], "big")
+        for p in prompts
+    ]
     return np.asarray(keys, dtype=np.float64) / 2.0**64 < holdout
 
 
-def calibrate(router_path: str | os.PathLike, prompts: list[str], source: str, strong_fraction: float | None = None,
-              holdout: float = 0.5, seed: int = 0, threads: int | None = None,
-              max_seq_length: int | None = None) -> CalibrationReport:
+def calibrate(
+    router_path: str | os.PathLike,
+    prompts: list[str],
+    source: str,
+    strong_fraction: float | None = None,
+    holdout: float = 0.5,
+    seed: int = 0,
+    threads: int | None = None,
+    max_seq_length: int | None = None,
+) -> CalibrationReport:
     """Measure each share on the held-out prompts with a table fitted on the others; then write the table of every prompt
     (and the default threshold for `strong_fraction`, else for the share the old default gave) into router.json.
     `max_seq_length`: the router reads that many tokens from now on (router.json `encoder`), and is calibrated so."""
@@ -56,10 +66,14 @@ def calibrate(router_path: str | os.PathLike, prompts: list[str], source: str, s
     distinct = list(dict.fromkeys(prompts))
     held = halves(prompts, holdout, seed)
     if min(held.sum(), (~held).sum()) < MIN_PROMPTS:
-        raise RouterError(f"{source}: {len(prompts)} prompts give {int((~held).sum())} to fit and {int(held.sum())} to "
-                          f"check; calibrating needs at least {MIN_PROMPTS} on each side")
+        raise RouterError(
+            f"{source}: {len(prompts)} prompts give {int((~held).sum())} to fit and {int(held.sum())} to "
+            f"check; calibrating needs at least {MIN_PROMPTS} on each side"
+        )
     if max_seq_length is not None and not MIN_TOKENS <= max_seq_length <= MAX_TOKENS:
-        raise RouterError(f"--max-seq-length must be between {MIN_TOKENS} and {MAX_TOKENS} tokens, got {max_seq_length}")
+        raise RouterError(
+            f"--max-seq-length must be between {MIN_TOKENS} and {MAX_TOKENS} tokens, got {max_seq_length}"
+        )
     router = Router(router_path, threads=threads, max_seq_length=max_seq_length)
     row = {text: i for i, text in enumerate(distinct)}
     p = router.score(distinct)[[row[text] for text in prompts]]  # a prompt sent n times counts n times, as its calls do
@@ -70,12 +84,22 @@ def calibrate(router_path: str | os.PathLike, prompts: list[str], source: str, s
     old = router.manifest
     share = strong_fraction if strong_fraction is not None else old.strong_fraction_at(old.default_threshold)
     checked = sorted({*CHECKED_SHARES, round(share, 4)})
-    achieved = {o: {f: float(np.mean(p[held, j] < fitted.threshold_for(f, o))) for f in checked} for j, o in enumerate(outputs)}
-    table = Calibration.of(p, outputs, f"{source}: {len(prompts)} prompts (calibrated {when})")  # checked: now all of them
+    achieved = {
+        o: {f: float(np.mean(p[held, j] < fitted.threshold_for(f, o))) for f in checked} for j, o in enumerate(outputs)
+    }
+    table = Calibration.of(
+        p, outputs, f"{source}: {len(prompts)} prompts (calibrated {when})"
+    )  # checked: now all of them
     default = round(table.threshold_for(share, weak), 5)
     encoder = old.encoder.model_copy(update={"max_seq_length": router.max_seq_length})
-    RouterFolder(router_path).write_manifest(old.model_copy(update={"calibration": table, "default_threshold": default,
-                                                                    "encoder": encoder}))
-    return CalibrationReport(prompts=len(prompts), fit=int((~held).sum()), held_out=int(held.sum()), default_threshold=default,
-                             asked=round(share, 4), achieved=achieved)
-
+    RouterFolder(router_path).write_manifest(
+        old.model_copy(update={"calibration": table, "default_threshold": default, "encoder": encoder})
+    )
+    return CalibrationReport(
+        prompts=len(prompts),
+        fit=int((~held).sum()),
+        held_out=int(held.sum()),
+        default_threshold=default,
+        asked=round(share, 4),
+        achieved=achieved,
+    )

@@ -41,13 +41,20 @@ def show_version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=show_version,
-                                               help="Print the version and exit.")] = False):
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=show_version, help="Print the version and exit.")
+    ] = False,
+):
     pass
 
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress (there is none in CI either; plain lines when "
-                                     "stderr is not a terminal).")]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No progress (there is none in CI either; plain lines when stderr is not a terminal)."
+    ),
+]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -142,8 +149,10 @@ def parity_line(manifest) -> str:
     parts = []
     for v, ok in check.passed.items():
         apgr = f", APGR {p[f'{v}_apgr_shift']:+.4f}" if f"{v}_apgr_shift" in p else ""
-        parts.append(f"{v} {'passed' if ok else 'left out'} (mean |dq| {p[f'{v}_mean_abs_diff']:.4f}, strong share "
-                     f"{p[f'{v}_strong_share_shift']:+.3f}{apgr})")
+        parts.append(
+            f"{v} {'passed' if ok else 'left out'} (mean |dq| {p[f'{v}_mean_abs_diff']:.4f}, strong share "
+            f"{p[f'{v}_strong_share_shift']:+.3f}{apgr})"
+        )
     return f"{'; '.join(parts)} on {int(p['probes'])} prompts, {check.cpu}"
 
 
@@ -159,8 +168,14 @@ def recipe_options(fn):
             kind, default = str, ",".join(default)
         elif type(None) in typing.get_args(kind):
             kind = Optional[next(a for a in typing.get_args(kind) if a is not type(None))]
-        extra.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                       annotation=Annotated[kind, typer.Option(help=f.metadata["help"])]))
+        extra.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=Annotated[kind, typer.Option(help=f.metadata["help"])],
+            )
+        )
     lists = {f.name for f in dataclasses.fields(Recipe) if typing.get_origin(hints[f.name]) is list}
 
     @functools.wraps(fn)
@@ -182,22 +197,43 @@ Variants = Annotated[str, typer.Option(help="ONNX variants to export: fp32, int8
 @user_errors
 @recipe_options
 def train(
-    data: Annotated[list[Path], typer.Option("--data", help="Graded answers (parquet/JSONL/CSV, long or battles); repeat to mix sources.")],
+    data: Annotated[
+        list[Path],
+        typer.Option("--data", help="Graded answers (parquet/JSONL/CSV, long or battles); repeat to mix sources."),
+    ],
     out: Annotated[Path, typer.Option(help="Router folder to write (checkpoint + ONNX export).")],
     recipe: Recipe,
-    weight: Annotated[list[str], typer.Option("--weight", help="SOURCE=W: multiply that source's weight in the fit (default 1).")] = [],
+    weight: Annotated[
+        list[str], typer.Option("--weight", help="SOURCE=W: multiply that source's weight in the fit (default 1).")
+    ] = [],
     variants: Variants = "fp32,int8",
     name: Annotated[Optional[str], typer.Option(help="Router and MLflow run name (default: the folder name).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing router folder.")] = False,
-    prior: Annotated[Optional[Path], typer.Option(help="A router folder to keep as the prior: fit only a top level on "
-                                                  "--data over its graph (minutes, no torch); of the recipe, only "
-                                                  "--strong, --weak, --default-strong-fraction and --seed apply.")] = None,
-    device: Annotated[str, typer.Option(help="Where the prompts are embedded: auto (CUDA when torch sees it), cpu or "
-                                        "cuda; the embedding cache is shared.")] = "auto",
-    eval_data: Annotated[list[Path], typer.Option("--eval", help="A graded table to score the router on for --weak vs "
-                                                  "--strong, its --data prompts left out (APGR with a 95% interval, in "
-                                                  "MLflow and router.json metrics); repeat for several.")] = [],
+    prior: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A router folder to keep as the prior: fit only a top level on "
+            "--data over its graph (minutes, no torch); of the recipe, only "
+            "--strong, --weak, --default-strong-fraction and --seed apply."
+        ),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where the prompts are embedded: auto (CUDA when torch sees it), cpu or "
+            "cuda; the embedding cache is shared."
+        ),
+    ] = "auto",
+    eval_data: Annotated[
+        list[Path],
+        typer.Option(
+            "--eval",
+            help="A graded table to score the router on for --weak vs "
+            "--strong, its --data prompts left out (APGR with a 95% interval, in "
+            "MLflow and router.json metrics); repeat for several.",
+        ),
+    ] = [],
     quiet: Quiet = False,
 ):
     """Train a router on graded answers of many models, export it to ONNX and log the run to MLflow."""
@@ -218,30 +254,57 @@ def train(
         if prior is not None:
             from .prior import train_on_prior
 
-            manifest, run_id = train_on_prior(prior, [str(d) for d in data], out, recipe.strong, recipe.weak,
-                                              recipe.default_strong_fraction, name, experiment, overwrite, recipe.seed,
-                                              evaluators)
+            manifest, run_id = train_on_prior(
+                prior,
+                [str(d) for d in data],
+                out,
+                recipe.strong,
+                recipe.weak,
+                recipe.default_strong_fraction,
+                name,
+                experiment,
+                overwrite,
+                recipe.seed,
+                evaluators,
+            )
         else:
-            manifest, run_id = run_training([str(d) for d in data], out, recipe, weights=parse_weights(weight),
-                                            variants=chosen, name=name, experiment=experiment, overwrite=overwrite,
-                                            device=device, evaluators=evaluators)
+            manifest, run_id = run_training(
+                [str(d) for d in data],
+                out,
+                recipe,
+                weights=parse_weights(weight),
+                variants=chosen,
+                name=name,
+                experiment=experiment,
+                overwrite=overwrite,
+                device=device,
+                evaluators=evaluators,
+            )
     typer.echo(f"router for {len(manifest.models)} models written to {out}")
     if manifest.residual is not None:
         r = manifest.residual
-        typer.echo(f"top level over {r.prior} for {', '.join(r.models)} on {r.prompts:,} prompts; cross-validation "
-                   f"({r.objective}) chose: prior term {'in' if r.use_base else 'out'}, embedding ridge {r.ridge}, kernel "
-                   f"width {r.width}, shrink {r.shrink}")
-    typer.echo(f"default threshold {manifest.default_threshold} ({manifest.weak} vs {manifest.strong}); against "
-               f"the torch model: {parity_line(manifest)}")
+        typer.echo(
+            f"top level over {r.prior} for {', '.join(r.models)} on {r.prompts:,} prompts; cross-validation "
+            f"({r.objective}) chose: prior term {'in' if r.use_base else 'out'}, embedding ridge {r.ridge}, kernel "
+            f"width {r.width}, shrink {r.shrink}"
+        )
+    typer.echo(
+        f"default threshold {manifest.default_threshold} ({manifest.weak} vs {manifest.strong}); against "
+        f"the torch model: {parity_line(manifest)}"
+    )
     for key in sorted(k for k in manifest.metrics if k.endswith("_apgr")):
         m, stem = manifest.metrics, key[: -len("_apgr")]
-        typer.echo(f"{stem}: APGR {m[key]:.3f} (95% {m[stem + '_apgr_low']:.3f} to {m[stem + '_apgr_high']:.3f}) on "
-                   f"{int(m[stem + '_prompts'])} graded prompts it did not train on")
+        typer.echo(
+            f"{stem}: APGR {m[key]:.3f} (95% {m[stem + '_apgr_low']:.3f} to {m[stem + '_apgr_high']:.3f}) on "
+            f"{int(m[stem + '_prompts'])} graded prompts it did not train on"
+        )
     run = mlflow.get_run(run_id)
     if int(run.data.params.get("embedded_prompts", 0)):
         p = run.data.params
-        typer.echo(f"embedded {p['embedded_prompts']} new prompts on {p['device']} at {float(p['embedding_prompts_per_s']):.1f} "
-                   "prompts/s (cached ones are not embedded again)")
+        typer.echo(
+            f"embedded {p['embedded_prompts']} new prompts on {p['device']} at {float(p['embedding_prompts_per_s']):.1f} "
+            "prompts/s (cached ones are not embedded again)"
+        )
     typer.echo(f"MLflow run {run_id}: {run_link(run)}")
 
 
@@ -288,7 +351,9 @@ def read_prompts(prompts: list[str], file: Optional[Path]) -> tuple[list[str], l
             raise RouterError(f"{file}: no prompts (one per line)")
         return lines, list(range(len(lines)))
     df = read_prompt_table(file)
-    ids = df["prompt_id"] if "prompt_id" in df.columns else df["id"] if "id" in df.columns else pd.Series(range(len(df)))
+    ids = (
+        df["prompt_id"] if "prompt_id" in df.columns else df["id"] if "id" in df.columns else pd.Series(range(len(df)))
+    )
     return df["prompt"].tolist(), ids.tolist()
 
 
@@ -304,13 +369,22 @@ def text_lines(raw: bytes, where: str) -> list[str]:
 def score(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts to score (or use --file, or stdin).")] = None,
     router: Annotated[Path, typer.Option(help="Router folder.")] = Path("models/default"),
-    file: Annotated[Optional[Path], typer.Option(help="JSONL/parquet/CSV with a 'prompt' column, or a text file.")] = None,
-    weak: Annotated[Optional[str], typer.Option(help="The weak model, as the router names it, or 'generic' for one it "
-                                                "was not trained on (default: the router's).")] = None,
+    file: Annotated[
+        Optional[Path], typer.Option(help="JSONL/parquet/CSV with a 'prompt' column, or a text file.")
+    ] = None,
+    weak: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The weak model, as the router names it, or 'generic' for one it "
+            "was not trained on (default: the router's)."
+        ),
+    ] = None,
     strong: Annotated[Optional[str], typer.Option(help="The strong model (default: the router's).")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Route to weak when its pass chance >= threshold.")] = None,
-    strong_fraction: Annotated[Optional[float], typer.Option(help="Instead of --threshold: the share of strong calls "
-                                                             "wanted (the router's calibration table).")] = None,
+    strong_fraction: Annotated[
+        Optional[float],
+        typer.Option(help="Instead of --threshold: the share of strong calls wanted (the router's calibration table)."),
+    ] = None,
     variant: Annotated[str, typer.Option(help="int8, fp32 or auto.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
 ):
@@ -343,28 +417,59 @@ def score(
         t = r.manifest.threshold_for(r.manifest.strong_fraction_at(r.default_threshold), weak)  # the default share
     outputs = r.predict(texts)
     for i, d, diff in zip(ids, decide(outputs.pair(weak, strong, str(r.path)), t), outputs.difficulty):
-        typer.echo(json.dumps({"id": i, "p_weak": round(d.p_weak, 6), "route": d.route,
-                               "model": weak if d.route == "weak" else named, "threshold": round(t, 6),
-                               "difficulty": round(float(diff), 6)}))
+        typer.echo(
+            json.dumps(
+                {
+                    "id": i,
+                    "p_weak": round(d.p_weak, 6),
+                    "route": d.route,
+                    "model": weak if d.route == "weak" else named,
+                    "threshold": round(t, 6),
+                    "difficulty": round(float(diff), 6),
+                }
+            )
+        )
 
 
 @app.command()
 @user_errors
 def calibrate(
     router: Annotated[Path, typer.Option(help="Router folder whose calibration table is replaced.")],
-    prompts: Annotated[Path, typer.Option(help="Your traffic: a 'traffic export' file, or any parquet/JSONL/CSV with a "
-                                          "'prompt' column, or a text file of one prompt per line.")],
-    strong_fraction: Annotated[Optional[float], typer.Option(help="The share of strong calls the default threshold gives "
-                                                             "on this traffic (default: the share it gave before).")] = None,
-    holdout: Annotated[float, typer.Option(help="Share of the distinct prompts kept out of the fit to check it on.")] = 0.5,
+    prompts: Annotated[
+        Path,
+        typer.Option(
+            help="Your traffic: a 'traffic export' file, or any parquet/JSONL/CSV with a "
+            "'prompt' column, or a text file of one prompt per line."
+        ),
+    ],
+    strong_fraction: Annotated[
+        Optional[float],
+        typer.Option(
+            help="The share of strong calls the default threshold gives "
+            "on this traffic (default: the share it gave before)."
+        ),
+    ] = None,
+    holdout: Annotated[
+        float, typer.Option(help="Share of the distinct prompts kept out of the fit to check it on.")
+    ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the fit/held-out split.")] = 0,
-    outputs: Annotated[Optional[str], typer.Option(help="Comma-separated outputs whose held-out shares are printed, e.g. "
-                                                   "each scored tier's (default: the router's weak model and generic); all "
-                                                   "outputs are calibrated.")] = None,
+    outputs: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated outputs whose held-out shares are printed, e.g. "
+            "each scored tier's (default: the router's weak model and generic); all "
+            "outputs are calibrated."
+        ),
+    ] = None,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
-    max_seq_length: Annotated[Optional[int], typer.Option(help="Tokens of each prompt the router reads from now on "
-                                                          "(router.json encoder.max_seq_length), calibrated at it: fewer "
-                                                          "cost less (training/README.md, \"How much of a prompt\").")] = None,
+    max_seq_length: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Tokens of each prompt the router reads from now on "
+            "(router.json encoder.max_seq_length), calibrated at it: fewer "
+            'cost less (training/README.md, "How much of a prompt").'
+        ),
+    ] = None,
 ):
     """Calibrate a router to your traffic: its threshold <-> share-of-strong-calls table (every output) and default
     threshold, fitted on part of the prompts and checked on the rest."""
@@ -376,17 +481,29 @@ def calibrate(
     if unknown:
         raise RouterError(f"--outputs: {router} has no output {unknown[0]!r} (see router.json 'models', or 'generic')")
     texts, _ = read_prompts([], prompts)
-    r = run(router, texts, str(prompts), strong_fraction=strong_fraction, holdout=holdout, seed=seed, threads=threads,
-            max_seq_length=max_seq_length)
-    typer.echo(f"calibrated {router} on the {r.prompts} prompts of {prompts}: default threshold {r.default_threshold} for a "
-               f"strong share of {r.asked:g}")
+    r = run(
+        router,
+        texts,
+        str(prompts),
+        strong_fraction=strong_fraction,
+        holdout=holdout,
+        seed=seed,
+        threads=threads,
+        max_seq_length=max_seq_length,
+    )
+    typer.echo(
+        f"calibrated {router} on the {r.prompts} prompts of {prompts}: default threshold {r.default_threshold} for a "
+        f"strong share of {r.asked:g}"
+    )
     typer.echo(f"check: a table fitted on {r.fit} of them gives these strong shares on the other {r.held_out}")
     shares = list(next(iter(r.achieved.values())))
     typer.echo(f"{'output (strong share asked ->)':40s} " + " ".join(f"{f:>6g}" for f in shares))
     for output, got in ((o, r.achieved[o]) for o in shown):
         typer.echo(f"{output[:40]:40s} " + " ".join(f"{got[f]:6.3f}" for f in shares))
-    typer.echo("in the service: routing.threshold, else routing.strong_fraction (read through this table), else this "
-               "default threshold; a config that sets either wins over the default")
+    typer.echo(
+        "in the service: routing.threshold, else routing.strong_fraction (read through this table), else this "
+        "default threshold; a config that sets either wins over the default"
+    )
 
 
 @app.command()
@@ -403,8 +520,10 @@ def compare(
 
     diff = differences(Router(first), Router(second), PROBES)
     if not diff:
-        typer.echo(f"same router: {first} and {second} agree within tolerance (thresholds and calibration "
-                   f"{THRESHOLD_TOL}, test AUCs {AUC_TOL}, outputs on {len(PROBES)} probe prompts {OUTPUT_TOL})")
+        typer.echo(
+            f"same router: {first} and {second} agree within tolerance (thresholds and calibration "
+            f"{THRESHOLD_TOL}, test AUCs {AUC_TOL}, outputs on {len(PROBES)} probe prompts {OUTPUT_TOL})"
+        )
         return
     for line in diff:
         typer.echo(line)
@@ -414,10 +533,17 @@ def compare(
 @app.command()
 @user_errors
 def bench(
-    router: Annotated[Path, typer.Option(help="Router folder (with its checkpoint/ for the torch path).")] = Path("models/default"),
+    router: Annotated[Path, typer.Option(help="Router folder (with its checkpoint/ for the torch path).")] = Path(
+        "models/default"
+    ),
     threads: Annotated[int, typer.Option(help="Threads for onnxruntime and torch.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed calls per short-prompt measurement.")] = 200,
-    data_dir: Annotated[Path, typer.Option(help="Folder of parquet files with a 'prompt' column, for the int8 vs fp32 routing check (strong share; APGR where the router's pair is graded).")] = Path("../shared/datasets"),
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of parquet files with a 'prompt' column, for the int8 vs fp32 routing check (strong share; APGR where the router's pair is graded)."
+        ),
+    ] = Path("../shared/datasets"),
 ):
     """Benchmark the scorer: p50/p99 latency and throughput, ONNX fp32/int8 vs sentence-transformers + torch."""
     from rich.console import Console
@@ -431,7 +557,9 @@ def bench(
     for col in table.columns:
         out.add_column(col, justify="right")
     for name, row in table.iterrows():
-        out.add_row(name, *[f"{v:.2f}" if "ms" in c else f"{v:.1f}" if "/s" in c else f"{v:.1f}x" for c, v in row.items()])
+        out.add_row(
+            name, *[f"{v:.2f}" if "ms" in c else f"{v:.1f}" if "/s" in c else f"{v:.1f}x" for c, v in row.items()]
+        )
     console = Console(width=200)
     console.print(out)
     for k, v in facts.items():
@@ -444,11 +572,17 @@ def bench(
 @user_errors
 def task_types(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts to type (one JSON line each).")] = None,
-    router: Annotated[Path, typer.Option(help="Router folder (exported with its embedding output).")] = Path("models/default"),
-    types: Annotated[Optional[Path], typer.Option(help="A task types YAML file (default: the router folder's "
-                                                  "task_types.yaml, else the package's).")] = None,
-    table: Annotated[Optional[Path], typer.Option(help="A labelled CSV (columns type, prompt): print each type's "
-                                                  "precision and recall.")] = None,
+    router: Annotated[Path, typer.Option(help="Router folder (exported with its embedding output).")] = Path(
+        "models/default"
+    ),
+    types: Annotated[
+        Optional[Path],
+        typer.Option(help="A task types YAML file (default: the router folder's task_types.yaml, else the package's)."),
+    ] = None,
+    table: Annotated[
+        Optional[Path],
+        typer.Option(help="A labelled CSV (columns type, prompt): print each type's precision and recall."),
+    ] = None,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
 ):
     """Task types: list them, type prompts, or evaluate the inferred types on a labelled table."""
@@ -491,21 +625,46 @@ def eval_cmd(
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, frontier.png and table.md.")],
     router: Annotated[Path, typer.Option(help="Router folder (with its checkpoint/).")] = Path("models/default"),
     strong: Annotated[str, typer.Option(help="The strong model, as the benchmark names it.")] = "gpt-4-1106-preview",
-    weak: Annotated[str, typer.Option(help="The weak model ('*' on battles: whichever model the strong one met).")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
-    prices: Annotated[Optional[Path], typer.Option(help="YAML of $ per 1M input/output tokens per model.")] = Path("evals/prices.yaml"),
+    weak: Annotated[
+        str, typer.Option(help="The weak model ('*' on battles: whichever model the strong one met).")
+    ] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    prices: Annotated[Optional[Path], typer.Option(help="YAML of $ per 1M input/output tokens per model.")] = Path(
+        "evals/prices.yaml"
+    ),
     folds: Annotated[int, typer.Option(help="Folds when the benchmark overlaps the router's training data.")] = 5,
-    by: Annotated[str, typer.Option(help="source: leave the benchmark's source out of training; prompt or category: "
-                                    "k-fold cross-validation by that (MMLU subject: out of domain).")] = "prompt",
-    data_dir: Annotated[Optional[Path], typer.Option(help="Where the router's training files are, if not where it was trained.")] = None,
-    tiers: Annotated[Optional[str], typer.Option(help="Comma-separated models, cheapest first: evaluate the tier policy "
-                                                 "in dollars (each single model, the best two-model router, the oracle) "
-                                                 "instead of a pair.")] = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            help="source: leave the benchmark's source out of training; prompt or category: "
+            "k-fold cross-validation by that (MMLU subject: out of domain)."
+        ),
+    ] = "prompt",
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="Where the router's training files are, if not where it was trained.")
+    ] = None,
+    tiers: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated models, cheapest first: evaluate the tier policy "
+            "in dollars (each single model, the best two-model router, the oracle) "
+            "instead of a pair."
+        ),
+    ] = None,
     name: Annotated[Optional[str], typer.Option(help="Benchmark name in the outputs (default: the file name).")] = None,
-    against: Annotated[Optional[Path], typer.Option(help="Another router folder (e.g. the one in service) to compare on the "
-                                                    "same prompts, as it is (no refit).")] = None,
-    learning_curve: Annotated[Optional[str], typer.Option(help="Comma-separated training sizes (and 'all'): the "
-                                                          "learning curve of a top level over --router as the prior, "
-                                                          "next to the prior, kNN, ridge and prompt length.")] = None,
+    against: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Another router folder (e.g. the one in service) to compare on the same prompts, as it is (no refit)."
+        ),
+    ] = None,
+    learning_curve: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated training sizes (and 'all'): the "
+            "learning curve of a top level over --router as the prior, "
+            "next to the prior, kNN, ridge and prompt length."
+        ),
+    ] = None,
     draws: Annotated[int, typer.Option(help="Random draws of training prompts per learning-curve size.")] = 5,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "learned-router-evals",
     quiet: Quiet = False,
@@ -524,14 +683,27 @@ def eval_cmd(
         sizes = parse_sizes(learning_curve)
         if draws < 1:
             raise RouterError(f"--draws must be at least 1, got {draws}")
-        with start_run(experiment, name or f"{data.stem} learning curve") as run, quieted(quiet), \
-                step(f"learning curve of a top level over {router} on {data.name}"):
+        with (
+            start_run(experiment, name or f"{data.stem} learning curve") as run,
+            quieted(quiet),
+            step(f"learning curve of a top level over {router} on {data.name}"),
+        ):
             rows, text = run_learning_curve(router, data, strong, weak, sizes, draws, out, name=name)
-            mlflow.log_params({"prior": str(router), "data": str(data), "strong": strong, "weak": weak, "draws": draws,
-                               "sizes": learning_curve})
+            mlflow.log_params(
+                {
+                    "prior": str(router),
+                    "data": str(data),
+                    "strong": strong,
+                    "weak": weak,
+                    "draws": draws,
+                    "sizes": learning_curve,
+                }
+            )
             for r in rows:
-                mlflow.log_metrics({f"apgr_{m.replace(' ', '_')}": v["apgr"] for m, v in r.items() if isinstance(v, dict)},
-                                   step=r["size"])
+                mlflow.log_metrics(
+                    {f"apgr_{m.replace(' ', '_')}": v["apgr"] for m, v in r.items() if isinstance(v, dict)},
+                    step=r["size"],
+                )
             mlflow.log_artifacts(str(out))
         typer.echo(text)
         typer.echo(f"written to {out}; MLflow: {run_link(run)}")
@@ -541,28 +713,73 @@ def eval_cmd(
         from .evals.tiers import run_tier_eval
 
         names = names_of(tiers)
-        with start_run(experiment, name or f"{data.stem} tiers") as run, quieted(quiet), \
-                step(f"evaluating {router} on {data.name} as {len(names)} tiers ({folds}-fold refits)"):
+        with (
+            start_run(experiment, name or f"{data.stem} tiers") as run,
+            quieted(quiet),
+            step(f"evaluating {router} on {data.name} as {len(names)} tiers ({folds}-fold refits)"),
+        ):
             r = run_tier_eval(router, data, names, prices, out, folds=folds, name=name)
-            mlflow.log_params({"router": str(router), "data": str(data), "tiers": ",".join(names), "folds": folds,
-                               "prompts": r["n_prompts"]})
-            mlflow.log_metrics({f"{k}_{n.split(' ')[0]}": v for n, m in r["scorers"].items() for k, v in m.items() if v is not None})
+            mlflow.log_params(
+                {
+                    "router": str(router),
+                    "data": str(data),
+                    "tiers": ",".join(names),
+                    "folds": folds,
+                    "prompts": r["n_prompts"],
+                }
+            )
+            mlflow.log_metrics(
+                {f"{k}_{n.split(' ')[0]}": v for n, m in r["scorers"].items() for k, v in m.items() if v is not None}
+            )
             mlflow.log_artifacts(str(out))
         typer.echo((out / "table.md").read_text())
         typer.echo(f"written to {out}; MLflow: {run_link(run)}")
         return
     with start_run(experiment, name or data.stem) as run:
         with quieted(quiet), step(f"evaluating {shown(router, 40)} on {shown(data.name, 40)} (by {by})"):
-            result = run_eval(router, data, strong, weak, out, prices=prices, folds=folds, by=by, data_dir=data_dir,
-                              name=name, against=against)
+            result = run_eval(
+                router,
+                data,
+                strong,
+                weak,
+                out,
+                prices=prices,
+                folds=folds,
+                by=by,
+                data_dir=data_dir,
+                name=name,
+                against=against,
+            )
         m = result.report["scorers"]
-        mlflow.log_params({"router": str(router), "data": str(data), "strong": strong, "weak": weak, "folds": folds, "by": by,
-                           "prompts": result.n_prompts})
+        mlflow.log_params(
+            {
+                "router": str(router),
+                "data": str(data),
+                "strong": strong,
+                "weak": weak,
+                "folds": folds,
+                "by": by,
+                "prompts": result.n_prompts,
+            }
+        )
         key = lambda n: n.replace(" ", "_")  # noqa: E731
-        mlflow.log_metrics({f"{k}_{key(n)}": v for n, s in m.items() for k, v in s.items()
-                            if k in ("apgr", "apgr_routellm", "cpt50", "cpt80", "cost_saving", "roc_auc") and v is not None})
-        mlflow.log_metrics({f"{k}_{end}_{key(n)}": v[i] for n, s in m.items() for k, v in s.items()
-                            if k in ("apgr_ci", "lead_ci") and None not in v for i, end in enumerate(("low", "high"))})
+        mlflow.log_metrics(
+            {
+                f"{k}_{key(n)}": v
+                for n, s in m.items()
+                for k, v in s.items()
+                if k in ("apgr", "apgr_routellm", "cpt50", "cpt80", "cost_saving", "roc_auc") and v is not None
+            }
+        )
+        mlflow.log_metrics(
+            {
+                f"{k}_{end}_{key(n)}": v[i]
+                for n, s in m.items()
+                for k, v in s.items()
+                if k in ("apgr_ci", "lead_ci") and None not in v
+                for i, end in enumerate(("low", "high"))
+            }
+        )
         mlflow.log_artifacts(str(out))
     typer.echo((out / "table.md").read_text())
     typer.echo(f"written to {out}; MLflow: {run_link(run)}")
@@ -573,8 +790,13 @@ def eval_cmd(
 def report(
     config: Annotated[Path, typer.Option(help="Benchmark suite YAML.")] = Path("evals/benchmarks.yaml"),
     out: Annotated[Path, typer.Option(help="Folder for RESULTS.md and results/<benchmark>/.")] = Path("evals"),
-    only: Annotated[Optional[str], typer.Option(help="Run one benchmark of the suite by name (the others' figures from "
-                                                "their last run), or 'learning-curves' for that section alone.")] = None,
+    only: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Run one benchmark of the suite by name (the others' figures from "
+            "their last run), or 'learning-curves' for that section alone."
+        ),
+    ] = None,
     quiet: Quiet = False,
 ):
     """Run every benchmark of a suite and regenerate RESULTS.md (leave-one-source-out and in-domain tables, frontier
@@ -616,12 +838,22 @@ def _log_config(level: str) -> dict:
 @app.command()
 @user_errors
 def serve(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Service config YAML (see serving/config.example.yaml).")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="Service config YAML (see serving/config.example.yaml).")
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes; each holds its own router, and its own breakers and limits unless state.backend is redis (serving/DEPLOY.md).")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes; each holds its own router, and its own breakers and limits unless state.backend is redis (serving/DEPLOY.md).",
+        ),
+    ] = 1,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    access_log: Annotated[bool, typer.Option(help="Log one line per HTTP request (path and status, never bodies).")] = True,
+    access_log: Annotated[
+        bool, typer.Option(help="Log one line per HTTP request (path and status, never bodies).")
+    ] = True,
 ):
     """Run the OpenAI-compatible routing service."""
     uvicorn = _serve_imports()
@@ -634,8 +866,14 @@ def serve(
 
     check_port(host, port)  # before the router loads
     service = Service(load_config(config))  # fail fast: config, router folder, key variables
-    options = dict(host=host, port=port, log_config=_log_config(log_level), log_level=log_level.lower(), access_log=access_log,
-                   http=HeaderTimeoutProtocol)  # a client that never finishes its headers is cut off (DEPLOY.md)
+    options = dict(
+        host=host,
+        port=port,
+        log_config=_log_config(log_level),
+        log_level=log_level.lower(),
+        access_log=access_log,
+        http=HeaderTimeoutProtocol,
+    )  # a client that never finishes its headers is cut off (DEPLOY.md)
     if workers == 1:
         uvicorn.run(create_app(service), **options)
     else:
@@ -676,7 +914,9 @@ def utc_time(value: Optional[str], option: str) -> Optional[float]:
     try:
         t = datetime.fromisoformat(value)
     except ValueError:
-        raise RouterError(f"{option}: expected an ISO 8601 date or time such as 2026-12-01 or 2026-12-01T12:00, got {value!r}") from None
+        raise RouterError(
+            f"{option}: expected an ISO 8601 date or time such as 2026-12-01 or 2026-12-01T12:00, got {value!r}"
+        ) from None
     return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
 
 
@@ -684,9 +924,16 @@ def utc_time(value: Optional[str], option: str) -> Optional[float]:
 @user_errors
 def traffic_export(
     store: Annotated[Path, typer.Option(help="The traffic store (traffic.store in the service config).")],
-    out: Annotated[Path, typer.Option(help="File to write, .parquet, .jsonl or .csv: prompt_id, prompt, time, client, tier, "
-                                      "provider, model, router, outcome, feedback.")],
-    since: Annotated[Optional[str], typer.Option(help="Only requests at or after this UTC date/time (ISO 8601).")] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="File to write, .parquet, .jsonl or .csv: prompt_id, prompt, time, client, tier, "
+            "provider, model, router, outcome, feedback."
+        ),
+    ],
+    since: Annotated[
+        Optional[str], typer.Option(help="Only requests at or after this UTC date/time (ISO 8601).")
+    ] = None,
     until: Annotated[Optional[str], typer.Option(help="Only requests before this UTC date/time (ISO 8601).")] = None,
     sample: Annotated[Optional[int], typer.Option(min=1, help="At most this many requests, sampled at random.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
@@ -702,11 +949,15 @@ def traffic_export(
         raise RouterError(f"{out}: already exists (pass --overwrite to replace it)")
     df, left_out = export_traffic(store, utc_time(since, "--since"), utc_time(until, "--until"), sample, seed)
     if df.empty:
-        raise RouterError(f"{store}: no recorded requests with text and no data class in that range"
-                          + (f" ({left_out} recorded as a hash only (traffic.text) or of a data class)" if left_out else ""))
+        raise RouterError(
+            f"{store}: no recorded requests with text and no data class in that range"
+            + (f" ({left_out} recorded as a hash only (traffic.text) or of a data class)" if left_out else "")
+        )
     write_table(df, out)
-    typer.echo(f"{len(df)} requests ({int(df['feedback'].notna().sum())} with feedback) written to {out}"
-               + (f"; {left_out} recorded without text or with a data class were left out" if left_out else ""))
+    typer.echo(
+        f"{len(df)} requests ({int(df['feedback'].notna().sum())} with feedback) written to {out}"
+        + (f"; {left_out} recorded without text or with a data class were left out" if left_out else "")
+    )
 
 
 @app.command("fake-provider")
@@ -717,17 +968,37 @@ def fake_provider(
     model: Annotated[str, typer.Option(help="Model id it reports.")] = "fake-model",
     latency_ms: Annotated[float, typer.Option(min=0, help="Delay before each answer.")] = 0.0,
     chunk_delay_ms: Annotated[float, typer.Option(min=0, help="Delay between stream chunks.")] = 0.0,
-    fail_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of requests answered with --error-status.")] = 0.0,
+    fail_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of requests answered with --error-status.")
+    ] = 0.0,
     error_status: Annotated[int, typer.Option(help="HTTP status of simulated failures.")] = 503,
-    mode: Annotated[str, typer.Option(help="ok, error, 429, hang, stall, raw (200 with a body set by POST /_control) or huge (a body with no end); "
-                                      "switch at run time with POST /_control.")] = "ok",
-    api_key_env: Annotated[Optional[str], typer.Option(help="Require the key in this environment variable as bearer token.")] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="ok, error, 429, hang, stall, raw (200 with a body set by POST /_control) or huge (a body with no end); "
+            "switch at run time with POST /_control."
+        ),
+    ] = "ok",
+    api_key_env: Annotated[
+        Optional[str], typer.Option(help="Require the key in this environment variable as bearer token.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of --fail-rate.")] = 0,
-    fail_words: Annotated[str, typer.Option(help="Comma-separated words: a prompt holding one is answered 'I cannot answer "
-                                            "that.' (a wrong answer for 'label' to grade low).")] = "",
-    judge: Annotated[bool, typer.Option("--judge", help="Act as the judge of 'label': grade the answers in its prompt by "
-                                        "the rubric's format.")] = False,
-    judge_garbage_rate: Annotated[float, typer.Option(min=0, max=1, help="With --judge: share of answers with no verdict.")] = 0.0,
+    fail_words: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated words: a prompt holding one is answered 'I cannot answer "
+            "that.' (a wrong answer for 'label' to grade low)."
+        ),
+    ] = "",
+    judge: Annotated[
+        bool,
+        typer.Option(
+            "--judge", help="Act as the judge of 'label': grade the answers in its prompt by the rubric's format."
+        ),
+    ] = False,
+    judge_garbage_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="With --judge: share of answers with no verdict.")
+    ] = 0.0,
 ):
     """Run a fake OpenAI-compatible provider on 127.0.0.1, with deterministic canned answers (tests, demo)."""
     uvicorn = _serve_imports()
@@ -740,33 +1011,82 @@ def fake_provider(
         key = os.environ.get(api_key_env)
         if key is None:
             fail(f"--api-key-env: environment variable {api_key_env} is not set")
-    state = FakeState(name=name, model=model, mode=mode, latency_ms=latency_ms, chunk_delay_ms=chunk_delay_ms,
-                      fail_rate=fail_rate, error_status=error_status, api_key=key, seed=seed, fail_words=names_of(fail_words),
-                      judge=judge, judge_garbage_rate=judge_garbage_rate)
+    state = FakeState(
+        name=name,
+        model=model,
+        mode=mode,
+        latency_ms=latency_ms,
+        chunk_delay_ms=chunk_delay_ms,
+        fail_rate=fail_rate,
+        error_status=error_status,
+        api_key=key,
+        seed=seed,
+        fail_words=names_of(fail_words),
+        judge=judge,
+        judge_garbage_rate=judge_garbage_rate,
+    )
     uvicorn.run(create_fake_provider(state), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 @app.command()
 @user_errors
 def label(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Service config YAML with a judge: block (serving/CONFIG.md).")],
-    prompts: Annotated[Path, typer.Option(help="Parquet/JSONL/CSV with a 'prompt' column (+ 'prompt_id'; 'feedback' and "
-                                          "'tier': user feedback, joined as source 'feedback').")],
-    out: Annotated[Path, typer.Option(help="The graded table (.parquet, .jsonl or .csv) to write; its journal <out>.journal.jsonl goes beside "
-                                      "it. Rerun the same command to resume.")],
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated tiers or providers to compare, cheapest first; the "
-                                                  "last is the strongest (the reference). Default: every tier.")] = None,
-    max_usd: Annotated[Optional[float], typer.Option(help="Start no call whose estimate would take this run's spend past "
-                                                     "this many dollars; stop there (exit 0) and rerun to go on.")] = None,
-    sample: Annotated[Optional[int], typer.Option(help="Send only a seeded random sample of this many prompts to the models.")] = None,
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="Service config YAML with a judge: block (serving/CONFIG.md).")
+    ],
+    prompts: Annotated[
+        Path,
+        typer.Option(
+            help="Parquet/JSONL/CSV with a 'prompt' column (+ 'prompt_id'; 'feedback' and "
+            "'tier': user feedback, joined as source 'feedback')."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="The graded table (.parquet, .jsonl or .csv) to write; its journal <out>.journal.jsonl goes beside "
+            "it. Rerun the same command to resume."
+        ),
+    ],
+    models: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated tiers or providers to compare, cheapest first; the "
+            "last is the strongest (the reference). Default: every tier."
+        ),
+    ] = None,
+    max_usd: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Start no call whose estimate would take this run's spend past "
+            "this many dollars; stop there (exit 0) and rerun to go on."
+        ),
+    ] = None,
+    sample: Annotated[
+        Optional[int], typer.Option(help="Send only a seeded random sample of this many prompts to the models.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
-    concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight at most (default: judge.concurrency).")] = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Start without asking (the cost estimate is printed all the same).")] = False,
-    exclude_client: Annotated[list[str], typer.Option("--exclude-client", help="Drop this client's feedback (repeat "
-                                                      "for several; the client column of 'traffic export').")] = [],
-    max_feedback_share: Annotated[Optional[float], typer.Option(help="No client keeps more than this share of the "
-                                                                "feedback rows (its first ones), so one cannot outvote "
-                                                                "the rest.")] = None,
+    concurrency: Annotated[
+        Optional[int], typer.Option(help="Requests in flight at most (default: judge.concurrency).")
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Start without asking (the cost estimate is printed all the same).")
+    ] = False,
+    exclude_client: Annotated[
+        list[str],
+        typer.Option(
+            "--exclude-client",
+            help="Drop this client's feedback (repeat for several; the client column of 'traffic export').",
+        ),
+    ] = [],
+    max_feedback_share: Annotated[
+        Optional[float],
+        typer.Option(
+            help="No client keeps more than this share of the "
+            "feedback rows (its first ones), so one cannot outvote "
+            "the rest."
+        ),
+    ] = None,
     quiet: Quiet = False,
 ):
     """Grade the answers of the configured models with the config's judge model, into the long table 'train' reads
@@ -776,45 +1096,76 @@ def label(
     from .label import run as run_label
     from .serving.config import load_config
 
-    p = make_plan(load_config(config), prompts, out, names_of(models) if models is not None else None, sample=sample,
-                  seed=seed, concurrency=concurrency, max_usd=max_usd, exclude_clients=frozenset(exclude_client),
-                  max_feedback_share=max_feedback_share)
+    p = make_plan(
+        load_config(config),
+        prompts,
+        out,
+        names_of(models) if models is not None else None,
+        sample=sample,
+        seed=seed,
+        concurrency=concurrency,
+        max_usd=max_usd,
+        exclude_clients=frozenset(exclude_client),
+        max_feedback_share=max_feedback_share,
+    )
     judge_cfg = p.cfg.judge
-    typer.echo(f"label: {p.prompts:,} prompts x {', '.join(f'{c.name} ({c.model})' for c in p.contenders)}; judge "
-               f"{judge_cfg.provider.model} ({p.mode}, reference: {p.contenders[-1].model})")
-    typer.echo(f"to do: {p.rows:,} rows ({p.skipped:,} already graded): {p.answer_calls:,} answer calls and {p.judge_calls:,} "
-               f"judge calls, estimated ${p.estimate_usd:.4f} at the configured prices")
+    typer.echo(
+        f"label: {p.prompts:,} prompts x {', '.join(f'{c.name} ({c.model})' for c in p.contenders)}; judge "
+        f"{judge_cfg.provider.model} ({p.mode}, reference: {p.contenders[-1].model})"
+    )
+    typer.echo(
+        f"to do: {p.rows:,} rows ({p.skipped:,} already graded): {p.answer_calls:,} answer calls and {p.judge_calls:,} "
+        f"judge calls, estimated ${p.estimate_usd:.4f} at the configured prices"
+    )
     if p.feedback or p.feedback_unknown:
         unknown = ", ".join(f"{n} of tier {t!r}" for t, n in p.feedback_unknown.items())
-        typer.echo(f"feedback: {len(p.feedback):,} rows join as source 'feedback'"
-                   + (f" ({unknown} skipped: not a tier of the config)" if unknown else ""))
-        typer.echo("feedback per client (kept of given): " + ", ".join(
-            f"{c} {kept:,} of {given:,}" for c, (kept, given) in sorted(p.feedback_clients.items(), key=lambda x: (-x[1][1], x[0]))))
+        typer.echo(
+            f"feedback: {len(p.feedback):,} rows join as source 'feedback'"
+            + (f" ({unknown} skipped: not a tier of the config)" if unknown else "")
+        )
+        typer.echo(
+            "feedback per client (kept of given): "
+            + ", ".join(
+                f"{c} {kept:,} of {given:,}"
+                for c, (kept, given) in sorted(p.feedback_clients.items(), key=lambda x: (-x[1][1], x[0]))
+            )
+        )
     if max_usd is not None and p.estimate_usd > max_usd:
-        typer.echo(f"--max-usd {max_usd:g}: the run stops before a call that would pass it (about "
-                   f"{max_usd / p.estimate_usd:.0%} of the estimate, which prices every answer at judge.answer_max_tokens)")
+        typer.echo(
+            f"--max-usd {max_usd:g}: the run stops before a call that would pass it (about "
+            f"{max_usd / p.estimate_usd:.0%} of the estimate, which prices every answer at judge.answer_max_tokens)"
+        )
     if p.jobs and not yes:
         if not sys.stdin.isatty():
-            raise RouterError("--yes: this run makes calls that cost money; pass --yes to start it without a question "
-                              "(stdin is not a terminal)")
+            raise RouterError(
+                "--yes: this run makes calls that cost money; pass --yes to start it without a question "
+                "(stdin is not a terminal)"
+            )
         if not typer.confirm("start?", default=False):
             typer.echo("nothing was sent")
             raise typer.Exit(1)
     with quieted(quiet):
         s = run_label(p)
-    typer.echo(f"rows written: {s.written:,}" + (f" ({s.feedback:,} of them feedback)" if s.feedback else "")
-               + f"; {p.out} holds {s.total:,} rows")
+    typer.echo(
+        f"rows written: {s.written:,}"
+        + (f" ({s.feedback:,} of them feedback)" if s.feedback else "")
+        + f"; {p.out} holds {s.total:,} rows"
+    )
     typer.echo(f"rows skipped (already graded): {s.skipped:,}")
     typer.echo(f"failures (provider failed): {s.failed:,}" + (f" (e.g. {'; '.join(s.failures)})" if s.failures else ""))
-    typer.echo(f"unparseable judge answers: {s.unparseable:,}"
-               + (f" ({s.unparseable_rows:,} rows not written; a rerun asks again)" if s.unparseable else ""))
+    typer.echo(
+        f"unparseable judge answers: {s.unparseable:,}"
+        + (f" ({s.unparseable_rows:,} rows not written; a rerun asks again)" if s.unparseable else "")
+    )
     typer.echo(f"spent: ${s.spent:.4f} (estimated ${p.estimate_usd:.4f})")
     typer.echo(f"rate: {s.per_minute:,.0f} rows/minute")
     if s.unreadable:
         typer.echo(f"journal: {s.unreadable} unreadable line(s) skipped (a crash mid-write)")
     if s.budget_stop:
-        typer.echo(f"stopped at the budget: ${s.spent:.4f} spent of --max-usd {max_usd:g}; rerun the same command to go on "
-                   "(graded rows are skipped)")
+        typer.echo(
+            f"stopped at the budget: ${s.spent:.4f} spent of --max-usd {max_usd:g}; rerun the same command to go on "
+            "(graded rows are skipped)"
+        )
     if s.interrupted:
         typer.echo(f"interrupted: the rows graded so far are in {p.out}; rerun the same command to go on")
         raise typer.Exit(130)
@@ -824,7 +1175,9 @@ def label(
 @user_errors
 def soak(
     router: Annotated[Path, typer.Option(help="Router folder.")] = Path("models/default"),
-    requests: Annotated[int, typer.Option(min=100, max=50000, help="Requests in all, split evenly over the fault phases.")] = 3000,
+    requests: Annotated[
+        int, typer.Option(min=100, max=50000, help="Requests in all, split evenly over the fault phases.")
+    ] = 3000,
     concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent clients.")] = 16,
 ):
     """A bounded soak on 127.0.0.1: the service, fake providers broken phase by phase, hostile clients; per phase
@@ -851,24 +1204,56 @@ def soak(
 @user_errors
 def bench_serve(
     router: Annotated[Path, typer.Option(help="Router folder.")] = Path("models/default"),
-    requests: Annotated[int, typer.Option(min=100, max=20000, help="/v1/route requests per concurrency level (a quarter at 1).")] = 2000,
-    chat_requests: Annotated[int, typer.Option(min=50, max=5000, help="Chat requests for the overhead measurement.")] = 500,
-    max_wait_ms: Annotated[float, typer.Option(min=0, help="Batcher wait for more prompts (router.max_wait_ms).")] = 0.0,
+    requests: Annotated[
+        int, typer.Option(min=100, max=20000, help="/v1/route requests per concurrency level (a quarter at 1).")
+    ] = 2000,
+    chat_requests: Annotated[
+        int, typer.Option(min=50, max=5000, help="Chat requests for the overhead measurement.")
+    ] = 500,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="Batcher wait for more prompts (router.max_wait_ms).")
+    ] = 0.0,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads (router.threads).")] = 1,
-    router_workers: Annotated[int, typer.Option(min=1, help="Threads scoring batches at once (router.workers), in one "
-                                                "process; serve's --workers are processes.")] = 1,
-    replicas: Annotated[int, typer.Option(min=1, max=8, help="Service processes the load is spread over (with --state).")] = 1,
-    state: Annotated[Optional[list[str]], typer.Option(help="sqlite or redis (repeat it to compare): measure each state backend "
-                                                       "in turn, with a rate limit and a budget; redis starts a redis-server.")] = None,
-    compare: Annotated[Optional[list[str]], typer.Option(help="NAME=URL of another OpenAI-compatible proxy (base URL ending "
-                                                         "in /v1) that forwards model 'router' to the same upstream (--upstream): "
-                                                         "the same chat load goes to it, to this service and to the upstream "
-                                                         "directly, interleaved; repeatable.")] = None,
-    compare_key_env: Annotated[Optional[list[str]], typer.Option(help="NAME=ENV: the environment variable holding the key "
-                                                                 "of a --compare proxy.")] = None,
-    upstream: Annotated[Optional[str], typer.Option(help="With --compare: the upstream base URL every proxy forwards to "
-                                                    "(default: a fake provider started here).")] = None,
-    prompt_tokens: Annotated[str, typer.Option(help="With --compare: prompt sizes in tokens, comma-separated.")] = "30,250,1000",
+    router_workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Threads scoring batches at once (router.workers), in one process; serve's --workers are processes.",
+        ),
+    ] = 1,
+    replicas: Annotated[
+        int, typer.Option(min=1, max=8, help="Service processes the load is spread over (with --state).")
+    ] = 1,
+    state: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="sqlite or redis (repeat it to compare): measure each state backend "
+            "in turn, with a rate limit and a budget; redis starts a redis-server."
+        ),
+    ] = None,
+    compare: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="NAME=URL of another OpenAI-compatible proxy (base URL ending "
+            "in /v1) that forwards model 'router' to the same upstream (--upstream): "
+            "the same chat load goes to it, to this service and to the upstream "
+            "directly, interleaved; repeatable."
+        ),
+    ] = None,
+    compare_key_env: Annotated[
+        Optional[list[str]],
+        typer.Option(help="NAME=ENV: the environment variable holding the key of a --compare proxy."),
+    ] = None,
+    upstream: Annotated[
+        Optional[str],
+        typer.Option(
+            help="With --compare: the upstream base URL every proxy forwards to "
+            "(default: a fake provider started here)."
+        ),
+    ] = None,
+    prompt_tokens: Annotated[
+        str, typer.Option(help="With --compare: prompt sizes in tokens, comma-separated.")
+    ] = "30,250,1000",
 ):
     """Benchmark the service on 127.0.0.1: /v1/route throughput and latency at concurrency 1, 16, 64; routing overhead;
     with --compare, the added latency and requests/s of this service next to another proxy's."""
@@ -893,7 +1278,11 @@ def bench_serve(
         key_envs = dict(pair_option(k, "--compare-key-env", "NAME=ENV") for k in compare_key_env or [])
         unknown = [k for k in key_envs if k not in others]
         if unknown or {"direct", "router"} & set(others):
-            fail(f"--compare-key-env: {unknown[0]!r} is not a --compare name" if unknown else "--compare: 'direct' and 'router' are taken")
+            fail(
+                f"--compare-key-env: {unknown[0]!r} is not a --compare name"
+                if unknown
+                else "--compare: 'direct' and 'router' are taken"
+            )
         missing = [env for env in key_envs.values() if env not in os.environ]
         if missing:
             fail(f"--compare-key-env: environment variable {missing[0]} is not set")
@@ -906,9 +1295,28 @@ def bench_serve(
             sizes = ()
         if not sizes or min(sizes) < 10 or max(sizes) > 4000:
             fail(f"--prompt-tokens: expected comma-separated sizes between 10 and 4000, got {prompt_tokens!r}")
-        typer.echo(run_compare(str(router), {k: v.rstrip("/") for k, v in others.items()},
-                               {k: os.environ[v] for k, v in key_envs.items()}, upstream, sizes=sizes, n=max(50, chat_requests // 4),
-                               threads=threads, workers=router_workers))
+        typer.echo(
+            run_compare(
+                str(router),
+                {k: v.rstrip("/") for k, v in others.items()},
+                {k: os.environ[v] for k, v in key_envs.items()},
+                upstream,
+                sizes=sizes,
+                n=max(50, chat_requests // 4),
+                threads=threads,
+                workers=router_workers,
+            )
+        )
         return
-    typer.echo(run(str(router), requests, chat_requests, max_wait_ms=max_wait_ms, threads=threads, workers=router_workers,
-                   replicas=replicas, states=tuple(state or ())))
+    typer.echo(
+        run(
+            str(router),
+            requests,
+            chat_requests,
+            max_wait_ms=max_wait_ms,
+            threads=threads,
+            workers=router_workers,
+            replicas=replicas,
+            states=tuple(state or ()),
+        )
+    )

@@ -17,10 +17,12 @@ def differences(a: Router, b: Router, prompts: list[str]) -> list[str]:
     out = []
     if ma.models != mb.models:
         only_a, only_b = sorted(set(ma.models) - set(mb.models)), sorted(set(mb.models) - set(ma.models))
-        out.append(f"models: {len(ma.models)} against {len(mb.models)}"
-                   + (f"; only in the first: {', '.join(only_a[:5])}" if only_a else "")
-                   + (f"; only in the second: {', '.join(only_b[:5])}" if only_b else "")
-                   + ("; same names in another order" if not only_a and not only_b else ""))
+        out.append(
+            f"models: {len(ma.models)} against {len(mb.models)}"
+            + (f"; only in the first: {', '.join(only_a[:5])}" if only_a else "")
+            + (f"; only in the second: {', '.join(only_b[:5])}" if only_b else "")
+            + ("; same names in another order" if not only_a and not only_b else "")
+        )
     for role in ("strong", "weak"):
         if getattr(ma, role) != getattr(mb, role):
             out.append(f"{role}: {getattr(ma, role)} against {getattr(mb, role)}")

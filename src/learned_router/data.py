@@ -68,8 +68,15 @@ class Source:
     weight: float = 1.0
 
     def fingerprint(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "sha256": sha256_file(self.path), "format": self.fmt,
-                "scheme": self.scheme, "rows": len(self.table), "weight": self.weight}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "sha256": sha256_file(self.path),
+            "format": self.fmt,
+            "scheme": self.scheme,
+            "rows": len(self.table),
+            "weight": self.weight,
+        }
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -129,9 +136,17 @@ def load_sources(path: str | Path, weight: float = 1.0) -> list[Source]:
     if src.fmt != "long" or "source" not in df.columns or df["source"].nunique() < 2:
         return [src]
     first_bad(src.path, df["source"].isna(), "field 'source' is empty (this file names several sources)", df["source"])
-    return [Source(path=src.path, name=str(name), table=part.reset_index(drop=True), fmt=src.fmt,
-                   scheme=scheme_of(str(name), src.fmt, part), weight=weight)
-            for name, part in df.groupby("source", sort=False)]
+    return [
+        Source(
+            path=src.path,
+            name=str(name),
+            table=part.reset_index(drop=True),
+            fmt=src.fmt,
+            scheme=scheme_of(str(name), src.fmt, part),
+            weight=weight,
+        )
+        for name, part in df.groupby("source", sort=False)
+    ]
 
 
 PROMPT_TABLES = (".parquet", ".jsonl", ".csv")
@@ -207,8 +222,12 @@ def read_prompt_table(path: Path, text_columns: tuple[str, ...] = ()) -> pd.Data
 
 
 def check_prompts(path: Path, df: pd.DataFrame) -> None:
-    first_bad(path, df["prompt"].map(lambda p: not isinstance(p, str) or not p.strip()),
-              "field 'prompt' is empty or not text", df["prompt"])
+    first_bad(
+        path,
+        df["prompt"].map(lambda p: not isinstance(p, str) or not p.strip()),
+        "field 'prompt' is empty or not text",
+        df["prompt"],
+    )
 
 
 def unit_grades(path: Path, values: pd.Series, column: str) -> pd.Series:
@@ -226,19 +245,39 @@ def observations(source: Source) -> pd.DataFrame:
     """The source's grades as rows of (prompt, model, opponent, grade): a versus grade is `model`'s against `opponent`."""
     df, path = source.table, source.path
     if source.fmt == "battles" and "score_model_b" in df.columns and df["score_model_b"].notna().all():
-        out = pd.DataFrame({"prompt": df["prompt"], "model": names(df["model_b"]), "opponent": names(df["model_a"]),
-                            "grade": unit_grades(path, df["score_model_b"], "score_model_b")})
+        out = pd.DataFrame(
+            {
+                "prompt": df["prompt"],
+                "model": names(df["model_b"]),
+                "opponent": names(df["model_a"]),
+                "grade": unit_grades(path, df["score_model_b"], "score_model_b"),
+            }
+        )
     elif source.fmt == "battles":
-        first_bad(path, ~df["winner"].isin(list(WINNERS)), f"field 'winner' must be one of {sorted(WINNERS)}", df["winner"])
-        out = pd.DataFrame({"prompt": df["prompt"], "model": names(df["model_a"]), "opponent": names(df["model_b"]),
-                            "grade": df["winner"].map(WINNERS).astype(float)})
+        first_bad(
+            path, ~df["winner"].isin(list(WINNERS)), f"field 'winner' must be one of {sorted(WINNERS)}", df["winner"]
+        )
+        out = pd.DataFrame(
+            {
+                "prompt": df["prompt"],
+                "model": names(df["model_a"]),
+                "opponent": names(df["model_b"]),
+                "grade": df["winner"].map(WINNERS).astype(float),
+            }
+        )
     else:
         grade = unit_grades(path, df["score"], "score")
         versus = source.scheme == "versus"
         if versus and ("baseline" not in df.columns or df["baseline"].isna().any()):
             raise DataError(f"{path}: a versus source in the long shape needs a 'baseline' column on every row")
-        out = pd.DataFrame({"prompt": df["prompt"], "model": names(df["model"]),
-                            "opponent": names(df["baseline"]) if versus else None, "grade": grade})
+        out = pd.DataFrame(
+            {
+                "prompt": df["prompt"],
+                "model": names(df["model"]),
+                "opponent": names(df["baseline"]) if versus else None,
+                "grade": grade,
+            }
+        )
         if versus:
             out = out[out["model"] != out["opponent"]]  # the baseline against itself says nothing
     if "contaminated" in df.columns:
@@ -246,8 +285,11 @@ def observations(source: Source) -> pd.DataFrame:
     else:
         out["contaminated"] = False
     keys = ["prompt", "model", "opponent"]
-    out = (out.assign(opponent=out["opponent"].fillna(""))  # one grade per key: repeated rows count as their mean
-           .groupby(keys, as_index=False, sort=False).agg(grade=("grade", "mean"), contaminated=("contaminated", "any")))
+    out = (
+        out.assign(opponent=out["opponent"].fillna(""))  # one grade per key: repeated rows count as their mean
+        .groupby(keys, as_index=False, sort=False)
+        .agg(grade=("grade", "mean"), contaminated=("contaminated", "any"))
+    )
     return out.assign(opponent=out["opponent"].replace("", None), source=source.name, scheme=source.scheme)
 
 
@@ -284,8 +326,14 @@ class Grades:
         return self.obs[self.obs["split"] == split]
 
 
-def load_grades(paths: list[str | Path], weights: dict[str, float] | None = None, val: float = 0.1, test: float = 0.1,
-                seed: int = 0, max_prompts: int | None = None) -> Grades:
+def load_grades(
+    paths: list[str | Path],
+    weights: dict[str, float] | None = None,
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    max_prompts: int | None = None,
+) -> Grades:
     """All sources as one table of observations; contaminated prompts only ever train. A source named in several
     files is one source. `max_prompts` samples that many prompts per source (quick runs)."""
     if not paths:
@@ -307,8 +355,10 @@ def load_grades(paths: list[str | Path], weights: dict[str, float] | None = None
             raise DataError(f"--weight {s.name}: must be a positive number, got {s.weight}")
         seen = first.setdefault(s.name, s)  # a source in several files (two label runs' feedback): one source
         if (seen.fmt, seen.scheme, seen.weight) != (s.fmt, s.scheme, s.weight):
-            raise DataError(f"source {s.name!r} is in {seen.path} ({seen.fmt}, {seen.scheme}, weight {seen.weight}) and in "
-                            f"{s.path} ({s.fmt}, {s.scheme}, weight {s.weight}): one source is graded and weighted one way")
+            raise DataError(
+                f"source {s.name!r} is in {seen.path} ({seen.fmt}, {seen.scheme}, weight {seen.weight}) and in "
+                f"{s.path} ({s.fmt}, {s.scheme}, weight {s.weight}): one source is graded and weighted one way"
+            )
         obs = observations(s)
         if max_prompts:
             keep = pd.Series(obs["prompt"].unique()).sample(frac=1.0, random_state=seed)[:max_prompts]
@@ -332,8 +382,10 @@ def grade_table(obs: pd.DataFrame) -> pd.DataFrame:
     for source, part in obs.groupby("source"):
         opponents = part["opponent"].dropna().unique()
         if len(opponents) > 1 or (len(opponents) == 1 and part["opponent"].isna().any()):
-            raise DataError(f"source {source!r}: battles between varying models; --prior fits absolute grades or grades "
-                            f"against one baseline (train without --prior to fit battles)")
+            raise DataError(
+                f"source {source!r}: battles between varying models; --prior fits absolute grades or grades "
+                f"against one baseline (train without --prior to fit battles)"
+            )
         wide = part.groupby(["prompt", "model"])["grade"].mean().unstack()
         if len(opponents) == 1:
             wide[opponents[0]] = 0.5

@@ -114,8 +114,13 @@ class Encoder:
     With `layers`, only the transformer's first `layers` blocks are kept: the mean of a middle layer's token states
     ranks prompts by difficulty better than the last layer's (tuned for semantic similarity), and costs less."""
 
-    def __init__(self, path: str | os.PathLike | None = None, max_seq_length: int | None = None, layers: int | None = None,
-                 device: str = "cpu"):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        max_seq_length: int | None = None,
+        layers: int | None = None,
+        device: str = "cpu",
+    ):
         self.path = Path(path) if path else default_encoder_path()
         self.device = resolve_device(device)
         self.embedded, self.seconds = 0, 0.0  # prompts embedded (not from the cache) and the time it took
@@ -169,14 +174,22 @@ class Encoder:
         found = store.get(sorted(set(keys))) if store else {}
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in found}.items())
         cached = len(set(keys)) - len(todo)
-        what = (f"embedding {len(todo):,} prompts" + (f" ({cached:,} more of the {len(set(keys)):,} from the cache)" if cached else "")
-                + (f", kept in {store.path} for later runs" if store and len(todo) >= 1000 else ""))
+        what = (
+            f"embedding {len(todo):,} prompts"
+            + (f" ({cached:,} more of the {len(set(keys)):,} from the cache)" if cached else "")
+            + (f", kept in {store.path} for later runs" if store and len(todo) >= 1000 else "")
+        )
         started = time.perf_counter()
         with step(what, total=len(todo)) if progress and todo else nullcontext() as bar:
             for i in range(0, len(todo), 4 * batch_size):  # persist in chunks: an interrupted run keeps its work
                 chunk = todo[i : i + 4 * batch_size]
-                vecs = self.model.encode([t for _, t in chunk], batch_size=batch_size, normalize_embeddings=True,
-                                         show_progress_bar=False, convert_to_numpy=True).astype(np.float32)
+                vecs = self.model.encode(
+                    [t for _, t in chunk],
+                    batch_size=batch_size,
+                    normalize_embeddings=True,
+                    show_progress_bar=False,
+                    convert_to_numpy=True,
+                ).astype(np.float32)
                 new = {k: v for (k, _), v in zip(chunk, vecs)}
                 found.update(new)
                 if store:
@@ -185,8 +198,10 @@ class Encoder:
                     bar.advance(len(chunk))
                     if i == 0 and len(todo) > len(chunk):  # the expected time, from the first chunk's pace
                         rate = len(chunk) / (time.perf_counter() - started)
-                        bar.describe(f"{what}: about {max(1, round((len(todo) - len(chunk)) / rate / 60))} min left "
-                                     f"at {rate:.0f} prompts/s")
+                        bar.describe(
+                            f"{what}: about {max(1, round((len(todo) - len(chunk)) / rate / 60))} min left "
+                            f"at {rate:.0f} prompts/s"
+                        )
         if todo:
             self.embedded, self.seconds = self.embedded + len(todo), self.seconds + time.perf_counter() - started
         return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)

@@ -48,8 +48,15 @@ def plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def first_bad(where: object, bad, message: str, values=None, error: type[RouterError] = DataError, unit: str = "row",
-              first: int = 0) -> None:
+def first_bad(
+    where: object,
+    bad,
+    message: str,
+    values=None,
+    error: type[RouterError] = DataError,
+    unit: str = "row",
+    first: int = 0,
+) -> None:
     """Raise `error` naming the first row where `bad` is true, as `<where>: row <i>: <message> (got <value>)`: `values`
     (by position) gives the value, `unit` and `first` how rows are counted (`line`, 2: a CSV's lines under its header)."""
     i = first_index(bad)

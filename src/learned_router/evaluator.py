@@ -37,16 +37,22 @@ class RoutingEvaluator:
         table = grade_table(load_grades([path], val=0.0, test=0.0).obs)
         missing = [m for m in (weak, strong) if m not in table.columns]
         if missing:
-            raise DataError(f"--eval {path}: {', '.join(missing)} not graded there (graded: {', '.join(table.columns[:12])})")
+            raise DataError(
+                f"--eval {path}: {', '.join(missing)} not graded there (graded: {', '.join(table.columns[:12])})"
+            )
         both = table[[weak, strong]].dropna()
         name = "eval_" + "".join(c if c.isalnum() else "_" for c in Path(path).stem)
-        return cls(name, list(both.index), both[weak].to_numpy(float), both[strong].to_numpy(float), weak, strong).checked()
+        return cls(
+            name, list(both.index), both[weak].to_numpy(float), both[strong].to_numpy(float), weak, strong
+        ).checked()
 
     def checked(self) -> "RoutingEvaluator":
         """Itself; DataError when it has fewer than `MIN_PROMPTS` prompts or the pair's mean grades are equal."""
         if len(self.prompts) < MIN_PROMPTS:
-            raise DataError(f"{self.name}: {len(self.prompts)} prompts graded for both {self.weak} and {self.strong} "
-                            f"(training's own left out); at least {MIN_PROMPTS} are needed")
+            raise DataError(
+                f"{self.name}: {len(self.prompts)} prompts graded for both {self.weak} and {self.strong} "
+                f"(training's own left out); at least {MIN_PROMPTS} are needed"
+            )
         if self.weak_grades.mean() == self.strong_grades.mean():
             raise DataError(f"{self.name}: {self.weak} and {self.strong} have equal mean grades: routing gains nothing")
         return self
@@ -55,8 +61,14 @@ class RoutingEvaluator:
         """The evaluator without the prompts whose normalised text (`data.group_of`) is in `groups`: a trainer hands
         it the prompts it trained on."""
         keep = np.array([group_of(p) not in groups for p in self.prompts], dtype=bool)
-        return RoutingEvaluator(self.name, [p for p, k in zip(self.prompts, keep) if k], self.weak_grades[keep],
-                                self.strong_grades[keep], self.weak, self.strong).checked()
+        return RoutingEvaluator(
+            self.name,
+            [p for p, k in zip(self.prompts, keep) if k],
+            self.weak_grades[keep],
+            self.strong_grades[keep],
+            self.weak,
+            self.strong,
+        ).checked()
 
     def __call__(self, predictor: Predictor) -> dict[str, float]:
         p = predictor.predict(self.prompts).pair(self.weak, self.strong)
@@ -64,5 +76,9 @@ class RoutingEvaluator:
         rng = np.random.default_rng(0)
         boot = [apgr_of(p[i], w[i], s[i]) for i in (rng.integers(0, len(p), len(p)) for _ in range(RESAMPLES))]
         low, high = np.nanpercentile(boot, [2.5, 97.5])
-        return {f"{self.name}_apgr": apgr_of(p, w, s), f"{self.name}_apgr_low": float(low),
-                f"{self.name}_apgr_high": float(high), f"{self.name}_prompts": float(len(p))}
+        return {
+            f"{self.name}_apgr": apgr_of(p, w, s),
+            f"{self.name}_apgr_low": float(low),
+            f"{self.name}_apgr_high": float(high),
+            f"{self.name}_prompts": float(len(p)),
+        }

@@ -99,7 +99,9 @@ def encoder_dir(folder: RouterFolder, record: TrainingRecord) -> Path:
 
     path = Encoder(record.encoder_path).path
     if encoder_fingerprint(path) != record.encoder.fingerprint:
-        raise RouterError(f"{path}: this encoder's weights differ from the ones the router in {folder.path} was trained on")
+        raise RouterError(
+            f"{path}: this encoder's weights differ from the ones the router in {folder.path} was trained on"
+        )
     return path
 
 
@@ -138,20 +140,37 @@ def to_onnx(checkpoint: Path, enc_path: Path, layers: int, folder: Path, variant
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript tracer warnings about data-dependent branches in transformers
         torch.onnx.export(
-            fused, (ids, torch.ones_like(ids)), str(raw), input_names=["input_ids", "attention_mask"],
-            output_names=["quality", "difficulty", "embedding"], opset_version=17, dynamo=False,
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                          "quality": {0: "batch"}, "difficulty": {0: "batch"}, "embedding": {0: "batch"}},
+            fused,
+            (ids, torch.ones_like(ids)),
+            str(raw),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["quality", "difficulty", "embedding"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+                "quality": {0: "batch"},
+                "difficulty": {0: "batch"},
+                "embedding": {0: "batch"},
+            },
         )
     cfg = transformer.config
-    opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
+    opt = optimizer.optimize_model(
+        str(raw), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size
+    )
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     opt.save_model_to_file(str(fp32))
     raw.unlink()
     if "int8" in variants:  # the encoder's matmuls only: see head_matmuls
-        quantize_dynamic(str(fp32), str(folder / VARIANT_FILES["int8"]), weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_exclude=head_matmuls(opt.model),
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            str(fp32),
+            str(folder / VARIANT_FILES["int8"]),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_exclude=head_matmuls(opt.model),
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     return stats
 
 
@@ -164,8 +183,9 @@ def head_matmuls(graph_model) -> list[str]:
     return names + [f"{n}_MatMul" for n in names]
 
 
-def export_into(folder: RouterFolder, variants: list[str], probes: list[str] | None = None,
-                graded: pd.DataFrame | None = None) -> Manifest:
+def export_into(
+    folder: RouterFolder, variants: list[str], probes: list[str] | None = None, graded: pd.DataFrame | None = None
+) -> Manifest:
     """Build the ONNX files, tokenizer and manifest in `folder` from its checkpoint, each graph judged against the
     torch model (`parity.judge`) on the built-in probes plus `probes`, and routing quality on `graded` (columns
     prompt, weak, strong: the pair's absolute grades). fp32 that fails raises ExportError (nothing is written); int8
@@ -182,27 +202,56 @@ def export_into(folder: RouterFolder, variants: list[str], probes: list[str] | N
     fused_ops = to_onnx(folder.checkpoint, enc_path, record.encoder.layers, folder.path, built)
     shutil.copyfile(enc_path / RouterFolder.TOKENIZER, folder.tokenizer_path)
     manifest = Manifest(
-        name=record.name, models=model.head.cfg.models, strong=record.strong, weak=record.weak, encoder=record.encoder,
-        default_threshold=record.default_threshold, calibration=record.calibration, files={}, data=record.data,
-        metrics=record.metrics, versions=versions(), created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        name=record.name,
+        models=model.head.cfg.models,
+        strong=record.strong,
+        weak=record.weak,
+        encoder=record.encoder,
+        default_threshold=record.default_threshold,
+        calibration=record.calibration,
+        files={},
+        data=record.data,
+        metrics=record.metrics,
+        versions=versions(),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
-    prompts = list(dict.fromkeys(PROBES + list(probes or []) + (graded["prompt"].tolist() if graded is not None else [])))
+    prompts = list(
+        dict.fromkeys(PROBES + list(probes or []) + (graded["prompt"].tolist() if graded is not None else []))
+    )
     torch_out = model.predict(prompts, cache=False)
     reference = torch_out.quality, torch_out.difficulty
     pair = torch_out.models.index(record.weak), torch_out.models.index(record.strong)
     rows = {p: i for i, p in enumerate(prompts)}
-    grades = None if graded is None else parity.Graded(graded["prompt"].map(rows).to_numpy(), graded["weak"].to_numpy(float),
-                                                      graded["strong"].to_numpy(float))
-    check = ExportCheck(cpu=parity.cpu(), onnxruntime=versions().get("onnxruntime", ""), passed={},
-                        models=[record.weak, record.strong], probes=PROBES,
-                        quality=reference[0][: len(PROBES)][:, pair].tolist(), difficulty=reference[1][: len(PROBES)].tolist())
+    grades = (
+        None
+        if graded is None
+        else parity.Graded(
+            graded["prompt"].map(rows).to_numpy(), graded["weak"].to_numpy(float), graded["strong"].to_numpy(float)
+        )
+    )
+    check = ExportCheck(
+        cpu=parity.cpu(),
+        onnxruntime=versions().get("onnxruntime", ""),
+        passed={},
+        models=[record.weak, record.strong],
+        probes=PROBES,
+        quality=reference[0][: len(PROBES)][:, pair].tolist(),
+        difficulty=reference[1][: len(PROBES)].tolist(),
+    )
     for v in built:
         manifest.files = {v: folder.entry(VARIANT_FILES[v]), "tokenizer": folder.entry(RouterFolder.TOKENIZER)}
         folder.write_manifest(manifest)
         graph_out = Router(folder.path, variant=v).predict(prompts)
-        verdict = parity.judge(v, (graph_out.quality, graph_out.difficulty), reference, pair,
-                               manifest.default_threshold, manifest.calibration.prompts, grades)
+        verdict = parity.judge(
+            v,
+            (graph_out.quality, graph_out.difficulty),
+            reference,
+            pair,
+            manifest.default_threshold,
+            manifest.calibration.prompts,
+            grades,
+        )
         manifest.parity |= {f"{v}_{k}": x for k, x in verdict.figures().items()}
         check.passed[v] = verdict.passed
         if not verdict.passed:
@@ -212,7 +261,9 @@ def export_into(folder: RouterFolder, variants: list[str], probes: list[str] | N
     kept = [v for v in built if check.passed[v] and (v in variants or not check.passed.get("int8", True))]
     for v in set(built) - set(kept):
         folder.model_path(v).unlink()
-    manifest.files = {v: folder.entry(VARIANT_FILES[v]) for v in kept} | {"tokenizer": folder.entry(RouterFolder.TOKENIZER)}
+    manifest.files = {v: folder.entry(VARIANT_FILES[v]) for v in kept} | {
+        "tokenizer": folder.entry(RouterFolder.TOKENIZER)
+    }
     manifest.parity["probes"] = len(prompts)
     manifest.parity.update({f"fused_{k}": float(n) for k, n in fused_ops.items()})
     manifest.check = check
@@ -227,12 +278,16 @@ def fallback_note(manifest: Manifest) -> str | None:
     check = manifest.check
     if check is None or check.passed.get("int8", True):
         return None
-    return (f"int8 left out: on this CPU ({check.cpu}) it routes unlike the torch model ({check.reasons['int8']}); "
-            f"the fp32 graph is written instead. To retry: learned-router export --router FOLDER --variants int8 "
-            f"on the CPU that will serve it")
+    return (
+        f"int8 left out: on this CPU ({check.cpu}) it routes unlike the torch model ({check.reasons['int8']}); "
+        f"the fp32 graph is written instead. To retry: learned-router export --router FOLDER --variants int8 "
+        f"on the CPU that will serve it"
+    )
 
 
-def export(router: Path, out: Path | None = None, variants: list[str] = ("fp32", "int8"), overwrite: bool = False) -> Manifest:
+def export(
+    router: Path, out: Path | None = None, variants: list[str] = ("fp32", "int8"), overwrite: bool = False
+) -> Manifest:
     """Re-export a trained router folder (its checkpoint/) to `out` (default: in place)."""
     source = RouterFolder(router)
     source.record()  # a clear error for a folder without a readable training record

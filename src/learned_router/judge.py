@@ -30,8 +30,10 @@ VERDICT = re.compile(r"\[\[([ABC])\]\]")
 NO_ANSWER = "I cannot answer that."  # what the fake provider's `fail_words` make it say (tests, demo)
 
 SINGLE_SYSTEM = "You are a helpful assistant."
-_RATE = ('After providing your explanation, you must rate the response on a scale of 1 to 10 by strictly following '
-         'this format: "[[rating]]", for example: "Rating: [[5]]".')
+_RATE = (
+    "After providing your explanation, you must rate the response on a scale of 1 to 10 by strictly following "
+    'this format: "[[rating]]", for example: "Rating: [[5]]".'
+)
 SINGLE = (  # MT-Bench single-v1: no reference (the strongest model's own answer)
     "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided by an AI "
     "assistant to the user question displayed below. Your evaluation should consider factors such as the helpfulness, "
@@ -80,8 +82,10 @@ def single_messages(question: str, answer: str, reference: str | None = None) ->
 
 def pairwise_messages(question: str, answer_a: str, answer_b: str) -> list[dict]:
     """The judge's chat for two answers, `answer_a` shown first."""
-    return [{"role": "system", "content": PAIRWISE_SYSTEM},
-            {"role": "user", "content": PAIRWISE.format(question=question, answer_a=answer_a, answer_b=answer_b)}]
+    return [
+        {"role": "system", "content": PAIRWISE_SYSTEM},
+        {"role": "user", "content": PAIRWISE.format(question=question, answer_a=answer_a, answer_b=answer_b)},
+    ]
 
 
 def parse_rating(text: str) -> float | None:

@@ -96,13 +96,17 @@ def contenders(cfg: ServiceConfig, names: list[str] | None) -> list[Contender]:
             p, t = providers[name]
             out.append(Contender(name, p.model, (p,), (t,)))
         else:
-            raise RouterError(f"--models: unknown name {name!r}; tiers: {', '.join(tiers)}; providers: {', '.join(providers)}")
+            raise RouterError(
+                f"--models: unknown name {name!r}; tiers: {', '.join(tiers)}; providers: {', '.join(providers)}"
+            )
     if not out:
         raise RouterError("--models: name at least one tier or provider")
     seen: dict[str, str] = {}
     for c in out:
         if c.model in seen:
-            raise RouterError(f"--models: {seen[c.model]} and {c.name} both answer as model {c.model!r}; name one of them")
+            raise RouterError(
+                f"--models: {seen[c.model]} and {c.name} both answer as model {c.model!r}; name one of them"
+            )
         seen[c.model] = c.name
     return out
 
@@ -137,8 +141,12 @@ def read_prompts(path: Path) -> pd.DataFrame:
     if "feedback" in df.columns:
         given = df["feedback"]
         values = pd.to_numeric(given, errors="coerce")
-        first_bad(path, given.notna() & (values.isna() | ~values.between(0, 1) | given.map(lambda g: isinstance(g, bool))),
-                  "field 'feedback' must be a number in [0, 1] or null", given)
+        first_bad(
+            path,
+            given.notna() & (values.isna() | ~values.between(0, 1) | given.map(lambda g: isinstance(g, bool))),
+            "field 'feedback' must be a number in [0, 1] or null",
+            given,
+        )
         df["feedback"] = values.astype(float)
         if df["feedback"].notna().any() and "tier" not in df.columns:
             raise DataError(f"{path}: a 'feedback' column needs a 'tier' column (the tier that answered each prompt)")
@@ -152,14 +160,24 @@ def check_data_classes(path: Path, df: pd.DataFrame, cfg: ServiceConfig, provide
         return
     given = df["data_class"]
     classed = given.notna() & (given.astype(str) != "")
-    first_bad(path, classed & ~given.isin(list(cfg.data_classes)), "field 'data_class' is not a class of the config's "
-              f"data_classes ({', '.join(sorted(cfg.data_classes)) or 'none configured'})", given)
+    first_bad(
+        path,
+        classed & ~given.isin(list(cfg.data_classes)),
+        "field 'data_class' is not a class of the config's "
+        f"data_classes ({', '.join(sorted(cfg.data_classes)) or 'none configured'})",
+        given,
+    )
     for cls in pd.unique(given[classed]):
         barred = [p for p in dict.fromkeys(providers) if p not in cfg.data_classes[cls]]
         if barred:
-            first_bad(path, given == cls, f"data class {cls!r} may not reach {', '.join(barred)} (data_classes.{cls}: "
-                      f"{', '.join(cfg.data_classes[cls])}), which label would send it to; drop such rows or choose "
-                      "--models and a judge the class allows", given)
+            first_bad(
+                path,
+                given == cls,
+                f"data class {cls!r} may not reach {', '.join(barred)} (data_classes.{cls}: "
+                f"{', '.join(cfg.data_classes[cls])}), which label would send it to; drop such rows or choose "
+                "--models and a judge the class allows",
+                given,
+            )
 
 
 def distinct_prompts(df: pd.DataFrame) -> list[tuple[str, str]]:
@@ -178,8 +196,9 @@ def sample_prompts(items: list, n: int | None, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def feedback_rows(df: pd.DataFrame, cfg: ServiceConfig, exclude: frozenset[str] = frozenset(),
-                  max_share: float | None = None) -> tuple[list[dict], dict[str, int], dict[str, tuple[int, int]]]:
+def feedback_rows(
+    df: pd.DataFrame, cfg: ServiceConfig, exclude: frozenset[str] = frozenset(), max_share: float | None = None
+) -> tuple[list[dict], dict[str, int], dict[str, tuple[int, int]]]:
     """One row per non-null feedback, for its tier's model, with the client that gave it (a `client` column, as
     `traffic export` writes); the feedback of tiers not in the config, counted; and per client (kept, given).
     `exclude`: clients whose feedback is dropped. `max_share`: no client keeps more than this share of the kept
@@ -198,9 +217,20 @@ def feedback_rows(df: pd.DataFrame, cfg: ServiceConfig, exclude: frozenset[str] 
             continue
         model = tiers[str(tier)]
         n = seen[(pid, model)] = seen.get((pid, model), -1) + 1  # the n-th feedback on this prompt and model
-        rows.append({"prompt": text, "prompt_id": pid, "model": model, "score": float(score), "source": FEEDBACK,
-                     "judge": None, "baseline": None, "raw": None, "n": n,
-                     "client": None if pd.isna(client) else str(client)})
+        rows.append(
+            {
+                "prompt": text,
+                "prompt_id": pid,
+                "model": model,
+                "score": float(score),
+                "source": FEEDBACK,
+                "judge": None,
+                "baseline": None,
+                "raw": None,
+                "n": n,
+                "client": None if pd.isna(client) else str(client),
+            }
+        )
     given = pd.Series([r["client"] or "(none)" for r in rows], dtype=object).value_counts().to_dict()
     rows = [r for r in rows if (r["client"] or "(none)") not in exclude]
     if max_share is not None:
@@ -237,7 +267,14 @@ def capped(rows: list[dict], share: float) -> list[dict]:
 
 
 def row_key(row: dict) -> tuple:
-    return (row["source"], row["prompt_id"], row["model"], row.get("judge") or "", row.get("baseline") or "", row.get("n") or 0)
+    return (
+        row["source"],
+        row["prompt_id"],
+        row["model"],
+        row.get("judge") or "",
+        row.get("baseline") or "",
+        row.get("n") or 0,
+    )
 
 
 class Journal:
@@ -310,13 +347,19 @@ def read_graded(path: Path) -> list[dict]:
         else:
             df = read_prompt_table(path, text_columns=("prompt_id",))
     except (DataError, OSError, ValueError) as e:
-        raise RouterError(f"--out {path}: exists and cannot be read as a graded table ({e}); choose another file") from None
+        raise RouterError(
+            f"--out {path}: exists and cannot be read as a graded table ({e}); choose another file"
+        ) from None
     missing = [c for c in ("prompt", "prompt_id", "model", "score", "source") if c not in df.columns]
     if missing:
-        raise RouterError(f"--out {path}: exists and is not a graded table (no {', '.join(missing)} column); choose another file")
+        raise RouterError(
+            f"--out {path}: exists and is not a graded table (no {', '.join(missing)} column); choose another file"
+        )
     rows, seen = [], {}
     for rec in df.to_dict("records"):
-        row = {k: (None if k not in rec or (not isinstance(rec[k], str) and pd.isna(rec[k])) else rec[k]) for k in COLUMNS}
+        row = {
+            k: (None if k not in rec or (not isinstance(rec[k], str) and pd.isna(rec[k])) else rec[k]) for k in COLUMNS
+        }
         row["prompt_id"], row["score"] = str(row["prompt_id"]), float(row["score"])
         key = row_key({**row, "n": 0})
         row["n"] = seen[key] = seen.get(key, -1) + 1
@@ -330,9 +373,19 @@ def write_graded(rows, out: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("prompt", pa.string()), ("prompt_id", pa.string()), ("model", pa.string()), ("score", pa.float64()),
-                        ("source", pa.string()), ("judge", pa.string()), ("baseline", pa.string()), ("raw", pa.string()),
-                        ("client", pa.string())])
+    schema = pa.schema(
+        [
+            ("prompt", pa.string()),
+            ("prompt_id", pa.string()),
+            ("model", pa.string()),
+            ("score", pa.float64()),
+            ("source", pa.string()),
+            ("judge", pa.string()),
+            ("baseline", pa.string()),
+            ("raw", pa.string()),
+            ("client", pa.string()),
+        ]
+    )
     ordered = [{k: r.get(k) for k in COLUMNS} for r in sorted(rows, key=row_key)]
     table = pa.Table.from_pylist(ordered, schema=schema)
     if out.suffix.lower() != ".parquet":
@@ -407,17 +460,30 @@ def judge_chat(mode: str, prompt: str, answers: list[str]) -> list[dict]:
     return pairwise_messages(prompt, *answers)
 
 
-def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None = None, sample: int | None = None,
-         seed: int = 0, concurrency: int | None = None, max_usd: float | None = None,
-         exclude_clients: frozenset[str] = frozenset(), max_feedback_share: float | None = None) -> Plan:
+def plan(
+    cfg: ServiceConfig,
+    prompts: Path,
+    out: Path,
+    models: list[str] | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    concurrency: int | None = None,
+    max_usd: float | None = None,
+    exclude_clients: frozenset[str] = frozenset(),
+    max_feedback_share: float | None = None,
+) -> Plan:
     """Everything checked and priced before a call is made."""
     if cfg.judge is None:
-        raise ConfigError("judge: the config has no judge block (provider, mode, max_tokens: serving/CONFIG.md#judge); "
-                          "label needs one")
+        raise ConfigError(
+            "judge: the config has no judge block (provider, mode, max_tokens: serving/CONFIG.md#judge); "
+            "label needs one"
+        )
     judge = cfg.judge
     chosen = contenders(cfg, models)
     if judge.mode == "pairwise" and len(chosen) < 2:
-        raise RouterError("--models: pairwise mode compares each model with the strongest (the last): name at least two")
+        raise RouterError(
+            "--models: pairwise mode compares each model with the strongest (the last): name at least two"
+        )
     out = Path(out)
     if out.suffix.lower() not in PROMPT_TABLES:
         raise RouterError(f"--out {out}: expected a {', '.join(PROMPT_TABLES)} file")
@@ -445,7 +511,9 @@ def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None 
     jobs, skipped = [], 0
     done = set(journal.rows) | {row_key(r) for r in earlier}
     for pid, text in items:
-        pending = [i for i in scored if (source, pid, chosen[i].model, judge.provider.model, baseline or "", 0) not in done]
+        pending = [
+            i for i in scored if (source, pid, chosen[i].model, judge.provider.model, baseline or "", 0) not in done
+        ]
         skipped += len(scored) - len(pending)
         if pending:
             jobs.append(Job(pid, text, pending))
@@ -463,9 +531,27 @@ def plan(cfg: ServiceConfig, prompts: Path, out: Path, models: list[str] | None 
             answers = [journal.answers.get((job.prompt_id, chosen[a].model), "x" * answer_chars) for a in needs(c, ref)]
             calls = 1 if judge.mode == "single" else 2  # pairwise: both orders, of one length
             judge_calls += calls
-            usd += calls * judge.provider.cost_usd(chat_tokens(judge_chat(judge.mode, job.text, answers), cpt), judge.max_tokens)
-    return Plan(cfg, chosen, jobs, out, journal, earlier, [r for r in fb if row_key(r) not in done], unknown, by_client,
-                len(items), skipped, answer_calls, judge_calls, usd, concurrency or judge.concurrency, max_usd)
+            usd += calls * judge.provider.cost_usd(
+                chat_tokens(judge_chat(judge.mode, job.text, answers), cpt), judge.max_tokens
+            )
+    return Plan(
+        cfg,
+        chosen,
+        jobs,
+        out,
+        journal,
+        earlier,
+        [r for r in fb if row_key(r) not in done],
+        unknown,
+        by_client,
+        len(items),
+        skipped,
+        answer_calls,
+        judge_calls,
+        usd,
+        concurrency or judge.concurrency,
+        max_usd,
+    )
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -506,8 +592,12 @@ def providers_used(cfg: ServiceConfig, chosen: list[Contender]) -> list[tuple[Pr
     ConfigError when a key's environment variable is not set."""
     out = []
     names = {q.name for c in chosen for q in c.providers}
-    wanted = [(prov, tier.name, f"tiers[{t}].providers[{i}]") for t, tier in enumerate(cfg.tiers)
-              for i, prov in enumerate(tier.providers) if prov.name in names]
+    wanted = [
+        (prov, tier.name, f"tiers[{t}].providers[{i}]")
+        for t, tier in enumerate(cfg.tiers)
+        for i, prov in enumerate(tier.providers)
+        if prov.name in names
+    ]
     for prov, tier, where in [*wanted, (cfg.judge.provider, "judge", "judge.provider")]:
         key = None if prov.api_key_env is None else os.environ.get(prov.api_key_env)
         if prov.api_key_env is not None and key is None:
@@ -530,8 +620,16 @@ class Labeller:
         keys = {prov.name: key for prov, _, key in needed}
         tiers = [TierConfig(name=tier, providers=[prov]) for prov, tier, _ in needed]
         metrics = Metrics()
-        self.upstream = Upstream.build(tiers, keys, cfg.retry, cfg.circuit_breaker, cfg.latency, metrics,
-                                       LocalState(cfg.rate_limit, metrics), cfg.limits.max_upstream_body_bytes)
+        self.upstream = Upstream.build(
+            tiers,
+            keys,
+            cfg.retry,
+            cfg.circuit_breaker,
+            cfg.latency,
+            metrics,
+            LocalState(cfg.rate_limit, metrics),
+            cfg.limits.max_upstream_body_bytes,
+        )
         by_name = {prov.name: prov for prov in self.upstream.providers()}
         self.chains = [[by_name[q.name] for q in c.providers] for c in p.contenders]
         self.judge_chain = [by_name[judge.provider.name]]
@@ -557,11 +655,14 @@ class Labeller:
             self.reserved += estimate
             self.flying += 1
             try:
-                reply = await self.upstream.complete(chain, {"messages": messages, "max_tokens": max_tokens, "stream": False,
-                                                             **extra}, stream=False)
+                reply = await self.upstream.complete(
+                    chain, {"messages": messages, "max_tokens": max_tokens, "stream": False, **extra}, stream=False
+                )
                 if reply.status == 200:
                     estimated = chat_tokens(messages, self.cpt)
-                    p_in, p_out, _ = billed_tokens(reply.json.get("usage"), estimated, answer_chars(reply.json), self.cpt)
+                    p_in, p_out, _ = billed_tokens(
+                        reply.json.get("usage"), estimated, answer_chars(reply.json), self.cpt
+                    )
                     cost = reply.provider.config.cost_usd(p_in, p_out)
                     self.s.spent += cost if sane_cost(cost) else 0.0
             except AllProvidersFailed as e:
@@ -640,8 +741,12 @@ class Labeller:
             reference = None if c == ref else got[ref]
             results = [await self.verdict(single_messages(job.text, got[c], reference))]
         else:
-            results = list(await asyncio.gather(self.verdict(pairwise_messages(job.text, got[c], got[ref])),
-                                                 self.verdict(pairwise_messages(job.text, got[ref], got[c]))))
+            results = list(
+                await asyncio.gather(
+                    self.verdict(pairwise_messages(job.text, got[c], got[ref])),
+                    self.verdict(pairwise_messages(job.text, got[ref], got[c])),
+                )
+            )
         if any(isinstance(x, Stop) for x in results):
             return
         if failed := [x for x in results if isinstance(x, CallFailed)]:
@@ -658,9 +763,17 @@ class Labeller:
             self.s.unparseable += sum(x is None for x in parsed)
             self.s.unparseable_rows += 1
             return self.advance()
-        row = {"prompt": job.text, "prompt_id": job.prompt_id, "model": p.contenders[c].model, "score": float(score),
-               "source": SOURCES[mode], "judge": judge.provider.model,
-               "baseline": p.contenders[ref].model if mode == "pairwise" else None, "raw": raw, "n": 0}
+        row = {
+            "prompt": job.text,
+            "prompt_id": job.prompt_id,
+            "model": p.contenders[c].model,
+            "score": float(score),
+            "source": SOURCES[mode],
+            "judge": judge.provider.model,
+            "baseline": p.contenders[ref].model if mode == "pairwise" else None,
+            "raw": raw,
+            "n": 0,
+        }
         if p.journal.add_row(row):
             self.s.written += 1
         self.advance()
@@ -682,8 +795,10 @@ class Labeller:
 
     def describe(self) -> str:
         s = self.s
-        return (f"labelling: {s.written - s.feedback} rows written, {s.failed} failed, {s.unparseable} unparseable, "
-                f"${s.spent:.4f} spent")
+        return (
+            f"labelling: {s.written - s.feedback} rows written, {s.failed} failed, {s.unparseable} unparseable, "
+            f"${s.spent:.4f} spent"
+        )
 
     # -- all of it
 
@@ -698,8 +813,11 @@ class Labeller:
 
         await self.upstream.start()
         try:
-            with step(f"labelling {self.p.rows:,} rows of {len(self.p.jobs):,} prompts with {self.judge.provider.model} "
-                      f"({self.p.mode})", total=self.p.rows) as bar:
+            with step(
+                f"labelling {self.p.rows:,} rows of {len(self.p.jobs):,} prompts with {self.judge.provider.model} "
+                f"({self.p.mode})",
+                total=self.p.rows,
+            ) as bar:
                 self.bar = bar
                 async with asyncio.TaskGroup() as tg:
                     for _ in range(min(self.p.concurrency, len(self.p.jobs))):
@@ -733,6 +851,8 @@ def run(p: Plan) -> Summary:
             s.total = write_graded(p.journal.rows.values(), p.out)
         except KeyboardInterrupt:  # a second Ctrl-C while writing: the journal still holds every row
             s.interrupted = True
-            print(f"the output was not rewritten: the journal {p.journal.path} holds the rows; rerun to write it",
-                  file=sys.stderr)
+            print(
+                f"the output was not rewritten: the journal {p.journal.path} holds the rows; rerun to write it",
+                file=sys.stderr,
+            )
     return s

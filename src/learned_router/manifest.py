@@ -62,7 +62,11 @@ class Calibration(BaseModel):
         f-quantile, so that threshold sends them to the stronger side. Each quantile is the midpoint of the two pass
         chances around it: where the prompts fall in two groups, the threshold between them lies mid-gap."""
         cuts = np.quantile(pass_chances, CALIBRATION_SHARES, axis=0, method="midpoint")
-        return cls(mix=mix, prompts=len(pass_chances), thresholds={n: [round(float(c), 5) for c in cuts[:, j]] for j, n in enumerate(outputs)})
+        return cls(
+            mix=mix,
+            prompts=len(pass_chances),
+            thresholds={n: [round(float(c), 5) for c in cuts[:, j]] for j, n in enumerate(outputs)},
+        )
 
 
 class ExportCheck(BaseModel):
@@ -188,12 +192,16 @@ class RouterFolder:
         try:
             is_dir, exists = self.path.is_dir(), self.path.exists()
         except (OSError, ValueError) as e:  # a name too long for the file system, say
-            raise RouterFolderError(f"{shown(self.path)}: cannot be a router folder ({getattr(e, 'strerror', None) or e})") from None
+            raise RouterFolderError(
+                f"{shown(self.path)}: cannot be a router folder ({getattr(e, 'strerror', None) or e})"
+            ) from None
         if exists and not is_dir:
             raise RouterFolderError(f"{self.path}: a file, not a router folder (a folder with {self.MANIFEST})")
         if not is_dir:
             raise RouterFolderError(f"router folder not found: {self.path}")
-        return read_model(self.manifest_path, Manifest, f"a router folder needs {self.MANIFEST}, {self.TOKENIZER} and an ONNX model")
+        return read_model(
+            self.manifest_path, Manifest, f"a router folder needs {self.MANIFEST}, {self.TOKENIZER} and an ONNX model"
+        )
 
     def record(self) -> TrainingRecord:
         return read_model(self.record_path, TrainingRecord, "it is written by 'learned-router train'")
@@ -216,7 +224,9 @@ class RouterFolder:
         if not p.is_file():
             raise RouterFolderError(f"{p}: missing (listed in {self.MANIFEST})")
         if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
-            raise RouterFolderError(f"{p}: corrupted (size or sha256 differs from {self.MANIFEST}); re-export the router")
+            raise RouterFolderError(
+                f"{p}: corrupted (size or sha256 differs from {self.MANIFEST}); re-export the router"
+            )
         return p
 
 

@@ -98,8 +98,9 @@ class QualityHead(nn.Module):
         mean = (self.offset * graded).sum(0) / graded.sum(0).clamp(min=1.0)
         return torch.where(self.versus.unsqueeze(-1), self.offset, (self.offset - mean) * graded)
 
-    def grade_logits(self, x: torch.Tensor, prompt: torch.Tensor, model: torch.Tensor, opponent: torch.Tensor,
-                     source: torch.Tensor) -> torch.Tensor:
+    def grade_logits(
+        self, x: torch.Tensor, prompt: torch.Tensor, model: torch.Tensor, opponent: torch.Tensor, source: torch.Tensor
+    ) -> torch.Tensor:
         """The logit of each observation's grade under its source's scheme (`opponent` is ignored for absolute ones).
         Gathers go through flat 1-D indices: their backward is a plain index_add, fast on CPU."""
         eta, d = self.latent(x)
@@ -128,7 +129,9 @@ class QualityHead(nn.Module):
             head = cls(HeadConfig(**{**cfg, "length_range": tuple(cfg["length_range"])}))
             head.load_state_dict(blob["state"])
         except Exception as e:  # torch raises many types for a damaged file
-            raise RouterFolderError(f"{path}: not a readable head ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+            raise RouterFolderError(
+                f"{path}: not a readable head ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            ) from None
         return head.eval()
 
     @torch.no_grad()
@@ -160,15 +163,17 @@ class QualityModel:
         self.head.save(checkpoint)
 
     @classmethod
-    def load(cls, router_dir: str | Path, encoder_path: str | Path | None = None,
-             max_seq_length: int | None = None) -> "QualityModel":
+    def load(
+        cls, router_dir: str | Path, encoder_path: str | Path | None = None, max_seq_length: int | None = None
+    ) -> "QualityModel":
         """A router folder's torch model; its encoder from `encoder_path` (default: the one it was trained with),
         reading `max_seq_length` tokens (default: as in training)."""
         folder = RouterFolder(router_dir)
         record = folder.record()
         head = QualityHead.load(folder.checkpoint)  # before the encoder: a broken head.pt fails at once
-        enc = Encoder(encoder_path or record.encoder_path, max_seq_length or record.encoder.max_seq_length,
-                      record.encoder.layers)
+        enc = Encoder(
+            encoder_path or record.encoder_path, max_seq_length or record.encoder.max_seq_length, record.encoder.layers
+        )
         return cls(enc, head, record.strong)
 
 
@@ -186,15 +191,28 @@ def observation_weights(sources: np.ndarray, prompts: np.ndarray, user: np.ndarr
     return w * len(w) / w.sum()
 
 
-def fit_head(x: np.ndarray, obs: dict[str, np.ndarray], models: list[str], sources: list[str], schemes: list[str],
-             cfg: Recipe, on_step=lambda step, loss: None) -> QualityHead:
+def fit_head(
+    x: np.ndarray,
+    obs: dict[str, np.ndarray],
+    models: list[str],
+    sources: list[str],
+    schemes: list[str],
+    cfg: Recipe,
+    on_step=lambda step, loss: None,
+) -> QualityHead:
     """Fit the quality model on the prompts' features `x` (one row per prompt) and the observations `obs`: int
     arrays prompt, model, opponent (any index for absolute rows), source; float arrays grade in [0, 1] and weight.
     Full-batch Adam for `cfg.steps`, its learning rate on a cosine down to 0; seeded, so the same data and recipe
     give the same head."""
-    head_cfg = HeadConfig(dim=x.shape[1] - cfg.length_input, models=list(models), sources=list(sources),
-                          schemes=list(schemes), factors=cfg.factors, length_input=cfg.length_input,
-                          reference=list(cfg.reference))
+    head_cfg = HeadConfig(
+        dim=x.shape[1] - cfg.length_input,
+        models=list(models),
+        sources=list(sources),
+        schemes=list(schemes),
+        factors=cfg.factors,
+        length_input=cfg.length_input,
+        reference=list(cfg.reference),
+    )
     if cfg.length_input:
         log_len = np.log(np.clip(x[:, -1], 1.0, None))
         head_cfg.length_mean, head_cfg.length_std = float(log_len.mean()), float(log_len.std() or 1.0)
@@ -215,8 +233,10 @@ def fit_head(x: np.ndarray, obs: dict[str, np.ndarray], models: list[str], sourc
     for step in range(cfg.steps):
         logits = head.grade_logits(xt, idx["prompt"], idx["model"], idx["opponent"], idx["source"])
         loss = (nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).mean()
-        reg = (cfg.l2 * (head.traits.weight.square().sum() + head.loading.square().sum() + head.offset.square().sum())
-               + cfg.l2_difficulty * head.difficulty.weight.square().sum())
+        reg = (
+            cfg.l2 * (head.traits.weight.square().sum() + head.loading.square().sum() + head.offset.square().sum())
+            + cfg.l2_difficulty * head.difficulty.weight.square().sum()
+        )
         opt.zero_grad()
         (loss + reg).backward()
         opt.step()

@@ -33,8 +33,10 @@ def column_of(models: Sequence[str], name: str, where: str = "the router") -> in
     if name not in names:
         near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"closest: {', '.join(near)}; " if near else ""
-        raise RouterError(f"{where}: the router was not trained on {name!r} ({hint}{len(models)} models in "
-                          f"router.json 'models'); use '{GENERIC}' for a model it does not know")
+        raise RouterError(
+            f"{where}: the router was not trained on {name!r} ({hint}{len(models)} models in "
+            f"router.json 'models'); use '{GENERIC}' for a model it does not know"
+        )
     return names.index(name)
 
 
@@ -76,8 +78,13 @@ class Outputs:
 
     def rows(self, index) -> Outputs:
         """The outputs of the prompts at `index` (an integer array, slice or boolean mask)."""
-        return Outputs(self.models, self.strong, self.quality[index], self.difficulty[index],
-                       None if self.embedding is None else self.embedding[index])
+        return Outputs(
+            self.models,
+            self.strong,
+            self.quality[index],
+            self.difficulty[index],
+            None if self.embedding is None else self.embedding[index],
+        )
 
 
 class Predictor(Protocol):

@@ -40,8 +40,11 @@ def cpu() -> str:
 
     name = platform.processor() or platform.machine()
     try:
-        name = next(line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
+        name = next(
+            line.partition(":")[2].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     flags = [f for f in KERNEL_FLAGS if features.get(f)]
@@ -87,10 +90,15 @@ class Verdict:
 
     def summary(self) -> str:
         """One clause with the figures the gate judged."""
-        share = (f"strong share {self.strong_share:.3f} ({self.strong_share_shift:+.3f} against the torch model, 95% "
-                 f"{self.strong_share_shift_low:+.3f} to {self.strong_share_shift_high:+.3f})")
-        apgr = f", APGR {self.apgr_shift:+.4f} (95% low {self.apgr_shift_low:+.4f}) on {self.graded} graded" \
-            if self.apgr_shift is not None else ""
+        share = (
+            f"strong share {self.strong_share:.3f} ({self.strong_share_shift:+.3f} against the torch model, 95% "
+            f"{self.strong_share_shift_low:+.3f} to {self.strong_share_shift_high:+.3f})"
+        )
+        apgr = (
+            f", APGR {self.apgr_shift:+.4f} (95% low {self.apgr_shift_low:+.4f}) on {self.graded} graded"
+            if self.apgr_shift is not None
+            else ""
+        )
         return f"{self.prompts} probe prompts: max |dq| {self.max_abs_diff:.4f}, mean |dq| {self.mean_abs_diff:.4f}, {share}{apgr}"
 
 
@@ -107,12 +115,20 @@ def apgr_of(p_weak: np.ndarray, weak: np.ndarray, strong: np.ndarray) -> float:
     ties entering together; NaN when the pair's mean grades are equal."""
     from .evals.frontier import apgr, sweep
 
-    return apgr(sweep(1.0 - np.asarray(p_weak, float), weak, strong, quantiles=None), float(weak.mean()),
-                float(strong.mean()))
+    return apgr(
+        sweep(1.0 - np.asarray(p_weak, float), weak, strong, quantiles=None), float(weak.mean()), float(strong.mean())
+    )
 
 
-def judge(variant: str, outputs: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
-          pair: tuple[int, int], threshold: float, calibration_prompts: int, graded: Graded | None = None) -> Verdict:
+def judge(
+    variant: str,
+    outputs: tuple[np.ndarray, np.ndarray],
+    reference: tuple[np.ndarray, np.ndarray],
+    pair: tuple[int, int],
+    threshold: float,
+    calibration_prompts: int,
+    graded: Graded | None = None,
+) -> Verdict:
     """The variant's (quality, difficulty) on the probes against the torch model's, for the (weak, strong) columns,
     at the default threshold of a router calibrated on `calibration_prompts`."""
     (q, d), (q_ref, d_ref) = outputs, reference
@@ -121,8 +137,16 @@ def judge(variant: str, outputs: tuple[np.ndarray, np.ndarray], reference: tuple
     p, p_ref = pass_chances(q[:, w], q[:, s]), pass_chances(q_ref[:, w], q_ref[:, s])
     flips = (p < threshold).astype(float) - (p_ref < threshold)
     lo, hi = bootstrap_interval(lambda i: flips[i].mean(), len(flips))
-    v = Verdict(variant, len(p), float(diff.max()), float(diff.mean()), float(np.mean(p < threshold)),
-                float(flips.mean()), lo, hi)
+    v = Verdict(
+        variant,
+        len(p),
+        float(diff.max()),
+        float(diff.mean()),
+        float(np.mean(p < threshold)),
+        float(flips.mean()),
+        lo,
+        hi,
+    )
     gate = GATES[variant]
     failures = []
     if "max_abs_diff" in gate and v.max_abs_diff > gate["max_abs_diff"]:
@@ -139,6 +163,8 @@ def judge(variant: str, outputs: tuple[np.ndarray, np.ndarray], reference: tuple
         lo, hi = bootstrap_interval(lambda i: np.nan_to_num(shift(i)), len(pg))
         v.apgr_shift_low = lo
         if "apgr_shift" in gate and hi < -gate["apgr_shift"]:
-            failures.append(f"APGR lower by {-v.apgr_shift:.4f} (95% {lo:+.4f} to {hi:+.4f}), beyond {gate['apgr_shift']}")
+            failures.append(
+                f"APGR lower by {-v.apgr_shift:.4f} (95% {lo:+.4f} to {hi:+.4f}), beyond {gate['apgr_shift']}"
+            )
     v.failures = tuple(failures)
     return v

@@ -89,10 +89,17 @@ def load_prices(path: str | Path) -> PriceFile:
         if old:
             raise DataError(f"{path}: models.{name}.{old[0]}: renamed {RENAMED[old[0]]} (the service config's name)")
         values = [p.get(k) if isinstance(p, dict) else None for k in FIELDS]
-        if not isinstance(p, dict) or set(p) - set(FIELDS) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values):
-            raise DataError(f"{path}: models.{name}: needs non-negative numbers input_price_per_1m and output_price_per_1m "
-                            "(and no other key)")
+        if (
+            not isinstance(p, dict)
+            or set(p) - set(FIELDS)
+            or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values
+            )
+        ):
+            raise DataError(
+                f"{path}: models.{name}: needs non-negative numbers input_price_per_1m and output_price_per_1m "
+                "(and no other key)"
+            )
         out[str(name)] = Price(*map(float, values))
     tokens = raw.get("output_tokens", OUTPUT_TOKENS)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:

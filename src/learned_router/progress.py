@@ -21,7 +21,7 @@ _live: ContextVar[Progress | None] = ContextVar("live", default=None)
 
 
 def mode() -> str | None:
-    """"live" on a terminal, "lines" elsewhere, None in CI or when quiet."""
+    """ "live" on a terminal, "lines" elsewhere, None in CI or when quiet."""
     if _quiet.get() or os.environ.get("CI", "").lower() not in ("", "0", "false"):
         return None
     return "live" if sys.stderr.isatty() else "lines"
@@ -56,7 +56,9 @@ class _Count(ProgressColumn):
     """done/total for a step that has a total; nothing for one that has not."""
 
     def render(self, task) -> Text:
-        return Text(f"{int(task.completed):,}/{int(task.total):,}" if task.fields["counted"] else "", style="progress.download")
+        return Text(
+            f"{int(task.completed):,}/{int(task.total):,}" if task.fields["counted"] else "", style="progress.download"
+        )
 
 
 class Step:
@@ -86,8 +88,14 @@ def step(label: str, total: float | None = None) -> Iterator[Step]:
         yield Step(lines=how == "lines")
         return
     outer = _live.get()
-    progress = outer or Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), BarColumn(),
-                                 _Count(), TimeElapsedColumn(), console=Console(stderr=True))
+    progress = outer or Progress(
+        SpinnerColumn(finished_text="[green]✓"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        _Count(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
     token = _live.set(progress)
     if outer is None:
         progress.start()

@@ -52,7 +52,9 @@ class Choice:
     tried: dict[str, float] = field(default_factory=dict)
 
 
-def bases(quality: np.ndarray, difficulty: np.ndarray, graph_models: list[str], models: list[str]) -> tuple[np.ndarray, list[str]]:
+def bases(
+    quality: np.ndarray, difficulty: np.ndarray, graph_models: list[str], models: list[str]
+) -> tuple[np.ndarray, list[str]]:
     """Each model's base output, (n, models): the prior graph's quality of it, or 1 - difficulty (generic) for a model
     the graph does not know; and the name of each base."""
     col = {m: i for i, m in enumerate(graph_models)}
@@ -64,7 +66,9 @@ def log_length(prompts: list[str]) -> np.ndarray:
     return np.log(np.maximum([len(p) for p in prompts], 1)).astype(np.float32)
 
 
-def design(base: np.ndarray, length: np.ndarray, emb: np.ndarray, ridge: float | None, use_base: bool = True) -> np.ndarray:
+def design(
+    base: np.ndarray, length: np.ndarray, emb: np.ndarray, ridge: float | None, use_base: bool = True
+) -> np.ndarray:
     """[1, base (or 0), length, embedding (when ridge)]: the ridge's inputs."""
     cols = [np.ones_like(base), base if use_base else np.zeros_like(base), length]
     return np.c_[tuple(cols)] if ridge is None else np.c_[(*cols, emb)]
@@ -83,8 +87,9 @@ def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,jk->ik", a, b) if len(a) <= 16 else a @ b
 
 
-def kernel_sums(query: np.ndarray, keys_t: np.ndarray, values: np.ndarray, counts: np.ndarray, width: float,
-                block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def kernel_sums(
+    query: np.ndarray, keys_t: np.ndarray, values: np.ndarray, counts: np.ndarray, width: float, block: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
     """(sum_j K r_j, sum_j K n_j) per query row; keys_t (dim x keys, contiguous) are the keys' unit embeddings,
     values (keys x models) their residual sums, counts their graded counts."""
     num = np.empty((len(query), values.shape[1]), np.float32)
@@ -123,7 +128,9 @@ class Residual:
         z = ((prompts_length - self.length_mean) / self.length_std).astype(np.float32)
         out = np.empty_like(base, dtype=np.float32)
         for j in range(len(self.models)):
-            out[:, j] = product(design(base[:, j], z, emb, self.choice.ridge, self.choice.use_base), self.coef[j][:, None])[:, 0]
+            out[:, j] = product(
+                design(base[:, j], z, emb, self.choice.ridge, self.choice.use_base), self.coef[j][:, None]
+            )[:, 0]
         if self.choice.width is not None:
             num, den = kernel_sums(emb, self.keys_t, self.sums, self.counts, self.choice.width)
             out += num / (den + self.choice.shrink)
@@ -133,17 +140,30 @@ class Residual:
         arrays = {"coef": self.coef}
         if self.keys is not None:
             arrays |= {"keys": self.keys, "sums": self.sums, "counts": self.counts}
-        meta = {"models": self.models, "base": self.base, "length_mean": self.length_mean,
-                "length_std": self.length_std, "choice": asdict(self.choice), "prompts": self.prompts}
+        meta = {
+            "models": self.models,
+            "base": self.base,
+            "length_mean": self.length_mean,
+            "length_std": self.length_std,
+            "choice": asdict(self.choice),
+            "prompts": self.prompts,
+        }
         np.savez(Path(folder) / FILE, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load(cls, path: Path) -> "Residual":
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            return cls(models=meta["models"], base=meta["base"], coef=z["coef"], length_mean=meta["length_mean"],
-                       length_std=meta["length_std"], choice=Choice(**meta["choice"]), prompts=meta["prompts"],
-                       **{k: z[k] for k in ("keys", "sums", "counts") if k in z})
+            return cls(
+                models=meta["models"],
+                base=meta["base"],
+                coef=z["coef"],
+                length_mean=meta["length_mean"],
+                length_std=meta["length_std"],
+                choice=Choice(**meta["choice"]),
+                prompts=meta["prompts"],
+                **{k: z[k] for k in ("keys", "sums", "counts") if k in z},
+            )
 
 
 def _linear_folds(base, z, emb, grades, folds, linear) -> tuple[list, list]:
@@ -182,13 +202,23 @@ def better_beyond_noise(q_new: np.ndarray, q_old: np.ndarray, grades: np.ndarray
     """Whether `q_new` beats `q_old` on every side of a 95% paired bootstrap over the prompts."""
     rng = np.random.default_rng(seed)
     n = len(grades)
-    gains = [objective(q_new, grades, pair, i) - objective(q_old, grades, pair, i)
-             for i in (rng.integers(0, n, n) for _ in range(RESAMPLES))]
+    gains = [
+        objective(q_new, grades, pair, i) - objective(q_old, grades, pair, i)
+        for i in (rng.integers(0, n, n) for _ in range(RESAMPLES))
+    ]
     return float(np.nanpercentile(gains, 2.5)) > 0
 
 
-def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarray, models: list[str],
-        base_names: list[str], pair: tuple[int, int] | None, seed: int = 0) -> Residual:
+def fit(
+    base: np.ndarray,
+    lengths: np.ndarray,
+    emb: np.ndarray,
+    grades: np.ndarray,
+    models: list[str],
+    base_names: list[str],
+    pair: tuple[int, int] | None,
+    seed: int = 0,
+) -> Residual:
     """The top level on n labelled prompts: each model's base output (n, models), log lengths (n,), unit embeddings
     (n, dim) and grades in [0, 1] (n, models; NaN where a model is not graded). `pair`: the (weak, strong) model
     axes whose gap's squared error picks the terms, or None for the grades'."""
@@ -213,17 +243,27 @@ def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarr
     best, width, shrink, best_q = tried[label(use_base, ridge)], None, 0.0, None
     sims = [emb[test] @ emb[train].T for train, test in folds]
     for w in sorted({w for w, _ in KERNELS[1:]}):
-        sums = [weighted(sim, resid, (~np.isnan(grades[train])).astype(np.float32), w)
-                for (train, _), sim, resid in zip(folds, sims, resids)]
+        sums = [
+            weighted(sim, resid, (~np.isnan(grades[train])).astype(np.float32), w)
+            for (train, _), sim, resid in zip(folds, sims, resids)
+        ]
         for s in sorted({s for ww, s in KERNELS[1:] if ww == w}):
             q = np.clip(np.concatenate([lin + num / (den + s) for lin, (num, den) in zip(linear, sums)]), 0.0, 1.0)
             tried[f"{label(use_base, ridge)} width={w} shrink={s}"] = figure = objective(q, grades[order], pair)
             if figure > best:
                 best, width, shrink, best_q = figure, w, s, q
-    if best_q is not None and not better_beyond_noise(best_q, np.clip(np.concatenate(linear), 0.0, 1.0), grades[order], pair, seed):
+    if best_q is not None and not better_beyond_noise(
+        best_q, np.clip(np.concatenate(linear), 0.0, 1.0), grades[order], pair, seed
+    ):
         width, shrink = None, 0.0
-    choice = Choice(use_base, ridge, width, shrink, "pair gap MSE" if pair is not None else "grade MSE",
-                    {k: round(float(v), 5) for k, v in tried.items()})
+    choice = Choice(
+        use_base,
+        ridge,
+        width,
+        shrink,
+        "pair gap MSE" if pair is not None else "grade MSE",
+        {k: round(float(v), 5) for k, v in tried.items()},
+    )
 
     coef, resid = [], np.zeros(grades.shape, np.float32)
     for j in range(grades.shape[1]):
@@ -246,4 +286,6 @@ def fit(base: np.ndarray, lengths: np.ndarray, emb: np.ndarray, grades: np.ndarr
             keys = (centres / np.linalg.norm(centres, axis=1, keepdims=True).clip(1e-9)).astype(np.float32)
             sums, counts = onehot @ resid, onehot @ counts
         sums, counts = sums.astype(np.float32), counts.astype(np.float32)
-    return Residual(list(models), list(base_names), np.array(coef, np.float32), mean, std, choice, keys, sums, counts, n)
+    return Residual(
+        list(models), list(base_names), np.array(coef, np.float32), mean, std, choice, keys, sums, counts, n
+    )

@@ -73,8 +73,13 @@ class Router:
     Prompts longer than the encoder's limit keep their first `max_seq_length` tokens (head truncation), as in training.
     """
 
-    def __init__(self, path: str | os.PathLike, variant: str = "auto", threads: int | None = None,
-                 max_seq_length: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        variant: str = "auto",
+        threads: int | None = None,
+        max_seq_length: int | None = None,
+    ):
         """`max_seq_length`: read this many tokens of each prompt instead of router.json's (`calibrate
         --max-seq-length` measures a budget before it writes it there)."""
         self.folder = RouterFolder(path)
@@ -84,7 +89,9 @@ class Router:
         if variant == "auto":
             variant = "int8" if "int8" in files else "fp32"
         if variant not in files:
-            raise RouterFolderError(f"{self.path}: no '{variant}' model; this folder has {sorted(set(files) - set(ROLES))}")
+            raise RouterFolderError(
+                f"{self.path}: no '{variant}' model; this folder has {sorted(set(files) - set(ROLES))}"
+            )
         self.variant = variant
         model_path = self.folder.verify(files[variant])
         if "tokenizer" not in files:
@@ -142,16 +149,26 @@ class Router:
         c, m = self.manifest.check, self.manifest
         if c is None or not c.probes:
             return None
-        whole = [i for i, p in enumerate(c.probes) if self.n_tokens(p) < self.max_seq_length]  # read alike at any budget
+        whole = [
+            i for i, p in enumerate(c.probes) if self.n_tokens(p) < self.max_seq_length
+        ]  # read alike at any budget
         quality, difficulty, _ = self.graph([c.probes[i] for i in whole])
         pair = [self.graph_models.index(name) for name in c.models]
         reference = np.asarray(c.quality)[whole], np.asarray(c.difficulty)[whole]
-        verdict = parity.judge(self.variant, (quality[:, pair], difficulty), reference, (0, 1), m.default_threshold,
-                               m.calibration.prompts)
+        verdict = parity.judge(
+            self.variant, (quality[:, pair], difficulty), reference, (0, 1), m.default_threshold, m.calibration.prompts
+        )
         if not verdict.passed:
-            log.warning("%s: the %s graph on this CPU (%s) routes unlike the torch model it was exported from on %s: %s "
-                        "(%s); serve another variant or re-export the router on this machine", self.path, self.variant,
-                        parity.cpu(), c.cpu, verdict.summary(), "; ".join(verdict.failures))
+            log.warning(
+                "%s: the %s graph on this CPU (%s) routes unlike the torch model it was exported from on %s: %s "
+                "(%s); serve another variant or re-export the router on this machine",
+                self.path,
+                self.variant,
+                parity.cpu(),
+                c.cpu,
+                verdict.summary(),
+                "; ".join(verdict.failures),
+            )
         return verdict
 
     @classmethod
@@ -173,7 +190,9 @@ class Router:
         return self._dim is not None
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(x.astype(np.float32) for x in self._session.run(self._outputs, {"input_ids": ids, "attention_mask": mask}))
+        return tuple(
+            x.astype(np.float32) for x in self._session.run(self._outputs, {"input_ids": ids, "attention_mask": mask})
+        )
 
     def predict(self, prompts: Sequence[str], batch_size: int = 32) -> Outputs:
         """Each model's quality, the prompts' difficulty and (where the graph has it) their embedding, in input order;
@@ -191,15 +210,18 @@ class Router:
             full = np.empty((len(prompts), len(self.manifest.models)), dtype=np.float32)
             full[:, : len(self.graph_models)] = quality
             full[:, [self.manifest.models.index(m) for m in self.residual.models]] = self.residual.predict(
-                base, log_length(prompts), embedding)
+                base, log_length(prompts), embedding
+            )
             quality = full
         return Outputs(tuple(self.manifest.models), self.manifest.strong, quality, difficulty, embedding)
 
     def embed(self, prompts: Sequence[str]) -> np.ndarray:
         """The prompts' unit sentence embeddings (n, dim), from the same onnxruntime call that scores them."""
         if not self.has_embedding:
-            raise RouterError(f"{self.path}: this router's graph has no embedding output; re-export it "
-                              "(learned-router export --router PATH) to infer task types")
+            raise RouterError(
+                f"{self.path}: this router's graph has no embedding output; re-export it "
+                "(learned-router export --router PATH) to infer task types"
+            )
         return self.predict(prompts).embedding
 
     def graph(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -248,8 +270,9 @@ class Router:
         """The column of `score` for a model name (or `generic`); RouterError listing the outputs if unknown."""
         return column_of(self.manifest.models, name, str(self.path))
 
-    def route(self, prompts: Sequence[str], threshold: float | None = None, weak: str | None = None,
-              strong: str | None = None) -> list[Decision]:
+    def route(
+        self, prompts: Sequence[str], threshold: float | None = None, weak: str | None = None, strong: str | None = None
+    ) -> list[Decision]:
         """Weak when its pass chance >= threshold, else strong. A higher threshold buys quality with strong calls.
         The default threshold is the router's for its own pair; for another pair, pass one (or `threshold_for`)."""
         t = self.default_threshold if threshold is None else check_threshold(threshold)

@@ -54,7 +54,9 @@ class TypesFile(BaseModel):
     def _names(cls, v: dict[str, TaskType]) -> dict[str, TaskType]:
         for name in v:
             if not TYPE_NAME.match(name) or name == UNKNOWN:
-                raise ValueError(f"type name {name!r}: lowercase letters, digits, '_' or '-' (at most 32), not '{UNKNOWN}'")
+                raise ValueError(
+                    f"type name {name!r}: lowercase letters, digits, '_' or '-' (at most 32), not '{UNKNOWN}'"
+                )
         return v
 
 
@@ -113,8 +115,14 @@ def read_table(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         rows = list(reader)
     if not rows:
         raise TaskTypeError(f"{path}: no rows")
-    first_bad(path, [not (r["prompt"] or "").strip() or not (r["type"] or "").strip() for r in rows], "empty type or prompt",
-              error=TaskTypeError, unit="line", first=2)
+    first_bad(
+        path,
+        [not (r["prompt"] or "").strip() or not (r["type"] or "").strip() for r in rows],
+        "empty type or prompt",
+        error=TaskTypeError,
+        unit="line",
+        first=2,
+    )
     return [r["prompt"] for r in rows], [r["type"] for r in rows]
 
 
@@ -125,13 +133,20 @@ def evaluate(predicted: Sequence[str], labels: Sequence[str], names: Sequence[st
     out = {}
     for n in names:
         hit = float(np.sum((pred == n) & (true == n)))
-        out[n] = {"precision": hit / max(float(np.sum(pred == n)), 1.0), "recall": hit / max(float(np.sum(true == n)), 1.0),
-                  "support": float(np.sum(true == n))}
-    out["macro"] = {k: float(np.mean([out[n][k] for n in names])) for k in ("precision", "recall")} | {"support": float(len(true))}
+        out[n] = {
+            "precision": hit / max(float(np.sum(pred == n)), 1.0),
+            "recall": hit / max(float(np.sum(true == n)), 1.0),
+            "support": float(np.sum(true == n)),
+        }
+    out["macro"] = {k: float(np.mean([out[n][k] for n in names])) for k in ("precision", "recall")} | {
+        "support": float(len(true))
+    }
     return out
 
 
 def check_labels(labels: Sequence[str], names: Sequence[str], path: str | os.PathLike) -> None:
     unknown = sorted(set(labels) - set(names))
     if unknown:
-        raise TaskTypeError(f"{path}: labels {', '.join(map(repr, unknown))} are not types of the types file ({', '.join(names)})")
+        raise TaskTypeError(
+            f"{path}: labels {', '.join(map(repr, unknown))} are not types of the types file ({', '.join(names)})"
+        )

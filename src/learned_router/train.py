@@ -45,9 +45,11 @@ def indexed(obs: pd.DataFrame, models: list[str], sources: list[str]) -> tuple[l
     row = pd.Series(np.arange(len(prompts)), index=prompts)
     col = {m: i for i, m in enumerate(models)}
     return list(prompts), {
-        "prompt": row[obs["prompt"]].to_numpy(), "model": obs["model"].map(col).to_numpy(),
+        "prompt": row[obs["prompt"]].to_numpy(),
+        "model": obs["model"].map(col).to_numpy(),
         "opponent": obs["opponent"].map(lambda m: col.get(m, 0)).to_numpy(),
-        "source": obs["source"].map({s: i for i, s in enumerate(sources)}).to_numpy(), "grade": obs["grade"].to_numpy(float),
+        "source": obs["source"].map({s: i for i, s in enumerate(sources)}).to_numpy(),
+        "grade": obs["grade"].to_numpy(float),
     }
 
 
@@ -61,8 +63,9 @@ def fit(grades: Grades, enc: Encoder, recipe: Recipe, on_step=lambda step, loss:
     schemes = [obs.loc[obs["source"] == s, "scheme"].iloc[0] for s in sources]
     weight_of = {s.name: s.weight for s in grades.sources}
     prompts, arrays = indexed(obs, models, sources)
-    arrays["weight"] = observation_weights(arrays["source"], arrays["prompt"],
-                                           obs["source"].map(weight_of).to_numpy(float), recipe.source_balance)
+    arrays["weight"] = observation_weights(
+        arrays["source"], arrays["prompt"], obs["source"].map(weight_of).to_numpy(float), recipe.source_balance
+    )
     x = enc.features(prompts, recipe.length_input)
     return QualityModel(enc, fit_head(x, arrays, models, sources, schemes, recipe, on_step), recipe.strong)
 
@@ -74,8 +77,11 @@ def test_metrics(model: QualityModel, grades: Grades) -> dict[str, float]:
 
     head = model.head
     obs = grades.only("test")
-    obs = obs[obs["source"].isin(head.cfg.sources) & obs["model"].isin(head.cfg.models)
-              & (obs["opponent"].isna() | obs["opponent"].isin(head.cfg.models))]
+    obs = obs[
+        obs["source"].isin(head.cfg.sources)
+        & obs["model"].isin(head.cfg.models)
+        & (obs["opponent"].isna() | obs["opponent"].isin(head.cfg.models))
+    ]
     if obs.empty:
         return {}
     prompts, arrays = indexed(obs, head.cfg.models, head.cfg.sources)
@@ -106,11 +112,21 @@ def calibrate(model: QualityModel, grades: Grades, recipe: Recipe) -> Calibratio
     return Calibration.of(outputs.pass_chances(), outputs.names, what)
 
 
-def evaluate(model: QualityModel, grades: Grades, recipe: Recipe, evaluators: Sequence[RoutingEvaluator]) -> dict[str, float]:
+def evaluate(
+    model: QualityModel, grades: Grades, recipe: Recipe, evaluators: Sequence[RoutingEvaluator]
+) -> dict[str, float]:
     """The figures of each evaluator on the model, without the data's prompts, and of the pair's test prompts."""
     test = graded_pair(grades, "test", recipe.weak, recipe.strong)
-    own = [RoutingEvaluator("test_pair", test["prompt"].tolist(), test["weak"].to_numpy(), test["strong"].to_numpy(),
-                            recipe.weak, recipe.strong)]
+    own = [
+        RoutingEvaluator(
+            "test_pair",
+            test["prompt"].tolist(),
+            test["weak"].to_numpy(),
+            test["strong"].to_numpy(),
+            recipe.weak,
+            recipe.strong,
+        )
+    ]
     if len(test) < MIN_PROMPTS or test["weak"].mean() == test["strong"].mean():
         own = []
     seen = set(grades.obs["group"])
@@ -119,9 +135,17 @@ def evaluate(model: QualityModel, grades: Grades, recipe: Recipe, evaluators: Se
 
 def graded_pair(grades: Grades, split: str, weak: str, strong: str) -> pd.DataFrame:
     """The split's prompts with absolute grades of both models: columns prompt, weak, strong (mean grades)."""
-    obs = grades.obs[(grades.obs["split"] == split) & grades.obs["opponent"].isna() & grades.obs["model"].isin([weak, strong])]
-    wide = obs.pivot_table(index="prompt", columns="model", values="grade", aggfunc="mean").reindex(columns=[weak, strong]).dropna()
-    return pd.DataFrame({"prompt": wide.index, "weak": wide[weak].to_numpy(float), "strong": wide[strong].to_numpy(float)})
+    obs = grades.obs[
+        (grades.obs["split"] == split) & grades.obs["opponent"].isna() & grades.obs["model"].isin([weak, strong])
+    ]
+    wide = (
+        obs.pivot_table(index="prompt", columns="model", values="grade", aggfunc="mean")
+        .reindex(columns=[weak, strong])
+        .dropna()
+    )
+    return pd.DataFrame(
+        {"prompt": wide.index, "weak": wide[weak].to_numpy(float), "strong": wide[strong].to_numpy(float)}
+    )
 
 
 def warnings_for(grades: Grades, recipe: Recipe) -> list[str]:
@@ -131,22 +155,37 @@ def warnings_for(grades: Grades, recipe: Recipe) -> list[str]:
     split = grades.obs.drop_duplicates("prompt")["split"].value_counts()
     out = []
     if (n := int(split.sum())) < 1000:
-        out.append(f"only {n:,} prompts: the quality model is fitted for many models and sources; to route your own pair "
-                   f"on them, fit them over a trained router instead: train --prior models/default --data ...")
+        out.append(
+            f"only {n:,} prompts: the quality model is fitted for many models and sources; to route your own pair "
+            f"on them, fit them over a trained router instead: train --prior models/default --data ..."
+        )
     if int(split.get("test", 0)) < 30:
         out.append(f"{int(split.get('test', 0))} test prompts: the test AUCs are noise; add prompts or raise --test")
     if not sources & set(recipe.reference):
-        out.append(f"--reference {','.join(recipe.reference)} is not among the data's sources ({', '.join(sorted(sources))}): "
-                   f"the exported quality takes every absolute source's mean link; name yours with --reference")
+        out.append(
+            f"--reference {','.join(recipe.reference)} is not among the data's sources ({', '.join(sorted(sources))}): "
+            f"the exported quality takes every absolute source's mean link; name yours with --reference"
+        )
     if not sources & set(recipe.calibration):
-        out.append(f"no --calibration source is in the data: the calibration mix is every held-out prompt "
-                   f"({int(split.get('val', 0) + split.get('test', 0))}); name yours with --calibration")
+        out.append(
+            f"no --calibration source is in the data: the calibration mix is every held-out prompt "
+            f"({int(split.get('val', 0) + split.get('test', 0))}); name yours with --calibration"
+        )
     return out
 
 
-def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dict[str, float] | None = None,
-          variants: list[str] = ("fp32", "int8"), name: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-          overwrite: bool = False, device: str = "cpu", evaluators: Sequence[RoutingEvaluator] = ()) -> tuple[Manifest, str]:
+def train(
+    data: list[str],
+    out: Path,
+    recipe: Recipe | None = None,
+    weights: dict[str, float] | None = None,
+    variants: list[str] = ("fp32", "int8"),
+    name: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    overwrite: bool = False,
+    device: str = "cpu",
+    evaluators: Sequence[RoutingEvaluator] = (),
+) -> tuple[Manifest, str]:
     """Train, export and log one router; returns its manifest and the MLflow run id. `device` embeds the prompts
     (auto, cpu or cuda); the embedding cache does not depend on it. Each of `evaluators` scores the fitted model
     without the prompts of `data`, beside the pair's own held-out test prompts (`test_pair`, when there are enough)."""
@@ -157,8 +196,10 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
         grades = load_grades(data, weights, recipe.val, recipe.test, recipe.seed, recipe.max_prompts)
     for role in ("strong", "weak"):
         if getattr(recipe, role) not in grades.models:
-            raise DataError(f"--{role} {getattr(recipe, role)!r} is graded in none of the --data files; models there "
-                            f"include {', '.join(grades.models[:12])} ... ({len(grades.models)} in all)")
+            raise DataError(
+                f"--{role} {getattr(recipe, role)!r} is graded in none of the --data files; models there "
+                f"include {', '.join(grades.models[:12])} ... ({len(grades.models)} in all)"
+            )
     for line in warnings_for(grades, recipe):
         log.warning(line)
     enc = encoder_for(recipe, device)
@@ -166,15 +207,21 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
     prints = [s.fingerprint() for s in grades.sources]
     with staged_folder(Path(out), overwrite) as tmp, start_run(experiment, name) as run:
         folder = RouterFolder(tmp)
-        mlflow.log_params({**{k: (",".join(v) if isinstance(v, list) else v) for k, v in recipe.to_dict().items()},
-                           "encoder_fingerprint": enc.fingerprint[:16], "variants": ",".join(variants),
-                           **{f"data_{p['name']}{f'_{i}' if i else ''}_sha256": p["sha256"][:16] for p, i in numbered(prints)},
-                           **{f"weight_{p['name']}": p["weight"] for p in prints}})
+        mlflow.log_params(
+            {
+                **{k: (",".join(v) if isinstance(v, list) else v) for k, v in recipe.to_dict().items()},
+                "encoder_fingerprint": enc.fingerprint[:16],
+                "variants": ",".join(variants),
+                **{f"data_{p['name']}{f'_{i}' if i else ''}_sha256": p["sha256"][:16] for p, i in numbered(prints)},
+                **{f"weight_{p['name']}": p["weight"] for p in prints},
+            }
+        )
         mlflow.log_dict({"sources": prints}, "data_fingerprints.json")
         counts = grades.obs.groupby(["source", "split"])["prompt"].nunique().unstack(fill_value=0)
         mlflow.log_text(counts.to_string(), "split_counts.txt")
 
         with step("fitting the quality model", total=recipe.steps) as bar:
+
             def log_step(i, loss):
                 bar.advance()
                 if i % 10 == 0 or i == recipe.steps - 1:
@@ -187,26 +234,53 @@ def train(data: list[str], out: Path, recipe: Recipe | None = None, weights: dic
             calibration = calibrate(model, grades, recipe)
             default = round(calibration.threshold_for(recipe.default_strong_fraction, recipe.weak), 4)
             split = grades.obs.drop_duplicates("prompt")["split"].value_counts()
-            metrics = {**test_metrics(model, grades), "models": len(model.head.cfg.models),
-                       **{f"{s}_prompts": int(split.get(s, 0)) for s in ("train", "val", "test")}}
+            metrics = {
+                **test_metrics(model, grades),
+                "models": len(model.head.cfg.models),
+                **{f"{s}_prompts": int(split.get(s, 0)) for s in ("train", "val", "test")},
+            }
         with step(f"routing figures on {len(evaluators) + 1} graded sets"):
             metrics |= evaluate(model, grades, recipe, evaluators)
-        speed = {"embedded_prompts": enc.embedded, "embedding_prompts_per_s": enc.embedded / enc.seconds if enc.seconds else 0.0}
+        speed = {
+            "embedded_prompts": enc.embedded,
+            "embedding_prompts_per_s": enc.embedded / enc.seconds if enc.seconds else 0.0,
+        }
         record = TrainingRecord(
-            name=name, recipe=recipe.to_dict(), data=prints, encoder_path=recipe.encoder,
-            encoder=EncoderInfo(name=enc.name, max_seq_length=enc.max_seq_length, dim=enc.dim, layers=enc.layers,
-                                fingerprint=enc.fingerprint),
-            strong=recipe.strong, weak=recipe.weak, default_threshold=default, calibration=calibration, metrics=metrics)
+            name=name,
+            recipe=recipe.to_dict(),
+            data=prints,
+            encoder_path=recipe.encoder,
+            encoder=EncoderInfo(
+                name=enc.name,
+                max_seq_length=enc.max_seq_length,
+                dim=enc.dim,
+                layers=enc.layers,
+                fingerprint=enc.fingerprint,
+            ),
+            strong=recipe.strong,
+            weak=recipe.weak,
+            default_threshold=default,
+            calibration=calibration,
+            metrics=metrics,
+        )
         folder.write_record(record)
         probes = grades.obs.loc[grades.obs["split"] == "val", "prompt"].drop_duplicates().head(256).tolist()
         with step(f"exporting to ONNX ({', '.join(variants)}) and checking parity"), no_library_bars():
-            manifest = export_into(folder, list(variants), probes, graded_pair(grades, "val", recipe.weak, recipe.strong))
+            manifest = export_into(
+                folder, list(variants), probes, graded_pair(grades, "val", recipe.weak, recipe.strong)
+            )
         # metrics: the test AUCs (beside the loss curve), what runs are compared by; params: counts and the export's
         # parity, a gate it passed (the UI charts every metric, and a count charted as a bar says nothing)
         facts = {**metrics, **{f"parity_{k}": v for k, v in manifest.parity.items()}}
         mlflow.log_metrics({k: v for k, v in facts.items() if k.startswith(("test_auc_", "test_pair_", "eval_"))})
-        mlflow.log_params({k: (int(v) if float(v).is_integer() else f"{v:.4g}") for k, v in (facts | speed).items()
-                           if not k.startswith(("test_auc_", "test_pair_", "eval_"))} | {"device": enc.device})
+        mlflow.log_params(
+            {
+                k: (int(v) if float(v).is_integer() else f"{v:.4g}")
+                for k, v in (facts | speed).items()
+                if not k.startswith(("test_auc_", "test_pair_", "eval_"))
+            }
+            | {"device": enc.device}
+        )
         mlflow.log_dict(json.loads(manifest.model_dump_json()), "router.json")
     with step("logging the router folder to MLflow"):
         mlflow.MlflowClient().log_artifacts(run.info.run_id, str(out), artifact_path="router")

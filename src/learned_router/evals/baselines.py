@@ -106,7 +106,11 @@ def logistic_scores(train_emb, train_labels, test_emb, sample_weight=None, folds
     w = as_weights(sample_weight, y.size)
     if min(np.bincount(y.astype(int), minlength=2)) < folds:
         raise DataError(f"logistic baseline: each label needs at least {folds} training prompts for {folds}-fold CV")
-    model = GridSearchCV(LogisticRegression(max_iter=2000), {"C": np.logspace(-3, 2, 6)}, scoring="neg_log_loss",
-                         cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    model = GridSearchCV(
+        LogisticRegression(max_iter=2000),
+        {"C": np.logspace(-3, 2, 6)},
+        scoring="neg_log_loss",
+        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+    )
     model.fit(train, y.astype(int), sample_weight=w)  # weights the fits; the CV log-loss is unweighted
     return model.predict_proba(test)[:, 0]

@@ -68,11 +68,14 @@ def per_prompt_cost(cost_per_call: Mapping[str, object], n: int) -> tuple[np.nda
 
 def call_cost(input_tokens, output_tokens, usd_per_m_input: float, usd_per_m_output: float) -> np.ndarray:
     """Dollars per call from token counts (numbers or per-prompt arrays) and $ per 1M input/output tokens."""
-    return cost_usd(np.asarray(input_tokens, float), np.asarray(output_tokens, float), usd_per_m_input, usd_per_m_output)
+    return cost_usd(
+        np.asarray(input_tokens, float), np.asarray(output_tokens, float), usd_per_m_input, usd_per_m_output
+    )
 
 
-def sweep(strong_score, weak, strong, quantiles: int | None = 10,
-          cost_per_call: Mapping[str, object] | None = None) -> Curve:
+def sweep(
+    strong_score, weak, strong, quantiles: int | None = 10, cost_per_call: Mapping[str, object] | None = None
+) -> Curve:
     """Routed quality at each threshold on `strong_score` (higher = more in need of the strong model).
 
     quantiles=None: a point at every distinct score, so the curve is exact; a tie group enters all at once and

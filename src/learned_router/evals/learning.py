@@ -69,11 +69,15 @@ def scores_for_draw(t: Table, train: np.ndarray, test: np.ndarray, seed: int) ->
     """Each method's weak pass chance on the test rows after fitting on the train rows."""
     g = t.grades
     label = t.bench["label"].to_numpy(float)
-    fitted = top.fit(t.base[train], t.lengths[train], t.emb[train], g[train], ["weak", "strong"], t.base_names,
-                     (0, 1), seed)
+    fitted = top.fit(
+        t.base[train], t.lengths[train], t.emb[train], g[train], ["weak", "strong"], t.base_names, (0, 1), seed
+    )
     q = fitted.predict(t.base[test], t.lengths[test], t.emb[test])
-    out = {"prior": t.prior_p[test], "prompt length": 1.0 - prompt_length_scores(t.bench["prompt"].iloc[test].tolist()),
-           "two-level": pass_chances(q[:, 0], q[:, 1])}
+    out = {
+        "prior": t.prior_p[test],
+        "prompt length": 1.0 - prompt_length_scores(t.bench["prompt"].iloc[test].tolist()),
+        "two-level": pass_chances(q[:, 0], q[:, 1]),
+    }
     if len(np.unique(label[train])) == 2:
         out["kNN"] = 1.0 - knn_scores(t.emb[train], label[train], t.emb[test])
         out["ridge"] = ridge_p(t.emb, t.lengths, label, train, test)
@@ -122,8 +126,15 @@ def curve(t: Table, sizes: list[int | None], draws: int = 5, test_share: float =
             i = rng.integers(0, len(test), len(test))
             boot[b] = [np.mean([apgr_of(s[m][i], weak[i], strong[i]) for s in per_draw]) for m in methods]
         lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
-        rows.append({"size": n, "all": size is None, "test": len(test), "draws": draws,
-                     **{m: {"apgr": point[m], "ci": [float(lo[k]), float(hi[k])]} for k, m in enumerate(methods)}})
+        rows.append(
+            {
+                "size": n,
+                "all": size is None,
+                "test": len(test),
+                "draws": draws,
+                **{m: {"apgr": point[m], "ci": [float(lo[k]), float(hi[k])]} for k, m in enumerate(methods)},
+            }
+        )
     return rows
 
 
@@ -135,13 +146,21 @@ def verdict(row: dict) -> tuple[float, bool]:
 
 def markdown(rows: list[dict], title: str) -> str:
     head = "| training prompts | " + " | ".join(METHODS) + " | two-level >= best - 0.01 |"
-    lines = [f"**{title}** (held-out prompts: {rows[0]['test'] if rows else 0}; {rows[0]['draws'] if rows else 0} draws a size; "
-             "APGR, 95% interval)", "", head, "|" + " --- |" * (len(METHODS) + 2)]
+    lines = [
+        f"**{title}** (held-out prompts: {rows[0]['test'] if rows else 0}; {rows[0]['draws'] if rows else 0} draws a size; "
+        "APGR, 95% interval)",
+        "",
+        head,
+        "|" + " --- |" * (len(METHODS) + 2),
+    ]
     for r in rows:
         best, ok = verdict(r)
         cells = [f"{r[m]['apgr']:.3f} ({r[m]['ci'][0]:.3f} to {r[m]['ci'][1]:.3f})" if m in r else "–" for m in METHODS]
-        lines.append(f"| {r['size']:,}{' (all)' if r['all'] else ''} | " + " | ".join(cells)
-                     + f" | {'yes' if ok else f'NO (best {best:.3f})'} |")
+        lines.append(
+            f"| {r['size']:,}{' (all)' if r['all'] else ''} | "
+            + " | ".join(cells)
+            + f" | {'yes' if ok else f'NO (best {best:.3f})'} |"
+        )
     return "\n".join(lines)
 
 
@@ -153,15 +172,25 @@ def unseen(bench: pd.DataFrame, prior: Path) -> pd.DataFrame:
 
     paths = list(dict.fromkeys(d["path"] for d in RouterFolder(prior).manifest().data))
     if not paths or not all(Path(p).is_file() for p in paths):
-        raise DataError(f"{prior}: its training files ({', '.join(paths) or 'none listed'}) are needed to drop the "
-                        "prompts it saw")
+        raise DataError(
+            f"{prior}: its training files ({', '.join(paths) or 'none listed'}) are needed to drop the prompts it saw"
+        )
     seen = set(load_grades(paths, val=0.0, test=0.0).obs["group"])
     return bench[~bench["group"].isin(seen)].reset_index(drop=True)
 
 
-def run_learning_curve(prior: Path, data: Path, strong: str, weak: str, sizes: list[int | None], draws: int,
-                       out: Path, name: str | None = None, drop_seen: bool = False,
-                       reuse: bool = False) -> tuple[list[dict], str]:
+def run_learning_curve(
+    prior: Path,
+    data: Path,
+    strong: str,
+    weak: str,
+    sizes: list[int | None],
+    draws: int,
+    out: Path,
+    name: str | None = None,
+    drop_seen: bool = False,
+    reuse: bool = False,
+) -> tuple[list[dict], str]:
     """The learning curve of one table and pair over `prior`; writes learning_curve.json and .md into `out`.
     `drop_seen`: leave out the table's prompts that the prior trained on. `reuse`: an earlier run's rows in `out`,
     when it had the same data (by sha256), prior, pair, sizes and draws."""
@@ -170,8 +199,16 @@ def run_learning_curve(prior: Path, data: Path, strong: str, weak: str, sizes: l
     from ..manifest import sha256_file
     from .protocol import load_benchmark
 
-    key = {"data": str(data), "data_sha256": sha256_file(Path(data)), "prior": str(prior), "strong": strong, "weak": weak,
-           "sizes": sizes, "draws": draws, "drop_seen": drop_seen}
+    key = {
+        "data": str(data),
+        "data_sha256": sha256_file(Path(data)),
+        "prior": str(prior),
+        "strong": strong,
+        "weak": weak,
+        "sizes": sizes,
+        "draws": draws,
+        "drop_seen": drop_seen,
+    }
     saved = Path(out) / "learning_curve.json"
     if reuse and saved.is_file():
         earlier = json.loads(saved.read_text())
@@ -188,8 +225,9 @@ def run_learning_curve(prior: Path, data: Path, strong: str, weak: str, sizes: l
     rows = curve(t, sizes, draws)
     if not rows:
         raise DataError(f"{data}: every size asked for is above the {len(t.bench)} prompts' training pool")
-    title = (f"{name or Path(data).stem}: {weak} vs {strong}, prior {Path(prior).name}"
-             + (f", {dropped} prompts it trained on dropped" if drop_seen else ""))
+    title = f"{name or Path(data).stem}: {weak} vs {strong}, prior {Path(prior).name}" + (
+        f", {dropped} prompts it trained on dropped" if drop_seen else ""
+    )
     text = markdown(rows, title)
     Path(out).mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps({"key": key, "title": title, "rows": rows}, indent=2) + "\n")

@@ -64,8 +64,11 @@ def load_benchmark(path: Path, strong: str, weak: str) -> pd.DataFrame:
     obs = obs[~obs["contaminated"]]
     if obs.empty:
         raise DataError(f"{path}: no prompt left to evaluate after dropping contaminated prompts")
-    category = (src.table.drop_duplicates("prompt").set_index("prompt")["category"]
-                if "category" in src.table.columns else pd.Series(dtype=object))
+    category = (
+        src.table.drop_duplicates("prompt").set_index("prompt")["category"]
+        if "category" in src.table.columns
+        else pd.Series(dtype=object)
+    )
     fixed = obs["opponent"].nunique() == 1 and src.scheme == "versus"  # every grade is against one baseline
     if src.scheme == "absolute" or fixed:
         graded = obs.groupby(["prompt", "model"])["grade"].mean().unstack()
@@ -75,13 +78,23 @@ def load_benchmark(path: Path, strong: str, weak: str) -> pd.DataFrame:
             raise DataError(f"{path}: --weak '{ANY}' is for battles between varying models; name the weak model")
         missing = [m for m in (strong, weak) if m not in graded.columns]
         if missing:
-            raise DataError(f"{path}: model(s) {', '.join(missing)} not graded there; models: {', '.join(sorted(graded.columns))}")
+            raise DataError(
+                f"{path}: model(s) {', '.join(missing)} not graded there; models: {', '.join(sorted(graded.columns))}"
+            )
         both = graded[[strong, weak]].dropna()
-        rest = graded.loc[both.index].drop(columns=[strong, weak, *([obs["opponent"].iloc[0]] if fixed else [])],
-                                           errors="ignore")
-        table = pd.DataFrame({"prompt": both.index, "strong_model": strong, "weak_model": weak,
-                              "strong_q": both[strong].to_numpy(), "weak_q": both[weak].to_numpy(),
-                              "others_q": rest.mean(axis=1).to_numpy() if rest.shape[1] >= 2 else np.nan})
+        rest = graded.loc[both.index].drop(
+            columns=[strong, weak, *([obs["opponent"].iloc[0]] if fixed else [])], errors="ignore"
+        )
+        table = pd.DataFrame(
+            {
+                "prompt": both.index,
+                "strong_model": strong,
+                "weak_model": weak,
+                "strong_q": both[strong].to_numpy(),
+                "weak_q": both[weak].to_numpy(),
+                "others_q": rest.mean(axis=1).to_numpy() if rest.shape[1] >= 2 else np.nan,
+            }
+        )
     else:  # battles between varying models: the ones between the pair (or the strong model and anyone)
         a_strong = (obs["model"] == strong) & ((obs["opponent"] == weak) | (weak == ANY))
         b_strong = (obs["opponent"] == strong) & ((obs["model"] == weak) | (weak == ANY))
@@ -89,13 +102,25 @@ def load_benchmark(path: Path, strong: str, weak: str) -> pd.DataFrame:
         if rows.empty:
             raise DataError(f"{path}: no battle between '{strong}' and '{weak}'")
         q = np.where(a_strong[rows.index], rows["grade"], 1 - rows["grade"])
-        table = (pd.DataFrame({"prompt": rows["prompt"].to_numpy(), "strong_model": strong,
-                               "weak_model": np.where(a_strong[rows.index], rows["opponent"], rows["model"]),
-                               "strong_q": q, "weak_q": 1 - q})
-                 .groupby("prompt", as_index=False, sort=True)
-                 .agg(strong_model=("strong_model", "first"), weak_model=("weak_model", "first"),
-                      strong_q=("strong_q", "mean"), weak_q=("weak_q", "mean"))
-                 .assign(others_q=np.nan))
+        table = (
+            pd.DataFrame(
+                {
+                    "prompt": rows["prompt"].to_numpy(),
+                    "strong_model": strong,
+                    "weak_model": np.where(a_strong[rows.index], rows["opponent"], rows["model"]),
+                    "strong_q": q,
+                    "weak_q": 1 - q,
+                }
+            )
+            .groupby("prompt", as_index=False, sort=True)
+            .agg(
+                strong_model=("strong_model", "first"),
+                weak_model=("weak_model", "first"),
+                strong_q=("strong_q", "mean"),
+                weak_q=("weak_q", "mean"),
+            )
+            .assign(others_q=np.nan)
+        )
     if table.empty:
         raise DataError(f"{path}: no prompt graded for both '{strong}' and '{weak}'")
     table["category"] = table["prompt"].map(category) if len(category) else None
@@ -118,7 +143,11 @@ def pair_labels(grades: Grades, strong: str, weak: str) -> pd.DataFrame:
             g[opponent] = 0.5
         if strong in g.columns and weak in g.columns:
             both = g[[strong, weak]].dropna()
-            rows.append(pd.DataFrame({"prompt": both.index, "weak_q": both[weak].to_numpy(), "strong_q": both[strong].to_numpy()}))
+            rows.append(
+                pd.DataFrame(
+                    {"prompt": both.index, "weak_q": both[weak].to_numpy(), "strong_q": both[strong].to_numpy()}
+                )
+            )
     if not rows:
         return pd.DataFrame(columns=["prompt", "label", "target"])
     t = pd.concat(rows).groupby("prompt", as_index=False).mean()
@@ -200,8 +229,9 @@ class EvalResult:
     not_beaten: list[str]
 
 
-def recipe_scores(router_dir: Path, data: Path, strong: str, weak: str, folds: int, by: str,
-                  data_dir: Path | None) -> tuple[pd.DataFrame, str, dict[str, np.ndarray]]:
+def recipe_scores(
+    router_dir: Path, data: Path, strong: str, weak: str, folds: int, by: str, data_dir: Path | None
+) -> tuple[pd.DataFrame, str, dict[str, np.ndarray]]:
     """The benchmark, the protocol's words and the p_weak of a router trained by the recipe (its checkpoint's record)
     and of the baselines, never on a prompt the scorer trained on."""
     from ..embed import Encoder
@@ -216,32 +246,48 @@ def recipe_scores(router_dir: Path, data: Path, strong: str, weak: str, folds: i
     with step("checking the encoder's weights"):
         fingerprint = enc.fingerprint
     if fingerprint != record.encoder.fingerprint:
-        raise RouterError(f"{router_dir} was trained on another encoder (weights sha256 {record.encoder.fingerprint[:12]}…) "
-                          f"than {enc.path} ({enc.fingerprint[:12]}…)")
-    paths = list(dict.fromkeys(Path(d["path"]) for d in record.data))  # a file of several sources is listed once per source
+        raise RouterError(
+            f"{router_dir} was trained on another encoder (weights sha256 {record.encoder.fingerprint[:12]}…) "
+            f"than {enc.path} ({enc.fingerprint[:12]}…)"
+        )
+    paths = list(
+        dict.fromkeys(Path(d["path"]) for d in record.data)
+    )  # a file of several sources is listed once per source
     if data_dir:  # the training files, found by name in another folder
         paths = [Path(data_dir) / p.name for p in paths]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise RouterError(f"the router's training data is needed to keep evaluation prompts unseen and to fit the "
-                          f"baselines, but {', '.join(missing)} is missing; pass --data-dir with those files")
+        raise RouterError(
+            f"the router's training data is needed to keep evaluation prompts unseen and to fit the "
+            f"baselines, but {', '.join(missing)} is missing; pass --data-dir with those files"
+        )
     with step(f"reading {Path(data).name} and the router's {len(paths)} training file{'s' * (len(paths) > 1)}"):
         bench = load_benchmark(data, strong, weak)
-        grades = load_grades(paths, {d["name"]: d["weight"] for d in record.data}, recipe.val, recipe.test, recipe.seed,
-                             recipe.max_prompts)
+        grades = load_grades(
+            paths,
+            {d["name"]: d["weight"] for d in record.data},
+            recipe.val,
+            recipe.test,
+            recipe.seed,
+            recipe.max_prompts,
+        )
     if by == "source":
         grades = Grades(grades.obs[grades.obs["source"] != bench["source"].iloc[0]], grades.sources)
         shared = int(bench["group"].isin(set(grades.obs["group"])).sum())
-        protocol = (f"leave one source out: the router's recipe and the baselines are refit on every other source, "
-                    f"without the {shared} of these {len(bench)} prompts that another training source shares")
+        protocol = (
+            f"leave one source out: the router's recipe and the baselines are refit on every other source, "
+            f"without the {shared} of these {len(bench)} prompts that another training source shares"
+        )
         p = refit_scores(bench, grades, enc, recipe, np.zeros(len(bench), dtype=int))
     elif (seen := bench["group"].isin(set(grades.obs["group"]))).any():
         keys = bench["category"].fillna("") if by == "category" else bench["group"]
         fold = folds_of(keys, folds)
         if len(np.unique(fold)) < 2:
             raise DataError(f"cross-validation needs at least 2 non-empty folds; '{by}' gave {len(np.unique(fold))}")
-        protocol = (f"{folds}-fold cross-validation by {by} ({int(seen.sum())} of {len(bench)} prompts are in the "
-                    f"router's training data): the router's recipe and the baselines are refit per fold without the fold's prompts")
+        protocol = (
+            f"{folds}-fold cross-validation by {by} ({int(seen.sum())} of {len(bench)} prompts are in the "
+            f"router's training data): the router's recipe and the baselines are refit per fold without the fold's prompts"
+        )
         p = refit_scores(bench, grades, enc, recipe, fold)
     else:
         protocol = "the shipped router on prompts it never saw; baselines fit on its training prompts"
@@ -249,14 +295,31 @@ def recipe_scores(router_dir: Path, data: Path, strong: str, weak: str, folds: i
             outputs = Router(router_dir).predict(bench["prompt"].tolist())
         p = {"router": router_pass_chance(bench, outputs), "difficulty": 1.0 - outputs.difficulty}
         with step("baselines (kNN, logistic)"):
-            p |= baseline_scores(grades, bench, enc, bench["strong_model"].iloc[0], bench["weak_model"].iloc[0],
-                                 (manifest.strong, manifest.weak))
+            p |= baseline_scores(
+                grades,
+                bench,
+                enc,
+                bench["strong_model"].iloc[0],
+                bench["weak_model"].iloc[0],
+                (manifest.strong, manifest.weak),
+            )
     return bench, protocol, p
 
 
-def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, prices: Path | None = None,
-             folds: int = 5, by: str = "prompt", data_dir: Path | None = None, name: str | None = None,
-             extra: dict[str, np.ndarray] | None = None, against: Path | None = None) -> EvalResult:
+def run_eval(
+    router_dir: Path,
+    data: Path,
+    strong: str,
+    weak: str,
+    out: Path,
+    prices: Path | None = None,
+    folds: int = 5,
+    by: str = "prompt",
+    data_dir: Path | None = None,
+    name: str | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+    against: Path | None = None,
+) -> EvalResult:
     """Evaluate a router folder on a graded benchmark; writes metrics.json, frontier.png and table.md into `out`.
     `extra`: more scorers (p_weak per benchmark prompt, in `load_benchmark`'s order). `against`: another router folder
     (e.g. the one in service), scored as it is on the same prompts."""
@@ -274,34 +337,56 @@ def run_eval(router_dir: Path, data: Path, strong: str, weak: str, out: Path, pr
         with step(f"reading {Path(data).name}"):
             bench = load_benchmark(data, strong, weak)
         fold = folds_of(bench["group"], folds)
-        protocol = (f"{folds}-fold cross-validation by prompt: the top level is refit over its prior "
-                    f"({manifest.residual.prior}) per fold without the fold's prompts, the baselines on the same folds")
+        protocol = (
+            f"{folds}-fold cross-validation by prompt: the top level is refit over its prior "
+            f"({manifest.residual.prior}) per fold without the fold's prompts, the baselines on the same folds"
+        )
         p = two_level_folds(Path(manifest.residual.prior_path), bench, fold)
     else:
         bench, protocol, p = recipe_scores(router_dir, data, strong, weak, folds, by, data_dir)
     p |= extra or {}
     if against is not None:
         with step(f"scoring {len(bench):,} prompts with {against}"):
-            p[f"router {Path(against).name}"] = router_pass_chance(bench, Router(against).predict(bench["prompt"].tolist()))
-    scores = {"router": 1 - p["router"], "prompt length": prompt_length_scores(bench["prompt"].tolist()),
-              **{k: 1 - v for k, v in p.items() if k != "router"}}
+            p[f"router {Path(against).name}"] = router_pass_chance(
+                bench, Router(against).predict(bench["prompt"].tolist())
+            )
+    scores = {
+        "router": 1 - p["router"],
+        "prompt length": prompt_length_scores(bench["prompt"].tolist()),
+        **{k: 1 - v for k, v in p.items() if k != "router"},
+    }
     costs = None
     priced = Prices.load(prices)
     pair = (canonical(strong), weak if weak == ANY else canonical(weak))
     if priced and all(m in priced.per_model for m in pair):  # unpriced pairs get no cost columns
         costs = {"strong": priced.cost(pair[0], bench["prompt"]), "weak": priced.cost(pair[1], bench["prompt"])}
     with step(f"metrics of {len(scores)} scorers, {RESAMPLES:,} bootstrap resamples"):
-        report = evaluate(scores, bench["weak_q"].to_numpy(), bench["strong_q"].to_numpy(), cost_per_call=costs,
-                          labels=bench["label"].to_numpy(), p_weak=p, routellm_random=True, lead_of="router")
+        report = evaluate(
+            scores,
+            bench["weak_q"].to_numpy(),
+            bench["strong_q"].to_numpy(),
+            cost_per_call=costs,
+            labels=bench["label"].to_numpy(),
+            p_weak=p,
+            routellm_random=True,
+            lead_of="router",
+        )
     report["difficulty_ceiling"] = difficulty_ceiling(bench)
     mine = report["scorers"]["router"]["apgr"]
     not_beaten = [b for b in scores if b != "router" and (report["scorers"][b]["apgr"] or 0) >= (mine or 0)]
     pairs = bench.groupby(["strong_model", "weak_model"]).size()
-    report |= {"benchmark": name or Path(data).stem, "data": str(data), "strong": pair[0], "weak": pair[1],
-               "router": str(router_dir), "protocol": protocol,
-               "not_beaten": not_beaten, "by": by,
-               "generic_share": float(1 - bench["weak_model"].isin(manifest.models).mean()) if by != "source" else None,
-               "pairs": int(len(pairs))}
+    report |= {
+        "benchmark": name or Path(data).stem,
+        "data": str(data),
+        "strong": pair[0],
+        "weak": pair[1],
+        "router": str(router_dir),
+        "protocol": protocol,
+        "not_beaten": not_beaten,
+        "by": by,
+        "generic_share": float(1 - bench["weak_model"].isin(manifest.models).mean()) if by != "source" else None,
+        "pairs": int(len(pairs)),
+    }
     with step(f"writing {out}"):
         write_outputs(report, Path(out))
     return EvalResult(report, protocol, len(bench), not_beaten)
@@ -311,25 +396,37 @@ def thinned(curve: dict, most: int = 500) -> dict:
     """At most `most` of the curve's own points (ends kept), values rounded: metrics.json stays small on big benchmarks."""
     n = len(curve["strong_fraction"])
     keep = sorted(set(np.linspace(0, n - 1, min(n, most)).round().astype(int)))
-    return {k: None if v is None else [None if v[i] is None else round(v[i], 6) for i in keep] for k, v in curve.items()}
+    return {
+        k: None if v is None else [None if v[i] is None else round(v[i], 6) for i in keep] for k, v in curve.items()
+    }
 
 
 def write_outputs(report: dict, out: Path) -> None:
     """metrics.json (curves thinned), frontier.png (full curves) and table.md."""
     out.mkdir(parents=True, exist_ok=True)
-    plot_frontier(report, out / "frontier.png", benchmark=report["benchmark"], strong_model=report["strong"],
-                  weak_model=report["weak"])
+    plot_frontier(
+        report,
+        out / "frontier.png",
+        benchmark=report["benchmark"],
+        strong_model=report["strong"],
+        weak_model=report["weak"],
+    )
     light = {**report, "curves": {k: {kind: thinned(c) for kind, c in v.items()} for k, v in report["curves"].items()}}
     (out / "metrics.json").write_text(json.dumps(light, indent=1, allow_nan=False) + "\n")
-    (out / "table.md").write_text(f"### {report['benchmark']}: {report['strong']} vs {report['weak']}\n\n"
-                                  f"{report['n_prompts']} prompts; {report['protocol']}.\n\n{markdown_table(report)}\n\n{verdict(report)}\n")
+    (out / "table.md").write_text(
+        f"### {report['benchmark']}: {report['strong']} vs {report['weak']}\n\n"
+        f"{report['n_prompts']} prompts; {report['protocol']}.\n\n{markdown_table(report)}\n\n{verdict(report)}\n"
+    )
 
 
 def verdict(report: dict) -> str:
     """Whether the router beats each baseline on APGR, and which leads the bootstrap interval of the difference
     tells apart from resampling noise."""
-    line = ("The router beats every non-oracle baseline on APGR." if not report["not_beaten"] else
-            f"**The router does not beat {', '.join(report['not_beaten'])} on APGR here.**")
+    line = (
+        "The router beats every non-oracle baseline on APGR."
+        if not report["not_beaten"]
+        else f"**The router does not beat {', '.join(report['not_beaten'])} on APGR here.**"
+    )
     side = {"ahead of": [], "behind": [], "not distinguishable from": []}
     for b, m in report["scorers"].items():
         if m["reference"] or b == "router":
@@ -337,6 +434,7 @@ def verdict(report: dict) -> str:
         lo, hi = m.get("lead_ci") or (None, None)
         side["ahead of" if (lo or 0) > 0 else "behind" if (hi or 0) < 0 else "not distinguishable from"].append(b)
     parts = [f"{k} {', '.join(v)}" for k, v in side.items() if v]
-    return (f"{line} Beyond resampling noise (the {LEVEL:.0%} bootstrap interval of the APGR difference, paired over "
-            f"{RESAMPLES} resamples of the prompts, excludes 0): {'; '.join(parts)}.")
-
+    return (
+        f"{line} Beyond resampling noise (the {LEVEL:.0%} bootstrap interval of the APGR difference, paired over "
+        f"{RESAMPLES} resamples of the prompts, excludes 0): {'; '.join(parts)}."
+    )

@@ -27,12 +27,17 @@ RESAMPLES = 1000  # bootstrap resamples of the prompts behind each APGR interval
 LEVEL = 0.95
 
 
-def curve_metrics(fine: Curve, routellm: Curve, weak_mean: float, strong_mean: float,
-                  cost_share: float = 0.95) -> dict[str, float]:
+def curve_metrics(
+    fine: Curve, routellm: Curve, weak_mean: float, strong_mean: float, cost_share: float = 0.95
+) -> dict[str, float]:
     """apgr/auc/cptNN on the exact curve (ours) and *_routellm on RouteLLM's quantile curve; cost saving when
     the exact curve has costs."""
-    out = {"apgr": apgr(fine, weak_mean, strong_mean), "apgr_routellm": apgr(routellm, weak_mean, strong_mean),
-           "auc": auc(fine), "auc_routellm": auc(routellm)}
+    out = {
+        "apgr": apgr(fine, weak_mean, strong_mean),
+        "apgr_routellm": apgr(routellm, weak_mean, strong_mean),
+        "auc": auc(fine),
+        "auc_routellm": auc(routellm),
+    }
     for p in CPT_SHARES:
         key = f"cpt{round(p * 100)}"
         out[key] = cpt(fine, weak_mean, strong_mean, p)
@@ -42,8 +47,9 @@ def curve_metrics(fine: Curve, routellm: Curve, weak_mean: float, strong_mean: f
     return out
 
 
-def apgr_intervals(strong_score: Mapping[str, object], weak_q, strong_q, lead_of: str,
-                   resamples: int = RESAMPLES, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+def apgr_intervals(
+    strong_score: Mapping[str, object], weak_q, strong_q, lead_of: str, resamples: int = RESAMPLES, seed: int = 0
+) -> dict[str, dict[str, list[float]]]:
     """95% percentile-bootstrap intervals over the prompts (a resample draws prompts with replacement, each with its
     scores and grades): every scorer's exact APGR ("apgr_ci") and, for the others, `lead_of`'s APGR minus theirs on
     the same resamples ("lead_ci": above 0 = `lead_of` ahead beyond resampling noise). An interval is [NaN, NaN] when
@@ -62,8 +68,16 @@ def apgr_intervals(strong_score: Mapping[str, object], weak_q, strong_q, lead_of
 
     with warnings.catch_warnings():  # a NaN resample gives a NaN interval, documented above
         warnings.simplefilter("ignore", DegenerateDataWarning)
-        ci = bootstrap((*scores.values(), weak, strong), statistic, paired=True, vectorized=False,
-                       n_resamples=resamples, confidence_level=LEVEL, method="percentile", rng=seed).confidence_interval
+        ci = bootstrap(
+            (*scores.values(), weak, strong),
+            statistic,
+            paired=True,
+            vectorized=False,
+            n_resamples=resamples,
+            confidence_level=LEVEL,
+            method="percentile",
+            rng=seed,
+        ).confidence_interval
     lo, hi = np.atleast_1d(ci.low).tolist(), np.atleast_1d(ci.high).tolist()
     out = {n: {"apgr_ci": [lo[i], hi[i]]} for i, n in enumerate(names)}
     for i, n in enumerate(rest, start=len(names)):
@@ -76,9 +90,18 @@ def span(v: list | None, fmt: str = "{:.3f} to {:.3f}") -> str:
     return fmt.format(*v) if v and None not in v and not any(map(math.isnan, v)) else "–"
 
 
-def evaluate(strong_score: Mapping[str, object], weak_q, strong_q, cost_per_call: Mapping[str, object] | None = None,
-             labels=None, p_weak: Mapping[str, object] | None = None, quantiles: int = 10, cost_share: float = 0.95,
-             routellm_random: bool = False, lead_of: str | None = None) -> dict:
+def evaluate(
+    strong_score: Mapping[str, object],
+    weak_q,
+    strong_q,
+    cost_per_call: Mapping[str, object] | None = None,
+    labels=None,
+    p_weak: Mapping[str, object] | None = None,
+    quantiles: int = 10,
+    cost_share: float = 0.95,
+    routellm_random: bool = False,
+    lead_of: str | None = None,
+) -> dict:
     """Metrics and curves for each named strong score (router and baselines), plus the reference curves
     `random`, `oracle` and `optimal` (and `random_routellm` on request), on the same prompts.
 
@@ -110,8 +133,10 @@ def evaluate(strong_score: Mapping[str, object], weak_q, strong_q, cost_per_call
         curves["random_routellm"] = (curve, curve)
 
     weak_mean, strong_mean = float(weak.mean()), float(strong.mean())
-    scorers = {name: {"reference": name in REFERENCES, **curve_metrics(fine, rl, weak_mean, strong_mean, cost_share)}
-               for name, (fine, rl) in curves.items()}
+    scorers = {
+        name: {"reference": name in REFERENCES, **curve_metrics(fine, rl, weak_mean, strong_mean, cost_share)}
+        for name, (fine, rl) in curves.items()
+    }
     if p_weak:
         if labels is None:
             raise DataError("p_weak given without labels")
@@ -124,11 +149,18 @@ def evaluate(strong_score: Mapping[str, object], weak_q, strong_q, cost_per_call
     if lead_of is not None:
         for name, cis in apgr_intervals(strong_score, weak, strong, lead_of).items():
             scorers[name].update(cis)
-    return _json_ready({
-        "n_prompts": int(weak.size), "weak_mean": weak_mean, "strong_mean": strong_mean,
-        "quantiles": quantiles, "cost_share": cost_share, "lead_of": lead_of, "scorers": scorers,
-        "curves": {name: {"fine": fine.to_dict(), "routellm": rl.to_dict()} for name, (fine, rl) in curves.items()},
-    })
+    return _json_ready(
+        {
+            "n_prompts": int(weak.size),
+            "weak_mean": weak_mean,
+            "strong_mean": strong_mean,
+            "quantiles": quantiles,
+            "cost_share": cost_share,
+            "lead_of": lead_of,
+            "scorers": scorers,
+            "curves": {name: {"fine": fine.to_dict(), "routellm": rl.to_dict()} for name, (fine, rl) in curves.items()},
+        }
+    )
 
 
 def _json_ready(obj):
@@ -146,12 +178,24 @@ def markdown_table(report: dict) -> str:
     report's quality share, ROC-AUC, and the APGR intervals when computed; "–" where a value is undefined or not
     computed."""
     share = round(report["cost_share"] * 100)
-    cols = [("APGR", "apgr", "{:.3f}"), ("APGR (RouteLLM)", "apgr_routellm", "{:.3f}"),
-            ("CPT50", "cpt50", "{:.1%}"), ("CPT50 (RouteLLM)", "cpt50_routellm", "{:.1%}"),
-            ("CPT80", "cpt80", "{:.1%}"), ("CPT80 (RouteLLM)", "cpt80_routellm", "{:.1%}"),
-            (f"cost saving @{share}%", "cost_saving", "{:.1%}"), ("ROC-AUC", "roc_auc", "{:.3f}")]
-    ranges = [(f"APGR {LEVEL:.0%} CI", "apgr_ci", "{:.3f} to {:.3f}"),
-              (f"{report.get('lead_of')} − this, {LEVEL:.0%} CI", "lead_ci", "{:+.3f} to {:+.3f}")] if report.get("lead_of") else []
+    cols = [
+        ("APGR", "apgr", "{:.3f}"),
+        ("APGR (RouteLLM)", "apgr_routellm", "{:.3f}"),
+        ("CPT50", "cpt50", "{:.1%}"),
+        ("CPT50 (RouteLLM)", "cpt50_routellm", "{:.1%}"),
+        ("CPT80", "cpt80", "{:.1%}"),
+        ("CPT80 (RouteLLM)", "cpt80_routellm", "{:.1%}"),
+        (f"cost saving @{share}%", "cost_saving", "{:.1%}"),
+        ("ROC-AUC", "roc_auc", "{:.3f}"),
+    ]
+    ranges = (
+        [
+            (f"APGR {LEVEL:.0%} CI", "apgr_ci", "{:.3f} to {:.3f}"),
+            (f"{report.get('lead_of')} − this, {LEVEL:.0%} CI", "lead_ci", "{:+.3f} to {:+.3f}"),
+        ]
+        if report.get("lead_of")
+        else []
+    )
     heads = [c[0] for c in cols[:1] + ranges[:1] + cols[1:] + ranges[1:]]
     lines = ["| scorer | " + " | ".join(heads) + " |", "| --- |" + " ---: |" * len(heads)]
     for name, m in report["scorers"].items():

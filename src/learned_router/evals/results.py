@@ -92,10 +92,15 @@ def previous_scorer(previous: Previous, repo: Path):
     for name in ("router.json", "tokenizer.json", "model.int8.onnx"):
         if not (folder / name).is_file():
             try:
-                blob = subprocess.run(["git", "-C", str(repo), "show", f"{previous.commit}:{previous.path}/{name}"],
-                                      capture_output=True, check=True).stdout
+                blob = subprocess.run(
+                    ["git", "-C", str(repo), "show", f"{previous.commit}:{previous.path}/{name}"],
+                    capture_output=True,
+                    check=True,
+                ).stdout
             except (OSError, subprocess.CalledProcessError) as e:
-                raise RouterError(f"previous router: cannot read {previous.path}/{name} at {previous.commit} from git ({e})") from None
+                raise RouterError(
+                    f"previous router: cannot read {previous.path}/{name} at {previous.commit} from git ({e})"
+                ) from None
             (folder / name).write_bytes(blob)
     manifest = json.loads((folder / "router.json").read_text())
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -148,9 +153,11 @@ def ahead(m: dict) -> bool:
 
 def loso_lines(reports: list) -> list[str]:
     """The leave-one-source-out table: router, its difficulty output and the baselines, with each target's verdict."""
-    lines = [f"| left-out source | pair | prompts | oracle | difficulty ceiling | target | router | {LEVEL:.0%} CI | "
-             "difficulty | random | prompt length | kNN | logistic | previous router | verdict |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"| left-out source | pair | prompts | oracle | difficulty ceiling | target | router | {LEVEL:.0%} CI | "
+        "difficulty | random | prompt length | kNN | logistic | previous router | verdict |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     high = []
     for b, _, r in reports:
         s = r["scorers"]
@@ -165,32 +172,46 @@ def loso_lines(reports: list) -> list[str]:
             high.append(mine or 0)
         cells = [fmt(s.get(k, {}).get("apgr")) for k in ("difficulty", "random", "prompt length", "kNN", "logistic")]
         prev = next((k for k in s if k.startswith("previous router")), None)
-        cells.append("–" if prev is None else fmt(s[prev]["apgr"]) + (" (trained on it)" if "trained on it" in prev else ""))
-        lines.append(f"| {b.name} | {r['strong']} vs {r['weak']} | {r['n_prompts']} | {fmt(oracle)} | {fmt(r.get('difficulty_ceiling'))} | "
-                     f"{fmt(goal)} | "
-                     f"**{fmt(mine)}** | {span(s['router'].get('apgr_ci'))} | " + " | ".join(cells) +
-                     f" | {'met' if not misses else '**missed: ' + '; '.join(misses) + '**'} |")
+        cells.append(
+            "–" if prev is None else fmt(s[prev]["apgr"]) + (" (trained on it)" if "trained on it" in prev else "")
+        )
+        lines.append(
+            f"| {b.name} | {r['strong']} vs {r['weak']} | {r['n_prompts']} | {fmt(oracle)} | {fmt(r.get('difficulty_ceiling'))} | "
+            f"{fmt(goal)} | "
+            f"**{fmt(mine)}** | {span(s['router'].get('apgr_ci'))} | "
+            + " | ".join(cells)
+            + f" | {'met' if not misses else '**missed: ' + '; '.join(misses) + '**'} |"
+        )
     if high:
         mean = float(np.mean(high))
-        lines += ["", f"Mean router APGR over the left-out sources whose oracle reaches {HIGH_ORACLE}: {mean:.3f} "
-                  f"(target {MEAN_FLOOR}: {'met' if mean >= MEAN_FLOOR else '**missed**'})."]
+        lines += [
+            "",
+            f"Mean router APGR over the left-out sources whose oracle reaches {HIGH_ORACLE}: {mean:.3f} "
+            f"(target {MEAN_FLOOR}: {'met' if mean >= MEAN_FLOOR else '**missed**'}).",
+        ]
     return lines
 
 
 def summary_lines(reports: list) -> list[str]:
-    lines = [f"| benchmark | scorer | APGR | APGR {LEVEL:.0%} CI | APGR (RouteLLM) | CPT50 | CPT80 | cost saving @95% |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"| benchmark | scorer | APGR | APGR {LEVEL:.0%} CI | APGR (RouteLLM) | CPT50 | CPT80 | cost saving @95% |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for b, _, r in reports:
         for name in (*ROWS, *(k for k in r["scorers"] if k.startswith("previous router"))):
             m = r["scorers"].get(name)
             if m is None:
                 continue
-            lines.append(f"| {b.name} | {name} | {fmt(m['apgr'])} | {span(m.get('apgr_ci'))} | {fmt(m['apgr_routellm'])} | "
-                         f"{fmt(m['cpt50'], True)} | {fmt(m['cpt80'], True)} | {fmt(m.get('cost_saving'), True)} |")
+            lines.append(
+                f"| {b.name} | {name} | {fmt(m['apgr'])} | {span(m.get('apgr_ci'))} | {fmt(m['apgr_routellm'])} | "
+                f"{fmt(m['cpt50'], True)} | {fmt(m['cpt80'], True)} | {fmt(m.get('cost_saving'), True)} |"
+            )
         if b.routellm in ROUTELLM_BEST:
             p = ROUTELLM_BEST[b.routellm]
-            lines.append(f"| {b.name} | RouteLLM best published: {p['router']} | – | – | {p['apgr']:.3f} | "
-                         f"{p['cpt50']:.1%} | {p['cpt80']:.1%} | – |")
+            lines.append(
+                f"| {b.name} | RouteLLM best published: {p['router']} | – | – | {p['apgr']:.3f} | "
+                f"{p['cpt50']:.1%} | {p['cpt80']:.1%} | – |"
+            )
     return lines
 
 
@@ -198,14 +219,19 @@ def saved(folder: Path, name: str) -> dict:
     """A benchmark's report as an earlier run left it in `folder` (metrics.json)."""
     path = folder / "metrics.json"
     if not path.is_file():
-        raise RouterError(f"--only: {name} was never run into {folder}; run `learned-router report` once without --only")
+        raise RouterError(
+            f"--only: {name} was never run into {folder}; run `learned-router report` once without --only"
+        )
     return json.loads(path.read_text())
 
 
 def names_of(suite: Suite) -> list[str]:
     """What `report --only` can run: each benchmark and tier benchmark by name, and the learning curves."""
-    return [*(b.name for b in suite.benchmarks), *(b.name for b in suite.tier_benchmarks),
-            *(["learning-curves"] if suite.learning_curves else [])]
+    return [
+        *(b.name for b in suite.benchmarks),
+        *(b.name for b in suite.tier_benchmarks),
+        *(["learning-curves"] if suite.learning_curves else []),
+    ]
 
 
 def write_results(suite: Suite, out: Path, progress=print, only: str | None = None) -> Path:
@@ -235,19 +261,37 @@ def write_results(suite: Suite, out: Path, progress=print, only: str | None = No
             bench = load_benchmark(b.data, b.strong, b.weak)
             seen = " (trained on it)" if bench["source"].iloc[0] in previous[1] else ""
             extra = {f"{suite.previous.name}{seen}": previous[0](bench["prompt"].tolist())}
-        reports.append((b, folder, run_eval(suite.router, b.data, b.strong, b.weak, folder, prices=suite.prices,
-                                            folds=suite.folds, by=b.by, name=b.name, extra=extra).report))
+        reports.append(
+            (
+                b,
+                folder,
+                run_eval(
+                    suite.router,
+                    b.data,
+                    b.strong,
+                    b.weak,
+                    folder,
+                    prices=suite.prices,
+                    folds=suite.folds,
+                    by=b.by,
+                    name=b.name,
+                    extra=extra,
+                ).report,
+            )
+        )
     loso = [x for x in reports if x[0].by == "source"]
     domain = [x for x in reports if x[0].by != "source"]
     lines = [
-        "# Evaluation results", "",
+        "# Evaluation results",
+        "",
         f"Generated by `learned-router report --config evals/benchmarks.yaml` on {dt.date.today()} for `{suite.router}`.",
         "Contaminated prompts dropped. Quality = mean grade of the routed answers. APGR is the area under the routed-",
         "quality curve over the whole 0-100% range of strong calls (exact curve, a point per distinct score); random",
         "routing gives 0.5 and `oracle` (`optimal`) is the physical limit. `router` routes with the pair's pass chance,",
         "`difficulty` with the model-agnostic output (1 - difficulty), the path for models the router was not trained on.",
         "",
-        "## Leave one source out: chat traffic the router never saw", "",
+        "## Leave one source out: chat traffic the router never saw",
+        "",
         "Each row retrains the router's recipe on every other source (any prompt whose text the left-out source shares",
         "dropped too) and evaluates the left-out source for a GPT-4-class model against a weaker one. The kNN and",
         "logistic baselines learn the pair's own labels from the same training prompts (the pair-only recipe); the",
@@ -256,22 +300,33 @@ def write_results(suite: Suite, out: Path, progress=print, only: str | None = No
         f"APGR >= {FLOOR} where the oracle reaches {HIGH_ORACLE} (their mean >= {MEAN_FLOOR}), else half the way from",
         f"random to the oracle; ahead of prompt length and kNN beyond noise where a source has >= {NOISE_MIN} prompts.",
         "`difficulty ceiling` routes by how the source's other graded models did on each prompt (it reads their",
-        "answers): what a model-agnostic difficulty would reach if it were exact.", "",
-        *loso_lines(loso), "",
-        "## In domain: cross-validation on the exam benchmarks", "",
-        *summary_lines(domain), "",
+        "answers): what a model-agnostic difficulty would reach if it were exact.",
+        "",
+        *loso_lines(loso),
+        "",
+        "## In domain: cross-validation on the exam benchmarks",
+        "",
+        *summary_lines(domain),
+        "",
         "Published RouteLLM numbers: arXiv 2406.18665v4, Tables 2 (MMLU) and 3 (GSM8K); all rows and their",
         "sources in [routellm_published.md](routellm_published.md). RouteLLM trained on Chatbot Arena battles plus",
         "~1,500 MMLU validation questions (D_gold) or ~120k GPT-4-judged prompts (D_judge); it evaluates on every",
-        f"clean prompt. Ours are cross-validated on the benchmark itself (see each protocol below). \"APGR {LEVEL:.0%} CI\":",
+        f'clean prompt. Ours are cross-validated on the benchmark itself (see each protocol below). "APGR {LEVEL:.0%} CI":',
         f"percentile bootstrap over the benchmark's prompts ({RESAMPLES:,} resamples, the scores held fixed: the spread of",
-        "the prompt sample, not of retraining).", "",
+        "the prompt sample, not of retraining).",
+        "",
     ]
     for b, folder, r in reports:
         rel = folder.relative_to(out)
-        lines += [f"## {b.name}", "", f"{r['n_prompts']} prompts, strong `{r['strong']}`, weak `{r['weak']}` "
-                  f"(all-weak quality {r['weak_mean']:.3f}, all-strong {r['strong_mean']:.3f}). Protocol: {r['protocol']}.",
-                  "", verdict(r), ""]
+        lines += [
+            f"## {b.name}",
+            "",
+            f"{r['n_prompts']} prompts, strong `{r['strong']}`, weak `{r['weak']}` "
+            f"(all-weak quality {r['weak_mean']:.3f}, all-strong {r['strong_mean']:.3f}). Protocol: {r['protocol']}.",
+            "",
+            verdict(r),
+            "",
+        ]
         if b.routellm in ROUTELLM_BEST:
             lines += [versus_routellm(r, ROUTELLM_BEST[b.routellm]), ""]
         lines += [f"![{b.name} frontier]({rel}/frontier.png)", "", markdown_table(r), ""]
@@ -295,31 +350,48 @@ def learning_section(lc: LearningCurves, out: Path, progress) -> list[str]:
     from .learning import run_learning_curve, verdict
 
     sizes = [None if s == "all" else int(s) for s in lc.sizes]
-    lines = [LEARNING_HEAD, "",
-             "`learned-router train --prior` keeps a router as the prior and fits a top level on the user's own grades",
-             "(training/README.md, \"Two levels\"). Each table below plays the user's data: at each size, "
-             f"{lc.draws} random draws of that many training prompts, scored on the same held-out prompts (30% of the",
-             "table, never drawn). The prior is the recipe trained on shared sources other than the table's (listed",
-             "per table), its prompts that the table shares dropped from the table. `kNN`, `ridge` (on the embedding",
-             "and log length) and `prompt length` learn from the drawn prompts alone. Target: the two-level router at",
-             "least the best other method's APGR - 0.01 at every size from 300 up and at the full size (however",
-             "small); at the full size MMLU >= 0.70,",
-             "GSM8K >= 0.66, AlpacaEval 2 >= 0.57, MMLU-Pro >= 0.60.", ""]
+    lines = [
+        LEARNING_HEAD,
+        "",
+        "`learned-router train --prior` keeps a router as the prior and fits a top level on the user's own grades",
+        '(training/README.md, "Two levels"). Each table below plays the user\'s data: at each size, '
+        f"{lc.draws} random draws of that many training prompts, scored on the same held-out prompts (30% of the",
+        "table, never drawn). The prior is the recipe trained on shared sources other than the table's (listed",
+        "per table), its prompts that the table shares dropped from the table. `kNN`, `ridge` (on the embedding",
+        "and log length) and `prompt length` learn from the drawn prompts alone. Target: the two-level router at",
+        "least the best other method's APGR - 0.01 at every size from 300 up and at the full size (however",
+        "small); at the full size MMLU >= 0.70,",
+        "GSM8K >= 0.66, AlpacaEval 2 >= 0.57, MMLU-Pro >= 0.60.",
+        "",
+    ]
     targets = {"routellm_mmlu": 0.70, "routellm_gsm8k": 0.66, "alpaca_eval": 0.57, "mmlu_pro": 0.60}
     for i, t in enumerate(lc.tables, 1):
         progress(f"[learning curve {i}/{len(lc.tables)}] {t.name}")
         prior = prior_router(t.prior, lc.priors[t.prior], Path(t.data).parent, Path(t.data).stem)
         folder = out / "results" / f"learning-{slug(t.name)}"
-        rows, text = run_learning_curve(prior, t.data, t.strong, t.weak, sizes, lc.draws, folder, name=t.name,
-                                        drop_seen=True, reuse=True)
-        misses = [f"{r['size']:,}{' (all)' if r['all'] else ''}: {r['two-level']['apgr']:.3f} < best "
-                  f"{verdict(r)[0]:.3f} - 0.01" for r in rows if (r["size"] >= 300 or r["all"]) and not verdict(r)[1]]
+        rows, text = run_learning_curve(
+            prior, t.data, t.strong, t.weak, sizes, lc.draws, folder, name=t.name, drop_seen=True, reuse=True
+        )
+        misses = [
+            f"{r['size']:,}{' (all)' if r['all'] else ''}: {r['two-level']['apgr']:.3f} < best "
+            f"{verdict(r)[0]:.3f} - 0.01"
+            for r in rows
+            if (r["size"] >= 300 or r["all"]) and not verdict(r)[1]
+        ]
         full = next((r for r in rows if r["all"]), None)
         goal = targets.get(Path(t.data).stem)
         if goal is not None and full is not None and full["two-level"]["apgr"] < goal:
             misses.append(f"full size {full['two-level']['apgr']:.3f} below the target {goal}")
-        lines += [f"### {t.name}", "", f"Prior `{t.prior}`: {', '.join(lc.priors[t.prior])}.", "", text, "",
-                  "Targets: " + ("met." if not misses else "**missed: " + "; ".join(misses) + "**"), ""]
+        lines += [
+            f"### {t.name}",
+            "",
+            f"Prior `{t.prior}`: {', '.join(lc.priors[t.prior])}.",
+            "",
+            text,
+            "",
+            "Targets: " + ("met." if not misses else "**missed: " + "; ".join(misses) + "**"),
+            "",
+        ]
     return lines
 
 
@@ -349,7 +421,9 @@ def rewrite_learning_section(suite: Suite, out: Path, progress=print) -> Path:
         raise RouterError("the suite has no learning_curves")
     text = path.read_text() if path.is_file() else ""
     head, _, _ = text.partition(LEARNING_HEAD)
-    path.write_text(head.rstrip("\n") + "\n\n" + "\n".join(learning_section(suite.learning_curves, out, progress)) + "\n")
+    path.write_text(
+        head.rstrip("\n") + "\n\n" + "\n".join(learning_section(suite.learning_curves, out, progress)) + "\n"
+    )
     return path
 
 
@@ -359,13 +433,17 @@ def tier_section(suite: Suite, out: Path, progress, only: str | None = None) -> 
 
     if suite.prices is None:
         raise RouterError("the suite's tier_benchmarks need 'prices': the multi-tier frontier is in dollars")
-    lines = ["## Multi-tier routing", "",
-             f"Router `{suite.router}`: each tier's pass chance against the top tier; policy: the cheapest tier whose pass",
-             "chance clears the threshold, else the tier most likely to pass. The frontier is in dollars (prices of",
-             "`evals/prices.yaml`; each call costs its prompt and its graded answer's own length, at characters / 4 tokens",
-             "+ 4 for the prompt's message, as the service estimates them).",
-             "Target: at the best single model's quality, at least 40% lower cost. `two-model` routes one cheaper tier",
-             "against the best single model on the same pass chances; `oracle` is the physical limit.", ""]
+    lines = [
+        "## Multi-tier routing",
+        "",
+        f"Router `{suite.router}`: each tier's pass chance against the top tier; policy: the cheapest tier whose pass",
+        "chance clears the threshold, else the tier most likely to pass. The frontier is in dollars (prices of",
+        "`evals/prices.yaml`; each call costs its prompt and its graded answer's own length, at characters / 4 tokens",
+        "+ 4 for the prompt's message, as the service estimates them).",
+        "Target: at the best single model's quality, at least 40% lower cost. `two-model` routes one cheaper tier",
+        "against the best single model on the same pass chances; `oracle` is the physical limit.",
+        "",
+    ]
     for b in suite.tier_benchmarks:
         folder = out / "results" / slug(b.name)
         if only is not None and b.name != only:
@@ -374,22 +452,39 @@ def tier_section(suite: Suite, out: Path, progress, only: str | None = None) -> 
             progress(f"[tiers] {b.name}")
             r = run_tier_eval(suite.router, b.data, b.tiers, suite.prices, folder, folds=suite.folds, name=b.name)
         saving = r["scorers"]["router"]["saving_at_best_quality"]
-        verdict = ("**Target not met: the router does not reach the best single model's quality.**" if saving is None else
-                   f"Saving at {r['best_single']}'s quality: {saving:.1%} " +
-                   ("(target met)." if saving >= 0.4 else "**(target of 40% not met)**."))
+        verdict = (
+            "**Target not met: the router does not reach the best single model's quality.**"
+            if saving is None
+            else f"Saving at {r['best_single']}'s quality: {saving:.1%} "
+            + ("(target met)." if saving >= 0.4 else "**(target of 40% not met)**.")
+        )
         if r["above_router"]:
-            verdict += (f" **Single models above the router's frontier (better quality at their own cost): "
-                        f"{', '.join(r['above_router'])}.**")
-        lines += [f"### {b.name}", "", f"{r['n_prompts']} prompts; {r['protocol']}.", "", verdict, "",
-                  f"![{b.name} frontier]({folder.relative_to(out)}/frontier.png)", "", tier_table(r), ""]
+            verdict += (
+                f" **Single models above the router's frontier (better quality at their own cost): "
+                f"{', '.join(r['above_router'])}.**"
+            )
+        lines += [
+            f"### {b.name}",
+            "",
+            f"{r['n_prompts']} prompts; {r['protocol']}.",
+            "",
+            verdict,
+            "",
+            f"![{b.name} frontier]({folder.relative_to(out)}/frontier.png)",
+            "",
+            tier_table(r),
+            "",
+        ]
     return lines
 
 
 def versus_routellm(report: dict, published: dict) -> str:
     """Where RouteLLM's best published APGR falls against our router's bootstrap interval."""
     m = report["scorers"]["router"]
-    head = (f"RouteLLM's best published router, {published['router']}: APGR {published['apgr']:.3f} in its own "
-            f"convention; ours {fmt(m['apgr_routellm'])} in that convention, {fmt(m['apgr'])} exact")
+    head = (
+        f"RouteLLM's best published router, {published['router']}: APGR {published['apgr']:.3f} in its own "
+        f"convention; ours {fmt(m['apgr_routellm'])} in that convention, {fmt(m['apgr'])} exact"
+    )
     if span(m.get("apgr_ci")) == "–":
         return f"{head} (no bootstrap interval on this set)."
     lo, hi = m["apgr_ci"]

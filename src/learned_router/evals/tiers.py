@@ -77,8 +77,10 @@ def oracle_points(scores: np.ndarray, costs: np.ndarray) -> list[tuple[float, fl
     rows = np.arange(len(scores))
     span = scores.max() - scores.min() + 1e-9
     lams = np.concatenate([[0.0], np.geomspace(1e-6, 1e6, 400) * span / max(costs.mean(), 1e-12)])
-    return [(float(costs[rows, ch].mean() * PER), float(scores[rows, ch].mean()))
-            for ch in ((scores - lam * costs - 1e-12 * costs).argmax(axis=1) for lam in lams)]
+    return [
+        (float(costs[rows, ch].mean() * PER), float(scores[rows, ch].mean()))
+        for ch in ((scores - lam * costs - 1e-12 * costs).argmax(axis=1) for lam in lams)
+    ]
 
 
 def grade_table(path: Path, tiers: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -101,15 +103,20 @@ def grade_table(path: Path, tiers: list[str]) -> tuple[pd.DataFrame, np.ndarray,
         raise DataError(f"{path}: no prompt graded for every tier")
     chars = pd.DataFrame(np.nan, index=grades.index, columns=tiers)
     if "output_chars" in src.table.columns:
-        lengths = (src.table.assign(model=src.table["model"].astype(str).map(canonical))
-                   .groupby(["prompt", "model"])["output_chars"].mean().unstack())
+        lengths = (
+            src.table.assign(model=src.table["model"].astype(str).map(canonical))
+            .groupby(["prompt", "model"])["output_chars"]
+            .mean()
+            .unstack()
+        )
         chars.update(lengths.reindex(index=grades.index, columns=tiers))
     prompts = pd.DataFrame({"prompt": grades.index, "group": grades.index.map(group_of)})
     return prompts, grades.to_numpy(float), chars.to_numpy(float)
 
 
-def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, out: Path, folds: int = 5,
-                  name: str | None = None) -> dict:
+def run_tier_eval(
+    router_dir: Path, data: Path, tiers: list[str], prices: Path, out: Path, folds: int = 5, name: str | None = None
+) -> dict:
     """Evaluate the tier policy on a graded table; writes metrics.json, frontier.png and table.md into `out`."""
     from ..data import load_grades
     from ..embed import Encoder
@@ -139,17 +146,30 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
     mean_cost, mean_q = costs.mean(axis=0), scores.mean(axis=0)
     order = np.argsort(mean_cost, kind="stable")
     if list(order) != list(range(len(tiers))):
-        raise RouterError("--tiers must be listed cheapest first; by mean cost per request on this data they are: "
-                          + ", ".join(tiers[i] for i in order))
+        raise RouterError(
+            "--tiers must be listed cheapest first; by mean cost per request on this data they are: "
+            + ", ".join(tiers[i] for i in order)
+        )
     with step("reading the router's training data"):
-        grades = load_grades(list(dict.fromkeys(d["path"] for d in record.data)), {d["name"]: d["weight"] for d in record.data},
-                             recipe.val, recipe.test, recipe.seed, recipe.max_prompts)
+        grades = load_grades(
+            list(dict.fromkeys(d["path"] for d in record.data)),
+            {d["name"]: d["weight"] for d in record.data},
+            recipe.val,
+            recipe.test,
+            recipe.seed,
+            recipe.max_prompts,
+        )
     fold = folds_of(prompts["group"], folds)
-    p = np.empty(scores.shape)  # each tier's score column as the service reads it (`Router.score`), from the fold's model
+    p = np.empty(
+        scores.shape
+    )  # each tier's score column as the service reads it (`Router.score`), from the fold's model
     parts = np.unique(fold)
     for n, f in enumerate(parts, 1):
         held = fold == f
-        with step(f"fold {n}/{len(parts)}: fitting the recipe without {int(held.sum()):,} benchmark prompts", total=recipe.steps) as bar:
+        with step(
+            f"fold {n}/{len(parts)}: fitting the recipe without {int(held.sum()):,} benchmark prompts",
+            total=recipe.steps,
+        ) as bar:
             model = fit(grades.without(set(prompts["group"][held])), enc, recipe, lambda i, loss: bar.advance())
         outputs = model.predict(prompts["prompt"][held].tolist())
         chances = outputs.pass_chances()
@@ -157,32 +177,58 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
             p[held, k] = chances[:, outputs.column(t if t in outputs.models else GENERIC)]
     p[:, -1] = 1.0
     best = int(np.argmax(mean_q))
-    curves = {"router": Frontier.of(route_points(lambda t: choose_tier(p, t), threshold_grid(p), scores, costs)),
-              "oracle": Frontier.of(oracle_points(scores, costs))}
-    two = {tiers[k]: Frontier.of(route_points(lambda t, k=k: np.where(p[:, k] >= t, k, best), threshold_grid(p[:, k]),
-                                              scores, costs)) for k in range(best)}
+    curves = {
+        "router": Frontier.of(route_points(lambda t: choose_tier(p, t), threshold_grid(p), scores, costs)),
+        "oracle": Frontier.of(oracle_points(scores, costs)),
+    }
+    two = {
+        tiers[k]: Frontier.of(
+            route_points(lambda t, k=k: np.where(p[:, k] >= t, k, best), threshold_grid(p[:, k]), scores, costs)
+        )
+        for k in range(best)
+    }
     best_q, best_c = float(mean_q[best]), float(mean_cost[best] * PER)
 
     def summary(f: Frontier) -> dict:
         at = f.cost_at(best_q)
-        return {"cost_at_best_quality": at, "saving_at_best_quality": None if at is None else 1 - at / best_c,
-                "quality_at_best_cost": f.quality_at(best_c), "max_quality": float(f.quality.max())}
+        return {
+            "cost_at_best_quality": at,
+            "saving_at_best_quality": None if at is None else 1 - at / best_c,
+            "quality_at_best_cost": f.quality_at(best_c),
+            "max_quality": float(f.quality.max()),
+        }
 
     if two:
-        pick = max(two, key=lambda w: (summary(two[w])["saving_at_best_quality"] or -1, summary(two[w])["quality_at_best_cost"] or -1))
+        pick = max(
+            two,
+            key=lambda w: (
+                summary(two[w])["saving_at_best_quality"] or -1,
+                summary(two[w])["quality_at_best_cost"] or -1,
+            ),
+        )
         curves[f"two-model ({pick} / {tiers[best]})"] = two[pick]
     report = {
-        "benchmark": name or Path(data).stem, "data": str(data), "router": str(router_dir), "tiers": tiers,
-        "n_prompts": len(prompts), "folds": folds, "per_requests": PER,
+        "benchmark": name or Path(data).stem,
+        "data": str(data),
+        "router": str(router_dir),
+        "tiers": tiers,
+        "n_prompts": len(prompts),
+        "folds": folds,
+        "per_requests": PER,
         "protocol": f"{folds}-fold cross-validation by prompt: the router's recipe refit per fold on its training data "
-                    "without the fold's prompts; each tier's pass chance against the top tier",
+        "without the fold's prompts; each tier's pass chance against the top tier",
         "single": {t: {"cost": float(mean_cost[k] * PER), "quality": float(mean_q[k])} for k, t in enumerate(tiers)},
         "best_single": tiers[best],
-        "above_router": [t for k, t in enumerate(tiers)  # single models the router's frontier does not reach at their cost
-                         if (q := curves["router"].quality_at(mean_cost[k] * PER)) is None or q < mean_q[k] - 1e-12],
+        "above_router": [
+            t
+            for k, t in enumerate(tiers)  # single models the router's frontier does not reach at their cost
+            if (q := curves["router"].quality_at(mean_cost[k] * PER)) is None or q < mean_q[k] - 1e-12
+        ],
         "scorers": {k: summary(f) for k, f in curves.items()},
         "two_model_all": {w: summary(f) for w, f in two.items()},
-        "curves": {k: {"cost": f.cost.round(6).tolist(), "quality": f.quality.round(6).tolist()} for k, f in curves.items()},
+        "curves": {
+            k: {"cost": f.cost.round(6).tolist(), "quality": f.quality.round(6).tolist()} for k, f in curves.items()
+        },
         "prices": {t: list(priced.per_model[t]) for t in tiers},
     }
     write_tier_outputs(report, curves, Path(out))
@@ -191,13 +237,17 @@ def run_tier_eval(router_dir: Path, data: Path, tiers: list[str], prices: Path, 
 
 def tier_table(report: dict) -> str:
     per = report["per_requests"]
-    lines = [f"| policy | $ per {per:,} requests at {report['best_single']}'s quality | saving | quality at its cost | best quality |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"| policy | $ per {per:,} requests at {report['best_single']}'s quality | saving | quality at its cost | best quality |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for name, m in report["scorers"].items():
         c, sv = m["cost_at_best_quality"], m["saving_at_best_quality"]
         q = m["quality_at_best_cost"]
-        lines.append(f"| {name} | {'not reached' if c is None else f'{c:.3f}'} | {'–' if sv is None else f'{sv:.1%}'} | "
-                     f"{'–' if q is None else f'{q:.3f}'} | {m['max_quality']:.3f} |")
+        lines.append(
+            f"| {name} | {'not reached' if c is None else f'{c:.3f}'} | {'–' if sv is None else f'{sv:.1%}'} | "
+            f"{'–' if q is None else f'{q:.3f}'} | {m['max_quality']:.3f} |"
+        )
     lines += ["", f"| single model | $ per {per:,} requests | quality |", "| --- | ---: | ---: |"]
     for t, m in report["single"].items():
         lines.append(f"| {t}{' (best)' if t == report['best_single'] else ''} | {m['cost']:.3f} | {m['quality']:.3f} |")
@@ -222,12 +272,20 @@ def write_tier_outputs(report: dict, curves: dict, out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel(f"$ per {report['per_requests']:,} requests (log)")
     ax.set_ylabel("Routed quality (mean grade)")
-    ax.set_title(f"{report['benchmark']}: {len(report['tiers'])} tiers, {report['n_prompts']} held-out prompts", fontsize="medium")
+    ax.set_title(
+        f"{report['benchmark']}: {len(report['tiers'])} tiers, {report['n_prompts']} held-out prompts",
+        fontsize="medium",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.savefig(out / "frontier.png", dpi=120)
     (out / "metrics.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    (out / "table.md").write_text(f"### {report['benchmark']}: tiers {', '.join(report['tiers'])}\n\n"
-                                  f"{report['n_prompts']} prompts; {report['protocol']}.\n\n{tier_table(report)}\n" +
-                                  (f"\nSingle models above the router's frontier: {', '.join(report['above_router'])}.\n"
-                                   if report["above_router"] else ""))
+    (out / "table.md").write_text(
+        f"### {report['benchmark']}: tiers {', '.join(report['tiers'])}\n\n"
+        f"{report['n_prompts']} prompts; {report['protocol']}.\n\n{tier_table(report)}\n"
+        + (
+            f"\nSingle models above the router's frontier: {', '.join(report['above_router'])}.\n"
+            if report["above_router"]
+            else ""
+        )
+    )

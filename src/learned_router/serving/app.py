@@ -62,8 +62,12 @@ async def lifespan(app: FastAPI):
     service: Service = app.state.service
     await service.start()
     redact_access_log()
-    log.info("router %s ready: threshold %.4f, tiers %s", service.scoring.version, service.threshold,
-             {t.name: [p.name for p in t.providers] for t in service.config.tiers})
+    log.info(
+        "router %s ready: threshold %.4f, tiers %s",
+        service.scoring.version,
+        service.threshold,
+        {t.name: [p.name for p in t.providers] for t in service.config.tiers},
+    )
     hup = reload_on_hangup(service)
     try:
         yield
@@ -90,18 +94,27 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 def create_app(service: Service) -> FastAPI:
     docs = service.config.api_docs  # /docs, /redoc and /openapi.json: off unless the config turns them on
-    app = FastAPI(title="learned-router", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible LLM router: each request goes to the cheapest tier whose answer will pass.",
-                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
-                  openapi_url="/openapi.json" if docs else None,
-                  default_response_class=JSONResponse,  # response models encoded by json.dumps, as every other body
-                  exception_handlers={APIError: api_error, StarletteHTTPException: http_error,
-                                      RequestValidationError: validation_error})
+    app = FastAPI(
+        title="learned-router",
+        version=__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible LLM router: each request goes to the cheapest tier whose answer will pass.",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+        default_response_class=JSONResponse,  # response models encoded by json.dumps, as every other body
+        exception_handlers={
+            APIError: api_error,
+            StarletteHTTPException: http_error,
+            RequestValidationError: validation_error,
+        },
+    )
     app.state.service = service
     app.include_router(api_router)
     app.add_middleware(ServerErrors)
-    app.add_middleware(BodyLimit, max_bytes=service.config.limits.max_body_bytes,
-                       read_seconds=service.config.limits.body_read_seconds)
+    app.add_middleware(
+        BodyLimit, max_bytes=service.config.limits.max_body_bytes, read_seconds=service.config.limits.body_read_seconds
+    )
     app.add_middleware(RequestMetrics, metrics=service.metrics, endpoints=ENDPOINTS)
     return app
 
@@ -113,5 +126,10 @@ def create_app_from_env() -> FastAPI:
     if not path:
         raise ConfigError(f"{CONFIG_ENV} is not set: it must name the service config file")
     supervisor = os.environ.get(SUPERVISOR_ENV)
-    return create_app(Service(load_config(path), processes=int(os.environ.get(WORKERS_ENV, "1")),
-                              supervisor=int(supervisor) if supervisor else None))
+    return create_app(
+        Service(
+            load_config(path),
+            processes=int(os.environ.get(WORKERS_ENV, "1")),
+            supervisor=int(supervisor) if supervisor else None,
+        )
+    )

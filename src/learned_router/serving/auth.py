@@ -60,12 +60,22 @@ async def authenticate(
     if not service.config.auth.enabled:
         return None
     if credentials is None:
-        raise APIError(401, "missing bearer token: send Authorization: Bearer <your router key>",
-                       type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "missing bearer token: send Authorization: Bearer <your router key>",
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     client = service.client_keys.get(hash_key(credentials.credentials))
     if client is None:
-        raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "invalid API key",
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return client
 
 
@@ -74,13 +84,20 @@ def bucket_of(request: Request, client: ClientKey | None) -> str:
     return client.name if client else f"addr:{request.client.host if request.client else '?'}"
 
 
-async def rate_limited(request: Request, client: Annotated[ClientKey | None, Depends(authenticate)]) -> ClientKey | None:
+async def rate_limited(
+    request: Request, client: Annotated[ClientKey | None, Depends(authenticate)]
+) -> ClientKey | None:
     """429 with Retry-After when the client's bucket is empty. Without auth, clients are told apart by address."""
     service = request.app.state.service
     wait = await service.state.take(bucket_of(request, client), client.requests_per_minute if client else None)
     if wait is not None:
-        raise APIError(429, f"rate limit exceeded for this key; retry in {wait:.1f}s", type="rate_limit_error",
-                       code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        raise APIError(
+            429,
+            f"rate limit exceeded for this key; retry in {wait:.1f}s",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
     return client
 
 
@@ -90,10 +107,18 @@ async def authenticate_admin(
     """The admin key of the request: 404 when the service has no admin keys, 401 without one of them."""
     keys = request.app.state.service.admin_keys
     if not keys:
-        raise APIError(404, "the admin endpoints are off: no admin keys are configured (admin.keys or admin.keys_env)",
-                       code="admin_off")
+        raise APIError(
+            404,
+            "the admin endpoints are off: no admin keys are configured (admin.keys or admin.keys_env)",
+            code="admin_off",
+        )
     admin = None if credentials is None else keys.get(hash_key(credentials.credentials))
     if admin is None:
-        raise APIError(401, "missing or invalid admin key: send Authorization: Bearer <an admin key>",
-                       type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "missing or invalid admin key: send Authorization: Bearer <an admin key>",
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return admin

@@ -19,8 +19,14 @@ ScoreFn = Callable[[Sequence[str]], np.ndarray]
 
 
 class ScoreBatcher:
-    def __init__(self, score: ScoreFn, max_batch: int = 32, max_wait_s: float = 0.0, workers: int = 1,
-                 on_batch: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        score: ScoreFn,
+        max_batch: int = 32,
+        max_wait_s: float = 0.0,
+        workers: int = 1,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self._score = score
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s

@@ -34,9 +34,20 @@ from ..manifest import read_manifest
 from .inprocess import free_port
 
 BENCH_KEY = "sk-bench-client-key"
-TOPICS = ["binary search trees", "the French revolution", "photosynthesis", "TCP congestion control", "compound interest",
-          "the Krebs cycle", "Rust lifetimes", "supply and demand", "black holes", "sourdough baking", "SQL joins",
-          "the immune system"]
+TOPICS = [
+    "binary search trees",
+    "the French revolution",
+    "photosynthesis",
+    "TCP congestion control",
+    "compound interest",
+    "the Krebs cycle",
+    "Rust lifetimes",
+    "supply and demand",
+    "black holes",
+    "sourdough baking",
+    "SQL joins",
+    "the immune system",
+]
 TEMPLATES = [
     "Explain {t} to a new student in three short paragraphs, with one concrete example and a common mistake (case {i}).",
     "Write a short quiz of four questions about {t} for a high-school class and give the answers at the end (set {i}).",
@@ -44,11 +55,13 @@ TEMPLATES = [
 ]
 
 
-CONTEXT = ("Context pasted from the team's design document, section {i}: the service reads events from a queue, "
-           "validates each against its schema, enriches it with the account's settings from a cache, and writes it to "
-           "the warehouse in batches of five hundred. Failures are retried three times with backoff, then parked in a "
-           "dead-letter table that an operator reviews each morning. Latency targets are two seconds at the median and "
-           "ten at the ninety-ninth percentile; the queue holds about four hours of traffic at peak. ")
+CONTEXT = (
+    "Context pasted from the team's design document, section {i}: the service reads events from a queue, "
+    "validates each against its schema, enriches it with the account's settings from a cache, and writes it to "
+    "the warehouse in batches of five hundred. Failures are retried three times with backoff, then parked in a "
+    "dead-letter table that an operator reviews each morning. Latency targets are two seconds at the median and "
+    "ten at the ninety-ninth percentile; the queue holds about four hours of traffic at peak. "
+)
 
 
 def prompts(n: int, tokens: int = 30) -> list[str]:
@@ -86,14 +99,19 @@ class Connection:
     def __init__(self, url: str, headers: dict[str, str]):
         u = httpx.URL(url)
         self.host, self.port, self.path = u.host, u.port, u.raw_path.decode()
-        self.head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{u.host}:{u.port}", "Content-Type": "application/json", **headers}.items())
+        self.head = "".join(
+            f"{k}: {v}\r\n"
+            for k, v in {"Host": f"{u.host}:{u.port}", "Content-Type": "application/json", **headers}.items()
+        )
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, body: bytes) -> int:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(f"POST {self.path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        self.writer.write(
+            f"POST {self.path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
         head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         fields = dict(line.split(":", 1) for line in head[1:] if ":" in line)
         length = {k.lower(): v for k, v in fields.items()}.get("content-length")
@@ -108,7 +126,9 @@ class Connection:
         t = time.perf_counter()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(f"POST {self.path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        self.writer.write(
+            f"POST {self.path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
         head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         fields = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:] if ":" in line)}
         status, first = int(head[0].split()[1]), None
@@ -170,10 +190,26 @@ class RedisServer:
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                                      "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-                                      *(["--requirepass", self.password] if self.password else [])],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                *(["--requirepass", self.password] if self.password else []),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -223,8 +259,9 @@ def _wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) 
     raise RuntimeError(f"{url} did not come up in {timeout}s")
 
 
-async def compare(stacks: dict[str, list[str]], path: str, bodies: list[dict], concurrency: int, headers: dict, name: str,
-                  rounds: int) -> list[Result]:
+async def compare(
+    stacks: dict[str, list[str]], path: str, bodies: list[dict], concurrency: int, headers: dict, name: str, rounds: int
+) -> list[Result]:
     """Send `bodies` to each stack (label -> its replicas' base URLs) in `rounds` interleaved slices, in alternating
     order, so that the load of the rest of the machine falls on every stack alike; one Result per stack."""
     parts: dict[str, list[Result]] = {label: [] for label in stacks}
@@ -232,11 +269,22 @@ async def compare(stacks: dict[str, list[str]], path: str, bodies: list[dict], c
         for label in list(stacks)[:: 1 if i % 2 == 0 else -1]:
             urls = [u + path for u in stacks[label]]
             parts[label].append(await load(urls, bodies[i::rounds], concurrency, headers, f"{label}{name}"))
-    return [Result(r[0].name, concurrency, sum(x.n for x in r), sum(x.seconds for x in r),
-                   np.concatenate([x.latencies for x in r]), sum(x.errors for x in r)) for r in parts.values()]
+    return [
+        Result(
+            r[0].name,
+            concurrency,
+            sum(x.n for x in r),
+            sum(x.seconds for x in r),
+            np.concatenate([x.latencies for x in r]),
+            sum(x.errors for x in r),
+        )
+        for r in parts.values()
+    ]
 
 
-async def measure(stacks: dict[str, list[str]], fake: str, route_n: int, chat_n: int, levels: tuple[int, ...]) -> list[Result]:
+async def measure(
+    stacks: dict[str, list[str]], fake: str, route_n: int, chat_n: int, levels: tuple[int, ...]
+) -> list[Result]:
     """Each stack's /v1/route at each concurrency, the fake provider direct, each stack's chat at concurrency 1 (and 16
     when stacks are compared or replicated)."""
     auth = {"Authorization": f"Bearer {BENCH_KEY}"}
@@ -248,7 +296,9 @@ async def measure(stacks: dict[str, list[str]], fake: str, route_n: int, chat_n:
         n = route_n if c > 1 else max(200, route_n // 4)
         bodies = [{"model": "router", "messages": [{"role": "user", "content": p}]} for p in prompts(n)]
         results += await compare(stacks, "/v1/route", bodies, c, auth, "/v1/route", rounds)
-    chat = [{"model": "router", "max_tokens": 64, "messages": [{"role": "user", "content": p}]} for p in prompts(chat_n)]
+    chat = [
+        {"model": "router", "max_tokens": 64, "messages": [{"role": "user", "content": p}]} for p in prompts(chat_n)
+    ]
     await load(f"{fake}/v1/chat/completions", chat[:50], 1, {}, "warmup")
     await compare(stacks, "/v1/chat/completions", chat[:50], 1, auth, "warmup", 1)
     results.append(await load(f"{fake}/v1/chat/completions", chat, 1, {}, "fake provider direct"))
@@ -261,19 +311,31 @@ async def measure(stacks: dict[str, list[str]], fake: str, route_n: int, chat_n:
 def table(results: list[Result]) -> str:
     lines = [f"{'endpoint':<28} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"]
     for r in results:
-        lines.append(f"{r.name:<28} {r.concurrency:>4} {r.n:>8} {r.rps:>8.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>6}")
+        lines.append(
+            f"{r.name:<28} {r.concurrency:>4} {r.n:>8} {r.rps:>8.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>6}"
+        )
     direct = next((r for r in results if r.name == "fake provider direct"), None)
     for routed in results:
         if direct and routed.name.endswith("chat via router") and routed.concurrency == 1:
             label = routed.name.removesuffix("chat via router")
-            lines.append(f"{label}routing overhead at concurrency 1: p50 +{routed.pct(50) - direct.pct(50):.2f} ms, "
-                         f"p99 +{routed.pct(99) - direct.pct(99):.2f} ms")
+            lines.append(
+                f"{label}routing overhead at concurrency 1: p50 +{routed.pct(50) - direct.pct(50):.2f} ms, "
+                f"p99 +{routed.pct(99) - direct.pct(99):.2f} ms"
+            )
     return "\n".join(lines)
 
 
-def run(router: str = "models/default", route_requests: int = 2000, chat_requests: int = 500,
-        levels: tuple[int, ...] = (1, 16, 64), max_wait_ms: float = 0.0, threads: int = 1, workers: int = 1,
-        replicas: int = 1, states: tuple[str, ...] = ()) -> str:
+def run(
+    router: str = "models/default",
+    route_requests: int = 2000,
+    chat_requests: int = 500,
+    levels: tuple[int, ...] = (1, 16, 64),
+    max_wait_ms: float = 0.0,
+    threads: int = 1,
+    workers: int = 1,
+    replicas: int = 1,
+    states: tuple[str, ...] = (),
+) -> str:
     """Start a fake provider and the service (with `states`: `replicas` processes per state backend, all at once),
     measure, stop them; returns the table."""
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp, contextlib.ExitStack() as running:
@@ -284,12 +346,18 @@ def run(router: str = "models/default", route_requests: int = 2000, chat_request
         for state in states or ("",):
             cfg = config
             if state:
-                cfg = {**config, "rate_limit": {"requests_per_minute": 1e9, "burst": 10_000},
-                       "budget": {"period": "day", "usd": 1e6, "store": str(tmp / "spend.sqlite")}, "state": {"backend": "sqlite"}}
+                cfg = {
+                    **config,
+                    "rate_limit": {"requests_per_minute": 1e9, "burst": 10_000},
+                    "budget": {"period": "day", "usd": 1e6, "store": str(tmp / "spend.sqlite")},
+                    "state": {"backend": "sqlite"},
+                }
             if state == "redis":
                 server = running.enter_context(RedisServer(tmp / "redis-data"))
                 cfg["state"] = {"backend": "redis", "url": server.url, "prefix": "bench:"}
-            urls = running.enter_context(service(tmp / (state or "service"), cfg, [free_port() for _ in range(replicas)]))
+            urls = running.enter_context(
+                service(tmp / (state or "service"), cfg, [free_port() for _ in range(replicas)])
+            )
             stacks[f"{state} x{replicas} " if state else ""] = urls
         return table(asyncio.run(measure(stacks, fake_url, route_requests, chat_requests, levels)))
 
@@ -301,12 +369,38 @@ def service_config(router: str, upstream: str, threads: int, workers: int, max_w
     """The service under test: two tiers on the one upstream, no rate limit, the bench key."""
     provider = {"base_url": upstream, "context_window": 32768, "timeout_s": 30}
     return {
-        "router": {"path": str(Path(router).resolve()), "threads": threads, "workers": workers, "max_wait_ms": max_wait_ms},
+        "router": {
+            "path": str(Path(router).resolve()),
+            "threads": threads,
+            "workers": workers,
+            "max_wait_ms": max_wait_ms,
+        },
         "tiers": [
-            {"name": "weak", "score": read_manifest(router).weak, "providers": [
-                {**provider, "name": "weak", "model": "mixtral-8x7b", "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}]},
-            {"name": "strong", "providers": [
-                {**provider, "name": "strong", "model": "gpt-4-1106-preview", "input_price_per_1m": 10, "output_price_per_1m": 30}]},
+            {
+                "name": "weak",
+                "score": read_manifest(router).weak,
+                "providers": [
+                    {
+                        **provider,
+                        "name": "weak",
+                        "model": "mixtral-8x7b",
+                        "input_price_per_1m": 0.6,
+                        "output_price_per_1m": 0.6,
+                    }
+                ],
+            },
+            {
+                "name": "strong",
+                "providers": [
+                    {
+                        **provider,
+                        "name": "strong",
+                        "model": "gpt-4-1106-preview",
+                        "input_price_per_1m": 10,
+                        "output_price_per_1m": 30,
+                    }
+                ],
+            },
         ],
         "auth": {"keys_env": "ROUTER_BENCH_KEYS"},
         "rate_limit": {"requests_per_minute": 0},
@@ -318,8 +412,12 @@ def fake_provider(tmp: Path):
     """A fake provider subprocess on a free port: its base URL (without /v1)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with _processes([_cli("fake-provider", "--port", str(port), "--name", "bench")], [f"{url}/v1/models"], tmp / "fake",
-                    {**os.environ, **ENV}):
+    with _processes(
+        [_cli("fake-provider", "--port", str(port), "--name", "bench")],
+        [f"{url}/v1/models"],
+        tmp / "fake",
+        {**os.environ, **ENV},
+    ):
         yield url
 
 
@@ -329,8 +427,12 @@ def service(tmp: Path, config: dict, ports: list[int]):
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    with _processes([_cli("serve", "--config", str(tmp / "config.yaml"), "--port", str(p)) for p in ports],
-                    [f"{u}/healthz" for u in urls], tmp / "service", {**os.environ, **ENV}):
+    with _processes(
+        [_cli("serve", "--config", str(tmp / "config.yaml"), "--port", str(p)) for p in ports],
+        [f"{u}/healthz" for u in urls],
+        tmp / "service",
+        {**os.environ, **ENV},
+    ):
         yield urls
 
 
@@ -346,24 +448,35 @@ def routing_seconds(base: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "router_routing_seconds_sum")
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "router_routing_seconds_sum"
+    )
 
 
 def verdicts(res: dict[str, Result], added: dict[str, tuple[float, float]], name: str, routing_ms: float | None) -> str:
     """The service against another proxy on the issue's targets: added p50 and p99 at most the other's, requests/s at
     least its; where one is missed, how much of the service's added p50 was its own scoring and routing."""
-    checks = [("added p50", added["router"][0] <= added[name][0]), ("added p99", added["router"][1] <= added[name][1]),
-              ("req/s", res["router"].rps >= res[name].rps)]
+    checks = [
+        ("added p50", added["router"][0] <= added[name][0]),
+        ("added p99", added["router"][1] <= added[name][1]),
+        ("req/s", res["router"].rps >= res[name].rps),
+    ]
     line = f"  targets vs {name}: " + ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in checks)
     if routing_ms is not None and not all(ok for _, ok in checks):
         share = routing_ms / added["router"][0] if added["router"][0] > 0 else float("nan")
-        line += (f"; the service spent {routing_ms:.2f} ms per request scoring and routing (router_routing_seconds, "
-                 f"batch wait included), {share:.0%} of its added p50: the work the other proxy does not do")
+        line += (
+            f"; the service spent {routing_ms:.2f} ms per request scoring and routing (router_routing_seconds, "
+            f"batch wait included), {share:.0%} of its added p50: the work the other proxy does not do"
+        )
     return line
 
 
-def compare_table(cells: dict[tuple, dict[str, Result]], others: list[str], routing: dict[tuple, float] | None = None) -> str:
+def compare_table(
+    cells: dict[tuple, dict[str, Result]], others: list[str], routing: dict[tuple, float] | None = None
+) -> str:
     """Per cell: the direct call's p50/p99, what each proxy adds to them, its requests/s, the router's ratios to
     each other proxy (added latency: below 1 is better; requests/s: above 1 is better) and the targets met or missed
     (`verdicts`; `routing`: the service's mean scoring and routing time per request in each cell, ms)."""
@@ -372,32 +485,41 @@ def compare_table(cells: dict[tuple, dict[str, Result]], others: list[str], rout
         tokens, conc, stream = key
         direct = res["direct"]
         kind = "time to first event" if stream else "whole answer"
-        lines.append(f"~{tokens} tokens, concurrency {conc}, {'stream' if stream else 'no stream'} ({kind}): direct p50 "
-                     f"{direct.pct(50):.2f} ms, p99 {direct.pct(99):.2f} ms, {direct.rps:.0f} req/s")
+        lines.append(
+            f"~{tokens} tokens, concurrency {conc}, {'stream' if stream else 'no stream'} ({kind}): direct p50 "
+            f"{direct.pct(50):.2f} ms, p99 {direct.pct(99):.2f} ms, {direct.rps:.0f} req/s"
+        )
         added = {}
         for name in ["router", *others]:
             r = res[name]
             added[name] = (r.pct(50) - direct.pct(50), r.pct(99) - direct.pct(99))
-            lines.append(f"  {name:<12} adds p50 {added[name][0]:+8.2f} ms  p99 {added[name][1]:+8.2f} ms  {r.rps:8.1f} req/s"
-                         f"  errors {r.errors}")
+            lines.append(
+                f"  {name:<12} adds p50 {added[name][0]:+8.2f} ms  p99 {added[name][1]:+8.2f} ms  {r.rps:8.1f} req/s"
+                f"  errors {r.errors}"
+            )
         for name in others:
             ratio = lambda a, b: f"{a / b:.2f}x" if b > 0 else "n/a (other adds nothing)"  # noqa: E731
-            lines.append(f"  router / {name}: added p50 {ratio(added['router'][0], added[name][0])}, added p99 "
-                         f"{ratio(added['router'][1], added[name][1])}, req/s {res['router'].rps / res[name].rps:.2f}x")
+            lines.append(
+                f"  router / {name}: added p50 {ratio(added['router'][0], added[name][0])}, added p99 "
+                f"{ratio(added['router'][1], added[name][1])}, req/s {res['router'].rps / res[name].rps:.2f}x"
+            )
             lines.append(verdicts(res, added, name, (routing or {}).get(key)))
     return "\n".join(lines)
 
 
-async def measure_cells(targets: dict[str, str], keys: dict[str, str], cells: list[Cell], n: int,
-                        rounds: int) -> tuple[dict, dict]:
+async def measure_cells(
+    targets: dict[str, str], keys: dict[str, str], cells: list[Cell], n: int, rounds: int
+) -> tuple[dict, dict]:
     """Each cell's chat requests to every target (name -> base URL with /v1), in interleaved rounds; and the service's
     (target "router") mean scoring and routing time per request in each cell, ms, from its /metrics."""
     out, routing = {}, {}
     service_base = targets["router"].removesuffix("/v1")
     for cell in cells:
         count = n if cell.concurrency == 1 else n * 2
-        bodies = [{"model": "router", "max_tokens": 64, "stream": cell.stream,
-                   "messages": [{"role": "user", "content": p}]} for p in prompts(count, cell.tokens)]
+        bodies = [
+            {"model": "router", "max_tokens": 64, "stream": cell.stream, "messages": [{"role": "user", "content": p}]}
+            for p in prompts(count, cell.tokens)
+        ]
         parts: dict[str, list[Result]] = {name: [] for name in targets}
         spent = 0.0
         for name, url in targets.items():  # warm every connection pool and cache once
@@ -405,34 +527,63 @@ async def measure_cells(targets: dict[str, str], keys: dict[str, str], cells: li
         for i in range(rounds):
             for name in list(targets)[:: 1 if i % 2 == 0 else -1]:
                 before = routing_seconds(service_base) if name == "router" else 0.0
-                parts[name].append(await load(f"{targets[name]}/chat/completions", bodies[i::rounds], cell.concurrency,
-                                              keys.get(name, {}), name))
+                parts[name].append(
+                    await load(
+                        f"{targets[name]}/chat/completions",
+                        bodies[i::rounds],
+                        cell.concurrency,
+                        keys.get(name, {}),
+                        name,
+                    )
+                )
                 if name == "router":
                     spent += routing_seconds(service_base) - before
         key = (cell.tokens, cell.concurrency, cell.stream)
         routing[key] = 1000 * spent / max(1, sum(x.n for x in parts["router"]))
         out[key] = {
-            name: Result(name, cell.concurrency, sum(x.n for x in r), sum(x.seconds for x in r),
-                         np.concatenate([x.latencies for x in r]), sum(x.errors for x in r)) for name, r in parts.items()}
+            name: Result(
+                name,
+                cell.concurrency,
+                sum(x.n for x in r),
+                sum(x.seconds for x in r),
+                np.concatenate([x.latencies for x in r]),
+                sum(x.errors for x in r),
+            )
+            for name, r in parts.items()
+        }
     return out, routing
 
 
-def run_compare(router: str, others: dict[str, str], other_keys: dict[str, str | None], upstream: str | None = None,
-                sizes: tuple[int, ...] = (30, 250, 1000), levels: tuple[int, ...] = (1, 16), streams: tuple[bool, ...] = (False, True),
-                n: int = 300, rounds: int = 6, threads: int = 1, workers: int = 1) -> str:
+def run_compare(
+    router: str,
+    others: dict[str, str],
+    other_keys: dict[str, str | None],
+    upstream: str | None = None,
+    sizes: tuple[int, ...] = (30, 250, 1000),
+    levels: tuple[int, ...] = (1, 16),
+    streams: tuple[bool, ...] = (False, True),
+    n: int = 300,
+    rounds: int = 6,
+    threads: int = 1,
+    workers: int = 1,
+) -> str:
     """The same chat load sent to the upstream directly, through this service and through each other OpenAI-compatible
     proxy (`others`: name -> base URL ending in /v1, forwarding model "router" to the same upstream), interleaved."""
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp, contextlib.ExitStack() as running:
         tmp = Path(tmp)
         base = upstream.rstrip("/").removesuffix("/v1") if upstream else running.enter_context(fake_provider(tmp))
-        urls = running.enter_context(service(tmp / "service", service_config(router, f"{base}/v1", threads, workers, 0.0),
-                                             [free_port()]))
+        urls = running.enter_context(
+            service(tmp / "service", service_config(router, f"{base}/v1", threads, workers, 0.0), [free_port()])
+        )
         targets = {"direct": f"{base}/v1", "router": f"{urls[0]}/v1", **others}
         keys = {"router": {"Authorization": f"Bearer {BENCH_KEY}"}} | {
-            name: {"Authorization": f"Bearer {key}"} for name, key in other_keys.items() if key}
+            name: {"Authorization": f"Bearer {key}"} for name, key in other_keys.items() if key
+        }
         cells = [Cell(t, c, s) for t in sizes for c in levels for s in streams]
-        header = (f"the same chat requests (max_tokens 64; ~{'/'.join(map(str, sizes))}-token prompts, all different) to "
-                  f"{', '.join(targets)}; {rounds} interleaved rounds per cell")
+        header = (
+            f"the same chat requests (max_tokens 64; ~{'/'.join(map(str, sizes))}-token prompts, all different) to "
+            f"{', '.join(targets)}; {rounds} interleaved rounds per cell"
+        )
         results, routing = asyncio.run(measure_cells(targets, keys, cells, n, rounds))
         return header + "\n" + compare_table(results, list(others), routing)
 
@@ -441,7 +592,10 @@ def run_compare(router: str, others: dict[str, str], other_keys: dict[str, str |
 def _processes(commands: list[list[str]], health: list[str], log_prefix: Path, env: dict):
     """Start each command (its output in `log_prefix`N.log), wait until its health URL answers; stop them all at the end."""
     logs = [open(f"{log_prefix}{i}.log", "w") for i in range(len(commands))]
-    procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env) for cmd, log in zip(commands, logs, strict=True)]
+    procs = [
+        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        for cmd, log in zip(commands, logs, strict=True)
+    ]
     try:
         for i, (url, proc) in enumerate(zip(health, procs, strict=True)):
             _wait_up(url, proc, Path(f"{log_prefix}{i}.log"))

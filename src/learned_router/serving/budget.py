@@ -85,12 +85,16 @@ class SpendStore:
             self._db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS spend (period TEXT PRIMARY KEY, usd REAL NOT NULL, requests INTEGER NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS spend (period TEXT PRIMARY KEY, usd REAL NOT NULL, requests INTEGER NOT NULL)"
+            )
         except (OSError, sqlite3.Error) as e:
             raise ConfigError(f"budget.store: cannot use {path} as the spend store ({e})") from None
         self._lock = threading.Lock()
 
-    def add(self, period: str, usd: float, lock: threading.Lock | None = None, committed: Callable[[], None] | None = None) -> None:
+    def add(
+        self, period: str, usd: float, lock: threading.Lock | None = None, committed: Callable[[], None] | None = None
+    ) -> None:
         """Add one answer's dollars. `committed` runs with the commit, both holding `lock`: a reader holding it sees
         both or neither. The wait for another process' write lock happens before, without `lock`."""
         if not (math.isfinite(usd) and 0 <= usd <= MAX_ANSWER_USD):
@@ -230,9 +234,18 @@ class BudgetState:
         return self.spent / (self.usd * max(self.elapsed, 1e-9))
 
     def as_dict(self) -> dict:
-        return {"period": self.period, "period_start": datetime.fromtimestamp(self.start, tz=timezone.utc).isoformat(),
-                "usd": self.usd, "spent_usd": self.spent, "remaining_usd": self.remaining, "requests": self.requests,
-                "elapsed_share": self.elapsed, "pace": self.pace, "threshold_offset": self.offset, "reserve_usd": self.reserve}
+        return {
+            "period": self.period,
+            "period_start": datetime.fromtimestamp(self.start, tz=timezone.utc).isoformat(),
+            "usd": self.usd,
+            "spent_usd": self.spent,
+            "remaining_usd": self.remaining,
+            "requests": self.requests,
+            "elapsed_share": self.elapsed,
+            "pace": self.pace,
+            "threshold_offset": self.offset,
+            "reserve_usd": self.reserve,
+        }
 
 
 class Pacer:
@@ -260,7 +273,9 @@ class Pacer:
                 self._offset, self._floor = self._solve((self.config.usd - spent) / max(expected, 1.0))
             else:
                 self._offset, self._floor = 0.0, 0.0
-        return BudgetState(period, start, self.config.usd, spent, requests, elapsed, self._offset, expected * self._floor)
+        return BudgetState(
+            period, start, self.config.usd, spent, requests, elapsed, self._offset, expected * self._floor
+        )
 
     def effective(self, threshold: float, state: BudgetState) -> float:
         return min(self.ceiling(threshold), max(self.config.min_threshold, threshold + state.offset))
@@ -275,7 +290,9 @@ class Pacer:
         worst = max(self._ratios[tier], default=1.0)
         return estimated_usd * worst <= state.remaining - (state.reserve if reserve else 0.0)
 
-    def observe(self, threshold: float, pass_chances: np.ndarray, eligible: np.ndarray, estimated_usd: np.ndarray) -> None:
+    def observe(
+        self, threshold: float, pass_chances: np.ndarray, eligible: np.ndarray, estimated_usd: np.ndarray
+    ) -> None:
         """A chat request routed: what the pacer predicts future costs from."""
         self._recent.append((threshold, pass_chances, eligible, estimated_usd))
         self._since_solve += 1

@@ -73,7 +73,9 @@ class ProviderConfig(Strict):
     @classmethod
     def _safe(cls, v: str) -> str:
         if v and not SAFE_NAME.match(v):
-            raise ValueError(f"must be 1-128 ASCII letters, digits or . _ : / @ + - (it goes into headers and metrics), got {v!r}")
+            raise ValueError(
+                f"must be 1-128 ASCII letters, digits or . _ : / @ + - (it goes into headers and metrics), got {v!r}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -106,7 +108,9 @@ class RouterConfig(Strict):
 
     path: str = "models/default"  # a router folder; a relative path is from the config file's folder
     threads: int | None = Field(1, ge=1)  # onnxruntime intra-op threads; None: onnxruntime's default
-    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # threads scoring batches at the same time; auto: one per usable core but one (left to the event loop), at least one
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = (
+        "auto"  # threads scoring batches at the same time; auto: one per usable core but one (left to the event loop), at least one
+    )
     max_batch: int = Field(32, ge=1)  # most prompts handed to the scorer at once (int8: one onnxruntime call each)
     max_wait_ms: NonNegative = 0.0  # extra wait for more prompts before scoring a batch
 
@@ -155,7 +159,9 @@ class BudgetConfig(Strict):
     usd: Positive  # the budget per period
     store: str = "router-spend.sqlite"  # sqlite file of the spend; a relative path is from the config file's folder
     min_threshold: float = Field(0.0, ge=0.0, le=1.0)  # the lowest threshold pacing may set
-    max_threshold: float | None = Field(None, ge=0.0, le=1.0)  # null: pacing never raises a request's threshold (the budget is a cap); a number: behind pace it may, up to this, spending the budget left on pricier tiers
+    max_threshold: float | None = Field(
+        None, ge=0.0, le=1.0
+    )  # null: pacing never raises a request's threshold (the budget is a cap); a number: behind pace it may, up to this, spending the budget left on pricier tiers
     window: int = Field(500, ge=10)  # recent chat requests the pacer predicts costs on
     warmup_requests: int = Field(20, ge=1)  # requests seen (this process and period) before the pacer moves
 
@@ -188,7 +194,9 @@ class CircuitConfig(Strict):
 
     failures: int = Field(5, ge=1)  # consecutive failed attempts that open a provider's circuit
     cooldown_s: Positive = 30.0  # then one probe request is let through (half-open)
-    probe_every_s: Positive | None = 5.0  # a half-open provider no request reaches is probed this often (GET {base_url}/models); null: requests only
+    probe_every_s: Positive | None = (
+        5.0  # a half-open provider no request reaches is probed this often (GET {base_url}/models); null: requests only
+    )
 
 
 class ClientKey(Strict):
@@ -222,7 +230,9 @@ class AuthConfig(Strict):
     @model_validator(mode="after")
     def _some_key(self) -> AuthConfig:
         if self.enabled and not self.keys and not self.keys_env:
-            raise ValueError("auth is enabled but no client keys are configured: add keys or keys_env, or set enabled: false")
+            raise ValueError(
+                "auth is enabled but no client keys are configured: add keys or keys_env, or set enabled: false"
+            )
         return self
 
 
@@ -259,13 +269,17 @@ class StateConfig(Strict):
     prefix: str = Field("learned-router:", min_length=1, max_length=64)  # of every key this service writes
     timeout_s: Positive = 0.25  # a Redis call slower than this counts as Redis being down
     retry_s: Positive = 1.0  # how often a lost Redis is tried again, and the shared breakers and spend re-read
-    unavailable_at_start: Literal["exit", "local"] = "exit"  # Redis down at start-up: exit 2, or start on per-process state
+    unavailable_at_start: Literal["exit", "local"] = (
+        "exit"  # Redis down at start-up: exit 2, or start on per-process state
+    )
 
     @field_validator("url")
     @classmethod
     def _redis_url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^rediss?://[^/\s@]+(/[0-9]{1,2})?/?$", v):
-            raise ValueError(f"must be redis://host:port/db or rediss://host:port/db (the password goes in password_env), got {v!r}")
+            raise ValueError(
+                f"must be redis://host:port/db or rediss://host:port/db (the password goes in password_env), got {v!r}"
+            )
         return v
 
     @field_validator("password_env")
@@ -293,8 +307,12 @@ class TaskTypesConfig(Strict):
     """Task types (code, math, writing, ...): inferred from the router's prompt embedding, or named by the request."""
 
     enabled: bool = True  # type each request (inference needs a router exported with its embedding output)
-    file: str | None = None  # a task types YAML (relative: from the config file's folder); null: the router folder's task_types.yaml, else the package's
-    threshold_offsets: dict[str, Annotated[float, Field(ge=-1, le=1)]] = {}  # type -> added to its threshold (clipped to [0, 1])
+    file: str | None = (
+        None  # a task types YAML (relative: from the config file's folder); null: the router folder's task_types.yaml, else the package's
+    )
+    threshold_offsets: dict[
+        str, Annotated[float, Field(ge=-1, le=1)]
+    ] = {}  # type -> added to its threshold (clipped to [0, 1])
     min_tier: dict[str, str] = {}  # type -> the cheapest tier its requests may go to (e.g. code: strong)
 
 
@@ -306,7 +324,9 @@ class DriftConfig(Strict):
     window: int = Field(1000, ge=20)  # most recent routed requests compared with the reference
     min_requests: int = Field(200, ge=10)  # fewer in the window: no PSI (NaN)
     threshold: Positive = 0.25  # a PSI above this is drift: logged, and alerted on by serving/alerts.yaml
-    reference: str | None = None  # JSON file (relative: from the config file's folder): read at start when it exists; POST /v1/drift/reference writes it
+    reference: str | None = (
+        None  # JSON file (relative: from the config file's folder): read at start when it exists; POST /v1/drift/reference writes it
+    )
 
     @model_validator(mode="after")
     def _min(self) -> DriftConfig:
@@ -325,7 +345,9 @@ class TrafficConfig(Strict):
     max_rows: int | None = Field(1_000_000, ge=1)  # beyond this many requests the oldest are deleted; null: no cap
     never_record: list[str] = []  # data classes whose requests are never recorded, not even their text's hash
     queue_size: int = Field(10_000, ge=1)  # requests waiting to be written; beyond it they are dropped and counted
-    feedback_per_minute: Positive | None = 60.0  # a client's POST /v1/feedback calls a minute (at most a minute's worth at once); beyond it 429; null: no cap
+    feedback_per_minute: Positive | None = (
+        60.0  # a client's POST /v1/feedback calls a minute (at most a minute's worth at once); beyond it 429; null: no cap
+    )
 
 
 class AdminConfig(Strict):
@@ -345,10 +367,14 @@ class JudgeConfig(Strict):
     src/learned_router/judge.py; what a run sends and costs: serving/DEPLOY.md)."""
 
     provider: ProviderConfig  # the judge's OpenAI-compatible endpoint, model, key variable, prices and timeouts
-    mode: Literal["single", "pairwise"] = "single"  # single: each answer rated 1-10 against the strongest's; pairwise: each against the strongest's, in both orders
+    mode: Literal["single", "pairwise"] = (
+        "single"  # single: each answer rated 1-10 against the strongest's; pairwise: each against the strongest's, in both orders
+    )
     max_tokens: int = Field(512, ge=1)  # of the judge's answer (its explanation and verdict)
     answer_max_tokens: int = Field(512, ge=1)  # max_tokens sent to the models compared
-    concurrency: int = Field(4, ge=1)  # requests in flight at most, answers and verdicts together (label --concurrency overrides)
+    concurrency: int = Field(
+        4, ge=1
+    )  # requests in flight at most, answers and verdicts together (label --concurrency overrides)
 
 
 class ServiceConfig(Strict):
@@ -359,7 +385,9 @@ class ServiceConfig(Strict):
     tiers: list[TierConfig]  # cheapest first
     budget: BudgetConfig | None = None
     latency: LatencyConfig = LatencyConfig()
-    data_classes: dict[str, list[str]] = {}  # class -> the providers that may receive it (the judge's name too, for `label`)
+    data_classes: dict[
+        str, list[str]
+    ] = {}  # class -> the providers that may receive it (the judge's name too, for `label`)
     retry: RetryConfig = RetryConfig()
     circuit_breaker: CircuitConfig = CircuitConfig()
     auth: AuthConfig
@@ -397,7 +425,9 @@ class ServiceConfig(Strict):
                 if p.api_key_env is None:
                     out[p.name] = None
                 elif (key := os.environ.get(p.api_key_env)) is None:
-                    raise ConfigError(f"tiers[{t}].providers[{i}].api_key_env: environment variable {p.api_key_env} is not set")
+                    raise ConfigError(
+                        f"tiers[{t}].providers[{i}].api_key_env: environment variable {p.api_key_env} is not set"
+                    )
                 else:
                     out[p.name] = key
         return out
@@ -468,26 +498,38 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
         tiers.add(tier.name)
         for i, p in enumerate(tier.providers):
             if p.name in providers:
-                raise ConfigError(f"{source}: tiers[{t}].providers[{i}].name: duplicate provider name {p.name!r}; names must be unique")
+                raise ConfigError(
+                    f"{source}: tiers[{t}].providers[{i}].name: duplicate provider name {p.name!r}; names must be unique"
+                )
             providers.add(p.name)
     for task, tier in cfg.task_types.min_tier.items():
         if tier not in tiers:
-            raise ConfigError(f"{source}: task_types.min_tier.{task}: unknown tier {tier!r}; tiers: {', '.join(t.name for t in cfg.tiers)}")
-    judge = {cfg.judge.provider.name} - providers if cfg.judge is not None else set()  # label's judge may be allowed too
+            raise ConfigError(
+                f"{source}: task_types.min_tier.{task}: unknown tier {tier!r}; tiers: {', '.join(t.name for t in cfg.tiers)}"
+            )
+    judge = (
+        {cfg.judge.provider.name} - providers if cfg.judge is not None else set()
+    )  # label's judge may be allowed too
     for cls, allowed in cfg.data_classes.items():
         if not allowed:
             raise ConfigError(f"{source}: data_classes.{cls}: list the providers that may receive this class")
         for i, name in enumerate(allowed):
             if name not in providers | judge:
-                raise ConfigError(f"{source}: data_classes.{cls}[{i}]: unknown provider {name!r}; providers: "
-                                  f"{', '.join(sorted(providers | judge))}")
+                raise ConfigError(
+                    f"{source}: data_classes.{cls}[{i}]: unknown provider {name!r}; providers: "
+                    f"{', '.join(sorted(providers | judge))}"
+                )
     for i, cls in enumerate(cfg.traffic.never_record if cfg.traffic else []):
         if cls not in cfg.data_classes:
-            raise ConfigError(f"{source}: traffic.never_record[{i}]: unknown data class {cls!r}; classes: "
-                              f"{', '.join(sorted(cfg.data_classes)) or 'none'}")
+            raise ConfigError(
+                f"{source}: traffic.never_record[{i}]: unknown data class {cls!r}; classes: "
+                f"{', '.join(sorted(cfg.data_classes)) or 'none'}"
+            )
     if cfg.judge is not None and cfg.judge.provider.name in providers:
-        raise ConfigError(f"{source}: judge.provider.name: {cfg.judge.provider.name!r} is also a tier's provider; give the "
-                          "judge a name of its own (name: judge)")
+        raise ConfigError(
+            f"{source}: judge.provider.name: {cfg.judge.provider.name!r} is also a tier's provider; give the "
+            "judge a name of its own (name: judge)"
+        )
     return cfg
 
 

@@ -40,8 +40,11 @@ def comments(model: type[BaseModel]) -> dict[str, str]:
         if tok.type == tokenize.COMMENT:
             notes[tok.start[0]] = tok.string.lstrip("# ").strip()
     body = ast.parse(source).body[0].body
-    return {node.target.id: " ".join(notes[i] for i in range(node.lineno, node.end_lineno + 1) if i in notes)
-            for node in body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    return {
+        node.target.id: " ".join(notes[i] for i in range(node.lineno, node.end_lineno + 1) if i in notes)
+        for node in body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
 
 
 def model_of(kind) -> type[BaseModel] | None:
@@ -78,8 +81,12 @@ def type_name(kind, path: str) -> str:
 
 
 def bounds(field: FieldInfo) -> str:
-    parts = [f"{op} {getattr(m, next(iter(m.__dataclass_fields__)))}" for m in field.metadata
-             for cls, op in BOUNDS.items() if isinstance(m, cls)]
+    parts = [
+        f"{op} {getattr(m, next(iter(m.__dataclass_fields__)))}"
+        for m in field.metadata
+        for cls, op in BOUNDS.items()
+        if isinstance(m, cls)
+    ]
     parts += [f"length {m.min_length}+" for m in field.metadata if isinstance(m, annotated_types.MinLen)]
     parts += [f"length <= {m.max_length}" for m in field.metadata if isinstance(m, annotated_types.MaxLen)]
     return f" ({', '.join(parts)})" if parts else ""

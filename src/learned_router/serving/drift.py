@@ -102,8 +102,14 @@ class DriftMonitor:
         for signal, value in self.psi().items():
             if not self.drifted[signal] and value > self.cfg.threshold:  # NaN: never
                 self.drifted[signal] = True
-                log.warning("drift: %s PSI %.3f > %g over the last %d requests (reference: %s)", signal, value,
-                            self.cfg.threshold, len(self.window), self.source)
+                log.warning(
+                    "drift: %s PSI %.3f > %g over the last %d requests (reference: %s)",
+                    signal,
+                    value,
+                    self.cfg.threshold,
+                    len(self.window),
+                    self.source,
+                )
             elif self.drifted[signal] and not value > self.cfg.threshold * RECOVERED:
                 self.drifted[signal] = False
                 log.info("drift: %s PSI %.3f back under %g", signal, value, self.cfg.threshold * RECOVERED)
@@ -119,9 +125,11 @@ class DriftMonitor:
         self.reference = {k: v for k, v in self.reference.items() if k == "task_type"}
         if calibration is not None:
             self.reference["pass_chance"] = calibration
-        self.source = (f"since {version} serves: its calibration mix (pass chance)" if calibration is not None else
-                       f"since {version} serves: its first full window") + (
-                       "; task types as before" if "task_type" in self.reference else "")
+        self.source = (
+            f"since {version} serves: its calibration mix (pass chance)"
+            if calibration is not None
+            else f"since {version} serves: its first full window"
+        ) + ("; task types as before" if "task_type" in self.reference else "")
         log.info("drift: %s serves; the pass chance and tier references start again (%s)", version, self.source)
 
     def _count(self, row: tuple[float | None, str, str], n: int) -> None:
@@ -136,7 +144,9 @@ class DriftMonitor:
         """Compare with `reference` from now on (the window's pass chances re-binned at its edges)."""
         self.reference, self.source = reference, source
         ref = reference.get("pass_chance")
-        self._counts["pass_chance"] = Counter(bucket(ref["edges"], p) for p, _, _ in self.window if p is not None) if ref else Counter()
+        self._counts["pass_chance"] = (
+            Counter(bucket(ref["edges"], p) for p, _, _ in self.window if p is not None) if ref else Counter()
+        )
 
     def distributions(self) -> dict:
         """The window's shares per signal, in the reference's form (pass chance binned at the window's deciles)."""
@@ -160,19 +170,33 @@ class DriftMonitor:
     def snapshot(self) -> dict:
         """Make the current window the reference (written to `drift.reference` when set); 409 when it is too small."""
         if len(self.window) < self.cfg.min_requests:
-            raise APIError(409, f"the drift window holds {len(self.window)} requests; a reference needs at least "
-                           f"{self.cfg.min_requests} (drift.min_requests)", code="drift_window_too_small")
+            raise APIError(
+                409,
+                f"the drift window holds {len(self.window)} requests; a reference needs at least "
+                f"{self.cfg.min_requests} (drift.min_requests)",
+                code="drift_window_too_small",
+            )
         reference = {k: v for k, v in self.distributions().items() if v} | {
-            "requests": len(self.window), "taken_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "requests": len(self.window),
+            "taken_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
         if self.cfg.reference:
             try:
                 write_reference(self.cfg.reference, reference)
             except OSError as e:
-                raise APIError(503, f"drift.reference {self.cfg.reference}: cannot be written ({e.strerror}); the reference "
-                               "is unchanged", type="server_error", code="drift_reference_unwritable") from None
+                raise APIError(
+                    503,
+                    f"drift.reference {self.cfg.reference}: cannot be written ({e.strerror}); the reference "
+                    "is unchanged",
+                    type="server_error",
+                    code="drift_reference_unwritable",
+                ) from None
         self._use(reference, self.cfg.reference or f"snapshot of {len(self.window)} requests")
-        log.info("drift: new reference from the last %d requests%s", len(self.window),
-                 f", written to {self.cfg.reference}" if self.cfg.reference else "")
+        log.info(
+            "drift: new reference from the last %d requests%s",
+            len(self.window),
+            f", written to {self.cfg.reference}" if self.cfg.reference else "",
+        )
         return reference
 
     def state(self) -> dict:
@@ -180,10 +204,14 @@ class DriftMonitor:
         reference's buckets)."""
         n = max(len(self.window), 1)
         window = {s: {k: c / n for k, c in self._counts[s].items() if c} for s in SIGNALS}
-        return {"requests": len(self.window), "threshold": self.cfg.threshold,
-                "psi": {k: None if math.isnan(v) else v for k, v in self.psi().items()},
-                "reference_source": self.source, "window": window,
-                "reference": {k: v for k, v in self.reference.items() if k in SIGNALS}}
+        return {
+            "requests": len(self.window),
+            "threshold": self.cfg.threshold,
+            "psi": {k: None if math.isnan(v) else v for k, v in self.psi().items()},
+            "reference_source": self.source,
+            "window": window,
+            "reference": {k: v for k, v in self.reference.items() if k in SIGNALS},
+        }
 
 
 def read_reference(path: str | os.PathLike) -> dict:
@@ -194,7 +222,9 @@ def read_reference(path: str | os.PathLike) -> dict:
             assert isinstance(pc["edges"], list) and isinstance(pc["shares"], dict)
         assert all(isinstance(ref.get(k, {}), dict) for k in ("task_type", "tier"))
     except (OSError, ValueError, AssertionError, KeyError, TypeError, AttributeError):
-        raise ConfigError(f"drift.reference: {path} is not a drift reference (take one with POST /v1/drift/reference)") from None
+        raise ConfigError(
+            f"drift.reference: {path} is not a drift reference (take one with POST /v1/drift/reference)"
+        ) from None
     return {k: v for k, v in ref.items() if k in SIGNALS and v}
 
 

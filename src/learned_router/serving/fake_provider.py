@@ -70,7 +70,9 @@ class FakeState:
     fail_words: list[str] = field(default_factory=list)
     judge: bool = False
     judge_garbage_rate: float = 0.0
-    echo_key: bool = False  # an error's message repeats the Authorization header it received, as a careless provider does
+    echo_key: bool = (
+        False  # an error's message repeats the Authorization header it received, as a careless provider does
+    )
 
 
 MODES = {"ok", "error", "429", "hang", "stall", "raw", "huge"}
@@ -88,12 +90,15 @@ def canned_answer(name: str, prompt: str, words: int | None = None) -> str:
     if words is None:
         return text
     base = text.split(" ")
-    return " ".join((base + ["more"] * max(0, words - len(base)))[:max(1, words)])
+    return " ".join((base + ["more"] * max(0, words - len(base)))[: max(1, words)])
 
 
 SINGLE_ANSWER = re.compile(r"\[The Start of Assistant's Answer\]\n(.*?)\n\[The End of Assistant's Answer\]", re.S)
-PAIR_ANSWERS = re.compile(r"\[The Start of Assistant A's Answer\]\n(.*?)\n\[The End of Assistant A's Answer\].*?"
-                          r"\[The Start of Assistant B's Answer\]\n(.*?)\n\[The End of Assistant B's Answer\]", re.S)
+PAIR_ANSWERS = re.compile(
+    r"\[The Start of Assistant A's Answer\]\n(.*?)\n\[The End of Assistant A's Answer\].*?"
+    r"\[The Start of Assistant B's Answer\]\n(.*?)\n\[The End of Assistant B's Answer\]",
+    re.S,
+)
 GARBAGE = "Both answers have their merits; it is hard to say."
 
 
@@ -113,14 +118,25 @@ def judge_answer(prompt: str) -> str:
 
 
 def _error(status: int, message: str, type_: str = "server_error", headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": None}}, status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": None, "code": None}}, status, headers=headers
+    )
 
 
 def create_fake_provider(state: FakeState | None = None) -> FastAPI:
     state = state or FakeState()
     rng = random.Random(state.seed)
-    stats = {"requests": 0, "ok": 0, "errors": 0, "streams_started": 0, "streams_completed": 0, "streams_aborted": 0,
-             "last_body": None, "last_authorization_ok": None, "prompts": []}
+    stats = {
+        "requests": 0,
+        "ok": 0,
+        "errors": 0,
+        "streams_started": 0,
+        "streams_completed": 0,
+        "streams_aborted": 0,
+        "last_body": None,
+        "last_authorization_ok": None,
+        "prompts": [],
+    }
     app = FastAPI(title=f"fake provider {state.name}")
     app.state.fake = state
     app.state.stats = stats
@@ -131,8 +147,11 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
         known = {f.name for f in fields(FakeState)}
         unknown = set(changes) - known - {"reset_stats"}
         if unknown or changes.get("mode", state.mode) not in MODES:
-            return _error(400, f"unknown settings {sorted(unknown)} or mode; known: {sorted(known)}, modes {sorted(MODES)}",
-                          "invalid_request_error")
+            return _error(
+                400,
+                f"unknown settings {sorted(unknown)} or mode; known: {sorted(known)}, modes {sorted(MODES)}",
+                "invalid_request_error",
+            )
         if changes.pop("reset_stats", False):
             for k, v in stats.items():
                 stats[k] = [] if isinstance(v, list) else 0 if isinstance(v, int) and not isinstance(v, bool) else None
@@ -146,7 +165,10 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.model, "object": "model", "created": 0, "owned_by": state.name}]}
+        return {
+            "object": "list",
+            "data": [{"id": state.model, "object": "model", "created": 0, "owned_by": state.name}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -174,12 +196,18 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
             return _error(state.error_status, f"{state.name} is failing (simulated){echo}")
         if state.mode == "429":
             stats["errors"] += 1
-            return _error(429, "rate limited (simulated)", "rate_limit_error", {"Retry-After": f"{state.retry_after:g}"})
+            return _error(
+                429, "rate limited (simulated)", "rate_limit_error", {"Retry-After": f"{state.retry_after:g}"}
+            )
         if state.mode in ("raw", "huge"):
             stats["ok"] += 1
             return _misbehave(state, bool(body.get("stream")))
         if state.judge:
-            answer = GARBAGE if state.judge_garbage_rate and rng.random() < state.judge_garbage_rate else judge_answer(prompt)
+            answer = (
+                GARBAGE
+                if state.judge_garbage_rate and rng.random() < state.judge_garbage_rate
+                else judge_answer(prompt)
+            )
         elif fails(prompt, state.fail_words):
             answer = NO_ANSWER
         else:
@@ -196,13 +224,17 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
         if not body.get("stream"):
             stats["ok"] += 1
             return {
-                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
                 "usage": usage,
             }
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(state, stats, cid, created, model, answer, usage, include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _stream(state, stats, cid, created, model, answer, usage, include_usage), media_type="text/event-stream"
+        )
 
     return app
 
@@ -216,6 +248,7 @@ def _misbehave(state: FakeState, stream: bool) -> Response:
         async def events():
             for e in list(state.raw_events):
                 yield f"data: {e}\n\n"
+
         return StreamingResponse(events(), media_type=media)
 
     async def huge():
@@ -224,6 +257,7 @@ def _misbehave(state: FakeState, stream: bool) -> Response:
         while sent < state.huge_bytes:
             yield piece
             sent += len(piece)
+
     return StreamingResponse(huge(), media_type=media)
 
 
@@ -232,8 +266,14 @@ async def _stream(state, stats, cid, created, model, answer, usage, include_usag
     done = False
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        c = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
         return f"data: {json.dumps(c)}\n\n"
 
     try:
@@ -247,7 +287,14 @@ async def _stream(state, stats, cid, created, model, answer, usage, include_usag
             yield chunk({"content": w if i == 0 else " " + w})
         yield chunk({}, "stop")
         if include_usage:
-            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}
+            c = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
             yield f"data: {json.dumps(c)}\n\n"
         yield "data: [DONE]\n\n"
         done = True

@@ -34,9 +34,14 @@ class BodyLimit:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
             except TimeoutError:
-                err = APIError(408, f"request body not complete within {self.read_seconds:g} s (limits.body_read_seconds)",
-                               code="request_timeout")
-                return await JSONResponse(err.body(), status_code=408, headers={"Connection": "close"})(scope, receive, send)
+                err = APIError(
+                    408,
+                    f"request body not complete within {self.read_seconds:g} s (limits.body_read_seconds)",
+                    code="request_timeout",
+                )
+                return await JSONResponse(err.body(), status_code=408, headers={"Connection": "close"})(
+                    scope, receive, send
+                )
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))

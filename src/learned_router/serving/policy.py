@@ -83,8 +83,13 @@ class NoEligibleTier(Exception):
         self.options = options
 
 
-def standing(provider: Provider, need_tokens: int, allowed: frozenset[str] | None, data_class: str | None,
-             remaining_s: float | None) -> Standing:
+def standing(
+    provider: Provider,
+    need_tokens: int,
+    allowed: frozenset[str] | None,
+    data_class: str | None,
+    remaining_s: float | None,
+) -> Standing:
     """Check one provider against the rules, in the order of EXCLUSIONS."""
     cfg = provider.config
     if allowed is not None and provider.name not in allowed:
@@ -92,7 +97,11 @@ def standing(provider: Provider, need_tokens: int, allowed: frozenset[str] | Non
     if cfg.context_window < need_tokens:
         return Standing(provider, "context", f"context window {cfg.context_window} < ~{need_tokens} tokens")
     if remaining_s is not None and (p95 := provider.latency.p95()) is not None and p95 > remaining_s:
-        return Standing(provider, "latency", f"p95 latency {p95 * 1000:.0f} ms > {remaining_s * 1000:.0f} ms left of the latency budget")
+        return Standing(
+            provider,
+            "latency",
+            f"p95 latency {p95 * 1000:.0f} ms > {remaining_s * 1000:.0f} ms left of the latency budget",
+        )
     if provider.breaker.state == "open":
         return Standing(provider, "circuit_open", "circuit open")
     return Standing(provider)
@@ -103,8 +112,9 @@ def pick(options: list[TierOption], threshold: float, among: list[int]) -> int:
     return among[int(choose_tier(np.array([[options[i].pass_chance for i in among]]), threshold)[0])]
 
 
-def choose(options: list[TierOption], threshold: float, effective: float,
-           affordable: Callable[[int], bool] | None = None) -> Choice:
+def choose(
+    options: list[TierOption], threshold: float, effective: float, affordable: Callable[[int], bool] | None = None
+) -> Choice:
     """The tier for a request; `affordable(i)` says whether what is left of the budget pays for tier i."""
     eligible = [i for i, o in enumerate(options) if o.eligible]
     if not eligible:

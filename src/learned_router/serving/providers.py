@@ -154,15 +154,26 @@ def client_error_body(status: int, data: object, provider: Provider) -> bytes:
         message = message.replace(provider.api_key, "[redacted]")
     message = CREDENTIAL.sub("[redacted]", message)[:MESSAGE_CHARS]
     short = lambda v: v if isinstance(v, str) and len(v) <= 64 and not CREDENTIAL.search(v) else None  # noqa: E731
-    return json.dumps({"error": {"message": message, "type": short(err.get("type")) or "invalid_request_error",
-                                 "param": short(err.get("param")), "code": short(err.get("code"))}}).encode()
+    return json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": short(err.get("type")) or "invalid_request_error",
+                "param": short(err.get("param")),
+                "code": short(err.get("code")),
+            }
+        }
+    ).encode()
 
 
 def usable_answer(data: object) -> bool:
     """A chat completion with at least one choice, each an object with a message object."""
     choices = data.get("choices") if isinstance(data, dict) else None
-    return isinstance(choices, list) and bool(choices) and all(
-        isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)
+    return (
+        isinstance(choices, list)
+        and bool(choices)
+        and all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)
+    )
 
 
 def stream_chunk(data: str) -> tuple[dict, int]:
@@ -192,7 +203,9 @@ async def read_body(response: httpx.Response, limit: int) -> bytes:
     """The whole body, or AttemptFailed(bad_response) once it passes `limit` bytes."""
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise AttemptFailed("bad_response", f"HTTP {response.status_code} with a body of {declared} bytes, over the {limit} limit")
+        raise AttemptFailed(
+            "bad_response", f"HTTP {response.status_code} with a body of {declared} bytes, over the {limit} limit"
+        )
     chunks, size = [], 0
     async for chunk in response.aiter_bytes():
         size += len(chunk)
@@ -263,19 +276,31 @@ def retry_after_seconds(value: str | None) -> float | None:
 def _classify(status: int, headers: httpx.Headers) -> AttemptFailed | None:
     """None: the provider answered (a success, or a client error to pass back); else the failure."""
     if status == 429:
-        return AttemptFailed("http_429", "HTTP 429 (rate limited)", retry_after=retry_after_seconds(headers.get("retry-after")))
+        return AttemptFailed(
+            "http_429", "HTTP 429 (rate limited)", retry_after=retry_after_seconds(headers.get("retry-after"))
+        )
     if status >= 500 or status == 408:
         return AttemptFailed(f"http_{status}", f"HTTP {status}")
     if status in (401, 403, 404):
-        return AttemptFailed(f"http_{status}", f"HTTP {status} (check the provider's base_url, model and key)", retryable=False)
+        return AttemptFailed(
+            f"http_{status}", f"HTTP {status} (check the provider's base_url, model and key)", retryable=False
+        )
     return None
 
 
 class Upstream:
     """`state` keeps the breakers (state.py: each provider's own, or one per provider for every replica in Redis)."""
 
-    def __init__(self, tiers: list[list[Provider]], retry: RetryConfig, metrics: Metrics, state: LocalState,
-                 client: httpx.AsyncClient | None = None, max_body_bytes: int = 8 << 20, probe_every_s: float | None = None):
+    def __init__(
+        self,
+        tiers: list[list[Provider]],
+        retry: RetryConfig,
+        metrics: Metrics,
+        state: LocalState,
+        client: httpx.AsyncClient | None = None,
+        max_body_bytes: int = 8 << 20,
+        probe_every_s: float | None = None,
+    ):
         self.tiers = tiers  # cheapest first, each an ordered chain
         self.retry = retry
         self.probe_every_s = probe_every_s
@@ -290,15 +315,43 @@ class Upstream:
         state.bind(self.providers(), retry)
 
     @classmethod
-    def build(cls, tiers: list[TierConfig], keys: dict[str, str | None], retry: RetryConfig, circuit: CircuitConfig,
-              latency: LatencyConfig, metrics: Metrics, state: LocalState, max_body_bytes: int = 8 << 20) -> Upstream:
-        return cls([[Provider(c, t.name, keys[c.name], CircuitBreaker(circuit.failures, circuit.cooldown_s),
-                              LatencyWindow(latency.window, latency.max_age_s, latency.min_samples)) for c in t.providers]
-                    for t in tiers], retry, metrics, state, max_body_bytes=max_body_bytes, probe_every_s=circuit.probe_every_s)
+    def build(
+        cls,
+        tiers: list[TierConfig],
+        keys: dict[str, str | None],
+        retry: RetryConfig,
+        circuit: CircuitConfig,
+        latency: LatencyConfig,
+        metrics: Metrics,
+        state: LocalState,
+        max_body_bytes: int = 8 << 20,
+    ) -> Upstream:
+        return cls(
+            [
+                [
+                    Provider(
+                        c,
+                        t.name,
+                        keys[c.name],
+                        CircuitBreaker(circuit.failures, circuit.cooldown_s),
+                        LatencyWindow(latency.window, latency.max_age_s, latency.min_samples),
+                    )
+                    for c in t.providers
+                ]
+                for t in tiers
+            ],
+            retry,
+            metrics,
+            state,
+            max_body_bytes=max_body_bytes,
+            probe_every_s=circuit.probe_every_s,
+        )
 
     async def start(self) -> None:
         # Timeouts are set per provider on each request; the pool is shared by all of them.
-        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128), trust_env=False)
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128), trust_env=False
+        )
         if self.probe_every_s is not None:
             self._prober = asyncio.create_task(self._probe_half_open())
 
@@ -325,7 +378,9 @@ class Upstream:
                         await self.state.release(p, ticket)
                         continue
                     try:
-                        r = await self.client.get(f"{p.config.base_url}/models", headers=p.headers(), timeout=p.config.timeout_s)
+                        r = await self.client.get(
+                            f"{p.config.base_url}/models", headers=p.headers(), timeout=p.config.timeout_s
+                        )
                         ok = r.status_code < 500 and r.status_code not in (401, 403)
                     except httpx.HTTPError:
                         ok = False
@@ -452,10 +507,14 @@ class Upstream:
                     try:
                         data = json.loads(raw, parse_constant=reject_constant)
                     except (ValueError, RecursionError):
-                        raise AttemptFailed("bad_response", f"HTTP {response.status_code} with a body that is not JSON") from None
+                        raise AttemptFailed(
+                            "bad_response", f"HTTP {response.status_code} with a body that is not JSON"
+                        ) from None
                     if response.status_code == 200 and not usable_answer(data):
-                        raise AttemptFailed("bad_response", "HTTP 200 with a body that is not a chat completion (no choice "
-                                                            "with a message object)")
+                        raise AttemptFailed(
+                            "bad_response",
+                            "HTTP 200 with a body that is not a chat completion (no choice with a message object)",
+                        )
                     return Reply(provider, response.status_code, time.perf_counter() - start, json=data, raw=raw)
                 lines = bounded_lines(response, self.max_body_bytes)
                 head = []
@@ -474,8 +533,11 @@ class Upstream:
                     await response.aclose()
             if isinstance(e, (TimeoutError, httpx.TimeoutException)):
                 if cut and not isinstance(e, httpx.TimeoutException):  # our deadline, not the provider's timeouts
-                    raise AttemptFailed("latency_budget", f"cut off after {limit * 1000:.0f} ms, when the latency budget ran out",
-                                        retryable=False) from None
+                    raise AttemptFailed(
+                        "latency_budget",
+                        f"cut off after {limit * 1000:.0f} ms, when the latency budget ran out",
+                        retryable=False,
+                    ) from None
                 raise AttemptFailed("timeout", f"timed out after {cfg.timeout_s:g}s") from None
             if isinstance(e, httpx.TransportError):
                 kind = "connect" if isinstance(e, httpx.ConnectError) else "connection"
@@ -493,7 +555,9 @@ class Upstream:
             if cached and now - cached[0] < readiness.cache_s:
                 return cached[1] and p.breaker.state != "open"
             try:
-                r = await self.client.get(f"{p.config.base_url}/models", headers=p.headers(), timeout=readiness.probe_timeout_s)
+                r = await self.client.get(
+                    f"{p.config.base_url}/models", headers=p.headers(), timeout=readiness.probe_timeout_s
+                )
                 ok = r.status_code < 500 and r.status_code not in (401, 403)
             except httpx.HTTPError:
                 ok = False

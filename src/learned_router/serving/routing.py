@@ -28,7 +28,11 @@ from ..errors import first_error
 from ..prices import prompt_tokens
 from .errors import APIError
 
-LATENCY_HEADER, DATA_CLASS_HEADER, TASK_TYPE_HEADER = "x-router-latency-budget-ms", "x-router-data-class", "x-router-task-type"
+LATENCY_HEADER, DATA_CLASS_HEADER, TASK_TYPE_HEADER = (
+    "x-router-latency-budget-ms",
+    "x-router-data-class",
+    "x-router-task-type",
+)
 # The encoder reads the first 256 tokens; the tokenizer would still walk the whole text first (~0.6 s for 1 MB).
 # 32k characters hold far more than 256 tokens of any real text, so cutting there leaves the score as it is.
 MAX_SCORED_CHARS = 32_768
@@ -94,10 +98,16 @@ def parse_request(raw: bytes) -> tuple[ChatRequest, dict]:
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     if (where := invalid_unicode(body)) is not None:
-        raise APIError(400, f"{where or 'request body'}: contains invalid Unicode (a lone UTF-16 surrogate)", param=where or None,
-                       code="invalid_unicode")
+        raise APIError(
+            400,
+            f"{where or 'request body'}: contains invalid Unicode (a lone UTF-16 surrogate)",
+            param=where or None,
+            code="invalid_unicode",
+        )
     if (where := non_finite(body)) is not None:
-        raise APIError(400, f"{where}: a number outside the range of a 64-bit float", param=where, code="invalid_number")
+        raise APIError(
+            400, f"{where}: a number outside the range of a 64-bit float", param=where, code="invalid_number"
+        )
     try:
         req = ChatRequest.model_validate(body)
     except ValidationError as e:
@@ -160,13 +170,17 @@ def requested_threshold(model: str, default: float) -> float:
         t = float(m.group(1)) if m else math.nan
         if not 0.0 <= t <= 1.0:
             raise APIError(
-                400, f"model {model!r}: the threshold after 'router-' must be a number in [0, 1], e.g. router-0.35",
-                param="model", code="invalid_threshold",
+                400,
+                f"model {model!r}: the threshold after 'router-' must be a number in [0, 1], e.g. router-0.35",
+                param="model",
+                code="invalid_threshold",
             )
         return t
     raise APIError(
-        404, f"model {model!r} does not exist: use 'router' or 'router-<threshold>' (e.g. router-0.35)",
-        param="model", code="model_not_found",
+        404,
+        f"model {model!r} does not exist: use 'router' or 'router-<threshold>' (e.g. router-0.35)",
+        param="model",
+        code="model_not_found",
     )
 
 
@@ -209,7 +223,11 @@ def router_options(body: dict, headers: Mapping[str, str]) -> RouterOptions:
         except ValueError:
             ms = math.nan
         if not (ms > 0 and math.isfinite(ms)):
-            raise APIError(400, f"header {LATENCY_HEADER}: must be a positive number of milliseconds, got {budget!r}", param=LATENCY_HEADER)
+            raise APIError(
+                400,
+                f"header {LATENCY_HEADER}: must be a positive number of milliseconds, got {budget!r}",
+                param=LATENCY_HEADER,
+            )
         opts = _merge(opts, "latency_budget_ms", ms, LATENCY_HEADER)
     if data_class is not None:
         opts = _merge(opts, "data_class", data_class, DATA_CLASS_HEADER)
@@ -221,6 +239,9 @@ def router_options(body: dict, headers: Mapping[str, str]) -> RouterOptions:
 def _merge(opts: RouterOptions, field: str, value: object, header: str) -> RouterOptions:
     body = getattr(opts, field)
     if body is not None and body != value:
-        raise APIError(400, f"router.{field} ({body!r}) and header {header} ({value!r}) disagree: send one of them",
-                       param=f"router.{field}")
+        raise APIError(
+            400,
+            f"router.{field} ({body!r}) and header {header} ({value!r}) disagree: send one of them",
+            param=f"router.{field}",
+        )
     return opts.model_copy(update={field: value})

@@ -76,16 +76,25 @@ class Scoring:
         self.threshold = resolve_threshold(config, router)
         self.tasks = TaskTyping(config, router) if config.task_types.enabled else None
         self.version = router_version(router.manifest)
-        self.batcher = ScoreBatcher(self.tasks.score if self.tasks else router.score, config.router.max_batch,
-                                    config.router.max_wait_ms / 1000, config.router.workers, on_batch=metrics.batch_size.observe)
+        self.batcher = ScoreBatcher(
+            self.tasks.score if self.tasks else router.score,
+            config.router.max_batch,
+            config.router.max_wait_ms / 1000,
+            config.router.workers,
+            on_batch=metrics.batch_size.observe,
+        )
 
     def probe(self) -> None:
         """Score the probe prompts: RouterFolderError unless every pass chance is a number in [0, 1]."""
         fn = self.tasks.score if self.tasks else self.router.score
-        scores = np.asarray(fn(PROBES), dtype=np.float64).reshape(len(PROBES), -1)[:, :len(self.router.models)]
-        if scores.shape[1] != len(self.router.models) or not (np.isfinite(scores).all() and (0 <= scores).all() and (scores <= 1).all()):
-            raise RouterFolderError(f"{self.version}: the probe prompts' pass chances are not numbers in [0, 1] for each of "
-                                    f"its {len(self.router.models)} outputs")
+        scores = np.asarray(fn(PROBES), dtype=np.float64).reshape(len(PROBES), -1)[:, : len(self.router.models)]
+        if scores.shape[1] != len(self.router.models) or not (
+            np.isfinite(scores).all() and (0 <= scores).all() and (scores <= 1).all()
+        ):
+            raise RouterFolderError(
+                f"{self.version}: the probe prompts' pass chances are not numbers in [0, 1] for each of "
+                f"its {len(self.router.models)} outputs"
+            )
 
 
 def router_version(manifest) -> str:
@@ -115,8 +124,14 @@ class Service:
     `processes`: how many worker processes serve this config (`serve --workers`), each with a router of its own.
     """
 
-    def __init__(self, config: ServiceConfig, router=None, clock: Callable[[], float] = time.time, processes: int = 1,
-                 supervisor: int | None = None):
+    def __init__(
+        self,
+        config: ServiceConfig,
+        router=None,
+        clock: Callable[[], float] = time.time,
+        processes: int = 1,
+        supervisor: int | None = None,
+    ):
         self.config = config
         self.processes = processes
         self.supervisor = supervisor  # with several processes: the pid of uvicorn's supervisor, which restarts them
@@ -125,24 +140,43 @@ class Service:
         provider_keys = config.provider_keys()  # before the slow part: a missing key variable fails at once
         self.metrics = Metrics()
         self.state = open_state(config.state, config.rate_limit, config.circuit_breaker, self.metrics)  # Redis answers?
-        self.traffic = TrafficLog(config.traffic, lambda why: self.metrics.traffic_dropped.labels(why).inc()) if config.traffic else None
-        self.scoring = Scoring(config, router if router is not None else Router.load(config.router.path, threads=config.router.threads),
-                               self.metrics)
+        self.traffic = (
+            TrafficLog(config.traffic, lambda why: self.metrics.traffic_dropped.labels(why).inc())
+            if config.traffic
+            else None
+        )
+        self.scoring = Scoring(
+            config,
+            router if router is not None else Router.load(config.router.path, threads=config.router.threads),
+            self.metrics,
+        )
         self.previous: object | None = None  # the router before the last reload, for rollback
         self._swap = asyncio.Lock()
         self.drift = None
         if config.drift.enabled:
             self.drift = DriftMonitor(config.drift, self.calibration_reference())
             self.metrics.watch_drift(self.drift)
-        self.upstream = Upstream.build(config.tiers, provider_keys, config.retry, config.circuit_breaker, config.latency, self.metrics,
-                                       self.state, config.limits.max_upstream_body_bytes)
+        self.upstream = Upstream.build(
+            config.tiers,
+            provider_keys,
+            config.retry,
+            config.circuit_breaker,
+            config.latency,
+            self.metrics,
+            self.state,
+            config.limits.max_upstream_body_bytes,
+        )
         self.tier_index = {t.name: i for i, t in enumerate(config.tiers)}
         self.data_classes = {k: frozenset(v) for k, v in config.data_classes.items()}
-        self.pacer = Pacer(config.budget, len(config.tiers), clock, self.state.ledger(config.budget)) if config.budget else None
+        self.pacer = (
+            Pacer(config.budget, len(config.tiers), clock, self.state.ledger(config.budget)) if config.budget else None
+        )
         self.metrics.threshold.set_function(lambda: self.threshold)
         self.metrics.router_loaded(self.scoring.version)
         if self.pacer:
-            self.metrics.watch_budget(self.pacer.state, lambda: self.pacer.effective(self.threshold, self.pacer.state()))
+            self.metrics.watch_budget(
+                self.pacer.state, lambda: self.pacer.effective(self.threshold, self.pacer.state())
+            )
         else:
             self.metrics.effective_threshold.set_function(lambda: self.threshold)
 
@@ -209,14 +243,25 @@ class Service:
 
     def _restart_workers(self, new: Scoring, t0: float) -> dict:
         if self.supervisor is None or self.supervisor != os.getppid():  # never signal a process that is not ours
-            raise RouterError(f"this worker's parent (pid {os.getppid()}) is not the supervisor that started it "
-                              f"({self.supervisor}); restart the service to load {self.config.router.path}")
+            raise RouterError(
+                f"this worker's parent (pid {os.getppid()}) is not the supervisor that started it "
+                f"({self.supervisor}); restart the service to load {self.config.router.path}"
+            )
         os.kill(self.supervisor, signal.SIGHUP)
         self.metrics.reloads.labels("reload").inc()
-        log.info("router reload: %s checked; the %d workers are being replaced, each loading %s", new.version,
-                 self.processes, self.config.router.path)
-        return {"router": new.version, "previous": self.scoring.version, "threshold": new.threshold,
-                "seconds": round(time.perf_counter() - t0, 3), "workers": self.processes}
+        log.info(
+            "router reload: %s checked; the %d workers are being replaced, each loading %s",
+            new.version,
+            self.processes,
+            self.config.router.path,
+        )
+        return {
+            "router": new.version,
+            "previous": self.scoring.version,
+            "threshold": new.threshold,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "workers": self.processes,
+        }
 
     def _checked(self, path: str | None) -> Scoring:
         """The router folder at `path` (default: router.path) loaded and checked for this service; RouterError naming
@@ -238,16 +283,33 @@ class Service:
         seconds = time.perf_counter() - t0
         self.metrics.reloads.labels(kind).inc()
         self.metrics.router_loaded(new.version, old.version)
-        log.info("router %s: %s in service (was %s), threshold %.4f, in %.2f s", kind, new.version, old.version, new.threshold, seconds)
-        return {"router": new.version, "previous": old.version, "threshold": new.threshold, "seconds": round(seconds, 3)}
+        log.info(
+            "router %s: %s in service (was %s), threshold %.4f, in %.2f s",
+            kind,
+            new.version,
+            old.version,
+            new.threshold,
+            seconds,
+        )
+        return {
+            "router": new.version,
+            "previous": old.version,
+            "threshold": new.threshold,
+            "seconds": round(seconds, 3),
+        }
 
     def describe(self) -> dict:
         """The router in service and the one a rollback would restore."""
         m = self.router.manifest
-        return {"router": self.scoring.version, "path": str(getattr(self.router, "path", self.config.router.path)),
-                "models": list(self.router.models), "threshold": self.threshold, "created_at": getattr(m, "created_at", ""),
-                "calibration": getattr(getattr(m, "calibration", None), "mix", None),
-                "previous": router_version(self.previous.manifest) if self.previous is not None else None}
+        return {
+            "router": self.scoring.version,
+            "path": str(getattr(self.router, "path", self.config.router.path)),
+            "models": list(self.router.models),
+            "threshold": self.threshold,
+            "created_at": getattr(m, "created_at", ""),
+            "calibration": getattr(getattr(m, "calibration", None), "mix", None),
+            "previous": router_version(self.previous.manifest) if self.previous is not None else None,
+        }
 
     async def route(self, req: ChatRequest, opts: RouterOptions, started: float, observe: bool = False) -> TierDecision:
         """Score the request and decide its tier; `started` (time.monotonic()) starts its latency budget.
@@ -264,7 +326,9 @@ class Service:
             scores = await sc.batcher.score(text) if text else None  # no text at all: every scored tier's chance is 0
         except Exception as e:
             log.error("scoring failed: %s", type(e).__name__)  # one line; the message could quote the prompt
-            raise APIError(500, "the router could not score this request", type="server_error", code="router_error") from None
+            raise APIError(
+                500, "the router could not score this request", type="server_error", code="router_error"
+            ) from None
         scores, inferred = sc.tasks.split(scores) if sc.tasks else (scores, UNKNOWN)
         task_type = named or inferred
         source = "request" if named else "inferred" if inferred != UNKNOWN else "none"
@@ -277,9 +341,16 @@ class Service:
         budget_s = None if opts.latency_budget_ms is None else opts.latency_budget_ms / 1000
         remaining = None if budget_s is None else budget_s - (time.monotonic() - started)
         options = [
-            TierOption(tier.name, 1.0 if col is None else 0.0 if scores is None else float(scores[col]),
-                       [Standing(p, "task_type", pinned) if i < pin else standing(p, need, allowed, opts.data_class, remaining)
-                        for p in chain])
+            TierOption(
+                tier.name,
+                1.0 if col is None else 0.0 if scores is None else float(scores[col]),
+                [
+                    Standing(p, "task_type", pinned)
+                    if i < pin
+                    else standing(p, need, allowed, opts.data_class, remaining)
+                    for p in chain
+                ],
+            )
             for i, (tier, col, chain) in enumerate(zip(self.config.tiers, sc.columns, self.upstream.tiers, strict=True))
         ]
         out = max_tokens if max_tokens is not None else self.config.routing.assumed_output_tokens
@@ -295,19 +366,49 @@ class Service:
             raise no_tier_error(e.options, opts, need) from None
         everything = list(range(len(options)))
         if choice.rule == "score" and pick(options, threshold, everything) != pick(options, requested, everything):
-            choice = dataclasses.replace(choice, rule="task_type", reason=f"task type {task_type!r} moves the threshold from "
-                                         f"{requested:.4f} to {threshold:.4f}; {choice.reason}")
+            choice = dataclasses.replace(
+                choice,
+                rule="task_type",
+                reason=f"task type {task_type!r} moves the threshold from "
+                f"{requested:.4f} to {threshold:.4f}; {choice.reason}",
+            )
         order = fallback_order(choice.index, len(options), self.config.routing.fallback_to_other_tiers)
-        chain = [s.provider for i in order if options[i].eligible for s in options[i].standings if s.rule in (None, "circuit_open")]
-        excluded = [f"{o.name}/{s.provider.name}: {s.detail}" for o in options for s in o.standings
-                    if s.rule not in (None, "data_class", "task_type") and s.provider not in chain]
+        chain = [
+            s.provider
+            for i in order
+            if options[i].eligible
+            for s in options[i].standings
+            if s.rule in (None, "circuit_open")
+        ]
+        excluded = [
+            f"{o.name}/{s.provider.name}: {s.detail}"
+            for o in options
+            for s in o.standings
+            if s.rule not in (None, "data_class", "task_type") and s.provider not in chain
+        ]
         tier = options[choice.index]
         d = TierDecision(
-            tier=tier.name, tier_index=choice.index, rule=choice.rule, reason=choice.reason, pass_chances={o.name: o.pass_chance for o in options},
-            threshold=threshold, effective_threshold=effective, skipped=choice.skipped, chain=chain, excluded=excluded,
-            provider=expected[choice.index], estimated_costs=costs, prompt_tokens=tokens, output_tokens=max_tokens,
-            options=opts, task_type=task_type, task_type_source=source, deadline=None if budget_s is None else started + budget_s, budget=state,
-            text=text, router=sc.version,
+            tier=tier.name,
+            tier_index=choice.index,
+            rule=choice.rule,
+            reason=choice.reason,
+            pass_chances={o.name: o.pass_chance for o in options},
+            threshold=threshold,
+            effective_threshold=effective,
+            skipped=choice.skipped,
+            chain=chain,
+            excluded=excluded,
+            provider=expected[choice.index],
+            estimated_costs=costs,
+            prompt_tokens=tokens,
+            output_tokens=max_tokens,
+            options=opts,
+            task_type=task_type,
+            task_type_source=source,
+            deadline=None if budget_s is None else started + budget_s,
+            budget=state,
+            text=text,
+            router=sc.version,
         )
         self.metrics.routing_seconds.observe(time.perf_counter() - t0)
         for o, col in zip(options, sc.columns, strict=True):
@@ -318,8 +419,12 @@ class Service:
             first_scored = next((o.pass_chance for o, col in zip(options, sc.columns) if col is not None), None)
             self.drift.observe(None if scores is None else first_scored, task_type, d.tier)
         if observe and self.pacer:
-            self.pacer.observe(threshold, np.array([o.pass_chance for o in options]), np.array([o.eligible for o in options]),
-                               np.array(costs))
+            self.pacer.observe(
+                threshold,
+                np.array([o.pass_chance for o in options]),
+                np.array([o.eligible for o in options]),
+                np.array(costs),
+            )
         return d
 
     async def complete(self, d: TierDecision, body: dict, stream: bool):
@@ -329,11 +434,19 @@ class Service:
         except AllProvidersFailed as e:
             what = "; ".join(d.excluded + e.outcomes)
             if e.deadline_passed:
-                raise APIError(504, f"the latency budget of {d.options.latency_budget_ms:g} ms was spent: {what}",
-                               type="upstream_error", code="latency_budget_exceeded") from None
+                raise APIError(
+                    504,
+                    f"the latency budget of {d.options.latency_budget_ms:g} ms was spent: {what}",
+                    type="upstream_error",
+                    code="latency_budget_exceeded",
+                ) from None
             if d.options.data_class is not None:
-                raise APIError(503, f"no provider allowed for data class {d.options.data_class!r} answered: {what}",
-                               type="upstream_error", code="data_class_unavailable") from None
+                raise APIError(
+                    503,
+                    f"no provider allowed for data class {d.options.data_class!r} answered: {what}",
+                    type="upstream_error",
+                    code="data_class_unavailable",
+                ) from None
             status, code = (502, "upstream_failed") if e.tried else (503, "no_provider_available")
             raise APIError(status, f"every provider failed: {what}", type="upstream_error", code=code) from None
 
@@ -343,7 +456,9 @@ class Service:
         `served`: the client got the whole answer (an interrupted stream is billed, not counted as served).
         """
         cfg = provider.config
-        prompt_tokens, completion_tokens, estimated = billed_tokens(usage, d.prompt_tokens, chars, self.config.routing.chars_per_token)
+        prompt_tokens, completion_tokens, estimated = billed_tokens(
+            usage, d.prompt_tokens, chars, self.config.routing.chars_per_token
+        )
         if estimated:
             self.metrics.usage_estimated.labels(provider.name, estimated).inc()
             if estimated == "invalid":
@@ -365,28 +480,57 @@ class Service:
                 log.error("budget accounting failed for provider %s: %s", provider.name, type(e).__name__)
         return Billed(cost, prompt_tokens, completion_tokens)
 
-    def record(self, d: TierDecision, request_id: str, client: str | None, started: float, status: int, outcome: str,
-               provider: Provider | None = None, billed: Billed | None = None) -> None:
+    def record(
+        self,
+        d: TierDecision,
+        request_id: str,
+        client: str | None,
+        started: float,
+        status: int,
+        outcome: str,
+        provider: Provider | None = None,
+        billed: Billed | None = None,
+    ) -> None:
         """Add the request to the traffic record, when there is one and its data class may be recorded."""
         if self.traffic is None:
             return
         text, digest = self.traffic.text_fields(d.text)
-        self.traffic.record({
-            "id": request_id, "time": time.time(), "client": client, "text": text, "text_sha256": digest,
-            "pass_chances": d.pass_chances, "threshold": d.effective_threshold, "tier": provider.tier if provider else d.tier,
-            "rule": d.rule, "task_type": d.task_type, "router": d.router, "provider": provider.name if provider else None,
-            "model": provider.config.model if provider else None,
-            "prompt_tokens": billed.prompt_tokens if billed else None, "completion_tokens": billed.completion_tokens if billed else None,
-            "cost_usd": billed.usd if billed else 0.0, "latency_ms": round((time.monotonic() - started) * 1000, 3),
-            "status": status, "outcome": outcome, "data_class": d.options.data_class,
-        }, d.options.data_class)
+        self.traffic.record(
+            {
+                "id": request_id,
+                "time": time.time(),
+                "client": client,
+                "text": text,
+                "text_sha256": digest,
+                "pass_chances": d.pass_chances,
+                "threshold": d.effective_threshold,
+                "tier": provider.tier if provider else d.tier,
+                "rule": d.rule,
+                "task_type": d.task_type,
+                "router": d.router,
+                "provider": provider.name if provider else None,
+                "model": provider.config.model if provider else None,
+                "prompt_tokens": billed.prompt_tokens if billed else None,
+                "completion_tokens": billed.completion_tokens if billed else None,
+                "cost_usd": billed.usd if billed else 0.0,
+                "latency_ms": round((time.monotonic() - started) * 1000, 3),
+                "status": status,
+                "outcome": outcome,
+                "data_class": d.options.data_class,
+            },
+            d.options.data_class,
+        )
 
     def _named_task_type(self, name: str | None, tasks: TaskTyping | None) -> str | None:
         if name is None:
             return None
         if tasks is None:
-            raise APIError(400, f"task type {name!r}: task types are off in this service (task_types.enabled)",
-                           param="router.task_type", code="unknown_task_type")
+            raise APIError(
+                400,
+                f"task type {name!r}: task types are off in this service (task_types.enabled)",
+                param="router.task_type",
+                code="unknown_task_type",
+            )
         return tasks.check(name)
 
     def _allowed(self, data_class: str | None) -> frozenset[str] | None:
@@ -394,8 +538,12 @@ class Service:
             return None
         if data_class not in self.data_classes:
             known = ", ".join(sorted(self.data_classes)) or "none"
-            raise APIError(400, f"unknown data class {data_class!r}; configured classes: {known}", param="router.data_class",
-                           code="unknown_data_class")
+            raise APIError(
+                400,
+                f"unknown data class {data_class!r}; configured classes: {known}",
+                param="router.data_class",
+                code="unknown_data_class",
+            )
         return self.data_classes[data_class]
 
 
@@ -405,15 +553,29 @@ def no_tier_error(options: list[TierOption], opts: RouterOptions, need: int) -> 
     what = "; ".join(f"{o.name}/{s.provider.name}: {s.detail}" for o, s in standings)
     rules = {s.rule for _, s in standings}
     if rules == {"context"}:
-        return APIError(400, f"the request (~{need} tokens with max_tokens) fits no provider's context window: {what}",
-                        param="messages", code="context_length_exceeded")
+        return APIError(
+            400,
+            f"the request (~{need} tokens with max_tokens) fits no provider's context window: {what}",
+            param="messages",
+            code="context_length_exceeded",
+        )
     if opts.data_class is not None:
-        return APIError(503, f"no provider allowed for data class {opts.data_class!r} can take this request: {what}",
-                        type="upstream_error", code="data_class_unavailable")
+        return APIError(
+            503,
+            f"no provider allowed for data class {opts.data_class!r} can take this request: {what}",
+            type="upstream_error",
+            code="data_class_unavailable",
+        )
     if "latency" in rules:
-        return APIError(503, f"no provider fits the latency budget of {opts.latency_budget_ms:g} ms: {what}",
-                        type="upstream_error", code="latency_budget_unmet")
-    return APIError(503, f"no provider can take this request: {what}", type="upstream_error", code="no_provider_available")
+        return APIError(
+            503,
+            f"no provider fits the latency budget of {opts.latency_budget_ms:g} ms: {what}",
+            type="upstream_error",
+            code="latency_budget_unmet",
+        )
+    return APIError(
+        503, f"no provider can take this request: {what}", type="upstream_error", code="no_provider_available"
+    )
 
 
 def score_columns(config: ServiceConfig, outputs: list[str]) -> list[int | None]:
@@ -422,8 +584,11 @@ def score_columns(config: ServiceConfig, outputs: list[str]) -> list[int | None]
     for t, tier in enumerate(config.tiers):
         if tier.score is not None and tier.score not in outputs:
             near = difflib.get_close_matches(tier.score, outputs, n=3, cutoff=0.5)
-            raise ConfigError(f"tiers[{t}].score: the router outputs no {tier.score!r} ({len(outputs)} outputs"
-                              + (f"; closest: {', '.join(near)}" if near else "") + "; 'generic' scores any model)")
+            raise ConfigError(
+                f"tiers[{t}].score: the router outputs no {tier.score!r} ({len(outputs)} outputs"
+                + (f"; closest: {', '.join(near)}" if near else "")
+                + "; 'generic' scores any model)"
+            )
         columns.append(None if tier.score is None else outputs.index(tier.score))
     return columns
 
@@ -439,12 +604,16 @@ def resolve_threshold(config: ServiceConfig, router) -> float:
     if r.strong_fraction is None and scored in ([], [router.manifest.weak]):
         return float(router.default_threshold)
     if len(scored) != 1:
-        raise ConfigError(f"routing.strong_fraction: needs exactly one scored tier, this config scores {len(scored)} "
-                          "(a multi-tier config sets routing.threshold)")
+        raise ConfigError(
+            f"routing.strong_fraction: needs exactly one scored tier, this config scores {len(scored)} "
+            "(a multi-tier config sets routing.threshold)"
+        )
     fraction = r.strong_fraction
     if fraction is None:
         fraction = router.manifest.strong_fraction_at(router.default_threshold)
     try:
         return float(router.manifest.threshold_for(fraction, scored[0]))
     except (ValueError, IndexError) as e:
-        raise ConfigError(f"routing.strong_fraction: cannot be resolved with the router's calibration table ({e})") from None
+        raise ConfigError(
+            f"routing.strong_fraction: cannot be resolved with the router's calibration table ({e})"
+        ) from None

@@ -38,10 +38,18 @@ PHASES = [  # (name, the weak provider's settings); the strong provider is healt
     ("weak 30% 503", {"mode": "ok", "fail_rate": 0.3}),
     ("weak 429", {"mode": "429", "retry_after": 1}),
     ("weak hangs", {"mode": "hang"}),
-    ("weak malformed streams", {"mode": "raw", "raw_events": [GOOD_CHUNK, '{"choices":[{"delta":"str"}]}'],
-                                "raw_body": '{"choices":"x"}'}),
-    ("weak streams without [DONE]", {"mode": "raw", "raw_events": [GOOD_CHUNK, GOOD_CHUNK],
-                                     "raw_body": json.dumps({"choices": [{"message": {"content": "hi"}}]})}),
+    (
+        "weak malformed streams",
+        {"mode": "raw", "raw_events": [GOOD_CHUNK, '{"choices":[{"delta":"str"}]}'], "raw_body": '{"choices":"x"}'},
+    ),
+    (
+        "weak streams without [DONE]",
+        {
+            "mode": "raw",
+            "raw_events": [GOOD_CHUNK, GOOD_CHUNK],
+            "raw_body": json.dumps({"choices": [{"message": {"content": "hi"}}]}),
+        },
+    ),
     ("weak insane usage", {"mode": "ok", "usage": {"prompt_tokens": -1, "completion_tokens": 1e308}}),
     (STRICT, {"mode": "ok", "latency_ms": 300}),  # slow: requests arrive while its probe is in flight
     ("healed", {"mode": "ok"}),
@@ -67,7 +75,9 @@ def body(i: int) -> tuple[bytes, bool]:
     stream = i % 3 == 0
     model = "router-0" if i % 2 else "router"  # half forced to the weak tier, so the faults are met
     text = f"Explain topic number {i} in two sentences, with one example."
-    return json.dumps({"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]}).encode(), stream
+    return json.dumps(
+        {"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]}
+    ).encode(), stream
 
 
 async def one(client: httpx.AsyncClient, raw: bytes, stream: bool) -> str:
@@ -96,6 +106,7 @@ async def phase(url: str, n: int, concurrency: int) -> Counter:
     queue = iter(range(n))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
         async def worker():
             for i in queue:
                 raw, stream = body(i)
@@ -111,30 +122,61 @@ def run(router: str, requests: int, concurrency: int = 16) -> list[tuple[str, Co
     per_phase = max(1, requests // len(PHASES))
     weak_state, strong_state = FakeState(name="weak", model="mixtral-8x7b"), FakeState(name="strong", model="gpt-4")
     results = []
-    with tempfile.TemporaryDirectory() as tmp, ServerThread(create_fake_provider(weak_state)) as weak, \
-            ServerThread(create_fake_provider(strong_state)) as strong:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ServerThread(create_fake_provider(weak_state)) as weak,
+        ServerThread(create_fake_provider(strong_state)) as strong,
+    ):
         from ..scorer import Router
 
         loaded = Router.load(router)
         provider = {"api_key_env": None, "timeout_s": 1.0, "connect_timeout_s": 1.0}
-        cfg = parse_config({
-            "router": {"path": router},
-            "tiers": [{"name": "weak", "score": loaded.manifest.weak, "providers": [
-                          {**provider, "name": "weak", "base_url": weak.url + "/v1", "model": "mixtral-8x7b",
-                           "input_price_per_1m": 0.6, "output_price_per_1m": 0.6}]},
-                      {"name": "strong", "providers": [
-                          {**provider, "name": "strong", "base_url": strong.url + "/v1", "model": "gpt-4",
-                           "input_price_per_1m": 10.0, "output_price_per_1m": 30.0}]}],
-            "retry": {"attempts": 2, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "max_retry_after_s": 2},
-            "circuit_breaker": {"failures": 5, "cooldown_s": 2},
-            "budget": {"period": "day", "usd": 1000.0, "store": str(Path(tmp) / "spend.sqlite")},
-            "auth": {"keys": [{"name": "soak", "sha256": hash_key(KEY)}]},
-            "rate_limit": {"requests_per_minute": 0},
-        })
+        cfg = parse_config(
+            {
+                "router": {"path": router},
+                "tiers": [
+                    {
+                        "name": "weak",
+                        "score": loaded.manifest.weak,
+                        "providers": [
+                            {
+                                **provider,
+                                "name": "weak",
+                                "base_url": weak.url + "/v1",
+                                "model": "mixtral-8x7b",
+                                "input_price_per_1m": 0.6,
+                                "output_price_per_1m": 0.6,
+                            }
+                        ],
+                    },
+                    {
+                        "name": "strong",
+                        "providers": [
+                            {
+                                **provider,
+                                "name": "strong",
+                                "base_url": strong.url + "/v1",
+                                "model": "gpt-4",
+                                "input_price_per_1m": 10.0,
+                                "output_price_per_1m": 30.0,
+                            }
+                        ],
+                    },
+                ],
+                "retry": {"attempts": 2, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "max_retry_after_s": 2},
+                "circuit_breaker": {"failures": 5, "cooldown_s": 2},
+                "budget": {"period": "day", "usd": 1000.0, "store": str(Path(tmp) / "spend.sqlite")},
+                "auth": {"keys": [{"name": "soak", "sha256": hash_key(KEY)}]},
+                "rate_limit": {"requests_per_minute": 0},
+            }
+        )
         svc = Service(cfg, router=loaded)
         with ServerThread(create_app(svc)) as service:
             for name, settings in PHASES:
-                for state, given in ((weak_state, settings), (strong_state, {"mode": "error"} if name == STRICT else {})):
+                for state, given in (
+                    (weak_state, settings),
+                    (strong_state, {"mode": "error"} if name == STRICT else {}),
+                ):
                     for k, v in {**FakeState().__dict__, **given}.items():
                         if k not in ("name", "model", "seed", "api_key", "answer_words"):
                             setattr(state, k, v)

@@ -55,7 +55,9 @@ local function snapshot(key, now, verdict)
 end
 """
 # A token bucket: ARGV rate (tokens per ms), burst. Returns 0 (go) or the ms to wait.
-TAKE = _NOW + """
+TAKE = (
+    _NOW
+    + """
 local now, rate, burst = now_ms(), tonumber(ARGV[1]), tonumber(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = math.min(burst, (tonumber(h[1]) or burst) + math.max(0, now - (tonumber(h[2]) or now)) * rate)
@@ -65,8 +67,11 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate) + 1000)
 return wait
 """
+)
 # Breaker scripts return {verdict, failures in a row, ms since opened (-1: closed), cool-down ms, probing 0/1}.
-ACQUIRE = _NOW + """
+ACQUIRE = (
+    _NOW
+    + """
 local now = now_ms()
 local h = redis.call('HMGET', KEYS[1], 'opened', 'cooldown', 'probe')
 local verdict, opened, probe = 'closed', tonumber(h[1]), tonumber(h[3])
@@ -79,8 +84,11 @@ if opened then
 end
 return snapshot(KEYS[1], now, verdict)
 """
+)
 # ARGV: failures that open the circuit, cool-down ms, the provider's Retry-After ms (-1: none).
-FAILURE = _NOW + """
+FAILURE = (
+    _NOW
+    + """
 local now = now_ms()
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 local h = redis.call('HMGET', KEYS[1], 'opened', 'probe')
@@ -93,17 +101,27 @@ if (probe and probe > now) or (not h[1] and n >= tonumber(ARGV[1])) then
 end
 return snapshot(KEYS[1], now, 'failure')
 """
-SUCCESS = _NOW + """
+)
+SUCCESS = (
+    _NOW
+    + """
 redis.call('DEL', KEYS[1])
 return snapshot(KEYS[1], now_ms(), 'success')
 """
-RELEASE = _NOW + """
+)
+RELEASE = (
+    _NOW
+    + """
 redis.call('HDEL', KEYS[1], 'probe')
 return snapshot(KEYS[1], now_ms(), 'release')
 """
-READ = _NOW + """
+)
+READ = (
+    _NOW
+    + """
 return snapshot(KEYS[1], now_ms(), 'read')
 """
+)
 # KEYS: the writer's last applied batch, then one spend hash per period; ARGV: the batch number, then usd, answers
 # per period. Applies a batch once; returns each period's usd and answers.
 SPEND = """
@@ -146,7 +164,9 @@ class LocalState:
     async def stop(self) -> None:
         pass
 
-    async def take(self, client: str, requests_per_minute: float | None = None, burst: int | None = None) -> float | None:
+    async def take(
+        self, client: str, requests_per_minute: float | None = None, burst: int | None = None
+    ) -> float | None:
         """None when the client's request may go; else the seconds to wait. `burst`: this bucket's own size."""
         return self.limiter.take(client, requests_per_minute, burst)
 
@@ -171,8 +191,9 @@ class RedisState(LocalState):
     def __init__(self, config: StateConfig, rate_limit: RateLimitConfig, circuit: CircuitConfig, metrics: Metrics):
         super().__init__(rate_limit, metrics)
         self.config, self.circuit = config, circuit
-        self._options = dict(password=config.password(), socket_timeout=config.timeout_s,
-                             socket_connect_timeout=config.timeout_s)  # and no retry: a failed call falls back at once
+        self._options = dict(
+            password=config.password(), socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s
+        )  # and no retry: a failed call falls back at once
         self.up = self._reachable()
         self.client: redis.asyncio.Redis | None = None
         self._providers: list[Provider] = []
@@ -196,8 +217,10 @@ class RedisState(LocalState):
             return True
         except redis.RedisError as e:
             if self.config.unavailable_at_start == "exit":
-                raise ConfigError(f"state.url: cannot use Redis at {self.config.url} ({e}); check it runs and its password, or set "
-                                  "state.unavailable_at_start: local to start on per-process state") from None
+                raise ConfigError(
+                    f"state.url: cannot use Redis at {self.config.url} ({e}); check it runs and its password, or set "
+                    "state.unavailable_at_start: local to start on per-process state"
+                ) from None
             log.warning("state: cannot use Redis at %s (%s): starting on per-process state", self.config.url, e)
             return False
 
@@ -218,10 +241,21 @@ class RedisState(LocalState):
         import redis.asyncio.retry
         from redis.backoff import NoBackoff
 
-        self.client = redis.asyncio.Redis.from_url(self.config.url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **self._options)
-        self._scripts = {name: self.client.register_script(lua) for name, lua in
-                         (("take", TAKE), ("acquire", ACQUIRE), ("failure", FAILURE), ("success", SUCCESS),
-                          ("release", RELEASE), ("read", READ), ("spend", SPEND))}
+        self.client = redis.asyncio.Redis.from_url(
+            self.config.url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **self._options
+        )
+        self._scripts = {
+            name: self.client.register_script(lua)
+            for name, lua in (
+                ("take", TAKE),
+                ("acquire", ACQUIRE),
+                ("failure", FAILURE),
+                ("success", SUCCESS),
+                ("release", RELEASE),
+                ("read", READ),
+                ("spend", SPEND),
+            )
+        }
         self._task = asyncio.create_task(self._watch(), name="router-state")
         for ledger in self._ledgers:
             ledger.start()
@@ -245,7 +279,11 @@ class RedisState(LocalState):
             if self.up:
                 self.up = False
                 self.metrics.state_shared.set(0)
-                log.warning("state: Redis failed (%s: %s): serving with per-process state until it answers again", type(e).__name__, e)
+                log.warning(
+                    "state: Redis failed (%s: %s): serving with per-process state until it answers again",
+                    type(e).__name__,
+                    e,
+                )
                 self._lost.set()
             return None
 
@@ -261,7 +299,9 @@ class RedisState(LocalState):
             try:
                 if self._lost.is_set():
                     self._lost.clear()
-                    await self.client.connection_pool.disconnect()  # after a restart, no stale connection fails a request
+                    await (
+                        self.client.connection_pool.disconnect()
+                    )  # after a restart, no stale connection fails a request
                 if self.up or await self.retry():
                     for p in self._providers:
                         await self._breaker("read", p)
@@ -282,11 +322,15 @@ class RedisState(LocalState):
                 ledger.wake()
         return True
 
-    async def take(self, client: str, requests_per_minute: float | None = None, burst: int | None = None) -> float | None:
+    async def take(
+        self, client: str, requests_per_minute: float | None = None, burst: int | None = None
+    ) -> float | None:
         rate = (requests_per_minute or self.limiter.requests_per_minute) / 60.0
         if rate <= 0:
             return None
-        wait = await self.call("take", [self.key("ratelimit", client)], [repr(rate / 1000), burst or self.limiter.burst])
+        wait = await self.call(
+            "take", [self.key("ratelimit", client)], [repr(rate / 1000), burst or self.limiter.burst]
+        )
         if wait is None:
             return self.limiter.take(client, requests_per_minute, burst)
         return wait / 1000 if wait else None
@@ -297,7 +341,9 @@ class RedisState(LocalState):
         if reply is None:
             return False
         verdict, failures, opened_ms, cooldown_ms, probing = reply
-        p.breaker.mirror(int(failures), None if int(opened_ms) < 0 else int(opened_ms) / 1000, int(cooldown_ms) / 1000, bool(probing))
+        p.breaker.mirror(
+            int(failures), None if int(opened_ms) < 0 else int(opened_ms) / 1000, int(cooldown_ms) / 1000, bool(probing)
+        )
         return verdict.decode() if isinstance(verdict, bytes) else verdict
 
     async def acquire(self, p: Provider) -> Ticket:
@@ -399,13 +445,18 @@ class RedisLedger:
                 self._seq += 1
                 self._batch, self._pending = (self._seq, self._pending), {}
             seq, items = self._batch
-            if not await self._send(list(items), [seq, *(v for usd, n in items.values() for v in (f"{usd:.17g}", n)), WRITER_TTL_S]):
+            if not await self._send(
+                list(items), [seq, *(v for usd, n in items.values() for v in (f"{usd:.17g}", n)), WRITER_TTL_S]
+            ):
                 self._held = True
                 return False
             if self._held:
                 held = [*items.values(), *self._pending.values()]
-                log.warning("state: %.8f USD of %d answers held while Redis was down go to the shared spend now",
-                            sum(u for u, _ in held), sum(n for _, n in held))
+                log.warning(
+                    "state: %.8f USD of %d answers held while Redis was down go to the shared spend now",
+                    sum(u for u, _ in held),
+                    sum(n for _, n in held),
+                )
                 self._held = False
             self._batch = None
         return True
@@ -434,7 +485,9 @@ class RedisLedger:
             log.error("state: %.8f USD of %d answers of period %s not written to Redis at shutdown", usd, n, period)
 
 
-def open_state(config: StateConfig, rate_limit: RateLimitConfig, circuit: CircuitConfig, metrics: Metrics) -> LocalState:
+def open_state(
+    config: StateConfig, rate_limit: RateLimitConfig, circuit: CircuitConfig, metrics: Metrics
+) -> LocalState:
     if config.backend == "redis":
         return RedisState(config, rate_limit, circuit, metrics)
     return LocalState(rate_limit, metrics)

@@ -18,8 +18,15 @@ from .usage import billed_tokens, usage_of, valid_usage
 log = logging.getLogger("learned_router.serving")
 
 
-async def relay(service: Service, reply: Reply, d: TierDecision, request_id: str, wants_usage: bool, client: str | None,
-                started: float) -> AsyncIterator[str]:
+async def relay(
+    service: Service,
+    reply: Reply,
+    d: TierDecision,
+    request_id: str,
+    wants_usage: bool,
+    client: str | None,
+    started: float,
+) -> AsyncIterator[str]:
     """Pass the upstream's SSE lines through; note usage; drop the usage chunk we asked for on the client's behalf.
 
     A chunk that breaks OpenAI's format, a stream that ends without `data: [DONE]`, or one still going
@@ -43,8 +50,10 @@ async def relay(service: Service, reply: Reply, d: TierDecision, request_id: str
             if done:
                 continue  # nothing follows [DONE]
             if time.monotonic() > deadline:
-                raise BadStream(f"still streaming after limits.max_stream_seconds "
-                                f"({service.config.limits.max_stream_seconds:g} s)", kind="stream_too_long")
+                raise BadStream(
+                    f"still streaming after limits.max_stream_seconds ({service.config.limits.max_stream_seconds:g} s)",
+                    kind="stream_too_long",
+                )
             if line.startswith("data:"):
                 if (data := line[5:].strip()) == "[DONE]":
                     done = True
@@ -57,7 +66,9 @@ async def relay(service: Service, reply: Reply, d: TierDecision, request_id: str
                             skip_blank = True
                             continue
                         if valid_usage(usage) is None:  # the client is shown the counts it will be billed for
-                            p, c, _ = billed_tokens(usage, d.prompt_tokens, chars, service.config.routing.chars_per_token)
+                            p, c, _ = billed_tokens(
+                                usage, d.prompt_tokens, chars, service.config.routing.chars_per_token
+                            )
                             line = "data: " + json.dumps(chunk | {"usage": usage_of(p, c)})
             elif skip_blank and not line:
                 skip_blank = False
@@ -78,7 +89,18 @@ async def relay(service: Service, reply: Reply, d: TierDecision, request_id: str
         with anyio.CancelScope(shield=True):  # close the upstream even when the client's disconnect cancelled us
             await reply.response.aclose()
         billed = service.account(provider, usage, chars, d, served=outcome == "ok")
-        log.info("chat id=%s tier=%s provider=%s stream=%s rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
-                 "cost_usd=%.8f", request_id, d.tier, provider.name, outcome, d.rule, d.task_type, d.threshold,
-                 d.effective_threshold, reply.fallbacks, billed.usd)
+        log.info(
+            "chat id=%s tier=%s provider=%s stream=%s rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
+            "cost_usd=%.8f",
+            request_id,
+            d.tier,
+            provider.name,
+            outcome,
+            d.rule,
+            d.task_type,
+            d.threshold,
+            d.effective_threshold,
+            reply.fallbacks,
+            billed.usd,
+        )
         service.record(d, request_id, client, started, reply.status, outcome, provider, billed)

@@ -34,7 +34,9 @@ class TaskTyping:
         for key in ("threshold_offsets", "min_tier"):
             for name in getattr(cfg, key):
                 if name not in types:
-                    raise ConfigError(f"task_types.{key}.{name}: unknown task type; types in {path}: {', '.join(self.names)}")
+                    raise ConfigError(
+                        f"task_types.{key}.{name}: unknown task type; types in {path}: {', '.join(self.names)}"
+                    )
         self.offsets = cfg.threshold_offsets
         self.min_tier = {name: [t.name for t in config.tiers].index(tier) for name, tier in cfg.min_tier.items()}
         self._router = router
@@ -42,9 +44,12 @@ class TaskTyping:
         if getattr(router, "has_embedding", False):
             self.classifier = TaskClassifier.build(types, router.embed)
         else:
-            log.warning("task types: the router at %s has no embedding output, so types are not inferred (requests "
-                        "without x-router-task-type are '%s'); re-export it with learned-router export to infer them",
-                        config.router.path, UNKNOWN)
+            log.warning(
+                "task types: the router at %s has no embedding output, so types are not inferred (requests "
+                "without x-router-task-type are '%s'); re-export it with learned-router export to infer them",
+                config.router.path,
+                UNKNOWN,
+            )
 
     @property
     def labels(self) -> list[str]:
@@ -69,6 +74,10 @@ class TaskTyping:
     def check(self, name: str) -> str:
         """A type a request names; 400 naming it when it is not configured."""
         if name not in self.names:
-            raise APIError(400, f"unknown task type {name!r}; configured types: {', '.join(self.names)}",
-                           param="router.task_type", code="unknown_task_type")
+            raise APIError(
+                400,
+                f"unknown task type {name!r}; configured types: {', '.join(self.names)}",
+                param="router.task_type",
+                code="unknown_task_type",
+            )
         return name

@@ -35,9 +35,28 @@ from .errors import ConfigError
 log = logging.getLogger("learned_router.serving")
 PRUNE_EVERY = 1000
 FEEDBACK_RETRY_S = 0.25
-COLUMNS = ("id", "time", "client", "text", "text_sha256", "pass_chances", "threshold", "tier", "rule", "task_type", "router",
-           "provider", "model", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms", "status", "outcome",
-           "data_class")
+COLUMNS = (
+    "id",
+    "time",
+    "client",
+    "text",
+    "text_sha256",
+    "pass_chances",
+    "threshold",
+    "tier",
+    "rule",
+    "task_type",
+    "router",
+    "provider",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "latency_ms",
+    "status",
+    "outcome",
+    "data_class",
+)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, time REAL NOT NULL, client TEXT, text TEXT, text_sha256 TEXT,
     pass_chances TEXT, threshold REAL, tier TEXT, rule TEXT, task_type TEXT, router TEXT, provider TEXT, model TEXT,
@@ -60,7 +79,9 @@ def open_store(path: str | Path, timeout_s: float = 5.0, create: bool = True) ->
         db.execute("PRAGMA journal_mode=WAL")
         if create:
             db.executescript(SCHEMA)
-            if "data_class" not in {row[1] for row in db.execute("PRAGMA table_info(requests)")}:  # a store from before it
+            if "data_class" not in {
+                row[1] for row in db.execute("PRAGMA table_info(requests)")
+            }:  # a store from before it
                 db.execute("ALTER TABLE requests ADD COLUMN data_class TEXT")
         elif db.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone() is None:
             raise ConfigError(f"{path}: not a traffic store (no requests table)")
@@ -164,13 +185,16 @@ class TrafficLog:
         if cfg.retention_days is not None:
             db.execute("DELETE FROM requests WHERE time < ?", (time.time() - cfg.retention_days * 86400,))
         if cfg.max_rows is not None:
-            db.execute("DELETE FROM requests WHERE id IN (SELECT id FROM requests ORDER BY time DESC LIMIT -1 OFFSET ?)",
-                       (cfg.max_rows,))
+            db.execute(
+                "DELETE FROM requests WHERE id IN (SELECT id FROM requests ORDER BY time DESC LIMIT -1 OFFSET ?)",
+                (cfg.max_rows,),
+            )
         db.execute("DELETE FROM feedback WHERE request_id NOT IN (SELECT id FROM requests)")
 
 
-def export_traffic(store: Path, since: float | None = None, until: float | None = None, sample: int | None = None,
-                   seed: int = 0):
+def export_traffic(
+    store: Path, since: float | None = None, until: float | None = None, sample: int | None = None, seed: int = 0
+):
     """The recorded requests with text and no data class (and their feedback) as a prompts table: prompt_id, prompt,
     time (UTC), client, tier, provider, model, router, outcome, feedback; and how many recorded requests were left out
     (hash-only, or of a data class)."""
@@ -186,10 +210,12 @@ def export_traffic(store: Path, since: float | None = None, until: float | None 
             where.append("r.time < ?")
             args.append(until)
         has_class = "data_class" in {row[1] for row in db.execute("PRAGMA table_info(requests)")}
-        query = ("SELECT r.id AS prompt_id, r.text AS prompt, r.time, r.client, r.tier, r.provider, r.model, r.router, "
-                 f"r.outcome, {'r.data_class' if has_class else 'NULL'} AS data_class, f.score AS feedback "
-                 f"FROM requests r LEFT JOIN feedback f ON f.request_id = r.id "
-                 f"WHERE {' AND '.join(where)} ORDER BY r.time")
+        query = (
+            "SELECT r.id AS prompt_id, r.text AS prompt, r.time, r.client, r.tier, r.provider, r.model, r.router, "
+            f"r.outcome, {'r.data_class' if has_class else 'NULL'} AS data_class, f.score AS feedback "
+            f"FROM requests r LEFT JOIN feedback f ON f.request_id = r.id "
+            f"WHERE {' AND '.join(where)} ORDER BY r.time"
+        )
         df = pd.read_sql_query(query, db, params=args)
     finally:
         db.close()
@@ -200,4 +226,3 @@ def export_traffic(store: Path, since: float | None = None, until: float | None 
         df = df.sample(n=sample, random_state=seed).sort_values("time")
     df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
     return df.reset_index(drop=True), n_left_out
-

@@ -37,7 +37,9 @@ def answer_chars(body: object) -> int:
     return out
 
 
-def billed_tokens(usage: object, prompt_estimate: float, chars: int, chars_per_token: float) -> tuple[float, float, str | None]:
+def billed_tokens(
+    usage: object, prompt_estimate: float, chars: int, chars_per_token: float
+) -> tuple[float, float, str | None]:
     """(prompt, completion, why estimated: None, 'missing' or 'invalid')."""
     if (tokens := valid_usage(usage)) is not None:
         return float(tokens[0]), float(tokens[1]), None

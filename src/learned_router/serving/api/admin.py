@@ -39,8 +39,11 @@ class RouterSwapped(BaseModel):
     previous: str = Field(description="the version it replaced")
     threshold: float
     seconds: float
-    workers: int | None = Field(None, description="with several worker processes: how many are being replaced, one at a "
-                                                  "time, each loading router.path (the answer is then 202)")
+    workers: int | None = Field(
+        None,
+        description="with several worker processes: how many are being replaced, one at a "
+        "time, each loading router.path (the answer is then 202)",
+    )
 
 
 def same_folder(a: str, b: str) -> bool:
@@ -66,13 +69,19 @@ async def admin_reload(request: Request, response: Response, service: ServiceDep
         loc, msg = first_error(e)
         raise APIError(400, f"{'.'.join(map(str, loc)) or 'body'}: {msg}") from None
     if service.processes > 1 and path is not None and not same_folder(path, service.config.router.path):
-        raise APIError(409, f"this service runs {service.processes} worker processes, which load router.path "
-                       f"({service.config.router.path}) when they start: put the new router there (or point router.path at "
-                       "it) and reload without a path", code="reload_needs_router_path")
+        raise APIError(
+            409,
+            f"this service runs {service.processes} worker processes, which load router.path "
+            f"({service.config.router.path}) when they start: put the new router there (or point router.path at "
+            "it) and reload without a path",
+            code="reload_needs_router_path",
+        )
     try:
         swapped = RouterSwapped(**await service.reload(path))
     except RouterError as e:
-        raise APIError(422, f"reload failed, {service.scoring.version} stays in service: {e}", code="reload_failed") from None
+        raise APIError(
+            422, f"reload failed, {service.scoring.version} stays in service: {e}", code="reload_failed"
+        ) from None
     if swapped.workers:
         response.status_code = 202  # the workers are being replaced
     return swapped
@@ -82,9 +91,15 @@ async def admin_reload(request: Request, response: Response, service: ServiceDep
 async def admin_rollback(service: ServiceDep) -> RouterSwapped:
     """Swap the router of before the last reload back in."""
     if service.processes > 1:
-        raise APIError(409, f"this service runs {service.processes} worker processes and a rollback reaches one of them: "
-                       "put the previous router back in router.path and reload", code="rollback_unavailable")
+        raise APIError(
+            409,
+            f"this service runs {service.processes} worker processes and a rollback reaches one of them: "
+            "put the previous router back in router.path and reload",
+            code="rollback_unavailable",
+        )
     try:
         return RouterSwapped(**await service.rollback())
     except RouterError as e:
-        raise APIError(409, f"rollback failed, {service.scoring.version} stays in service: {e}", code="rollback_failed") from None
+        raise APIError(
+            409, f"rollback failed, {service.scoring.version} stays in service: {e}", code="rollback_failed"
+        ) from None

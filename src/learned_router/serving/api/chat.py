@@ -53,8 +53,15 @@ async def chat_completions(request: Request, service: ServiceDep, client: Client
     try:
         reply = await service.complete(d, body, req.stream)
     except APIError as e:
-        log.warning("chat id=%s tier=%s rule=%s task_type=%s status=%d: %s", request_id, d.tier, d.rule, d.task_type, e.status,
-                    e.message)
+        log.warning(
+            "chat id=%s tier=%s rule=%s task_type=%s status=%d: %s",
+            request_id,
+            d.tier,
+            d.rule,
+            d.task_type,
+            e.status,
+            e.message,
+        )
         service.record(d, request_id, who, started, e.status, e.code or "failed")
         raise
     headers = decision_headers(d, reply) | {"x-request-id": request_id}
@@ -69,11 +76,27 @@ async def chat_completions(request: Request, service: ServiceDep, client: Client
             headers["x-router-usage"] = "upstream" if upstream else "estimated"
             if not upstream:  # the client sees the counts it was billed for, not the provider's words
                 raw = json.dumps(reply.json | {"usage": billed.usage()}).encode()
-        log.info("chat id=%s tier=%s provider=%s status=%d rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
-                 "cost_usd=%.8f", request_id, d.tier, reply.provider.name, reply.status, d.rule, d.task_type, d.threshold,
-                 d.effective_threshold, reply.fallbacks, billed.usd if billed else 0.0)
-        service.record(d, request_id, who, started, reply.status, "ok" if billed else "client_error", reply.provider, billed)
+        log.info(
+            "chat id=%s tier=%s provider=%s status=%d rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
+            "cost_usd=%.8f",
+            request_id,
+            d.tier,
+            reply.provider.name,
+            reply.status,
+            d.rule,
+            d.task_type,
+            d.threshold,
+            d.effective_threshold,
+            reply.fallbacks,
+            billed.usd if billed else 0.0,
+        )
+        service.record(
+            d, request_id, who, started, reply.status, "ok" if billed else "client_error", reply.provider, billed
+        )
         return Response(raw, status_code=reply.status, media_type="application/json", headers=headers)
     wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    return StreamingResponse(relay(service, reply, d, request_id, wants_usage, who, started), media_type="text/event-stream",
-                             headers=headers | {"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        relay(service, reply, d, request_id, wants_usage, who, started),
+        media_type="text/event-stream",
+        headers=headers | {"Cache-Control": "no-cache"},
+    )

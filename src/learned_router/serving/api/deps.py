@@ -16,4 +16,6 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-Client = Annotated[ClientKey | None, Depends(rate_limited)]  # a valid client key within its rate limit; None: auth is off
+Client = Annotated[
+    ClientKey | None, Depends(rate_limited)
+]  # a valid client key within its rate limit; None: auth is off

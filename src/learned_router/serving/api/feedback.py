@@ -40,14 +40,28 @@ class FeedbackStored(BaseModel):
 async def feedback(request: Request, service: ServiceDep, client: Client) -> FeedbackStored:
     """A client's score of one of its answers (by its x-request-id), stored beside the request; a second replaces it."""
     if service.traffic is None:
-        raise APIError(404, "feedback needs the traffic record, which is off in this service (the traffic: block)",
-                       code="traffic_off")
+        raise APIError(
+            404,
+            "feedback needs the traffic record, which is off in this service (the traffic: block)",
+            code="traffic_off",
+        )
     per_minute = service.config.traffic.feedback_per_minute
-    if per_minute is not None and (wait := await service.state.take(f"feedback:{bucket_of(request, client)}", per_minute,
-                                                                     max(1, math.ceil(per_minute)))) is not None:
-        raise APIError(429, f"feedback limit exceeded for this key (traffic.feedback_per_minute {per_minute:g}); retry in "
-                       f"{wait:.1f}s", type="rate_limit_error", code="feedback_limit_exceeded",
-                       headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    if (
+        per_minute is not None
+        and (
+            wait := await service.state.take(
+                f"feedback:{bucket_of(request, client)}", per_minute, max(1, math.ceil(per_minute))
+            )
+        )
+        is not None
+    ):
+        raise APIError(
+            429,
+            f"feedback limit exceeded for this key (traffic.feedback_per_minute {per_minute:g}); retry in {wait:.1f}s",
+            type="rate_limit_error",
+            code="feedback_limit_exceeded",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
     try:
         fb = Feedback.model_validate_json(await request.body())
     except ValidationError as e:
@@ -56,6 +70,11 @@ async def feedback(request: Request, service: ServiceDep, client: Client) -> Fee
         raise APIError(400, f"{param + ': ' if param else ''}{msg}", param=param or None) from None
     score = fb.score if fb.score is not None else {"up": 1.0, "down": 0.0}[fb.thumbs]
     if not await service.traffic.feedback(fb.request_id, client.name if client else None, score):
-        raise APIError(404, f"no recorded request {fb.request_id!r} of this client (unknown, expired, or of a data class "
-                       "that is never recorded)", param="request_id", code="unknown_request")
+        raise APIError(
+            404,
+            f"no recorded request {fb.request_id!r} of this client (unknown, expired, or of a data class "
+            "that is never recorded)",
+            param="request_id",
+            code="unknown_request",
+        )
     return FeedbackStored(request_id=fb.request_id, score=score)

@@ -36,10 +36,13 @@ class Readiness(BaseModel):
     router: bool = Field(description="the router scores")
     tiers: dict[str, bool] = Field(description="tier -> one of its providers is ready")
     providers: dict[str, bool] = Field(description="provider -> it answers and its circuit is not open")
-    router_check: str = Field(description="the router's graph on this CPU against the torch model's outputs that "
-                              "router.json keeps: 'passed', 'unchecked' (it keeps none) or what drifted (also logged)")
-    state: Literal["shared", "per-process"] = Field(description="where breakers, rate limits and spend live: Redis "
-                                                    "(shared), or this process")
+    router_check: str = Field(
+        description="the router's graph on this CPU against the torch model's outputs that "
+        "router.json keeps: 'passed', 'unchecked' (it keeps none) or what drifted (also logged)"
+    )
+    state: Literal["shared", "per-process"] = Field(
+        description="where breakers, rate limits and spend live: Redis (shared), or this process"
+    )
 
 
 @router.get("/v1/models", dependencies=[Depends(rate_limited)])
@@ -61,9 +64,14 @@ async def readyz(service: ServiceDep, response: Response) -> Readiness:
     response.status_code = 200 if ok else 503
     check = getattr(service.router, "check", None)
     drift = "unchecked" if check is None else "passed" if check.passed else "; ".join(check.failures)
-    return Readiness(status="ready" if ok else "not ready", router=service.batcher.running, tiers=tiers, providers=ready,
-                     router_check=drift,
-                     state="shared" if service.state.shared and service.state.up else "per-process")
+    return Readiness(
+        status="ready" if ok else "not ready",
+        router=service.batcher.running,
+        tiers=tiers,
+        providers=ready,
+        router_check=drift,
+        state="shared" if service.state.shared and service.state.up else "per-process",
+    )
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

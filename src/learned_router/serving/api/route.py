@@ -61,12 +61,24 @@ class RouteDecision(BaseModel):
     @classmethod
     def of(cls, d: TierDecision) -> RouteDecision:
         return cls(
-            tier=d.tier, provider=d.provider.name, upstream_model=d.provider.config.model, rule=d.rule, reason=d.reason,
-            pass_chances=d.pass_chances, threshold=d.threshold, effective_threshold=d.effective_threshold,
-            skipped=[s.as_dict() for s in d.skipped], fallback_chain=[p.name for p in d.chain],
-            estimated_prompt_tokens=d.prompt_tokens, estimated_cost_usd=d.estimated_cost, task_type=d.task_type,
-            task_type_source=d.task_type_source, data_class=d.options.data_class,
-            latency_budget_ms=d.options.latency_budget_ms, budget=d.budget.as_dict() if d.budget else None, router=d.router,
+            tier=d.tier,
+            provider=d.provider.name,
+            upstream_model=d.provider.config.model,
+            rule=d.rule,
+            reason=d.reason,
+            pass_chances=d.pass_chances,
+            threshold=d.threshold,
+            effective_threshold=d.effective_threshold,
+            skipped=[s.as_dict() for s in d.skipped],
+            fallback_chain=[p.name for p in d.chain],
+            estimated_prompt_tokens=d.prompt_tokens,
+            estimated_cost_usd=d.estimated_cost,
+            task_type=d.task_type,
+            task_type_source=d.task_type_source,
+            data_class=d.options.data_class,
+            latency_budget_ms=d.options.latency_budget_ms,
+            budget=d.budget.as_dict() if d.budget else None,
+            router=d.router,
         )
 
 
