@@ -25,15 +25,37 @@ STRONG, WEAK = "gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"
 _server: dict = {}
 
 
-def pytest_sessionstart(session):
-    """Boot `mlflow server` now: its sqlite migrations take about a minute, while the fast tests run."""
+def pytest_collection_finish(session):
+    """Boot `mlflow server` as soon as the tests are collected, when any of them needs it (its sqlite migrations take
+    about a minute, while the fast tests run); `pytest tests/test_prices.py` starts none."""
+    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        start_mlflow()
+
+
+def start_mlflow() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
     port = free_port()
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(tmp / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp,
     )
     _server.update(proc=proc, url=f"http://127.0.0.1:{port}", log=tmp / "server.log", dir=tmp)
 
@@ -47,6 +69,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def mlflow_server() -> str:
+    if not _server:  # a test that asks for it by a route the collection did not see
+        start_mlflow()
     deadline = time.time() + 240
     while time.time() < deadline:
         if _server["proc"].poll() is not None:
@@ -66,8 +90,14 @@ def datasets_dir() -> Path:
     return DATASETS
 
 
-TRAIN_SOURCES = ("routellm_gsm8k", "arena_bench_v1", "alpaca_eval", "arena_battles_1k", "arena_hard_v01_battles",
-                 "routerbench_mbpp")
+TRAIN_SOURCES = (
+    "routellm_gsm8k",
+    "arena_bench_v1",
+    "alpaca_eval",
+    "arena_battles_1k",
+    "arena_hard_v01_battles",
+    "routerbench_mbpp",
+)
 
 
 @pytest.fixture(scope="session")
