@@ -35,7 +35,7 @@ def test_router_folder_and_manifest(trained):
         "arena_hard_v01"
     }  # its source column
     assert {d["name"]: d["scheme"] for d in m.data}["alpaca_eval"] == "versus"
-    assert m.encoder.max_seq_length == 256 and m.encoder.dim == 384 and m.encoder.layers == 3
+    assert m.encoder.max_seq_length == 128 and m.encoder.dim == 384 and m.encoder.layers == 3
     assert m.parity["fused_Attention"] == 3.0  # the 3 of MiniLM's 6 layers the recipe keeps, fused
     # calibration: per output, thresholds rising with the share of strong calls, on held-out chat prompts
     c = m.calibration
