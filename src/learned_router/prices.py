@@ -5,7 +5,7 @@ A price is USD per 1M input (prompt) and output (completion) tokens, under the n
 (input_tokens x input_price_per_1m + output_tokens x output_price_per_1m) / 1e6.
 
 Tokens are estimated from characters, never with a tokenizer (the router's own is not the upstream model's and
-stops at 256 tokens): a message is ceil(characters / chars_per_token) + 4 (its framing in the chat format), a
+stops at the router's token budget): a message is ceil(characters / chars_per_token) + 4 (its framing in the chat format), a
 prompt the sum over its messages; an answer's text is ceil(characters / chars_per_token). The service's
 `routing.chars_per_token` defaults to 4; the evals use 4.
 

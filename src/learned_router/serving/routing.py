@@ -7,7 +7,7 @@ conversation, `all_user` all user turns joined.
 
 Token counts are estimated as ceil(characters / chars_per_token) + 4 per message (learned_router.prices), over the
 whole conversation (that is what the upstream model reads), plus the requested max_tokens. The router's own
-tokenizer is not used for this: it is not the upstream model's tokenizer and it truncates at 256 tokens.
+tokenizer is not used for this: it is not the upstream model's tokenizer and it stops at the router's token budget.
 
 Routing options come in the `router` object of the body (`{"router": {"latency_budget_ms": 800, "data_class":
 "restricted", "task_type": "code"}}`, the openai client's `extra_body`), which is never forwarded, or in the headers
@@ -33,8 +33,8 @@ LATENCY_HEADER, DATA_CLASS_HEADER, TASK_TYPE_HEADER = (
     "x-router-data-class",
     "x-router-task-type",
 )
-# The encoder reads the first 256 tokens; the tokenizer would still walk the whole text first (~0.6 s for 1 MB).
-# 32k characters hold far more than 256 tokens of any real text, so cutting there leaves the score as it is.
+# The encoder reads its first max_seq_length tokens (at most 512); the tokenizer would still walk the whole text first (~0.6 s for 1 MB).
+# 32k characters hold far more than 512 tokens of any real text, so cutting there leaves the score as it is.
 MAX_SCORED_CHARS = 32_768
 ROUTER_MODEL = "router"
 _MODEL_NAME = re.compile(r"router-([0-9]+(?:\.[0-9]*)?|\.[0-9]+)")  # ASCII digits: float() reads others too
