@@ -109,7 +109,7 @@ class RouterConfig(Strict):
     path: str = "models/default"  # a router folder; a relative path is from the config file's folder
     threads: int | None = Field(1, ge=1)  # onnxruntime intra-op threads; None: onnxruntime's default
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = (
-        "auto"  # threads scoring batches at the same time; auto: one per usable core but one (left to the event loop), at least one
+        "auto"  # threads scoring batches at once; auto: one per usable core
     )
     max_batch: int = Field(32, ge=1)  # most prompts handed to the scorer at once (int8: one onnxruntime call each)
     max_wait_ms: NonNegative = 0.0  # extra wait for more prompts before scoring a batch
@@ -117,7 +117,7 @@ class RouterConfig(Strict):
     @model_validator(mode="after")
     def _auto_workers(self) -> RouterConfig:
         if self.workers == "auto":
-            object.__setattr__(self, "workers", max(1, usable_cores() - 1))
+            object.__setattr__(self, "workers", usable_cores())
         return self
 
 
