@@ -1215,12 +1215,13 @@ def bench_serve(
     ] = 0.0,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads (router.threads).")] = 1,
     router_workers: Annotated[
-        int,
+        Optional[int],
         typer.Option(
             min=1,
-            help="Threads scoring batches at once (router.workers), in one process; serve's --workers are processes.",
+            help="Threads scoring batches at once (router.workers; default: the service's, one per usable core), in "
+            "one process; serve's --workers are processes.",
         ),
-    ] = 1,
+    ] = None,
     replicas: Annotated[
         int, typer.Option(min=1, max=8, help="Service processes the load is spread over (with --state).")
     ] = 1,
@@ -1304,7 +1305,7 @@ def bench_serve(
                 sizes=sizes,
                 n=max(50, chat_requests // 4),
                 threads=threads,
-                workers=router_workers,
+                workers=router_workers or "auto",
             )
         )
         return
@@ -1315,7 +1316,7 @@ def bench_serve(
             chat_requests,
             max_wait_ms=max_wait_ms,
             threads=threads,
-            workers=router_workers,
+            workers=router_workers or "auto",
             replicas=replicas,
             states=tuple(state or ()),
         )

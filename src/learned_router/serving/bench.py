@@ -332,7 +332,7 @@ def run(
     levels: tuple[int, ...] = (1, 16, 64),
     max_wait_ms: float = 0.0,
     threads: int = 1,
-    workers: int = 1,
+    workers: int | str = "auto",
     replicas: int = 1,
     states: tuple[str, ...] = (),
 ) -> str:
@@ -365,7 +365,7 @@ def run(
 ENV = {"ROUTER_BENCH_KEYS": BENCH_KEY, "HF_HUB_OFFLINE": "1"}
 
 
-def service_config(router: str, upstream: str, threads: int, workers: int, max_wait_ms: float) -> dict:
+def service_config(router: str, upstream: str, threads: int, workers: int | str, max_wait_ms: float) -> dict:
     """The service under test: two tiers on the one upstream, no rate limit, the bench key."""
     provider = {"base_url": upstream, "context_window": 32768, "timeout_s": 30}
     return {
@@ -565,7 +565,7 @@ def run_compare(
     n: int = 300,
     rounds: int = 6,
     threads: int = 1,
-    workers: int = 1,
+    workers: int | str = "auto",
 ) -> str:
     """The same chat load sent to the upstream directly, through this service and through each other OpenAI-compatible
     proxy (`others`: name -> base URL ending in /v1, forwarding model "router" to the same upstream), interleaved."""
