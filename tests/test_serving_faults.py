@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 
@@ -34,9 +35,10 @@ COOLDOWN = 0.5
 USER = [{"role": "user", "content": "Summarise the causes of the first world war in two sentences."}]
 
 
-@pytest.fixture(scope="module")
-def stack():
-    fakes = {n: FakeProvider(name=n, model=MODELS[n]) for n in NAMES}
+@contextlib.contextmanager
+def serving(weak: list[str], strong: list[str], timeout_s: float, circuit: dict):
+    """Fake providers by name (weak tier, strong tier) behind a service of their own."""
+    fakes = {n: FakeProvider(name=n, model=MODELS[n]) for n in [*strong, *weak]}
     for f in fakes.values():
         f.__enter__()
     try:
@@ -47,20 +49,30 @@ def stack():
                 None,
                 MODELS[n],
                 (10, 30) if n.startswith("strong") else (0.6, 0.6),
-                timeout_s=1.0,
+                timeout_s=timeout_s,
                 connect_timeout_s=1.0,
             )
-            for n in NAMES
+            for n in fakes
         }
         cfg = service_config(
-            two_tiers([entries["weak-a"], entries["weak-b"]], [entries["strong-a"], entries["strong-b"]]),
-            circuit_breaker={"failures": 3, "cooldown_s": COOLDOWN, "probe_every_s": None},
+            two_tiers([entries[n] for n in weak], [entries[n] for n in strong]), circuit_breaker=circuit
         )
         with start_service(cfg) as service:
             yield {"url": service.url, "fakes": fakes, "service": service.app.state.service}
     finally:
         for f in fakes.values():
             f.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    with serving(
+        ["weak-a", "weak-b"],
+        ["strong-a", "strong-b"],
+        1.0,
+        {"failures": 3, "cooldown_s": COOLDOWN, "probe_every_s": None},
+    ) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)
@@ -287,31 +299,9 @@ def test_no_accepted_request_is_lost_while_providers_break_and_heal(stack):
 def pair(request):
     """A weak and a strong provider, one each, with their own service: circuits open on one failure; the timer probes
     every 0.2 s unless the test's parameter says otherwise (None: off)."""
-    fakes = {n: FakeProvider(name=n, model=MODELS[n]) for n in ("weak-a", "strong-a")}
-    for f in fakes.values():
-        f.__enter__()
-    try:
-        entries = {
-            n: provider_entry(
-                n,
-                fakes[n],
-                None,
-                MODELS[n],
-                (10, 30) if n.startswith("strong") else (0.6, 0.6),
-                timeout_s=2.0,
-                connect_timeout_s=1.0,
-            )
-            for n in fakes
-        }
-        cfg = service_config(
-            two_tiers([entries["weak-a"]], [entries["strong-a"]]),
-            circuit_breaker={"failures": 1, "cooldown_s": COOLDOWN, "probe_every_s": getattr(request, "param", 0.2)},
-        )
-        with start_service(cfg) as service:
-            yield {"url": service.url, "fakes": fakes, "service": service.app.state.service}
-    finally:
-        for f in fakes.values():
-            f.__exit__(None, None, None)
+    circuit = {"failures": 1, "cooldown_s": COOLDOWN, "probe_every_s": getattr(request, "param", 0.2)}
+    with serving(["weak-a"], ["strong-a"], 2.0, circuit) as running:
+        yield running
 
 
 def open_circuit(pair, name: str) -> None:
