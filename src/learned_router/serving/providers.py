@@ -377,13 +377,7 @@ class Upstream:
                     if ticket != "probe":
                         await self.state.release(p, ticket)
                         continue
-                    try:
-                        r = await self.client.get(
-                            f"{p.config.base_url}/models", headers=p.headers(), timeout=p.config.timeout_s
-                        )
-                        ok = r.status_code < 500 and r.status_code not in (401, 403)
-                    except httpx.HTTPError:
-                        ok = False
+                    ok = await self.answers_models(p, p.config.timeout_s)
                     await (self.state.success(p) if ok else self.state.failure(p))
                     self.metrics.circuit_probes.labels(p.name, "closed" if ok else "open").inc()
                 except Exception as e:  # the timer must outlive any one probe
@@ -546,6 +540,14 @@ class Upstream:
                 raise AttemptFailed(e.kind, e.detail) from None
             raise
 
+    async def answers_models(self, p: Provider, timeout_s: float) -> bool:
+        """Whether the provider is reachable: GET {base_url}/models answers below 500 and accepts its key (not 401/403)."""
+        try:
+            r = await self.client.get(f"{p.config.base_url}/models", headers=p.headers(), timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return r.status_code < 500 and r.status_code not in (401, 403)
+
     async def ready(self, readiness: ReadinessConfig) -> dict[str, bool]:
         """Provider name -> reachable (answers GET {base_url}/models, circuit not open); cached `cache_s`."""
         now = time.monotonic()
@@ -554,13 +556,7 @@ class Upstream:
             cached = self._ready.get(p.name)
             if cached and now - cached[0] < readiness.cache_s:
                 return cached[1] and p.breaker.state != "open"
-            try:
-                r = await self.client.get(
-                    f"{p.config.base_url}/models", headers=p.headers(), timeout=readiness.probe_timeout_s
-                )
-                ok = r.status_code < 500 and r.status_code not in (401, 403)
-            except httpx.HTTPError:
-                ok = False
+            ok = await self.answers_models(p, readiness.probe_timeout_s)
             self._ready[p.name] = (now, ok)
             return ok and p.breaker.state != "open"
 
