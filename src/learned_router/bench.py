@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from . import parity
+from .evaluator import RoutingEvaluator
 from .scorer import Router
 
 TEXT = (
@@ -58,42 +59,32 @@ def real_prompts(data_dir: Path, n: int) -> list[str]:
     return pd.concat([f.sample(n=min(per, len(f)), random_state=0) for f in frames])["prompt"].tolist()
 
 
-def graded_sources(data_dir: Path, weak: str, strong: str, n: int) -> dict[str, pd.DataFrame]:
+def graded_sources(data_dir: Path, weak: str, strong: str, n: int) -> dict[str, RoutingEvaluator]:
     """Per file of `data_dir` that grades both models (absolute, or against one baseline) on 30 or more prompts: up
-    to n of them (a seeded sample), columns prompt, weak, strong."""
-    from .data import grade_table, load_grades
+    to n of them (a seeded sample)."""
     from .errors import DataError
 
     out = {}
     for path in sorted(Path(data_dir).glob("*.parquet")):
         try:
-            table = grade_table(load_grades([path], val=0.0, test=0.0).obs)
-        except DataError:  # battles between varying models: no grade of one model alone
+            graded = RoutingEvaluator.from_file(path, weak, strong)
+        except DataError:  # battles between varying models, the pair not graded, or too few prompts
             continue
-        if weak in table.columns and strong in table.columns:
-            both = table[[weak, strong]].dropna()
-            if len(both) >= parity.MIN_GRADED:
-                both = both.sample(n=min(n, len(both)), random_state=0)
-                out[path.stem] = pd.DataFrame(
-                    {"prompt": both.index, "weak": both[weak].to_numpy(float), "strong": both[strong].to_numpy(float)}
-                )
+        positions = pd.Series(range(len(graded.prompts)))
+        out[path.stem] = graded.rows(positions.sample(n=min(n, len(positions)), random_state=0).to_numpy())
     return out
 
 
-def int8_routing(int8: Router, fp32: Router, prompts: list[str], graded: dict[str, pd.DataFrame]) -> dict:
+def int8_routing(int8: Router, fp32: Router, prompts: list[str], graded: dict[str, RoutingEvaluator]) -> dict:
     """int8 judged against fp32 as the export judges it against torch (parity.judge): the strong share at the default
     threshold on `prompts`, and APGR on each graded source, each shift with its 95% interval."""
     m = int8.manifest
     pair = (m.models.index(m.weak), m.models.index(m.strong))
     facts = {}
     for name, rows in {"real prompts": None, **graded}.items():
-        texts = prompts if rows is None else rows["prompt"].tolist()
+        texts = prompts if rows is None else rows.prompts
         a, b = int8.predict(texts), fp32.predict(texts)
-        g = (
-            None
-            if rows is None
-            else parity.Graded(np.arange(len(texts)), rows["weak"].to_numpy(), rows["strong"].to_numpy())
-        )
+        g = None if rows is None else parity.Graded(np.arange(len(texts)), rows.weak_grades, rows.strong_grades)
         v = parity.judge(
             "int8",
             (a.quality, a.difficulty),

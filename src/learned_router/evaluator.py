@@ -46,29 +46,39 @@ class RoutingEvaluator:
             name, list(both.index), both[weak].to_numpy(float), both[strong].to_numpy(float), weak, strong
         ).checked()
 
-    def checked(self) -> "RoutingEvaluator":
-        """Itself; DataError when it has fewer than `MIN_PROMPTS` prompts or the pair's mean grades are equal."""
+    def problem(self) -> str | None:
+        """Why it can give no routing figure (fewer than `MIN_PROMPTS` prompts, or the pair's mean grades equal); None
+        when it can."""
         if len(self.prompts) < MIN_PROMPTS:
-            raise DataError(
-                f"{self.name}: {len(self.prompts)} prompts graded for both {self.weak} and {self.strong} "
+            return (
+                f"{len(self.prompts)} prompts graded for both {self.weak} and {self.strong} "
                 f"(training's own left out); at least {MIN_PROMPTS} are needed"
             )
         if self.weak_grades.mean() == self.strong_grades.mean():
-            raise DataError(f"{self.name}: {self.weak} and {self.strong} have equal mean grades: routing gains nothing")
+            return f"{self.weak} and {self.strong} have equal mean grades: routing gains nothing"
+        return None
+
+    def checked(self) -> "RoutingEvaluator":
+        """Itself; DataError naming its `problem`, if any."""
+        if (why := self.problem()) is not None:
+            raise DataError(f"{self.name}: {why}")
         return self
+
+    def rows(self, index: np.ndarray) -> "RoutingEvaluator":
+        """The evaluator on the prompts at `index` (integer positions or a boolean mask)."""
+        return RoutingEvaluator(
+            self.name,
+            list(np.asarray(self.prompts, dtype=object)[index]),
+            self.weak_grades[index],
+            self.strong_grades[index],
+            self.weak,
+            self.strong,
+        )
 
     def without(self, groups: set[str]) -> "RoutingEvaluator":
         """The evaluator without the prompts whose normalised text (`data.group_of`) is in `groups`: a trainer hands
         it the prompts it trained on."""
-        keep = np.array([group_of(p) not in groups for p in self.prompts], dtype=bool)
-        return RoutingEvaluator(
-            self.name,
-            [p for p, k in zip(self.prompts, keep) if k],
-            self.weak_grades[keep],
-            self.strong_grades[keep],
-            self.weak,
-            self.strong,
-        ).checked()
+        return self.rows(np.array([group_of(p) not in groups for p in self.prompts], dtype=bool)).checked()
 
     def __call__(self, predictor: Predictor) -> dict[str, float]:
         p = predictor.predict(self.prompts).pair(self.weak, self.strong)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .data import Grades, load_grades
 from .embed import Encoder
-from .evaluator import MIN_PROMPTS, RoutingEvaluator
+from .evaluator import RoutingEvaluator
 from .errors import DataError
 from .export import export_into, staged_folder
 from .manifest import Calibration, EncoderInfo, Manifest, RouterFolder, TrainingRecord
@@ -117,18 +117,15 @@ def evaluate(
 ) -> dict[str, float]:
     """The figures of each evaluator on the model, without the data's prompts, and of the pair's test prompts."""
     test = graded_pair(grades, "test", recipe.weak, recipe.strong)
-    own = [
-        RoutingEvaluator(
-            "test_pair",
-            test["prompt"].tolist(),
-            test["weak"].to_numpy(),
-            test["strong"].to_numpy(),
-            recipe.weak,
-            recipe.strong,
-        )
-    ]
-    if len(test) < MIN_PROMPTS or test["weak"].mean() == test["strong"].mean():
-        own = []
+    own = RoutingEvaluator(
+        "test_pair",
+        test["prompt"].tolist(),
+        test["weak"].to_numpy(),
+        test["strong"].to_numpy(),
+        recipe.weak,
+        recipe.strong,
+    )
+    own = [own] if own.problem() is None else []
     seen = set(grades.obs["group"])
     return {k: v for e in [*own, *(e.without(seen) for e in evaluators)] for k, v in e(model).items()}
 
