@@ -11,8 +11,13 @@ from mlflow.tracking import MlflowClient
 
 from conftest import STRONG, WEAK
 from learned_router.errors import DataError, RouterError
-from learned_router.evals.protocol import difficulty_ceiling, load_benchmark, run_eval
+from learned_router.evals.protocol import BenchmarkEvaluator, difficulty_ceiling, load_benchmark, run_eval
 from learned_router.progress import quiet
+
+
+def evaluate(router, data, strong, weak, out, **kw):
+    """`run_eval` handed the benchmark's evaluator, as the CLI does."""
+    return run_eval(router, BenchmarkEvaluator.from_file(data, strong, weak), out, **kw)
 
 
 def slice_of(datasets_dir, name, n, tmp_path, **changes):
@@ -27,7 +32,7 @@ def test_benchmark_in_training_data_is_cross_validated(trained, datasets_dir, tm
     monkeypatch.delenv("CI", raising=False)
     bench = slice_of(datasets_dir, "routellm_gsm8k", 120, tmp_path)
     capsys.readouterr()
-    res = run_eval(trained["path"], bench, STRONG, WEAK, tmp_path / "out", folds=2)
+    res = evaluate(trained["path"], bench, STRONG, WEAK, tmp_path / "out", folds=2)
     steps = capsys.readouterr().err.splitlines()  # a log (not a terminal): one line per named step
     for named in (
         "reading routellm_gsm8k.parquet",
@@ -73,7 +78,7 @@ def test_unseen_benchmark_is_scored_by_the_shipped_router(trained, datasets_dir,
     bench = slice_of(datasets_dir, "routellm_mmlu", 80, tmp_path)  # the small router never saw MMLU
     capsys.readouterr()
     with quiet():  # the CLI's --quiet: no progress
-        res = run_eval(trained["path"], bench, STRONG, WEAK, tmp_path / "out")
+        res = evaluate(trained["path"], bench, STRONG, WEAK, tmp_path / "out")
     assert capsys.readouterr().err == ""
     assert res.protocol.startswith("the shipped router")
     assert res.n_prompts == 80
@@ -84,7 +89,7 @@ def test_leave_one_source_out_refits_without_the_source_or_its_prompts(
 ):
     monkeypatch.setenv("CI", "true")  # no progress in CI
     capsys.readouterr()
-    res = run_eval(
+    res = evaluate(
         trained["path"], datasets_dir / "arena_bench_v1.parquet", STRONG, WEAK, tmp_path / "out", by="source"
     )
     assert res.protocol.startswith("leave one source out") and capsys.readouterr().err == ""
@@ -97,7 +102,7 @@ def test_leave_one_source_out_refits_without_the_source_or_its_prompts(
 
 
 def test_battles_against_whichever_opponent(trained, datasets_dir, tmp_path):
-    res = run_eval(
+    res = evaluate(
         trained["path"], datasets_dir / "arena_battles_1k.parquet", "gpt-4", "*", tmp_path / "out", by="source"
     )
     assert res.report["strong"] == "gpt-4-0314" and res.report["pairs"] > 5  # gpt-4 met many opponents
@@ -150,22 +155,23 @@ def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path, monkeypatc
 
 def test_bad_benchmarks(trained, datasets_dir, tmp_path):
     with pytest.raises(DataError, match=r"model\(s\) nope not graded there; models: gpt-4-1106-preview"):
-        run_eval(
+        evaluate(
             trained["path"], slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, "nope", tmp_path / "o"
         )
     with pytest.raises(DataError, match="no battle between 'gpt-4-1106-preview' and 'nope'"):
-        run_eval(trained["path"], datasets_dir / "arena_battles_1k.parquet", STRONG, "nope", tmp_path / "o")
+        evaluate(trained["path"], datasets_dir / "arena_battles_1k.parquet", STRONG, "nope", tmp_path / "o")
     with pytest.raises(DataError, match="is for battles between varying models"):
-        run_eval(trained["path"], slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, "*", tmp_path / "o")
+        evaluate(trained["path"], slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, "*", tmp_path / "o")
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"prompt": ["a", "b"], "label": [0, 1]}).to_csv(labels, index=False)
     with pytest.raises(DataError, match="unrecognised columns"):
-        run_eval(trained["path"], labels, STRONG, WEAK, tmp_path / "o")
+        evaluate(trained["path"], labels, STRONG, WEAK, tmp_path / "o")
     dirty = slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path, contaminated=True)
     with pytest.raises(DataError, match="no prompt left to evaluate"):
-        run_eval(trained["path"], dirty, STRONG, WEAK, tmp_path / "o")
+        evaluate(trained["path"], dirty, STRONG, WEAK, tmp_path / "o")
     with pytest.raises(RouterError, match="--by must be"):
-        run_eval(trained["path"], dirty, STRONG, WEAK, tmp_path / "o", by="vibes")
+        clean = slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path)
+        evaluate(trained["path"], clean, STRONG, WEAK, tmp_path / "o", by="vibes")
     assert not (tmp_path / "o").exists()
 
 
@@ -176,11 +182,11 @@ def test_router_for_another_encoder(trained, datasets_dir, tmp_path):
     record["encoder"]["fingerprint"] = "0" * 64
     (other / "checkpoint" / "training.json").write_text(json.dumps(record))
     with pytest.raises(RouterError, match="trained on another encoder"):
-        run_eval(other, slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, WEAK, tmp_path / "o")
+        evaluate(other, slice_of(datasets_dir, "routellm_gsm8k", 20, tmp_path), STRONG, WEAK, tmp_path / "o")
 
 
 def test_tier_policy_in_dollars(trained, datasets_dir, tmp_path):
-    from learned_router.evals.tiers import run_tier_eval
+    from learned_router.evals.tiers import TierEvaluator, run_tier_eval
 
     bench = slice_of(datasets_dir, "alpaca_eval", 60, tmp_path)
     tiers = [
@@ -196,9 +202,9 @@ def test_tier_policy_in_dollars(trained, datasets_dir, tmp_path):
         "  gpt-4-1106-preview: {input_price_per_1m: 10, output_price_per_1m: 30}\n"
     )
     with pytest.raises(DataError, match="tier model\\(s\\) mistralai/Mixtral-8x7B-Instruct-v0.1 not graded there"):
-        run_tier_eval(trained["path"], bench, tiers, prices, tmp_path / "o", folds=2)
+        TierEvaluator.from_file(bench, tiers, prices)
     tiers[1] = "Mixtral-8x7B-Instruct-v0.1_concise"
-    r = run_tier_eval(trained["path"], bench, tiers, prices, tmp_path / "o", folds=2)
+    r = run_tier_eval(trained["path"], TierEvaluator.from_file(bench, tiers, prices), tmp_path / "o", folds=2)
     assert (
         r["n_prompts"] == 60
         and r["best_single"] == "gpt-4-1106-preview"
@@ -211,7 +217,7 @@ def test_tier_policy_in_dollars(trained, datasets_dir, tmp_path):
     )
     assert {p.name for p in (tmp_path / "o").iterdir()} == {"metrics.json", "frontier.png", "table.md"}
     with pytest.raises(RouterError, match="cheapest first"):
-        run_tier_eval(trained["path"], bench, tiers[::-1], prices, tmp_path / "o2", folds=2)
+        TierEvaluator.from_file(bench, tiers[::-1], prices)
 
 
 def test_difficulty_ceiling_reads_the_other_models_grades(datasets_dir):

@@ -670,118 +670,45 @@ def eval_cmd(
     quiet: Quiet = False,
 ):
     """Evaluate a router on a benchmark: the cost-quality frontier, APGR/CPT/cost, baselines; logged to MLflow."""
-    import mlflow
+    from .evals.protocol import BenchmarkEvaluator, run_eval
+    from .tracking import log_eval, log_learning_curve, log_tier_eval, run_link, start_run
 
-    from .evals.protocol import load_benchmark, run_eval
-    from .tracking import run_link, start_run
-
-    if tiers is None:
-        load_benchmark(data, strong, weak)  # a wrong file or pair is one line before any MLflow run starts
     if learning_curve is not None:
         from .evals.learning import run_learning_curve
 
         sizes = parse_sizes(learning_curve)
         if draws < 1:
             raise RouterError(f"--draws must be at least 1, got {draws}")
+        evaluator = BenchmarkEvaluator.from_file(data, strong, weak, name=name)  # a bad file: before any MLflow run
+        params = {"prior": str(router), "data": str(data), "strong": strong, "weak": weak, "draws": draws}
         with (
             start_run(experiment, name or f"{data.stem} learning curve") as run,
             quieted(quiet),
             step(f"learning curve of a top level over {router} on {data.name}"),
         ):
-            rows, text = run_learning_curve(router, data, strong, weak, sizes, draws, out, name=name)
-            mlflow.log_params(
-                {
-                    "prior": str(router),
-                    "data": str(data),
-                    "strong": strong,
-                    "weak": weak,
-                    "draws": draws,
-                    "sizes": learning_curve,
-                }
-            )
-            for r in rows:
-                mlflow.log_metrics(
-                    {f"apgr_{m.replace(' ', '_')}": v["apgr"] for m, v in r.items() if isinstance(v, dict)},
-                    step=r["size"],
-                )
-            mlflow.log_artifacts(str(out))
+            rows, text = run_learning_curve(router, evaluator, sizes, draws, out)
+            log_learning_curve(params | {"sizes": learning_curve}, rows, out)
         typer.echo(text)
-        typer.echo(f"written to {out}; MLflow: {run_link(run)}")
-        return
+    elif tiers is not None:
+        from .evals.tiers import TierEvaluator, run_tier_eval
 
-    if tiers is not None:
-        from .evals.tiers import run_tier_eval
-
-        names = names_of(tiers)
+        tier_evaluator = TierEvaluator.from_file(data, names_of(tiers), prices, name)
+        params = {"router": str(router), "data": str(data), "tiers": ",".join(tier_evaluator.tiers), "folds": folds}
         with (
             start_run(experiment, name or f"{data.stem} tiers") as run,
             quieted(quiet),
-            step(f"evaluating {router} on {data.name} as {len(names)} tiers ({folds}-fold refits)"),
+            step(f"evaluating {router} on {data.name} as {len(tier_evaluator.tiers)} tiers ({folds}-fold refits)"),
         ):
-            r = run_tier_eval(router, data, names, prices, out, folds=folds, name=name)
-            mlflow.log_params(
-                {
-                    "router": str(router),
-                    "data": str(data),
-                    "tiers": ",".join(names),
-                    "folds": folds,
-                    "prompts": r["n_prompts"],
-                }
-            )
-            mlflow.log_metrics(
-                {f"{k}_{n.split(' ')[0]}": v for n, m in r["scorers"].items() for k, v in m.items() if v is not None}
-            )
-            mlflow.log_artifacts(str(out))
+            log_tier_eval(params, run_tier_eval(router, tier_evaluator, out, folds), out)
         typer.echo((out / "table.md").read_text())
-        typer.echo(f"written to {out}; MLflow: {run_link(run)}")
-        return
-    with start_run(experiment, name or data.stem) as run:
-        with quieted(quiet), step(f"evaluating {shown(router, 40)} on {shown(data.name, 40)} (by {by})"):
-            result = run_eval(
-                router,
-                data,
-                strong,
-                weak,
-                out,
-                prices=prices,
-                folds=folds,
-                by=by,
-                data_dir=data_dir,
-                name=name,
-                against=against,
-            )
-        m = result.report["scorers"]
-        mlflow.log_params(
-            {
-                "router": str(router),
-                "data": str(data),
-                "strong": strong,
-                "weak": weak,
-                "folds": folds,
-                "by": by,
-                "prompts": result.n_prompts,
-            }
-        )
-        key = lambda n: n.replace(" ", "_")  # noqa: E731
-        mlflow.log_metrics(
-            {
-                f"{k}_{key(n)}": v
-                for n, s in m.items()
-                for k, v in s.items()
-                if k in ("apgr", "apgr_routellm", "cpt50", "cpt80", "cost_saving", "roc_auc") and v is not None
-            }
-        )
-        mlflow.log_metrics(
-            {
-                f"{k}_{end}_{key(n)}": v[i]
-                for n, s in m.items()
-                for k, v in s.items()
-                if k in ("apgr_ci", "lead_ci") and None not in v
-                for i, end in enumerate(("low", "high"))
-            }
-        )
-        mlflow.log_artifacts(str(out))
-    typer.echo((out / "table.md").read_text())
+    else:
+        evaluator = BenchmarkEvaluator.from_file(data, strong, weak, prices, name)
+        params = {"router": str(router), "data": str(data), "strong": strong, "weak": weak, "folds": folds, "by": by}
+        with start_run(experiment, name or data.stem) as run:
+            with quieted(quiet), step(f"evaluating {shown(router, 40)} on {shown(data.name, 40)} (by {by})"):
+                result = run_eval(router, evaluator, out, folds=folds, by=by, data_dir=data_dir, against=against)
+            log_eval(params, result.report, out)
+        typer.echo((out / "table.md").read_text())
     typer.echo(f"written to {out}; MLflow: {run_link(run)}")
 
 

@@ -34,3 +34,55 @@ def run_link(run) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     return f"mlflow ui --backend-store-uri {uri}, then {UI}/{page}"
+
+
+def name_key(name: str) -> str:
+    return name.replace(" ", "_")
+
+
+def log_eval(params: dict, report: dict, out: Path) -> None:
+    """An `eval` run's figures in the active run: per scorer its APGR, CPT, saving and AUC, the ends of its
+    intervals, and the output folder as artifacts."""
+    import mlflow
+
+    m = report["scorers"]
+    mlflow.log_params(params | {"prompts": report["n_prompts"]})
+    mlflow.log_metrics(
+        {
+            f"{k}_{name_key(n)}": v
+            for n, s in m.items()
+            for k, v in s.items()
+            if k in ("apgr", "apgr_routellm", "cpt50", "cpt80", "cost_saving", "roc_auc") and v is not None
+        }
+        | {
+            f"{k}_{end}_{name_key(n)}": v[i]
+            for n, s in m.items()
+            for k, v in s.items()
+            if k in ("apgr_ci", "lead_ci") and None not in v
+            for i, end in enumerate(("low", "high"))
+        }
+    )
+    mlflow.log_artifacts(str(out))
+
+
+def log_tier_eval(params: dict, report: dict, out: Path) -> None:
+    """A tier evaluation's figures in the active run: each policy's cost and quality at the best single model's."""
+    import mlflow
+
+    mlflow.log_params(params | {"prompts": report["n_prompts"]})
+    mlflow.log_metrics(
+        {f"{k}_{n.split(' ')[0]}": v for n, m in report["scorers"].items() for k, v in m.items() if v is not None}
+    )
+    mlflow.log_artifacts(str(out))
+
+
+def log_learning_curve(params: dict, rows: list[dict], out: Path) -> None:
+    """A learning curve in the active run: each method's APGR, stepped by the training size."""
+    import mlflow
+
+    mlflow.log_params(params)
+    for r in rows:
+        mlflow.log_metrics(
+            {f"apgr_{name_key(m)}": v["apgr"] for m, v in r.items() if isinstance(v, dict)}, step=r["size"]
+        )
+    mlflow.log_artifacts(str(out))

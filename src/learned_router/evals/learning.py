@@ -20,7 +20,7 @@ from ..outputs import pass_chances
 from ..parity import apgr_of
 from ..progress import step
 from .baselines import knn_scores, prompt_length_scores
-from .protocol import folds_of
+from .protocol import BenchmarkEvaluator, folds_of
 
 METHODS = ("prior", "kNN", "ridge", "prompt length", "two-level")
 RESAMPLES = 500
@@ -99,13 +99,36 @@ def two_level_folds(prior: Path, bench: pd.DataFrame, fold: np.ndarray) -> dict[
     return {k: v for k, v in out.items() if not np.isnan(v).any()}
 
 
+@dataclass(frozen=True)
+class HeldOutEvaluator:
+    """Each method's APGR on the held-out prompts, averaged over the draws it was fitted on, with a 95% percentile
+    interval from resampling the held-out prompts (the draws' mean on each resample, paired across methods)."""
+
+    weak: np.ndarray  # the held-out prompts' grades of each side
+    strong: np.ndarray
+    seed: int = 0
+
+    def __call__(self, per_draw: list[dict[str, np.ndarray]]) -> dict[str, dict]:
+        """{method: {"apgr", "ci"}} for the methods every draw scored (p_weak on the held-out prompts)."""
+        methods = [m for m in METHODS if all(m in s for s in per_draw)]
+        w, s = self.weak, self.strong
+        point = [np.mean([apgr_of(d[m], w, s) for d in per_draw]) for m in methods]
+        rng = np.random.default_rng(self.seed)
+        boot = np.empty((RESAMPLES, len(methods)))
+        for b in range(RESAMPLES):
+            i = rng.integers(0, len(w), len(w))
+            boot[b] = [np.mean([apgr_of(d[m][i], w[i], s[i]) for d in per_draw]) for m in methods]
+        lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+        return {m: {"apgr": float(point[k]), "ci": [float(lo[k]), float(hi[k])]} for k, m in enumerate(methods)}
+
+
 def curve(t: Table, sizes: list[int | None], draws: int = 5, test_share: float = 0.3, seed: int = 0) -> list[dict]:
     """One row per size (None: every training prompt): each method's mean APGR over the draws and its 95% interval."""
     bench = t.bench
     test = np.flatnonzero(folds_of(bench["group"], 10, seed) < round(test_share * 10))
     pool = np.setdiff1d(np.arange(len(bench)), test)
-    weak, strong = bench["weak_q"].to_numpy(float)[test], bench["strong_q"].to_numpy(float)[test]
-    if weak.mean() == strong.mean():
+    held_out = HeldOutEvaluator(bench["weak_q"].to_numpy(float)[test], bench["strong_q"].to_numpy(float)[test], seed)
+    if held_out.weak.mean() == held_out.strong.mean():
         raise DataError("the pair's mean grades are equal on the held-out prompts: APGR is undefined")
     rows = []
     for size in sizes:
@@ -118,23 +141,7 @@ def curve(t: Table, sizes: list[int | None], draws: int = 5, test_share: float =
                 train = np.random.default_rng(seed + d).choice(pool, n, replace=False)
                 per_draw.append(scores_for_draw(t, train, test, seed + d))
                 bar.advance()
-        methods = [m for m in METHODS if all(m in s for s in per_draw)]
-        point = {m: float(np.mean([apgr_of(s[m], weak, strong) for s in per_draw])) for m in methods}
-        rng = np.random.default_rng(seed)
-        boot = np.empty((RESAMPLES, len(methods)))
-        for b in range(RESAMPLES):
-            i = rng.integers(0, len(test), len(test))
-            boot[b] = [np.mean([apgr_of(s[m][i], weak[i], strong[i]) for s in per_draw]) for m in methods]
-        lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
-        rows.append(
-            {
-                "size": n,
-                "all": size is None,
-                "test": len(test),
-                "draws": draws,
-                **{m: {"apgr": point[m], "ci": [float(lo[k]), float(hi[k])]} for k, m in enumerate(methods)},
-            }
-        )
+        rows.append({"size": n, "all": size is None, "test": len(test), "draws": draws, **held_out(per_draw)})
     return rows
 
 
@@ -181,30 +188,26 @@ def unseen(bench: pd.DataFrame, prior: Path) -> pd.DataFrame:
 
 def run_learning_curve(
     prior: Path,
-    data: Path,
-    strong: str,
-    weak: str,
+    evaluator: BenchmarkEvaluator,
     sizes: list[int | None],
     draws: int,
     out: Path,
-    name: str | None = None,
     drop_seen: bool = False,
     reuse: bool = False,
 ) -> tuple[list[dict], str]:
-    """The learning curve of one table and pair over `prior`; writes learning_curve.json and .md into `out`.
-    `drop_seen`: leave out the table's prompts that the prior trained on. `reuse`: an earlier run's rows in `out`,
-    when it had the same data (by sha256), prior, pair, sizes and draws."""
+    """The learning curve of the evaluator's table and pair over `prior`; writes learning_curve.json and .md into
+    `out`. `drop_seen`: leave out the table's prompts that the prior trained on. `reuse`: an earlier run's rows in
+    `out`, when it had the same data (by sha256), prior, pair, sizes and draws."""
     import json
 
     from ..manifest import sha256_file
-    from .protocol import load_benchmark
 
     key = {
-        "data": str(data),
-        "data_sha256": sha256_file(Path(data)),
+        "data": evaluator.data,
+        "data_sha256": sha256_file(Path(evaluator.data)),
         "prior": str(prior),
-        "strong": strong,
-        "weak": weak,
+        "strong": evaluator.strong,
+        "weak": evaluator.weak,
         "sizes": sizes,
         "draws": draws,
         "drop_seen": drop_seen,
@@ -215,8 +218,8 @@ def run_learning_curve(
         if earlier.get("key") == key:
             return earlier["rows"], markdown(earlier["rows"], earlier["title"])
 
-    with step(f"reading {Path(data).name} and scoring it with the prior"):
-        bench = load_benchmark(data, strong, weak)
+    with step(f"scoring {evaluator.name} with the prior"):
+        bench = evaluator.bench
         dropped = 0
         if drop_seen:
             kept = unseen(bench, prior)
@@ -224,8 +227,8 @@ def run_learning_curve(
         t = prepare(Path(prior), bench)
     rows = curve(t, sizes, draws)
     if not rows:
-        raise DataError(f"{data}: every size asked for is above the {len(t.bench)} prompts' training pool")
-    title = f"{name or Path(data).stem}: {weak} vs {strong}, prior {Path(prior).name}" + (
+        raise DataError(f"{evaluator.data}: every size asked for is above the {len(t.bench)} prompts' training pool")
+    title = f"{evaluator.name}: {evaluator.weak} vs {evaluator.strong}, prior {Path(prior).name}" + (
         f", {dropped} prompts it trained on dropped" if drop_seen else ""
     )
     text = markdown(rows, title)

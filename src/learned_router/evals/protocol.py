@@ -229,11 +229,72 @@ class EvalResult:
     not_beaten: list[str]
 
 
+@dataclass(frozen=True)
+class BenchmarkEvaluator:
+    """The frontier figures of a graded benchmark's pair (APGR, CPT, cost, calibration, the bootstrap intervals and
+    the reference curves), for the weak pass chances of any set of scorers on its prompts. `run_eval` is handed one
+    and gives it the router's and the baselines' pass chances from models that never saw the prompts."""
+
+    bench: pd.DataFrame  # load_benchmark's rows
+    strong: str
+    weak: str
+    name: str
+    data: str
+    costs: dict[str, np.ndarray] | None = None  # per-prompt dollars of each side, where the pair is priced
+
+    @classmethod
+    def from_file(
+        cls, data: Path, strong: str, weak: str, prices: Path | None = None, name: str | None = None
+    ) -> "BenchmarkEvaluator":
+        with step(f"reading {Path(data).name}"):
+            bench = load_benchmark(data, strong, weak)
+        pair = (canonical(strong), weak if weak == ANY else canonical(weak))
+        priced = Prices.load(prices)
+        costs = None
+        if priced and all(m in priced.per_model for m in pair):  # unpriced pairs get no cost columns
+            costs = {"strong": priced.cost(pair[0], bench["prompt"]), "weak": priced.cost(pair[1], bench["prompt"])}
+        return cls(bench, pair[0], pair[1], name or Path(data).stem, str(data), costs)
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.bench["prompt"].tolist()
+
+    def __call__(self, p_weak: dict[str, np.ndarray], lead: str = "router") -> dict:
+        """The report of every scorer (p_weak per prompt, `lead`'s first), prompt length added, with the scorers
+        that `lead` does not beat on APGR."""
+        scores = {
+            lead: 1 - p_weak[lead],
+            "prompt length": prompt_length_scores(self.prompts),
+            **{k: 1 - v for k, v in p_weak.items() if k != lead},
+        }
+        with step(f"metrics of {len(scores)} scorers, {RESAMPLES:,} bootstrap resamples"):
+            report = evaluate(
+                scores,
+                self.bench["weak_q"].to_numpy(),
+                self.bench["strong_q"].to_numpy(),
+                cost_per_call=self.costs,
+                labels=self.bench["label"].to_numpy(),
+                p_weak=p_weak,
+                routellm_random=True,
+                lead_of=lead,
+            )
+        mine = report["scorers"][lead]["apgr"]
+        return report | {
+            "benchmark": self.name,
+            "data": self.data,
+            "strong": self.strong,
+            "weak": self.weak,
+            "difficulty_ceiling": difficulty_ceiling(self.bench),
+            "not_beaten": [b for b in scores if b != lead and (report["scorers"][b]["apgr"] or 0) >= (mine or 0)],
+            "pairs": int(len(self.bench.groupby(["strong_model", "weak_model"]).size())),
+        }
+
+
 def recipe_scores(
-    router_dir: Path, data: Path, strong: str, weak: str, folds: int, by: str, data_dir: Path | None
-) -> tuple[pd.DataFrame, str, dict[str, np.ndarray]]:
-    """The benchmark, the protocol's words and the p_weak of a router trained by the recipe (its checkpoint's record)
-    and of the baselines, never on a prompt the scorer trained on."""
+    router_dir: Path, bench: pd.DataFrame, folds: int, by: str, data_dir: Path | None
+) -> tuple[str, dict[str, np.ndarray]]:
+    """The protocol's words and the p_weak of a router trained by the recipe (its checkpoint's record) and of the
+    baselines on the benchmark's prompts, never on a prompt the scorer trained on."""
     from ..embed import Encoder
     from ..manifest import RouterFolder
     from ..recipe import Recipe
@@ -261,8 +322,7 @@ def recipe_scores(
             f"the router's training data is needed to keep evaluation prompts unseen and to fit the "
             f"baselines, but {', '.join(missing)} is missing; pass --data-dir with those files"
         )
-    with step(f"reading {Path(data).name} and the router's {len(paths)} training file{'s' * (len(paths) > 1)}"):
-        bench = load_benchmark(data, strong, weak)
+    with step(f"reading the router's {len(paths)} training file{'s' * (len(paths) > 1)}"):
         grades = load_grades(
             paths,
             {d["name"]: d["weight"] for d in record.data},
@@ -303,26 +363,22 @@ def recipe_scores(
                 bench["weak_model"].iloc[0],
                 (manifest.strong, manifest.weak),
             )
-    return bench, protocol, p
+    return protocol, p
 
 
 def run_eval(
     router_dir: Path,
-    data: Path,
-    strong: str,
-    weak: str,
+    evaluator: BenchmarkEvaluator,
     out: Path,
-    prices: Path | None = None,
     folds: int = 5,
     by: str = "prompt",
     data_dir: Path | None = None,
-    name: str | None = None,
     extra: dict[str, np.ndarray] | None = None,
     against: Path | None = None,
 ) -> EvalResult:
-    """Evaluate a router folder on a graded benchmark; writes metrics.json, frontier.png and table.md into `out`.
-    `extra`: more scorers (p_weak per benchmark prompt, in `load_benchmark`'s order). `against`: another router folder
-    (e.g. the one in service), scored as it is on the same prompts."""
+    """Evaluate a router folder on the evaluator's benchmark; writes metrics.json, frontier.png and table.md into
+    `out`. `extra`: more scorers (p_weak per benchmark prompt, in the benchmark's order). `against`: another router
+    folder (e.g. the one in service), scored as it is on the same prompts."""
     from ..manifest import RouterFolder
     from ..scorer import Router
 
@@ -330,66 +386,31 @@ def run_eval(
         raise RouterError(f"--by must be 'prompt', 'category' or 'source', got {by!r}")
     if folds < 2:
         raise RouterError(f"--folds must be at least 2, got {folds}")
+    bench = evaluator.bench
     manifest = RouterFolder(router_dir).manifest()
     if manifest.residual is not None:
         from .learning import two_level_folds
 
-        with step(f"reading {Path(data).name}"):
-            bench = load_benchmark(data, strong, weak)
-        fold = folds_of(bench["group"], folds)
         protocol = (
             f"{folds}-fold cross-validation by prompt: the top level is refit over its prior "
             f"({manifest.residual.prior}) per fold without the fold's prompts, the baselines on the same folds"
         )
-        p = two_level_folds(Path(manifest.residual.prior_path), bench, fold)
+        p = two_level_folds(Path(manifest.residual.prior_path), bench, folds_of(bench["group"], folds))
     else:
-        bench, protocol, p = recipe_scores(router_dir, data, strong, weak, folds, by, data_dir)
+        protocol, p = recipe_scores(router_dir, bench, folds, by, data_dir)
     p |= extra or {}
     if against is not None:
         with step(f"scoring {len(bench):,} prompts with {against}"):
-            p[f"router {Path(against).name}"] = router_pass_chance(
-                bench, Router(against).predict(bench["prompt"].tolist())
-            )
-    scores = {
-        "router": 1 - p["router"],
-        "prompt length": prompt_length_scores(bench["prompt"].tolist()),
-        **{k: 1 - v for k, v in p.items() if k != "router"},
-    }
-    costs = None
-    priced = Prices.load(prices)
-    pair = (canonical(strong), weak if weak == ANY else canonical(weak))
-    if priced and all(m in priced.per_model for m in pair):  # unpriced pairs get no cost columns
-        costs = {"strong": priced.cost(pair[0], bench["prompt"]), "weak": priced.cost(pair[1], bench["prompt"])}
-    with step(f"metrics of {len(scores)} scorers, {RESAMPLES:,} bootstrap resamples"):
-        report = evaluate(
-            scores,
-            bench["weak_q"].to_numpy(),
-            bench["strong_q"].to_numpy(),
-            cost_per_call=costs,
-            labels=bench["label"].to_numpy(),
-            p_weak=p,
-            routellm_random=True,
-            lead_of="router",
-        )
-    report["difficulty_ceiling"] = difficulty_ceiling(bench)
-    mine = report["scorers"]["router"]["apgr"]
-    not_beaten = [b for b in scores if b != "router" and (report["scorers"][b]["apgr"] or 0) >= (mine or 0)]
-    pairs = bench.groupby(["strong_model", "weak_model"]).size()
-    report |= {
-        "benchmark": name or Path(data).stem,
-        "data": str(data),
-        "strong": pair[0],
-        "weak": pair[1],
+            p[f"router {Path(against).name}"] = router_pass_chance(bench, Router(against).predict(evaluator.prompts))
+    report = evaluator(p) | {
         "router": str(router_dir),
         "protocol": protocol,
-        "not_beaten": not_beaten,
         "by": by,
         "generic_share": float(1 - bench["weak_model"].isin(manifest.models).mean()) if by != "source" else None,
-        "pairs": int(len(pairs)),
     }
     with step(f"writing {out}"):
         write_outputs(report, Path(out))
-    return EvalResult(report, protocol, len(bench), not_beaten)
+    return EvalResult(report, protocol, len(bench), report["not_beaten"])
 
 
 def thinned(curve: dict, most: int = 500) -> dict:

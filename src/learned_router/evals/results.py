@@ -238,7 +238,7 @@ def write_results(suite: Suite, out: Path, progress=print, only: str | None = No
     """Run every benchmark into out/results/<name>/ and write out/RESULTS.md. `only`: run that benchmark (or tier
     benchmark) alone, the others' figures read from their last run's metrics.json and the learning curves' section
     kept as RESULTS.md has it; 'learning-curves': that section alone, written anew."""
-    from .protocol import load_benchmark
+    from .protocol import BenchmarkEvaluator
 
     if only is not None and only not in names_of(suite):
         raise RouterError(f"--only: no {only!r} in the suite; one of: {', '.join(names_of(suite))}")
@@ -256,29 +256,13 @@ def write_results(suite: Suite, out: Path, progress=print, only: str | None = No
             reports.append((b, folder, saved(folder, b.name)))
             continue
         progress(f"[{i}/{len(suite.benchmarks)}] {b.name} (by {b.by})")
+        evaluator = BenchmarkEvaluator.from_file(b.data, b.strong, b.weak, suite.prices, b.name)
         extra = {}
         if previous:
-            bench = load_benchmark(b.data, b.strong, b.weak)
-            seen = " (trained on it)" if bench["source"].iloc[0] in previous[1] else ""
-            extra = {f"{suite.previous.name}{seen}": previous[0](bench["prompt"].tolist())}
-        reports.append(
-            (
-                b,
-                folder,
-                run_eval(
-                    suite.router,
-                    b.data,
-                    b.strong,
-                    b.weak,
-                    folder,
-                    prices=suite.prices,
-                    folds=suite.folds,
-                    by=b.by,
-                    name=b.name,
-                    extra=extra,
-                ).report,
-            )
-        )
+            seen = " (trained on it)" if evaluator.bench["source"].iloc[0] in previous[1] else ""
+            extra = {f"{suite.previous.name}{seen}": previous[0](evaluator.prompts)}
+        result = run_eval(suite.router, evaluator, folder, folds=suite.folds, by=b.by, extra=extra)
+        reports.append((b, folder, result.report))
     loso = [x for x in reports if x[0].by == "source"]
     domain = [x for x in reports if x[0].by != "source"]
     lines = [
@@ -348,6 +332,7 @@ LEARNING_HEAD = "## Your own grades: learning curves of two-level routers"
 def learning_section(lc: LearningCurves, out: Path, progress) -> list[str]:
     """Per table: the top level fitted over a prior that never saw the table's source, at each training size."""
     from .learning import run_learning_curve, verdict
+    from .protocol import BenchmarkEvaluator
 
     sizes = [None if s == "all" else int(s) for s in lc.sizes]
     lines = [
@@ -369,9 +354,8 @@ def learning_section(lc: LearningCurves, out: Path, progress) -> list[str]:
         progress(f"[learning curve {i}/{len(lc.tables)}] {t.name}")
         prior = prior_router(t.prior, lc.priors[t.prior], Path(t.data).parent, Path(t.data).stem)
         folder = out / "results" / f"learning-{slug(t.name)}"
-        rows, text = run_learning_curve(
-            prior, t.data, t.strong, t.weak, sizes, lc.draws, folder, name=t.name, drop_seen=True, reuse=True
-        )
+        evaluator = BenchmarkEvaluator.from_file(t.data, t.strong, t.weak, name=t.name)
+        rows, text = run_learning_curve(prior, evaluator, sizes, lc.draws, folder, drop_seen=True, reuse=True)
         misses = [
             f"{r['size']:,}{' (all)' if r['all'] else ''}: {r['two-level']['apgr']:.3f} < best "
             f"{verdict(r)[0]:.3f} - 0.01"
@@ -429,7 +413,7 @@ def rewrite_learning_section(suite: Suite, out: Path, progress=print) -> Path:
 
 def tier_section(suite: Suite, out: Path, progress, only: str | None = None) -> list[str]:
     """Multi-tier routing: the tier policy against each single model, the best two-model router and the oracle."""
-    from .tiers import run_tier_eval, tier_table
+    from .tiers import TierEvaluator, run_tier_eval, tier_table
 
     if suite.prices is None:
         raise RouterError("the suite's tier_benchmarks need 'prices': the multi-tier frontier is in dollars")
@@ -450,7 +434,9 @@ def tier_section(suite: Suite, out: Path, progress, only: str | None = None) -> 
             r = saved(folder, b.name)
         else:
             progress(f"[tiers] {b.name}")
-            r = run_tier_eval(suite.router, b.data, b.tiers, suite.prices, folder, folds=suite.folds, name=b.name)
+            r = run_tier_eval(
+                suite.router, TierEvaluator.from_file(b.data, b.tiers, suite.prices, b.name), folder, suite.folds
+            )
         saving = r["scorers"]["router"]["saving_at_best_quality"]
         verdict = (
             "**Target not met: the router does not reach the best single model's quality.**"

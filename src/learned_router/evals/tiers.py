@@ -114,42 +114,127 @@ def grade_table(path: Path, tiers: list[str]) -> tuple[pd.DataFrame, np.ndarray,
     return prompts, grades.to_numpy(float), chars.to_numpy(float)
 
 
-def run_tier_eval(
-    router_dir: Path, data: Path, tiers: list[str], prices: Path, out: Path, folds: int = 5, name: str | None = None
-) -> dict:
-    """Evaluate the tier policy on a graded table; writes metrics.json, frontier.png and table.md into `out`."""
+@dataclass(frozen=True)
+class TierEvaluator:
+    """The dollar frontier of a tier policy on a graded table: routed by each tier's score column (prompts x tiers,
+    the top tier's 1.0), against each single model, the best two-model router and the oracle. `run_tier_eval` is
+    handed one and gives it the columns from models that never saw the prompts."""
+
+    prompts: pd.DataFrame  # prompt, group
+    tiers: list[str]
+    grades: np.ndarray  # (prompts, tiers)
+    costs: np.ndarray  # (prompts, tiers): $ of each tier's call
+    prices: dict[str, list[float]]
+    name: str
+    data: str
+
+    @classmethod
+    def from_file(cls, data: Path, tiers: list[str], prices: Path | None, name: str | None = None) -> "TierEvaluator":
+        tiers = [canonical(t) for t in tiers]
+        if len(tiers) < 2 or len(set(tiers)) != len(tiers):
+            raise RouterError(f"--tiers needs at least 2 distinct models, cheapest first; got {tiers}")
+        priced = Prices.load(prices)
+        if priced is None:
+            raise RouterError("--prices is required: the multi-tier frontier is in dollars")
+        unpriced = [t for t in tiers if t not in priced.per_model]
+        if unpriced:
+            raise DataError(f"{prices}: no price for tier(s) {', '.join(unpriced)}")
+        prompts, grades, chars = grade_table(data, tiers)
+        p_in, p_out = np.array([priced.per_model[t] for t in tiers]).T
+        answer_tokens = np.where(np.isnan(chars), priced.output_tokens, text_tokens(np.nan_to_num(chars)))
+        costs = cost_usd(message_tokens(prompts["prompt"].str.len().to_numpy())[:, None], answer_tokens, p_in, p_out)
+        order = np.argsort(costs.mean(axis=0), kind="stable")
+        if list(order) != list(range(len(tiers))):
+            raise RouterError(
+                "--tiers must be listed cheapest first; by mean cost per request on this data they are: "
+                + ", ".join(tiers[i] for i in order)
+            )
+        return cls(
+            prompts,
+            tiers,
+            grades,
+            costs,
+            {t: list(priced.per_model[t]) for t in tiers},
+            name or Path(data).stem,
+            str(data),
+        )
+
+    def __call__(self, p: np.ndarray) -> tuple[dict, dict[str, Frontier]]:
+        """The report's figures and each policy's frontier, from the tiers' score columns."""
+        from ..scorer import choose_tier
+
+        scores, costs, tiers = self.grades, self.costs, self.tiers
+        mean_cost, mean_q = costs.mean(axis=0), scores.mean(axis=0)
+        best = int(np.argmax(mean_q))
+        curves = {
+            "router": Frontier.of(route_points(lambda t: choose_tier(p, t), threshold_grid(p), scores, costs)),
+            "oracle": Frontier.of(oracle_points(scores, costs)),
+        }
+        two = {
+            tiers[k]: Frontier.of(
+                route_points(lambda t, k=k: np.where(p[:, k] >= t, k, best), threshold_grid(p[:, k]), scores, costs)
+            )
+            for k in range(best)
+        }
+        best_q, best_c = float(mean_q[best]), float(mean_cost[best] * PER)
+
+        def summary(f: Frontier) -> dict:
+            at = f.cost_at(best_q)
+            return {
+                "cost_at_best_quality": at,
+                "saving_at_best_quality": None if at is None else 1 - at / best_c,
+                "quality_at_best_cost": f.quality_at(best_c),
+                "max_quality": float(f.quality.max()),
+            }
+
+        if two:
+            pick = max(
+                two,
+                key=lambda w: (
+                    summary(two[w])["saving_at_best_quality"] or -1,
+                    summary(two[w])["quality_at_best_cost"] or -1,
+                ),
+            )
+            curves[f"two-model ({pick} / {tiers[best]})"] = two[pick]
+        report = {
+            "benchmark": self.name,
+            "data": self.data,
+            "tiers": tiers,
+            "n_prompts": len(self.prompts),
+            "per_requests": PER,
+            "single": {
+                t: {"cost": float(mean_cost[k] * PER), "quality": float(mean_q[k])} for k, t in enumerate(tiers)
+            },
+            "best_single": tiers[best],
+            "above_router": [
+                t
+                for k, t in enumerate(tiers)  # single models the router's frontier does not reach at their cost
+                if (q := curves["router"].quality_at(mean_cost[k] * PER)) is None or q < mean_q[k] - 1e-12
+            ],
+            "scorers": {k: summary(f) for k, f in curves.items()},
+            "two_model_all": {w: summary(f) for w, f in two.items()},
+            "curves": {
+                k: {"cost": f.cost.round(6).tolist(), "quality": f.quality.round(6).tolist()} for k, f in curves.items()
+            },
+            "prices": self.prices,
+        }
+        return report, curves
+
+
+def run_tier_eval(router_dir: Path, evaluator: TierEvaluator, out: Path, folds: int = 5) -> dict:
+    """Evaluate the router's tier policy on the evaluator's table, each fold scored by the recipe refit without it;
+    writes metrics.json, frontier.png and table.md into `out`."""
     from ..data import load_grades
     from ..embed import Encoder
     from ..manifest import RouterFolder
     from ..recipe import Recipe
-    from ..scorer import choose_tier
     from ..train import fit
 
-    tiers = [canonical(t) for t in tiers]
-    if len(tiers) < 2 or len(set(tiers)) != len(tiers):
-        raise RouterError(f"--tiers needs at least 2 distinct models, cheapest first; got {tiers}")
     if folds < 2:
         raise RouterError(f"--folds must be at least 2, got {folds}")
-    priced = Prices.load(prices)
-    if priced is None:
-        raise RouterError("--prices is required: the multi-tier frontier is in dollars")
-    unpriced = [t for t in tiers if t not in priced.per_model]
-    if unpriced:
-        raise DataError(f"{prices}: no price for tier(s) {', '.join(unpriced)}")
     record = RouterFolder(router_dir).record()
     recipe = Recipe.from_dict(record.recipe)
     enc = Encoder(record.encoder_path, record.encoder.max_seq_length, record.encoder.layers)
-    prompts, scores, chars = grade_table(data, tiers)
-    p_in, p_out = np.array([priced.per_model[t] for t in tiers]).T
-    answer_tokens = np.where(np.isnan(chars), priced.output_tokens, text_tokens(np.nan_to_num(chars)))
-    costs = cost_usd(message_tokens(prompts["prompt"].str.len().to_numpy())[:, None], answer_tokens, p_in, p_out)
-    mean_cost, mean_q = costs.mean(axis=0), scores.mean(axis=0)
-    order = np.argsort(mean_cost, kind="stable")
-    if list(order) != list(range(len(tiers))):
-        raise RouterError(
-            "--tiers must be listed cheapest first; by mean cost per request on this data they are: "
-            + ", ".join(tiers[i] for i in order)
-        )
     with step("reading the router's training data"):
         grades = load_grades(
             list(dict.fromkeys(d["path"] for d in record.data)),
@@ -159,10 +244,9 @@ def run_tier_eval(
             recipe.seed,
             recipe.max_prompts,
         )
+    prompts = evaluator.prompts
     fold = folds_of(prompts["group"], folds)
-    p = np.empty(
-        scores.shape
-    )  # each tier's score column as the service reads it (`Router.score`), from the fold's model
+    p = np.empty(evaluator.grades.shape)  # each tier's score column as the service reads it (`Router.score`)
     parts = np.unique(fold)
     for n, f in enumerate(parts, 1):
         held = fold == f
@@ -173,63 +257,15 @@ def run_tier_eval(
             model = fit(grades.without(set(prompts["group"][held])), enc, recipe, lambda i, loss: bar.advance())
         outputs = model.predict(prompts["prompt"][held].tolist())
         chances = outputs.pass_chances()
-        for k, t in enumerate(tiers):
+        for k, t in enumerate(evaluator.tiers):
             p[held, k] = chances[:, outputs.column(t if t in outputs.models else GENERIC)]
     p[:, -1] = 1.0
-    best = int(np.argmax(mean_q))
-    curves = {
-        "router": Frontier.of(route_points(lambda t: choose_tier(p, t), threshold_grid(p), scores, costs)),
-        "oracle": Frontier.of(oracle_points(scores, costs)),
-    }
-    two = {
-        tiers[k]: Frontier.of(
-            route_points(lambda t, k=k: np.where(p[:, k] >= t, k, best), threshold_grid(p[:, k]), scores, costs)
-        )
-        for k in range(best)
-    }
-    best_q, best_c = float(mean_q[best]), float(mean_cost[best] * PER)
-
-    def summary(f: Frontier) -> dict:
-        at = f.cost_at(best_q)
-        return {
-            "cost_at_best_quality": at,
-            "saving_at_best_quality": None if at is None else 1 - at / best_c,
-            "quality_at_best_cost": f.quality_at(best_c),
-            "max_quality": float(f.quality.max()),
-        }
-
-    if two:
-        pick = max(
-            two,
-            key=lambda w: (
-                summary(two[w])["saving_at_best_quality"] or -1,
-                summary(two[w])["quality_at_best_cost"] or -1,
-            ),
-        )
-        curves[f"two-model ({pick} / {tiers[best]})"] = two[pick]
-    report = {
-        "benchmark": name or Path(data).stem,
-        "data": str(data),
+    report, curves = evaluator(p)
+    report |= {
         "router": str(router_dir),
-        "tiers": tiers,
-        "n_prompts": len(prompts),
         "folds": folds,
-        "per_requests": PER,
         "protocol": f"{folds}-fold cross-validation by prompt: the router's recipe refit per fold on its training data "
         "without the fold's prompts; each tier's pass chance against the top tier",
-        "single": {t: {"cost": float(mean_cost[k] * PER), "quality": float(mean_q[k])} for k, t in enumerate(tiers)},
-        "best_single": tiers[best],
-        "above_router": [
-            t
-            for k, t in enumerate(tiers)  # single models the router's frontier does not reach at their cost
-            if (q := curves["router"].quality_at(mean_cost[k] * PER)) is None or q < mean_q[k] - 1e-12
-        ],
-        "scorers": {k: summary(f) for k, f in curves.items()},
-        "two_model_all": {w: summary(f) for w, f in two.items()},
-        "curves": {
-            k: {"cost": f.cost.round(6).tolist(), "quality": f.quality.round(6).tolist()} for k, f in curves.items()
-        },
-        "prices": {t: list(priced.per_model[t]) for t in tiers},
     }
     write_tier_outputs(report, curves, Path(out))
     return report
