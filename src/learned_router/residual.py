@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import GENERIC
+from .outputs import GENERIC, Outputs
 
 FILE = "residual.npz"
 RIDGES = (None, 1000.0, 100.0, 30.0, 10.0, 3.0, 1.0)
@@ -135,6 +135,15 @@ class Residual:
             num, den = kernel_sums(emb, self.keys_t, self.sums, self.counts, self.choice.width)
             out += num / (den + self.choice.shrink)
         return np.clip(out, 0.0, 1.0)
+
+    def apply(self, prior: Outputs, prompts: list[str], models: list[str]) -> Outputs:
+        """The two-level router's outputs from its prior's on the same prompts (their embedding needed): `models` are
+        the prior's, then the ones only the user's grades know; each graded model's quality is corrected."""
+        base, _ = bases(prior.quality, prior.difficulty, list(prior.models), self.base)
+        quality = np.empty((len(prompts), len(models)), dtype=np.float32)
+        quality[:, : len(prior.models)] = prior.quality
+        quality[:, [models.index(m) for m in self.models]] = self.predict(base, log_length(prompts), prior.embedding)
+        return Outputs(tuple(models), prior.strong, quality, prior.difficulty, prior.embedding)
 
     def save(self, folder: Path) -> None:
         arrays = {"coef": self.coef}

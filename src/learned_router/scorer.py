@@ -202,18 +202,10 @@ class Router:
         scores by its companions. fp32 batches prompts of similar length, exactly as single.
         """
         prompts = check_prompts(prompts)
-        quality, difficulty, embedding = self.graph(prompts, batch_size)
+        outputs = Outputs(tuple(self.graph_models), self.manifest.strong, *self.graph(prompts, batch_size))
         if self.residual is not None:
-            from .residual import bases, log_length
-
-            base, _ = bases(quality, difficulty, self.graph_models, self.residual.base)
-            full = np.empty((len(prompts), len(self.manifest.models)), dtype=np.float32)
-            full[:, : len(self.graph_models)] = quality
-            full[:, [self.manifest.models.index(m) for m in self.residual.models]] = self.residual.predict(
-                base, log_length(prompts), embedding
-            )
-            quality = full
-        return Outputs(tuple(self.manifest.models), self.manifest.strong, quality, difficulty, embedding)
+            outputs = self.residual.apply(outputs, prompts, self.manifest.models)
+        return outputs
 
     def embed(self, prompts: Sequence[str]) -> np.ndarray:
         """The prompts' unit sentence embeddings (n, dim), from the same onnxruntime call that scores them."""
