@@ -122,3 +122,12 @@ async def authenticate_admin(
             headers={"WWW-Authenticate": "Bearer"},
         )
     return admin
+
+
+async def client_or_admin(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """An admin key, or a client key within its rate limit (401, 429 as for a client)."""
+    if credentials is not None and hash_key(credentials.credentials) in request.app.state.service.admin_keys:
+        return
+    await rate_limited(request, await authenticate(request, credentials))

@@ -377,6 +377,24 @@ class JudgeConfig(Strict):
     )  # requests in flight at most, answers and verdicts together (label --concurrency overrides)
 
 
+class QualityConfig(Strict):
+    """Shadow grading: for a sampled share of routed chat requests, once the client has its answer and off the
+    request path, the service also asks the tier it did not use (the strongest, or the cheapest when it went to the
+    strongest) and has the `judge` grade both answers. GET /v1/quality and the router_quality_* gauges give the
+    quality retained and the cost against sending everything to the strongest tier (serving/DEPLOY.md)."""
+
+    sample: float = Field(0.02, gt=0, le=1)  # share of routed chat requests shadow-graded
+    store: str = "router-quality.sqlite"  # sqlite file of the graded requests (relative: from the config's folder)
+    max_usd_per_day: Positive = 5.0  # shadow answers and judge calls together, per UTC day; beyond it none start
+    exclude_clients: list[str] = []  # client names never shadow-graded
+    exclude_tiers: list[str] = []  # tiers never called for a shadow answer, nor graded
+    target: float = Field(0.97, gt=0, le=1)  # retained quality to keep: the alert's bar and the suggested threshold's
+    window_days: Positive | None = 7.0  # the estimate reads the graded requests of this many days; null: all
+    concurrency: int = Field(2, ge=1)  # shadow jobs in flight at most
+    queue_size: int = Field(100, ge=1)  # sampled requests waiting; beyond it they are dropped and counted
+    refresh_s: Positive = 60.0  # how often the gauges are recomputed from the store
+
+
 class ServiceConfig(Strict):
     """The whole file: sections, of which `tiers` and `auth` are required."""
 
@@ -400,6 +418,7 @@ class ServiceConfig(Strict):
     drift: DriftConfig = DriftConfig()
     judge: JudgeConfig | None = None  # the judge of `learned-router label`; none: label refuses to run
     traffic: TrafficConfig | None = None  # record chat requests and feedback (off unless the block is there)
+    quality: QualityConfig | None = None  # shadow grading of a sample of requests by the judge (off unless there)
     admin: AdminConfig = AdminConfig()  # no keys: the admin endpoints answer 404 (SIGHUP still reloads)
 
     @field_validator("tiers")
@@ -525,6 +544,15 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
                 f"{source}: traffic.never_record[{i}]: unknown data class {cls!r}; classes: "
                 f"{', '.join(sorted(cfg.data_classes)) or 'none'}"
             )
+    if cfg.quality is not None:
+        if cfg.judge is None:
+            raise ConfigError(f"{source}: quality: shadow grading needs a judge block (judge.provider)")
+        for i, tier in enumerate(cfg.quality.exclude_tiers):
+            if tier not in tiers:
+                raise ConfigError(
+                    f"{source}: quality.exclude_tiers[{i}]: unknown tier {tier!r}; tiers: "
+                    f"{', '.join(t.name for t in cfg.tiers)}"
+                )
     if cfg.judge is not None and cfg.judge.provider.name in providers:
         raise ConfigError(
             f"{source}: judge.provider.name: {cfg.judge.provider.name!r} is also a tier's provider; give the "
@@ -533,7 +561,14 @@ def parse_config(data: object, source: str = "config") -> ServiceConfig:
     return cfg
 
 
-PATHS = (("router", "path"), ("budget", "store"), ("traffic", "store"), ("drift", "reference"), ("task_types", "file"))
+PATHS = (
+    ("router", "path"),
+    ("budget", "store"),
+    ("traffic", "store"),
+    ("quality", "store"),
+    ("drift", "reference"),
+    ("task_types", "file"),
+)
 
 
 def paths_from(cfg: ServiceConfig, folder: Path) -> ServiceConfig:

@@ -20,6 +20,7 @@ below) and read with `GET /_stats`, so tests can break and heal a provider mid-r
         holds "I cannot answer that", else "Rating: [[9]]"; pairwise: the answer that does not hold it wins
         ("[[A]]" or "[[B]]"), a tie "[[C]]" when both or neither do
   judge_garbage_rate: share of the judge's answers that hold no verdict at all (seeded, so runs repeat)
+  judge_rating: when set, a lying judge: every verdict is "Rating: [[judge_rating]]" (e.g. 42, outside 1-10)
 
 `GET /_stats` also lists the last user turn of each chat request received (`prompts`, the latest 10,000) and the
 last body.
@@ -70,6 +71,7 @@ class FakeState:
     fail_words: list[str] = field(default_factory=list)
     judge: bool = False
     judge_garbage_rate: float = 0.0
+    judge_rating: float | None = None
     echo_key: bool = (
         False  # an error's message repeats the Authorization header it received, as a careless provider does
     )
@@ -206,6 +208,8 @@ def create_fake_provider(state: FakeState | None = None) -> FastAPI:
             answer = (
                 GARBAGE
                 if state.judge_garbage_rate and rng.random() < state.judge_garbage_rate
+                else f"Rating: [[{state.judge_rating:g}]]"
+                if state.judge_rating is not None
                 else judge_answer(prompt)
             )
         elif fails(prompt, state.fail_words):

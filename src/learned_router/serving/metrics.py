@@ -40,6 +40,32 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.shadow_jobs = Counter(
+            "router_shadow_jobs",
+            "Shadow-grading jobs by outcome: graded, or why not (over_cap, tier_failed, judge_failed, unparseable, "
+            "queue_full, excluded_client, excluded_tier, data_class, unscored, error)",
+            ["outcome"],
+            registry=r,
+        )
+        self.shadow_cost = Counter(
+            "router_shadow_cost_usd", "Dollars spent on shadow answers and their judge calls", registry=r
+        )
+        self.quality_retained = Gauge(
+            "router_quality_retained",
+            "Quality retained by routing against the strongest tier on shadow-graded traffic: estimate, low, high "
+            "(95% interval)",
+            ["bound"],
+            registry=r,
+        )
+        self.quality_cost_ratio = Gauge(
+            "router_quality_cost_ratio",
+            "Cost of routing over sending everything to the strongest tier, on shadow-graded traffic: estimate, low, "
+            "high (95% interval)",
+            ["bound"],
+            registry=r,
+        )
+        self.quality_graded = Gauge("router_quality_graded", "Shadow-graded requests the estimate reads", registry=r)
+        self.quality_target = Gauge("router_quality_target", "quality.target: the retained quality to keep", registry=r)
         self.served = Counter(
             "router_served", "Requests answered by each provider", ["tier", "provider", "model"], registry=r
         )
@@ -167,3 +193,12 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def quality_observed(self, estimate: dict) -> None:
+        """The gauges of a quality estimate (learned_router.quality.estimate); NaN where there is none yet."""
+        self.quality_graded.set(estimate["prompts"])
+        now = estimate["in_use"] or {}
+        for gauge, key in ((self.quality_retained, "retained_quality"), (self.quality_cost_ratio, "cost_ratio")):
+            low, high = now.get(f"{key}_ci") or (math.nan, math.nan)
+            for bound, v in (("estimate", now.get(key, math.nan)), ("low", low), ("high", high)):
+                gauge.labels(bound).set(math.nan if v is None else v)

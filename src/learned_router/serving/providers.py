@@ -176,8 +176,8 @@ def usable_answer(data: object) -> bool:
     )
 
 
-def stream_chunk(data: str) -> tuple[dict, int]:
-    """One SSE data payload as a chunk object and the characters of text it adds; BadStream when it is not one."""
+def stream_chunk(data: str) -> tuple[dict, str]:
+    """One SSE data payload as a chunk object and the text it adds; BadStream when it is not one."""
     try:
         chunk = json.loads(data, parse_constant=reject_constant)
     except (ValueError, RecursionError):
@@ -185,7 +185,7 @@ def stream_chunk(data: str) -> tuple[dict, int]:
     choices = chunk.get("choices", []) if isinstance(chunk, dict) else None
     if not isinstance(choices, list):
         raise BadStream("a stream chunk is not an object with a choices list")
-    chars = 0
+    text = ""
     for choice in choices:
         delta = choice.get("delta") if isinstance(choice, dict) else ""
         if delta is None:  # some providers send "delta": null with the finish reason
@@ -195,8 +195,8 @@ def stream_chunk(data: str) -> tuple[dict, int]:
         content = delta.get("content")
         if content is not None and not isinstance(content, str):
             raise BadStream("a stream chunk's delta content is not a string")
-        chars += len(content or "")
-    return chunk, chars
+        text += content or ""
+    return chunk, text
 
 
 async def read_body(response: httpx.Response, limit: int) -> bytes:

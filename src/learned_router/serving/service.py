@@ -150,6 +150,12 @@ class Service:
             router if router is not None else Router.load(config.router.path, threads=config.router.threads),
             self.metrics,
         )
+        self.shadow = None
+        if config.quality is not None:
+            from .shadow import ShadowGrader
+
+            self.shadow = ShadowGrader(config, provider_keys)
+            self.shadow.attach(self.metrics)
         self.previous: object | None = None  # the router before the last reload, for rollback
         self._swap = asyncio.Lock()
         self.drift = None
@@ -204,8 +210,12 @@ class Service:
         await self.state.start()
         if self.pacer:
             await self.pacer.start()
+        if self.shadow:
+            await self.shadow.start()
 
     async def stop(self) -> None:
+        if self.shadow:
+            await self.shadow.stop()
         await self.batcher.stop()
         await self.upstream.stop()
         if self.pacer:

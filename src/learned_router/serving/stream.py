@@ -26,6 +26,7 @@ async def relay(
     wants_usage: bool,
     client: str | None,
     started: float,
+    body: dict,
 ) -> AsyncIterator[str]:
     """Pass the upstream's SSE lines through; note usage; drop the usage chunk we asked for on the client's behalf.
 
@@ -36,6 +37,7 @@ async def relay(
     billed (`Service.account`), logged and recorded (`Service.record`).
     """
     provider, usage, chars, skip_blank, outcome, done = reply.provider, None, 0, False, "aborted", False
+    pieces: list[str] | None = [] if service.shadow else None  # the answer's text, for shadow grading
     strip_usage = provider.config.stream_usage and not wants_usage
 
     async def lines():
@@ -59,7 +61,9 @@ async def relay(
                     done = True
                 else:
                     chunk, text = stream_chunk(data)
-                    chars += text
+                    chars += len(text)
+                    if pieces is not None:
+                        pieces.append(text)
                     if chunk.get("usage") is not None:
                         usage = chunk["usage"]
                         if strip_usage and not chunk.get("choices"):
@@ -104,3 +108,5 @@ async def relay(
             billed.usd,
         )
         service.record(d, request_id, client, started, reply.status, outcome, provider, billed)
+        if outcome == "ok" and service.shadow:
+            service.shadow.offer(d, request_id, client, body, provider, "".join(pieces), billed.usd)

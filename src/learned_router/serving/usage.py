@@ -37,6 +37,15 @@ def answer_chars(body: object) -> int:
     return out
 
 
+def answer_text(body: object) -> str | None:
+    """The first choice's message content, when it is text."""
+    choices = body.get("choices") if isinstance(body, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else None
+
+
 def billed_tokens(
     usage: object, prompt_estimate: float, chars: int, chars_per_token: float
 ) -> tuple[float, float, str | None]:

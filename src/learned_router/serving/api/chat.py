@@ -15,7 +15,7 @@ from ..providers import Reply, client_error_body
 from ..routing import parse_request, router_options
 from ..service import TierDecision
 from ..stream import relay
-from ..usage import answer_chars, valid_usage
+from ..usage import answer_chars, answer_text, valid_usage
 from .deps import Client, ServiceDep
 
 log = logging.getLogger("learned_router.serving")
@@ -93,10 +93,12 @@ async def chat_completions(request: Request, service: ServiceDep, client: Client
         service.record(
             d, request_id, who, started, reply.status, "ok" if billed else "client_error", reply.provider, billed
         )
+        if billed and service.shadow and (text := answer_text(reply.json)) is not None:
+            service.shadow.offer(d, request_id, who, body, reply.provider, text, billed.usd)
         return Response(raw, status_code=reply.status, media_type="application/json", headers=headers)
     wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(
-        relay(service, reply, d, request_id, wants_usage, who, started),
+        relay(service, reply, d, request_id, wants_usage, who, started, body),
         media_type="text/event-stream",
         headers=headers | {"Cache-Control": "no-cache"},
     )

@@ -1,0 +1,157 @@
+"""What routing cost in quality on the service's own traffic: the estimate from shadow-graded requests. numpy only.
+
+Each shadow-graded request (serving/shadow.py) holds both answers' grades and costs: the weak side's (the tier it
+was routed to, or the cheapest tier when it went to the strongest) and the strongest tier's, the weak side's pass
+chance and the threshold in use. From a sample of them:
+
+- retained quality: the routed answers' mean grade over the strongest tier's on the same prompts;
+- cost ratio: what the routed answers cost over what the strongest tier's cost (savings = 1 - it);
+- each with a 95% percentile interval from resampling the prompts;
+- the frontier: every prompt re-decided at every threshold (weak when its pass chance >= the threshold), beside
+  random routing and the oracle, and the threshold that keeps a quality target at the lowest cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RESAMPLES = 1000
+LEVEL = 0.95
+MIN_TASK = 10  # graded requests of a task type before it gets an estimate of its own
+
+
+@dataclass(frozen=True)
+class Graded:
+    """Shadow-graded requests, one entry each."""
+
+    p_weak: np.ndarray  # the weak side's pass chance
+    went_weak: np.ndarray  # bool: the client got the weak side's answer
+    weak_grade: np.ndarray  # in [0, 1]
+    strong_grade: np.ndarray
+    weak_cost: np.ndarray  # USD
+    strong_cost: np.ndarray
+    task_type: np.ndarray  # str
+
+    @classmethod
+    def of(cls, rows: list[dict]) -> Graded:
+        """From rows with the fields above (`went_weak` as 0/1)."""
+        col = lambda k, t=float: np.array([r[k] for r in rows], dtype=t)  # noqa: E731
+        return cls(
+            col("p_weak"),
+            col("went_weak", bool),
+            col("weak_grade"),
+            col("strong_grade"),
+            col("weak_cost"),
+            col("strong_cost"),
+            col("task_type", object),
+        )
+
+    def __len__(self) -> int:
+        return len(self.p_weak)
+
+    def rows(self, index) -> Graded:
+        return Graded(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+
+def ratios(g: Graded, weak: np.ndarray, index: np.ndarray | None = None) -> tuple[float, float]:
+    """(retained quality, cost ratio) of sending `weak` prompts to the weak side, on the prompts at `index`."""
+    if index is not None:
+        g, weak = g.rows(index), weak[index]
+    strong_q, strong_c = g.strong_grade.mean(), g.strong_cost.mean()
+    q = np.where(weak, g.weak_grade, g.strong_grade).mean()
+    c = np.where(weak, g.weak_cost, g.strong_cost).mean()
+    return (
+        float(q / strong_q) if strong_q > 0 else float("nan"),
+        float(c / strong_c) if strong_c > 0 else float("nan"),
+    )
+
+
+def interval(g: Graded, weak: np.ndarray, seed: int = 0) -> dict:
+    """Retained quality and cost ratio, with their intervals over resampled prompts."""
+    rng = np.random.default_rng(seed)
+    boot = np.array([ratios(g, weak, rng.integers(0, len(g), len(g))) for _ in range(RESAMPLES)])
+    lo, hi = np.nanpercentile(boot, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2], axis=0)
+    retained, cost = ratios(g, weak)
+    return {
+        "prompts": len(g),
+        "retained_quality": retained,
+        "retained_quality_ci": [float(lo[0]), float(hi[0])],
+        "cost_ratio": cost,
+        "cost_ratio_ci": [float(lo[1]), float(hi[1])],
+        "savings": 1 - cost,
+        "weak_share": float(weak.mean()),
+    }
+
+
+def thinned(points: list[dict], most: int = 400) -> list[dict]:
+    keep = sorted(set(np.linspace(0, len(points) - 1, min(len(points), most)).round().astype(int)))
+    return [points[i] for i in keep]
+
+
+def frontier(g: Graded) -> dict[str, list[dict]]:
+    """(cost ratio, retained quality) points: the router re-deciding every prompt at each threshold (weak when its
+    pass chance >= it), random routing, and the oracle (the prompts where the strongest tier gains most go to it)."""
+    n, strong_q, strong_c = len(g), g.strong_grade.sum(), g.strong_cost.sum()
+
+    def ratio(q: float, c: float) -> tuple[float, float]:
+        return float(q / strong_q) if strong_q > 0 else float("nan"), float(c / strong_c) if strong_c > 0 else float(
+            "nan"
+        )
+
+    order = np.argsort(-g.p_weak, kind="stable")  # the first k go weak at any threshold in (p[k], p[k-1]]
+    dq = np.r_[0.0, np.cumsum((g.weak_grade - g.strong_grade)[order])]
+    dc = np.r_[0.0, np.cumsum((g.weak_cost - g.strong_cost)[order])]
+    p = g.p_weak[order]
+    ends = [0] + [k for k in range(1, n + 1) if k == n or p[k] != p[k - 1]]  # whole groups of equal pass chance
+    router = []
+    for k in ends:
+        q, c = ratio(strong_q + dq[k], strong_c + dc[k])
+        router.append({"threshold": float(p[k - 1]) if k else float("inf"), "retained_quality": q, "cost_ratio": c})
+    w, wc = ratio(g.weak_grade.sum(), g.weak_cost.sum())
+    shares = np.linspace(0, 1, 11)
+    rand = [{"weak_share": float(s), "retained_quality": s * w + 1 - s, "cost_ratio": s * wc + 1 - s} for s in shares]
+    gain = np.argsort(-(g.strong_grade - g.weak_grade), kind="stable")  # to the strongest tier first
+    oq = np.r_[0.0, np.cumsum((g.strong_grade - g.weak_grade)[gain])]
+    oc = np.r_[0.0, np.cumsum((g.strong_cost - g.weak_cost)[gain])]
+    oracle = []
+    for k in range(n + 1):
+        q, c = ratio(g.weak_grade.sum() + oq[k], g.weak_cost.sum() + oc[k])
+        oracle.append({"strong_prompts": k, "retained_quality": q, "cost_ratio": c})
+    return {"router": router, "random": rand, "oracle": oracle}
+
+
+def cheapest_keeping(points: list[dict], target: float) -> dict | None:
+    """The router's point of lowest cost ratio whose retained quality is at least `target`; None if none is."""
+    ok = [p for p in points if p["retained_quality"] >= target]
+    return min(ok, key=lambda p: (p["cost_ratio"], -p["threshold"])) if ok else None
+
+
+def estimate(g: Graded, target: float, seed: int = 0) -> dict:
+    """The whole answer: at the thresholds in use (the decisions the clients got), per task type, the frontier and
+    the threshold that keeps `target` at the lowest cost."""
+    if len(g) == 0:
+        return {
+            "prompts": 0,
+            "target": target,
+            "in_use": None,
+            "by_task_type": {},
+            "frontier": None,
+            "for_target": None,
+        }
+    by_task = {
+        str(t): interval(g.rows(g.task_type == t), g.went_weak[g.task_type == t], seed)
+        for t in sorted(set(g.task_type.tolist()))
+        if (g.task_type == t).sum() >= MIN_TASK
+    }
+    curves = frontier(g)
+    best = cheapest_keeping(curves["router"], target)
+    return {
+        "prompts": len(g),
+        "target": target,
+        "in_use": interval(g, g.went_weak, seed),
+        "by_task_type": by_task,
+        "frontier": {k: thinned(v) for k, v in curves.items()},
+        "for_target": best,
+    }

@@ -1,0 +1,236 @@
+"""Shadow grading (`quality:` block) on the fakes: a weak model that fails some prompts, a strong one, a judge that
+grades as the rubric does. The estimate's interval covers the true retained quality; the cap, exclusions and data
+classes hold; a hanging or lying judge changes nothing for clients and is counted."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from learned_router import quality
+from learned_router.serving.fake_provider import fails
+from serving_fixtures import (
+    CLIENT_KEY,
+    OTHER_KEY,
+    FakeProvider,
+    provider_entry,
+    service_config,
+    start_service,
+    two_tiers,
+    wait_for,
+)
+
+FAIL = ["code", "python", "function", "math", "calculate", "solve", "equation", "number", "write"]
+LOW, HIGH = 1 / 9, 8 / 9  # the fake judge's Rating [[2]] (the weak model's "I cannot answer that") and [[9]]
+ADMIN_KEY = "sk-router-test-admin-quality"
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    with (
+        FakeProvider(name="weak", fail_words=FAIL) as weak,
+        FakeProvider(name="strong") as strong,
+        FakeProvider(name="judge", judge=True) as judge,
+    ):
+        yield weak, strong, judge
+
+
+@pytest.fixture(autouse=True)
+def healed(fakes):
+    yield
+    for f in fakes:
+        f.heal()
+    fakes[2].control(judge_rating=None)
+
+
+@pytest.fixture(scope="module")
+def prompts(datasets_dir) -> list[str]:
+    """Real chat prompts: arena-bench-v1's, a share of them with the weak model's fail words."""
+    df = pd.read_parquet(datasets_dir / "arena_bench_v1.parquet", columns=["prompt"])
+    return [p for p in df["prompt"].drop_duplicates() if len(p) < 2000][:240]
+
+
+def config(fakes, tmp_path, **quality_block) -> dict:
+    weak, strong, judge = fakes
+    from learned_router.serving.config import hash_key
+
+    return service_config(
+        two_tiers(
+            [provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", "weak-model", (0.2, 0.2))],
+            [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", "strong-model", (10.0, 30.0))],
+        ),
+        judge={
+            "provider": {
+                "name": "judge",
+                "base_url": judge.base_url,
+                "model": "judge-model",
+                "input_price_per_1m": 1.0,
+                "output_price_per_1m": 1.0,
+                "timeout_s": 1.0,
+            },
+            "max_tokens": 64,
+            "answer_max_tokens": 64,
+        },
+        quality={"sample": 1.0, "store": str(tmp_path / "quality.sqlite"), "queue_size": 1000, **quality_block},
+        retry={"attempts": 1},
+        admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
+        data_classes={"internal": ["weak-a", "strong-a"], "judged": ["weak-a", "strong-a", "judge"]},
+    )
+
+
+def chat(server, text: str, key: str = CLIENT_KEY, **router) -> httpx.Response:
+    body = {"model": "router", "messages": [{"role": "user", "content": text}], "max_tokens": 32}
+    if router:
+        body["router"] = router
+    return httpx.post(
+        server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
+
+
+def jobs(server) -> dict[str, float]:
+    """router_shadow_jobs_total by outcome."""
+    out = {}
+    for line in httpx.get(server.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("router_shadow_jobs_total{"):
+            out[line.split('outcome="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def shadow_of(server):
+    return server.app.state.service.shadow
+
+
+def test_the_estimate_covers_the_true_retained_quality(fakes, tmp_path, prompts):
+    with start_service(config(fakes, tmp_path, sample=0.5)) as server:
+        shadow_of(server).rng = random.Random(7)
+        routed, strong = [], []
+        for text in prompts:
+            r = chat(server, text)
+            assert r.status_code == 200
+            went_weak = r.headers["x-router-tier"] == "weak"
+            routed.append(LOW if went_weak and fails(text, FAIL) else HIGH)
+            strong.append(HIGH)
+        truth = np.mean(routed) / np.mean(strong)
+        graded = wait_for(
+            lambda: (
+                jobs(server).get("graded", 0) >= 0.35 * len(prompts)
+                and shadow_of(server).queue.empty()
+                and jobs(server)
+            ),
+            60,
+        )
+        r = httpx.get(server.url + "/v1/quality", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=30)
+        assert r.status_code == 200
+        est = r.json()
+        assert est["prompts"] == graded["graded"] < len(prompts)  # a sample, not every request
+        low, high = est["in_use"]["retained_quality_ci"]
+        assert low <= truth <= high, (low, truth, high)
+        assert 0.0 < truth < 1.0 and high - low < 0.2  # the fakes make routing cost quality; the interval says how much
+        assert est["in_use"]["cost_ratio"] < 1.0  # and the weak answers cost less
+        router = est["frontier"]["router"]
+        assert router[0]["cost_ratio"] == pytest.approx(1.0) and router[0]["retained_quality"] == pytest.approx(1.0)
+        best = est["for_target"]
+        assert best is None or best["retained_quality"] >= est["target"]
+        assert router[-1]["cost_ratio"] < 1.0  # every prompt re-decided: all weak at the lowest threshold
+        # the gauges carry the same figures; the admin key reads the estimate too
+        text = httpx.get(server.url + "/metrics", timeout=5).text
+        gauge = next(x for x in text.splitlines() if x.startswith('router_quality_retained{bound="low"}'))
+        assert float(gauge.rsplit(" ", 1)[1]) == pytest.approx(low)
+        admin = httpx.get(server.url + "/v1/quality", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+        assert admin.status_code == 200 and admin.json()["prompts"] == est["prompts"]
+        assert httpx.get(server.url + "/v1/quality", timeout=5).status_code == 401
+        # every shadow call is the judge's or the other tier's: the client was billed only its own answer
+        assert shadow_of(server).store.spent(time.time()) > 0
+
+
+def test_cap_exclusions_and_data_classes_hold(fakes, tmp_path, prompts):
+    cfg = config(fakes, tmp_path, max_usd_per_day=0.02, exclude_clients=["limited"])
+    with start_service(cfg) as server:
+        for text in prompts[:40]:
+            assert chat(server, text).status_code == 200
+        assert chat(server, prompts[0], key=OTHER_KEY).status_code == 200
+        assert chat(server, prompts[1], data_class="internal").status_code == 200  # may not reach the judge
+        counts = wait_for(
+            lambda: (c := jobs(server)).get("over_cap", 0) > 0 and shadow_of(server).queue.empty() and c, 30
+        )
+        assert counts["excluded_client"] == 1 and counts["data_class"] == 1
+        spent = shadow_of(server).store.spent(time.time())
+        assert spent <= 0.02 and counts.get("graded", 0) >= 1  # graded until the cap, then none started
+        rows = shadow_of(server).store.rows()
+        assert all(r["client"] == "test" for r in rows)
+    with start_service(config(fakes, tmp_path / "t", exclude_tiers=["strong"])) as server:
+        assert chat(server, prompts[2]).status_code == 200
+        assert wait_for(lambda: jobs(server).get("excluded_tier"), 10) == 1
+
+
+def test_a_hanging_or_lying_judge_changes_nothing_for_clients(fakes, tmp_path, prompts):
+    weak, strong, judge = fakes
+    with start_service(config(fakes, tmp_path, concurrency=1, queue_size=2)) as server:
+        judge.control(mode="hang")
+        answers = [chat(server, text) for text in prompts[:12]]
+        assert all(r.status_code == 200 for r in answers)
+        assert max(r.elapsed.total_seconds() for r in answers) < 0.9  # never waits for the judge's 1 s timeout
+        counts = wait_for(lambda: (c := jobs(server)).get("judge_failed", 0) >= 1 and c, 20)
+        assert counts.get("queue_full", 0) >= 1 and "graded" not in counts
+        judge.control(mode="ok", judge_rating=42)  # outside 1-10: no grade
+        wait_for(lambda: shadow_of(server).queue.empty(), 20)
+        before = jobs(server).get("unparseable", 0)
+        assert chat(server, prompts[20]).status_code == 200
+        assert wait_for(lambda: jobs(server).get("unparseable", 0) > before, 10)
+        assert shadow_of(server).store.rows() == []  # nothing guessed
+
+
+def test_off_without_the_block(fakes, tmp_path):
+    cfg = config(fakes, tmp_path)
+    del cfg["quality"]
+    with start_service(cfg) as server:
+        r = httpx.get(server.url + "/v1/quality", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=5)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "quality_off"
+
+
+def test_the_estimate_maths_on_known_rows():
+    rows = [
+        {
+            "p_weak": p,
+            "went_weak": p >= 0.5,
+            "weak_grade": w,
+            "strong_grade": 1.0,
+            "weak_cost": 1.0,
+            "strong_cost": 10.0,
+            "task_type": "chat",
+        }
+        for p, w in [(0.9, 1.0), (0.8, 1.0), (0.6, 0.0), (0.3, 0.0), (0.1, 1.0)] * 4
+    ]
+    est = quality.estimate(quality.Graded.of(rows), target=0.9)
+    now = est["in_use"]
+    # went weak: 0.9, 0.8 (grade 1), 0.6 (grade 0); strong: 0.3, 0.1 -> routed 4 of 5 = 0.8; cost (3 + 20) / 50
+    assert now["retained_quality"] == pytest.approx(0.8) and now["cost_ratio"] == pytest.approx(23 / 50)
+    assert now["retained_quality_ci"][0] <= 0.8 <= now["retained_quality_ci"][1]
+    best = est["for_target"]  # weak at >= 0.8 keeps every grade at 28/50 of the cost
+    assert best["threshold"] == pytest.approx(0.8) and best["retained_quality"] == pytest.approx(1.0)
+    assert best["cost_ratio"] == pytest.approx((2 * 1 + 3 * 10) / 50)
+    oracle = est["frontier"]["oracle"]
+    assert min(o["cost_ratio"] for o in oracle if o["retained_quality"] >= 1.0) == pytest.approx((3 + 2 * 10) / 50)
+    assert est["by_task_type"]["chat"]["prompts"] == 20
+
+
+def test_a_streamed_answer_is_graded_as_the_client_got_it(fakes, tmp_path, prompts):
+    with start_service(config(fakes, tmp_path)) as server:
+        body = {"model": "router", "messages": [{"role": "user", "content": "hello there"}], "stream": True}
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            timeout=30,
+        ) as r:
+            assert r.status_code == 200 and "[DONE]" in r.read().decode()
+        wait_for(lambda: jobs(server).get("graded"), 10)
+        (row,) = shadow_of(server).store.rows()
+        assert row["text"] == "hello there" and row["weak_grade"] == pytest.approx(HIGH)
+        assert row["strong_grade"] == pytest.approx(HIGH) and row["weak_cost"] > 0 and row["strong_cost"] > 0
