@@ -234,3 +234,55 @@ def test_a_streamed_answer_is_graded_as_the_client_got_it(fakes, tmp_path, promp
         (row,) = shadow_of(server).store.rows()
         assert row["text"] == "hello there" and row["weak_grade"] == pytest.approx(HIGH)
         assert row["strong_grade"] == pytest.approx(HIGH) and row["weak_cost"] > 0 and row["strong_cost"] > 0
+
+
+def test_report_export_and_calibrate_read_the_store(fakes, tmp_path, prompts):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from learned_router.cli import app
+    from learned_router.data import load_grades
+    from serving_fixtures import ROUTER_DIR
+
+    with start_service(config(fakes, tmp_path)) as server:
+        for text in prompts[:60]:
+            assert chat(server, text).status_code == 200
+        wait_for(lambda: jobs(server).get("graded", 0) >= 60, 30)
+    store = tmp_path / "quality.sqlite"
+    runner = CliRunner()
+    r = runner.invoke(app, ["quality", "report", "--store", str(store), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert "60 shadow-graded requests" in r.output and "| quality retained |" in r.output
+    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"quality.png", "quality.md", "quality.json"}
+    r = runner.invoke(app, ["quality", "export", "--store", str(store), "--out", str(tmp_path / "graded.parquet")])
+    assert r.exit_code == 0, r.output
+    again = runner.invoke(
+        app, ["quality", "report", "--data", str(tmp_path / "graded.parquet"), "--out", str(tmp_path / "rep2")]
+    )
+    assert (
+        again.exit_code == 0
+        and (tmp_path / "rep2" / "quality.json").read_text() == (tmp_path / "rep" / "quality.json").read_text()
+    )  # the export holds everything the estimate reads
+    grades = load_grades([tmp_path / "graded.parquet"], val=0.0, test=0.0).obs  # what train --prior reads
+    assert set(grades["model"]) == {"weak-model", "strong-model"} and grades["prompt"].nunique() == 60
+    router = tmp_path / "router"
+    shutil.copytree(ROUTER_DIR, router)
+    r = runner.invoke(
+        app,
+        [
+            "calibrate",
+            "--router",
+            str(router),
+            "--prompts",
+            str(tmp_path / "graded.parquet"),
+            "--quality-target",
+            "0.9",
+            "--graded",
+            str(tmp_path / "graded.parquet"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "keep" in r.output and "with a strong share of" in r.output
+    bad = runner.invoke(app, ["quality", "report", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "give one of --store" in bad.output

@@ -470,11 +470,38 @@ def calibrate(
             'cost less (training/README.md, "How much of a prompt").'
         ),
     ] = None,
+    quality_target: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0,
+            max=1,
+            help="Instead of --strong-fraction: the quality to keep against the strongest tier; the strong share "
+            "is the cheapest that keeps it on --graded.",
+        ),
+    ] = None,
+    graded: Annotated[
+        Optional[Path], typer.Option(help="With --quality-target: a 'quality export' file of your traffic.")
+    ] = None,
 ):
     """Calibrate a router to your traffic: its threshold <-> share-of-strong-calls table (every output) and default
     threshold, fitted on part of the prompts and checked on the rest."""
     from .calibrate import calibrate as run
     from .manifest import GENERIC, read_manifest
+
+    if quality_target is not None:
+        from . import quality
+        from .data import read_table
+
+        if strong_fraction is not None or graded is None:
+            raise RouterError("--quality-target takes --graded (a 'quality export' file) and no --strong-fraction")
+        est = quality.estimate(quality.from_table(read_table(graded)), quality_target)
+        if est["for_target"] is None:
+            raise RouterError(f"{graded}: no share of weak calls keeps {quality_target:g} of the quality there")
+        strong_fraction = round(1 - est["for_target"]["weak_share"], 4)
+        typer.echo(
+            f"{graded}: {est['prompts']} graded requests keep {est['for_target']['retained_quality']:.3f} of the "
+            f"quality at {est['for_target']['cost_ratio']:.3f} of the cost with a strong share of {strong_fraction:g}"
+        )
 
     shown = names_of(outputs) if outputs else [read_manifest(router).weak, GENERIC]
     unknown = [o for o in shown if o not in read_manifest(router).outputs]
@@ -885,6 +912,76 @@ def traffic_export(
         f"{len(df)} requests ({int(df['feedback'].notna().sum())} with feedback) written to {out}"
         + (f"; {left_out} recorded without text or with a data class were left out" if left_out else "")
     )
+
+
+quality_app = typer.Typer(
+    help="What routing costs in quality, from a service's shadow-graded requests (its quality: block).",
+    no_args_is_help=True,
+)
+app.add_typer(quality_app, name="quality")
+
+
+def shadow_rows(store: Path, since: Optional[str]) -> list[dict]:
+    from .serving.shadow import ShadowStore
+
+    if not store.is_file():
+        raise RouterError(f"--store {store}: no such file (quality.store in the service config)")
+    rows = ShadowStore(store).rows(utc_time(since, "--since"))
+    if not rows:
+        raise RouterError(f"{store}: no shadow-graded requests" + (f" since {since}" if since else ""))
+    return rows
+
+
+@quality_app.command("report")
+@user_errors
+def quality_report(
+    out: Annotated[Path, typer.Option(help="Folder for quality.png, quality.md and quality.json.")],
+    store: Annotated[Optional[Path], typer.Option(help="The service's quality.store.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="A 'quality export' file, instead of --store.")] = None,
+    target: Annotated[float, typer.Option(min=0, max=1, help="Quality retained to keep.")] = 0.97,
+    since: Annotated[Optional[str], typer.Option(help="Only requests at or after this UTC date/time.")] = None,
+):
+    """The frontier on your traffic (PNG) and a summary: quality retained and cost at the thresholds in use, with
+    95% intervals, per task type, and the threshold that keeps --target at the lowest cost."""
+    import json
+
+    from . import quality
+    from .data import read_table
+    from .evals.plots import plot_quality
+
+    if (store is None) == (data is None):
+        raise RouterError("give one of --store (a service's quality.store) or --data (a 'quality export' file)")
+    graded = quality.Graded.of(shadow_rows(store, since)) if store else quality.from_table(read_table(data))
+    est = quality.estimate(graded, target)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"Routing on {(store or data).name}"
+    plot_quality(est, out / "quality.png", title)
+    (out / "quality.md").write_text(quality.markdown(est, title))
+    (out / "quality.json").write_text(json.dumps(est, indent=1) + "\n")
+    typer.echo((out / "quality.md").read_text())
+    typer.echo(f"written to {out}")
+
+
+@quality_app.command("export")
+@user_errors
+def quality_export(
+    store: Annotated[Path, typer.Option(help="The service's quality.store.")],
+    out: Annotated[Path, typer.Option(help="File to write (.parquet, .jsonl or .csv): a graded table.")],
+    since: Annotated[Optional[str], typer.Option(help="Only requests at or after this UTC date/time.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+):
+    """The shadow-graded requests as a graded table: 'train --prior' learns from it, 'quality report --data' and
+    'calibrate --quality-target' read it."""
+    from . import quality
+    from .data import PROMPT_TABLES, write_table
+
+    if out.suffix.lower() not in PROMPT_TABLES:
+        raise RouterError(f"--out {out}: expected a {', '.join(PROMPT_TABLES)} file")
+    if out.exists() and not overwrite:
+        raise RouterError(f"{out}: already exists (pass --overwrite to replace it)")
+    rows = shadow_rows(store, since)
+    write_table(quality.graded_table(rows), out)
+    typer.echo(f"{len(rows)} shadow-graded requests written to {out}")
 
 
 @app.command("fake-provider")

@@ -108,7 +108,8 @@ def frontier(g: Graded) -> dict[str, list[dict]]:
     router = []
     for k in ends:
         q, c = ratio(strong_q + dq[k], strong_c + dc[k])
-        router.append({"threshold": float(p[k - 1]) if k else float("inf"), "retained_quality": q, "cost_ratio": c})
+        threshold = float(p[k - 1]) if k else float("inf")
+        router.append({"threshold": threshold, "retained_quality": q, "cost_ratio": c, "weak_share": k / n})
     w, wc = ratio(g.weak_grade.sum(), g.weak_cost.sum())
     shares = np.linspace(0, 1, 11)
     rand = [{"weak_share": float(s), "retained_quality": s * w + 1 - s, "cost_ratio": s * wc + 1 - s} for s in shares]
@@ -155,3 +156,84 @@ def estimate(g: Graded, target: float, seed: int = 0) -> dict:
         "frontier": {k: thinned(v) for k, v in curves.items()},
         "for_target": best,
     }
+
+
+SIDES = ("weak", "strong")
+REQUEST_COLUMNS = ["p_weak", "went_weak", "weak_cost", "strong_cost", "weak_grade", "strong_grade", "task_type"]
+
+
+def graded_table(rows: list[dict]):
+    """Shadow-graded requests as a graded long table that `train --prior` reads (as `label` writes it: one row per
+    prompt and graded model; in pairwise mode the strongest tier's answer is the baseline and has no row), each row
+    also carrying its request's figures (REQUEST_COLUMNS, `threshold`), which `from_table` reads back."""
+    import pandas as pd
+
+    out = []
+    for r in rows:
+        pairwise = r["mode"] == "pairwise"
+        for side in SIDES[:1] if pairwise else SIDES:
+            out.append(
+                {
+                    "prompt": r["text"],
+                    "prompt_id": r["id"],
+                    "model": r[f"{side}_model"],
+                    "score": r[f"{side}_grade"],
+                    "source": "judge_pairwise" if pairwise else "judge_single",
+                    "judge": r["judge"],
+                    "baseline": r["strong_model"] if pairwise else None,
+                    "client": r["client"],
+                    "threshold": r["threshold"],
+                    **{k: r[k] for k in REQUEST_COLUMNS},
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def from_table(df) -> Graded:
+    """The requests of a `graded_table` file."""
+    missing = [c for c in ("prompt_id", *REQUEST_COLUMNS) if c not in df.columns]
+    if missing:
+        from .errors import DataError
+
+        raise DataError(f"not a shadow-graded export: no column {', '.join(missing)} (learned-router quality export)")
+    return Graded.of(df.drop_duplicates("prompt_id")[REQUEST_COLUMNS].to_dict("records"))
+
+
+def markdown(estimate: dict, title: str) -> str:
+    """A short summary of an estimate, for people."""
+    if not estimate["prompts"]:
+        return f"# {title}\n\nNo graded requests yet.\n"
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    span = lambda v: f"{pct(v[0])} to {pct(v[1])}"  # noqa: E731
+    now, best = estimate["in_use"], estimate["for_target"]
+    lines = [
+        f"# {title}",
+        "",
+        f"{estimate['prompts']} shadow-graded requests. Against sending every request to the strongest tier:",
+        "",
+        "| | estimate | 95% interval |",
+        "| --- | ---: | --- |",
+        f"| quality retained | {pct(now['retained_quality'])} | {span(now['retained_quality_ci'])} |",
+        f"| cost | {pct(now['cost_ratio'])} | {span(now['cost_ratio_ci'])} |",
+        f"| savings | {pct(now['savings'])} | {span([1 - now['cost_ratio_ci'][1], 1 - now['cost_ratio_ci'][0]])} |",
+        "",
+        f"Requests answered by the weak side: {pct(now['weak_share'])}.",
+        "",
+    ]
+    if estimate["by_task_type"]:
+        lines += ["| task type | requests | quality retained (95%) | cost (95%) |", "| --- | ---: | --- | --- |"]
+        for t, m in estimate["by_task_type"].items():
+            lines.append(
+                f"| {t} | {m['prompts']} | {pct(m['retained_quality'])} ({span(m['retained_quality_ci'])}) | "
+                f"{pct(m['cost_ratio'])} ({span(m['cost_ratio_ci'])}) |"
+            )
+        lines.append("")
+    target = pct(estimate["target"])
+    lines.append(
+        f"To keep {target} of the quality at the lowest cost on these requests: route weak at pass chance >= "
+        f"{best['threshold']:.4f} ({pct(best['weak_share'])} weak), keeping {pct(best['retained_quality'])} at "
+        f"{pct(best['cost_ratio'])} of the cost."
+        if best
+        else f"No threshold keeps {target} of the quality on these requests but sending everything to the strongest."
+    )
+    return "\n".join(lines) + "\n"

@@ -39,3 +39,37 @@ def plot_frontier(report: dict, path: str | os.PathLike, *, benchmark: str, stro
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_quality(estimate: dict, path: str | os.PathLike, title: str) -> Path:
+    """Retained quality against cost (both relative to the strongest tier) on shadow-graded traffic: the router
+    re-deciding every prompt at each threshold, random routing, the oracle, the point in use with its intervals and
+    the quality target."""
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    curves = estimate["frontier"]
+    for name, style in (("router", "-"), ("random", ":"), ("oracle", ":")):
+        pts = curves[name]
+        ax.plot([100 * p["cost_ratio"] for p in pts], [100 * p["retained_quality"] for p in pts], style, label=name)
+    now = estimate["in_use"]
+    (lo_c, hi_c), (lo_q, hi_q) = now["cost_ratio_ci"], now["retained_quality_ci"]
+    ax.errorbar(
+        100 * now["cost_ratio"],
+        100 * now["retained_quality"],
+        xerr=[[100 * (now["cost_ratio"] - lo_c)], [100 * (hi_c - now["cost_ratio"])]],
+        yerr=[[100 * (now["retained_quality"] - lo_q)], [100 * (hi_q - now["retained_quality"])]],
+        fmt="o",
+        color="black",
+        capsize=3,
+        label="in use (95% interval)",
+    )
+    ax.axhline(100 * estimate["target"], color="red", linestyle="--", linewidth=0.8, label="target")
+    ax.set_xlabel("Cost (% of sending every request to the strongest tier)")
+    ax.set_ylabel("Quality retained (% of the strongest tier's)")
+    ax.set_title(f"{title} ({estimate['prompts']} graded requests)", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
