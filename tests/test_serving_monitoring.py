@@ -157,6 +157,7 @@ def test_a_restarted_service_reads_its_reference_and_the_alerts_query_what_it_ex
         "router_upstream_errors_total",
         "router_budget_pace",
         "router_circuit_state",
+        "router_quality_retained",
     ):
         assert any(needed in r["expr"] for r in rules), needed
     assert any("0.02" in r["expr"] for r in rules if "upstream_errors" in r["expr"])
@@ -167,6 +168,7 @@ def test_a_restarted_service_reads_its_reference_and_the_alerts_query_what_it_ex
         "router_cost_usd_total",
         "histogram_quantile(0.99",
         "router_fallbacks_total",
+        "router_quality_retained",
     ):
         assert needed in panels, needed
 
