@@ -29,10 +29,11 @@ runner = CliRunner()
 
 
 def example(tmp_path) -> dict:
-    """The example config with the test router and its spend store under tmp_path."""
+    """The example config with the test router and its spend and quality stores under tmp_path."""
     cfg = yaml.safe_load(EXAMPLE.read_text())
     cfg["router"]["path"] = str(ROUTER_DIR)
     cfg["budget"]["store"] = str(tmp_path / "spend.sqlite")
+    cfg["quality"]["store"] = str(tmp_path / "quality.sqlite")
     return cfg
 
 
@@ -71,6 +72,7 @@ def test_relative_paths_are_from_the_config_files_folder(tmp_path, monkeypatch):
 
     monkeypatch.setenv("STRONG_API_KEY", "x")
     monkeypatch.setenv("WEAK_API_KEY", "y")
+    monkeypatch.setenv("JUDGE_API_KEY", "z")
     folder, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
     (folder / "state").mkdir(parents=True)
     elsewhere.mkdir()
@@ -157,6 +159,7 @@ def test_bad_configs_are_one_line_errors_naming_the_key(tmp_path):
 def test_missing_key_variable_and_router_folder_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("STRONG_API_KEY", "x")
     monkeypatch.setenv("WEAK_API_KEY", "y")
+    monkeypatch.setenv("JUDGE_API_KEY", "z")
     cfg = example(tmp_path)
     cfg["router"]["path"] = str(tmp_path / "no-router")
     assert "router folder not found" in serve_error(["--config", str(write(tmp_path, cfg))])
@@ -184,6 +187,7 @@ def test_a_port_out_of_range_or_in_use_is_one_line_before_the_router_loads(tmp_p
 
     monkeypatch.setenv("STRONG_API_KEY", "x")
     monkeypatch.setenv("WEAK_API_KEY", "y")
+    monkeypatch.setenv("JUDGE_API_KEY", "z")
     cfg = write(tmp_path, example(tmp_path))
     r = CliRunner().invoke(app, ["serve", "--config", str(cfg), "--port", "99999"])
     assert r.exit_code == 2 and "--port" in r.output and "65535" in r.output and "Traceback" not in r.output
@@ -199,6 +203,7 @@ def test_a_port_out_of_range_or_in_use_is_one_line_before_the_router_loads(tmp_p
 def test_strong_fraction_resolves_through_the_calibration_table(monkeypatch, tmp_path):
     monkeypatch.setenv("STRONG_API_KEY", "x")
     monkeypatch.setenv("WEAK_API_KEY", "y")
+    monkeypatch.setenv("JUDGE_API_KEY", "z")
     cfg = example(tmp_path)
     service = Service(parse_config(cfg))
     assert service.threshold == pytest.approx(service.router.manifest.threshold_for(0.5))
@@ -211,7 +216,11 @@ def test_strong_fraction_resolves_through_the_calibration_table(monkeypatch, tmp
 @needs_router
 def test_serve_command_runs_the_service(tmp_path):
     """`learned-router serve` as users run it: a subprocess with the example config on free ports."""
-    keys = {"STRONG_API_KEY": "sk-prov-strong-cli-SECRET", "WEAK_API_KEY": "sk-prov-weak-cli-SECRET"}
+    keys = {
+        "STRONG_API_KEY": "sk-prov-strong-cli-SECRET",
+        "WEAK_API_KEY": "sk-prov-weak-cli-SECRET",
+        "JUDGE_API_KEY": "sk-judge-cli-SECRET",
+    }
     with (
         FakeProvider(name="strong", model="gpt-4-1106-preview", api_key=keys["STRONG_API_KEY"]) as strong,
         FakeProvider(name="weak", model="mixtral", api_key=keys["WEAK_API_KEY"]) as weak,

@@ -19,6 +19,7 @@ from serving_fixtures import (
     OTHER_KEY,
     FakeProvider,
     provider_entry,
+    router_output,
     service_config,
     start_service,
     two_tiers,
@@ -45,7 +46,7 @@ def healed(fakes):
     yield
     for f in fakes:
         f.heal()
-    fakes[2].control(judge_rating=None)
+    fakes[2].control(judge_rating=None, judge_garbage_rate=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +183,11 @@ def test_a_hanging_or_lying_judge_changes_nothing_for_clients(fakes, tmp_path, p
         before = jobs(server).get("unparseable", 0)
         assert chat(server, prompts[20]).status_code == 200
         assert wait_for(lambda: jobs(server).get("unparseable", 0) > before, 10)
+        judge.control(judge_rating=None, judge_garbage_rate=1.0)  # no verdict at all
+        wait_for(lambda: shadow_of(server).queue.empty(), 20)
+        before = jobs(server)["unparseable"]
+        assert chat(server, prompts[21]).status_code == 200
+        assert wait_for(lambda: jobs(server)["unparseable"] > before, 10)
         assert shadow_of(server).store.rows() == []  # nothing guessed
 
 
@@ -265,7 +271,7 @@ def test_report_export_and_calibrate_read_the_store(fakes, tmp_path, prompts):
         and (tmp_path / "rep2" / "quality.json").read_text() == (tmp_path / "rep" / "quality.json").read_text()
     )  # the export holds everything the estimate reads
     grades = load_grades([tmp_path / "graded.parquet"], val=0.0, test=0.0).obs  # what train --prior reads
-    assert set(grades["model"]) == {"weak-model", "strong-model"} and grades["prompt"].nunique() == 60
+    assert set(grades["model"]) == {router_output(), "strong-model"} and grades["prompt"].nunique() == 60
     router = tmp_path / "router"
     shutil.copytree(ROUTER_DIR, router)
     r = runner.invoke(
@@ -286,3 +292,28 @@ def test_report_export_and_calibrate_read_the_store(fakes, tmp_path, prompts):
     assert "keep" in r.output and "with a strong share of" in r.output
     bad = runner.invoke(app, ["quality", "report", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "give one of --store" in bad.output
+
+
+def test_the_shadow_graded_rows_teach_the_router(fakes, tmp_path, prompts, datasets_dir, mlflow_server, monkeypatch):
+    """The loop the rows are for: a week of shadow grades exported, `train --prior`, and the router that comes out
+    routes fresh prompts of another source better than the prior (the fakes' weak model fails the FAIL words)."""
+    from learned_router.parity import apgr_of
+    from learned_router.prior import train_on_prior
+    from learned_router.scorer import Router
+    from serving_fixtures import ROUTER_DIR
+
+    with start_service(config(fakes, tmp_path)) as server:
+        for text in prompts[:200]:
+            assert chat(server, text).status_code == 200
+        wait_for(lambda: jobs(server).get("graded", 0) >= 200, 60)
+        rows = shadow_of(server).store.rows()
+    quality.graded_table(rows).to_parquet(tmp_path / "shadow.parquet")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    train_on_prior(ROUTER_DIR, [str(tmp_path / "shadow.parquet")], tmp_path / "ours", "strong-model", router_output())
+    fresh = pd.read_parquet(datasets_dir / "arena_battles_1k.parquet", columns=["prompt"])["prompt"].drop_duplicates()
+    fresh = [p for p in fresh if len(p) < 2000][:300]
+    weak = np.array([LOW if fails(p, FAIL) else HIGH for p in fresh])
+    strong = np.full(len(fresh), HIGH)
+    before = apgr_of(Router(ROUTER_DIR).predict(fresh).pair(router_output()), weak, strong)  # the prior's strong
+    after = apgr_of(Router(tmp_path / "ours").predict(fresh).pair(router_output(), "strong-model"), weak, strong)
+    assert after > before + 0.1, (before, after)

@@ -78,11 +78,6 @@ class Contender:
     tiers: tuple[str, ...]  # each provider's tier
 
 
-def tier_model(tier: TierConfig) -> str:
-    """The name a tier's rows go by: its router output, else its first provider's model."""
-    return tier.score or tier.providers[0].model
-
-
 def contenders(cfg: ServiceConfig, names: list[str] | None) -> list[Contender]:
     """The models compared, as `--models` lists them (default: every tier, cheapest first); the last is the strongest."""
     tiers = {t.name: t for t in cfg.tiers}
@@ -91,7 +86,7 @@ def contenders(cfg: ServiceConfig, names: list[str] | None) -> list[Contender]:
     for name in names if names is not None else list(tiers):
         if name in tiers:
             t = tiers[name]
-            out.append(Contender(name, tier_model(t), tuple(t.providers), (t.name,) * len(t.providers)))
+            out.append(Contender(name, t.graded_as, tuple(t.providers), (t.name,) * len(t.providers)))
         elif name in providers:
             p, t = providers[name]
             out.append(Contender(name, p.model, (p,), (t,)))
@@ -205,7 +200,7 @@ def feedback_rows(
     feedback (its first rows in file order), so one client cannot outvote the others."""
     if "feedback" not in df.columns:
         return [], {}, {}
-    tiers = {t.name: tier_model(t) for t in cfg.tiers}
+    tiers = {t.name: t.graded_as for t in cfg.tiers}
     clients = df["client"] if "client" in df.columns else pd.Series([None] * len(df), index=df.index)
     rows, unknown, seen = [], {}, {}
     for pid, text, score, tier, client in zip(df["prompt_id"], df["prompt"], df["feedback"], df["tier"], clients):

@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import first_error
+from ..outputs import GENERIC
 from ..prices import CHARS_PER_TOKEN, cost_usd
 from ..yamlfile import load_yaml
 from .errors import ConfigError
@@ -94,6 +95,12 @@ class TierConfig(Strict):
     name: str  # labels headers, metrics and errors
     score: str | None = None  # a router output name (its model); None: always passes (the trusted top tier)
     providers: list[ProviderConfig] = Field(min_length=1)
+
+    @property
+    def graded_as(self) -> str:
+        """The model name of its graded answers (`label`, shadow grading): its router output, else (unscored, or
+        scored by `generic`) its first provider's model."""
+        return self.score if self.score not in (None, GENERIC) else self.providers[0].model
 
     @field_validator("name")
     @classmethod

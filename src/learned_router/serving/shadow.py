@@ -107,7 +107,6 @@ class Job:
     other: int  # the tier asked in the shadow
     answer: str  # the client's answer
     cost: float  # what the client's answer cost
-    model: str
     p_weak: float
     threshold: float
 
@@ -207,7 +206,6 @@ class ShadowGrader:
             other,
             answer,
             cost,
-            provider.config.model,
             float(d.pass_chances[self.tiers[weak]]),
             float(d.effective_threshold),
         )
@@ -298,8 +296,8 @@ class ShadowGrader:
             "router": job.router,
             "weak_tier": self.tiers[weak],
             "strong_tier": self.tiers[top],
-            "weak_model": self.cfg.tiers[weak].providers[0].model if job.served == top else job.model,
-            "strong_model": job.model if job.served == top else self.cfg.tiers[top].providers[0].model,
+            "weak_model": self.cfg.tiers[weak].graded_as,
+            "strong_model": self.cfg.tiers[top].graded_as,
             "went_weak": int(job.served != top),
             "p_weak": job.p_weak,
             "threshold": job.threshold,
