@@ -11,8 +11,8 @@ import httpx
 
 from learned_router.serving.app import create_app
 from learned_router.serving.config import hash_key, parse_config
-from learned_router.serving.fake_provider import FakeState, create_fake_provider
-from learned_router.serving.inprocess import ServerThread, free_port  # noqa: F401  (the tests' import point)
+from learned_router.tools.fake_provider import FakeState, create_fake_provider
+from learned_router.tools.inprocess import ServerThread, free_port  # noqa: F401  (the tests' import point)
 from learned_router.serving.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from learned_router.bench import APGR, SHARE, verdicts
+from learned_router.tools.bench_score import APGR, SHARE, verdicts
 
 
 def test_each_target_is_met_or_missed_with_its_figure():

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from learned_router.serving import configdoc
+from learned_router.tools import configdoc
 from learned_router.serving.config import ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_config_reference_is_generated_and_current():
     text = configdoc.render()
     assert (ROOT / "serving" / "CONFIG.md").read_text() == text, (
-        "regenerate: python -m learned_router.serving.configdoc > serving/CONFIG.md"
+        "regenerate: python -m learned_router.tools.configdoc > serving/CONFIG.md"
     )
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert all(not line.endswith("|  |") for line in rows), "a key without a meaning: comment it in config.py"

@@ -19,7 +19,7 @@ from learned_router.errors import DataError
 from learned_router.judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages
 from learned_router.label import plan
 from learned_router.serving.config import load_config, parse_config
-from learned_router.serving.fake_provider import GARBAGE, fails, judge_answer
+from learned_router.tools.fake_provider import GARBAGE, fails, judge_answer
 from serving_fixtures import ROOT, FakeProvider, wait_for
 
 runner = CliRunner()

@@ -11,7 +11,7 @@ import openai
 import pandas as pd
 import pytest
 
-from learned_router.serving.fake_provider import prompt_key
+from learned_router.tools.fake_provider import prompt_key
 from serving_fixtures import (
     CLIENT_KEY,
     ROOT,

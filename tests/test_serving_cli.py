@@ -275,10 +275,13 @@ def test_fake_provider_command_rejects_a_bad_mode():
     assert result.exit_code == 2 and "--mode" in result.output
 
 
-def test_the_service_never_imports_torch():
+def test_the_scorer_and_the_service_import_neither_torch_nor_the_tools():
     code = (
-        "import sys, learned_router.serving.app, learned_router.serving.bench, learned_router.serving.fake_provider; "
-        "bad = [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules]; "
-        "assert not bad, bad"
+        "import sys, learned_router.scorer, learned_router.serving.app; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'sentence_transformers', 'transformers') "
+        "or m.startswith('learned_router.tools')]; "
+        "assert not bad, bad; "
+        "import learned_router.tools.bench_serve, learned_router.tools.fake_provider; "  # the demo's tools: no torch
+        "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

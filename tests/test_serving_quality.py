@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from learned_router import quality
-from learned_router.serving.fake_provider import fails
+from learned_router.tools.fake_provider import fails
 from serving_fixtures import (
     CLIENT_KEY,
     OTHER_KEY,

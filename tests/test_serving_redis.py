@@ -19,7 +19,7 @@ import pytest
 import redis
 import yaml
 
-from learned_router.serving.bench import RedisServer
+from learned_router.tools.bench_serve import RedisServer
 from learned_router.serving.budget import period_bounds
 from learned_router.serving.config import CircuitConfig, RateLimitConfig, StateConfig, parse_config
 from learned_router.serving.errors import ConfigError

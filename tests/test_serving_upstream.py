@@ -343,7 +343,7 @@ def test_cost_metrics_and_spend_stay_finite_after_everything(stack):
 
 
 def test_the_soak_command_accounts_for_every_request_through_its_fault_phases():
-    from learned_router.serving.soak import PHASES, STRICT, run
+    from learned_router.tools.soak import PHASES, STRICT, run
 
     results = run(str(ROUTER_DIR), 16 * len(PHASES), concurrency=4)
     assert [name for name, _ in results] == [name for name, _ in PHASES]

@@ -576,7 +576,7 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    from .bench import run, verdicts
+    from .tools.bench_score import run, verdicts
 
     table, facts = run(router, threads=threads, repeats=repeats, data_dir=data_dir)
     out = Table(title=f"learned-router scorer benchmark ({threads} thread(s))")
@@ -1026,7 +1026,7 @@ def fake_provider(
 ):
     """Run a fake OpenAI-compatible provider on 127.0.0.1, with deterministic canned answers (tests, demo)."""
     uvicorn = _serve_imports()
-    from .serving.fake_provider import MODES, FakeState, create_fake_provider
+    from .tools.fake_provider import MODES, FakeState, create_fake_provider
 
     if mode not in MODES:
         fail(f"--mode: expected one of {sorted(MODES)}, got {mode!r}")
@@ -1212,7 +1212,7 @@ def soak(
 
     _serve_imports()
     from .manifest import read_manifest
-    from .serving.soak import COLUMNS, PHASES, STRICT, run
+    from .tools.soak import COLUMNS, PHASES, STRICT, run
 
     read_manifest(router)  # a clear error before anything starts
     logging.getLogger("learned_router").setLevel(logging.ERROR)  # the faults are deliberate: keep their warnings out
@@ -1286,7 +1286,7 @@ def bench_serve(
 
     _serve_imports()
     from .manifest import read_manifest
-    from .serving.bench import run
+    from .tools.bench_serve import run
 
     read_manifest(router)  # a clear error before anything starts
     for s in state or []:
@@ -1297,7 +1297,7 @@ def bench_serve(
     if replicas > 1 and not state:
         fail("--replicas: needs --state (replicas without shared state are measured as one service each)")
     if compare or upstream:
-        from .serving.bench import run_compare
+        from .tools.bench_serve import run_compare
 
         others = dict(pair_option(c, "--compare", "NAME=URL") for c in compare or [])
         key_envs = dict(pair_option(k, "--compare-key-env", "NAME=ENV") for k in compare_key_env or [])

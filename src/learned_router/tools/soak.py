@@ -24,11 +24,11 @@ from pathlib import Path
 
 import httpx
 
-from .app import create_app
-from .config import hash_key, parse_config
+from ..serving.app import create_app
+from ..serving.config import hash_key, parse_config
 from .fake_provider import FakeState, create_fake_provider
 from .inprocess import ServerThread
-from .service import Service
+from ..serving.service import Service
 
 KEY = "sk-soak-client-key"
 GOOD_CHUNK = json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "partial"}}]})

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import parity
-from .evaluator import RoutingEvaluator
-from .scorer import Router
+from .. import parity
+from ..evaluator import RoutingEvaluator
+from ..scorer import Router
 
 TEXT = (
     "The committee reviewed the proposal for the new regional transit line and asked the engineers to compare "
@@ -62,7 +62,7 @@ def real_prompts(data_dir: Path, n: int) -> list[str]:
 def graded_sources(data_dir: Path, weak: str, strong: str, n: int) -> dict[str, RoutingEvaluator]:
     """Per file of `data_dir` that grades both models (absolute, or against one baseline) on 30 or more prompts: up
     to n of them (a seeded sample)."""
-    from .errors import DataError
+    from ..errors import DataError
 
     out = {}
     for path in sorted(Path(data_dir).glob("*.parquet")):
@@ -147,7 +147,7 @@ def with_top_level(router: Router) -> Router:
     the cost does not depend on their values."""
     import copy
 
-    from .residual import CENTROIDS, Choice, Residual
+    from ..residual import CENTROIDS, Choice, Residual
 
     rng = np.random.default_rng(0)
     dim = router.manifest.encoder.dim
@@ -173,8 +173,8 @@ def run(
 ) -> tuple[pd.DataFrame, dict]:
     import torch
 
-    from .export import export
-    from .model import QualityModel
+    from ..export import export
+    from ..model import QualityModel
 
     torch.set_num_threads(threads)  # onnxruntime's threads are each Router's; no environment variable is touched
     tmp = None
@@ -196,7 +196,7 @@ def run(
 
     scorers = {**{k: r.predict for k, r in routers.items()}, "sentence-transformers + torch": torch_score}
     if r8.has_embedding:  # the same onnxruntime call also yields the embedding: the type costs a (types x dim) product
-        from .tasktypes import TaskClassifier, load_types, types_path
+        from ..tasktypes import TaskClassifier, load_types, types_path
 
         classifier = TaskClassifier.build(load_types(types_path(router_dir)), r8.embed)
         scorers = {

@@ -1,5 +1,5 @@
 """The service configuration reference, generated from the pydantic models of `config`: every key with its type,
-default and meaning (a field's description, else the comment on its line). `python -m learned_router.serving.configdoc`
+default and meaning (a field's description, else the comment on its line). `python -m learned_router.tools.configdoc`
 prints it; serving/CONFIG.md is its output, and a test keeps the two equal."""
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .config import ServiceConfig
+from ..serving.config import ServiceConfig
 
 HEADER = """# Service configuration reference
 
 Every key of the YAML file `learned-router serve --config` reads (examples: [config.example.yaml](config.example.yaml),
 [config.tiers.example.yaml](config.tiers.example.yaml)). Unknown keys and wrong types are refused at start-up with a
 line naming the key. A relative file path is from the config file's folder, whatever the working directory.
-Generated from `src/learned_router/serving/config.py` by `python -m learned_router.serving.configdoc > serving/CONFIG.md`:
+Generated from `src/learned_router/serving/config.py` by `python -m learned_router.tools.configdoc > serving/CONFIG.md`:
 do not edit by hand.
 """
 BOUNDS = {annotated_types.Gt: ">", annotated_types.Ge: ">=", annotated_types.Lt: "<", annotated_types.Le: "<="}
