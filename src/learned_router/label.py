@@ -643,7 +643,7 @@ class Labeller:
         import httpx
 
         from .serving.providers import AllProvidersFailed
-        from .serving.usage import answer_chars, billed_tokens, sane_cost
+        from .serving.usage import answer_chars, bill
 
         async with self.sem:
             await self.afford(estimate)
@@ -655,11 +655,8 @@ class Labeller:
                 )
                 if reply.status == 200:
                     estimated = chat_tokens(messages, self.cpt)
-                    p_in, p_out, _ = billed_tokens(
-                        reply.json.get("usage"), estimated, answer_chars(reply.json), self.cpt
-                    )
-                    cost = reply.provider.config.cost_usd(p_in, p_out)
-                    self.s.spent += cost if sane_cost(cost) else 0.0
+                    usage, chars = reply.json.get("usage"), answer_chars(reply.json)
+                    self.s.spent += bill(reply.provider.config, usage, estimated, chars, self.cpt).usd
             except AllProvidersFailed as e:
                 raise CallFailed("; ".join(e.outcomes)) from None
             except httpx.HTTPError as e:

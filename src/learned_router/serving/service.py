@@ -31,7 +31,7 @@ from .routing import ROUTER_MODEL, ChatRequest, RouterOptions, estimate_tokens, 
 from .state import open_state
 from .tasks import TaskTyping
 from .traffic import TrafficLog
-from .usage import billed_tokens, sane_cost, usage_of
+from .usage import Billed, bill
 
 log = logging.getLogger("learned_router.serving")
 
@@ -102,17 +102,6 @@ def router_version(manifest) -> str:
     a retrained or recalibrated router has a version of its own."""
     record = manifest.model_dump_json() if hasattr(manifest, "model_dump_json") else repr(manifest)
     return f"{getattr(manifest, 'name', 'router')}@{hashlib.sha256(record.encode()).hexdigest()[:12]}"
-
-
-@dataclass(frozen=True)
-class Billed:
-    usd: float
-    prompt_tokens: int
-    completion_tokens: int
-
-    def usage(self) -> dict[str, int]:
-        """The counts billed, in OpenAI's `usage` shape."""
-        return usage_of(self.prompt_tokens, self.completion_tokens)
 
 
 class Service:
@@ -466,17 +455,14 @@ class Service:
         `served`: the client got the whole answer (an interrupted stream is billed, not counted as served).
         """
         cfg = provider.config
-        prompt_tokens, completion_tokens, estimated = billed_tokens(
-            usage, d.prompt_tokens, chars, self.config.routing.chars_per_token
-        )
-        if estimated:
-            self.metrics.usage_estimated.labels(provider.name, estimated).inc()
-            if estimated == "invalid":
+        billed = bill(cfg, usage, d.prompt_tokens, chars, self.config.routing.chars_per_token)
+        if billed.estimated == "insane":
+            log.error("provider %s: its cost is not a finite non-negative amount: billed 0", provider.name)
+        elif billed.estimated:
+            self.metrics.usage_estimated.labels(provider.name, billed.estimated).inc()
+            if billed.estimated == "invalid":
                 log.warning("provider %s sent invalid usage: billed by the estimate", provider.name)
-        cost = cfg.cost_usd(prompt_tokens, completion_tokens)
-        if not sane_cost(cost):  # prices and counts are bounded, so this is a bug: never let it reach the budget
-            log.error("provider %s: cost %r is not a finite non-negative amount: billed 0", provider.name, cost)
-            cost = 0.0
+        cost, prompt_tokens, completion_tokens = billed.usd, billed.prompt_tokens, billed.completion_tokens
         self.metrics.tokens.labels(provider.name, cfg.model, "input").inc(prompt_tokens)
         self.metrics.tokens.labels(provider.name, cfg.model, "output").inc(completion_tokens)
         self.metrics.cost.labels(provider.name, cfg.model, d.task_type).inc(cost)
@@ -488,7 +474,7 @@ class Service:
                 self.pacer.record(cost, tier, d.estimated_costs[tier])
             except Exception as e:
                 log.error("budget accounting failed for provider %s: %s", provider.name, type(e).__name__)
-        return Billed(cost, prompt_tokens, completion_tokens)
+        return billed
 
     def record(
         self,

@@ -240,7 +240,8 @@ class ShadowGrader:
         import httpx
 
         from .providers import AllProvidersFailed
-        from .usage import answer_chars, answer_text, billed_tokens, sane_cost
+        from ..prices import prompt_tokens
+        from .usage import answer_chars, answer_text, bill
 
         try:
             reply = await self.upstream.complete(chain, body, stream=False)
@@ -249,15 +250,11 @@ class ShadowGrader:
         if reply.status != 200:
             return None, 0.0
         cpt = self.cfg.routing.chars_per_token
-        chars = sum(
-            len(m.get("content") or "")
-            for m in body.get("messages", [])
-            if isinstance(m, dict) and isinstance(m.get("content"), str)
+        sent = [len(m["content"]) for m in body.get("messages", []) if isinstance(m.get("content"), str)]
+        billed = bill(
+            reply.provider.config, reply.json.get("usage"), prompt_tokens(sent, cpt), answer_chars(reply.json), cpt
         )
-        p_in, p_out, _ = billed_tokens(reply.json.get("usage"), chars / cpt, answer_chars(reply.json), cpt)
-        cost = reply.provider.config.cost_usd(p_in, p_out)
-        cost = cost if sane_cost(cost) else 0.0
-        return answer_text(reply.json), cost
+        return answer_text(reply.json), billed.usd
 
     async def _pay(self, usd: float) -> None:
         if usd > 0:

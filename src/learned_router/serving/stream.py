@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -12,30 +11,20 @@ import httpx
 
 from .errors import error_body
 from .providers import BadStream, Reply, stream_chunk
-from .service import TierDecision, Service
+from .exchange import Exchange
 from .usage import billed_tokens, usage_of, valid_usage
 
-log = logging.getLogger("learned_router.serving")
 
-
-async def relay(
-    service: Service,
-    reply: Reply,
-    d: TierDecision,
-    request_id: str,
-    wants_usage: bool,
-    client: str | None,
-    started: float,
-    body: dict,
-) -> AsyncIterator[str]:
+async def relay(exchange: Exchange, reply: Reply, wants_usage: bool) -> AsyncIterator[str]:
     """Pass the upstream's SSE lines through; note usage; drop the usage chunk we asked for on the client's behalf.
 
     A chunk that breaks OpenAI's format, a stream that ends without `data: [DONE]`, or one still going
     `limits.max_stream_seconds` after the request came in, ends the client's stream with an error event
     (`bad_response`, `stream_interrupted` or `stream_too_long`) and counts as a failure of its provider. However the stream
-    ends (done, broken, or cancelled when the client goes away), the upstream response is closed and the answer is
-    billed (`Service.account`), logged and recorded (`Service.record`).
+    ends (done, broken, or cancelled when the client goes away), the upstream response is closed and the exchange
+    finished: the answer billed, logged, recorded and, when whole, offered for shadow grading.
     """
+    service, d = exchange.service, exchange.d
     provider, usage, chars, skip_blank, outcome, done = reply.provider, None, 0, False, "aborted", False
     pieces: list[str] | None = [] if service.shadow else None  # the answer's text, for shadow grading
     strip_usage = provider.config.stream_usage and not wants_usage
@@ -46,7 +35,7 @@ async def relay(
         async for line in reply.lines:
             yield line
 
-    deadline = started + service.config.limits.max_stream_seconds
+    deadline = exchange.started + service.config.limits.max_stream_seconds
     try:
         async for line in lines():
             if done:
@@ -92,21 +81,4 @@ async def relay(
     finally:
         with anyio.CancelScope(shield=True):  # close the upstream even when the client's disconnect cancelled us
             await reply.response.aclose()
-        billed = service.account(provider, usage, chars, d, served=outcome == "ok")
-        log.info(
-            "chat id=%s tier=%s provider=%s stream=%s rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
-            "cost_usd=%.8f",
-            request_id,
-            d.tier,
-            provider.name,
-            outcome,
-            d.rule,
-            d.task_type,
-            d.threshold,
-            d.effective_threshold,
-            reply.fallbacks,
-            billed.usd,
-        )
-        service.record(d, request_id, client, started, reply.status, outcome, provider, billed)
-        if outcome == "ok" and service.shadow:
-            service.shadow.offer(d, request_id, client, body, provider, "".join(pieces), billed.usd)
+        exchange.finish(reply, outcome, usage, chars, None if pieces is None else "".join(pieces))

@@ -9,8 +9,10 @@ chars_per_token) and counted in router_usage_estimated_total{reason="missing"|"i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from ..prices import text_tokens
+from .config import ProviderConfig
 
 MAX_TOKENS = 10_000_000  # per count of one answer: far above any context window, far below a corrupting figure
 
@@ -63,3 +65,28 @@ def usage_of(prompt_tokens: float, completion_tokens: float) -> dict[str, int]:
 
 def sane_cost(usd: float) -> bool:
     return math.isfinite(usd) and usd >= 0
+
+
+@dataclass(frozen=True)
+class Billed:
+    """What one answer was billed: dollars and the token counts, and why they were estimated (None: the provider's
+    usage; 'missing' or 'invalid'; 'insane' when the price times the counts was no finite amount, billed 0)."""
+
+    usd: float
+    prompt_tokens: float
+    completion_tokens: float
+    estimated: str | None = None
+
+    def usage(self) -> dict[str, int]:
+        """The counts billed, in OpenAI's `usage` shape."""
+        return usage_of(self.prompt_tokens, self.completion_tokens)
+
+
+def bill(provider: ProviderConfig, usage: object, prompt_estimate: float, chars: int, chars_per_token: float) -> Billed:
+    """One answer's bill at the provider's prices: its usage when sane, else the estimate (the prompt's, and the
+    answer's `chars`)."""
+    prompt_tokens, completion_tokens, estimated = billed_tokens(usage, prompt_estimate, chars, chars_per_token)
+    usd = provider.cost_usd(prompt_tokens, completion_tokens)
+    if not sane_cost(usd):  # prices and counts are bounded, so this is a bug: never let it reach a budget
+        return Billed(0.0, prompt_tokens, completion_tokens, "insane")
+    return Billed(usd, prompt_tokens, completion_tokens, estimated)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
-import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -15,10 +13,10 @@ from ..providers import Reply, client_error_body
 from ..routing import parse_request, router_options
 from ..service import TierDecision
 from ..stream import relay
+from ..exchange import Exchange
 from ..usage import answer_chars, answer_text, valid_usage
 from .deps import Client, ServiceDep
 
-log = logging.getLogger("learned_router.serving")
 router = APIRouter(tags=["chat"])
 
 
@@ -46,59 +44,31 @@ def decision_headers(d: TierDecision, reply: Reply | None = None) -> dict[str, s
 async def chat_completions(request: Request, service: ServiceDep, client: Client) -> Response:
     """Route, then forward down the decision's chain of providers; streams pass through as SSE."""
     started = time.monotonic()
-    request_id = uuid.uuid4().hex[:16]
-    who = client.name if client else None
     req, body = parse_request(await request.body())
     d = await service.route(req, router_options(body, request.headers), started, observe=True)
+    exchange = Exchange(service, d, client.name if client else None, started, body)
     try:
         reply = await service.complete(d, body, req.stream)
     except APIError as e:
-        log.warning(
-            "chat id=%s tier=%s rule=%s task_type=%s status=%d: %s",
-            request_id,
-            d.tier,
-            d.rule,
-            d.task_type,
-            e.status,
-            e.message,
-        )
-        service.record(d, request_id, who, started, e.status, e.code or "failed")
+        exchange.failed(e)
         raise
-    headers = decision_headers(d, reply) | {"x-request-id": request_id}
-    if reply.response is None:  # a whole answer, or a client error from the provider passed back
-        billed = None
-        raw = reply.raw if reply.status == 200 else client_error_body(reply.status, reply.json, reply.provider)
-        if reply.status == 200:  # a 200 body is a JSON object with a choices list (providers.py checked)
-            usage = reply.json.get("usage")
-            billed = service.account(reply.provider, usage, answer_chars(reply.json), d)
-            headers["x-router-cost-usd"] = f"{billed.usd:.8f}"
-            upstream = valid_usage(usage) is not None
-            headers["x-router-usage"] = "upstream" if upstream else "estimated"
-            if not upstream:  # the client sees the counts it was billed for, not the provider's words
-                raw = json.dumps(reply.json | {"usage": billed.usage()}).encode()
-        log.info(
-            "chat id=%s tier=%s provider=%s status=%d rule=%s task_type=%s threshold=%.4f effective=%.4f fallbacks=%d "
-            "cost_usd=%.8f",
-            request_id,
-            d.tier,
-            reply.provider.name,
-            reply.status,
-            d.rule,
-            d.task_type,
-            d.threshold,
-            d.effective_threshold,
-            reply.fallbacks,
-            billed.usd if billed else 0.0,
+    headers = decision_headers(d, reply) | {"x-request-id": exchange.id}
+    if reply.response is not None:
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(
+            relay(exchange, reply, wants_usage),
+            media_type="text/event-stream",
+            headers=headers | {"Cache-Control": "no-cache"},
         )
-        service.record(
-            d, request_id, who, started, reply.status, "ok" if billed else "client_error", reply.provider, billed
-        )
-        if billed and service.shadow and (text := answer_text(reply.json)) is not None:
-            service.shadow.offer(d, request_id, who, body, reply.provider, text, billed.usd)
+    if reply.status != 200:  # a client error from the provider, passed back
+        exchange.finish(reply, "client_error")
+        raw = client_error_body(reply.status, reply.json, reply.provider)
         return Response(raw, status_code=reply.status, media_type="application/json", headers=headers)
-    wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    return StreamingResponse(
-        relay(service, reply, d, request_id, wants_usage, who, started, body),
-        media_type="text/event-stream",
-        headers=headers | {"Cache-Control": "no-cache"},
-    )
+    usage, raw = reply.json.get("usage"), reply.raw  # a 200 body is a JSON object with a choices list (providers.py)
+    billed = exchange.finish(reply, "ok", usage, answer_chars(reply.json), answer_text(reply.json))
+    headers["x-router-cost-usd"] = f"{billed.usd:.8f}"
+    upstream = valid_usage(usage) is not None
+    headers["x-router-usage"] = "upstream" if upstream else "estimated"
+    if not upstream:  # the client sees the counts it was billed for
+        raw = json.dumps(reply.json | {"usage": billed.usage()}).encode()
+    return Response(raw, status_code=200, media_type="application/json", headers=headers)
