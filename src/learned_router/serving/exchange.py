@@ -8,7 +8,8 @@ import uuid
 
 from .errors import APIError
 from .providers import Reply
-from .service import Service, TierDecision
+from .decision import TierDecision
+from .service import Service
 from .usage import Billed
 
 log = logging.getLogger("learned_router.serving")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import difflib
 import hashlib
 import logging
@@ -11,21 +10,21 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from ..errors import RouterError, RouterFolderError
 from ..export import PROBES
 from ..scorer import Router
 from ..tasktypes import UNKNOWN
 from .batcher import ScoreBatcher
-from .budget import BudgetState, Pacer
+from .budget import Pacer
 from .config import ServiceConfig
+from .decision import Facts, TierDecision, decide
 from .drift import DriftMonitor, calibration_reference
 from .errors import APIError, ConfigError
 from .metrics import Metrics
-from .policy import NoEligibleTier, Skip, Standing, TierOption, choose, fallback_order, pick, standing
 from .providers import AllProvidersFailed, Provider, Upstream
 from .routing import ROUTER_MODEL, ChatRequest, RouterOptions, estimate_tokens, requested_threshold, scored_text
 from .state import open_state
@@ -36,35 +35,26 @@ from .usage import Billed, bill
 log = logging.getLogger("learned_router.serving")
 
 
-@dataclass(frozen=True)
-class TierDecision:
-    """Where one request goes and why: the policy's choice among the tiers (policy.py) with what it saw."""
+class RouterInService(BaseModel):
+    router: str = Field(description="its version, name@digest")
+    path: str
+    models: list[str] = Field(description="its outputs")
+    threshold: float
+    created_at: str
+    calibration: str | None = Field(description="the mix its calibration table was fitted on")
+    previous: str | None = Field(description="the version a rollback restores")
 
-    tier: str
-    tier_index: int  # its position among the configured tiers, cheapest first
-    rule: str  # score, task_type, context, budget, latency, data_class or circuit_open
-    reason: str
-    pass_chances: dict[str, float]  # tier -> pass chance (1.0 for an unscored tier)
-    threshold: float  # the request's threshold
-    effective_threshold: float  # after budget pacing
-    skipped: list[Skip]
-    chain: list[Provider]  # the providers to try, in order: the chosen tier's, then the fallbacks
-    excluded: list[str]  # 'tier/provider: why' for providers this request may reach but that cannot take it
-    provider: Provider  # the provider expected to answer
-    estimated_costs: list[float]  # USD per tier, on its expected provider
-    prompt_tokens: int  # estimated
-    output_tokens: int | None  # requested max_tokens, if any
-    options: RouterOptions
-    task_type: str  # a configured type, or unknown
-    task_type_source: str  # request (named by it), inferred, or none
-    deadline: float | None  # time.monotonic() when the latency budget runs out
-    budget: BudgetState | None
-    text: str  # the text the router scored
-    router: str  # the version of the router that decided
 
-    @property
-    def estimated_cost(self) -> float:
-        return self.estimated_costs[self.tier_index]
+class RouterSwapped(BaseModel):
+    router: str = Field(description="the version now in service")
+    previous: str = Field(description="the version it replaced")
+    threshold: float
+    seconds: float
+    workers: int | None = Field(
+        None,
+        description="with several worker processes: how many are being replaced, one at a "
+        "time, each loading router.path (the answer is then 202)",
+    )
 
 
 class Scoring:
@@ -213,7 +203,7 @@ class Service:
         if self.traffic:
             await asyncio.to_thread(self.traffic.close)
 
-    async def reload(self, path: str | None = None) -> dict:
+    async def reload(self, path: str | None = None) -> RouterSwapped:
         """Load the router folder at `path` (default: router.path), check it (its manifest and files, the outputs the
         tiers read, the threshold, task typing, the probe prompts) and swap it in; the router it replaces is kept for
         `rollback`. RouterError naming the problem when the check fails: the router in service stays.
@@ -232,7 +222,7 @@ class Service:
                 return self._restart_workers(new, t0)
             return await self._swap_in(new, "reload", t0)
 
-    async def rollback(self) -> dict:
+    async def rollback(self) -> RouterSwapped:
         """Swap the router of before the last reload back in (the current one becomes the one to roll back to)."""
         async with self._swap:
             if self.previous is None:
@@ -240,7 +230,7 @@ class Service:
             t0 = time.perf_counter()
             return await self._swap_in(await asyncio.to_thread(self._scoring, self.previous), "rollback", t0)
 
-    def _restart_workers(self, new: Scoring, t0: float) -> dict:
+    def _restart_workers(self, new: Scoring, t0: float) -> RouterSwapped:
         if self.supervisor is None or self.supervisor != os.getppid():  # never signal a process that is not ours
             raise RouterError(
                 f"this worker's parent (pid {os.getppid()}) is not the supervisor that started it "
@@ -254,13 +244,13 @@ class Service:
             self.processes,
             self.config.router.path,
         )
-        return {
-            "router": new.version,
-            "previous": self.scoring.version,
-            "threshold": new.threshold,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "workers": self.processes,
-        }
+        return RouterSwapped(
+            router=new.version,
+            previous=self.scoring.version,
+            threshold=new.threshold,
+            seconds=round(time.perf_counter() - t0, 3),
+            workers=self.processes,
+        )
 
     def _checked(self, path: str | None) -> Scoring:
         """The router folder at `path` (default: router.path) loaded and checked for this service; RouterError naming
@@ -272,7 +262,7 @@ class Service:
         new.probe()
         return new
 
-    async def _swap_in(self, new: Scoring, kind: str, t0: float) -> dict:
+    async def _swap_in(self, new: Scoring, kind: str, t0: float) -> RouterSwapped:
         await new.batcher.start()
         old, self.scoring = self.scoring, new
         self.previous = old.router
@@ -290,34 +280,31 @@ class Service:
             new.threshold,
             seconds,
         )
-        return {
-            "router": new.version,
-            "previous": old.version,
-            "threshold": new.threshold,
-            "seconds": round(seconds, 3),
-        }
+        return RouterSwapped(
+            router=new.version, previous=old.version, threshold=new.threshold, seconds=round(seconds, 3)
+        )
 
-    def describe(self) -> dict:
+    def describe(self) -> RouterInService:
         """The router in service and the one a rollback would restore."""
         m = self.router.manifest
-        return {
-            "router": self.scoring.version,
-            "path": str(getattr(self.router, "path", self.config.router.path)),
-            "models": list(self.router.models),
-            "threshold": self.threshold,
-            "created_at": getattr(m, "created_at", ""),
-            "calibration": getattr(getattr(m, "calibration", None), "mix", None),
-            "previous": router_version(self.previous.manifest) if self.previous is not None else None,
-        }
+        return RouterInService(
+            router=self.scoring.version,
+            path=str(getattr(self.router, "path", self.config.router.path)),
+            models=list(self.router.models),
+            threshold=self.threshold,
+            created_at=getattr(m, "created_at", ""),
+            calibration=getattr(getattr(m, "calibration", None), "mix", None),
+            previous=router_version(self.previous.manifest) if self.previous is not None else None,
+        )
 
     async def route(self, req: ChatRequest, opts: RouterOptions, started: float, observe: bool = False) -> TierDecision:
-        """Score the request and decide its tier; `started` (time.monotonic()) starts its latency budget.
+        """Score the request, decide its tier (decision.decide) and record the decision; `started`
+        (time.monotonic()) starts its latency budget.
 
         `observe`: a chat request, which the budget pacer learns the traffic from.
         """
         t0 = time.perf_counter()
         sc = self.scoring  # this request's router, whatever a reload swaps in meanwhile
-        requested = requested_threshold(req.model, sc.threshold)
         named = self._named_task_type(opts.task_type, sc.tasks)
         allowed = self._allowed(opts.data_class)
         text = scored_text(req.messages, self.config.routing.score_turn)
@@ -330,99 +317,42 @@ class Service:
             ) from None
         scores, inferred = sc.tasks.split(scores) if sc.tasks else (scores, UNKNOWN)
         task_type = named or inferred
-        source = "request" if named else "inferred" if inferred != UNKNOWN else "none"
-        offset = sc.tasks.offsets.get(task_type, 0.0) if sc.tasks else 0.0
-        threshold = min(max(requested + offset, 0.0), 1.0)
-        pin = sc.tasks.min_tier.get(task_type, 0) if sc.tasks else 0
-        pinned = f"task type {task_type!r} goes to tier {self.config.tiers[pin].name} or above"
-        tokens, max_tokens = estimate_tokens(req.messages, self.config.routing.chars_per_token), req.output_tokens()
-        need = tokens + (max_tokens or 0)
         budget_s = None if opts.latency_budget_ms is None else opts.latency_budget_ms / 1000
-        remaining = None if budget_s is None else budget_s - (time.monotonic() - started)
-        options = [
-            TierOption(
-                tier.name,
-                1.0 if col is None else 0.0 if scores is None else float(scores[col]),
-                [
-                    Standing(p, "task_type", pinned)
-                    if i < pin
-                    else standing(p, need, allowed, opts.data_class, remaining)
-                    for p in chain
-                ],
-            )
-            for i, (tier, col, chain) in enumerate(zip(self.config.tiers, sc.columns, self.upstream.tiers, strict=True))
-        ]
-        out = max_tokens if max_tokens is not None else self.config.routing.assumed_output_tokens
-        expected = [next((s.provider for s in o.standings if s.rule is None), o.standings[0].provider) for o in options]
-        costs = [p.config.cost_usd(tokens, out) for p in expected]
-        state = self.pacer.state() if self.pacer else None
-        paced = state is not None and req.model == ROUTER_MODEL  # an explicit router-<t> is not paced (budget.py)
-        effective = self.pacer.effective(threshold, state) if paced else threshold
-        affordable = (lambda i: self.pacer.affordable(i, costs[i], state, reserve=paced)) if state else None
-        try:
-            choice = choose(options, threshold, effective, affordable)
-        except NoEligibleTier as e:
-            raise no_tier_error(e.options, opts, need) from None
-        everything = list(range(len(options)))
-        if choice.rule == "score" and pick(options, threshold, everything) != pick(options, requested, everything):
-            choice = dataclasses.replace(
-                choice,
-                rule="task_type",
-                reason=f"task type {task_type!r} moves the threshold from "
-                f"{requested:.4f} to {threshold:.4f}; {choice.reason}",
-            )
-        order = fallback_order(choice.index, len(options), self.config.routing.fallback_to_other_tiers)
-        chain = [
-            s.provider
-            for i in order
-            if options[i].eligible
-            for s in options[i].standings
-            if s.rule in (None, "circuit_open")
-        ]
-        excluded = [
-            f"{o.name}/{s.provider.name}: {s.detail}"
-            for o in options
-            for s in o.standings
-            if s.rule not in (None, "data_class", "task_type") and s.provider not in chain
-        ]
-        tier = options[choice.index]
-        d = TierDecision(
-            tier=tier.name,
-            tier_index=choice.index,
-            rule=choice.rule,
-            reason=choice.reason,
-            pass_chances={o.name: o.pass_chance for o in options},
-            threshold=threshold,
-            effective_threshold=effective,
-            skipped=choice.skipped,
-            chain=chain,
-            excluded=excluded,
-            provider=expected[choice.index],
-            estimated_costs=costs,
-            prompt_tokens=tokens,
-            output_tokens=max_tokens,
-            options=opts,
-            task_type=task_type,
-            task_type_source=source,
-            deadline=None if budget_s is None else started + budget_s,
-            budget=state,
+        facts = Facts(
             text=text,
+            scores=scores,
+            requested=requested_threshold(req.model, sc.threshold),
+            paced=req.model == ROUTER_MODEL,  # an explicit router-<t> is not paced (budget.py)
+            task_type=task_type,
+            task_type_source="request" if named else "inferred" if inferred != UNKNOWN else "none",
+            offset=sc.tasks.offsets.get(task_type, 0.0) if sc.tasks else 0.0,
+            pin=sc.tasks.min_tier.get(task_type, 0) if sc.tasks else 0,
+            tokens=estimate_tokens(req.messages, self.config.routing.chars_per_token),
+            max_tokens=req.output_tokens(),
+            options=opts,
+            allowed=allowed,
+            deadline=None if budget_s is None else started + budget_s,
+            remaining_s=None if budget_s is None else budget_s - (time.monotonic() - started),
             router=sc.version,
         )
+        state = self.pacer.state() if self.pacer else None
+        d = decide(self.config, sc.columns, self.upstream.tiers, facts, self.pacer, state)
         self.metrics.routing_seconds.observe(time.perf_counter() - t0)
-        for o, col in zip(options, sc.columns, strict=True):
+        for tier, col in zip(self.config.tiers, sc.columns, strict=True):
             if col is not None:
-                self.metrics.pass_chance.labels(o.name).observe(o.pass_chance)
+                self.metrics.pass_chance.labels(tier.name).observe(d.pass_chances[tier.name])
         self.metrics.decisions.labels(d.tier, d.rule, d.task_type, d.router).inc()
         if self.drift:
-            first_scored = next((o.pass_chance for o, col in zip(options, sc.columns) if col is not None), None)
-            self.drift.observe(None if scores is None else first_scored, task_type, d.tier)
+            first = next(
+                (d.pass_chances[t.name] for t, col in zip(self.config.tiers, sc.columns) if col is not None), None
+            )
+            self.drift.observe(None if scores is None else first, task_type, d.tier)
         if observe and self.pacer:
             self.pacer.observe(
-                threshold,
-                np.array([o.pass_chance for o in options]),
-                np.array([o.eligible for o in options]),
-                np.array(costs),
+                d.threshold,
+                np.array(list(d.pass_chances.values())),
+                np.array(d.eligible),
+                np.array(d.estimated_costs),
             )
         return d
 
@@ -541,37 +471,6 @@ class Service:
                 code="unknown_data_class",
             )
         return self.data_classes[data_class]
-
-
-def no_tier_error(options: list[TierOption], opts: RouterOptions, need: int) -> APIError:
-    """No tier can take the request: 400 when it fits no context window, else 503 naming each provider and why."""
-    standings = [(o, s) for o in options for s in o.standings if s.rule not in ("data_class", "task_type")]
-    what = "; ".join(f"{o.name}/{s.provider.name}: {s.detail}" for o, s in standings)
-    rules = {s.rule for _, s in standings}
-    if rules == {"context"}:
-        return APIError(
-            400,
-            f"the request (~{need} tokens with max_tokens) fits no provider's context window: {what}",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    if opts.data_class is not None:
-        return APIError(
-            503,
-            f"no provider allowed for data class {opts.data_class!r} can take this request: {what}",
-            type="upstream_error",
-            code="data_class_unavailable",
-        )
-    if "latency" in rules:
-        return APIError(
-            503,
-            f"no provider fits the latency budget of {opts.latency_budget_ms:g} ms: {what}",
-            type="upstream_error",
-            code="latency_budget_unmet",
-        )
-    return APIError(
-        503, f"no provider can take this request: {what}", type="upstream_error", code="no_provider_available"
-    )
 
 
 def score_columns(config: ServiceConfig, outputs: list[str]) -> list[int | None]:

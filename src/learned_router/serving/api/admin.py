@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ...errors import RouterError, first_error
 from ..auth import authenticate_admin
 from ..errors import APIError
+from ..service import RouterInService, RouterSwapped
 from .deps import ServiceDep
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(authenticate_admin)])
@@ -22,28 +23,6 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(authen
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     path: str | None = Field(None, min_length=1, max_length=4096)  # a router folder; default: the config's router.path
-
-
-class RouterInService(BaseModel):
-    router: str = Field(description="its version, name@digest")
-    path: str
-    models: list[str] = Field(description="its outputs")
-    threshold: float
-    created_at: str
-    calibration: str | None = Field(description="the mix its calibration table was fitted on")
-    previous: str | None = Field(description="the version a rollback restores")
-
-
-class RouterSwapped(BaseModel):
-    router: str = Field(description="the version now in service")
-    previous: str = Field(description="the version it replaced")
-    threshold: float
-    seconds: float
-    workers: int | None = Field(
-        None,
-        description="with several worker processes: how many are being replaced, one at a "
-        "time, each loading router.path (the answer is then 202)",
-    )
 
 
 def same_folder(a: str, b: str) -> bool:
@@ -56,7 +35,7 @@ def same_folder(a: str, b: str) -> bool:
 @router.get("/router")
 async def admin_router(service: ServiceDep) -> RouterInService:
     """The router in service (version, folder, threshold, calibration mix) and the one a rollback restores."""
-    return RouterInService(**service.describe())
+    return service.describe()
 
 
 @router.post("/reload", response_model_exclude_none=True)
@@ -77,7 +56,7 @@ async def admin_reload(request: Request, response: Response, service: ServiceDep
             code="reload_needs_router_path",
         )
     try:
-        swapped = RouterSwapped(**await service.reload(path))
+        swapped = await service.reload(path)
     except RouterError as e:
         raise APIError(
             422, f"reload failed, {service.scoring.version} stays in service: {e}", code="reload_failed"
@@ -98,7 +77,7 @@ async def admin_rollback(service: ServiceDep) -> RouterSwapped:
             code="rollback_unavailable",
         )
     try:
-        return RouterSwapped(**await service.rollback())
+        return await service.rollback()
     except RouterError as e:
         raise APIError(
             409, f"rollback failed, {service.scoring.version} stays in service: {e}", code="rollback_failed"

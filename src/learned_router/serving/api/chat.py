@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..errors import APIError
 from ..providers import Reply, client_error_body
 from ..routing import parse_request, router_options
-from ..service import TierDecision
+from ..decision import TierDecision
 from ..stream import relay
 from ..exchange import Exchange
 from ..usage import answer_chars, answer_text, valid_usage

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from ..auth import rate_limited
 from ..routing import parse_request, router_options
-from ..service import TierDecision
+from ..decision import TierDecision
 from .deps import ServiceDep
 
 router = APIRouter(tags=["routing"], dependencies=[Depends(rate_limited)])
