@@ -1,4 +1,5 @@
-"""The command line as a user runs it: real subprocesses, exit codes, one-line errors, no tracebacks."""
+"""The command line as a user runs it: real subprocesses (bad input in process, through the same commands), exit
+codes, one-line errors, no tracebacks."""
 
 import json
 import os
@@ -7,8 +8,10 @@ import sys
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from conftest import STRONG, WEAK
+from learned_router.cli import app
 
 
 def cli(*args, stdin=None, cwd=None, env=None):
@@ -145,10 +148,10 @@ def test_bad_input_gives_one_clear_line(trained, tmp_path, datasets_dir, args, m
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     (tmp_path / "empty.jsonl").write_text("")
     args = [a.format(r=trained["path"], tmp=tmp_path, data=datasets_dir) for a in args]
-    out = cli(*args)
-    assert out.returncode == 2, out.stdout + out.stderr
+    out = CliRunner().invoke(app, args)  # in process: the same command and error path as the console script
+    assert out.exit_code == 2, out.output
     assert message in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in out.output and isinstance(out.exception, SystemExit)
     assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
