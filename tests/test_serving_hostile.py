@@ -44,11 +44,11 @@ class PoisonRouter:
         self.default_threshold = router.default_threshold
         self.batches: list[int] = []
 
-    def score(self, prompts):
+    def predict(self, prompts):
         self.batches.append(len(prompts))
         if any(POISON in p for p in prompts):
             raise ValueError("the tokenizer refused the text")
-        return self.router.score(prompts)
+        return self.router.predict(prompts)
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ class WithoutEmbedding:
     """A router exported before the graph had its embedding output."""
 
     def __init__(self, router: Router):
-        self.score, self.models, self.manifest = router.score, router.models, router.manifest
+        self.predict, self.models, self.manifest = router.predict, router.models, router.manifest
         self.default_threshold = router.default_threshold
 
 

@@ -10,12 +10,15 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from ..errors import RouterError, RouterFolderError
 from ..export import PROBES
+from ..manifest import Manifest
+from ..outputs import Predictor
 from ..scorer import Router
 from ..tasktypes import UNKNOWN
 from .batcher import ScoreBatcher
@@ -57,17 +60,30 @@ class RouterSwapped(BaseModel):
     )
 
 
+class ServedRouter(Predictor, Protocol):
+    """What the service needs of a router: a predictor (`predict(prompts) -> Outputs`) with its router.json
+    `manifest`, the `models` its pass chances are columns of, and its `default_threshold`. `scorer.Router` is one."""
+
+    manifest: Manifest
+    models: list[str]
+    default_threshold: float
+
+
+def pass_chances_of(router: ServedRouter) -> Callable[[list[str]], np.ndarray]:
+    return lambda prompts: router.predict(prompts).pass_chances()
+
+
 class Scoring:
     """One router as the service uses it: the output each tier reads, the threshold, task typing and the batcher."""
 
-    def __init__(self, config: ServiceConfig, router, metrics: Metrics):
+    def __init__(self, config: ServiceConfig, router: ServedRouter, metrics: Metrics):
         self.router = router
         self.columns = score_columns(config, list(router.models))
         self.threshold = resolve_threshold(config, router)
         self.tasks = TaskTyping(config, router) if config.task_types.enabled else None
         self.version = router_version(router.manifest)
         self.batcher = ScoreBatcher(
-            self.tasks.score if self.tasks else router.score,
+            self.tasks.score if self.tasks else pass_chances_of(router),
             config.router.max_batch,
             config.router.max_wait_ms / 1000,
             config.router.workers,
@@ -76,7 +92,7 @@ class Scoring:
 
     def probe(self) -> None:
         """Score the probe prompts: RouterFolderError unless every pass chance is a number in [0, 1]."""
-        fn = self.tasks.score if self.tasks else self.router.score
+        fn = self.tasks.score if self.tasks else pass_chances_of(self.router)
         scores = np.asarray(fn(PROBES), dtype=np.float64).reshape(len(PROBES), -1)[:, : len(self.router.models)]
         if scores.shape[1] != len(self.router.models) or not (
             np.isfinite(scores).all() and (0 <= scores).all() and (scores <= 1).all()
@@ -97,8 +113,8 @@ def router_version(manifest) -> str:
 class Service:
     """Router, batcher, upstream chains, keys, limits, metrics and (optionally) the budget pacer and traffic record.
 
-    `router` may be injected: any object with `score(list[str]) -> array` of shape (n,) or (n, K), `models` (the K
-    output names), `manifest` and `default_threshold`. `clock` (epoch seconds) drives the budget periods.
+    `router` may be injected (a `ServedRouter`; default: router.path's folder). `clock` (epoch seconds) drives the
+    budget periods.
     The router can be swapped while serving (`reload`, `rollback`): requests already scoring finish on the old one.
     `processes`: how many worker processes serve this config (`serve --workers`), each with a router of its own.
     """
@@ -106,7 +122,7 @@ class Service:
     def __init__(
         self,
         config: ServiceConfig,
-        router=None,
+        router: ServedRouter | None = None,
         clock: Callable[[], float] = time.time,
         processes: int = 1,
         supervisor: int | None = None,

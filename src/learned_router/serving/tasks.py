@@ -58,9 +58,9 @@ class TaskTyping:
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         """The router's pass chances (n, K) and, as column K, each prompt's inferred type index."""
-        if self.classifier is None:
-            return np.asarray(self._router.score(prompts)).reshape(len(prompts), -1)
         outputs = self._router.predict(prompts)
+        if self.classifier is None:
+            return outputs.pass_chances()
         return np.c_[outputs.pass_chances(), self.classifier.classify(outputs.embedding)]
 
     def split(self, row: np.ndarray | None) -> tuple[np.ndarray | None, str]:
