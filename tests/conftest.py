@@ -25,6 +25,18 @@ STRONG, WEAK = "gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"
 _server: dict = {}
 
 
+SLOW_FIXTURES = {"trained", "mlflow_server"}  # they train a router or wait for `mlflow server`
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    """A test that trains a router or needs the MLflow server is `slow`, as are those marked so:
+    `pytest -m "not slow"` is the quick loop."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_collection_finish(session):
     """Boot `mlflow server` as soon as the tests are collected, when any of them needs it (its sqlite migrations take
     about a minute, while the fast tests run); `pytest tests/test_prices.py` starts none."""

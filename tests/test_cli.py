@@ -54,6 +54,7 @@ def test_every_option_has_help_and_flags_take_no_value_label():
     assert cli("--version").stdout == f"learned-router {__version__}\n"
 
 
+@pytest.mark.slow
 def test_bad_options_are_refused_before_any_data_is_read_or_run_started(tmp_path):
     out = cli(
         "train", "--data", tmp_path / "missing.parquet", "--variants", "int4", "--out", tmp_path / "o", cwd=tmp_path
@@ -193,6 +194,7 @@ def test_compare_says_same_router_or_what_differs(trained, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_small_table_of_ones_own_trains_with_warnings_that_say_what_to_do(tmp_path, datasets_dir):
     import pandas as pd
 

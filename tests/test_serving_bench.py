@@ -23,6 +23,7 @@ def bench(*args, env=None):
     )
 
 
+@pytest.mark.slow
 def test_compare_sends_the_same_load_to_each_target_and_prints_ratios():
     with FakeProvider(name="upstream", model="m") as upstream, FakeProvider(name="other", model="m") as other:
         r = bench(

@@ -76,6 +76,7 @@ def fixed_threshold_frontier(day: pd.DataFrame, p_weak: np.ndarray) -> tuple[np.
     return spend, accuracy
 
 
+@pytest.mark.slow
 def test_a_simulated_day_stays_within_budget_near_the_best_fixed_threshold_in_hindsight(day, tmp_path):
     budget = 0.35 * day["strong_usd"].sum() + 0.65 * day["weak_usd"].sum()  # the price of ~35% strong calls
     clock = SimClock(MAY_1)

@@ -106,6 +106,7 @@ def shadow_of(server):
     return server.app.state.service.shadow
 
 
+@pytest.mark.slow
 def test_the_estimate_covers_the_true_retained_quality(fakes, tmp_path, prompts):
     with start_service(config(fakes, tmp_path, sample=0.5)) as server:
         shadow_of(server).rng = random.Random(7)
@@ -242,6 +243,7 @@ def test_a_streamed_answer_is_graded_as_the_client_got_it(fakes, tmp_path, promp
         assert row["strong_grade"] == pytest.approx(HIGH) and row["weak_cost"] > 0 and row["strong_cost"] > 0
 
 
+@pytest.mark.slow
 def test_report_export_and_calibrate_read_the_store(fakes, tmp_path, prompts):
     import shutil
 

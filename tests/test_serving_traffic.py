@@ -378,6 +378,7 @@ def cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_calibrate_fits_the_table_to_a_prompt_file_and_checks_it_on_held_out_prompts(tmp_path, datasets_dir):
     router = copy_router(tmp_path / "router")
     before = json.loads((router / "router.json").read_text())
@@ -439,6 +440,7 @@ def served_version(url: str) -> str | None:
         return None
 
 
+@pytest.mark.slow
 def test_sighup_reloads_the_router_from_its_folder(tmp_path):
     router = copy_router(tmp_path / "router")
     with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
@@ -492,6 +494,7 @@ def test_sighup_reloads_the_router_from_its_folder(tmp_path):
         assert "router reload failed" in out and "corrupted" in out and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one_cannot_do_for_all_is_refused(tmp_path):
     router = copy_router(tmp_path / "router")
     with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:

@@ -342,6 +342,7 @@ def test_cost_metrics_and_spend_stay_finite_after_everything(stack):
     assert math.isfinite(stored_spend(stack))
 
 
+@pytest.mark.slow
 def test_the_soak_command_accounts_for_every_request_through_its_fault_phases():
     from learned_router.tools.soak import PHASES, STRICT, run
 
