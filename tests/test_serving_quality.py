@@ -319,3 +319,15 @@ def test_the_shadow_graded_rows_teach_the_router(fakes, tmp_path, prompts, datas
     before = apgr_of(Router(ROUTER_DIR).predict(fresh).pair(router_output()), weak, strong)  # the prior's strong
     after = apgr_of(Router(tmp_path / "ours").predict(fresh).pair(router_output(), "strong-model"), weak, strong)
     assert after > before + 0.1, (before, after)
+
+
+def test_the_store_keeps_its_retention(tmp_path):
+    from learned_router.serving.shadow import COLUMNS, ShadowStore
+
+    store = ShadowStore(tmp_path / "q.sqlite")
+    day = 86400.0
+    for i, t in enumerate((1 * day, 50 * day, 99 * day)):
+        store.add({c: None for c in COLUMNS} | {"id": str(i), "time": t})
+        store.spend(0.5, t)
+    assert store.prune(10 * day) == 1 and [r["id"] for r in store.rows()] == ["1", "2"]
+    assert store.spent(1 * day) == 0.0 and store.spent(50 * day) == 0.5

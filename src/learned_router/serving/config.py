@@ -397,6 +397,7 @@ class QualityConfig(Strict):
     exclude_tiers: list[str] = []  # tiers never called for a shadow answer, nor graded
     target: float = Field(0.97, gt=0, le=1)  # retained quality to keep: the alert's bar and the suggested threshold's
     window_days: Positive | None = 7.0  # the estimate reads the graded requests of this many days; null: all
+    retention_days: Positive | None = 90.0  # older graded requests are deleted from the store; null: kept
     concurrency: int = Field(2, ge=1)  # shadow jobs in flight at most
     queue_size: int = Field(100, ge=1)  # sampled requests waiting; beyond it they are dropped and counted
     refresh_s: Positive = 60.0  # how often the gauges are recomputed from the store

@@ -87,6 +87,12 @@ class ShadowStore:
             row = db.execute("SELECT usd FROM spend WHERE day = ?", (day_of(now),)).fetchone()
         return float(row[0]) if row else 0.0
 
+    def prune(self, before: float) -> int:
+        """Delete the graded requests (and the spend of the days) older than `before`; how many requests."""
+        with self._connect() as db:
+            db.execute("DELETE FROM spend WHERE day < ?", (day_of(before),))
+            return db.execute("DELETE FROM graded WHERE time < ?", (before,)).rowcount
+
     def rows(self, since: float | None = None) -> list[dict]:
         with self._connect() as db:
             cur = db.execute(f"SELECT {', '.join(COLUMNS)} FROM graded WHERE time >= ? ORDER BY time", (since or 0.0,))
@@ -335,7 +341,9 @@ class ShadowGrader:
     # -- the estimate
 
     def compute(self) -> dict:
-        """The estimate over the window's graded requests (quality.estimate)."""
+        """The estimate over the window's graded requests (quality.estimate), older ones pruned first."""
+        if self.q.retention_days is not None:
+            self.store.prune(self.clock() - self.q.retention_days * 86400)
         since = None if self.q.window_days is None else self.clock() - self.q.window_days * 86400
         rows = self.store.rows(since)
         return quality.estimate(quality.Graded.of(rows), self.q.target) | {
