@@ -44,7 +44,8 @@ class FakeProvider(ServerThread):
         return httpx.get(self.url + "/_stats", timeout=5).json()
 
     def heal(self) -> None:
-        self.control(mode="ok", latency_ms=0, chunk_delay_ms=0, fail_rate=0)
+        """Back to answering well: no fault, no delay, an honest judge."""
+        self.control(mode="ok", latency_ms=0, chunk_delay_ms=0, fail_rate=0, judge_garbage_rate=0.0, judge_rating=None)
 
 
 def provider_entry(

@@ -46,7 +46,6 @@ def healed(fakes):
     yield
     for f in fakes:
         f.heal()
-    fakes[2].control(judge_rating=None, judge_garbage_rate=0.0)
 
 
 @pytest.fixture(scope="module")
