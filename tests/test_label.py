@@ -272,6 +272,7 @@ def test_unparseable_verdicts_are_counted_never_guessed_and_retried_by_a_rerun(f
     assert code == 0, output
     assert figure(output, "unparseable judge answers") == "40" and "40 rows not written" in output
     assert figure(output, "rows written") == "0" and len(pd.read_parquet(out)) == 0
+    fakes[2].control(judge_garbage_rate=0.0)
     answered = [f.stats()["requests"] for f in fakes[:2]]
     code, output = label(cfg_path, prompts, out)
     assert figure(output, "rows written") == "40" and figure(output, "unparseable judge answers") == "0"
