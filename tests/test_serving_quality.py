@@ -76,7 +76,13 @@ def config(fakes, tmp_path, **quality_block) -> dict:
             "max_tokens": 64,
             "answer_max_tokens": 64,
         },
-        quality={"sample": 1.0, "store": str(tmp_path / "quality.sqlite"), "queue_size": 1000, **quality_block},
+        quality={
+            "sample": 1.0,
+            "store": str(tmp_path / "quality.sqlite"),
+            "queue_size": 1000,
+            "refresh_s": 0.2,
+            **quality_block,
+        },
         retry={"attempts": 1},
         admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
         data_classes={"internal": ["weak-a", "strong-a"], "judged": ["weak-a", "strong-a", "judge"]},
@@ -125,9 +131,15 @@ def test_the_estimate_covers_the_true_retained_quality(fakes, tmp_path, prompts)
             ),
             60,
         )
-        r = httpx.get(server.url + "/v1/quality", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=30)
-        assert r.status_code == 200
-        est = r.json()
+        auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        est = wait_for(
+            lambda: (
+                (e := httpx.get(server.url + "/v1/quality", headers=auth, timeout=30).json())["prompts"]
+                == graded["graded"]
+                and e
+            ),
+            10,
+        )
         assert est["prompts"] == graded["graded"] < len(prompts)  # a sample, not every request
         low, high = est["in_use"]["retained_quality_ci"]
         assert low <= truth <= high, (low, truth, high)

@@ -69,13 +69,28 @@ def ratios(g: Graded, weak: np.ndarray, index: np.ndarray | None = None) -> tupl
 
 
 def interval(g: Graded, weak: np.ndarray, seed: int = 0) -> dict:
-    """Retained quality and cost ratio, with their intervals over resampled prompts."""
+    """Retained quality and cost ratio, with their intervals over resampled prompts (each resample's sums from
+    its prompts' counts, so 1,000 resamples of 100,000 requests take about a second)."""
     rng = np.random.default_rng(seed)
-    boot = np.array([ratios(g, weak, rng.integers(0, len(g), len(g))) for _ in range(RESAMPLES)])
-    lo, hi = np.nanpercentile(boot, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2], axis=0)
+    n = len(g)
+    sums = np.stack(
+        [
+            np.where(weak, g.weak_grade, g.strong_grade),
+            g.strong_grade,
+            np.where(weak, g.weak_cost, g.strong_cost),
+            g.strong_cost,
+        ]
+    )
+    boot = np.empty((RESAMPLES, 4))
+    for b in range(RESAMPLES):
+        boot[b] = sums @ np.bincount(rng.integers(0, n, n), minlength=n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        both = np.c_[boot[:, 0] / boot[:, 1], boot[:, 2] / boot[:, 3]]
+    both[~np.isfinite(both)] = np.nan
+    lo, hi = np.nanpercentile(both, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2], axis=0)
     retained, cost = ratios(g, weak)
     return {
-        "prompts": len(g),
+        "prompts": n,
         "retained_quality": retained,
         "retained_quality_ci": [float(lo[0]), float(hi[0])],
         "cost_ratio": cost,

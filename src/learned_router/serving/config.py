@@ -400,7 +400,7 @@ class QualityConfig(Strict):
     retention_days: Positive | None = 90.0  # older graded requests are deleted from the store; null: kept
     concurrency: int = Field(2, ge=1)  # shadow jobs in flight at most
     queue_size: int = Field(100, ge=1)  # sampled requests waiting; beyond it they are dropped and counted
-    refresh_s: Positive = 60.0  # how often the gauges are recomputed from the store
+    refresh_s: Positive = 60.0  # how often the estimate (GET /v1/quality, the gauges) is recomputed from the store
 
 
 class ServiceConfig(Strict):

@@ -154,7 +154,7 @@ class ShadowGrader:
         self.reserved = 0.0
         self.rng = random.Random()  # which requests are sampled
         self.workers: list[asyncio.Task] = []
-        self.latest: dict = quality.estimate(quality.Graded.of([]), self.q.target)
+        self.latest: dict = quality.estimate(quality.Graded.of([]), self.q.target) | {"computed_at": None}
         self.metrics = None  # the service's, set by `attach`
         self._refresher: asyncio.Task | None = None
 
@@ -347,6 +347,7 @@ class ShadowGrader:
         since = None if self.q.window_days is None else self.clock() - self.q.window_days * 86400
         rows = self.store.rows(since)
         return quality.estimate(quality.Graded.of(rows), self.q.target) | {
+            "computed_at": self.clock(),
             "window_days": self.q.window_days,
             "spent_today_usd": self.store.spent(self.clock()),
             "max_usd_per_day": self.q.max_usd_per_day,

@@ -15,7 +15,8 @@ router = APIRouter(tags=["quality"])
 @router.get("/v1/quality", dependencies=[Depends(client_or_admin)])
 async def quality(service: ServiceDep) -> dict:
     """Quality retained and cost against the strongest tier at the thresholds in use, each with its 95% interval,
-    per task type; the frontier on the graded requests and the threshold that keeps `quality.target` cheapest."""
+    per task type; the frontier on the graded requests and the threshold that keeps `quality.target` cheapest. The
+    estimate recomputed every `quality.refresh_s` (`computed_at`), so a call costs nothing however large the store."""
     if service.shadow is None:
         raise APIError(404, "quality estimates are off in this service (no quality block)", code="quality_off")
-    return await service.shadow.refresh()
+    return service.shadow.latest
