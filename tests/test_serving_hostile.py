@@ -62,6 +62,7 @@ def stack():
                 [provider_entry("strong", strong, None, STRONG, (10, 30))],
             ),
             router={"max_wait_ms": 20},
+            rate_limit={"burst": 200},  # 64 requests at once are not a flood here
         )
         router = PoisonRouter(Router.load(ROUTER_DIR))
         with start_service(cfg, router=router) as service:
