@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -46,6 +47,17 @@ class FakeProvider(ServerThread):
     def heal(self) -> None:
         """Back to answering well: no fault, no delay, an honest judge."""
         self.control(mode="ok", latency_ms=0, chunk_delay_ms=0, fail_rate=0, judge_garbage_rate=0.0, judge_rating=None)
+
+
+@contextlib.contextmanager
+def judged_fakes(fail_words: list[str]):
+    """A weak fake that cannot answer prompts with `fail_words`, a strong one, and a judge that grades them."""
+    with (
+        FakeProvider(name="weak", fail_words=fail_words) as weak,
+        FakeProvider(name="strong") as strong,
+        FakeProvider(name="judge", judge=True) as judge,
+    ):
+        yield weak, strong, judge
 
 
 def provider_entry(

@@ -20,7 +20,7 @@ from learned_router.judge import pairwise_grade, pairwise_messages, parse_rating
 from learned_router.label import plan
 from learned_router.serving.config import load_config, parse_config
 from learned_router.tools.fake_provider import GARBAGE, fails, judge_answer
-from serving_fixtures import ROOT, FakeProvider, wait_for
+from serving_fixtures import ROOT, judged_fakes, wait_for
 
 runner = CliRunner()
 N = 20
@@ -31,12 +31,8 @@ COLUMNS = ["prompt", "prompt_id", "model", "score", "source", "judge", "baseline
 
 @pytest.fixture(scope="module")
 def fakes():
-    with (
-        FakeProvider(name="weak", fail_words=["poison"]) as weak,
-        FakeProvider(name="strong") as strong,
-        FakeProvider(name="judge", judge=True) as judge,
-    ):
-        yield weak, strong, judge
+    with judged_fakes(["poison"]) as fakes:
+        yield fakes
 
 
 @pytest.fixture(autouse=True)

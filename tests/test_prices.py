@@ -11,7 +11,7 @@ import pytest
 from learned_router.errors import DataError
 from learned_router.evals import call_cost
 from learned_router.evals.protocol import Prices
-from learned_router.label import chat_tokens
+from learned_router.judge import chat_tokens
 from learned_router.prices import Price, cost_usd, load_prices, message_tokens, prompt_tokens, text_tokens
 from learned_router.serving.config import ProviderConfig
 from learned_router.serving.routing import Message, estimate_tokens

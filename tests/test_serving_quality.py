@@ -15,9 +15,9 @@ import pytest
 from learned_router import quality
 from learned_router.tools.fake_provider import fails
 from serving_fixtures import (
+    judged_fakes,
     CLIENT_KEY,
     OTHER_KEY,
-    FakeProvider,
     provider_entry,
     router_output,
     service_config,
@@ -33,12 +33,8 @@ ADMIN_KEY = "sk-router-test-admin-quality"
 
 @pytest.fixture(scope="module")
 def fakes():
-    with (
-        FakeProvider(name="weak", fail_words=FAIL) as weak,
-        FakeProvider(name="strong") as strong,
-        FakeProvider(name="judge", judge=True) as judge,
-    ):
-        yield weak, strong, judge
+    with judged_fakes(FAIL) as fakes:
+        yield fakes
 
 
 @pytest.fixture(autouse=True)

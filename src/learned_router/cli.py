@@ -874,6 +874,16 @@ def utc_time(value: Optional[str], option: str) -> Optional[float]:
     return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
 
 
+def check_table_out(out: Path, overwrite: bool) -> None:
+    """An export's --out: a table file by its suffix, not one already there unless --overwrite."""
+    from .data import PROMPT_TABLES
+
+    if out.suffix.lower() not in PROMPT_TABLES:
+        raise RouterError(f"--out {out}: expected a {', '.join(PROMPT_TABLES)} file")
+    if out.exists() and not overwrite:
+        raise RouterError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
 @traffic_app.command("export")
 @user_errors
 def traffic_export(
@@ -894,13 +904,10 @@ def traffic_export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ):
     """Export recorded requests (with their feedback) as a prompts file for 'label' and 'calibrate'."""
-    from .data import PROMPT_TABLES, write_table
+    from .data import write_table
     from .serving.traffic import export_traffic
 
-    if out.suffix.lower() not in PROMPT_TABLES:
-        raise RouterError(f"--out {out}: expected a {', '.join(PROMPT_TABLES)} file")
-    if out.exists() and not overwrite:
-        raise RouterError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_table_out(out, overwrite)
     df, left_out = export_traffic(store, utc_time(since, "--since"), utc_time(until, "--until"), sample, seed)
     if df.empty:
         raise RouterError(
@@ -973,12 +980,9 @@ def quality_export(
     """The shadow-graded requests as a graded table: 'train --prior' learns from it, 'quality report --data' and
     'calibrate --quality-target' read it."""
     from . import quality
-    from .data import PROMPT_TABLES, write_table
+    from .data import write_table
 
-    if out.suffix.lower() not in PROMPT_TABLES:
-        raise RouterError(f"--out {out}: expected a {', '.join(PROMPT_TABLES)} file")
-    if out.exists() and not overwrite:
-        raise RouterError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_table_out(out, overwrite)
     rows = shadow_rows(store, since)
     write_table(quality.graded_table(rows), out)
     typer.echo(f"{len(rows)} shadow-graded requests written to {out}")

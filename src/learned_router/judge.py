@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import re
 
+from .prices import prompt_tokens
+
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 VERDICT = re.compile(r"\[\[([ABC])\]\]")
 NO_ANSWER = "I cannot answer that."  # what the fake provider's `fail_words` make it say (tests, demo)
@@ -106,3 +108,15 @@ def parse_verdict(text: str) -> str | None:
 def pairwise_grade(candidate_first: str, candidate_second: str) -> float:
     """The candidate's grade from the verdicts with it as assistant A, then as assistant B: the mean of its shares."""
     return (WIN[candidate_first] + 1.0 - WIN[candidate_second]) / 2
+
+
+def judge_chat(mode: str, prompt: str, answers: list[str]) -> list[dict]:
+    """The judge's chat grading answers[0], against answers[1] (the strongest's) when there is one."""
+    if mode == "single":
+        return single_messages(prompt, answers[0], answers[1] if len(answers) > 1 else None)
+    return pairwise_messages(prompt, *answers)
+
+
+def chat_tokens(messages: list[dict], cpt: float) -> int:
+    """Prompt tokens of a chat, as the service estimates them."""
+    return prompt_tokens((len(m["content"]) for m in messages), cpt)

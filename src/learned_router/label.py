@@ -53,11 +53,19 @@ import pandas as pd
 
 from .data import PROMPT_TABLES, check_prompts, read_prompt_table, utf8_text, write_table
 from .errors import DataError, RouterError, first_bad, first_index, not_a_file
-from .judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages
+from .judge import (
+    chat_tokens,
+    judge_chat,
+    pairwise_grade,
+    pairwise_messages,
+    parse_rating,
+    parse_verdict,
+    single_messages,
+)
 from .prices import prompt_tokens
 from .progress import mode as progress_mode
 from .progress import step
-from .serving.config import ProviderConfig, ServiceConfig, TierConfig
+from .serving.config import ProviderConfig, ServiceConfig, TierConfig, api_key
 from .serving.errors import ConfigError
 
 SOURCES = {"single": "judge_single", "pairwise": "judge_pairwise"}
@@ -437,22 +445,10 @@ class Plan:
         return sum(len(j.pending) for j in self.jobs)
 
 
-def chat_tokens(messages: list[dict], cpt: float) -> int:
-    """Prompt tokens of a chat, as the service estimates them."""
-    return prompt_tokens((len(m["content"]) for m in messages), cpt)
-
-
 def needs(c: int, ref: int) -> list[int]:
     """The answers the row of contender `c` is graded on: its own, and the strongest's unless it is that one (single
     mode grades the strongest's answer alone; pairwise mode gives it no row)."""
     return [c] if c == ref else [c, ref]
-
-
-def judge_chat(mode: str, prompt: str, answers: list[str]) -> list[dict]:
-    """The judge's chat grading answers[0], against answers[1] (the strongest's) when there is one."""
-    if mode == "single":
-        return single_messages(prompt, answers[0], answers[1] if len(answers) > 1 else None)
-    return pairwise_messages(prompt, *answers)
 
 
 def plan(
@@ -585,7 +581,6 @@ class Summary:
 def providers_used(cfg: ServiceConfig, chosen: list[Contender]) -> list[tuple[ProviderConfig, str, str | None]]:
     """(config, tier, API key) of each provider a run may call: the chains of the models compared, and the judge's.
     ConfigError when a key's environment variable is not set."""
-    out = []
     names = {q.name for c in chosen for q in c.providers}
     wanted = [
         (prov, tier.name, f"tiers[{t}].providers[{i}]")
@@ -593,12 +588,10 @@ def providers_used(cfg: ServiceConfig, chosen: list[Contender]) -> list[tuple[Pr
         for i, prov in enumerate(tier.providers)
         if prov.name in names
     ]
-    for prov, tier, where in [*wanted, (cfg.judge.provider, "judge", "judge.provider")]:
-        key = None if prov.api_key_env is None else os.environ.get(prov.api_key_env)
-        if prov.api_key_env is not None and key is None:
-            raise ConfigError(f"{where}.api_key_env: environment variable {prov.api_key_env} is not set")
-        out.append((prov, tier, key))
-    return out
+    return [
+        (prov, tier, api_key(prov, where))
+        for prov, tier, where in [*wanted, (cfg.judge.provider, "judge", "judge.provider")]
+    ]
 
 
 class Labeller:

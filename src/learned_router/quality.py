@@ -55,17 +55,18 @@ class Graded:
         return Graded(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
+def share(part: float, whole: float) -> float:
+    """part / whole; NaN when the whole is not positive (nothing to retain, or nothing spent)."""
+    return float(part / whole) if whole > 0 else float("nan")
+
+
 def ratios(g: Graded, weak: np.ndarray, index: np.ndarray | None = None) -> tuple[float, float]:
     """(retained quality, cost ratio) of sending `weak` prompts to the weak side, on the prompts at `index`."""
     if index is not None:
         g, weak = g.rows(index), weak[index]
-    strong_q, strong_c = g.strong_grade.mean(), g.strong_cost.mean()
-    q = np.where(weak, g.weak_grade, g.strong_grade).mean()
-    c = np.where(weak, g.weak_cost, g.strong_cost).mean()
-    return (
-        float(q / strong_q) if strong_q > 0 else float("nan"),
-        float(c / strong_c) if strong_c > 0 else float("nan"),
-    )
+    q = np.where(weak, g.weak_grade, g.strong_grade).sum()
+    c = np.where(weak, g.weak_cost, g.strong_cost).sum()
+    return share(q, g.strong_grade.sum()), share(c, g.strong_cost.sum())
 
 
 def interval(g: Graded, weak: np.ndarray, seed: int = 0) -> dict:
@@ -109,12 +110,6 @@ def frontier(g: Graded) -> dict[str, list[dict]]:
     """(cost ratio, retained quality) points: the router re-deciding every prompt at each threshold (weak when its
     pass chance >= it), random routing, and the oracle (the prompts where the strongest tier gains most go to it)."""
     n, strong_q, strong_c = len(g), g.strong_grade.sum(), g.strong_cost.sum()
-
-    def ratio(q: float, c: float) -> tuple[float, float]:
-        return float(q / strong_q) if strong_q > 0 else float("nan"), float(c / strong_c) if strong_c > 0 else float(
-            "nan"
-        )
-
     order = np.argsort(-g.p_weak, kind="stable")  # the first k go weak at any threshold in (p[k], p[k-1]]
     dq = np.r_[0.0, np.cumsum((g.weak_grade - g.strong_grade)[order])]
     dc = np.r_[0.0, np.cumsum((g.weak_cost - g.strong_cost)[order])]
@@ -122,10 +117,10 @@ def frontier(g: Graded) -> dict[str, list[dict]]:
     ends = [0] + [k for k in range(1, n + 1) if k == n or p[k] != p[k - 1]]  # whole groups of equal pass chance
     router = []
     for k in ends:
-        q, c = ratio(strong_q + dq[k], strong_c + dc[k])
+        q, c = share(strong_q + dq[k], strong_q), share(strong_c + dc[k], strong_c)
         threshold = float(p[k - 1]) if k else float("inf")
         router.append({"threshold": threshold, "retained_quality": q, "cost_ratio": c, "weak_share": k / n})
-    w, wc = ratio(g.weak_grade.sum(), g.weak_cost.sum())
+    w, wc = share(g.weak_grade.sum(), strong_q), share(g.weak_cost.sum(), strong_c)
     shares = np.linspace(0, 1, 11)
     rand = [{"weak_share": float(s), "retained_quality": s * w + 1 - s, "cost_ratio": s * wc + 1 - s} for s in shares]
     gain = np.argsort(-(g.strong_grade - g.weak_grade), kind="stable")  # to the strongest tier first
@@ -133,7 +128,7 @@ def frontier(g: Graded) -> dict[str, list[dict]]:
     oc = np.r_[0.0, np.cumsum((g.strong_cost - g.weak_cost)[gain])]
     oracle = []
     for k in range(n + 1):
-        q, c = ratio(g.weak_grade.sum() + oq[k], g.weak_cost.sum() + oc[k])
+        q, c = share(g.weak_grade.sum() + oq[k], strong_q), share(g.weak_cost.sum() + oc[k], strong_c)
         oracle.append({"strong_prompts": k, "retained_quality": q, "cost_ratio": c})
     return {"router": router, "random": rand, "oracle": oracle}
 

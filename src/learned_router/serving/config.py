@@ -403,6 +403,16 @@ class QualityConfig(Strict):
     refresh_s: Positive = 60.0  # how often the estimate (GET /v1/quality, the gauges) is recomputed from the store
 
 
+def api_key(provider: ProviderConfig, where: str) -> str | None:
+    """The provider's API key from its environment variable (None: it needs none); ConfigError naming `where` when
+    the variable is not set."""
+    if provider.api_key_env is None:
+        return None
+    if (key := os.environ.get(provider.api_key_env)) is None:
+        raise ConfigError(f"{where}.api_key_env: environment variable {provider.api_key_env} is not set")
+    return key
+
+
 class ServiceConfig(Strict):
     """The whole file: sections, of which `tiers` and `auth` are required."""
 
@@ -446,18 +456,11 @@ class ServiceConfig(Strict):
 
     def provider_keys(self) -> dict[str, str | None]:
         """Provider name -> API key read from its environment variable; an unset variable is an error."""
-        out: dict[str, str | None] = {}
-        for t, tier in enumerate(self.tiers):
-            for i, p in enumerate(tier.providers):
-                if p.api_key_env is None:
-                    out[p.name] = None
-                elif (key := os.environ.get(p.api_key_env)) is None:
-                    raise ConfigError(
-                        f"tiers[{t}].providers[{i}].api_key_env: environment variable {p.api_key_env} is not set"
-                    )
-                else:
-                    out[p.name] = key
-        return out
+        return {
+            p.name: api_key(p, f"tiers[{t}].providers[{i}]")
+            for t, tier in enumerate(self.tiers)
+            for i, p in enumerate(tier.providers)
+        }
 
 
 def hash_key(key: str) -> str:

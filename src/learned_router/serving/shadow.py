@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import sqlite3
 import time
@@ -26,9 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import quality
-from ..judge import pairwise_grade, pairwise_messages, parse_rating, parse_verdict, single_messages
-from .config import QualityConfig, ServiceConfig, TierConfig
+import httpx
+
+from ..judge import chat_tokens, judge_chat, pairwise_grade, parse_rating, parse_verdict
+from ..prices import prompt_tokens
+from .config import QualityConfig, ServiceConfig, TierConfig, api_key
 from .errors import ConfigError
+from .metrics import Metrics
+from .providers import AllProvidersFailed, Upstream
+from .state import LocalState
+from .usage import answer_chars, answer_text, bill
 
 log = logging.getLogger("learned_router.serving")
 SCHEMA = """
@@ -111,6 +117,7 @@ class Job:
     body: dict  # the client's request, sent to the other tier as a whole answer
     served: int  # the tier that answered the client
     other: int  # the tier asked in the shadow
+    went_weak: bool  # the client's answer is the weak side's (else the strongest tier's)
     answer: str  # the client's answer
     cost: float  # what the client's answer cost
     p_weak: float
@@ -121,27 +128,17 @@ class ShadowGrader:
     """Samples finished requests (`offer`) and grades them in the background."""
 
     def __init__(self, config: ServiceConfig, provider_keys: dict[str, str | None], clock=time.time):
-        from .metrics import Metrics
-        from .providers import Upstream
-        from .state import LocalState
-
         self.q: QualityConfig = config.quality
         self.judge = config.judge
         self.cfg = config
         self.clock = clock
         self.store = ShadowStore(self.q.store)
         self.tiers = [t.name for t in config.tiers]
-        judge_key = None
-        if self.judge.provider.api_key_env is not None:
-            if (judge_key := os.environ.get(self.judge.provider.api_key_env)) is None:
-                raise ConfigError(
-                    f"judge.provider.api_key_env: environment variable {self.judge.provider.api_key_env} is not set"
-                )
         tiers = [*config.tiers, TierConfig(name="judge", providers=[self.judge.provider])]
         quiet = Metrics()  # shadow calls never show in the client traffic's metrics
         self.upstream = Upstream.build(
             tiers,
-            provider_keys | {self.judge.provider.name: judge_key},
+            provider_keys | {self.judge.provider.name: api_key(self.judge.provider, "judge.provider")},
             config.retry,
             config.circuit_breaker,
             config.latency,
@@ -172,9 +169,10 @@ class ShadowGrader:
         self._refresher = asyncio.create_task(self._refresh_every())
 
     async def stop(self) -> None:
-        for t in [*self.workers, *([self._refresher] if self._refresher else [])]:
+        tasks = [*self.workers, *([self._refresher] if self._refresher else [])]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self.workers, *([self._refresher] if self._refresher else []), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.upstream.stop()
 
     # -- sampling
@@ -184,9 +182,9 @@ class ShadowGrader:
         if self.rng.random() >= self.q.sample:
             return
         served = self.tiers.index(provider.tier)
-        top = len(self.tiers) - 1
-        other = 0 if served == top else top
-        weak = other if served == top else served
+        went_weak = served != len(self.tiers) - 1
+        other = len(self.tiers) - 1 if went_weak else 0
+        weak = served if went_weak else other
         why = None
         if client is not None and client in self.q.exclude_clients:
             why = "excluded_client"
@@ -210,6 +208,7 @@ class ShadowGrader:
             {k: v for k, v in body.items() if k not in ("stream", "stream_options")},
             served,
             other,
+            went_weak,
             answer,
             cost,
             float(d.pass_chances[self.tiers[weak]]),
@@ -234,21 +233,19 @@ class ShadowGrader:
                 self.count("error")
 
     def _estimate_usd(self, job: Job) -> float:
-        cpt = self.cfg.routing.chars_per_token
-        prompt = len(job.text) / cpt
-        answer = self.cfg.tiers[job.other].providers[0].cost_usd(prompt, self.judge.answer_max_tokens)
-        judge_in = (2 * len(job.text) + 2 * len(job.answer)) / cpt + 600 + self.judge.answer_max_tokens
-        calls = 2
-        return answer + calls * self.judge.provider.cost_usd(judge_in, self.judge.max_tokens)
+        """The other tier's answer at `judge.answer_max_tokens`, and two judge calls reading both answers."""
+        cpt, judge = self.cfg.routing.chars_per_token, self.judge
+        answer = (
+            self.cfg.tiers[job.other]
+            .providers[0]
+            .cost_usd(prompt_tokens([len(job.text)], cpt), judge.answer_max_tokens)
+        )
+        other = "x" * int(judge.answer_max_tokens * cpt)
+        judged = chat_tokens(judge_chat(judge.mode, job.text, [job.answer, other]), cpt)
+        return answer + 2 * judge.provider.cost_usd(judged, judge.max_tokens)
 
     async def _call(self, chain, body: dict) -> tuple[str | None, float]:
         """(the answer's text or None, its cost)."""
-        import httpx
-
-        from .providers import AllProvidersFailed
-        from ..prices import prompt_tokens
-        from .usage import answer_chars, answer_text, bill
-
         try:
             reply = await self.upstream.complete(chain, body, stream=False)
         except (AllProvidersFailed, httpx.HTTPError):
@@ -281,15 +278,14 @@ class ShadowGrader:
             await self._pay(cost)
             if other is None:
                 return "tier_failed"
-            top = len(self.tiers) - 1
-            weak_answer, strong_answer = (other, job.answer) if job.served == top else (job.answer, other)
-            weak_cost, strong_cost = (cost, job.cost) if job.served == top else (job.cost, cost)
+            weak_answer, strong_answer = (job.answer, other) if job.went_weak else (other, job.answer)
+            weak_cost, strong_cost = (job.cost, cost) if job.went_weak else (cost, job.cost)
             grades = await self._judge(job.text, weak_answer, strong_answer)
-            if grades is None or isinstance(grades, str):
-                return grades or "judge_failed"
+            if isinstance(grades, str):
+                return grades
         finally:
             self.reserved -= estimate
-        weak = job.other if job.served == top else job.served
+        weak, top = (job.served if job.went_weak else job.other), len(self.tiers) - 1
         row = {
             "id": job.id,
             "time": self.clock(),
@@ -301,7 +297,7 @@ class ShadowGrader:
             "strong_tier": self.tiers[top],
             "weak_model": self.cfg.tiers[weak].graded_as,
             "strong_model": self.cfg.tiers[top].graded_as,
-            "went_weak": int(job.served != top),
+            "went_weak": int(job.went_weak),
             "p_weak": job.p_weak,
             "threshold": job.threshold,
             "weak_grade": grades[0],
@@ -320,19 +316,16 @@ class ShadowGrader:
         ask = lambda messages: self._call(  # noqa: E731
             chain, {"messages": messages, "max_tokens": self.judge.max_tokens, "temperature": 0}
         )
-        if self.judge.mode == "single":
-            answers = await asyncio.gather(
-                ask(single_messages(question, weak, strong)), ask(single_messages(question, strong))
-            )
-        else:
-            answers = await asyncio.gather(
-                ask(pairwise_messages(question, weak, strong)), ask(pairwise_messages(question, strong, weak))
-            )
+        single = self.judge.mode == "single"  # the strongest's answer alone; pairwise: both orders
+        answers = await asyncio.gather(
+            ask(judge_chat(self.judge.mode, question, [weak, strong])),
+            ask(judge_chat(self.judge.mode, question, [strong] if single else [strong, weak])),
+        )
         await self._pay(sum(c for _, c in answers))
         texts = [t for t, _ in answers]
         if None in texts:
             return "judge_failed"
-        if self.judge.mode == "single":
+        if single:
             w, s = (parse_rating(t) for t in texts)
             return "unparseable" if w is None or s is None else (w, s)
         first, second = (parse_verdict(t) for t in texts)
