@@ -301,6 +301,18 @@ def test_report_export_and_calibrate_read_the_store(fakes, tmp_path, prompts):
     assert "keep" in r.output and "with a strong share of" in r.output
     bad = runner.invoke(app, ["quality", "report", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "give one of --store" in bad.output
+    table = pd.read_parquet(tmp_path / "graded.parquet")
+    for column, value, message in (
+        ("weak_grade", "abc", "field 'weak_grade' must be a number in [0, 1] (got 'abc')"),
+        ("p_weak", 7.0, "field 'p_weak' must be a number in [0, 1] (got 7.0)"),
+        ("strong_cost", float("inf"), "field 'strong_cost' must be a number in [0, 1e+06]"),
+        ("went_weak", 0.5, "field 'went_weak' must be 0 or 1"),
+    ):
+        table.astype({column: object}).assign(**{column: value}).to_csv(tmp_path / "hostile.csv", index=False)
+        bad = runner.invoke(
+            app, ["quality", "report", "--data", str(tmp_path / "hostile.csv"), "--out", str(tmp_path / "h")]
+        )
+        assert bad.exit_code == 2 and message in bad.output and not (tmp_path / "h").exists(), bad.output
 
 
 def test_the_shadow_graded_rows_teach_the_router(fakes, tmp_path, prompts, datasets_dir, mlflow_server, monkeypatch):

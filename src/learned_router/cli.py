@@ -494,7 +494,7 @@ def calibrate(
 
         if strong_fraction is not None or graded is None:
             raise RouterError("--quality-target takes --graded (a 'quality export' file) and no --strong-fraction")
-        est = quality.estimate(quality.from_table(read_table(graded)), quality_target)
+        est = quality.estimate(quality.from_table(read_table(graded), str(graded)), quality_target)
         if est["for_target"] is None:
             raise RouterError(f"{graded}: no share of weak calls keeps {quality_target:g} of the quality there")
         strong_fraction = round(1 - est["for_target"]["weak_share"], 4)
@@ -958,7 +958,7 @@ def quality_report(
 
     if (store is None) == (data is None):
         raise RouterError("give one of --store (a service's quality.store) or --data (a 'quality export' file)")
-    graded = quality.Graded.of(shadow_rows(store, since)) if store else quality.from_table(read_table(data))
+    graded = quality.Graded.of(shadow_rows(store, since)) if store else quality.from_table(read_table(data), str(data))
     est = quality.estimate(graded, target)
     out.mkdir(parents=True, exist_ok=True)
     title = f"Routing on {(store or data).name}"

@@ -169,6 +169,7 @@ def estimate(g: Graded, target: float, seed: int = 0) -> dict:
 
 
 SIDES = ("weak", "strong")
+RANGES = {"p_weak": 1, "weak_grade": 1, "strong_grade": 1, "weak_cost": 1e6, "strong_cost": 1e6}  # [0, high]
 REQUEST_COLUMNS = ["p_weak", "went_weak", "weak_cost", "strong_cost", "weak_grade", "strong_grade", "task_type"]
 
 
@@ -199,14 +200,31 @@ def graded_table(rows: list[dict]):
     return pd.DataFrame(out)
 
 
-def from_table(df) -> Graded:
-    """The requests of a `graded_table` file."""
+def from_table(df, where: str) -> Graded:
+    """The requests of a `graded_table` file (`where`: its name, for the error)."""
     missing = [c for c in ("prompt_id", *REQUEST_COLUMNS) if c not in df.columns]
     if missing:
         from .errors import DataError
 
-        raise DataError(f"not a shadow-graded export: no column {', '.join(missing)} (learned-router quality export)")
-    return Graded.of(df.drop_duplicates("prompt_id")[REQUEST_COLUMNS].to_dict("records"))
+        raise DataError(
+            f"{where}: not a shadow-graded export: no column {', '.join(missing)} (learned-router quality export)"
+        )
+    import pandas as pd
+
+    from .errors import first_bad
+
+    df = df.drop_duplicates("prompt_id").reset_index(drop=True)
+    for column, high in RANGES.items():
+        values = pd.to_numeric(df[column], errors="coerce")
+        first_bad(
+            where,
+            values.isna() | ~values.between(0, high),
+            f"field '{column}' must be a number in [0, {high:g}]",
+            df[column],
+        )
+    went = pd.to_numeric(df["went_weak"], errors="coerce")
+    first_bad(where, ~went.isin([0, 1]), "field 'went_weak' must be 0 or 1", df["went_weak"])
+    return Graded.of(df[REQUEST_COLUMNS].to_dict("records"))
 
 
 def markdown(estimate: dict, title: str) -> str:
