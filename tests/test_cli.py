@@ -1,33 +1,26 @@
-"""The command line as a user runs it: real subprocesses (bad input in process, through the same commands), exit
-codes, one-line errors, no tracebacks."""
+"""The command line as a user runs it, in process through typer's runner (tests/clirun.py): exit codes, one-line
+errors, no tracebacks; the console script itself once, in a subprocess."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
+from clirun import cli
 from conftest import STRONG, WEAK
-from learned_router.cli import app
-
-
-def cli(*args, stdin=None, cwd=None, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "learned_router", *map(str, args)],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        cwd=cwd,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def lines(out):
     return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_the_console_script_runs():
+    from learned_router import __version__
+
+    out = subprocess.run([sys.executable, "-m", "learned_router", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == f"learned-router {__version__}\n"
 
 
 def test_help_lists_commands():
@@ -96,13 +89,9 @@ def test_score_from_arguments_file_and_stdin(trained, tmp_path):
     ],
 )
 def test_bad_stdin_is_one_line(trained, stdin, message):
-    out = subprocess.run(
-        [sys.executable, "-m", "learned_router", "score", "--router", str(trained["path"])],
-        capture_output=True,
-        input=stdin,
-        timeout=120,
-    )
-    assert out.returncode == 2 and message in out.stderr.decode() and b"Traceback" not in out.stderr
+    out = cli("score", "--router", trained["path"], stdin=stdin)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert isinstance(out.exception, SystemExit)
 
 
 @pytest.mark.parametrize(
@@ -149,10 +138,10 @@ def test_bad_input_gives_one_clear_line(trained, tmp_path, datasets_dir, args, m
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     (tmp_path / "empty.jsonl").write_text("")
     args = [a.format(r=trained["path"], tmp=tmp_path, data=datasets_dir) for a in args]
-    out = CliRunner().invoke(app, args)  # in process: the same command and error path as the console script
-    assert out.exit_code == 2, out.output
+    out = cli(*args)
+    assert out.returncode == 2, out.stdout + out.stderr
     assert message in out.stderr
-    assert "Traceback" not in out.output and isinstance(out.exception, SystemExit)
+    assert "Traceback" not in out.stderr and isinstance(out.exception, SystemExit)
     assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 

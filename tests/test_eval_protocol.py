@@ -2,13 +2,12 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from clirun import cli
 from conftest import STRONG, WEAK
 from learned_router.errors import DataError, RouterError
 from learned_router.evals.protocol import BenchmarkEvaluator, difficulty_ceiling, load_benchmark, run_eval
@@ -110,30 +109,22 @@ def test_battles_against_whichever_opponent(trained, datasets_dir, tmp_path):
     assert res.report["difficulty_ceiling"] is None  # one battle per prompt: no other models to read
 
 
-def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path, monkeypatch):
+def test_eval_command_logs_to_mlflow(trained, datasets_dir, tmp_path):
     bench = slice_of(datasets_dir, "routellm_mmlu", 300, tmp_path)  # enough prompts for defined intervals
     env = {"MLFLOW_TRACKING_URI": trained["url"], "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "learned_router",
-            "eval",
-            "--router",
-            str(trained["path"]),
-            "--data",
-            str(bench),
-            "--out",
-            str(tmp_path / "o"),
-            "--name",
-            "mmlu-slice",
-            "--experiment",
-            "eval-tests",
-        ],
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, **env},
-        timeout=300,
+    out = cli(
+        "eval",
+        "--router",
+        trained["path"],
+        "--data",
+        bench,
+        "--out",
+        tmp_path / "o",
+        "--name",
+        "mmlu-slice",
+        "--experiment",
+        "eval-tests",
+        env=env,
     )
     assert out.returncode == 0, out.stderr
     client = MlflowClient(trained["url"])
@@ -244,23 +235,7 @@ def test_report_only_runs_one_benchmark_and_keeps_the_others_figures(trained, da
     )
 
     def report(*extra):
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "learned_router",
-                "report",
-                "--config",
-                suite,
-                "--out",
-                tmp_path / "r",
-                "--quiet",
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        return cli("report", "--config", suite, "--out", tmp_path / "r", "--quiet", *extra)
 
     r = report("--only", "MMLU A")
     assert r.returncode == 2 and "MMLU B was never run into" in r.stderr and "without --only" in r.stderr

@@ -4,7 +4,6 @@ evaluated by refits per fold and by a learning curve."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from clirun import cli as run_cli
 from conftest import STRONG, WEAK
 from learned_router import Router
 from learned_router import residual as top
@@ -19,16 +19,7 @@ from learned_router.evals.learning import apgr_of
 
 
 def cli(*args, env=None, ok=True):
-    r = subprocess.run(
-        [sys.executable, "-m", "learned_router", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, **(env or {})},
-    )
-    if ok:
-        assert r.returncode == 0, f"{args[0]}: {r.stderr[-2000:]}"
-    return r
+    return run_cli(*args, env=env, ok=ok)
 
 
 def clusters(seed=0, n=600, dim=8):

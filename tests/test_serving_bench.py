@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 
+from clirun import cli
 from serving_fixtures import ROUTER_DIR, FakeProvider
 
 pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
 
 
-def bench(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "learned_router", "bench-serve", "--router", str(ROUTER_DIR), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+def bench(*args):
+    return cli("bench-serve", "--router", ROUTER_DIR, *args)
 
 
 @pytest.mark.slow

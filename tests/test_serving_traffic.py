@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from clirun import cli
 from serving_fixtures import (
     CLIENT_KEY,
     OTHER_KEY,
@@ -208,30 +209,10 @@ def test_traffic_export_writes_prompts_with_feedback(stack, tmp_path):
     assert export_traffic(stack["store"], since=time.time() + 60)[0].empty
     for suffix in (".csv", ".jsonl"):  # written as the name asks, and read back by calibrate's reader
         out = tmp_path / f"traffic{suffix}"
-        r = subprocess.run(
-            [sys.executable, "-m", "learned_router", "traffic", "export", "--store", stack["store"], "--out", out],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = cli("traffic", "export", "--store", stack["store"], "--out", out)
         assert r.returncode == 0, r.stderr
         assert rid in read_prompt_table(out, text_columns=("prompt_id",))["prompt_id"].tolist()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "learned_router",
-            "traffic",
-            "export",
-            "--store",
-            stack["store"],
-            "--out",
-            tmp_path / "traffic.txt",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = cli("traffic", "export", "--store", stack["store"], "--out", tmp_path / "traffic.txt")
     assert r.returncode == 2 and "expected a .parquet, .jsonl, .csv file" in r.stderr
 
 
@@ -370,12 +351,6 @@ def test_admin_endpoints_are_off_without_admin_keys(tmp_path):
                 headers={"Authorization": f"Bearer {CLIENT_KEY}"},
             )
             assert r.status_code == 404 and r.json()["error"]["code"] == "traffic_off"
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "learned_router", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.mark.slow

@@ -7,10 +7,7 @@ asked for."""
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import subprocess
-import sys
 
 import httpx
 import openai
@@ -18,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from clirun import cli as run_cli
 from serving_fixtures import (
     CLIENT_KEY,
     PROVIDER_KEYS,
@@ -123,15 +121,7 @@ def prompts_of(seed: int, n: int, pool_proofs: list[str], pool_chats: list[str])
 
 
 def cli(*args, env=None):
-    r = subprocess.run(
-        [sys.executable, "-m", "learned_router", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, **PROVIDER_KEYS, **(env or {})},
-    )
-    assert r.returncode == 0, f"{args[0]}: {r.stderr[-2000:]}"
-    return r.stdout
+    return run_cli(*args, env={**PROVIDER_KEYS, **(env or {})}, ok=True).stdout
 
 
 def test_traffic_label_train_calibrate_reload(tmp_path, mlflow_server):

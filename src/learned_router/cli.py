@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import os
 import re
 import sys
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperOption
 
 from . import __version__
 from .errors import RouterError, not_a_file, shown
@@ -27,11 +27,18 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: a flag gets no value label
 )
 
-# typer's help labels every flag (--overwrite, --help) `<bool>` although a flag takes no value: no label for flags
-_type_label = TyperOption.display_type_rich
-TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _type_label(self, ctx)
+
+class StderrLines(logging.Handler):
+    """The package's warnings as 'warning: ...' lines on whatever stderr is when they are logged."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+STDERR_LINES = StderrLines(logging.WARNING)
 
 
 def show_version(value: bool) -> None:
@@ -46,7 +53,9 @@ def main(
         bool, typer.Option("--version", is_eager=True, callback=show_version, help="Print the version and exit.")
     ] = False,
 ):
-    pass
+    package = logging.getLogger("learned_router")
+    if STDERR_LINES not in package.handlers:
+        package.addHandler(STDERR_LINES)
 
 
 Quiet = Annotated[
@@ -1211,7 +1220,6 @@ def soak(
     """A bounded soak on 127.0.0.1: the service, fake providers broken phase by phase, hostile clients; per phase
     sent / answered / refused / stream errors / 5xx / 500 / lost. Exit code 1 unless 0 lost and 0 500s, and no 5xx
     where the strong provider fails while the weak one's circuit is half-open."""
-    import logging
     from collections import Counter
 
     _serve_imports()
@@ -1219,8 +1227,13 @@ def soak(
     from .tools.soak import COLUMNS, PHASES, STRICT, run
 
     read_manifest(router)  # a clear error before anything starts
-    logging.getLogger("learned_router").setLevel(logging.ERROR)  # the faults are deliberate: keep their warnings out
-    results = run(str(router), requests, concurrency)
+    package = logging.getLogger("learned_router")
+    level = package.level
+    package.setLevel(logging.ERROR)  # the faults are deliberate: keep their warnings out
+    try:
+        results = run(str(router), requests, concurrency)
+    finally:
+        package.setLevel(level)
     total = sum((c for _, c in results), Counter())
     typer.echo(f"{'total':30s} " + "  ".join(f"{k} {round(total[k], 1)}" for k in COLUMNS))
     strict = dict(results)[STRICT]
