@@ -68,6 +68,7 @@ def start_mlflow() -> None:
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=tmp,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job runner processes: no test uses them
     )
     _server.update(proc=proc, url=f"http://127.0.0.1:{port}", log=tmp / "server.log", dir=tmp)
 

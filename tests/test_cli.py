@@ -146,7 +146,7 @@ def test_bad_input_gives_one_clear_line(trained, tmp_path, datasets_dir, args, m
 
 
 def test_a_missing_module_is_named_with_the_extra_that_installs_it():
-    from learned_router.cli import missing_module
+    from learned_router.cli.common import missing_module
 
     assert missing_module("torch").startswith(
         "torch is not installed: this command needs pip install 'learned-router[train]'"

@@ -221,6 +221,28 @@ def read_prompt_table(path: Path, text_columns: tuple[str, ...] = ()) -> pd.Data
     return df
 
 
+def prompt_lines(raw: bytes, where: str) -> list[str]:
+    """The non-blank lines of UTF-8 text as prompts; DataError for a byte that is not UTF-8 or no prompt at all."""
+    lines = [line for line in utf8_text(raw, where).splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{where}: no prompts (one per line)")
+    return lines
+
+
+def prompts_of_file(path: Path) -> tuple[list[str], list]:
+    """Prompts and their ids from a table with a 'prompt' column (ids: its 'prompt_id' or 'id' column, else row
+    numbers) or a text file of one prompt per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(not_a_file(path))
+    if path.suffix.lower() not in PROMPT_TABLES:
+        lines = prompt_lines(path.read_bytes(), str(path))
+        return lines, list(range(len(lines)))
+    df = read_prompt_table(path)
+    ids = next((df[c] for c in ("prompt_id", "id") if c in df.columns), pd.Series(range(len(df))))
+    return df["prompt"].tolist(), ids.tolist()
+
+
 def check_prompts(path: Path, df: pd.DataFrame) -> None:
     first_bad(
         path,

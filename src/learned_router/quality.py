@@ -227,6 +227,24 @@ def from_table(df, where: str) -> Graded:
     return Graded.of(df[REQUEST_COLUMNS].to_dict("records"))
 
 
+def from_file(path) -> Graded:
+    """The requests of a 'quality export' file."""
+    from .data import read_table
+
+    return from_table(read_table(path), str(path))
+
+
+def strong_share_for(path, target: float) -> tuple[float, dict]:
+    """The share of strong calls that keeps `target` of the quality at the lowest cost on a 'quality export' file,
+    and that point of the frontier with the file's count of `prompts`; RouterError when no share keeps it."""
+    from .errors import RouterError
+
+    est = estimate(from_file(path), target)
+    if est["for_target"] is None:
+        raise RouterError(f"{path}: no share of weak calls keeps {target:g} of the quality there")
+    return round(1 - est["for_target"]["weak_share"], 4), {**est["for_target"], "prompts": est["prompts"]}
+
+
 def markdown(estimate: dict, title: str) -> str:
     """A short summary of an estimate, for people."""
     if not estimate["prompts"]:

@@ -262,6 +262,28 @@ class Router:
         """The column of `score` for a model name (or `generic`); RouterError listing the outputs if unknown."""
         return column_of(self.manifest.models, name, str(self.path))
 
+    def threshold(
+        self,
+        weak: str,
+        strong: str,
+        threshold: float | None = None,
+        strong_fraction: float | None = None,
+    ) -> float:
+        """The threshold `weak` routes at against `strong`: the one given, the one that sends `strong_fraction` of the
+        calibration mix strong, or by default the router's own for its pair and, for another pair, the one giving the
+        same share of strong calls."""
+        if threshold is not None and strong_fraction is not None:
+            raise RouterError("give a threshold or a strong fraction, not both")
+        if strong_fraction is not None:
+            if not 0 <= strong_fraction <= 1:
+                raise RouterError(f"strong fraction must be in [0, 1], got {strong_fraction}")
+            return self.manifest.threshold_for(strong_fraction, weak)
+        if threshold is not None:
+            return check_threshold(threshold)
+        if (weak, strong) == (self.manifest.weak, self.manifest.strong):
+            return self.default_threshold
+        return self.manifest.threshold_for(self.manifest.strong_fraction_at(self.default_threshold), weak)
+
     def route(
         self, prompts: Sequence[str], threshold: float | None = None, weak: str | None = None, strong: str | None = None
     ) -> list[Decision]:
