@@ -596,9 +596,7 @@ def providers_used(cfg: ServiceConfig, chosen: list[Contender]) -> list[tuple[Pr
 
 class Labeller:
     def __init__(self, p: Plan, summary: Summary):
-        from .serving.metrics import Metrics
         from .serving.providers import Upstream
-        from .serving.state import LocalState
 
         self.p, self.s = p, summary
         cfg, judge = p.cfg, p.cfg.judge
@@ -607,17 +605,7 @@ class Labeller:
         needed = providers_used(cfg, p.contenders)
         keys = {prov.name: key for prov, _, key in needed}
         tiers = [TierConfig(name=tier, providers=[prov]) for prov, tier, _ in needed]
-        metrics = Metrics()
-        self.upstream = Upstream.build(
-            tiers,
-            keys,
-            cfg.retry,
-            cfg.circuit_breaker,
-            cfg.latency,
-            metrics,
-            LocalState(cfg.rate_limit, metrics),
-            cfg.limits.max_upstream_body_bytes,
-        )
+        self.upstream = Upstream.apart(cfg, tiers, keys)
         by_name = {prov.name: prov for prov in self.upstream.providers()}
         self.chains = [[by_name[q.name] for q in c.providers] for c in p.contenders]
         self.judge_chain = [by_name[judge.provider.name]]

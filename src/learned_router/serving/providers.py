@@ -35,7 +35,15 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 import httpx
 
-from .config import CircuitConfig, LatencyConfig, ProviderConfig, ReadinessConfig, RetryConfig, TierConfig
+from .config import (
+    CircuitConfig,
+    LatencyConfig,
+    ProviderConfig,
+    ReadinessConfig,
+    RetryConfig,
+    ServiceConfig,
+    TierConfig,
+)
 from .latency import LatencyWindow
 from .metrics import Metrics
 from .routing import reject_constant
@@ -313,6 +321,25 @@ class Upstream:
         for p in self.providers():
             metrics.watch_provider(p.name, lambda b=p.breaker: b.state, p.latency.p95)
         state.bind(self.providers(), retry)
+
+    @classmethod
+    def apart(cls, config: ServiceConfig, tiers: list[TierConfig], keys: dict[str, str | None]) -> Upstream:
+        """An upstream beside the clients' (labelling, shadow grading): the config's retries, breakers, latency
+        windows and body limit, with metrics and local state of its own, so none of its calls shows in the clients'
+        metrics or limits."""
+        from .state import LocalState
+
+        quiet = Metrics()
+        return cls.build(
+            tiers,
+            keys,
+            config.retry,
+            config.circuit_breaker,
+            config.latency,
+            quiet,
+            LocalState(config.rate_limit, quiet),
+            config.limits.max_upstream_body_bytes,
+        )
 
     @classmethod
     def build(

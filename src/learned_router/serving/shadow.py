@@ -31,9 +31,7 @@ from ..judge import chat_tokens, judge_chat, pairwise_grade, parse_rating, parse
 from ..prices import prompt_tokens
 from .config import QualityConfig, ServiceConfig, TierConfig, api_key
 from .errors import ConfigError
-from .metrics import Metrics
 from .providers import AllProvidersFailed, Upstream
-from .state import LocalState
 from .usage import answer_chars, answer_text, bill
 
 log = logging.getLogger("learned_router.serving")
@@ -135,16 +133,8 @@ class ShadowGrader:
         self.store = ShadowStore(self.q.store)
         self.tiers = [t.name for t in config.tiers]
         tiers = [*config.tiers, TierConfig(name="judge", providers=[self.judge.provider])]
-        quiet = Metrics()  # shadow calls never show in the client traffic's metrics
-        self.upstream = Upstream.build(
-            tiers,
-            provider_keys | {self.judge.provider.name: api_key(self.judge.provider, "judge.provider")},
-            config.retry,
-            config.circuit_breaker,
-            config.latency,
-            quiet,
-            LocalState(config.rate_limit, quiet),
-            config.limits.max_upstream_body_bytes,
+        self.upstream = Upstream.apart(
+            config, tiers, provider_keys | {self.judge.provider.name: api_key(self.judge.provider, "judge.provider")}
         )
         self.chains = self.upstream.tiers
         self.queue: asyncio.Queue[Job] = asyncio.Queue(self.q.queue_size)
