@@ -8,9 +8,10 @@ from pathlib import Path
 
 import yaml
 
+from conftest import ROOT
 from learned_router.serving.config import ServiceConfig, parse_config
 
-SERVING = Path(__file__).resolve().parents[1] / "serving"
+SERVING = ROOT / "serving"
 
 
 def named_variables(cfg: ServiceConfig) -> set[str]:

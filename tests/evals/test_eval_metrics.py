@@ -1,12 +1,12 @@
 """Evaluation maths: hand-computed curves, metrics and baselines, plus the RouteLLM GSM8K/MMLU oracle figures."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import DATASETS
 from learned_router.errors import DataError
 from learned_router.evals import (
     Curve,
@@ -31,7 +31,7 @@ from learned_router.evals import (
     sweep,
 )
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
 STRONG, WEAK = "gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"
 
 # Tiny table: gains (strong - weak) = [0, 1, 0, -1, 1]; weak mean 0.4, strong mean 0.6.
