@@ -1,4 +1,5 @@
-"""Helpers for the serving tests: real uvicorn servers in threads on free loopback ports, fake providers."""
+"""Helpers for the serving tests: the service in process (FastAPI's test client) or on a real socket (uvicorn in a
+thread on a free loopback port), and fake providers on real sockets."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
+from fastapi.testclient import TestClient
 
 from learned_router.serving.app import create_app
 from learned_router.serving.config import hash_key, parse_config
@@ -105,10 +108,25 @@ def service_config(tiers: list[dict], **sections) -> dict:
     return cfg
 
 
-def start_service(cfg: dict, router=None, http: str | type = "auto", **service) -> ServerThread:
+def service_app(cfg: dict, router=None, **service):
     for k, v in PROVIDER_KEYS.items():
         os.environ.setdefault(k, v)
-    return ServerThread(create_app(Service(parse_config(cfg), router=router, **service)), http=http)
+    return create_app(Service(parse_config(cfg), router=router, **service))
+
+
+def start_service(cfg: dict, router=None, http: str | type = "auto", **service) -> ServerThread:
+    """The service on a real socket: for what needs one (concurrent clients, streams cut mid-way, slow clients)."""
+    return ServerThread(service_app(cfg, router, **service), http=http)
+
+
+def in_process(cfg: dict, router=None, **service) -> TestClient:
+    """The service in this process behind FastAPI's test client (use it in a `with`: the app's start-up and shutdown
+    run); `openai_client(it)` gives the real openai client over it."""
+    return TestClient(service_app(cfg, router, **service))
+
+
+def openai_client(http: TestClient, key: str = CLIENT_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=str(http.base_url) + "/v1", api_key=key, http_client=http, max_retries=0)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):

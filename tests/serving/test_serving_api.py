@@ -1,11 +1,11 @@
-"""The service end to end: real uvicorn, the real router, fake providers, the real openai client and raw HTTP."""
+"""The service end to end in process (FastAPI's test client; a real socket for concurrent asyncio clients): the real
+router, fake providers, the real openai client and raw HTTP."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-import httpx
 import openai
 import pytest
 
@@ -17,6 +17,8 @@ from serving_fixtures import (
     FakeProvider,
     provider_entry,
     service_config,
+    in_process,
+    openai_client,
     start_service,
     two_tiers,
 )
@@ -27,30 +29,43 @@ STRONG_MODEL, WEAK_MODEL = "gpt-4-1106-preview", "mixtral-8x7b-instruct"
 PROMPT = "Prove that there are infinitely many primes, then explain the proof to a ten-year-old."
 
 
+def config(strong: FakeProvider, weak: FakeProvider) -> dict:
+    return service_config(
+        two_tiers(
+            [provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6), context_window=2000)],
+            [provider_entry("strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30), context_window=128000)],
+        ),
+        circuit_breaker={"failures": 3, "cooldown_s": 60},
+    )
+
+
 @pytest.fixture(scope="module")
-def stack():
+def fakes():
     with (
         FakeProvider(name="strong-a", model=STRONG_MODEL, api_key=PROVIDER_KEYS["TEST_STRONG_A_KEY"]) as strong,
         FakeProvider(name="weak-a", model=WEAK_MODEL, api_key=PROVIDER_KEYS["TEST_WEAK_A_KEY"]) as weak,
     ):
-        cfg = service_config(
-            two_tiers(
-                [provider_entry("weak-a", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6), context_window=2000)],
-                [
-                    provider_entry(
-                        "strong-a", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30), context_window=128000
-                    )
-                ],
-            ),
-            circuit_breaker={"failures": 3, "cooldown_s": 60},
-        )
-        with start_service(cfg) as service:
-            yield {"url": service.url, "strong": strong, "weak": weak, "service": service}
+        yield strong, weak
+
+
+@pytest.fixture(scope="module")
+def stack(fakes):
+    """The service in process."""
+    strong, weak = fakes
+    with in_process(config(strong, weak)) as http:
+        yield {"http": http, "strong": strong, "weak": weak, "service": http}
+
+
+@pytest.fixture(scope="module")
+def socket_url(fakes):
+    """The service on a real socket, for concurrent asyncio clients."""
+    with start_service(config(*fakes)) as service:
+        yield service.url
 
 
 @pytest.fixture
 def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    return openai_client(stack["http"])
 
 
 def auth(key: str = CLIENT_KEY) -> dict:
@@ -84,7 +99,7 @@ def test_forced_thresholds_pick_each_tier_and_headers_tell_the_decision(client, 
 
 
 def test_default_threshold_routes_by_the_router_score(client, stack):
-    r = httpx.post(stack["url"] + "/v1/route", json={"model": "router", "messages": user()}, headers=auth())
+    r = stack["http"].post("/v1/route", json={"model": "router", "messages": user()}, headers=auth())
     decision = r.json()
     raw = client.chat.completions.with_raw_response.create(model="router", messages=user())
     assert raw.headers["x-router-tier"] == decision["tier"]
@@ -99,7 +114,7 @@ def test_default_threshold_routes_by_the_router_score(client, stack):
 
 def test_route_endpoint_returns_the_decision_alone(stack):
     before = stack["weak"].stats()["requests"] + stack["strong"].stats()["requests"]
-    r = httpx.post(stack["url"] + "/v1/route", json={"model": "router-0.0", "messages": user()}, headers=auth())
+    r = stack["http"].post("/v1/route", json={"model": "router-0.0", "messages": user()}, headers=auth())
     assert r.status_code == 200
     d = r.json()
     assert d["tier"] == "weak" and d["upstream_model"] == WEAK_MODEL and d["threshold"] == 0.0
@@ -132,13 +147,14 @@ def test_streaming_passes_chunks_through_and_accounts_usage(client, stack):
         )
     )
     assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens == len(text.split())
-    metrics = httpx.get(stack["url"] + "/metrics").text
+    metrics = stack["http"].get("/metrics").text
     assert f'router_tokens_total{{kind="output",model="{WEAK_MODEL}",provider="weak-a"}}' in metrics
 
 
-def test_async_client_concurrent_requests(stack):
+@pytest.mark.slow
+def test_async_client_concurrent_requests(socket_url):
     async def main():
-        async with openai.AsyncOpenAI(base_url=stack["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0) as c:
+        async with openai.AsyncOpenAI(base_url=socket_url + "/v1", api_key=CLIENT_KEY, max_retries=0) as c:
             tasks = [
                 c.chat.completions.create(model="router-1", messages=user(f"question number {i}")) for i in range(24)
             ]
@@ -148,9 +164,10 @@ def test_async_client_concurrent_requests(stack):
     assert len(answers) == 24 and all(a.model == STRONG_MODEL for a in answers)
 
 
-def test_async_streaming(stack):
+@pytest.mark.slow
+def test_async_streaming(socket_url):
     async def main():
-        async with openai.AsyncOpenAI(base_url=stack["url"] + "/v1", api_key=CLIENT_KEY, max_retries=0) as c:
+        async with openai.AsyncOpenAI(base_url=socket_url + "/v1", api_key=CLIENT_KEY, max_retries=0) as c:
             stream = await c.chat.completions.create(model="router-1", messages=user(), stream=True)
             return [chunk async for chunk in stream]
 
@@ -160,11 +177,11 @@ def test_async_streaming(stack):
 
 def test_models_health_ready_metrics(client, stack):
     assert [m.id for m in client.models.list()] == ["router"]
-    assert httpx.get(stack["url"] + "/healthz").json() == {"status": "ok"}
-    ready = httpx.get(stack["url"] + "/readyz")
+    assert stack["http"].get("/healthz").json() == {"status": "ok"}
+    ready = stack["http"].get("/readyz")
     assert ready.status_code == 200 and ready.json()["tiers"] == {"strong": True, "weak": True}
     assert ready.json()["router_check"] == "passed"  # its graph on this CPU against router.json's probe outputs
-    metrics = httpx.get(stack["url"] + "/metrics").text
+    metrics = stack["http"].get("/metrics").text
     for name in (
         "router_requests_total",
         "router_decisions_total",
@@ -180,14 +197,14 @@ def test_models_health_ready_metrics(client, stack):
 def test_readyz_fails_while_a_whole_tier_is_unreachable(stack):
     weak = stack["weak"]
     weak.control(mode="error", error_status=503)  # /v1/models still answers: a 5xx on chat is not "unreachable"
-    assert httpx.get(stack["url"] + "/readyz").status_code == 200
+    assert stack["http"].get("/readyz").status_code == 200
     weak.control(mode="ok")
     svc = stack["service"].app.state.service
     for p in svc.upstream.tiers[0]:
         for _ in range(svc.config.circuit_breaker.failures):
             p.breaker.failure()
     try:
-        r = httpx.get(stack["url"] + "/readyz")
+        r = stack["http"].get("/readyz")
         assert r.status_code == 503 and r.json()["tiers"] == {"strong": True, "weak": False}
     finally:
         for p in svc.upstream.tiers[0]:
@@ -200,23 +217,23 @@ def test_readyz_fails_while_a_whole_tier_is_unreachable(stack):
 def test_auth_is_required(stack):
     body = {"model": "router", "messages": user()}
     for headers in ({}, auth("sk-wrong"), {"Authorization": f"Basic {CLIENT_KEY}"}):
-        r = httpx.post(stack["url"] + "/v1/chat/completions", json=body, headers=headers)
+        r = stack["http"].post("/v1/chat/completions", json=body, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert r.headers["www-authenticate"] == "Bearer"
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=stack["url"] + "/v1", api_key="sk-wrong", max_retries=0).models.list()
-    assert httpx.post(stack["url"] + "/v1/route", json=body).status_code == 401
+        openai_client(stack["http"], "sk-wrong").models.list()
+    assert stack["http"].post("/v1/route", json=body).status_code == 401
 
 
 def test_rate_limit_per_key_with_retry_after(stack):
     body = {"model": "router-1", "messages": user()}
-    codes = [httpx.post(stack["url"] + "/v1/route", json=body, headers=auth(OTHER_KEY)) for _ in range(70)]
+    codes = [stack["http"].post("/v1/route", json=body, headers=auth(OTHER_KEY)) for _ in range(70)]
     limited = [r for r in codes if r.status_code == 429]
     assert codes[0].status_code == 200 and len(limited) >= 5, (
         "the limited key (60/min, burst 50) is refused after its burst"
     )
     assert int(limited[0].headers["retry-after"]) >= 1 and limited[0].json()["error"]["type"] == "rate_limit_error"
-    assert httpx.post(stack["url"] + "/v1/route", json=body, headers=auth()).status_code == 200  # other keys unaffected
+    assert stack["http"].post("/v1/route", json=body, headers=auth()).status_code == 200  # other keys unaffected
 
 
 @pytest.mark.parametrize(
@@ -235,7 +252,7 @@ def test_rate_limit_per_key_with_retry_after(stack):
 )
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/route"])
 def test_bad_input_gets_an_openai_style_4xx(stack, path, content, status, fragment):
-    r = httpx.post(stack["url"] + path, content=content, headers={**auth(), "Content-Type": "application/json"})
+    r = stack["http"].post(path, content=content, headers={**auth(), "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and fragment in err["message"]
@@ -243,30 +260,30 @@ def test_bad_input_gets_an_openai_style_4xx(stack, path, content, status, fragme
 
 def test_huge_bodies_are_413_declared_or_chunked_and_service_keeps_serving(client, stack):
     big = b'{"model": "router", "messages": [{"role": "user", "content": "' + b"x" * 70000 + b'"}]}'
-    r = httpx.post(stack["url"] + "/v1/chat/completions", content=big, headers=auth())
+    r = stack["http"].post("/v1/chat/completions", content=big, headers=auth())
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
     def chunks():
         for i in range(0, len(big), 8192):
             yield big[i : i + 8192]
 
-    r = httpx.post(stack["url"] + "/v1/chat/completions", content=chunks(), headers=auth())  # no Content-Length
+    r = stack["http"].post("/v1/chat/completions", content=chunks(), headers=auth())  # no Content-Length
     assert r.status_code == 413
     assert client.chat.completions.create(model="router-1", messages=user()).model == STRONG_MODEL
 
 
 def test_unknown_paths_and_methods_get_openai_errors(stack):
-    r = httpx.get(stack["url"] + "/v1/nothing")
+    r = stack["http"].get("/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
-    r = httpx.get(stack["url"] + "/v1/chat/completions", headers=auth())
+    r = stack["http"].get("/v1/chat/completions", headers=auth())
     assert r.status_code == 405 and "error" in r.json()
 
 
 def test_an_upstream_error_reaches_the_client_without_the_providers_key(stack):
     stack["strong"].control(mode="error", error_status=400, echo_key=True)  # it echoes the key it received
     try:
-        r = httpx.post(
-            stack["url"] + "/v1/chat/completions",
+        r = stack["http"].post(
+            "/v1/chat/completions",
             headers={"Authorization": f"Bearer {CLIENT_KEY}"},
             json={"model": "router-1", "messages": user()},
         )
@@ -295,8 +312,8 @@ def test_logs_never_hold_keys_or_prompts(client, stack, caplog):
     with caplog.at_level(logging.INFO):
         client.chat.completions.create(model="router", messages=user(secret))
         list(client.chat.completions.create(model="router", messages=user(secret), stream=True))
-        httpx.post(stack["url"] + "/v1/route", json={"model": "router", "messages": user(secret)}, headers=auth())
-        httpx.post(stack["url"] + "/v1/route", json={"model": "router"}, headers=auth("sk-wrong-key-in-log?"))
+        stack["http"].post("/v1/route", json={"model": "router", "messages": user(secret)}, headers=auth())
+        stack["http"].post("/v1/route", json={"model": "router"}, headers=auth("sk-wrong-key-in-log?"))
     text = caplog.text
     assert "chat id=" in text  # the service does log each request
     for forbidden in [secret, "zebra", CLIENT_KEY, "sk-wrong-key-in-log", *PROVIDER_KEYS.values()]:
@@ -305,7 +322,7 @@ def test_logs_never_hold_keys_or_prompts(client, stack, caplog):
 
 def test_cutting_a_huge_prompt_leaves_its_score_unchanged(stack):
     text = "Please review this log and tell me what failed. " + "step ok; " * 5000  # ~45k characters
-    r = httpx.post(stack["url"] + "/v1/route", json={"model": "router", "messages": user(text)}, headers=auth())
+    r = stack["http"].post("/v1/route", json={"model": "router", "messages": user(text)}, headers=auth())
     router = stack["service"].app.state.service.router
     full = router.pass_chance([text])[0]  # the whole text, uncut
     assert r.json()["pass_chances"]["weak"] == pytest.approx(float(full), abs=1e-6)

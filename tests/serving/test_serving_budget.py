@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-import httpx
 import numpy as np
-import openai
 import pandas as pd
 import pytest
 
@@ -19,7 +17,8 @@ from serving_fixtures import (
     FakeProvider,
     provider_entry,
     service_config,
-    start_service,
+    in_process,
+    openai_client,
     two_tiers,
 )
 
@@ -43,8 +42,8 @@ class SimClock:
         return self.t
 
 
-def metric(url: str, name: str) -> float:
-    m = re.search(rf"^{name} (\S+)$", httpx.get(url + "/metrics").text, re.M)
+def metric(http, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", http.get("/metrics").text, re.M)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
 
@@ -96,8 +95,8 @@ def test_a_simulated_day_stays_within_budget_near_the_best_fixed_threshold_in_hi
             budget={"period": "day", "usd": budget, "store": str(tmp_path / "spend.sqlite"), "window": 300},
         )
         arrivals = np.sort(np.random.default_rng(0).uniform(0, 86400, len(day)))
-        with start_service(cfg, clock=clock) as service:
-            client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        with in_process(cfg, clock=clock) as service:
+            client = openai_client(service, CLIENT_KEY)
             tiers, costs, effective, p_weak = [], [], [], []
             for prompt, at in zip(day["prompt"], arrivals, strict=True):
                 clock.t = MAY_1 + at
@@ -108,7 +107,7 @@ def test_a_simulated_day_stays_within_budget_near_the_best_fixed_threshold_in_hi
                 costs.append(float(raw.headers["x-router-cost-usd"]))
                 effective.append(float(raw.headers["x-router-effective-threshold"]))
                 p_weak.append(float(raw.headers["x-router-pass-chances"].split(",")[0].removeprefix("weak=")))
-            spent = metric(service.url, "router_budget_spent_usd")
+            spent = metric(service, "router_budget_spent_usd")
     spend, accuracy = fixed_threshold_frontier(day, np.array(p_weak))  # the router's real scores, 4 decimals
     best = accuracy[spend <= budget].max()
     routed_weak = np.array(tiers) == "weak"
@@ -138,8 +137,8 @@ def test_spend_persists_across_a_restart_and_shows_in_metrics_and_route(tmp_path
             ),
             budget={"period": "day", "usd": 1.0, "store": str(tmp_path / "spend.sqlite")},
         )
-        with start_service(cfg, clock=clock) as first:
-            client = openai.OpenAI(base_url=first.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        with in_process(cfg, clock=clock) as first:
+            client = openai_client(first, CLIENT_KEY)
             costs = [
                 float(
                     client.chat.completions.with_raw_response.create(model="router-1", messages=prompt).headers[
@@ -151,27 +150,25 @@ def test_spend_persists_across_a_restart_and_shows_in_metrics_and_route(tmp_path
             list(
                 client.chat.completions.create(model="router-1", messages=prompt, stream=True)
             )  # a stream is billed at its end
-            spent = metric(first.url, "router_budget_spent_usd")
+            spent = metric(first, "router_budget_spent_usd")
             assert spent == pytest.approx(sum(costs) * 4 / 3) and costs[0] > 0
-        with start_service(cfg, clock=clock) as second:  # a new process on the same store
-            assert metric(second.url, "router_budget_spent_usd") == pytest.approx(spent)
-            assert metric(second.url, "router_budget_usd") == 1.0
-            assert metric(second.url, "router_budget_pace") == pytest.approx(spent / (1.0 / 8))
-            assert metric(second.url, "router_effective_threshold") == metric(
-                second.url, "router_threshold"
-            )  # not warm yet
-            route = httpx.post(
-                second.url + "/v1/route",
+        with in_process(cfg, clock=clock) as second:  # a new process on the same store
+            assert metric(second, "router_budget_spent_usd") == pytest.approx(spent)
+            assert metric(second, "router_budget_usd") == 1.0
+            assert metric(second, "router_budget_pace") == pytest.approx(spent / (1.0 / 8))
+            assert metric(second, "router_effective_threshold") == metric(second, "router_threshold")  # not warm yet
+            route = second.post(
+                "/v1/route",
                 json={"model": "router", "messages": prompt},
                 headers={"Authorization": f"Bearer {CLIENT_KEY}"},
             ).json()
             assert route["budget"]["spent_usd"] == pytest.approx(spent) and route["budget"]["requests"] == 4
             assert route["budget"]["period"] == "2024-05-01" and route["budget"]["pace"] == pytest.approx(spent * 8)
-            client = openai.OpenAI(base_url=second.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+            client = openai_client(second, CLIENT_KEY)
             client.chat.completions.create(model="router-1", messages=prompt)
-            assert metric(second.url, "router_budget_spent_usd") == pytest.approx(spent + costs[0])
+            assert metric(second, "router_budget_spent_usd") == pytest.approx(spent + costs[0])
             clock.t += 86400  # the next UTC day starts from nothing
-            assert metric(second.url, "router_budget_spent_usd") == 0.0
+            assert metric(second, "router_budget_spent_usd") == 0.0
 
 
 def test_once_the_budget_is_spent_only_the_cheapest_tier_answers_and_headers_say_budget(tmp_path):
@@ -184,8 +181,8 @@ def test_once_the_budget_is_spent_only_the_cheapest_tier_answers_and_headers_say
             ),
             budget={"period": "month", "usd": 0.0005, "store": str(tmp_path / "spend.sqlite")},
         )
-        with start_service(cfg, clock=SimClock(MAY_1 + 86400)) as service:
-            client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        with in_process(cfg, clock=SimClock(MAY_1 + 86400)) as service:
+            client = openai_client(service, CLIENT_KEY)
             r = client.chat.completions.with_raw_response.create(model="router-1", messages=prompt)
             # a strong answer would cost ~$0.008 (with the assumed 256 output tokens): more than the $0.0005 left
             assert (r.headers["x-router-tier"], r.headers["x-router-rule"], r.headers["x-router-skipped"]) == (
@@ -194,8 +191,8 @@ def test_once_the_budget_is_spent_only_the_cheapest_tier_answers_and_headers_say
                 "strong=budget",
             )
             assert r.parse().model == WEAK and strong.stats()["requests"] == 0
-            d = httpx.post(
-                service.url + "/v1/route",
+            d = service.post(
+                "/v1/route",
                 json={"model": "router-1", "messages": prompt},
                 headers={"Authorization": f"Bearer {CLIENT_KEY}"},
             ).json()
@@ -225,8 +222,8 @@ def test_an_explicit_threshold_wins_over_pacing_until_the_budget_is_spent(tmp_pa
                 "max_threshold": 1.0,
             },
         )
-        with start_service(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
-            client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        with in_process(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
+            client = openai_client(service, CLIENT_KEY)
             for _ in range(12):
                 client.chat.completions.create(model="router-0.5", messages=prompt)
             paced = client.chat.completions.with_raw_response.create(model="router", messages=prompt)
@@ -257,8 +254,8 @@ def test_by_default_the_budget_is_a_cap_and_pacing_never_raises_a_threshold(tmp_
                 "window": 10,
             },
         )
-        with start_service(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
-            client = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        with in_process(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
+            client = openai_client(service, CLIENT_KEY)
             for _ in range(12):
                 client.chat.completions.create(model="router", messages=prompt)
             paced = client.chat.completions.with_raw_response.create(model="router", messages=prompt)
@@ -266,8 +263,8 @@ def test_by_default_the_budget_is_a_cap_and_pacing_never_raises_a_threshold(tmp_
             assert h["x-router-effective-threshold"] == h["x-router-threshold"] and h["x-router-tier"] == "weak", dict(
                 h
             )
-            route = httpx.post(
-                service.url + "/v1/route",
+            route = service.post(
+                "/v1/route",
                 json={"model": "router", "messages": prompt},
                 headers={"Authorization": f"Bearer {CLIENT_KEY}"},
             ).json()

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pandas as pd
 import pytest
 import yaml
@@ -28,7 +27,7 @@ from serving_fixtures import (
     FakeProvider,
     provider_entry,
     service_config,
-    start_service,
+    in_process,
     two_tiers,
 )
 from learned_router.serving.config import hash_key
@@ -75,17 +74,19 @@ def service(tmp_path_factory):
             drift={"window": WINDOW, "min_requests": 200, "threshold": 0.25, "reference": str(tmp / "reference.json")},
             admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
         )
-        with start_service(cfg) as s:
-            yield {"url": s.url, "config": cfg, "reference": tmp / "reference.json"}
+        with in_process(cfg) as s:
+            yield {"http": s, "config": cfg, "reference": tmp / "reference.json"}
 
 
-def send(url: str, prompts: list[str]) -> None:
-    with httpx.Client(headers=AUTH, timeout=60) as client, ThreadPoolExecutor(8) as pool:
+def send(http, prompts: list[str]) -> None:
+    with ThreadPoolExecutor(8) as pool:
         statuses = list(
             pool.map(
                 lambda p: (
-                    client.post(
-                        url + "/v1/route", json={"model": "router", "messages": [{"role": "user", "content": p}]}
+                    http.post(
+                        "/v1/route",
+                        json={"model": "router", "messages": [{"role": "user", "content": p}]},
+                        headers=AUTH,
                     ).status_code
                 ),
                 prompts,
@@ -94,8 +95,8 @@ def send(url: str, prompts: list[str]) -> None:
     assert statuses == [200] * len(prompts)
 
 
-def gauges(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics").text
+def gauges(http) -> dict[str, float]:
+    text = http.get("/metrics").text
     return {
         m.group(1): float(m.group(2)) for m in re.finditer(r'^router_drift_psi\{signal="(\w+)"\} (\S+)$', text, re.M)
     }
@@ -105,27 +106,27 @@ def gauges(url: str) -> dict[str, float]:
 def test_code_only_traffic_after_a_mixed_reference_moves_the_drift_gauge_and_a_stable_mix_does_not(
     service, traffic, caplog
 ):
-    url = service["url"]
-    send(url, traffic["mixed"])
-    r = httpx.post(url + "/v1/drift/reference", headers=AUTH)  # a client key cannot say what counts as drift
+    http = service["http"]
+    send(http, traffic["mixed"])
+    r = http.post("/v1/drift/reference", headers=AUTH)  # a client key cannot say what counts as drift
     assert r.status_code == 401 and not service["reference"].exists(), r.text
-    r = httpx.post(url + "/v1/drift/reference", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    r = http.post("/v1/drift/reference", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert r.status_code == 200 and r.json()["requests"] == WINDOW
     assert json.loads(service["reference"].read_text())["task_type"] == r.json()["task_type"]
     assert len(r.json()["task_type"]) >= 5  # a mix: most types are there
 
     with caplog.at_level(logging.INFO, logger="learned_router.serving"):
-        send(url, traffic["mixed_again"])  # other prompts of the same sources
-        stable = gauges(url)
+        send(http, traffic["mixed_again"])  # other prompts of the same sources
+        stable = gauges(http)
         assert set(stable) == {"pass_chance", "task_type", "tier"}
         assert all(v < 0.25 for v in stable.values()), stable
         assert not [m for m in caplog.messages if m.startswith("drift:") and "PSI" in m]
 
-        send(url, traffic["code"])
-        shifted = gauges(url)
+        send(http, traffic["code"])
+        shifted = gauges(http)
     assert shifted["task_type"] > 0.25 and shifted["pass_chance"] > 0.25, shifted  # coding prompts score apart too
     assert any(m.startswith("drift: task_type PSI") and "> 0.25" in m for m in caplog.messages)
-    state = httpx.get(url + "/v1/drift", headers=AUTH).json()
+    state = http.get("/v1/drift", headers=AUTH).json()
     assert (
         state["psi"]["task_type"] == pytest.approx(shifted["task_type"]) and state["window"]["task_type"]["code"] > 0.8
     )
@@ -143,7 +144,7 @@ def test_a_restarted_service_reads_its_reference_and_the_alerts_query_what_it_ex
         "tier",
     }
 
-    families = {f.name: f.type for f in text_string_to_metric_families(httpx.get(service["url"] + "/metrics").text)}
+    families = {f.name: f.type for f in text_string_to_metric_families(service["http"].get("/metrics").text)}
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     exported = {name + s for name, kind in families.items() for s in suffixes.get(kind, ("",))}
     rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]

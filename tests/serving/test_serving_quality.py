@@ -21,7 +21,7 @@ from serving_fixtures import (
     provider_entry,
     router_output,
     service_config,
-    start_service,
+    in_process,
     two_tiers,
     wait_for,
 )
@@ -89,15 +89,13 @@ def chat(server, text: str, key: str = CLIENT_KEY, **router) -> httpx.Response:
     body = {"model": "router", "messages": [{"role": "user", "content": text}], "max_tokens": 32}
     if router:
         body["router"] = router
-    return httpx.post(
-        server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30
-    )
+    return server.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
 
 
 def jobs(server) -> dict[str, float]:
     """router_shadow_jobs_total by outcome."""
     out = {}
-    for line in httpx.get(server.url + "/metrics", timeout=5).text.splitlines():
+    for line in server.get("/metrics").text.splitlines():
         if line.startswith("router_shadow_jobs_total{"):
             out[line.split('outcome="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
     return out
@@ -109,7 +107,7 @@ def shadow_of(server):
 
 @pytest.mark.slow
 def test_the_estimate_covers_the_true_retained_quality(fakes, tmp_path, prompts):
-    with start_service(config(fakes, tmp_path, sample=0.5)) as server:
+    with in_process(config(fakes, tmp_path, sample=0.5)) as server:
         shadow_of(server).rng = random.Random(7)
         routed, strong = [], []
         for text in prompts:
@@ -129,11 +127,7 @@ def test_the_estimate_covers_the_true_retained_quality(fakes, tmp_path, prompts)
         )
         auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
         est = wait_for(
-            lambda: (
-                (e := httpx.get(server.url + "/v1/quality", headers=auth, timeout=30).json())["prompts"]
-                == graded["graded"]
-                and e
-            ),
+            lambda: (e := server.get("/v1/quality", headers=auth).json())["prompts"] == graded["graded"] and e,
             10,
         )
         assert est["prompts"] == graded["graded"] < len(prompts)  # a sample, not every request
@@ -147,19 +141,19 @@ def test_the_estimate_covers_the_true_retained_quality(fakes, tmp_path, prompts)
         assert best is None or best["retained_quality"] >= est["target"]
         assert router[-1]["cost_ratio"] < 1.0  # every prompt re-decided: all weak at the lowest threshold
         # the gauges carry the same figures; the admin key reads the estimate too
-        text = httpx.get(server.url + "/metrics", timeout=5).text
+        text = server.get("/metrics").text
         gauge = next(x for x in text.splitlines() if x.startswith('router_quality_retained{bound="low"}'))
         assert float(gauge.rsplit(" ", 1)[1]) == pytest.approx(low)
-        admin = httpx.get(server.url + "/v1/quality", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+        admin = server.get("/v1/quality", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         assert admin.status_code == 200 and admin.json()["prompts"] == est["prompts"]
-        assert httpx.get(server.url + "/v1/quality", timeout=5).status_code == 401
+        assert server.get("/v1/quality").status_code == 401
         # every shadow call is the judge's or the other tier's: the client was billed only its own answer
         assert shadow_of(server).store.spent(time.time()) > 0
 
 
 def test_cap_exclusions_and_data_classes_hold(fakes, tmp_path, prompts):
     cfg = config(fakes, tmp_path, max_usd_per_day=0.02, exclude_clients=["limited"])
-    with start_service(cfg) as server:
+    with in_process(cfg) as server:
         for text in prompts[:40]:
             assert chat(server, text).status_code == 200
         assert chat(server, prompts[0], key=OTHER_KEY).status_code == 200
@@ -172,14 +166,14 @@ def test_cap_exclusions_and_data_classes_hold(fakes, tmp_path, prompts):
         assert spent <= 0.02 and counts.get("graded", 0) >= 1  # graded until the cap, then none started
         rows = shadow_of(server).store.rows()
         assert all(r["client"] == "test" for r in rows)
-    with start_service(config(fakes, tmp_path / "t", exclude_tiers=["strong"])) as server:
+    with in_process(config(fakes, tmp_path / "t", exclude_tiers=["strong"])) as server:
         assert chat(server, prompts[2]).status_code == 200
         assert wait_for(lambda: jobs(server).get("excluded_tier"), 10) == 1
 
 
 def test_a_hanging_or_lying_judge_changes_nothing_for_clients(fakes, tmp_path, prompts):
     weak, strong, judge = fakes
-    with start_service(config(fakes, tmp_path, concurrency=1, queue_size=2)) as server:
+    with in_process(config(fakes, tmp_path, concurrency=1, queue_size=2)) as server:
         judge.control(mode="hang")
         answers = [chat(server, text) for text in prompts[:12]]
         assert all(r.status_code == 200 for r in answers)
@@ -202,8 +196,8 @@ def test_a_hanging_or_lying_judge_changes_nothing_for_clients(fakes, tmp_path, p
 def test_off_without_the_block(fakes, tmp_path):
     cfg = config(fakes, tmp_path)
     del cfg["quality"]
-    with start_service(cfg) as server:
-        r = httpx.get(server.url + "/v1/quality", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=5)
+    with in_process(cfg) as server:
+        r = server.get("/v1/quality", headers={"Authorization": f"Bearer {CLIENT_KEY}"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "quality_off"
 
 
@@ -234,14 +228,13 @@ def test_the_estimate_maths_on_known_rows():
 
 
 def test_a_streamed_answer_is_graded_as_the_client_got_it(fakes, tmp_path, prompts):
-    with start_service(config(fakes, tmp_path)) as server:
+    with in_process(config(fakes, tmp_path)) as server:
         body = {"model": "router", "messages": [{"role": "user", "content": "hello there"}], "stream": True}
-        with httpx.stream(
+        with server.stream(
             "POST",
-            server.url + "/v1/chat/completions",
+            "/v1/chat/completions",
             json=body,
             headers={"Authorization": f"Bearer {CLIENT_KEY}"},
-            timeout=30,
         ) as r:
             assert r.status_code == 200 and "[DONE]" in r.read().decode()
         wait_for(lambda: jobs(server).get("graded"), 10)
@@ -260,7 +253,7 @@ def test_report_export_and_calibrate_read_the_store(fakes, tmp_path, prompts):
     from learned_router.data import load_grades
     from serving_fixtures import ROUTER_DIR
 
-    with start_service(config(fakes, tmp_path)) as server:
+    with in_process(config(fakes, tmp_path)) as server:
         for text in prompts[:60]:
             assert chat(server, text).status_code == 200
         wait_for(lambda: jobs(server).get("graded", 0) >= 60, 30)
@@ -323,7 +316,7 @@ def test_the_shadow_graded_rows_teach_the_router(fakes, tmp_path, prompts, datas
     from learned_router.scorer import Router
     from serving_fixtures import ROUTER_DIR
 
-    with start_service(config(fakes, tmp_path)) as server:
+    with in_process(config(fakes, tmp_path)) as server:
         for text in prompts[:200]:
             assert chat(server, text).status_code == 200
         wait_for(lambda: jobs(server).get("graded", 0) >= 200, 60)

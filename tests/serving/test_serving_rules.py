@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import httpx
 import openai
 import pytest
 
@@ -18,7 +17,8 @@ from serving_fixtures import (
     FakeProvider,
     provider_entry,
     service_config,
-    start_service,
+    in_process,
+    openai_client,
     two_tiers,
 )
 
@@ -75,13 +75,13 @@ def service(healthy, router):
         latency={"window": 10, "min_samples": 3},
         circuit_breaker={"failures": 3, "cooldown_s": 60},
     )
-    with start_service(cfg, router=router) as s:
+    with in_process(cfg, router=router) as s:
         yield s
 
 
 @pytest.fixture
 def client(service) -> openai.OpenAI:
-    return openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    return openai_client(service, CLIENT_KEY)
 
 
 def ask(client, text: str, model: str = "router-0", **kw):
@@ -96,12 +96,12 @@ def refused(client, text: str, model: str = "router-0", **kw) -> tuple[int, dict
     return e.value.status_code, e.value.response.json()["error"]
 
 
-def metric(url: str, name: str, **labels) -> float:
+def metric(http, name: str, **labels) -> float:
     """The sum of `name`'s series that carry `labels` (others, such as task_type, may differ); NaN when none does."""
     want = {f'{k}="{v}"' for k, v in labels.items()}
     values = [
         float(m.group(2))
-        for m in re.finditer(rf"^{name}{{(.*)}} (\S+)$", httpx.get(url + "/metrics").text, re.M)
+        for m in re.finditer(rf"^{name}{{(.*)}} (\S+)$", http.get("/metrics").text, re.M)
         if want <= set(m.group(1).split(","))
     ]
     return sum(values) if values else float("nan")
@@ -123,7 +123,7 @@ def test_restricted_data_reaches_only_its_providers_on_fallback_and_with_circuit
     assert r.headers["x-router-tier"] == "weak" and r.headers["x-router-provider"] == "strong-c"  # not weak-b
     assert ask(client, "an open question").headers["x-router-provider"] == "weak-b"  # unclassified data may go anywhere
     assert (
-        metric(service.url, "router_circuit_state", provider="weak-a") == 2
+        metric(service, "router_circuit_state", provider="weak-a") == 2
     )  # 4 failed attempts: weak-a's circuit is open
 
     fakes["strong-c"].control(mode="error")  # every allowed provider is down; weak-b and strong-a are healthy
@@ -150,8 +150,8 @@ def test_a_tier_without_an_allowed_provider_is_skipped_by_the_data_class_rule(cl
     r = ask(client, "internal numbers", extra_headers={"x-router-data-class": "internal"})
     assert r.headers["x-router-tier"] == "strong" and r.headers["x-router-provider"] == "strong-a"
     assert r.headers["x-router-rule"] == "data_class" and r.headers["x-router-skipped"] == "weak=data_class"
-    d = httpx.post(
-        service.url + "/v1/route",
+    d = service.post(
+        "/v1/route",
         json={
             "model": "router-0",
             "messages": [{"role": "user", "content": "x"}],
@@ -184,8 +184,8 @@ BAD_OPTIONS = [
 def test_bad_routing_options_are_400(service):
     for path in ("/v1/chat/completions", "/v1/route"):
         for body, headers, fragment in BAD_OPTIONS:
-            r = httpx.post(
-                service.url + path,
+            r = service.post(
+                path,
                 json={"model": "router", "messages": [{"role": "user", "content": "hi"}], **body},
                 headers={"Authorization": f"Bearer {CLIENT_KEY}", **headers},
             )
@@ -199,7 +199,7 @@ def test_a_latency_budget_skips_slow_providers_then_slow_tiers(client, service, 
     fakes["weak-a"].control(latency_ms=200)
     for i in range(3):
         assert ask(client, f"warm up {i}").headers["x-router-provider"] == "weak-a"
-    assert metric(service.url, "router_provider_latency_p95_seconds", provider="weak-a") >= 0.2
+    assert metric(service, "router_provider_latency_p95_seconds", provider="weak-a") >= 0.2
     r = ask(client, "in a hurry", extra_headers={"x-router-latency-budget-ms": "120"})
     assert r.headers["x-router-tier"] == "weak" and r.headers["x-router-provider"] == "weak-b"
     assert fakes["weak-a"].stats()["requests"] == 3  # the slow provider was not even tried
@@ -225,9 +225,7 @@ def test_fallbacks_get_only_what_is_left_of_the_latency_budget(client, service, 
     assert "strong/strong-c: cut off after" in err["message"]
     assert fakes["strong-c"].stats()["requests"] == 1  # tried, with what was left instead of its 2 s timeout
     assert fakes["weak-a"].stats()["requests"] == 0  # the budget was spent: no further fallbacks
-    assert (
-        metric(service.url, "router_circuit_state", provider="strong-c") == 0
-    )  # a cut-off is not the provider's fault
+    assert metric(service, "router_circuit_state", provider="strong-c") == 0  # a cut-off is not the provider's fault
     assert ask(client, "quick", "router-1").headers["x-router-provider"] == "strong-c"  # without a budget it answers
 
     fakes["strong-a"].control(mode="hang", latency_ms=0)
@@ -264,8 +262,8 @@ def test_headers_and_route_explain_score_context_and_circuit_decisions(client, s
         "circuit_open",
         "weak=circuit_open",
     )
-    d = httpx.post(
-        service.url + "/v1/route",
+    d = service.post(
+        "/v1/route",
         json={"model": "router-0", "messages": [{"role": "user", "content": "x"}]},
         headers={"Authorization": f"Bearer {CLIENT_KEY}"},
     ).json()
@@ -274,7 +272,7 @@ def test_headers_and_route_explain_score_context_and_circuit_decisions(client, s
         {"tier": "weak", "rule": "circuit_open", "detail": "weak-a: circuit open; weak-b: circuit open"}
     ]
     assert "weak cannot take it" in d["reason"] and d["pass_chances"]["strong"] == 1.0
-    assert metric(service.url, "router_decisions_total", rule="circuit_open", tier="strong") >= 2
+    assert metric(service, "router_decisions_total", rule="circuit_open", tier="strong") >= 2
 
 
 # ---- a multi-tier router ---------------------------------------------------------------------------
@@ -298,10 +296,10 @@ def test_a_multi_tier_router_picks_the_cheapest_tier_that_clears_the_threshold(h
     expected = tiers_router.score([prompt])[0]
     small, medium = (float(expected[tiers_router.models.index(scored[t])]) for t in ("small", "medium"))
     assert small < medium < 1.0, "the test needs a prompt the medium tier is likelier to pass"
-    with start_service(cfg, router=tiers_router) as service:
-        c = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
-        d = httpx.post(
-            service.url + "/v1/route",
+    with in_process(cfg, router=tiers_router) as service:
+        c = openai_client(service, CLIENT_KEY)
+        d = service.post(
+            "/v1/route",
             json={"model": "router", "messages": [{"role": "user", "content": prompt}]},
             headers={"Authorization": f"Bearer {CLIENT_KEY}"},
         ).json()

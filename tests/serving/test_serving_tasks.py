@@ -18,7 +18,7 @@ from serving_fixtures import (
     FakeProvider,
     provider_entry,
     service_config,
-    start_service,
+    in_process,
     two_tiers,
 )
 
@@ -51,33 +51,31 @@ def config(fakes, **task_types) -> dict:
 
 @pytest.fixture(scope="module")
 def service(fakes):
-    with start_service(config(fakes, min_tier={"code": "strong"}, threshold_offsets={"translation": 0.5})) as s:
+    with in_process(config(fakes, min_tier={"code": "strong"}, threshold_offsets={"translation": 0.5})) as s:
         yield s
 
 
-def route(url: str, text: str, model: str = "router-0", headers: dict | None = None, **body) -> httpx.Response:
-    return httpx.post(
-        url + "/v1/route",
+def route(http, text: str, model: str = "router-0", headers: dict | None = None, **body) -> httpx.Response:
+    return http.post(
+        "/v1/route",
         json={"model": model, "messages": [{"role": "user", "content": text}], **body},
         headers=AUTH | (headers or {}),
-        timeout=30,
     )
 
 
 def test_each_request_gets_a_type_in_route_headers_log_and_metrics(service, caplog):
     for text, kind in [(HELLO, "chitchat"), (TRANSLATE, "translation"), (CODE, "code")]:
-        d = route(service.url, text).json()
+        d = route(service, text).json()
         assert (d["task_type"], d["task_type_source"]) == (kind, "inferred")
     with caplog.at_level(logging.INFO, logger="learned_router.serving"):
-        r = httpx.post(
-            service.url + "/v1/chat/completions",
+        r = service.post(
+            "/v1/chat/completions",
             headers=AUTH,
-            timeout=30,
             json={"model": "router-0", "messages": [{"role": "user", "content": HELLO}]},
         )
     assert r.status_code == 200 and r.headers["x-router-task-type"] == "chitchat"
     assert any("task_type=chitchat" in m for m in caplog.messages)
-    text = httpx.get(service.url + "/metrics").text
+    text = service.get("/metrics").text
     assert re.search(
         r'^router_decisions_total\{router="[^"]+",rule="task_type",task_type="code",tier="strong"\} [1-9]', text, re.M
     )
@@ -87,32 +85,32 @@ def test_each_request_gets_a_type_in_route_headers_log_and_metrics(service, capl
 
 
 def test_a_request_may_name_its_type_and_an_unknown_one_is_a_400_naming_it(service):
-    d = route(service.url, CODE, headers={"x-router-task-type": "math"}).json()
+    d = route(service, CODE, headers={"x-router-task-type": "math"}).json()
     assert (d["task_type"], d["task_type_source"], d["tier"]) == ("math", "request", "weak")  # math is not pinned
-    assert route(service.url, HELLO, router={"task_type": "code"}).json()["tier"] == "strong"
-    r = route(service.url, HELLO, headers={"x-router-task-type": "poetry"})
+    assert route(service, HELLO, router={"task_type": "code"}).json()["tier"] == "strong"
+    r = route(service, HELLO, headers={"x-router-task-type": "poetry"})
     err = r.json()["error"]
     assert r.status_code == 400 and "'poetry'" in err["message"] and "code, math" in err["message"]
     assert err["param"] == "router.task_type" and err["code"] == "unknown_task_type"
-    r = route(service.url, HELLO, headers={"x-router-task-type": "code"}, router={"task_type": "math"})
+    r = route(service, HELLO, headers={"x-router-task-type": "code"}, router={"task_type": "math"})
     assert r.status_code == 400 and "disagree" in r.json()["error"]["message"]
-    r = route(service.url, HELLO, router={"task_type": 3})
+    r = route(service, HELLO, router={"task_type": 3})
     assert r.status_code == 400 and r.json()["error"]["param"] == "router.task_type"
 
 
 def test_type_rules_are_applied_with_the_others_and_explained(service):
-    d = route(service.url, CODE).json()  # router-0: every pass chance clears, yet code is pinned to strong
+    d = route(service, CODE).json()  # router-0: every pass chance clears, yet code is pinned to strong
     assert (d["tier"], d["rule"]) == ("strong", "task_type")
     assert d["skipped"] == [
         {"tier": "weak", "rule": "task_type", "detail": "weak-a: task type 'code' goes to tier strong or above"}
     ]
     assert "weak cannot take it" in d["reason"]
-    low = route(service.url, TRANSLATE, "router-0.4").json()  # +0.5: 0.9, above the weak tier's pass chance here
+    low = route(service, TRANSLATE, "router-0.4").json()  # +0.5: 0.9, above the weak tier's pass chance here
     assert low["threshold"] == pytest.approx(0.9) and low["pass_chances"]["weak"] < 0.9
     assert (low["tier"], low["rule"]) == ("strong", "task_type") and "moves the threshold from 0.4000 to 0.9000" in low[
         "reason"
     ]
-    d = route(service.url, TRANSLATE, "router-0.9").json()  # clipped at 1
+    d = route(service, TRANSLATE, "router-0.9").json()  # clipped at 1
     assert d["threshold"] == 1.0 and d["rule"] == "score"
 
 
@@ -126,14 +124,14 @@ class WithoutEmbedding:
 
 def test_a_router_without_embeddings_serves_with_named_types_only(fakes, caplog):
     with caplog.at_level(logging.WARNING, logger="learned_router.serving"):
-        s = start_service(
+        s = in_process(
             config(fakes, min_tier={"code": "strong"}), router=WithoutEmbedding(Router(ROUTER_DIR, threads=1))
         )
     assert any("no embedding output" in m and "re-export" in m for m in caplog.messages)
     with s:
-        d = route(s.url, CODE).json()
+        d = route(s, CODE).json()
         assert (d["task_type"], d["task_type_source"], d["tier"]) == ("unknown", "none", "weak")
-        assert route(s.url, CODE, headers={"x-router-task-type": "code"}).json()["tier"] == "strong"
+        assert route(s, CODE, headers={"x-router-task-type": "code"}).json()["tier"] == "strong"
 
 
 def test_type_config_errors_name_the_key(fakes):
