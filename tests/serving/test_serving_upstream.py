@@ -1,4 +1,4 @@
-"""Misbehaving upstreams against the real service: insane usage, malformed or endless streams, huge bodies, a locked
+"""Misbehaving upstreams against the service (in process): insane usage, malformed or endless streams, huge bodies, a locked
 spend store, 429 cool-downs. The spend store and cost metrics only ever see finite, bounded, non-negative amounts."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import re
 import sqlite3
 import time
 
-import httpx
 import pytest
 
 from clirun import cli
@@ -19,7 +18,7 @@ from serving_fixtures import (
     FakeProvider,
     provider_entry,
     service_config,
-    start_service,
+    in_process,
     two_tiers,
     wait_for,
 )
@@ -46,9 +45,9 @@ def stack(tmp_path_factory):
             circuit_breaker={"failures": 100, "cooldown_s": 60},
             budget={"period": "month", "usd": 1000.0, "store": str(store)},
         )
-        with start_service(cfg) as service:
+        with in_process(cfg) as service:
             yield {
-                "url": service.url,
+                "http": service,
                 "service": service.app.state.service,
                 "weak": weak,
                 "strong": strong,
@@ -65,7 +64,7 @@ def healthy(stack):
 
 
 def metrics(stack) -> str:
-    return httpx.get(stack["url"] + "/metrics").text
+    return stack["http"].get("/metrics").text
 
 
 def metric_sum(stack, name: str, **labels) -> float:
@@ -107,7 +106,7 @@ def sse(text: str) -> list:
 def test_insane_usage_is_billed_by_the_estimate_and_metered(stack, usage):
     stack["weak"].control(usage=usage)
     before = metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid")
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+    r = stack["http"].post("/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
     shown = r.json()["usage"]  # the counts it was billed for, not the provider's words
     assert r.status_code == 200 and r.headers["x-router-usage"] == "estimated" and shown != usage
     assert (
@@ -126,8 +125,8 @@ def test_insane_usage_is_billed_by_the_estimate_and_metered(stack, usage):
 )
 def test_a_streams_lying_usage_chunk_reaches_the_client_as_the_billed_counts(stack, usage):
     stack["weak"].control(usage=usage)
-    r = httpx.post(
-        stack["url"] + "/v1/chat/completions",
+    r = stack["http"].post(
+        "/v1/chat/completions",
         headers=AUTH,
         json={**WEAK_FIRST, "stream": True, "stream_options": {"include_usage": True}},
     )
@@ -139,14 +138,14 @@ def test_a_streams_lying_usage_chunk_reaches_the_client_as_the_billed_counts(sta
 
 def test_valid_usage_is_passed_as_sent(stack):
     stack["weak"].control(usage={"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17})
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+    r = stack["http"].post("/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
     assert r.headers["x-router-usage"] == "upstream" and r.json()["usage"]["prompt_tokens"] == 12
 
 
 def test_missing_usage_is_billed_by_the_estimate(stack):
     stack["weak"].control(mode="raw", raw_body=json.dumps({"choices": [{"index": 0, "message": ANSWER}]}))
     before = metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="missing")
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+    r = stack["http"].post("/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
     assert r.status_code == 200 and float(r.headers["x-router-cost-usd"]) > 0
     assert metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="missing") == before + 1
 
@@ -170,7 +169,7 @@ def test_missing_usage_is_billed_by_the_estimate(stack):
 def test_an_answer_that_is_not_a_chat_completion_is_a_bad_response_and_fails_over(stack, body):
     stack["weak"].control(mode="raw", raw_body=body)
     before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response")
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+    r = stack["http"].post("/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
     assert r.status_code == 200 and r.json()["model"] == STRONG and r.headers["x-router-fallbacks"] == "1"
     assert (
         metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response") == before + 2
@@ -183,9 +182,7 @@ def test_a_stream_that_never_ends_is_ended_at_max_stream_seconds(stack):
     try:
         before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="stream_too_long")
         started = time.monotonic()
-        r = httpx.post(
-            stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH, timeout=30
-        )
+        r = stack["http"].post("/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
         took = time.monotonic() - started
         events = sse(r.text)
     finally:
@@ -198,7 +195,7 @@ def test_a_stream_that_never_ends_is_ended_at_max_stream_seconds(stack):
 def test_a_huge_answer_is_cut_at_the_limit_and_fails_over(stack):
     stack["weak"].control(mode="huge", huge_bytes=50 << 20)
     t0 = time.monotonic()
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH, timeout=30)
+    r = stack["http"].post("/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
     assert r.status_code == 200 and r.json()["model"] == STRONG and time.monotonic() - t0 < 10
 
 
@@ -220,7 +217,7 @@ def test_a_malformed_stream_chunk_ends_the_clients_stream_with_an_error_event(st
     stack["weak"].control(mode="raw", raw_events=[GOOD_CHUNK, bad, GOOD_CHUNK, "[DONE]"])
     before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="bad_response")
     served = metric_sum(stack, "router_served_total", provider="weak")
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    r = stack["http"].post("/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
     events = sse(r.text)
     assert r.status_code == 200 and r.text.endswith("\n\n")  # a complete response, ended by the router
     assert events[0]["choices"][0]["delta"]["content"] == "2, 3" and len(events) == 2
@@ -238,7 +235,7 @@ def test_a_stream_of_valid_oddities_is_passed_through(stack):
         "[DONE]",
     ]
     stack["weak"].control(mode="raw", raw_events=events)
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    r = stack["http"].post("/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
     assert r.headers["x-router-provider"] == "weak" and len(sse(r.text)) == 5 and sse(r.text)[-1] == "[DONE]"
 
 
@@ -246,21 +243,21 @@ def test_a_stream_without_done_is_interrupted_not_served(stack):
     stack["weak"].control(mode="raw", raw_events=[GOOD_CHUNK, GOOD_CHUNK])
     before = metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="stream_interrupted")
     served = metric_sum(stack, "router_served_total", provider="weak")
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    r = stack["http"].post("/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
     events = sse(r.text)
     assert len(events) == 3 and events[-1]["error"]["code"] == "stream_interrupted"
     assert metric_sum(stack, "router_upstream_errors_total", provider="weak", kind="stream_interrupted") == before + 1
     assert metric_sum(stack, "router_served_total", provider="weak") == served
     stack["weak"].control(mode="ok")
     served_before = metric_sum(stack, "router_served_total", provider="weak")
-    ok = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    ok = stack["http"].post("/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
     assert sse(ok.text)[-1] == "[DONE]"
     wait_for(lambda: metric_sum(stack, "router_served_total", provider="weak") == served_before + 1)
 
 
 def test_a_malformed_first_chunk_fails_over_before_anything_is_sent(stack):
     stack["weak"].control(mode="raw", raw_events=['{"choices":[{"delta":"str"}]}', "[DONE]"])
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    r = stack["http"].post("/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
     events = sse(r.text)
     assert r.headers["x-router-provider"] == "strong" and events[-1] == "[DONE]"
 
@@ -268,7 +265,7 @@ def test_a_malformed_first_chunk_fails_over_before_anything_is_sent(stack):
 def test_an_endless_stream_is_cut_at_the_limit_with_an_error_event(stack):
     stack["weak"].control(mode="huge", huge_bytes=50 << 20)
     t0 = time.monotonic()
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH, timeout=30)
+    r = stack["http"].post("/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
     assert len(r.content) < 2 << 20 and time.monotonic() - t0 < 10
     error = sse(r.text)[-1]["error"]
     assert error["code"] == "bad_response" and "limit" in error["message"]
@@ -278,16 +275,14 @@ def test_insane_stream_usage_is_billed_by_the_estimate(stack):
     usage = json.dumps({"choices": [], "usage": {"prompt_tokens": -1e308, "completion_tokens": 5}})
     stack["weak"].control(mode="raw", raw_events=[GOOD_CHUNK, usage, "[DONE]"])
     before = metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid")
-    r = httpx.post(stack["url"] + "/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
+    r = stack["http"].post("/v1/chat/completions", json={**WEAK_FIRST, "stream": True}, headers=AUTH)
     assert sse(r.text)[-1] == "[DONE]"
     wait_for(lambda: metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="invalid") == before + 1)
     assert math.isfinite(metric_sum(stack, "router_cost_usd_total"))
 
 
 def budget_spent(stack) -> float:
-    return httpx.post(stack["url"] + "/v1/route", json=WEAK_FIRST, headers=AUTH, timeout=5).json()["budget"][
-        "spent_usd"
-    ]
+    return stack["http"].post("/v1/route", json=WEAK_FIRST, headers=AUTH).json()["budget"]["spent_usd"]
 
 
 def test_a_locked_spend_store_delays_only_the_accounting(stack):
@@ -300,9 +295,9 @@ def test_a_locked_spend_store_delays_only_the_accounting(stack):
     locker.execute("BEGIN IMMEDIATE")
     try:
         t0 = time.monotonic()
-        r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH, timeout=30)
+        r = stack["http"].post("/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
         assert r.status_code == 200 and time.monotonic() - t0 < 1.0
-        assert httpx.get(stack["url"] + "/healthz", timeout=5).status_code == 200 and time.monotonic() - t0 < 1.5
+        assert stack["http"].get("/healthz").status_code == 200 and time.monotonic() - t0 < 1.5
         cost = float(r.headers["x-router-cost-usd"])
         assert budget_spent(stack) == pytest.approx(spent + cost)  # the pacer counts it already
         time.sleep(2.5)
@@ -321,15 +316,13 @@ def test_a_429s_retry_after_is_that_providers_cool_down(stack):
     weak.breaker.failures = 1
     try:
         stack["weak"].control(mode="429", retry_after=1)
-        r = httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
+        r = stack["http"].post("/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
         assert r.status_code == 200 and r.json()["model"] == STRONG and weak.breaker.state == "open"
         stack["weak"].control(mode="ok")
         time.sleep(1.1)  # the Retry-After, not the circuit's 60 s cool-down
         # a request or the half-open timer's probe (whichever takes the one try) closes the circuit well before 60 s
         wait_for(
-            lambda: (
-                httpx.post(stack["url"] + "/v1/chat/completions", json=WEAK_FIRST, headers=AUTH).json()["model"] == WEAK
-            ),
+            lambda: stack["http"].post("/v1/chat/completions", json=WEAK_FIRST, headers=AUTH).json()["model"] == WEAK,
             timeout=5,
         )
         assert weak.breaker.state == "closed"
