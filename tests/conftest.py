@@ -1,9 +1,13 @@
-"""Shared fixtures: the real shared datasets, one MLflow server per session, one small router trained on real data."""
+"""Shared fixtures: the real shared datasets, one MLflow server per run, one small router trained on real data (shared
+by pytest-xdist's workers)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -12,17 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from filelock import FileLock
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-from learned_router.tools.inprocess import free_port  # noqa: E402
+from learned_router.tools.inprocess import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 STRONG, WEAK = "gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"
-_server: dict = {}
+SHARED_ENV = "LEARNED_ROUTER_TESTS_SHARED"
 
 
 SLOW_FIXTURES = {"trained", "mlflow_server"}  # they train a router or wait for `mlflow server`
@@ -37,64 +38,87 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def pytest_configure(config):
+    """Nothing is fetched from a hub; the controller makes one folder for what the whole run shares (with
+    pytest-xdist, every worker): the MLflow server's address and the small trained router."""
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if not hasattr(config, "workerinput"):
+        os.environ[SHARED_ENV] = tempfile.mkdtemp(prefix="learned-router-tests-")
+
+
+def shared() -> Path:
+    return Path(os.environ[SHARED_ENV])
+
+
 def pytest_collection_finish(session):
     """Boot `mlflow server` as soon as the tests are collected, when any of them needs it (its sqlite migrations take
     about a minute, while the fast tests run); `pytest tests/test_prices.py` starts none."""
     if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in session.items):
-        start_mlflow()
+        mlflow_url()
 
 
-def start_mlflow() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
-    port = free_port()
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(tmp / "artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job runner processes: no test uses them
-    )
-    _server.update(proc=proc, url=f"http://127.0.0.1:{port}", log=tmp / "server.log", dir=tmp)
+def mlflow_url() -> str:
+    """The run's one MLflow server: started by the first process that needs it, read by the others."""
+    record = shared() / "mlflow.json"
+    with FileLock(shared() / "mlflow.lock"):
+        if record.is_file():
+            return json.loads(record.read_text())["url"]
+        tmp = shared() / "mlflow"
+        tmp.mkdir()
+        port = free_port()
+        log = open(tmp / "server.log", "w")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{tmp / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(tmp / "artifacts"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job runners: no test uses them
+            start_new_session=True,  # outlives the worker that started it; the controller stops it
+        )
+        url = f"http://127.0.0.1:{port}"
+        record.write_text(json.dumps({"url": url, "pid": proc.pid}))
+        return url
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _server:
-        _server["proc"].terminate()
-        _server["proc"].wait(timeout=30)
-        shutil.rmtree(_server["dir"], ignore_errors=True)
+    if hasattr(session.config, "workerinput") or SHARED_ENV not in os.environ:
+        return
+    record = shared() / "mlflow.json"
+    if record.is_file():
+        pid = json.loads(record.read_text())["pid"]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    shutil.rmtree(shared(), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server() -> str:
-    if not _server:  # a test that asks for it by a route the collection did not see
-        start_mlflow()
+    url = mlflow_url()  # started already, unless a test asks for it by a route the collection did not see
+    log = shared() / "mlflow" / "server.log"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if _server["proc"].poll() is not None:
-            pytest.fail(f"mlflow server exited: {_server['log'].read_text()[-2000:]}")
         try:
-            if httpx.get(_server["url"] + "/health", timeout=2).status_code == 200:
-                return _server["url"]
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    pytest.fail(f"mlflow server did not answer /health in 240 s: {_server['log'].read_text()[-2000:]}")
+    pytest.fail(f"mlflow server did not answer /health in 240 s: {log.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -114,18 +138,30 @@ TRAIN_SOURCES = (
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, mlflow_server, datasets_dir):
+def trained(mlflow_server, datasets_dir):
     """A small router trained on real slices of six sources (absolute grades, preferences against a baseline, human
-    votes), logged to the real MLflow server."""
+    votes), logged to the real MLflow server; trained once per run, whichever process asks first."""
+    from learned_router.manifest import read_manifest
     from learned_router.recipe import Recipe
     from learned_router.train import train
 
-    out = tmp_path_factory.mktemp("routers") / "small"
+    out, record = shared() / "routers" / "small", shared() / "trained.json"
     data = [str(datasets_dir / f"{f}.parquet") for f in TRAIN_SOURCES]
     recipe = Recipe(max_prompts=80, steps=150)
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
-    try:
-        manifest, run_id = train(data, out, recipe, experiment="tests")
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
-    return {"path": out, "manifest": manifest, "run_id": run_id, "url": mlflow_server, "data": data, "recipe": recipe}
+    with FileLock(shared() / "trained.lock"):
+        if not record.is_file():
+            os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+            try:
+                _, run_id = train(data, out, recipe, experiment="tests")
+            finally:
+                del os.environ["MLFLOW_TRACKING_URI"]
+            record.write_text(json.dumps({"run_id": run_id}))
+    run_id = json.loads(record.read_text())["run_id"]
+    return {
+        "path": out,
+        "manifest": read_manifest(out),
+        "run_id": run_id,
+        "url": mlflow_server,
+        "data": data,
+        "recipe": recipe,
+    }
