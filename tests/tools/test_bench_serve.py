@@ -25,24 +25,24 @@ def test_compare_sends_the_same_load_to_each_target_and_prints_ratios():
             "--compare",
             f"other={other.base_url}",
             "--prompt-tokens",
-            "30,120",
+            "120",
             "--chat-requests",
             "50",
         )
         assert r.returncode == 0, r.stderr
         cells = re.findall(r"^~(\d+) tokens, concurrency (\d+), (no stream|stream)", r.stdout, re.M)
-        assert len(cells) == 8 and {c[0] for c in cells} == {"30", "120"}, r.stdout
-        assert len(re.findall(r"^  router +adds p50 .* errors 0$", r.stdout, re.M)) == 8, r.stdout
-        assert len(re.findall(r"^  other +adds p50 .* errors 0$", r.stdout, re.M)) == 8, r.stdout
-        assert len(re.findall(r"^  router / other: added p50 ", r.stdout, re.M)) == 8
+        assert len(cells) == 4 and {c[0] for c in cells} == {"120"}, r.stdout
+        assert len(re.findall(r"^  router +adds p50 .* errors 0$", r.stdout, re.M)) == 4, r.stdout
+        assert len(re.findall(r"^  other +adds p50 .* errors 0$", r.stdout, re.M)) == 4, r.stdout
+        assert len(re.findall(r"^  router / other: added p50 ", r.stdout, re.M)) == 4
         # the other "proxy" is a bare fake provider, which scores nothing: the router cannot add less latency than it,
         # and each verdict says so with the service's own scoring time, read from its /metrics
         verdicts = re.findall(r"^  targets vs other: added p50 (met|MISSED), .*$", r.stdout, re.M)
-        assert verdicts.count("MISSED") >= 6, r.stdout
+        assert verdicts.count("MISSED") >= 3, r.stdout
         spent = [float(x) for x in re.findall(r"spent ([\d.]+) ms per request scoring and routing", r.stdout)]
-        assert len(spent) >= 6 and all(x > 0.1 for x in spent), r.stdout
+        assert len(spent) >= 3 and all(x > 0.1 for x in spent), r.stdout
         # every request of every target reached the upstream: direct, through the router, through the other proxy
-        assert upstream.stats()["requests"] >= 8 * 50 * 2 and other.stats()["requests"] >= 8 * 50
+        assert upstream.stats()["requests"] >= 4 * 50 * 2 and other.stats()["requests"] >= 4 * 50
 
 
 @pytest.mark.parametrize(
