@@ -42,6 +42,8 @@ def pytest_configure(config):
     """Nothing is fetched from a hub; the controller makes one folder for what the whole run shares (with
     pytest-xdist, every worker): the MLflow server's address and the small trained router."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if hasattr(config, "workerinput"):  # one xdist worker per core: one thread each for torch and onnxruntime
+        os.environ["OMP_NUM_THREADS"] = "1"
     if not hasattr(config, "workerinput"):
         os.environ[SHARED_ENV] = tempfile.mkdtemp(prefix="learned-router-tests-")
 

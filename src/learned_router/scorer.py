@@ -56,6 +56,13 @@ def decide(p_weak: np.ndarray, threshold: float) -> list[Decision]:
     return [Decision("weak" if p >= threshold else "strong", float(p), threshold) for p in p_weak]
 
 
+def default_threads() -> int | None:
+    """OMP_NUM_THREADS when it is a positive whole number (the convention several processes on a few cores set), else
+    None: onnxruntime's own default, every core."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def check_threshold(threshold: float) -> float:
     if not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
         raise RouterError(f"threshold must be a number in [0, 1], got {threshold!r}")
@@ -80,8 +87,9 @@ class Router:
         threads: int | None = None,
         max_seq_length: int | None = None,
     ):
-        """`max_seq_length`: read this many tokens of each prompt instead of router.json's (`calibrate
-        --max-seq-length` measures a budget before it writes it there)."""
+        """`threads`: onnxruntime's intra-op threads (default: `default_threads()`). `max_seq_length`: read this many
+        tokens of each prompt instead of router.json's (`calibrate --max-seq-length` measures a budget before it
+        writes it there)."""
         self.folder = RouterFolder(path)
         self.path = self.folder.path
         self.manifest: Manifest = self.folder.manifest()
@@ -108,6 +116,7 @@ class Router:
         self._pad_id = tok.token_to_id("[PAD]") or 0
 
         opts = ort.SessionOptions()
+        threads = threads or default_threads()
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

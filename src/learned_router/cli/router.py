@@ -254,7 +254,9 @@ def score(
         typer.Option(help="Instead of --threshold: the share of strong calls wanted (the router's calibration table)."),
     ] = None,
     variant: Annotated[str, typer.Option(help="int8, fp32 or auto.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="onnxruntime threads (default: OMP_NUM_THREADS if set, else all cores).")
+    ] = None,
 ):
     """Score prompts: one JSON line each with the weak model's pass chance against the strong one, the decision and
     the prompt's difficulty."""
@@ -320,7 +322,9 @@ def calibrate(
             "outputs are calibrated."
         ),
     ] = None,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="onnxruntime threads (default: OMP_NUM_THREADS if set, else all cores).")
+    ] = None,
     max_seq_length: Annotated[
         Optional[int],
         typer.Option(
@@ -465,7 +469,9 @@ def task_types(
         Optional[Path],
         typer.Option(help="A labelled CSV (columns type, prompt): print each type's precision and recall."),
     ] = None,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="onnxruntime threads (default: OMP_NUM_THREADS if set, else all cores).")
+    ] = None,
 ):
     """Task types: list them, type prompts, or evaluate the inferred types on a labelled table."""
     import json
