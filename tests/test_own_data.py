@@ -121,8 +121,8 @@ def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(traine
     assert np.array_equal(o_ours.quality[:, others], o_prior.quality[:, others])  # the prior, exactly
     assert np.array_equal(o_ours.difficulty, o_prior.difficulty)
     weak, strong = wide[WEAK].to_numpy(float), wide[STRONG].to_numpy(float)
-    a_ours = apgr_of(ours.pass_chance(prompts), weak, strong)
-    a_prior = apgr_of(prior.pass_chance(prompts), weak, strong)
+    a_ours = apgr_of(o_ours.pair(WEAK, STRONG), weak, strong)
+    a_prior = apgr_of(o_prior.pair(WEAK, STRONG), weak, strong)
     print(f"APGR on 500 fresh MMLU prompts: prior {a_prior:.3f}, trained over it {a_ours:.3f}")
     assert a_ours > a_prior + 0.03
     # the trainer's evaluator scored the written router on the same 500, the 200 it trained on left out
