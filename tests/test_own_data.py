@@ -116,7 +116,8 @@ def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(traine
     ours, prior = Router(folder), Router(trained["path"])
     wide = fresh.pivot_table(index="prompt", columns="model", values="score")
     prompts = list(wide.index)
-    o_ours, o_prior = ours.predict(prompts), prior.predict(prompts)
+    o_prior = prior.predict(prompts)
+    o_ours = ours.residual.apply(o_prior, prompts, ours.manifest.models)  # the same graph: its top level on top
     others = [i for i, name in enumerate(prior.manifest.models) if name not in (STRONG, WEAK)]
     assert np.array_equal(o_ours.quality[:, others], o_prior.quality[:, others])  # the prior, exactly
     assert np.array_equal(o_ours.difficulty, o_prior.difficulty)

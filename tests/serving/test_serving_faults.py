@@ -22,7 +22,10 @@ from serving_fixtures import (
     wait_for,
 )
 
-pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+pytestmark = [
+    pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"),
+    pytest.mark.slow,  # the service on a real socket: connections, concurrency and streams cut mid-way are the subject
+]
 
 NAMES = ["strong-a", "strong-b", "weak-a", "weak-b"]
 MODELS = {

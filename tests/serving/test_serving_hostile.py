@@ -28,7 +28,10 @@ from serving_fixtures import (
     wait_for,
 )
 
-pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+pytestmark = [
+    pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"),
+    pytest.mark.slow,  # the service on a real socket: connections, concurrency and streams cut mid-way are the subject
+]
 
 STRONG, WEAK = "gpt-4-1106-preview", "mixtral-8x7b"
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}

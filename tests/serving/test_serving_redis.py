@@ -43,6 +43,7 @@ pytestmark = [
         shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)"
     ),
     pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"),
+    pytest.mark.slow,  # replicas as `learned-router serve` processes on real sockets and a real redis-server
 ]
 
 WEAK, STRONG = "mixtral-8x7b", "gpt-4-1106-preview"
