@@ -191,7 +191,7 @@ def test_own_model_names_get_outputs_of_their_own(trained, tmp_path, datasets_di
 
 
 def test_eval_refits_the_top_level_per_fold_and_the_learning_curve(trained, tmp_path, datasets_dir):
-    mmlu_table(datasets_dir, slice(0, 400)).to_parquet(tmp_path / "graded.parquet")
+    mmlu_table(datasets_dir, slice(0, 300)).to_parquet(tmp_path / "graded.parquet")
     env = {"MLFLOW_TRACKING_URI": trained["url"]}
     cli(
         "train",
