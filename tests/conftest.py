@@ -143,6 +143,8 @@ TRAIN_SOURCES = (
 def trained(mlflow_server, datasets_dir):
     """A small router trained on real slices of six sources (absolute grades, preferences against a baseline, human
     votes), logged to the real MLflow server; trained once per run, whichever process asks first."""
+    import torch
+
     from learned_router.manifest import read_manifest
     from learned_router.recipe import Recipe
     from learned_router.train import train
@@ -151,12 +153,18 @@ def trained(mlflow_server, datasets_dir):
     data = [str(datasets_dir / f"{f}.parquet") for f in TRAIN_SOURCES]
     recipe = Recipe(max_prompts=80, steps=150)
     with FileLock(shared() / "trained.lock"):
-        if not record.is_file():
-            os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+        if not record.is_file():  # any other worker waits on the lock: the training may use every core
+            threads = os.environ.get("OMP_NUM_THREADS")
+            os.environ.update(MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS=str(os.cpu_count()))
+            torch.set_num_threads(os.cpu_count())
             try:
                 _, run_id = train(data, out, recipe, experiment="tests")
             finally:
                 del os.environ["MLFLOW_TRACKING_URI"]
+                os.environ.pop("OMP_NUM_THREADS")
+                if threads is not None:
+                    os.environ["OMP_NUM_THREADS"] = threads
+                torch.set_num_threads(int(threads or os.cpu_count()))
             record.write_text(json.dumps({"run_id": run_id}))
     run_id = json.loads(record.read_text())["run_id"]
     return {
