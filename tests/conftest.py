@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 from filelock import FileLock
 
@@ -175,3 +176,12 @@ def trained(mlflow_server, datasets_dir):
         "data": data,
         "recipe": recipe,
     }
+
+
+def mmlu_table(datasets_dir, rows: slice) -> pd.DataFrame:
+    """The MMLU prompts of a slice (in a fixed shuffle) with the pair's grades: a user's graded traffic, as `label`
+    writes it (prompt, model, score)."""
+    df = pd.read_parquet(datasets_dir / "routellm_mmlu.parquet")
+    prompts = pd.Series(df["prompt"].unique()).sample(frac=1.0, random_state=0).iloc[rows]
+    mine = df[df["prompt"].isin(set(prompts)) & df["model"].isin([STRONG, WEAK])]
+    return mine[["prompt", "model", "score"]].reset_index(drop=True)

@@ -1,5 +1,4 @@
-"""Two-level routers: the user's own grades fitted on top of a prior router (`train --prior`), scored without torch,
-evaluated by refits per fold and by a learning curve."""
+"""Two-level routers: the user's own grades fitted on top of a prior router (`train --prior`), scored without torch."""
 
 from __future__ import annotations
 
@@ -8,11 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from clirun import cli as run_cli
-from conftest import STRONG, WEAK
+from conftest import STRONG, WEAK, mmlu_table
 from learned_router import Router
 from learned_router import residual as top
 from learned_router.evals.learning import apgr_of
@@ -68,18 +66,6 @@ def test_no_signal_in_the_grades_leaves_the_terms_out():
     base = np.full((len(emb), 2), 0.6, np.float32)
     fitted = top.fit(base, np.full(len(emb), 4.0, np.float32), emb, grades, ["a", "b"], ["a", "b"], None)
     assert fitted.choice.objective == "grade MSE" and fitted.choice.width is None  # a kernel within noise is not kept
-
-
-def mmlu_table(datasets_dir, rows: slice) -> pd.DataFrame:
-    """The MMLU prompts of a slice (in a fixed shuffle) with the pair's grades: a user's graded traffic, as `label`
-    writes it (prompt, model, score)."""
-    df = pd.read_parquet(datasets_dir / "routellm_mmlu.parquet")
-    prompts = pd.Series(df["prompt"].unique()).sample(frac=1.0, random_state=0).iloc[rows]
-    mine = df[
-        df["prompt"].isin(set(prompts))
-        & df["model"].isin(["gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"])
-    ]
-    return mine[["prompt", "model", "score"]].reset_index(drop=True)
 
 
 def test_train_on_a_prior_learns_the_users_pair_and_keeps_everything_else(trained, tmp_path, datasets_dir):
@@ -188,70 +174,3 @@ def test_own_model_names_get_outputs_of_their_own(trained, tmp_path, datasets_di
     )
     assert battles.returncode == 2 and "battles between varying models" in battles.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-
-
-def test_eval_refits_the_top_level_per_fold_and_the_learning_curve(trained, tmp_path, datasets_dir):
-    mmlu_table(datasets_dir, slice(0, 300)).to_parquet(tmp_path / "graded.parquet")
-    env = {"MLFLOW_TRACKING_URI": trained["url"]}
-    cli(
-        "train",
-        "--prior",
-        trained["path"],
-        "--data",
-        tmp_path / "graded.parquet",
-        "--out",
-        tmp_path / "ours",
-        "--quiet",
-        env=env,
-    )
-    cli(
-        "eval",
-        "--router",
-        tmp_path / "ours",
-        "--data",
-        tmp_path / "graded.parquet",
-        "--against",
-        trained["path"],
-        "--out",
-        tmp_path / "eval",
-        "--quiet",
-        env=env,
-    )
-    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert "the top level is refit over its prior" in report["protocol"]
-    assert {"router", "prior", "kNN", "ridge", "router small"} <= set(report["scorers"])
-    assert report["scorers"]["prior"]["apgr"] == pytest.approx(
-        report["scorers"]["router small"]["apgr"]
-    )  # the same prior
-
-    lc = cli(
-        "eval",
-        "--router",
-        trained["path"],
-        "--data",
-        tmp_path / "graded.parquet",
-        "--learning-curve",
-        "100,all",
-        "--draws",
-        "2",
-        "--out",
-        tmp_path / "lc",
-        "--quiet",
-        env=env,
-    )
-    assert "| 100 |" in lc.stdout and "(all) |" in lc.stdout
-    rows = json.loads((tmp_path / "lc" / "learning_curve.json").read_text())["rows"]
-    assert rows[0]["size"] == 100 and rows[1]["all"] and all(0 <= r["two-level"]["apgr"] < 2 for r in rows)
-    bad = cli(
-        "eval",
-        "--router",
-        trained["path"],
-        "--data",
-        tmp_path / "graded.parquet",
-        "--learning-curve",
-        "5,all",
-        "--out",
-        tmp_path / "x",
-        ok=False,
-    )
-    assert bad.returncode == 2 and "--learning-curve: expected sizes of at least 20" in bad.stderr
