@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import auc as trapezoid_area
+from scipy.integrate import trapezoid
 
 from ..errors import DataError
 from ..prices import cost_usd
@@ -112,7 +112,7 @@ def sweep(
 
 def auc(curve: Curve) -> float:
     """Trapezoid area under the curve over its own strong-fraction range."""
-    return float(trapezoid_area(curve.strong_fraction, curve.quality))  # np.trapz, as RouteLLM, on any numpy
+    return float(trapezoid(curve.quality, curve.strong_fraction))  # np.trapz's rule, as RouteLLM's
 
 
 def apgr(curve: Curve, weak_mean: float, strong_mean: float) -> float:
