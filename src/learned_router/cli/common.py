@@ -62,17 +62,6 @@ def missing_module(name: str | None) -> str:
     return f"{name} is not installed"
 
 
-def parse_weights(items: list[str]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, value = pair_option(item, "--weight", "SOURCE=NUMBER")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise RouterError(f"--weight expects SOURCE=NUMBER, got {item!r}") from None
-    return out
-
-
 def pair_option(item: str, option: str, shape: str) -> tuple[str, str]:
     """NAME=VALUE of a repeatable option; RouterError naming the option otherwise."""
     name, sep, value = item.partition("=")
