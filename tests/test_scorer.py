@@ -38,6 +38,24 @@ def test_long_prompts_keep_their_head(router):
     assert router.score([long])[0] == pytest.approx(router.score([long + " And also cook me a pie."])[0], abs=1e-6)
 
 
+def test_a_long_prompt_is_read_from_a_prefix_exactly_as_whole(router, datasets_dir):
+    """The tokens of a long prompt come from a prefix cut at whitespace: the same ids as tokenizing it whole, for real
+    long prompts and for ones built to break a prefix (no whitespace, words past WordPiece's 100 characters, CJK,
+    whitespace only at the start)."""
+    import random
+
+    import pandas as pd
+
+    real = pd.read_parquet(datasets_dir / "arena_battles_1k.parquet", columns=["prompt"])["prompt"].drop_duplicates()
+    rng = random.Random(0)
+    words = ["alpha", "β", "数据", "x" * 150, "emoji😀", "end.", "\n", "\t", "a-b", "12345"]
+    built = [" ".join(rng.choice(words) for _ in range(rng.randint(300, 3000))) for _ in range(40)]
+    hostile = ["y" * 5000, "数" * 5000, ("word " * 10 + "z" * 3000 + " ") * 5, " " * 3000 + "hello", "\n" * 4000 + "x"]
+    texts = [p for p in real if len(p) > 2 * 128 * 16][:30] + built + hostile
+    whole = [router._tok.encode(t).ids for t in texts]  # the tokenizer truncates after reading all of it
+    assert [e.ids for e in router.encode(texts)] == whole
+
+
 def test_pass_chances_are_views_of_the_predicted_quality(router):
     m = router.manifest
     out = router.predict(PROMPTS)

@@ -56,6 +56,9 @@ def decide(p_weak: np.ndarray, threshold: float) -> list[Decision]:
     return [Decision("weak" if p >= threshold else "strong", float(p), threshold) for p in p_weak]
 
 
+PREFIX_CHARS_PER_TOKEN = 16  # a long prompt's prefix to tokenize: 2,048 characters for 128 tokens
+
+
 def default_threads() -> int | None:
     """OMP_NUM_THREADS when it is a positive whole number (the convention several processes on a few cores set), else
     None: onnxruntime's own default, every core."""
@@ -225,13 +228,28 @@ class Router:
             )
         return self.predict(prompts).embedding
 
+    def encode(self, prompts: list[str]) -> list:
+        """Each prompt's tokens as the graph reads them: its first `max_seq_length`, exactly as tokenizing it whole
+        and truncating. A long prompt is tokenized from a prefix cut at whitespace (whole words only), and whole
+        only when that prefix does not hold more tokens than are read: a 20,000-token prompt costs what a short
+        one does."""
+        limit = self.max_seq_length * PREFIX_CHARS_PER_TOKEN
+        cut = [
+            p if len(p) <= limit else p[: max(p.rfind(" ", 0, limit), p.rfind("\n", 0, limit), 0)] or p for p in prompts
+        ]
+        encs = self._tok.encode_batch(cut)
+        short = [i for i, (p, c, e) in enumerate(zip(prompts, cut, encs)) if c is not p and not e.overflowing]
+        for i, e in zip(short, self._tok.encode_batch([prompts[i] for i in short])):
+            encs[i] = e
+        return encs
+
     def graph(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The ONNX graph's own outputs: (quality of `graph_models`, difficulty, embedding or None)."""
         prompts = check_prompts(prompts)
         quality = np.empty((len(prompts), len(self.graph_models)), dtype=np.float32)
         difficulty = np.empty(len(prompts), dtype=np.float32)
         embedding = np.empty((len(prompts), self._dim), dtype=np.float32) if self._dim else None
-        encs = self._tok.encode_batch(prompts)
+        encs = self.encode(prompts)
         if self.variant == "int8" or len(prompts) == 1:  # single prompts are never padded
             for i, enc in enumerate(encs):
                 ids = np.asarray([enc.ids], dtype=np.int64)
