@@ -155,17 +155,15 @@ def trained(mlflow_server, datasets_dir):
     recipe = Recipe(max_prompts=80, steps=150)
     with FileLock(shared() / "trained.lock"):
         if not record.is_file():  # any other worker waits on the lock: the training may use every core
-            threads = os.environ.get("OMP_NUM_THREADS")
-            os.environ.update(MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS=str(os.cpu_count()))
-            torch.set_num_threads(os.cpu_count())
-            try:
-                _, run_id = train(data, out, recipe, experiment="tests")
-            finally:
-                del os.environ["MLFLOW_TRACKING_URI"]
-                os.environ.pop("OMP_NUM_THREADS")
-                if threads is not None:
-                    os.environ["OMP_NUM_THREADS"] = threads
-                torch.set_num_threads(int(threads or os.cpu_count()))
+            threads = torch.get_num_threads()
+            with pytest.MonkeyPatch.context() as env:
+                env.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+                env.setenv("OMP_NUM_THREADS", str(os.cpu_count()))
+                torch.set_num_threads(os.cpu_count())
+                try:
+                    _, run_id = train(data, out, recipe, experiment="tests")
+                finally:
+                    torch.set_num_threads(threads)
             record.write_text(json.dumps({"run_id": run_id}))
     run_id = json.loads(record.read_text())["run_id"]
     return {

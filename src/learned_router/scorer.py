@@ -322,7 +322,7 @@ class Router:
     def n_tokens(self, prompt: str, whole: bool = False) -> int:
         """Encoder tokens the router reads from `prompt` (after truncation), or with `whole` the prompt's own count."""
         if not whole:
-            return len(self._tok.encode(prompt).ids)
+            return len(self.encode([prompt])[0].ids)
         tok = Tokenizer.from_str(self._tok.to_str())
         tok.no_truncation()
         return len(tok.encode(prompt).ids)
