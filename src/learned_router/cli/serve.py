@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -47,7 +50,7 @@ def serve(
 ):
     """Run the OpenAI-compatible routing service."""
     uvicorn = serve_imports()
-    from ..serving.app import CONFIG_ENV, SUPERVISOR_ENV, WORKERS_ENV, Service, create_app
+    from ..serving.app import Service, create_app
     from ..serving.config import load_config
 
     if log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -66,12 +69,43 @@ def serve(
     )  # a client that never finishes its headers is cut off (DEPLOY.md)
     if workers == 1:
         uvicorn.run(create_app(service), **options)
-    else:
-        del service
-        # uvicorn's worker processes build the app from these (create_app_from_env): a factory takes no arguments
-        os.environ[CONFIG_ENV], os.environ[WORKERS_ENV] = str(config.resolve()), str(workers)
-        os.environ[SUPERVISOR_ENV] = str(os.getpid())
-        uvicorn.run("learned_router.serving.app:create_app_from_env", factory=True, workers=workers, **options)
+        return
+    del service
+    from uvicorn.supervisors import Multiprocess
+
+    # each worker process builds its app from this factory, handed to it by uvicorn's supervisor (this process)
+    factory = partial(worker_app, config.resolve(), Supervisor(os.getpid(), workers))
+    settings = uvicorn.Config(factory, factory=True, workers=workers, **options)
+    try:
+        Multiprocess(settings, sockets=[settings.bind_socket()]).run()
+    except KeyboardInterrupt:
+        pass
+
+
+@dataclass(frozen=True)
+class Supervisor:
+    """The process that runs `serve --workers` (uvicorn's supervisor): on SIGHUP it replaces its workers one at a
+    time, each new one loading the config's router.path."""
+
+    pid: int
+    count: int
+
+    def restart(self) -> None:
+        """Ask the supervisor to replace every worker; RouterError when this process's parent is not it."""
+        if os.getppid() != self.pid:  # never signal a process that is not ours
+            raise RouterError(
+                f"this worker's parent (pid {os.getppid()}) is not the supervisor that started it ({self.pid}); "
+                "restart the service to load the new router"
+            )
+        os.kill(self.pid, signal.SIGHUP)
+
+
+def worker_app(config: Path, supervisor: Supervisor):
+    """The app of one `serve --workers` process."""
+    from ..serving.app import Service, create_app
+    from ..serving.config import load_config
+
+    return create_app(Service(load_config(config), workers=supervisor))
 
 
 def check_port(host: str, port: int) -> None:

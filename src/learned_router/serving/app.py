@@ -31,8 +31,6 @@ from .service import Service
 
 log = logging.getLogger("learned_router.serving")
 CONFIG_ENV = "LEARNED_ROUTER_CONFIG"
-WORKERS_ENV = "LEARNED_ROUTER_WORKERS"  # serve --workers: how many processes serve the config
-SUPERVISOR_ENV = "LEARNED_ROUTER_SUPERVISOR"  # the pid of the process that started them (uvicorn's supervisor)
 
 
 def reload_on_hangup(service: Service) -> bool:
@@ -120,16 +118,9 @@ def create_app(service: Service) -> FastAPI:
 
 
 def create_app_from_env() -> FastAPI:
-    """App factory for `uvicorn --factory` and several workers: reads the config path from $LEARNED_ROUTER_CONFIG and
-    the number of worker processes from $LEARNED_ROUTER_WORKERS."""
+    """App factory for running uvicorn yourself (`uvicorn --factory`): the config file named by
+    $LEARNED_ROUTER_CONFIG."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"{CONFIG_ENV} is not set: it must name the service config file")
-    supervisor = os.environ.get(SUPERVISOR_ENV)
-    return create_app(
-        Service(
-            load_config(path),
-            processes=int(os.environ.get(WORKERS_ENV, "1")),
-            supervisor=int(supervisor) if supervisor else None,
-        )
-    )
+    return create_app(Service(load_config(path)))

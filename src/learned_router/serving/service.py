@@ -6,8 +6,6 @@ import asyncio
 import difflib
 import hashlib
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -73,6 +71,14 @@ def pass_chances_of(router: ServedRouter) -> Callable[[list[str]], np.ndarray]:
     return lambda prompts: router.predict(prompts).pass_chances()
 
 
+class Workers(Protocol):
+    """The worker processes of `serve --workers`: how many, and how to have them all replaced."""
+
+    count: int
+
+    def restart(self) -> None: ...
+
+
 class Scoring:
     """One router as the service uses it: the output each tier reads, the threshold, task typing and the batcher."""
 
@@ -116,7 +122,7 @@ class Service:
     `router` may be injected (a `ServedRouter`; default: router.path's folder). `clock` (epoch seconds) drives the
     budget periods.
     The router can be swapped while serving (`reload`, `rollback`): requests already scoring finish on the old one.
-    `processes`: how many worker processes serve this config (`serve --workers`), each with a router of its own.
+    `workers`: the worker processes that serve this config (`serve --workers`), each with a router of its own.
     """
 
     def __init__(
@@ -124,12 +130,10 @@ class Service:
         config: ServiceConfig,
         router: ServedRouter | None = None,
         clock: Callable[[], float] = time.time,
-        processes: int = 1,
-        supervisor: int | None = None,
+        workers: Workers | None = None,
     ):
         self.config = config
-        self.processes = processes
-        self.supervisor = supervisor  # with several processes: the pid of uvicorn's supervisor, which restarts them
+        self.workers = workers
         self.client_keys = config.client_keys() if config.auth.enabled else {}
         self.admin_keys = config.admin_keys()
         provider_keys = config.provider_keys()  # before the slow part: a missing key variable fails at once
@@ -224,8 +228,8 @@ class Service:
         tiers read, the threshold, task typing, the probe prompts) and swap it in; the router it replaces is kept for
         `rollback`. RouterError naming the problem when the check fails: the router in service stays.
 
-        With several worker processes the checked folder is not swapped in here: the parent process (uvicorn's
-        supervisor) replaces every worker, one at a time, each new one loading router.path (the answer has `workers`)."""
+        With several worker processes the checked folder is not swapped in here: `workers.restart()` has every worker
+        replaced, one at a time, each new one loading router.path (the answer has `workers`)."""
         async with self._swap:
             t0 = time.perf_counter()
             try:
@@ -234,7 +238,7 @@ class Service:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("router reload failed, %s stays in service: %s", self.scoring.version, e)
                 raise
-            if self.processes > 1:
+            if self.workers is not None:
                 return self._restart_workers(new, t0)
             return await self._swap_in(new, "reload", t0)
 
@@ -247,17 +251,12 @@ class Service:
             return await self._swap_in(await asyncio.to_thread(self._scoring, self.previous), "rollback", t0)
 
     def _restart_workers(self, new: Scoring, t0: float) -> RouterSwapped:
-        if self.supervisor is None or self.supervisor != os.getppid():  # never signal a process that is not ours
-            raise RouterError(
-                f"this worker's parent (pid {os.getppid()}) is not the supervisor that started it "
-                f"({self.supervisor}); restart the service to load {self.config.router.path}"
-            )
-        os.kill(self.supervisor, signal.SIGHUP)
+        self.workers.restart()
         self.metrics.reloads.labels("reload").inc()
         log.info(
             "router reload: %s checked; the %d workers are being replaced, each loading %s",
             new.version,
-            self.processes,
+            self.workers.count,
             self.config.router.path,
         )
         return RouterSwapped(
@@ -265,7 +264,7 @@ class Service:
             previous=self.scoring.version,
             threshold=new.threshold,
             seconds=round(time.perf_counter() - t0, 3),
-            workers=self.processes,
+            workers=self.workers.count,
         )
 
     def _checked(self, path: str | None) -> Scoring:

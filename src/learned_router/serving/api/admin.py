@@ -47,10 +47,10 @@ async def admin_reload(request: Request, response: Response, service: ServiceDep
     except ValidationError as e:
         loc, msg = first_error(e)
         raise APIError(400, f"{'.'.join(map(str, loc)) or 'body'}: {msg}") from None
-    if service.processes > 1 and path is not None and not same_folder(path, service.config.router.path):
+    if service.workers is not None and path is not None and not same_folder(path, service.config.router.path):
         raise APIError(
             409,
-            f"this service runs {service.processes} worker processes, which load router.path "
+            f"this service runs {service.workers.count} worker processes, which load router.path "
             f"({service.config.router.path}) when they start: put the new router there (or point router.path at "
             "it) and reload without a path",
             code="reload_needs_router_path",
@@ -69,10 +69,10 @@ async def admin_reload(request: Request, response: Response, service: ServiceDep
 @router.post("/rollback", response_model_exclude_none=True)
 async def admin_rollback(service: ServiceDep) -> RouterSwapped:
     """Swap the router of before the last reload back in."""
-    if service.processes > 1:
+    if service.workers is not None:
         raise APIError(
             409,
-            f"this service runs {service.processes} worker processes and a rollback reaches one of them: "
+            f"this service runs {service.workers.count} worker processes and a rollback reaches one of them: "
             "put the previous router back in router.path and reload",
             code="rollback_unavailable",
         )
