@@ -621,41 +621,27 @@ class Labeller:
 
     async def call(self, chain, messages: list[dict], max_tokens: int, estimate: float, **extra) -> str:
         """The text of the first answer down `chain`; CallFailed when none, Stop when the budget forbids the call."""
-        import httpx
-
-        from .serving.providers import AllProvidersFailed
-        from .serving.usage import answer_chars, bill
+        from .serving.providers import NoAnswer
 
         async with self.sem:
             await self.afford(estimate)
             self.reserved += estimate
             self.flying += 1
             try:
-                reply = await self.upstream.complete(
-                    chain, {"messages": messages, "max_tokens": max_tokens, "stream": False, **extra}, stream=False
+                answer = await self.upstream.ask(
+                    chain, {"messages": messages, "max_tokens": max_tokens, **extra}, self.cpt
                 )
-                if reply.status == 200:
-                    estimated = chat_tokens(messages, self.cpt)
-                    usage, chars = reply.json.get("usage"), answer_chars(reply.json)
-                    self.s.spent += bill(reply.provider.config, usage, estimated, chars, self.cpt).usd
-            except AllProvidersFailed as e:
-                raise CallFailed("; ".join(e.outcomes)) from None
-            except httpx.HTTPError as e:
-                raise CallFailed(f"{chain[0].tier}/{chain[0].name}: {type(e).__name__}") from None
+                self.s.spent += answer.billed.usd  # before its estimate is released
+            except NoAnswer as e:
+                raise CallFailed(str(e)) from None
             finally:
                 self.reserved -= estimate
                 self.flying -= 1
                 async with self.spend_changed:
                     self.spend_changed.notify_all()
-        provider, body = reply.provider, reply.json
-        if reply.status != 200:
-            raise CallFailed(f"{provider.tier}/{provider.name}: HTTP {reply.status}")
-        choice = body["choices"][0] if body["choices"] else None
-        message = choice.get("message") if isinstance(choice, dict) else None
-        text = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(text, str):
-            raise CallFailed(f"{provider.tier}/{provider.name}: an answer with no text")
-        return text
+        if answer.text is None:
+            raise CallFailed(f"{answer.provider.tier}/{answer.provider.name}: an answer with no text")
+        return answer.text
 
     async def afford(self, estimate: float) -> None:
         """Return when a call of this estimate may start; Stop when it never may (it would pass --max-usd even with no

@@ -3,6 +3,7 @@ spend store, 429 cool-downs. The spend store and cost metrics only ever see fini
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from clirun import cli
+from learned_router.serving.providers import NoAnswer, Upstream
 from serving_fixtures import (
     CLIENT_KEY,
     ROUTER_DIR,
@@ -148,6 +150,44 @@ def test_missing_usage_is_billed_by_the_estimate(stack):
     r = stack["http"].post("/v1/chat/completions", json=WEAK_FIRST, headers=AUTH)
     assert r.status_code == 200 and float(r.headers["x-router-cost-usd"]) > 0
     assert metric_sum(stack, "router_usage_estimated_total", provider="weak", reason="missing") == before + 1
+
+
+def ask(stack, messages: list[dict]):
+    """Upstream.ask of the weak tier's chain, on an upstream apart from the service's (as label's and the shadow
+    grader's): its Answer, or the NoAnswer it raised."""
+    cfg = stack["service"].config
+
+    async def go():
+        up = Upstream.apart(cfg, [cfg.tiers[0]], {"weak": None})
+        await up.start()
+        try:
+            return await up.ask(up.tiers[0], {"messages": messages, "max_tokens": 16}, cfg.routing.chars_per_token)
+        except NoAnswer as e:
+            return e
+        finally:
+            await up.stop()
+
+    return asyncio.run(go())
+
+
+def test_a_whole_answer_asked_outside_a_request_is_billed_by_its_usage_else_by_the_estimate(stack):
+    weak = stack["service"].config.tiers[0].providers[0]
+    stack["weak"].control(usage={"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500})
+    answer = ask(stack, [{"role": "user", "content": PROMPT}])
+    assert answer.text and answer.provider.name == "weak" and answer.billed.estimated is None
+    assert answer.billed.usd == pytest.approx(weak.cost_usd(1000, 500))
+    stack["weak"].control(usage={"prompt_tokens": 1e308, "completion_tokens": 1})  # a lie: the estimate instead
+    answer = ask(stack, [{"role": "user", "content": "x" * 400}])
+    assert answer.billed.estimated == "invalid" and 100 <= answer.billed.prompt_tokens < 120 and answer.billed.usd > 0
+    stack["weak"].control(mode="raw", raw_body='{"choices":[{"message":{"content":null}}]}')  # no text: still billed
+    answer = ask(stack, [{"role": "user", "content": PROMPT}])
+    assert answer.text is None and answer.billed.estimated == "missing" and answer.billed.usd > 0
+
+
+def test_no_whole_answer_is_no_answer_naming_what_happened(stack):
+    stack["weak"].control(mode="error")
+    failed = ask(stack, [{"role": "user", "content": PROMPT}])
+    assert isinstance(failed, NoAnswer) and "weak/weak" in str(failed) and "503" in str(failed)
 
 
 @pytest.mark.parametrize(

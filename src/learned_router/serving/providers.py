@@ -44,9 +44,11 @@ from .config import (
     ServiceConfig,
     TierConfig,
 )
+from ..prices import prompt_tokens
 from .latency import LatencyWindow
 from .metrics import Metrics
 from .routing import reject_constant
+from .usage import Billed, answer_chars, answer_text, bill
 
 if TYPE_CHECKING:
     from .state import LocalState
@@ -251,6 +253,19 @@ class AllProvidersFailed(Exception):
         self.outcomes = outcomes
         self.tried = tried  # False: every provider was skipped (circuits open)
         self.deadline_passed = deadline_passed  # the request's latency budget ran out
+
+
+class NoAnswer(Exception):
+    """No provider of a chain gave a whole answer (each failed, or one passed back an HTTP error): what happened."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole answer asked for outside a client's request (labelling, shadow grading) and its bill."""
+
+    provider: Provider
+    text: str | None  # the first choice's message content; None when it holds no text
+    billed: Billed
 
 
 @dataclass
@@ -465,6 +480,25 @@ class Upstream:
             reply.fallbacks = len(outcomes)
             return reply
         raise AllProvidersFailed(outcomes, tried)
+
+    async def ask(self, chain: list[Provider], body: dict, chars_per_token: float) -> Answer:
+        """The first whole answer down `chain` to the chat request `body`, billed by its usage, else by the estimate
+        (the messages' text, the answer's characters); NoAnswer naming why there is none."""
+        try:
+            reply = await self.complete(chain, body | {"stream": False}, stream=False)
+        except AllProvidersFailed as e:
+            raise NoAnswer("; ".join(e.outcomes)) from None
+        except httpx.HTTPError as e:
+            raise NoAnswer(f"{chain[0].tier}/{chain[0].name}: {type(e).__name__}") from None
+        provider = reply.provider
+        if reply.status != 200:
+            raise NoAnswer(f"{provider.tier}/{provider.name}: HTTP {reply.status}")
+        sent = [len(m["content"]) for m in body.get("messages", []) if isinstance(m.get("content"), str)]
+        chars = answer_chars(reply.json)
+        billed = bill(
+            provider.config, reply.json.get("usage"), prompt_tokens(sent, chars_per_token), chars, chars_per_token
+        )
+        return Answer(provider, answer_text(reply.json), billed)
 
     async def _try(self, provider: Provider, body: dict, stream: bool, deadline: float | None) -> Reply:
         """Up to `retry.attempts` tries of one provider; raises its last AttemptFailed."""

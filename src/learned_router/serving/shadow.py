@@ -25,14 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import quality
-import httpx
-
 from ..judge import chat_tokens, judge_chat, pairwise_grade, parse_rating, parse_verdict
 from ..prices import prompt_tokens
 from .config import QualityConfig, ServiceConfig, TierConfig, api_key
 from .errors import ConfigError
-from .providers import AllProvidersFailed, Upstream
-from .usage import answer_chars, answer_text, bill
+from .providers import NoAnswer, Upstream
 
 log = logging.getLogger("learned_router.serving")
 SCHEMA = """
@@ -237,17 +234,10 @@ class ShadowGrader:
     async def _call(self, chain, body: dict) -> tuple[str | None, float]:
         """(the answer's text or None, its cost)."""
         try:
-            reply = await self.upstream.complete(chain, body, stream=False)
-        except (AllProvidersFailed, httpx.HTTPError):
+            answer = await self.upstream.ask(chain, body, self.cfg.routing.chars_per_token)
+        except NoAnswer:
             return None, 0.0
-        if reply.status != 200:
-            return None, 0.0
-        cpt = self.cfg.routing.chars_per_token
-        sent = [len(m["content"]) for m in body.get("messages", []) if isinstance(m.get("content"), str)]
-        billed = bill(
-            reply.provider.config, reply.json.get("usage"), prompt_tokens(sent, cpt), answer_chars(reply.json), cpt
-        )
-        return answer_text(reply.json), billed.usd
+        return answer.text, answer.billed.usd
 
     async def _pay(self, usd: float) -> None:
         if usd > 0:
