@@ -481,6 +481,11 @@ class Upstream:
             return reply
         raise AllProvidersFailed(outcomes, tried)
 
+    async def failed_mid_stream(self, provider: Provider, kind: str) -> None:
+        """A stream this provider began broke off (`kind`): a failure of the provider, counted as an attempt's."""
+        self.metrics.upstream_errors.labels(provider.name, kind).inc()
+        await self.state.failure(provider)
+
     async def ask(self, chain: list[Provider], body: dict, chars_per_token: float) -> Answer:
         """The first whole answer down `chain` to the chat request `body`, billed by its usage, else by the estimate
         (the messages' text, the answer's characters); NoAnswer naming why there is none."""

@@ -73,8 +73,7 @@ async def relay(exchange: Exchange, reply: Reply, wants_usage: bool) -> AsyncIte
     except (httpx.HTTPError, BadStream) as e:
         kind = e.kind if isinstance(e, BadStream) else "stream_interrupted"
         outcome = "interrupted" if kind == "stream_interrupted" else kind
-        await service.state.failure(provider)
-        service.metrics.upstream_errors.labels(provider.name, kind).inc()
+        await service.upstream.failed_mid_stream(provider, kind)
         why = e.detail if isinstance(e, BadStream) else type(e).__name__
         err = error_body(f"upstream {provider.name} failed mid-stream ({why})", "upstream_error", code=kind)
         yield f"data: {json.dumps(err)}\n\n"
