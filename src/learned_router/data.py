@@ -193,7 +193,7 @@ def write_table(df: pd.DataFrame, out: Path) -> None:
     if suffix == ".parquet":
         df.to_parquet(tmp, index=False)
     elif suffix == ".jsonl":
-        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        df.to_json(tmp, orient="records", lines=True, force_ascii=False, date_format="iso")
     else:
         df.to_csv(tmp, index=False)
     os.replace(tmp, out)
