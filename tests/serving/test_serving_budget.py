@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,7 @@ PRICES = {"weak": (0.6, 0.6), "strong": (10.0, 30.0)}  # USD per 1M tokens, in /
 MAY_1 = 1714521600.0  # 2024-05-01T00:00:00Z
 N_PROMPTS = 600
 BASE_THRESHOLD = 0.9  # without a budget, ~97% of these prompts would go strong
+BEHIND_PACE = {"period": "day", "usd": 1000.0, "warmup_requests": 5, "window": 10}  # a day's budget barely touched
 
 
 class SimClock:
@@ -40,6 +42,22 @@ class SimClock:
 
     def __call__(self) -> float:
         return self.t
+
+
+@contextmanager
+def budgeted(tmp_path, budget: dict, **config):
+    """Two fake tiers at PRICES and the service config that routes between them under `budget` (its spend store in
+    tmp_path): (config, weak, strong)."""
+    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
+        cfg = service_config(
+            two_tiers(
+                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
+                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
+            ),
+            budget={**budget, "store": str(tmp_path / "spend.sqlite")},
+            **config,
+        )
+        yield cfg, weak, strong
 
 
 def metric(http, name: str) -> float:
@@ -79,20 +97,13 @@ def fixed_threshold_frontier(day: pd.DataFrame, p_weak: np.ndarray) -> tuple[np.
 def test_a_simulated_day_stays_within_budget_near_the_best_fixed_threshold_in_hindsight(day, tmp_path):
     budget = 0.35 * day["strong_usd"].sum() + 0.65 * day["weak_usd"].sum()  # the price of ~35% strong calls
     clock = SimClock(MAY_1)
-    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
+    limits = {"period": "day", "usd": budget, "window": 300}
+    with budgeted(tmp_path, limits, routing={"threshold": BASE_THRESHOLD}) as (cfg, weak, strong):
         weak.control(
             answer_words={prompt_key(p): int(w) for p, w in zip(day["prompt"], day["weak_words"], strict=True)}
         )
         strong.control(
             answer_words={prompt_key(p): int(w) for p, w in zip(day["prompt"], day["strong_words"], strict=True)}
-        )
-        cfg = service_config(
-            two_tiers(
-                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
-                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
-            ),
-            routing={"threshold": BASE_THRESHOLD},
-            budget={"period": "day", "usd": budget, "store": str(tmp_path / "spend.sqlite"), "window": 300},
         )
         arrivals = np.sort(np.random.default_rng(0).uniform(0, 86400, len(day)))
         with in_process(cfg, clock=clock) as service:
@@ -129,14 +140,7 @@ def test_a_simulated_day_stays_within_budget_near_the_best_fixed_threshold_in_hi
 def test_spend_persists_across_a_restart_and_shows_in_metrics_and_route(tmp_path):
     clock = SimClock(MAY_1 + 3 * 3600)  # 03:00 UTC: an eighth of the day gone
     prompt = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many in May?"}]
-    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
-        cfg = service_config(
-            two_tiers(
-                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
-                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
-            ),
-            budget={"period": "day", "usd": 1.0, "store": str(tmp_path / "spend.sqlite")},
-        )
+    with budgeted(tmp_path, {"period": "day", "usd": 1.0}) as (cfg, _, _):
         with in_process(cfg, clock=clock) as first:
             client = openai_client(first, CLIENT_KEY)
             costs = [
@@ -173,14 +177,7 @@ def test_spend_persists_across_a_restart_and_shows_in_metrics_and_route(tmp_path
 
 def test_once_the_budget_is_spent_only_the_cheapest_tier_answers_and_headers_say_budget(tmp_path):
     prompt = [{"role": "user", "content": "Prove that the square root of 2 is irrational."}]
-    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
-        cfg = service_config(
-            two_tiers(
-                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
-                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
-            ),
-            budget={"period": "month", "usd": 0.0005, "store": str(tmp_path / "spend.sqlite")},
-        )
+    with budgeted(tmp_path, {"period": "month", "usd": 0.0005}) as (cfg, _, strong):
         with in_process(cfg, clock=SimClock(MAY_1 + 86400)) as service:
             client = openai_client(service, CLIENT_KEY)
             r = client.chat.completions.with_raw_response.create(model="router-1", messages=prompt)
@@ -207,21 +204,7 @@ def test_an_explicit_threshold_wins_over_pacing_until_the_budget_is_spent(tmp_pa
     """Far behind pace, pacing raises `router`'s threshold to its configured maximum; `router-0` still gets the cheapest
     tier."""
     prompt = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many in May?"}]
-    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
-        cfg = service_config(
-            two_tiers(
-                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
-                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
-            ),
-            budget={
-                "period": "day",
-                "usd": 1000.0,
-                "store": str(tmp_path / "spend.sqlite"),
-                "warmup_requests": 5,
-                "window": 10,
-                "max_threshold": 1.0,
-            },
-        )
+    with budgeted(tmp_path, BEHIND_PACE | {"max_threshold": 1.0}) as (cfg, _, _):
         with in_process(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
             client = openai_client(service, CLIENT_KEY)
             for _ in range(12):
@@ -240,20 +223,7 @@ def test_an_explicit_threshold_wins_over_pacing_until_the_budget_is_spent(tmp_pa
 def test_by_default_the_budget_is_a_cap_and_pacing_never_raises_a_threshold(tmp_path):
     """Far behind pace with no max_threshold: requests keep their own threshold, so an under-used budget is not spent."""
     prompt = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many in May?"}]
-    with FakeProvider(name="weak", model=WEAK) as weak, FakeProvider(name="strong", model=STRONG) as strong:
-        cfg = service_config(
-            two_tiers(
-                [provider_entry("weak", weak, None, WEAK, PRICES["weak"])],
-                [provider_entry("strong", strong, None, STRONG, PRICES["strong"])],
-            ),
-            budget={
-                "period": "day",
-                "usd": 1000.0,
-                "store": str(tmp_path / "spend.sqlite"),
-                "warmup_requests": 5,
-                "window": 10,
-            },
-        )
+    with budgeted(tmp_path, BEHIND_PACE) as (cfg, _, _):
         with in_process(cfg, clock=SimClock(MAY_1 + 12 * 3600)) as service:
             client = openai_client(service, CLIENT_KEY)
             for _ in range(12):
