@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -415,9 +417,19 @@ def served_version(url: str) -> str | None:
         return None
 
 
-@pytest.mark.slow
-def test_sighup_reloads_the_router_from_its_folder(tmp_path):
-    router = copy_router(tmp_path / "router")
+@dataclass
+class Served:
+    """A `learned-router serve` process and its URL; `output`, once it has ended: what it printed."""
+
+    proc: subprocess.Popen
+    url: str
+    output: str = ""
+
+
+@contextmanager
+def serve_process(tmp_path: Path, router: Path, *options: str, **config):
+    """`learned-router serve` in a process of its own, with these options, on a config of two fake tiers and the router
+    folder `router`; ended on leaving."""
     with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
         cfg = service_config(
             two_tiers(
@@ -425,120 +437,81 @@ def test_sighup_reloads_the_router_from_its_folder(tmp_path):
                 [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))],
             ),
             router={"path": str(router)},
-        )
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-        port = free_port()
-        env = {**os.environ, **PROVIDER_KEYS}
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "learned_router",
-                "serve",
-                "--config",
-                tmp_path / "config.yaml",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-
-            def version():
-                return served_version(url)
-
-            first = wait_for(version, timeout=60)
-            manifest = json.loads((router / "router.json").read_text())
-            manifest["default_threshold"] = 0.01
-            (router / "router.json").write_text(json.dumps(manifest))
-            proc.send_signal(signal.SIGHUP)
-            second = wait_for(lambda: (v := version()) != first and v, timeout=30)
-            (router / "model.int8.onnx").write_bytes(b"broken")  # a failed reload keeps the router in service
-            proc.send_signal(signal.SIGHUP)
-            time.sleep(2)
-            assert version() == second and proc.poll() is None
-        finally:
-            proc.terminate()
-            out = proc.communicate(timeout=30)[0]
-        assert "router reload failed" in out and "corrupted" in out and "Traceback" not in out
-
-
-@pytest.mark.slow
-def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one_cannot_do_for_all_is_refused(tmp_path):
-    router = copy_router(tmp_path / "router")
-    with FakeProvider(name="s", model=STRONG_MODEL) as strong, FakeProvider(name="w", model=WEAK_MODEL) as weak:
-        cfg = service_config(
-            two_tiers(
-                [provider_entry("w", weak, "TEST_WEAK_A_KEY", WEAK_MODEL, (0.6, 0.6))],
-                [provider_entry("s", strong, "TEST_STRONG_A_KEY", STRONG_MODEL, (10, 30))],
-            ),
-            router={"path": str(router)},
-            admin={"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]},
+            **config,
         )
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
         port = free_port()
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "learned_router",
-                "serve",
-                "--config",
-                tmp_path / "config.yaml",
-                "--port",
-                str(port),
-                "--workers",
-                "2",
-                "--log-level",
-                "warning",
-            ],
+            [sys.executable, "-m", "learned_router", "serve", "--config", tmp_path / "config.yaml", "--port", str(port)]
+            + ["--log-level", "warning", *options],
             env={**os.environ, **PROVIDER_KEYS},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        stack = {"url": f"http://127.0.0.1:{port}"}
+        served = Served(proc, f"http://127.0.0.1:{port}")
+        try:
+            yield served
+        finally:
+            proc.terminate()
+            served.output = proc.communicate(timeout=60)[0]
+
+
+@pytest.mark.slow
+def test_sighup_reloads_the_router_from_its_folder(tmp_path):
+    router = copy_router(tmp_path / "router")
+    with serve_process(tmp_path, router) as served:
+        first = wait_for(lambda: served_version(served.url), timeout=60)
+        manifest = json.loads((router / "router.json").read_text())
+        manifest["default_threshold"] = 0.01
+        (router / "router.json").write_text(json.dumps(manifest))
+        served.proc.send_signal(signal.SIGHUP)
+        second = wait_for(lambda: (v := served_version(served.url)) != first and v, timeout=30)
+        (router / "model.int8.onnx").write_bytes(b"broken")  # a failed reload keeps the router in service
+        served.proc.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert served_version(served.url) == second and served.proc.poll() is None
+    out = served.output
+    assert "router reload failed" in out and "corrupted" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one_cannot_do_for_all_is_refused(tmp_path):
+    router = copy_router(tmp_path / "router")
+    admins = {"keys": [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]}
+    with serve_process(tmp_path, router, "--workers", "2", admin=admins) as served:
+        stack, pid = {"url": served.url}, served.proc.pid
 
         def version():
-            return served_version(stack["url"])
+            return served_version(served.url)
 
         def workers() -> set[int]:
-            """The worker processes uvicorn's supervisor (proc) runs now."""
+            """The worker processes uvicorn's supervisor (the served process) runs now."""
             try:
-                children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
                 return {int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
             except OSError:  # a worker that went between the two reads
                 return set()
 
-        try:
-            first = wait_for(version, timeout=90)
-            before = wait_for(lambda: w if len(w := workers()) == 2 else None, timeout=60)
-            r = admin(stack, "rollback")
-            assert r.status_code == 409 and r.json()["error"]["code"] == "rollback_unavailable"
-            for other in (str(copy_router(tmp_path / "other")), "a\u0000b"):
-                r = admin(stack, "reload", {"path": other})
-                assert r.status_code == 409 and "2 worker processes" in r.json()["error"]["message"]
-            manifest = json.loads((router / "router.json").read_text())
-            manifest["default_threshold"] = 0.01
-            (router / "router.json").write_text(json.dumps(manifest))
-            r = admin(stack, "reload")
-            assert r.status_code == 202 and r.json()["workers"] == 2 and r.json()["previous"] == first, r.text
-            second = r.json()["router"]
-            assert second != first
-            wait_for(lambda: len(w := workers()) == 2 and not w & before, timeout=120)  # every worker replaced
-            assert all(version() == second for _ in range(20))
-            (router / "model.int8.onnx").write_bytes(b"broken")  # a folder that fails the check restarts nothing
-            r = admin(stack, "reload")
-            assert r.status_code == 422 and "corrupted" in r.json()["error"]["message"]
-            time.sleep(2)
-            assert all(version() == second for _ in range(10)) and proc.poll() is None
-        finally:
-            proc.terminate()
-            out = proc.communicate(timeout=60)[0]
-        assert "Traceback" not in out, out
+        first = wait_for(version, timeout=90)
+        before = wait_for(lambda: w if len(w := workers()) == 2 else None, timeout=60)
+        r = admin(stack, "rollback")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "rollback_unavailable"
+        for other in (str(copy_router(tmp_path / "other")), "a\u0000b"):
+            r = admin(stack, "reload", {"path": other})
+            assert r.status_code == 409 and "2 worker processes" in r.json()["error"]["message"]
+        manifest = json.loads((router / "router.json").read_text())
+        manifest["default_threshold"] = 0.01
+        (router / "router.json").write_text(json.dumps(manifest))
+        r = admin(stack, "reload")
+        assert r.status_code == 202 and r.json()["workers"] == 2 and r.json()["previous"] == first, r.text
+        second = r.json()["router"]
+        assert second != first
+        wait_for(lambda: len(w := workers()) == 2 and not w & before, timeout=120)  # every worker replaced
+        assert all(version() == second for _ in range(20))
+        (router / "model.int8.onnx").write_bytes(b"broken")  # a folder that fails the check restarts nothing
+        r = admin(stack, "reload")
+        assert r.status_code == 422 and "corrupted" in r.json()["error"]["message"]
+        time.sleep(2)
+        assert all(version() == second for _ in range(10)) and served.proc.poll() is None
+    assert "Traceback" not in served.output, served.output
