@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 from fastapi.testclient import TestClient
 
 from learned_router.serving.app import create_app
@@ -21,6 +22,9 @@ from learned_router.serving.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTER_DIR = Path(os.environ.get("LEARNED_ROUTER_TEST_ROUTER", ROOT / "models" / "default"))
+needs_router = pytest.mark.skipif(
+    not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"
+)
 CLIENT_KEY = "sk-router-test-client-0123456789"
 OTHER_KEY = "sk-router-test-limited-abcdef"
 PROVIDER_KEYS = {

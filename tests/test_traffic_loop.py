@@ -12,11 +12,11 @@ import random
 import httpx
 import openai
 import pandas as pd
-import pytest
 import yaml
 
 from clirun import cli as run_cli
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
     PROVIDER_KEYS,
     ROUTER_DIR,
@@ -28,7 +28,7 @@ from serving_fixtures import (
 )
 from learned_router.serving.config import hash_key
 
-pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+pytestmark = needs_router
 
 ADMIN_KEY = "sk-router-test-admin-loop"
 STRONG_MODEL = "gpt-4-1106-preview"

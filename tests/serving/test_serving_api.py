@@ -10,10 +10,10 @@ import openai
 import pytest
 
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
     OTHER_KEY,
     PROVIDER_KEYS,
-    ROUTER_DIR,
     FakeProvider,
     provider_entry,
     service_config,
@@ -23,7 +23,7 @@ from serving_fixtures import (
     two_tiers,
 )
 
-pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+pytestmark = needs_router
 
 STRONG_MODEL, WEAK_MODEL = "gpt-4-1106-preview", "mixtral-8x7b-instruct"
 PROMPT = "Prove that there are infinitely many primes, then explain the proof to a ten-year-old."

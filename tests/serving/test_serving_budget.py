@@ -12,9 +12,9 @@ import pytest
 
 from learned_router.tools.fake_provider import prompt_key
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
     ROOT,
-    ROUTER_DIR,
     FakeProvider,
     provider_entry,
     service_config,
@@ -23,7 +23,7 @@ from serving_fixtures import (
     two_tiers,
 )
 
-pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+pytestmark = needs_router
 
 GSM8K = ROOT.parent / "shared" / "datasets" / "routellm_gsm8k.parquet"
 STRONG, WEAK = "gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"

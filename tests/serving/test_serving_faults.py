@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
-    ROUTER_DIR,
     FakeProvider,
     provider_entry,
     service_config,
@@ -23,7 +23,7 @@ from serving_fixtures import (
 )
 
 pytestmark = [
-    pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"),
+    needs_router,
     pytest.mark.slow,  # the service on a real socket: connections, concurrency and streams cut mid-way are the subject
 ]
 

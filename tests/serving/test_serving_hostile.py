@@ -18,6 +18,7 @@ import pytest
 from learned_router.serving.middleware import RedactQuery
 from learned_router.serving.slowclients import HeaderTimeoutProtocol
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
     ROUTER_DIR,
     FakeProvider,
@@ -29,7 +30,7 @@ from serving_fixtures import (
 )
 
 pytestmark = [
-    pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"),
+    needs_router,
     pytest.mark.slow,  # the service on a real socket: connections, concurrency and streams cut mid-way are the subject
 ]
 

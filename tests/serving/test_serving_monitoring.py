@@ -21,6 +21,7 @@ from learned_router.manifest import RouterFolder
 from learned_router.serving.drift import DriftMonitor, calibration_reference, psi, read_reference
 from learned_router.serving.errors import APIError
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
     ROOT,
     ROUTER_DIR,
@@ -232,7 +233,7 @@ def test_a_router_change_keeps_the_task_types_reference_and_takes_the_tiers_from
     assert m.reference["pass_chance"]["edges"] == [0.3] and m.psi()["tier"] == pytest.approx(0.0)
 
 
-@pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+@needs_router
 def test_the_calibration_mix_gives_a_pass_chance_reference_in_deciles():
     manifest = RouterFolder(ROUTER_DIR).manifest()
     ref = calibration_reference(manifest, manifest.weak)

@@ -26,9 +26,9 @@ from learned_router.serving.errors import ConfigError
 from learned_router.serving.metrics import Metrics
 from learned_router.serving.state import SPEND, RedisState
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
     OTHER_KEY,
-    ROUTER_DIR,
     FakeProvider,
     free_port,
     provider_entry,
@@ -42,7 +42,7 @@ pytestmark = [
     pytest.mark.skipif(
         shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)"
     ),
-    pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}"),
+    needs_router,
     pytest.mark.slow,  # replicas as `learned-router serve` processes on real sockets and a real redis-server
 ]
 

@@ -13,6 +13,7 @@ from learned_router import Router
 from learned_router.serving.config import ConfigError, parse_config
 from learned_router.serving.service import Service
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
     ROUTER_DIR,
     FakeProvider,
@@ -22,7 +23,7 @@ from serving_fixtures import (
     two_tiers,
 )
 
-pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+pytestmark = needs_router
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 CODE = "Write a Python function that merges two sorted lists into one sorted list."

@@ -24,6 +24,7 @@ import yaml
 
 from clirun import cli
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
     OTHER_KEY,
     PROVIDER_KEYS,
@@ -40,7 +41,7 @@ from learned_router.data import read_prompt_table
 from learned_router.serving.config import TrafficConfig, hash_key
 from learned_router.serving.traffic import TrafficLog, export_traffic, open_store
 
-pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+pytestmark = needs_router
 
 ADMIN_KEY = "sk-router-test-admin-987654321"
 STRONG_MODEL, WEAK_MODEL = "gpt-4-1106-preview", "mixtral-8x7b-instruct"

@@ -15,6 +15,7 @@ import pytest
 from clirun import cli
 from learned_router.serving.providers import NoAnswer, Upstream
 from serving_fixtures import (
+    needs_router,
     CLIENT_KEY,
     ROUTER_DIR,
     FakeProvider,
@@ -25,7 +26,7 @@ from serving_fixtures import (
     wait_for,
 )
 
-pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+pytestmark = needs_router
 
 STRONG, WEAK = "gpt-4-1106-preview", "mixtral-8x7b"
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}

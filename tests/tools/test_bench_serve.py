@@ -7,9 +7,9 @@ import re
 import pytest
 
 from clirun import cli
-from serving_fixtures import ROUTER_DIR, FakeProvider
+from serving_fixtures import ROUTER_DIR, FakeProvider, needs_router
 
-pytestmark = pytest.mark.skipif(not (ROUTER_DIR / "router.json").is_file(), reason=f"no trained router at {ROUTER_DIR}")
+pytestmark = needs_router
 
 
 def bench(*args):
