@@ -1,11 +1,12 @@
-"""What every command shares: one-line errors and exit 2, the --quiet option, option parsers, the serve extra's imports."""
+"""What every command shares: one-line errors and exit 2, the --quiet and --threads options, option parsers, the serve
+extra's imports."""
 
 from __future__ import annotations
 
 import functools
 import re
 from importlib import metadata
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -17,6 +18,9 @@ Quiet = Annotated[
     typer.Option(
         "--quiet", "-q", help="No progress (there is none in CI either; plain lines when stderr is not a terminal)."
     ),
+]
+Threads = Annotated[
+    Optional[int], typer.Option(help="onnxruntime threads (default: OMP_NUM_THREADS if set, else all cores).")
 ]
 
 

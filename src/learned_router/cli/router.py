@@ -17,7 +17,7 @@ from ..progress import quiet as quieted
 from ..progress import no_library_bars, step
 from ..recipe import Recipe
 
-from .common import Quiet, names_of, pair_option, user_errors
+from .common import Quiet, Threads, names_of, pair_option, user_errors
 from .main import app
 
 
@@ -254,9 +254,7 @@ def score(
         typer.Option(help="Instead of --threshold: the share of strong calls wanted (the router's calibration table)."),
     ] = None,
     variant: Annotated[str, typer.Option(help="int8, fp32 or auto.")] = "auto",
-    threads: Annotated[
-        Optional[int], typer.Option(help="onnxruntime threads (default: OMP_NUM_THREADS if set, else all cores).")
-    ] = None,
+    threads: Threads = None,
 ):
     """Score prompts: one JSON line each with the weak model's pass chance against the strong one, the decision and
     the prompt's difficulty."""
@@ -322,9 +320,7 @@ def calibrate(
             "outputs are calibrated."
         ),
     ] = None,
-    threads: Annotated[
-        Optional[int], typer.Option(help="onnxruntime threads (default: OMP_NUM_THREADS if set, else all cores).")
-    ] = None,
+    threads: Threads = None,
     max_seq_length: Annotated[
         Optional[int],
         typer.Option(
@@ -469,9 +465,7 @@ def task_types(
         Optional[Path],
         typer.Option(help="A labelled CSV (columns type, prompt): print each type's precision and recall."),
     ] = None,
-    threads: Annotated[
-        Optional[int], typer.Option(help="onnxruntime threads (default: OMP_NUM_THREADS if set, else all cores).")
-    ] = None,
+    threads: Threads = None,
 ):
     """Task types: list them, type prompts, or evaluate the inferred types on a labelled table."""
     import json
