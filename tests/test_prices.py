@@ -11,8 +11,7 @@ import pytest
 from learned_router.errors import DataError
 from learned_router.evals import call_cost
 from learned_router.evals.protocol import Prices
-from learned_router.judge import chat_tokens
-from learned_router.prices import Price, cost_usd, load_prices, message_tokens, prompt_tokens, text_tokens
+from learned_router.prices import Price, chat_tokens, cost_usd, load_prices, message_tokens, prompt_tokens, text_tokens
 from learned_router.serving.config import ProviderConfig
 from learned_router.serving.routing import Message, estimate_tokens
 from learned_router.serving.usage import billed_tokens
@@ -35,6 +34,8 @@ def test_one_token_estimate_everywhere():
     chat = [{"role": "system", "content": "abc"}, {"role": "user", "content": "x" * 41}]
     assert prompt_tokens([3, 41], 4) == (1 + 4) + (11 + 4)
     assert estimate_tokens([Message.model_validate(m) for m in chat], 4) == chat_tokens(chat, 4) == 20
+    parts = {"role": "user", "content": [{"type": "text", "text": "hello"}]}
+    assert chat_tokens([*chat, parts, {"role": "assistant", "content": None}], 4) == 20  # text contents only
     assert billed_tokens(None, 20, 41, 4) == (20, 11, "missing")  # an answer is its text alone
     assert text_tokens(np.array([40.0, 41.0])).tolist() == [10, 11] and message_tokens(40) == 14
 

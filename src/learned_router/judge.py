@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import re
 
-from .prices import prompt_tokens
-
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 VERDICT = re.compile(r"\[\[([ABC])\]\]")
 NO_ANSWER = "I cannot answer that."  # what the fake provider's `fail_words` make it say (tests, demo)
@@ -115,8 +113,3 @@ def judge_chat(mode: str, prompt: str, answers: list[str]) -> list[dict]:
     if mode == "single":
         return single_messages(prompt, answers[0], answers[1] if len(answers) > 1 else None)
     return pairwise_messages(prompt, *answers)
-
-
-def chat_tokens(messages: list[dict], cpt: float) -> int:
-    """Prompt tokens of a chat, as the service estimates them."""
-    return prompt_tokens((len(m["content"]) for m in messages), cpt)

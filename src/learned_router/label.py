@@ -54,7 +54,6 @@ import pandas as pd
 from .data import PROMPT_TABLES, check_prompts, read_prompt_table, utf8_text, write_table
 from .errors import DataError, RouterError, first_bad, first_index, not_a_file
 from .judge import (
-    chat_tokens,
     judge_chat,
     pairwise_grade,
     pairwise_messages,
@@ -62,7 +61,7 @@ from .judge import (
     parse_verdict,
     single_messages,
 )
-from .prices import prompt_tokens
+from .prices import chat_tokens, prompt_tokens
 from .progress import mode as progress_mode
 from .progress import step
 from .serving.config import ProviderConfig, ServiceConfig, TierConfig, api_key

@@ -66,6 +66,11 @@ def prompt_tokens(message_chars: Iterable[int], chars_per_token: float = CHARS_P
     return sum(message_tokens(c, chars_per_token) for c in message_chars)
 
 
+def chat_tokens(messages: list[dict], chars_per_token: float = CHARS_PER_TOKEN) -> int:
+    """Prompt tokens of an OpenAI-format chat, from the messages whose content is text."""
+    return prompt_tokens((len(c) for m in messages if isinstance(c := m.get("content"), str)), chars_per_token)
+
+
 @dataclass(frozen=True)
 class PriceFile:
     """A price file's models and the answer length it assumes."""

@@ -44,7 +44,7 @@ from .config import (
     ServiceConfig,
     TierConfig,
 )
-from ..prices import prompt_tokens
+from ..prices import chat_tokens
 from .latency import LatencyWindow
 from .metrics import Metrics
 from .routing import reject_constant
@@ -498,11 +498,8 @@ class Upstream:
         provider = reply.provider
         if reply.status != 200:
             raise NoAnswer(f"{provider.tier}/{provider.name}: HTTP {reply.status}")
-        sent = [len(m["content"]) for m in body.get("messages", []) if isinstance(m.get("content"), str)]
-        chars = answer_chars(reply.json)
-        billed = bill(
-            provider.config, reply.json.get("usage"), prompt_tokens(sent, chars_per_token), chars, chars_per_token
-        )
+        estimate = chat_tokens(body.get("messages", []), chars_per_token)
+        billed = bill(provider.config, reply.json.get("usage"), estimate, answer_chars(reply.json), chars_per_token)
         return Answer(provider, answer_text(reply.json), billed)
 
     async def _try(self, provider: Provider, body: dict, stream: bool, deadline: float | None) -> Reply:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import quality
-from ..judge import chat_tokens, judge_chat, pairwise_grade, parse_rating, parse_verdict
-from ..prices import prompt_tokens
+from ..judge import judge_chat, pairwise_grade, parse_rating, parse_verdict
+from ..prices import chat_tokens, prompt_tokens
 from .config import QualityConfig, ServiceConfig, TierConfig, api_key
 from .errors import ConfigError
 from .providers import NoAnswer, Upstream
