@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 import httpx
 
+from ..prices import chat_tokens
 from .config import (
     CircuitConfig,
     LatencyConfig,
@@ -44,7 +45,6 @@ from .config import (
     ServiceConfig,
     TierConfig,
 )
-from ..prices import chat_tokens
 from .latency import LatencyWindow
 from .metrics import Metrics
 from .routing import reject_constant
