@@ -510,9 +510,18 @@ def test_with_several_workers_an_admin_reload_replaces_every_worker_and_what_one
         assert second != first
         wait_for(lambda: len(w := workers()) == 2 and not w & before, timeout=120)  # every worker replaced
         assert all(version() == second for _ in range(20))
+        config = (tmp_path / "config.yaml").read_text()
+        (tmp_path / "config.yaml").write_text(config + "router: [broken\n")  # a config that no longer loads:
+        after = workers()
+        assert admin(stack, "reload").status_code == 202
+        wait_for(lambda: len(workers()) > 2, timeout=30)  # a replacement is tried ...
+        wait_for(lambda: workers() == after, timeout=90)  # ... fails, and the workers serving stay
+        assert all(version() == second for _ in range(10))
+        (tmp_path / "config.yaml").write_text(config)
         (router / "model.int8.onnx").write_bytes(b"broken")  # a folder that fails the check restarts nothing
         r = admin(stack, "reload")
         assert r.status_code == 422 and "corrupted" in r.json()["error"]["message"]
         time.sleep(2)
         assert all(version() == second for _ in range(10)) and served.proc.poll() is None
+    assert "worker not started: " in served.output and "not valid YAML" in served.output
     assert "Traceback" not in served.output, served.output

@@ -16,6 +16,9 @@ from ..errors import RouterError
 from .common import fail, serve_imports, user_errors
 from .main import app
 
+# a new worker loads its router before it is ready: uvicorn's 5 s default is too short for a busy host
+WORKER_START_S = 60
+
 
 def log_config(level: str) -> dict:
     """uvicorn's logging, plus the service's own logger at `level` (it never logs keys or prompt text)."""
@@ -75,7 +78,9 @@ def serve(
 
     # each worker process builds its app from this factory, handed to it by uvicorn's supervisor (this process)
     factory = partial(worker_app, config.resolve(), Supervisor(os.getpid(), workers))
-    settings = uvicorn.Config(factory, factory=True, workers=workers, **options)
+    settings = uvicorn.Config(
+        factory, factory=True, workers=workers, timeout_worker_healthcheck=WORKER_START_S, **options
+    )
     try:
         Multiprocess(settings, sockets=[settings.bind_socket()]).run()
     except KeyboardInterrupt:
@@ -101,11 +106,21 @@ class Supervisor:
 
 
 def worker_app(config: Path, supervisor: Supervisor):
-    """The app of one `serve --workers` process."""
+    """The app of one `serve --workers` process. A config or router folder that no longer loads (changed since the
+    service started) is one logged line and uvicorn's startup-failure exit: a replacement worker then never takes
+    over, and the workers serving stay."""
+    import logging
+
+    from uvicorn.config import STARTUP_FAILURE
+
     from ..serving.app import Service, create_app
     from ..serving.config import load_config
 
-    return create_app(Service(load_config(config), workers=supervisor))
+    try:
+        return create_app(Service(load_config(config), workers=supervisor))
+    except RouterError as e:
+        logging.getLogger("uvicorn.error").error("worker not started: %s", e)
+        raise SystemExit(STARTUP_FAILURE) from None
 
 
 def check_port(host: str, port: int) -> None:
