@@ -136,6 +136,7 @@ class ShadowGrader:
         self.chains = self.upstream.tiers
         self.queue: asyncio.Queue[Job] = asyncio.Queue(self.q.queue_size)
         self.reserved = 0.0
+        self.pending = 0  # jobs queued or being graded
         self.rng = random.Random()  # which requests are sampled
         self.workers: list[asyncio.Task] = []
         self.latest: dict = quality.estimate(quality.Graded.of([]), self.q.target) | {"computed_at": None}
@@ -145,6 +146,7 @@ class ShadowGrader:
     def attach(self, metrics) -> None:
         self.metrics = metrics
         metrics.quality_target.set(self.q.target)
+        metrics.shadow_pending.set_function(lambda: self.pending)
 
     def count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -201,9 +203,11 @@ class ShadowGrader:
             float(d.pass_chances[self.tiers[weak]]),
             float(d.effective_threshold),
         )
+        self.pending += 1
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
+            self.pending -= 1
             self.count("queue_full")
 
     # -- grading
@@ -218,6 +222,8 @@ class ShadowGrader:
             except Exception as e:  # a job never takes its worker down
                 log.error("shadow grading of %s failed: %s", job.id, type(e).__name__)
                 self.count("error")
+            finally:
+                self.pending -= 1
 
     def _estimate_usd(self, job: Job) -> float:
         """The other tier's answer at `judge.answer_max_tokens`, and two judge calls reading both answers."""
