@@ -47,9 +47,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.shadow_pending = Gauge(
-            "router_shadow_pending", "Shadow-grading jobs queued or being graded", registry=r
-        )
+        self.shadow_pending = Gauge("router_shadow_pending", "Shadow-grading jobs queued or being graded", registry=r)
         self.shadow_cost = Counter(
             "router_shadow_cost_usd", "Dollars spent on shadow answers and their judge calls", registry=r
         )
