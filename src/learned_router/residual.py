@@ -74,11 +74,30 @@ def design(
     return np.c_[tuple(cols)] if ridge is None else np.c_[(*cols, emb)]
 
 
-def fit_linear(x: np.ndarray, y: np.ndarray, ridge: float | None) -> np.ndarray:
-    """Least squares, the first three columns unpenalised, the rest at `ridge`; a tiny floor keeps it solvable."""
-    penalty = np.full(x.shape[1], 0.0 if ridge is None else ridge)
-    penalty[:3] = 1e-6
-    return np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ y)
+def fit_linear(
+    base: np.ndarray, length: np.ndarray, emb: np.ndarray, y: np.ndarray, use_base: bool, ridges
+) -> dict[float | None, np.ndarray]:
+    """Least squares of `y` on `design(...)` for each ridge strength in `ridges`, the intercept, base and length
+    unpenalised and the embedding at the ridge (None: left out); each coefficient vector in `design`'s layout. The
+    embedding is first freed of what the unpenalised columns explain, so one eigendecomposition serves every ridge."""
+    a = np.c_[np.ones_like(base), base if use_base else np.zeros_like(base), length].astype(np.float64)
+    pinv = np.linalg.pinv(a)  # a zero base column (use_base False) gets a zero coefficient
+    y = y.astype(np.float64)
+    out: dict[float | None, np.ndarray] = {}
+    if None in ridges:
+        out[None] = (pinv @ y).astype(np.float32)
+    strengths = [r for r in ridges if r is not None]
+    if strengths:
+        e = emb.astype(np.float64)
+        e_free, y_free = e - a @ (pinv @ e), y - a @ (pinv @ y)
+        dual = len(e) < e.shape[1]  # fewer prompts than dimensions: decompose the prompts' Gram matrix instead
+        lam, vec = np.linalg.eigh(e_free @ e_free.T if dual else e_free.T @ e_free)
+        proj = vec.T @ (y_free if dual else e_free.T @ y_free)
+        for r in strengths:
+            w = vec @ (proj / (np.maximum(lam, 0.0) + r))
+            w = e_free.T @ w if dual else w
+            out[r] = np.r_[pinv @ (y - e @ w), w].astype(np.float32)
+    return out
 
 
 def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -175,23 +194,24 @@ class Residual:
             )
 
 
-def _linear_folds(base, z, emb, grades, folds, linear) -> tuple[list, list]:
-    """Per fold: the linear terms' out-of-fold q of its test rows, and the residuals of its train rows (0 where a
-    model is not graded)."""
-    preds, resids = [], []
-    use_base, ridge = linear
+def _linear_folds(base, z, emb, grades, folds, use_base, ridges) -> dict[float | None, tuple[list, list]]:
+    """Per ridge strength, per fold: the linear terms' out-of-fold q of its test rows, and the residuals of its train
+    rows (0 where a model is not graded)."""
+    out: dict[float | None, tuple[list, list]] = {r: ([], []) for r in ridges}
     for train, test in folds:
-        out = np.empty((len(test), grades.shape[1]), np.float32)
-        resid = np.zeros((len(train), grades.shape[1]), np.float32)
+        preds = {r: np.empty((len(test), grades.shape[1]), np.float32) for r in ridges}
+        resids = {r: np.zeros((len(train), grades.shape[1]), np.float32) for r in ridges}
         for j in range(grades.shape[1]):
             rows = train[~np.isnan(grades[train, j])]
-            coef = fit_linear(design(base[rows, j], z[rows], emb[rows], ridge, use_base), grades[rows, j], ridge)
-            out[:, j] = design(base[test, j], z[test], emb[test], ridge, use_base) @ coef
-            fitted = design(base[train, j], z[train], emb[train], ridge, use_base) @ coef
-            resid[:, j] = np.where(np.isnan(grades[train, j]), 0.0, np.nan_to_num(grades[train, j]) - fitted)
-        preds.append(out)
-        resids.append(resid)
-    return preds, resids
+            coefs = fit_linear(base[rows, j], z[rows], emb[rows], grades[rows, j], use_base, ridges)
+            for r, coef in coefs.items():
+                preds[r][:, j] = design(base[test, j], z[test], emb[test], r, use_base) @ coef
+                fitted = design(base[train, j], z[train], emb[train], r, use_base) @ coef
+                resids[r][:, j] = np.where(np.isnan(grades[train, j]), 0.0, np.nan_to_num(grades[train, j]) - fitted)
+        for r in ridges:
+            out[r][0].append(preds[r])
+            out[r][1].append(resids[r])
+    return out
 
 
 def objective(q: np.ndarray, grades: np.ndarray, pair: tuple[int, int] | None, rows: np.ndarray | None = None) -> float:
@@ -246,9 +266,12 @@ def fit(
         return objective(np.clip(np.concatenate(preds), 0.0, 1.0), grades[order], pair)
 
     label = lambda b, r: f"base={b} ridge={r}"  # noqa: E731
-    tried = {label(*o): judged(_linear_folds(base, z, emb, grades, folds, o)[0]) for o in LINEAR}
+    runs = {
+        (b, r): run for b in (True, False) for r, run in _linear_folds(base, z, emb, grades, folds, b, RIDGES).items()
+    }
+    tried = {label(*o): judged(runs[o][0]) for o in LINEAR}
     use_base, ridge = LINEAR[int(np.nanargmax([tried[label(*o)] for o in LINEAR]))]
-    linear, resids = _linear_folds(base, z, emb, grades, folds, (use_base, ridge))
+    linear, resids = runs[use_base, ridge]
     best, width, shrink, best_q = tried[label(use_base, ridge)], None, 0.0, None
     sims = [emb[test] @ emb[train].T for train, test in folds]
     for w in sorted({w for w, _ in KERNELS[1:]}):
@@ -277,10 +300,9 @@ def fit(
     coef, resid = [], np.zeros(grades.shape, np.float32)
     for j in range(grades.shape[1]):
         rows = np.flatnonzero(~np.isnan(grades[:, j]))
-        x = design(base[rows, j], z[rows], emb[rows], ridge, use_base)
-        c = fit_linear(x, grades[rows, j], ridge)
+        c = fit_linear(base[rows, j], z[rows], emb[rows], grades[rows, j], use_base, [ridge])[ridge]
         coef.append(c)
-        resid[rows, j] = grades[rows, j] - x @ c
+        resid[rows, j] = grades[rows, j] - design(base[rows, j], z[rows], emb[rows], ridge, use_base) @ c
     keys = sums = counts = None
     if width is not None:
         counts = (~np.isnan(grades)).astype(np.float32)
