@@ -23,6 +23,7 @@ from .evaluator import RoutingEvaluator
 from .errors import DataError, RouterError
 from .export import staged_folder, versions
 from .manifest import Calibration, Manifest, ResidualInfo, RouterFolder
+from .outputs import Outputs
 from .progress import step
 from .tasktypes import FILE as TYPES_FILE
 from .tracking import DEFAULT_EXPERIMENT, start_run
@@ -48,16 +49,18 @@ def fit_on_prior(
     prompts: list[str],
     grades: np.ndarray,
     models: list[str],
-    strong: str | None,
-    weak: str | None,
+    strong: str,
+    weak: str,
     seed: int = 0,
-) -> top.Residual:
-    """The top level over `router` (a prior Router) for the prompts' grades (prompts x models, NaN where ungraded)."""
+) -> tuple[top.Residual, Outputs]:
+    """The top level over `router` (a prior Router) for the prompts' grades (prompts x models, NaN where ungraded),
+    and the prior graph's outputs on the prompts (pass chances against `strong`) that it corrects."""
     quality, difficulty, emb = prior_outputs(router, prompts)
     base, names = top.bases(quality, difficulty, router.graph_models, models)
     pair = (models.index(weak), models.index(strong)) if weak in models and strong in models else None
     with step("choosing the top level by 5-fold cross-validation"):
-        return top.fit(base, top.log_length(prompts), emb, grades, models, names, pair, seed)
+        fitted = top.fit(base, top.log_length(prompts), emb, grades, models, names, pair, seed)
+    return fitted, Outputs(tuple(router.graph_models), strong, quality, difficulty, emb)
 
 
 def version_of(folder: RouterFolder) -> str:
@@ -104,7 +107,7 @@ def train_on_prior(
     if strong == weak:
         raise DataError(f"--strong and --weak name the same model {strong!r}")
     prompts = list(table.index)
-    fitted = fit_on_prior(base_router, prompts, table.to_numpy(np.float32), models, strong, weak, seed)
+    fitted, graph_outputs = fit_on_prior(base_router, prompts, table.to_numpy(np.float32), models, strong, weak, seed)
     prints = [s.fingerprint() for s in grades_all.sources]
     name = name or Path(out).name
     prior_folder = RouterFolder(prior)
@@ -145,12 +148,11 @@ def train_on_prior(
             }
         )
         folder.write_manifest(manifest)
-        with step("calibrating on the prompts of --data"):
-            calibration = Calibration.of(
-                Router(folder.path).predict(prompts).pass_chances(),
-                manifest.outputs,
-                f"the {len(prompts)} prompts of {', '.join(s['name'] for s in prints)}",
-            )
+        calibration = Calibration.of(  # the written router's pass chances: the same graph, its top level on top
+            fitted.apply(graph_outputs, prompts, outputs).pass_chances(),
+            manifest.outputs,
+            f"the {len(prompts)} prompts of {', '.join(s['name'] for s in prints)}",
+        )
         manifest.calibration = calibration
         manifest.default_threshold = round(calibration.threshold_for(strong_fraction, weak), 4)
         if evaluators:
