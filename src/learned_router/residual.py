@@ -204,9 +204,10 @@ def _linear_folds(base, z, emb, grades, folds, use_base, ridges) -> dict[float |
         for j in range(grades.shape[1]):
             rows = train[~np.isnan(grades[train, j])]
             coefs = fit_linear(base[rows, j], z[rows], emb[rows], grades[rows, j], use_base, ridges)
-            for r, coef in coefs.items():
-                preds[r][:, j] = design(base[test, j], z[test], emb[test], r, use_base) @ coef
-                fitted = design(base[train, j], z[train], emb[train], r, use_base) @ coef
+            x_test, x_train = (design(base[i, j], z[i], emb[i], 1.0, use_base) for i in (test, train))  # every column
+            for r, coef in coefs.items():  # a coefficient vector without the embedding's reads the first columns
+                preds[r][:, j] = x_test[:, : len(coef)] @ coef
+                fitted = x_train[:, : len(coef)] @ coef
                 resids[r][:, j] = np.where(np.isnan(grades[train, j]), 0.0, np.nan_to_num(grades[train, j]) - fitted)
         for r in ridges:
             out[r][0].append(preds[r])
